@@ -1,0 +1,168 @@
+"""What every action is: a settings model, and an object that previews and sends one request.
+
+An action module (one per `type:`) holds three things:
+
+- ``Settings``: a pydantic model (``extra="forbid"``, frozen) whose ``type`` field is a Literal
+  of the action's name. Every string an ops person may template is a ``Template`` (or
+  ``UrlTemplate``) from :mod:`daemon.macros`, so macros and secret references are checked when
+  the rules load, never at the first conversion.
+- a class implementing :class:`Action`, built by ``build(settings, resources)``; it does no I/O
+  in its constructor.
+- its outcome classification: it returns on success and raises ``RetryableError`` or
+  ``PermanentError`` (``OutcomeUnknownError`` for a non-idempotent request whose fate is
+  unknown). The dispatcher owns the schedule; an action never sleeps or retries by itself.
+
+Each attempt fills ``job.record`` with the request as sent (after :meth:`Redactor.redact`) and
+the response, so a failed attempt still leaves a useful record.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+MASK = "****"
+BODY_LIMIT = 4096
+EXCERPT_LIMIT = 1024
+# Header names whose values never reach a record, whatever they hold.
+SENSITIVE_HEADERS = re.compile(
+    r"^(authorization|proxy-authorization|cookie|set-cookie|x-api-key|api-key|.*token.*|.*secret.*)$",
+    re.IGNORECASE,
+)
+
+
+class ActionSettings(BaseModel):
+    """Base of every action's settings model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Unix time in seconds."""
+        ...
+
+
+class Redactor:
+    """Replaces every secret value it was told about (and derived forms) with ****."""
+
+    def __init__(self) -> None:
+        self._values: set[str] = set()
+
+    def add(self, value: str) -> None:
+        if len(value) >= 4:  # shorter values would mask innocent text and protect nothing
+            self._values.add(value)
+
+    def redact(self, text: str) -> str:
+        for value in sorted(self._values, key=len, reverse=True):
+            text = text.replace(value, MASK)
+        return text
+
+    def headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        return {
+            k: MASK if SENSITIVE_HEADERS.match(k) else self.redact(v) for k, v in headers.items()
+        }
+
+
+@dataclass
+class RequestRecord:
+    """The request as sent (or as it would be sent, for explain), secrets masked."""
+
+    method: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "url": self.url, "headers": self.headers, "body": self.body}
+
+
+@dataclass
+class AttemptRecord:
+    """Filled in by the action during one attempt; the dispatcher stores it."""
+
+    request: RequestRecord | None = None
+    response_status: int | None = None
+    response_excerpt: str | None = None
+
+    def set_request(
+        self,
+        redactor: Redactor,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        body: str | bytes | None = None,
+    ) -> None:
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        if text is not None:
+            text = redactor.redact(text)[:BODY_LIMIT]
+        self.request = RequestRecord(
+            method, redactor.redact(url), redactor.headers(headers or {}), text
+        )
+
+    def set_response(self, redactor: Redactor, status: int | None, body: str | bytes) -> None:
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        self.response_status = status
+        self.response_excerpt = redactor.redact(text[:EXCERPT_LIMIT])
+
+
+@dataclass
+class Job:
+    """One attempt of one delivery, as an action sees it."""
+
+    postback_id: int
+    delivery_id: str
+    idempotency_key: str
+    values: Mapping[str, str]  # macro name -> value (see daemon.macros), already complete
+    data: Mapping[str, Any]  # the conversion data of SPEC 5 (JSON values)
+    record: AttemptRecord = field(default_factory=AttemptRecord)
+    redactor: Redactor = field(default_factory=Redactor)
+
+
+class SecretLookup(Protocol):
+    def __call__(self, name: str) -> str:
+        """The secret's value; raises SecretError when it does not resolve."""
+        ...
+
+
+class Action(Protocol):
+    """One configured action of one postback."""
+
+    # False when a request that was sent but not answered may have done the work (SMS, SMTP
+    # after DATA, LMS post...): such failures end as outcome_unknown, never retried blindly.
+    idempotent: ClassVar[bool]
+
+    @property
+    def destination(self) -> str:
+        """The key that per-host concurrency and pausing group by (usually scheme://host:port)."""
+        ...
+
+    def preview(self, job: Job) -> RequestRecord:
+        """The exact request this job would send, secrets shown as ****. No I/O."""
+        ...
+
+    async def send(self, job: Job) -> None:
+        """Make the request; fill job.record; return on success, raise DeliveryError if not."""
+        ...
+
+
+Builder = Callable[[Any, "Resources"], Action]
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Shared resources handed to every action's constructor."""
+
+    http: Any  # daemon.outbound.OutboundHttp (Any here to keep this module import-light)
+    secret: SecretLookup
+    clock: Clock
+    timeout: float = 10.0
+    # For tests only, set from code (never from a rule): hosts an action that pins its service
+    # (TrustedForm) may use instead of the real one.
+    overrides: Mapping[str, str] = field(default_factory=dict)

@@ -1,0 +1,228 @@
+"""The conversion: its canonical fields, its statuses and triggers, and the data rules see."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Any
+
+from daemon.errors import InputError
+
+
+class Status(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+class Trigger(StrEnum):
+    PENDING = "conversion_pending"
+    DONE = "conversion_done"
+    REJECT = "conversion_reject"
+
+
+class Transition(StrEnum):
+    NEW = "new"
+    STATUS_CHANGED = "status_changed"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+
+
+TRIGGER_OF_STATUS: Mapping[Status, Trigger] = {
+    Status.PENDING: Trigger.PENDING,
+    Status.APPROVED: Trigger.DONE,
+    Status.REJECTED: Trigger.REJECT,
+}
+
+REQUIRED_FIELDS = ("conversion_id", "offer", "affiliate", "status")
+LEAD_FIELDS = (
+    "email", "phone", "first_name", "last_name", "address", "city", "state", "zip", "country",
+    "dob", "ip", "user_agent", "trusted_form_cert_url", "fbc", "fbp", "ga_client_id",
+    "external_id",
+)  # fmt: skip
+SUB_FIELDS = tuple(f"sub{i}" for i in range(1, 11)) + tuple(f"adv{i}" for i in range(1, 6))
+DECIMAL_FIELDS = ("payout", "revenue")
+CANONICAL_FIELDS: tuple[str, ...] = (
+    "conversion_id", "offer", "affiliate", "goal", "status", "click_id", "payout", "revenue",
+    "currency", "event_time", *SUB_FIELDS, *LEAD_FIELDS,
+)  # fmt: skip
+# What a rule may read besides the canonical fields (SPEC 5).
+CONTEXT_FIELDS = ("source", "transition", "previous_status", "trigger", "received_at")
+# Fields logged only masked while log.mask_pii is on (SPEC 14).
+PII_FIELDS = frozenset(
+    {"email", "phone", "first_name", "last_name", "address", "dob", "ip", "external_id"}
+)
+
+MAX_VALUE_LENGTH = 1024
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CURRENCY = re.compile(r"^[A-Za-z]{3}$")
+
+
+def check_value(name: str, value: str) -> str:
+    """Refuse what no tracker legitimately sends: over-long values, control characters, lone
+    surrogates. Tabs and newlines are allowed (addresses, user agents)."""
+    if len(value) > MAX_VALUE_LENGTH:
+        raise InputError(f"value longer than {MAX_VALUE_LENGTH} characters", name)
+    if _CONTROL.search(value):
+        raise InputError("value contains control characters", name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError("value contains a lone surrogate", name) from err
+    return value
+
+
+def parse_decimal(name: str, value: str) -> Decimal:
+    try:
+        number = Decimal(value.strip())
+    except InvalidOperation as err:
+        raise InputError("not a decimal number", name) from err
+    if not number.is_finite() or not math.isfinite(float(number)):
+        raise InputError("not a finite decimal number", name)
+    if number < 0:
+        raise InputError("must not be negative", name)
+    return number
+
+
+def parse_event_time(value: str) -> datetime:
+    text = value.strip()
+    try:
+        if re.fullmatch(r"\d{1,12}(\.\d+)?", text):
+            return datetime.fromtimestamp(float(text), UTC)
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (ValueError, OverflowError, OSError) as err:
+        raise InputError("not an ISO 8601 time or unix seconds", "event_time") from err
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """One conversion as a tracker reported it, in canonical fields."""
+
+    conversion_id: str
+    offer: str
+    affiliate: str
+    status: Status
+    fields: Mapping[str, str] = field(default_factory=dict)  # every other canonical field, raw
+    extra: Mapping[str, str] = field(default_factory=dict)
+    payout: Decimal | None = None
+    revenue: Decimal | None = None
+    event_time: datetime | None = None
+
+    @classmethod
+    def parse(cls, params: Mapping[str, str], extra: Mapping[str, str] | None = None) -> Conversion:
+        """Build from canonical name -> string value; raise InputError naming the bad field."""
+        for name, value in params.items():
+            check_value(name, value)
+        for name, value in (extra or {}).items():
+            check_value(f"extra.{name}", value)
+        for name in REQUIRED_FIELDS:
+            if not params.get(name, "").strip():
+                raise InputError("required field missing", name)
+        try:
+            status = Status(params["status"].strip().lower())
+        except ValueError as err:
+            raise InputError("unknown status value", "status") from err
+        currency = params.get("currency", "")
+        if currency and not _CURRENCY.match(currency):
+            raise InputError("not an ISO 4217 currency code", "currency")
+        decimals = {n: parse_decimal(n, params[n]) for n in DECIMAL_FIELDS if params.get(n)}
+        event_time = parse_event_time(params["event_time"]) if params.get("event_time") else None
+        rest = {
+            k: v
+            for k, v in params.items()
+            if k in CANONICAL_FIELDS and k not in REQUIRED_FIELDS and v != ""
+        }
+        unknown = sorted(set(params) - set(CANONICAL_FIELDS))
+        if unknown:
+            raise InputError("not a canonical field", unknown[0])
+        return cls(
+            conversion_id=params["conversion_id"].strip(),
+            offer=params["offer"].strip(),
+            affiliate=params["affiliate"].strip(),
+            status=status,
+            fields=rest,
+            extra=dict(extra or {}),
+            payout=decimals.get("payout"),
+            revenue=decimals.get("revenue"),
+            event_time=event_time,
+        )
+
+    @property
+    def trigger(self) -> Trigger:
+        return TRIGGER_OF_STATUS[self.status]
+
+    def canonical(self) -> dict[str, str]:
+        """Every canonical field that has a value, as the strings the tracker sent."""
+        out = {
+            "conversion_id": self.conversion_id,
+            "offer": self.offer,
+            "affiliate": self.affiliate,
+            "status": self.status.value,
+        }
+        out.update(self.fields)
+        return out
+
+
+def decide_transition(
+    current_status: Status | None,
+    current_event_time: datetime | None,
+    incoming: Conversion,
+) -> Transition:
+    """The arrival state machine of SPEC 5."""
+    if current_status is None:
+        return Transition.NEW
+    if (
+        incoming.event_time is not None
+        and current_event_time is not None
+        and incoming.event_time < current_event_time
+    ):
+        return Transition.STALE
+    if incoming.status == current_status:
+        return Transition.DUPLICATE
+    return Transition.STATUS_CHANGED
+
+
+def _number(value: Decimal) -> int | float:
+    return int(value) if value == value.to_integral_value() else float(value)
+
+
+def rule_data(
+    conversion: Conversion,
+    *,
+    source: str,
+    transition: Transition,
+    previous_status: Status | None,
+    received_at: datetime,
+) -> dict[str, Any]:
+    """The mapping that conditions see (JSON values: payout and revenue are numbers)."""
+    data: dict[str, Any] = {name: None for name in CANONICAL_FIELDS}
+    data.update(conversion.canonical())
+    for name in DECIMAL_FIELDS:
+        value = getattr(conversion, name)
+        data[name] = _number(value) if value is not None else None
+    data["extra"] = dict(conversion.extra)
+    data["source"] = source
+    data["transition"] = transition.value
+    data["previous_status"] = previous_status.value if previous_status else None
+    data["trigger"] = conversion.trigger.value
+    data["received_at"] = received_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return data
+
+
+def macro_values(data: Mapping[str, Any], conversion: Conversion) -> dict[str, str]:
+    """The strings that macros render: canonical fields exactly as sent, context as text."""
+    values: dict[str, str] = {}
+    for name, value in data.items():
+        if name == "extra" or value is None:
+            continue
+        values[name] = str(value)
+    values.update(conversion.canonical())
+    for name, value in conversion.extra.items():
+        values[f"extra.{name}"] = value
+    return values

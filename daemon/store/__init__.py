@@ -1,0 +1,1 @@
+"""Durable state: conversions, arrivals, deliveries and attempts (see store.base)."""

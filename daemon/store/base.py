@@ -1,0 +1,217 @@
+"""The store contract that SQLite and PostgreSQL both satisfy (one contract test suite).
+
+Data model:
+- conversion: one row per (source, conversion_id); its current status, the event_time that set
+  it, and its merged canonical fields.
+- arrival: one row per webhook that reached the store (any transition), numbered 1, 2, ... per
+  conversion (`arrival_seq`); keeps the data the rules saw (so every retry renders from it).
+- delivery: one row per (arrival, postback that fired); written in the arrival's transaction.
+  Its idempotency key is ``{source}:{conversion_id}:{arrival_seq}:{postback_id}``.
+- attempt: one row per attempt of a delivery.
+
+Claims: ``claim_due`` moves due deliveries to ``in_flight`` with a lease (owner, token, until).
+A node finishes an attempt only while it holds the claim token (``finish_attempt`` returns False
+otherwise); a claim whose lease has ended is due again, for any node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, Protocol
+
+from daemon.models import Conversion, Status, Transition
+
+
+class DeliveryState(StrEnum):
+    QUEUED = "queued"
+    IN_FLIGHT = "in_flight"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+PENDING_STATES = (DeliveryState.QUEUED, DeliveryState.RETRYING)
+FINAL_STATES = (DeliveryState.SUCCEEDED, DeliveryState.DEAD, DeliveryState.CANCELLED)
+
+
+def idempotency_key(source: str, conversion_id: str, arrival_seq: int, postback_id: int) -> str:
+    return f"{source}:{conversion_id}:{arrival_seq}:{postback_id}"
+
+
+@dataclass(frozen=True)
+class PlannedDelivery:
+    postback_id: int
+    action: str  # the action type, for listings and metrics
+    destination: str  # per-host grouping key (Action.destination)
+    affiliate_owner: str | None = None  # the affiliate of the postback's author, for visibility
+
+
+@dataclass(frozen=True)
+class ArrivalPlan:
+    """What the rules make of an arrival, decided inside the store's transaction."""
+
+    data: dict[str, Any]  # daemon.models.rule_data(...)
+    values: dict[str, str]  # daemon.models.macro_values(...)
+    deliveries: list[PlannedDelivery] = field(default_factory=list)
+
+
+# Called inside the transaction once the transition is known: (transition, previous status).
+Planner = Callable[[Transition, Status | None], ArrivalPlan]
+
+
+@dataclass(frozen=True)
+class ArrivalResult:
+    source: str
+    conversion_id: str
+    transition: Transition
+    previous_status: Status | None
+    arrival_seq: int
+    delivery_ids: list[str]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A delivery claimed for one attempt."""
+
+    delivery_id: str
+    token: str
+    postback_id: int
+    source: str
+    conversion_id: str
+    arrival_seq: int
+    idempotency_key: str
+    attempts: int  # attempts made before this one
+    created_at: datetime
+    data: dict[str, Any]
+    values: dict[str, str]
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    started_at: datetime
+    duration_ms: int
+    outcome: str  # succeeded | retry | dead | cancelled | released
+    reason: str | None
+    rules_version: str
+    node: str
+    request: Mapping[str, Any] | None = None
+    response_status: int | None = None
+    response_excerpt: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    delivery_id: str
+    postback_id: int
+    action: str
+    destination: str
+    source: str
+    conversion_id: str
+    arrival_seq: int
+    idempotency_key: str
+    state: DeliveryState
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    next_attempt_at: datetime | None
+    last_reason: str | None
+    affiliate_owner: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryDetail:
+    delivery: DeliveryRow
+    attempts: list[AttemptRow]
+
+
+@dataclass(frozen=True)
+class ConversionRow:
+    source: str
+    conversion_id: str
+    status: Status
+    status_event_time: datetime | None
+    fields: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    arrivals: list[dict[str, Any]]  # seq, transition, status, received_at
+
+
+@dataclass(frozen=True)
+class DeliveryFilter:
+    state: DeliveryState | None = None
+    postback_ids: Collection[int] | None = None  # None = all; used for visibility too
+    conversion_id: str | None = None
+    since: datetime | None = None
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect and run migrations."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreError when the store is not reachable."""
+        ...
+
+    async def record_arrival(
+        self, source: str, conversion: Conversion, received_at: datetime, plan: Planner
+    ) -> ArrivalResult:
+        """In one durable transaction: decide the transition against the stored conversion,
+        record the arrival, update the conversion, write the deliveries that `plan` returns
+        (none for duplicate and stale). Raises StoreError when it cannot commit."""
+        ...
+
+    async def claim_due(self, node: str, now: datetime, limit: int, lease: timedelta) -> list[Claim]:
+        """Claim up to `limit` deliveries that are queued/retrying and due, or in flight with an
+        ended lease, oldest due first."""
+        ...
+
+    async def finish_attempt(
+        self,
+        claim: Claim,
+        attempt: AttemptRow,
+        state: DeliveryState,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        """Record the attempt and move the delivery to `state`; False (and nothing written) when
+        the claim is no longer held."""
+        ...
+
+    async def release(self, claim: Claim, now: datetime) -> bool:
+        """Give a claim back without an attempt (graceful stop): due again at once."""
+        ...
+
+    async def cancel_postbacks(self, postback_ids: Collection[int], now: datetime) -> int:
+        """Queued and retrying deliveries of these postbacks become cancelled."""
+        ...
+
+    async def requeue(self, delivery_ids: Collection[str], now: datetime) -> int:
+        """Dead or cancelled deliveries become queued again, due now."""
+        ...
+
+    async def requeue_matching(self, flt: DeliveryFilter, now: datetime) -> int:
+        """Like requeue, for every dead/cancelled delivery that matches."""
+        ...
+
+    async def get_delivery(self, delivery_id: str) -> DeliveryDetail | None: ...
+
+    async def list_deliveries(
+        self, flt: DeliveryFilter, limit: int, cursor: str | None
+    ) -> tuple[list[DeliveryRow], str | None]:
+        """Newest first; the returned cursor fetches the next page (None at the end)."""
+        ...
+
+    async def get_conversion(self, source: str, conversion_id: str) -> ConversionRow | None: ...
+
+    async def queue_depth(self) -> dict[DeliveryState, int]: ...
+
+    async def prune(self, before: datetime) -> int:
+        """Delete conversions (with arrivals, final deliveries and attempts) last updated before
+        `before`; never a conversion that still has a pending or in-flight delivery."""
+        ...
