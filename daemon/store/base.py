@@ -167,7 +167,9 @@ class Store(Protocol):
         (none for duplicate and stale). Raises StoreError when it cannot commit."""
         ...
 
-    async def claim_due(self, node: str, now: datetime, limit: int, lease: timedelta) -> list[Claim]:
+    async def claim_due(
+        self, node: str, now: datetime, limit: int, lease: timedelta
+    ) -> list[Claim]:
         """Claim up to `limit` deliveries that are queued/retrying and due, or in flight with an
         ended lease, oldest due first."""
         ...
