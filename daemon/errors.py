@@ -6,6 +6,7 @@
     ├── ConfigError            the settings file is invalid (names file:line)
     ├── RulesError             a rule or source set is invalid; carries every Issue found
     ├── ConditionError         JsonLogic that cannot compile (also a ValueError)
+    ├── ConditionEvalError     a compiled condition failed on some data (the rule does not fire)
     ├── TemplateError          a macro template that cannot parse (also a ValueError)
     ├── SecretError            a ${secret:NAME} that does not resolve
     ├── InputError             an inbound webhook that is malformed (HTTP 400, names the field)
@@ -62,6 +63,17 @@ class RulesError(PostbackdError):
 
 class ConditionError(PostbackdError, ValueError):
     """A JsonLogic condition is not valid (unknown operator, wrong arity, too deep...)."""
+
+
+class ConditionEvalError(PostbackdError):
+    """A compiled condition failed while evaluating (NaN arithmetic, operation budget spent, data
+    that is not JSON...). Matching treats it as "does not fire". The message carries the engine's
+    error tag and the operator, never the data."""
+
+    def __init__(self, error_type: str, operator: str | None = None) -> None:
+        self.error_type = error_type
+        self.operator = operator
+        super().__init__(f"{error_type} in {operator!r}" if operator else error_type)
 
 
 class TemplateError(PostbackdError, ValueError):
