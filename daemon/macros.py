@@ -451,6 +451,19 @@ def _json_path(path: tuple[object, ...]) -> str:
     return "".join(out)
 
 
+def encoded_forms(value: str) -> frozenset[str]:
+    """Every form `value` takes once encoded by this module (URL parts, form, JSON, XML), so a
+    redactor told about a secret can mask it wherever it landed."""
+    forms = {value, encode_json_string(value), value.translate(_XML_ESCAPES)}
+    quoters = (*_URL_ENCODERS, lambda v: urlencode([("", v)], safe="*")[1:])
+    for encode in quoters:
+        try:
+            forms.add(encode(value))
+        except (RenderError, UnicodeEncodeError):
+            continue  # a value this encoder refuses never reaches the wire through it
+    return frozenset(forms)
+
+
 # --- pydantic support ---------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from daemon.macros import (
     encode_json_string,
     encode_url_component,
     encode_xml,
+    encoded_forms,
     json_template_source,
     parse_json_templates,
     parse_template,
@@ -431,3 +432,29 @@ def test_pydantic_rechecks_a_plain_template_given_as_a_url() -> None:
         _Settings(url=parse_template("/relative/{sub1}"), subject=parse_template("s"))  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="Input should be a valid string"):
         _Settings.model_validate({"url": "https://e.com/", "subject": 5})
+
+
+_SECRET = "p@ss w/rd+&=<\"'>!*:?#é"
+
+
+def test_encoded_forms_cover_every_place_a_secret_lands() -> None:
+    lookup = {"tok": _SECRET}.__getitem__
+    url = parse_url_template("https://e.com/a/${secret:tok}/b?k=${secret:tok}#${secret:tok}")
+    body = parse_json_templates({"k": "x${secret:tok}y"})
+    outputs = [
+        url.render_url({}, secret=lookup),
+        render_form({"k": parse_template("x${secret:tok}y")}, {}, secret=lookup),
+        json.dumps(render_json(body, {}, secret=lookup), ensure_ascii=False),
+        parse_template("<k>${secret:tok}</k>").render({}, encode=encode_xml, secret=lookup),
+        parse_template('"${secret:tok}"').render({}, encode=encode_json_string, secret=lookup),
+    ]
+    forms = sorted(encoded_forms(_SECRET), key=len, reverse=True)
+    for output in outputs:
+        redacted = output
+        for form in forms:
+            redacted = redacted.replace(form, "****")
+        assert "****" in redacted
+        assert "ss w" not in redacted
+        assert "ss%20w" not in redacted
+        assert "ss+w" not in redacted
+    assert encoded_forms("a\ud800") >= {"a\ud800"}  # refused encoders are skipped, no error
