@@ -1,0 +1,334 @@
+"""The PostgreSQL store (asyncpg): shared by several nodes, claims with FOR UPDATE SKIP LOCKED."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Collection, Mapping
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+
+from daemon.errors import StoreError
+from daemon.models import Conversion, Status
+from daemon.store import rows
+from daemon.store.base import (
+    ArrivalResult,
+    AttemptRow,
+    Claim,
+    ConversionRow,
+    DeliveryDetail,
+    DeliveryFilter,
+    DeliveryRow,
+    DeliveryState,
+    Planner,
+)
+from daemon.store.common import (
+    ArrivalWrite,
+    ConversionUpdate,
+    StoredConversion,
+    check_finish,
+    conversion_fields,
+    decode_cursor,
+    encode_cursor,
+    prepare_arrival,
+    utc,
+)
+from daemon.store.postgres_schema import apply_migrations
+from daemon.store.queries import load_queries
+
+PRUNE_BATCH = 500
+_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+@asynccontextmanager
+async def _errors() -> AsyncIterator[None]:
+    """Every driver or network failure leaves as StoreError (never a raw asyncpg error)."""
+    try:
+        yield
+    except _FAILURES as err:
+        raise StoreError(f"postgresql: {err.__class__.__name__}: {err}") from err
+
+
+class PostgresStore:
+    """A Store on a PostgreSQL database that several postbackd nodes may share."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        command_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        server_settings: Mapping[str, str] | None = None,
+    ) -> None:
+        self._dsn = dsn
+        self._pool_size = (min_size, max_size)
+        self._command_timeout = command_timeout
+        self._connect_timeout = connect_timeout
+        self._settings = {"application_name": "postbackd", **(server_settings or {})}
+        self._q = load_queries("postgres")
+        self._pool: Any = None
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations (under the advisory lock); the names applied."""
+        async with _errors():
+            conn = await asyncpg.connect(
+                self._dsn, timeout=self._connect_timeout, server_settings=self._settings
+            )
+            try:
+                return await apply_migrations(conn)
+            finally:
+                await conn.close()
+
+    async def open(self) -> None:
+        await self.migrate()
+        async with _errors():
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._pool_size[0],
+                max_size=self._pool_size[1],
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+                server_settings=self._settings,
+            )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            async with _errors():
+                await pool.close()
+
+    @asynccontextmanager
+    async def _conn(self, *, transaction: bool = True) -> AsyncIterator[Any]:
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        async with _errors(), self._pool.acquire() as conn:
+            if not transaction:
+                yield conn
+                return
+            async with conn.transaction():
+                yield conn
+
+    async def ping(self) -> None:
+        async with self._conn(transaction=False) as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def record_arrival(
+        self, source: str, conversion: Conversion, received_at: datetime, plan: Planner
+    ) -> ArrivalResult:
+        now = utc(received_at)
+        async with self._conn() as conn:
+            pk, stored = await self._lock_or_insert(conn, source, conversion, now)
+            write = prepare_arrival(source, conversion, now, stored, plan)
+            if write.update is ConversionUpdate.FULL:
+                await conn.execute(
+                    self._q["update_conversion"],
+                    pk,
+                    write.status.value,
+                    write.status_event_time,
+                    rows.dumps(write.fields),
+                    now,
+                )
+            elif write.update is ConversionUpdate.TOUCH:
+                await conn.execute(self._q["touch_conversion"], pk, now)
+            await self._write_arrival(conn, source, conversion, pk, write, now)
+            return write.result(source, conversion.conversion_id)
+
+    async def _lock_or_insert(
+        self, conn: Any, source: str, conversion: Conversion, now: datetime
+    ) -> tuple[int, StoredConversion | None]:
+        """Insert the conversion as new (stored None), or lock and read the existing row.
+
+        When two nodes insert the same new conversion at once, ON CONFLICT makes the second
+        wait for the first to commit and then find its row, which it locks: the conversion is
+        stored once and is `new` once. A row that prune deletes between the two statements is
+        inserted again on the next turn.
+        """
+        args = (source, conversion.conversion_id)
+        fields = rows.dumps(conversion_fields(conversion))
+        event_time = conversion.event_time
+        for _ in range(3):
+            pk = await conn.fetchval(
+                self._q["insert_conversion"],
+                *args,
+                conversion.status.value,
+                event_time,
+                fields,
+                now,
+            )
+            if pk is not None:
+                return pk, None
+            row = await conn.fetchrow(self._q["lock_conversion"], *args)
+            if row is not None:
+                last_seq = await conn.fetchval(self._q["last_seq"], row[0])
+                stored = StoredConversion(
+                    row[0], Status(row[1]), row[2], json.loads(row[3]), last_seq
+                )
+                return stored.pk, stored
+        raise StoreError("postgresql: the conversion row keeps disappearing (concurrent prune)")
+
+    async def _write_arrival(
+        self,
+        conn: Any,
+        source: str,
+        conversion: Conversion,
+        pk: int,
+        write: ArrivalWrite,
+        now: datetime,
+    ) -> None:
+        await conn.execute(
+            self._q["insert_arrival"],
+            pk,
+            write.seq,
+            write.transition.value,
+            conversion.status.value,
+            conversion.event_time,
+            now,
+            rows.dumps(write.data),
+            rows.dumps(write.values),
+        )
+        if not write.deliveries:
+            return
+        await conn.executemany(
+            self._q["insert_delivery"],
+            [
+                (
+                    d.delivery_id,
+                    pk,
+                    write.seq,
+                    source,
+                    conversion.conversion_id,
+                    d.planned.postback_id,
+                    d.planned.action,
+                    d.planned.destination,
+                    d.planned.affiliate_owner,
+                    d.idempotency_key,
+                    now,
+                )
+                for d in write.deliveries
+            ],
+        )
+
+    async def claim_due(
+        self, node: str, now: datetime, limit: int, lease: timedelta
+    ) -> list[Claim]:
+        now = utc(now)
+        async with self._conn() as conn:
+            found = await conn.fetch(self._q["claim_due"], now, limit, node, now + lease)
+        return [rows.claim(row, row["lease_token"], utc) for row in found]
+
+    async def finish_attempt(
+        self,
+        claim: Claim,
+        attempt: AttemptRow,
+        state: DeliveryState,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        due = check_finish(state, next_attempt_at)
+        started = utc(attempt.started_at)
+        finished = started + timedelta(milliseconds=attempt.duration_ms)
+        record = rows.attempt_params(attempt)
+        async with self._conn() as conn:
+            n = await conn.fetchval(
+                self._q["finish_delivery"],
+                claim.delivery_id,
+                claim.token,
+                state.value,
+                due,
+                attempt.reason,
+                finished,
+            )
+            if n is None:
+                return False
+            await conn.execute(
+                self._q["insert_attempt"],
+                claim.delivery_id,
+                n,
+                started,
+                *(record[k] for k in rows.ATTEMPT_PARAMS),
+            )
+            return True
+
+    async def release(self, claim: Claim, now: datetime) -> bool:
+        args = (claim.delivery_id, claim.token, utc(now))
+        return await self._count("release_delivery", *args) == 1
+
+    async def cancel_postbacks(self, postback_ids: Collection[int], now: datetime) -> int:
+        return await self._count("cancel_postbacks", sorted(postback_ids), utc(now))
+
+    async def requeue(self, delivery_ids: Collection[str], now: datetime) -> int:
+        return await self._count("requeue", sorted(delivery_ids), utc(now))
+
+    async def requeue_matching(self, flt: DeliveryFilter, now: datetime) -> int:
+        return await self._count("requeue_matching", *_filter_args(flt), utc(now))
+
+    async def _count(self, query: str, *args: Any) -> int:
+        """Run a write statement; the number of rows it changed."""
+        async with self._conn() as conn:
+            status: str = await conn.execute(self._q[query], *args)
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def get_delivery(self, delivery_id: str) -> DeliveryDetail | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(self._q["get_delivery"], delivery_id)
+            if row is None:
+                return None
+            found = await conn.fetch(self._q["get_attempts"], delivery_id)
+        attempts = [rows.attempt_row(a, utc) for a in found]
+        return DeliveryDetail(rows.delivery_row(row, utc), attempts)
+
+    async def list_deliveries(
+        self, flt: DeliveryFilter, limit: int, cursor: str | None
+    ) -> tuple[list[DeliveryRow], str | None]:
+        after_created, after_id = decode_cursor(cursor) if cursor else (None, None)
+        async with self._conn(transaction=False) as conn:
+            found = await conn.fetch(
+                self._q["list_deliveries"], *_filter_args(flt), after_created, after_id, limit + 1
+            )
+        page = [rows.delivery_row(row, utc) for row in found[:limit]]
+        more = len(found) > limit and page
+        return page, encode_cursor(page[-1].created_at, page[-1].delivery_id) if more else None
+
+    async def get_conversion(self, source: str, conversion_id: str) -> ConversionRow | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(self._q["get_conversion"], source, conversion_id)
+            if row is None:
+                return None
+            arrivals = await conn.fetch(self._q["get_arrivals"], row[0])
+        return ConversionRow(
+            source=row[1],
+            conversion_id=row[2],
+            status=Status(row[3]),
+            status_event_time=None if row[4] is None else utc(row[4]),
+            fields=json.loads(row[5]),
+            created_at=utc(row[6]),
+            updated_at=utc(row[7]),
+            arrivals=[rows.arrival_dict(a, utc) for a in arrivals],
+        )
+
+    async def queue_depth(self) -> dict[DeliveryState, int]:
+        async with self._conn(transaction=False) as conn:
+            found = await conn.fetch(self._q["queue_depth"])
+        return rows.depth(found)
+
+    async def prune(self, before: datetime) -> int:
+        """Deletes in batches, each its own transaction, so no lock is held for long."""
+        total = 0
+        while True:
+            deleted = await self._count("prune_batch", utc(before), PRUNE_BATCH)
+            total += deleted
+            if deleted < PRUNE_BATCH:
+                return total
+
+
+def _filter_args(flt: DeliveryFilter) -> tuple[Any, ...]:
+    ids = flt.postback_ids
+    return (
+        flt.state.value if flt.state else None,
+        None if ids is None else sorted(ids),
+        flt.conversion_id,
+        None if flt.since is None else utc(flt.since),
+    )

@@ -1,0 +1,127 @@
+"""Turning stored rows into the contract's dataclasses, the same way for both backends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from daemon.models import Status, Transition
+from daemon.store.base import AttemptRow, Claim, DeliveryRow, DeliveryState
+
+# How one backend reads a stored time (SQLite: integer microseconds; PostgreSQL: datetime).
+TimeReader = Callable[[Any], datetime]
+
+DELIVERY_COLUMNS = (
+    "id", "postback_id", "action", "destination", "source", "conversion_id", "arrival_seq",
+    "idempotency_key", "state", "attempts", "created_at", "updated_at", "next_attempt_at",
+    "last_reason", "affiliate_owner",
+)  # fmt: skip
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def loads_json(value: Any) -> Any:
+    """JSON columns: text in SQLite, already decoded by the asyncpg codec in PostgreSQL."""
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _opt(read: TimeReader, value: Any) -> datetime | None:
+    return None if value is None else read(value)
+
+
+def delivery_row(row: Sequence[Any], read: TimeReader) -> DeliveryRow:
+    """A DeliveryRow from a row selected in DELIVERY_COLUMNS order."""
+    return DeliveryRow(
+        delivery_id=row[0],
+        postback_id=row[1],
+        action=row[2],
+        destination=row[3],
+        source=row[4],
+        conversion_id=row[5],
+        arrival_seq=row[6],
+        idempotency_key=row[7],
+        state=DeliveryState(row[8]),
+        attempts=row[9],
+        created_at=read(row[10]),
+        updated_at=read(row[11]),
+        next_attempt_at=_opt(read, row[12]),
+        last_reason=row[13],
+        affiliate_owner=row[14],
+    )
+
+
+def attempt_row(row: Sequence[Any], read: TimeReader) -> AttemptRow:
+    """An AttemptRow from (started_at, duration_ms, outcome, reason, rules_version, node,
+    request, response_status, response_excerpt)."""
+    request = loads_json(row[6]) if row[6] is not None else None
+    return AttemptRow(
+        started_at=read(row[0]),
+        duration_ms=row[1],
+        outcome=row[2],
+        reason=row[3],
+        rules_version=row[4],
+        node=row[5],
+        request=request,
+        response_status=row[7],
+        response_excerpt=row[8],
+    )
+
+
+def claim(row: Mapping[str, Any], token: str, read: TimeReader) -> Claim:
+    return Claim(
+        delivery_id=row["id"],
+        token=token,
+        postback_id=row["postback_id"],
+        source=row["source"],
+        conversion_id=row["conversion_id"],
+        arrival_seq=row["arrival_seq"],
+        idempotency_key=row["idempotency_key"],
+        attempts=row["attempts"],
+        created_at=read(row["created_at"]),
+        data=loads_json(row["data"]),
+        values=loads_json(row["vals"]),
+    )
+
+
+def arrival_dict(row: Sequence[Any], read: TimeReader) -> dict[str, Any]:
+    """One entry of ConversionRow.arrivals from (seq, transition, status, event_time,
+    received_at)."""
+    return {
+        "seq": row[0],
+        "transition": Transition(row[1]),
+        "status": Status(row[2]),
+        "event_time": _opt(read, row[3]),
+        "received_at": read(row[4]),
+    }
+
+
+def depth(rows: Sequence[Sequence[Any]]) -> dict[DeliveryState, int]:
+    """Every state, with zeros for those that have no delivery."""
+    counts = dict.fromkeys(DeliveryState, 0)
+    for state, count in rows:
+        counts[DeliveryState(state)] = int(count)
+    return counts
+
+
+ATTEMPT_PARAMS = (
+    "duration_ms", "outcome", "reason", "rules_version", "node", "request", "response_status",
+    "response_excerpt",
+)  # fmt: skip
+
+
+def attempt_params(attempt: AttemptRow) -> dict[str, Any]:
+    """The attempt's columns other than times (each backend converts those itself)."""
+    return {
+        "duration_ms": attempt.duration_ms,
+        "outcome": attempt.outcome,
+        "reason": attempt.reason,
+        "rules_version": attempt.rules_version,
+        "node": attempt.node,
+        "request": dumps(dict(attempt.request)) if attempt.request is not None else None,
+        "response_status": attempt.response_status,
+        "response_excerpt": attempt.response_excerpt,
+    }

@@ -1,0 +1,158 @@
+-- Named queries of the PostgreSQL store (asyncpg: $n parameters). JSON travels as text.
+
+-- name: insert_conversion
+-- A new conversion is inserted first; when it already exists (or another node is inserting
+-- it right now) nothing happens, and the caller locks the existing row instead.
+INSERT INTO conversion
+    (source, conversion_id, status, status_event_time, fields, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $6)
+ON CONFLICT (source, conversion_id) DO NOTHING
+RETURNING id;
+
+-- name: lock_conversion
+SELECT id, status, status_event_time, fields::text
+FROM conversion
+WHERE source = $1 AND conversion_id = $2
+FOR UPDATE;
+
+-- name: last_seq
+-- A statement of its own, after lock_conversion: its snapshot is taken once the lock is held,
+-- so it sees the arrivals of whoever held the lock before (a subquery of the locking
+-- statement would not).
+SELECT coalesce(max(seq), 0) FROM arrival WHERE conversion_pk = $1;
+
+-- name: update_conversion
+UPDATE conversion
+SET status = $2, status_event_time = $3, fields = $4::jsonb, updated_at = $5
+WHERE id = $1;
+
+-- name: touch_conversion
+UPDATE conversion SET updated_at = $2 WHERE id = $1;
+
+-- name: insert_arrival
+INSERT INTO arrival
+    (conversion_pk, seq, transition, status, event_time, received_at, data, vals)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb);
+
+-- name: insert_delivery
+INSERT INTO delivery
+    (id, conversion_pk, arrival_seq, source, conversion_id, postback_id, action, destination,
+     affiliate_owner, idempotency_key, state, created_at, updated_at, next_attempt_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', $11, $11, $11);
+
+-- name: claim_due
+-- SKIP LOCKED: rows another node is claiming right now are left to it, never waited for;
+-- a row claimed and committed meanwhile no longer passes due_at <= $1 when re-checked.
+WITH due AS (
+    SELECT id, due_at FROM delivery
+    WHERE due_at <= $1
+    ORDER BY due_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE delivery d
+    SET state = 'in_flight', lease_owner = $3, lease_until = $4, updated_at = $1,
+        lease_token = replace(gen_random_uuid()::text, '-', '')
+    FROM due
+    WHERE d.id = due.id
+    RETURNING d.id, d.lease_token, d.postback_id, d.source, d.conversion_id, d.conversion_pk,
+              d.arrival_seq, d.idempotency_key, d.attempts, d.created_at, due.due_at AS was_due
+)
+SELECT c.id, c.lease_token, c.postback_id, c.source, c.conversion_id, c.arrival_seq,
+       c.idempotency_key, c.attempts, c.created_at, a.data::text AS data, a.vals::text AS vals
+FROM claimed c
+JOIN arrival a ON a.conversion_pk = c.conversion_pk AND a.seq = c.arrival_seq
+ORDER BY c.was_due, c.id;
+
+-- name: finish_delivery
+UPDATE delivery
+SET state = $3, attempts = attempts + 1, next_attempt_at = $4, last_reason = $5,
+    updated_at = $6, lease_owner = NULL, lease_token = NULL, lease_until = NULL
+WHERE id = $1 AND lease_token = $2 AND state = 'in_flight'
+RETURNING attempts;
+
+-- name: insert_attempt
+INSERT INTO attempt
+    (delivery_id, n, started_at, duration_ms, outcome, reason, rules_version, node, request,
+     response_status, response_excerpt)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11);
+
+-- name: release_delivery
+UPDATE delivery
+SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
+    next_attempt_at = $3, updated_at = $3,
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL
+WHERE id = $1 AND lease_token = $2 AND state = 'in_flight';
+
+-- name: cancel_postbacks
+UPDATE delivery
+SET state = 'cancelled', next_attempt_at = NULL, updated_at = $2
+WHERE state IN ('queued', 'retrying') AND postback_id = ANY($1::bigint[]);
+
+-- name: requeue
+UPDATE delivery
+SET state = 'queued', next_attempt_at = $2, updated_at = $2
+WHERE state IN ('dead', 'cancelled') AND id = ANY($1::text[]);
+
+-- name: requeue_matching
+UPDATE delivery
+SET state = 'queued', next_attempt_at = $5, updated_at = $5
+WHERE state IN ('dead', 'cancelled')
+  AND ($1::text IS NULL OR state = $1::text)
+  AND ($2::bigint[] IS NULL OR postback_id = ANY($2::bigint[]))
+  AND ($3::text IS NULL OR conversion_id = $3::text)
+  AND ($4::timestamptz IS NULL OR created_at >= $4::timestamptz);
+
+-- name: get_delivery
+SELECT id, postback_id, action, destination, source, conversion_id, arrival_seq,
+       idempotency_key, state, attempts, created_at, updated_at, next_attempt_at, last_reason,
+       affiliate_owner
+FROM delivery
+WHERE id = $1;
+
+-- name: get_attempts
+SELECT started_at, duration_ms, outcome, reason, rules_version, node, request::text,
+       response_status, response_excerpt
+FROM attempt
+WHERE delivery_id = $1
+ORDER BY n;
+
+-- name: list_deliveries
+SELECT id, postback_id, action, destination, source, conversion_id, arrival_seq,
+       idempotency_key, state, attempts, created_at, updated_at, next_attempt_at, last_reason,
+       affiliate_owner
+FROM delivery
+WHERE ($1::text IS NULL OR state = $1::text)
+  AND ($2::bigint[] IS NULL OR postback_id = ANY($2::bigint[]))
+  AND ($3::text IS NULL OR conversion_id = $3::text)
+  AND ($4::timestamptz IS NULL OR created_at >= $4::timestamptz)
+  AND ($5::timestamptz IS NULL OR (created_at, id) < ($5::timestamptz, $6::text))
+ORDER BY created_at DESC, id DESC
+LIMIT $7;
+
+-- name: get_conversion
+SELECT id, source, conversion_id, status, status_event_time, fields::text, created_at,
+       updated_at
+FROM conversion
+WHERE source = $1 AND conversion_id = $2;
+
+-- name: get_arrivals
+SELECT seq, transition, status, event_time, received_at
+FROM arrival
+WHERE conversion_pk = $1
+ORDER BY seq;
+
+-- name: queue_depth
+SELECT state, count(*) FROM delivery GROUP BY state;
+
+-- name: prune_batch
+WITH doomed AS (
+    SELECT c.id FROM conversion c
+    WHERE c.updated_at < $1
+      AND NOT EXISTS (
+          SELECT 1 FROM delivery d
+          WHERE d.conversion_pk = c.id AND d.state IN ('queued', 'retrying', 'in_flight'))
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM conversion c USING doomed WHERE c.id = doomed.id;

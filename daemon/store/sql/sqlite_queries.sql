@@ -1,0 +1,147 @@
+-- Named queries of the SQLite store. Times are integer microseconds (UTC); lists of values
+-- arrive as JSON arrays and are read with json_each.
+
+-- name: select_conversion
+SELECT c.id, c.status, c.status_event_time, c.fields,
+       (SELECT coalesce(max(a.seq), 0) FROM arrival a WHERE a.conversion_pk = c.id) AS last_seq
+FROM conversion c
+WHERE c.source = :source AND c.conversion_id = :conversion_id;
+
+-- name: insert_conversion
+INSERT INTO conversion
+    (source, conversion_id, status, status_event_time, fields, created_at, updated_at)
+VALUES
+    (:source, :conversion_id, :status, :status_event_time, :fields, :now, :now);
+
+-- name: update_conversion
+UPDATE conversion
+SET status = :status, status_event_time = :status_event_time, fields = :fields,
+    updated_at = :now
+WHERE id = :pk;
+
+-- name: touch_conversion
+UPDATE conversion SET updated_at = :now WHERE id = :pk;
+
+-- name: insert_arrival
+INSERT INTO arrival
+    (conversion_pk, seq, transition, status, event_time, received_at, data, vals)
+VALUES
+    (:pk, :seq, :transition, :status, :event_time, :received_at, :data, :vals);
+
+-- name: insert_delivery
+INSERT INTO delivery
+    (id, conversion_pk, arrival_seq, source, conversion_id, postback_id, action, destination,
+     affiliate_owner, idempotency_key, state, created_at, updated_at, next_attempt_at)
+VALUES
+    (:id, :pk, :seq, :source, :conversion_id, :postback_id, :action, :destination,
+     :affiliate_owner, :idempotency_key, 'queued', :now, :now, :now);
+
+-- name: claim_candidates
+SELECT d.id, d.postback_id, d.source, d.conversion_id, d.arrival_seq, d.idempotency_key,
+       d.attempts, d.created_at, a.data, a.vals
+FROM delivery d
+JOIN arrival a ON a.conversion_pk = d.conversion_pk AND a.seq = d.arrival_seq
+WHERE d.due_at <= :now
+ORDER BY d.due_at, d.id
+LIMIT :limit;
+
+-- name: claim_one
+UPDATE delivery
+SET state = 'in_flight', lease_owner = :node, lease_token = :token, lease_until = :until,
+    updated_at = :now
+WHERE id = :id;
+
+-- name: finish_delivery
+UPDATE delivery
+SET state = :state, attempts = attempts + 1, next_attempt_at = :next_attempt_at,
+    last_reason = :reason, updated_at = :now,
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL
+WHERE id = :id AND lease_token = :token AND state = 'in_flight'
+RETURNING attempts;
+
+-- name: insert_attempt
+INSERT INTO attempt
+    (delivery_id, n, started_at, duration_ms, outcome, reason, rules_version, node, request,
+     response_status, response_excerpt)
+VALUES
+    (:delivery_id, :n, :started_at, :duration_ms, :outcome, :reason, :rules_version, :node,
+     :request, :response_status, :response_excerpt);
+
+-- name: release_delivery
+UPDATE delivery
+SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
+    next_attempt_at = :now, updated_at = :now,
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL
+WHERE id = :id AND lease_token = :token AND state = 'in_flight';
+
+-- name: cancel_postbacks
+UPDATE delivery
+SET state = 'cancelled', next_attempt_at = NULL, updated_at = :now
+WHERE state IN ('queued', 'retrying')
+  AND postback_id IN (SELECT value FROM json_each(:postback_ids));
+
+-- name: requeue
+UPDATE delivery
+SET state = 'queued', next_attempt_at = :now, updated_at = :now
+WHERE state IN ('dead', 'cancelled')
+  AND id IN (SELECT value FROM json_each(:ids));
+
+-- name: requeue_matching
+UPDATE delivery
+SET state = 'queued', next_attempt_at = :now, updated_at = :now
+WHERE state IN ('dead', 'cancelled')
+  AND (:state IS NULL OR state = :state)
+  AND (:postback_ids IS NULL OR postback_id IN (SELECT value FROM json_each(:postback_ids)))
+  AND (:conversion_id IS NULL OR conversion_id = :conversion_id)
+  AND (:since IS NULL OR created_at >= :since);
+
+-- name: get_delivery
+SELECT id, postback_id, action, destination, source, conversion_id, arrival_seq,
+       idempotency_key, state, attempts, created_at, updated_at, next_attempt_at, last_reason,
+       affiliate_owner
+FROM delivery
+WHERE id = :id;
+
+-- name: get_attempts
+SELECT started_at, duration_ms, outcome, reason, rules_version, node, request,
+       response_status, response_excerpt
+FROM attempt
+WHERE delivery_id = :id
+ORDER BY n;
+
+-- name: list_deliveries
+SELECT id, postback_id, action, destination, source, conversion_id, arrival_seq,
+       idempotency_key, state, attempts, created_at, updated_at, next_attempt_at, last_reason,
+       affiliate_owner
+FROM delivery
+WHERE (:state IS NULL OR state = :state)
+  AND (:postback_ids IS NULL OR postback_id IN (SELECT value FROM json_each(:postback_ids)))
+  AND (:conversion_id IS NULL OR conversion_id = :conversion_id)
+  AND (:since IS NULL OR created_at >= :since)
+  AND (:after_created IS NULL OR (created_at, id) < (:after_created, :after_id))
+ORDER BY created_at DESC, id DESC
+LIMIT :limit;
+
+-- name: get_conversion
+SELECT id, source, conversion_id, status, status_event_time, fields, created_at, updated_at
+FROM conversion
+WHERE source = :source AND conversion_id = :conversion_id;
+
+-- name: get_arrivals
+SELECT seq, transition, status, event_time, received_at
+FROM arrival
+WHERE conversion_pk = :pk
+ORDER BY seq;
+
+-- name: queue_depth
+SELECT state, count(*) FROM delivery GROUP BY state;
+
+-- name: prune_batch
+DELETE FROM conversion
+WHERE id IN (
+    SELECT c.id FROM conversion c
+    WHERE c.updated_at < :before
+      AND NOT EXISTS (
+          SELECT 1 FROM delivery d
+          WHERE d.conversion_pk = c.id AND d.state IN ('queued', 'retrying', 'in_flight'))
+    LIMIT :batch);

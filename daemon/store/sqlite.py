@@ -1,0 +1,392 @@
+"""The SQLite store: WAL, synchronous=FULL, every write through one group-commit writer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from daemon.errors import StoreError
+from daemon.models import Conversion, Status
+from daemon.store import rows
+from daemon.store.base import (
+    ArrivalResult,
+    AttemptRow,
+    Claim,
+    ConversionRow,
+    DeliveryDetail,
+    DeliveryFilter,
+    DeliveryRow,
+    DeliveryState,
+    Planner,
+)
+from daemon.store.common import (
+    ArrivalWrite,
+    ConversionUpdate,
+    StoredConversion,
+    check_finish,
+    decode_cursor,
+    encode_cursor,
+    from_us,
+    new_token,
+    opt_from_us,
+    opt_us,
+    prepare_arrival,
+    to_us,
+)
+from daemon.store.queries import load_queries
+from daemon.store.sqlite_schema import apply_migrations
+from daemon.store.sqlite_writer import CommitHook, GroupCommitWriter, store_error
+
+T = TypeVar("T")
+PRUNE_BATCH = 500
+
+
+def connect(path: Path, busy_timeout: float, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection with the settings durability depends on; autocommit (we BEGIN ourselves)."""
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+    )
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL is required")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        if readonly:
+            conn.execute("PRAGMA query_only=ON")
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
+
+
+class SQLiteStore:
+    """A Store on one SQLite file. Writes are group-committed; reads use their own threads."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout: float = 5.0,
+        max_batch: int = 512,
+        readers: int = 2,
+        on_commit: CommitHook | None = None,
+    ) -> None:
+        self.path = path
+        self._busy_timeout = busy_timeout
+        self._q = load_queries("sqlite")
+        self._writer = GroupCommitWriter(
+            lambda: connect(path, busy_timeout), max_batch=max_batch, on_commit=on_commit
+        )
+        self._readers = readers
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._read_conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (each may hold many requests)."""
+        return self._writer.commits
+
+    def backlog(self) -> int:
+        """Write requests waiting for the writer thread."""
+        return self._writer.backlog()
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations; the names applied."""
+        return await asyncio.to_thread(self._migrate_sync)
+
+    def _migrate_sync(self) -> list[str]:
+        try:
+            conn = connect(self.path, self._busy_timeout)
+        except sqlite3.Error as err:
+            raise StoreError(f"sqlite: cannot open {self.path}: {err}") from err
+        try:
+            return apply_migrations(conn)
+        except sqlite3.Error as err:
+            raise store_error(err) from err
+        finally:
+            conn.close()
+
+    async def open(self) -> None:
+        await self.migrate()
+        await asyncio.to_thread(self._writer.start)
+        self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-reader")
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._writer.stop)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        with self._lock:
+            for conn in self._read_conns:
+                conn.close()
+            self._read_conns.clear()
+
+    async def _write(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._writer.submit(job)
+
+    async def _read(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `job` in one read transaction (a consistent snapshot) on a reader thread."""
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._read_sync, job)
+
+    def _read_sync(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = connect(self.path, self._busy_timeout, readonly=True)
+                with self._lock:
+                    self._read_conns.append(conn)
+            conn.execute("BEGIN")
+            try:
+                return job(conn)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            raise store_error(err) from err
+
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.execute("SELECT count(*) FROM conversion").fetchone())
+
+    async def record_arrival(
+        self, source: str, conversion: Conversion, received_at: datetime, plan: Planner
+    ) -> ArrivalResult:
+        now = to_us(received_at)
+
+        def job(conn: sqlite3.Connection) -> ArrivalResult:
+            stored = self._stored(conn, source, conversion.conversion_id)
+            write = prepare_arrival(source, conversion, received_at, stored, plan)
+            pk = self._write_conversion(conn, source, conversion, stored, write, now)
+            self._write_arrival(conn, source, conversion, pk, write, now)
+            return write.result(source, conversion.conversion_id)
+
+        return await self._write(job)
+
+    def _stored(
+        self, conn: sqlite3.Connection, source: str, conversion_id: str
+    ) -> StoredConversion | None:
+        args = {"source": source, "conversion_id": conversion_id}
+        row = conn.execute(self._q["select_conversion"], args).fetchone()
+        if row is None:
+            return None
+        return StoredConversion(
+            row[0], Status(row[1]), opt_from_us(row[2]), json.loads(row[3]), row[4]
+        )
+
+    def _write_conversion(
+        self,
+        conn: sqlite3.Connection,
+        source: str,
+        conversion: Conversion,
+        stored: StoredConversion | None,
+        write: ArrivalWrite,
+        now: int,
+    ) -> int:
+        values = {
+            "status": write.status.value,
+            "status_event_time": opt_us(write.status_event_time),
+            "fields": rows.dumps(write.fields),
+            "now": now,
+        }
+        if stored is None:
+            args = {"source": source, "conversion_id": conversion.conversion_id, **values}
+            cursor = conn.execute(self._q["insert_conversion"], args)
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+        if write.update is ConversionUpdate.FULL:
+            conn.execute(self._q["update_conversion"], {"pk": stored.pk, **values})
+        elif write.update is ConversionUpdate.TOUCH:
+            conn.execute(self._q["touch_conversion"], {"pk": stored.pk, "now": now})
+        return stored.pk
+
+    def _write_arrival(
+        self,
+        conn: sqlite3.Connection,
+        source: str,
+        conversion: Conversion,
+        pk: int,
+        write: ArrivalWrite,
+        now: int,
+    ) -> None:
+        conn.execute(
+            self._q["insert_arrival"],
+            {
+                "pk": pk,
+                "seq": write.seq,
+                "transition": write.transition.value,
+                "status": conversion.status.value,
+                "event_time": opt_us(conversion.event_time),
+                "received_at": now,
+                "data": rows.dumps(write.data),
+                "vals": rows.dumps(write.values),
+            },
+        )
+        conn.executemany(
+            self._q["insert_delivery"],
+            [
+                {
+                    "id": d.delivery_id,
+                    "pk": pk,
+                    "seq": write.seq,
+                    "source": source,
+                    "conversion_id": conversion.conversion_id,
+                    "postback_id": d.planned.postback_id,
+                    "action": d.planned.action,
+                    "destination": d.planned.destination,
+                    "affiliate_owner": d.planned.affiliate_owner,
+                    "idempotency_key": d.idempotency_key,
+                    "now": now,
+                }
+                for d in write.deliveries
+            ],
+        )
+
+    async def claim_due(
+        self, node: str, now: datetime, limit: int, lease: timedelta
+    ) -> list[Claim]:
+        args = {"now": to_us(now), "until": to_us(now + lease), "node": node, "limit": limit}
+
+        def job(conn: sqlite3.Connection) -> list[Claim]:
+            conn.row_factory = sqlite3.Row
+            try:
+                found = conn.execute(self._q["claim_candidates"], args).fetchall()
+            finally:
+                conn.row_factory = None
+            claims = []
+            for row in found:
+                token = new_token()
+                conn.execute(self._q["claim_one"], {**args, "id": row["id"], "token": token})
+                claims.append(rows.claim(row, token, from_us))
+            return claims
+
+        return await self._write(job)
+
+    async def finish_attempt(
+        self,
+        claim: Claim,
+        attempt: AttemptRow,
+        state: DeliveryState,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        due = check_finish(state, next_attempt_at)
+        finish = {
+            "id": claim.delivery_id,
+            "token": claim.token,
+            "state": state.value,
+            "next_attempt_at": opt_us(due),
+            "reason": attempt.reason,
+            "now": to_us(attempt.started_at + timedelta(milliseconds=attempt.duration_ms)),
+        }
+        record = {
+            **rows.attempt_params(attempt),
+            "delivery_id": claim.delivery_id,
+            "started_at": to_us(attempt.started_at),
+        }
+
+        def job(conn: sqlite3.Connection) -> bool:
+            found = conn.execute(self._q["finish_delivery"], finish).fetchall()
+            if not found:
+                return False
+            conn.execute(self._q["insert_attempt"], {**record, "n": found[0][0]})
+            return True
+
+        return await self._write(job)
+
+    async def release(self, claim: Claim, now: datetime) -> bool:
+        args = {"id": claim.delivery_id, "token": claim.token, "now": to_us(now)}
+        return await self._write(
+            lambda c: c.execute(self._q["release_delivery"], args).rowcount == 1
+        )
+
+    async def cancel_postbacks(self, postback_ids: Collection[int], now: datetime) -> int:
+        args = {"postback_ids": json.dumps(sorted(postback_ids)), "now": to_us(now)}
+        return await self._write(lambda c: c.execute(self._q["cancel_postbacks"], args).rowcount)
+
+    async def requeue(self, delivery_ids: Collection[str], now: datetime) -> int:
+        args = {"ids": json.dumps(sorted(delivery_ids)), "now": to_us(now)}
+        return await self._write(lambda c: c.execute(self._q["requeue"], args).rowcount)
+
+    async def requeue_matching(self, flt: DeliveryFilter, now: datetime) -> int:
+        args = {**_filter_args(flt), "now": to_us(now)}
+        return await self._write(lambda c: c.execute(self._q["requeue_matching"], args).rowcount)
+
+    async def get_delivery(self, delivery_id: str) -> DeliveryDetail | None:
+        def job(conn: sqlite3.Connection) -> DeliveryDetail | None:
+            row = conn.execute(self._q["get_delivery"], {"id": delivery_id}).fetchone()
+            if row is None:
+                return None
+            found = conn.execute(self._q["get_attempts"], {"id": delivery_id}).fetchall()
+            attempts = [rows.attempt_row(a, from_us) for a in found]
+            return DeliveryDetail(rows.delivery_row(row, from_us), attempts)
+
+        return await self._read(job)
+
+    async def list_deliveries(
+        self, flt: DeliveryFilter, limit: int, cursor: str | None
+    ) -> tuple[list[DeliveryRow], str | None]:
+        after_created, after_id = decode_cursor(cursor) if cursor else (None, None)
+        args = {
+            **_filter_args(flt),
+            "after_created": opt_us(after_created),
+            "after_id": after_id,
+            "limit": limit + 1,
+        }
+        found = await self._read(lambda c: c.execute(self._q["list_deliveries"], args).fetchall())
+        page = [rows.delivery_row(row, from_us) for row in found[:limit]]
+        more = len(found) > limit and page
+        return page, encode_cursor(page[-1].created_at, page[-1].delivery_id) if more else None
+
+    async def get_conversion(self, source: str, conversion_id: str) -> ConversionRow | None:
+        args = {"source": source, "conversion_id": conversion_id}
+
+        def job(conn: sqlite3.Connection) -> ConversionRow | None:
+            row = conn.execute(self._q["get_conversion"], args).fetchone()
+            if row is None:
+                return None
+            arrivals = conn.execute(self._q["get_arrivals"], {"pk": row[0]}).fetchall()
+            return ConversionRow(
+                source=row[1],
+                conversion_id=row[2],
+                status=Status(row[3]),
+                status_event_time=opt_from_us(row[4]),
+                fields=json.loads(row[5]),
+                created_at=from_us(row[6]),
+                updated_at=from_us(row[7]),
+                arrivals=[rows.arrival_dict(a, from_us) for a in arrivals],
+            )
+
+        return await self._read(job)
+
+    async def queue_depth(self) -> dict[DeliveryState, int]:
+        found = await self._read(lambda c: c.execute(self._q["queue_depth"]).fetchall())
+        return rows.depth(found)
+
+    async def prune(self, before: datetime) -> int:
+        """Deletes in batches, each its own transaction, so ingest is never held up long."""
+        args = {"before": to_us(before), "batch": PRUNE_BATCH}
+        total = 0
+        while True:
+            deleted = await self._write(lambda c: c.execute(self._q["prune_batch"], args).rowcount)
+            total += deleted
+            if deleted < PRUNE_BATCH:
+                return total
+
+
+def _filter_args(flt: DeliveryFilter) -> dict[str, Any]:
+    ids = flt.postback_ids
+    return {
+        "state": flt.state.value if flt.state else None,
+        "postback_ids": None if ids is None else json.dumps(sorted(ids)),
+        "conversion_id": flt.conversion_id,
+        "since": opt_us(flt.since),
+    }

@@ -1,0 +1,184 @@
+"""Group commit for SQLite: one thread runs every write, many requests to a transaction.
+
+Each write is a job (a function of the connection). The writer thread takes every job that is
+waiting, runs each in its own SAVEPOINT inside one ``BEGIN IMMEDIATE`` transaction, and COMMITs
+once; only then does each caller's future resolve. With ``synchronous=FULL`` the fsync of that
+one COMMIT is shared by every request of the batch, which is what keeps durability cheap.
+A job that raises is rolled back to its savepoint and fails alone; a COMMIT that fails fails
+the whole batch with StoreError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from daemon.errors import StoreError
+
+T = TypeVar("T")
+Job = Callable[[sqlite3.Connection], T]
+CommitHook = Callable[[int], None]  # called in the writer thread after each COMMIT: batch size
+
+
+@dataclass
+class _Pending(Generic[T]):
+    job: Job[T]
+    future: asyncio.Future[T]
+    loop: asyncio.AbstractEventLoop
+
+
+_STOP = object()
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller gave up waiting (cancelled)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def store_error(err: sqlite3.Error) -> StoreError:
+    """A StoreError that names the SQLite failure without the statement or its values."""
+    error = StoreError(f"sqlite: {err.__class__.__name__}: {err}")
+    error.__cause__ = err
+    return error
+
+
+class GroupCommitWriter:
+    """The single writer thread of one SQLite database file."""
+
+    def __init__(
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        *,
+        max_batch: int = 512,
+        on_commit: CommitHook | None = None,
+    ) -> None:
+        self._connect = connect
+        self._max_batch = max_batch
+        self._on_commit = on_commit
+        self._queue: queue.SimpleQueue[_Pending[Any] | object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.commits = 0  # transactions committed, for tests and metrics
+
+    def start(self) -> None:
+        """Open the connection in the writer thread; raise StoreError if that fails."""
+        ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="sqlite-writer", daemon=True
+        )
+        self._thread.start()
+        error = ready.get()
+        if error is not None:
+            self._thread.join()
+            raise StoreError(f"sqlite: cannot open the database: {error}") from error
+
+    def backlog(self) -> int:
+        """Jobs waiting for the writer (not counting the batch it is running)."""
+        return self._queue.qsize()
+
+    def submit(self, job: Job[T]) -> asyncio.Future[T]:
+        """Queue `job`; the future resolves after the COMMIT that includes it."""
+        if self._closed or self._thread is None:
+            raise StoreError("the store is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Pending(job, future, loop))
+        return future
+
+    def stop(self) -> None:
+        """Finish every queued job, then close the connection (blocking)."""
+        if self._thread is None or self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self, ready: queue.SimpleQueue[BaseException | None]) -> None:
+        try:
+            conn = self._connect()
+        except (sqlite3.Error, OSError) as err:
+            ready.put(err)
+            return
+        ready.put(None)
+        try:
+            while True:
+                batch, stop = self._take()
+                if batch:
+                    self._run_batch(conn, batch)
+                if stop:
+                    break
+        finally:
+            conn.close()
+
+    def _take(self) -> tuple[list[_Pending[Any]], bool]:
+        batch: list[_Pending[Any]] = []
+        item = self._queue.get()
+        while item is not _STOP:
+            assert isinstance(item, _Pending)
+            batch.append(item)
+            if len(batch) >= self._max_batch:
+                return batch, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, False
+        return batch, True
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Pending[Any]]) -> None:
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for pending in batch:
+                outcomes.append(self._run_job(conn, pending.job))
+            conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            self._rollback(conn)
+            failure = store_error(err)
+            outcomes = [(None, failure)] * len(batch)
+        else:
+            self.commits += 1
+            self._commit_hook(len(batch))
+        for pending, (value, error) in zip(batch, outcomes, strict=True):
+            try:
+                pending.loop.call_soon_threadsafe(_settle, pending.future, value, error)
+            except RuntimeError:  # that caller's event loop is closed: nobody is waiting
+                continue
+
+    def _commit_hook(self, size: int) -> None:
+        if self._on_commit is None:
+            return
+        # An observer must not stop the writer thread.
+        with contextlib.suppress(Exception):
+            self._on_commit(size)
+
+    @staticmethod
+    def _run_job(conn: sqlite3.Connection, job: Job[Any]) -> tuple[Any, BaseException | None]:
+        conn.execute("SAVEPOINT job")
+        try:
+            value = job(conn)
+        except Exception as err:
+            # Rolling back to the savepoint undoes this job alone; if that fails too, the
+            # sqlite3.Error propagates and the whole batch fails.
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            return None, store_error(err) if isinstance(err, sqlite3.Error) else err
+        conn.execute("RELEASE job")
+        return value, None
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            # If this fails SQLite has already rolled back (or the handle is unusable); the
+            # next BEGIN reports it.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
