@@ -1,0 +1,399 @@
+"""The guarded HTTP client every action shares, and the one classifier of HTTP statuses.
+
+Every request goes through one aiohttp session whose connector resolves names with a
+`Resolver` and keeps only the addresses the `Guard` allows; IP-literal hosts (which aiohttp
+connects to without resolving) are checked before each hop. Failures become the delivery errors
+of :mod:`daemon.errors`, and their messages name at most ``scheme://host:port``: paths, query
+strings and header values may carry secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import socket
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
+
+from daemon.errors import (
+    DeliveryError,
+    GuardRefusedError,
+    OutcomeUnknownError,
+    PermanentError,
+    RetryableError,
+)
+from daemon.guard import Guard as Guard  # re-exported: callers build both from here
+
+BODY_CAP = 64 * 1024
+MAX_REDIRECTS = 3
+RETRY_AFTER_CAP = 3600.0
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# Kept when a redirect leaves the origin; any other header may carry a credential, whatever
+# its name (X-Api-Key, Api-Token, X-Auth...).
+_CROSS_ORIGIN_HEADERS = frozenset({"accept", "accept-language", "user-agent", "idempotency-key"})
+# Shorter values would match innocent text and protect nothing.
+_MIN_SECRET_LEN = 4
+# Below the idle timeout of common servers (Node and Apache close at 5 s), so a pooled
+# connection is rarely closed under us: for a non-idempotent request that would end as
+# outcome_unknown.
+_KEEPALIVE_SECONDS = 4.0
+
+
+class Resolver(Protocol):
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """The IP addresses of `host`; raises OSError (socket.gaierror) when it cannot."""
+        ...
+
+
+class SystemResolver:
+    """Resolves with the system's getaddrinfo, off the event loop."""
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    """A response, its body cut at 64 KiB; `url` is the final URL after redirects."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    url: str
+
+    def text(self) -> str:
+        charset = "utf-8"
+        for param in self.headers.get("Content-Type", "").split(";")[1:]:
+            key, _, value = param.strip().partition("=")
+            if key.lower() == "charset" and value:
+                charset = value.strip().strip('"')
+        try:
+            return self.body.decode(charset, "replace")
+        except LookupError:
+            return self.body.decode("utf-8", "replace")
+
+
+class _Progress:
+    """How far one request got, told by aiohttp's tracing signals: a deadline that expires
+    before a connection exists means the request was never sent, whatever aiohttp raises."""
+
+    def __init__(self) -> None:
+        self.connected = False
+
+
+async def _on_connected(session: aiohttp.ClientSession, ctx: Any, params: object) -> None:
+    ctx.trace_request_ctx.connected = True
+
+
+def _trace_config() -> aiohttp.TraceConfig:
+    config = aiohttp.TraceConfig()
+    config.on_connection_create_end.append(_on_connected)
+    config.on_connection_reuseconn.append(_on_connected)
+    return config
+
+
+class _DnsFailed(Exception):
+    """Raised inside the connector (not an OSError, so aiohttp passes it through unwrapped)."""
+
+
+class _GuardedResolver(AbstractResolver):
+    """aiohttp's resolver hook: resolve with `resolver`, keep what the guard allows."""
+
+    def __init__(self, resolver: Resolver, guard: Guard) -> None:
+        self._resolver = resolver
+        self._guard = guard
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        try:
+            ips = await self._resolver.resolve(host, port)
+        except OSError as err:
+            raise _DnsFailed(type(err).__name__) from err
+        wanted = {socket.AF_INET: 4, socket.AF_INET6: 6}.get(family)
+        ips = [ip for ip in ips if wanted is None or (6 if ":" in ip else 4) == wanted]
+        if not ips:
+            raise _DnsFailed("no address")
+        refusals = [self._guard.refusal(ip) for ip in ips]
+        allowed = [ip for ip, reason in zip(ips, refusals, strict=True) if reason is None]
+        if not allowed:
+            raise GuardRefusedError(next(r for r in refusals if r is not None))
+        return [_result(host, ip, port) for ip in allowed]
+
+    async def close(self) -> None:
+        return None
+
+
+def _result(host: str, ip: str, port: int) -> ResolveResult:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    return ResolveResult(hostname=host, host=ip, port=port, family=family, proto=0, flags=0)
+
+
+class OutboundHttp:
+    """The one shared HTTP client of every action: guarded, proxy-free, cookie-free."""
+
+    def __init__(
+        self,
+        *,
+        guard: Guard,
+        resolver: Resolver | None = None,
+        timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        user_agent: str = "postbackd/0.1",
+    ) -> None:
+        self._guard = guard
+        self._resolver: Resolver = resolver if resolver is not None else SystemResolver()
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._user_agent = user_agent
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        connector = aiohttp.TCPConnector(
+            resolver=_GuardedResolver(self._resolver, self._guard),
+            keepalive_timeout=_KEEPALIVE_SECONDS,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            trust_env=False,  # proxy variables and .netrc are ignored (SPEC 10)
+            cookie_jar=aiohttp.DummyCookieJar(),  # no cookie travels between destinations
+            headers={"User-Agent": self._user_agent},
+            trace_configs=[_trace_config()],
+        )
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def __aenter__(self) -> OutboundHttp:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        data: bytes | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 -- a per-request deadline, not a wait
+        idempotent: bool = True,
+        follow_redirects: bool | None = None,
+    ) -> HttpResponse:
+        """Send one request (following redirects for GET unless told otherwise)."""
+        if self._session is None:
+            raise RuntimeError("OutboundHttp.start() was not called")
+        method = method.upper()
+        follow = method == "GET" if follow_redirects is None else follow_redirects
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._timeout if timeout is None else timeout)
+        target = _parse_url(url, "bad_url")
+        sent = dict(headers or {})
+        for hop in range(MAX_REDIRECTS + 1):
+            response = await self._send(method, target, sent, data, deadline, idempotent)
+            location = response.headers.get("Location")
+            if not follow or response.status not in _REDIRECT_STATUSES or not location:
+                return response
+            if hop == MAX_REDIRECTS:
+                raise PermanentError("too_many_redirects", _origin(target))
+            following = _parse_url(location, "bad_redirect", base=target)
+            if _origin(following) != _origin(target):
+                sent = {k: v for k, v in sent.items() if k.lower() in _CROSS_ORIGIN_HEADERS}
+            if response.status == 303 or (response.status in (301, 302) and method == "POST"):
+                # As browsers do: the redirected request is a GET without the body.
+                method, data = "GET", None
+                sent = {k: v for k, v in sent.items() if not k.lower().startswith("content-")}
+            target = following
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    async def _send(
+        self,
+        method: str,
+        target: URL,
+        headers: Mapping[str, str],
+        data: bytes | None,
+        deadline: float,
+        idempotent: bool,
+    ) -> HttpResponse:
+        assert self._session is not None
+        origin = _origin(target)
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:  # spent on earlier hops; this one was never sent
+            raise RetryableError("timeout", origin)
+        timeout = aiohttp.ClientTimeout(
+            total=remaining, sock_connect=min(self._connect_timeout, remaining)
+        )
+        secrets = _secret_parts(target, headers)
+        progress = _Progress()
+        try:
+            self._guard.check_host(target.raw_host or "")
+            async with self._session.request(
+                method,
+                target,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=timeout,
+                trace_request_ctx=progress,
+            ) as resp:
+                body = await _read_capped(resp)
+                return HttpResponse(resp.status, resp.headers, body, str(resp.url))
+        except GuardRefusedError as err:
+            raise GuardRefusedError(f"{err.detail}: {origin}") from err
+        except _DnsFailed as err:
+            raise RetryableError("dns_failed", origin) from err
+        except (aiohttp.ClientError, OSError) as err:
+            failure = _failure(err, origin, idempotent, sent=progress.connected)
+            raise failure from _safe_cause(err, secrets)
+        except ValueError as err:
+            # aiohttp refuses e.g. a header value with CR/LF; its message may quote the value.
+            raise PermanentError("bad_request", f"{type(err).__name__}: {origin}") from (
+                _safe_cause(err, secrets)
+            )
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    # What is left unread is dropped with the connection when the response is released.
+    while size < BODY_CAP:
+        chunk = await resp.content.read(BODY_CAP - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _failure(err: BaseException, origin: str, idempotent: bool, *, sent: bool) -> DeliveryError:
+    """Map a transport failure: retryable when the request was never sent, else by idempotency.
+    `sent` is True once a connection was made (the request may then have reached the server)."""
+    if isinstance(err, aiohttp.ConnectionTimeoutError):
+        return RetryableError("connect_timeout", origin)
+    if isinstance(err, aiohttp.ClientSSLError):
+        return RetryableError("tls_failed", origin)
+    if isinstance(err, aiohttp.ClientConnectorError):
+        return RetryableError("connect_failed", origin)
+    if isinstance(err, aiohttp.InvalidURL):
+        return PermanentError("bad_url", origin)
+    if not sent:
+        # aiohttp reports the overall deadline as a bare TimeoutError even during connect.
+        reason = "connect_timeout" if isinstance(err, TimeoutError) else "connect_failed"
+        return RetryableError(reason, origin)
+    if isinstance(err, TimeoutError):
+        reason = "timeout"
+    elif isinstance(err, aiohttp.ClientResponseError):
+        reason = "bad_response"  # the server answered something that is not HTTP
+    else:
+        reason = "disconnected"
+    if idempotent:
+        return RetryableError(reason, origin)
+    return OutcomeUnknownError(f"{reason}: {origin}")
+
+
+def _parse_url(text: str, reason: str, *, base: URL | None = None) -> URL:
+    try:
+        url = URL(text)
+        if base is not None:
+            url = base.join(url)
+        port = url.port
+    except (ValueError, TypeError):
+        raise PermanentError(reason) from None  # the parser's message quotes the whole URL
+    if url.scheme not in ("http", "https"):
+        raise PermanentError(reason, f"scheme {url.scheme[:16]!r} is not http or https")
+    host = url.raw_host or ""
+    if not host or port is None or not _plausible_host(host):
+        raise PermanentError(reason, "no usable host")
+    return url
+
+
+def _plausible_host(host: str) -> bool:
+    # IPv6 literals keep their colons (and a %25-quoted zone); names are LDH plus underscore
+    # after yarl's IDNA encoding. Anything else would only reach DNS as garbage.
+    allowed = "0123456789abcdefghijklmnopqrstuvwxyz-._"
+    return ":" in host or all(c in allowed for c in host.lower())
+
+
+def _origin(url: URL) -> str:
+    host = url.raw_host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{url.scheme}://{host}:{url.port}"
+
+
+def _secret_parts(url: URL, headers: Mapping[str, str]) -> list[str]:
+    """The parts of a request that an exception's text must not carry."""
+    parts = [url.raw_query_string, url.query_string, url.fragment, url.raw_fragment]
+    parts += [url.user or "", url.password or "", *headers.values()]
+    if url.raw_path not in ("", "/"):
+        parts += [url.raw_path, url.path]
+    return [p for p in parts if len(p) >= _MIN_SECRET_LEN]
+
+
+def _safe_cause(err: BaseException, secrets: list[str]) -> BaseException | None:
+    """`err` if no text in its chain quotes a secret part (a traceback would print it), else
+    None: aiohttp quotes the full URL in some messages (connection timeout, bad response)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = f"{current}{current!r}{current.args!r}"
+        if any(secret in text for secret in secrets):
+            return None
+        current = current.__cause__ or current.__context__
+    return err
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After value (delay-seconds or HTTP-date), capped at an
+    hour; None when absent, unparseable or in the past."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return min(float(value), RETRY_AFTER_CAP)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (ValueError, TypeError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000" and asctime dates carry no zone: HTTP dates are UTC
+        when = when.replace(tzinfo=UTC)
+    delay = when.timestamp() - now
+    if delay < 0:
+        return None
+    return min(delay, RETRY_AFTER_CAP)
+
+
+def classify_status(
+    response: HttpResponse,
+    now: float,
+    *,
+    retryable: Collection[int] = (),
+    permanent: Collection[int] = (),
+) -> None:
+    """The one shared classifier: return on 2xx; raise RetryableError for 408, 425, 429, 5xx
+    and `retryable`; PermanentError for the rest. `permanent` wins over both retry lists."""
+    status = response.status
+    if 200 <= status < 300:
+        return
+    if status not in permanent and (
+        status in RETRYABLE_STATUSES or 500 <= status < 600 or status in retryable
+    ):
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), now)
+        raise RetryableError(f"http_{status}", retry_after=retry_after)
+    raise PermanentError(f"http_{status}")
