@@ -25,8 +25,9 @@ class Systemd:
 
     def __init__(self, address: str) -> None:
         self.address = address  # as written in NOTIFY_SOCKET
+        self.target = "\0" + address[1:] if address.startswith("@") else address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.bind(self.target)
         self.sock.setblocking(False)
 
     def drain(self) -> list[bytes]:
@@ -263,9 +264,8 @@ def test_an_abstract_socket_nobody_holds_never_raises() -> None:
     assert [(e["event"], e["errno"]) for e in logs] == [("notify_failed", errno.ECONNREFUSED)]
 
 
-def _fill_queue(address: str) -> list[socket.socket]:
+def _fill_queue(target: str) -> list[socket.socket]:
     """Senders that filled the receiver's queue: a fresh socket can no longer send one byte."""
-    target = "\0" + address[1:] if address.startswith("@") else address
     senders: list[socket.socket] = []
     for _ in range(10_000):  # each sender stops at its own buffer, the queue's limit is shared
         sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -283,7 +283,7 @@ def _fill_queue(address: str) -> list[socket.socket]:
 
 
 def test_a_full_systemd_queue_neither_raises_nor_hangs(systemd: Systemd) -> None:
-    senders = _fill_queue(systemd.address)
+    senders = _fill_queue(systemd.target)
     try:
         notifier = Notifier(systemd.address)
         with capture_logs() as logs:
