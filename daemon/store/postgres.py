@@ -39,7 +39,14 @@ from daemon.store.postgres_schema import apply_migrations
 from daemon.store.queries import load_queries
 
 PRUNE_BATCH = 500
-_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# InternalClientError: a connection the server dropped can fail its next BEGIN with it.
+_FAILURES = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 
 @asynccontextmanager

@@ -36,13 +36,14 @@ class _Pending(Generic[T]):
 _STOP = object()
 
 
-def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller gave up waiting (cancelled)
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
+def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in results:
+        if future.done():  # the caller gave up waiting (cancelled)
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
 
 
 def store_error(err: sqlite3.Error) -> StoreError:
@@ -148,10 +149,14 @@ class GroupCommitWriter:
         else:
             self.commits += 1
             self._commit_hook(len(batch))
+        # One wake-up per event loop, not per request: waking a loop costs a syscall.
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
         for pending, (value, error) in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(pending.loop, []).append((pending.future, value, error))
+        for loop, results in by_loop.items():
             try:
-                pending.loop.call_soon_threadsafe(_settle, pending.future, value, error)
-            except RuntimeError:  # that caller's event loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(_settle, results)
+            except RuntimeError:  # that event loop is closed: nobody is waiting
                 continue
 
     def _commit_hook(self, size: int) -> None:

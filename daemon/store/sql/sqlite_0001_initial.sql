@@ -36,7 +36,7 @@ CREATE TABLE delivery (
     action          TEXT    NOT NULL,
     destination     TEXT    NOT NULL,
     affiliate_owner TEXT,
-    idempotency_key TEXT    NOT NULL UNIQUE,
+    idempotency_key TEXT    NOT NULL,
     state           TEXT    NOT NULL CHECK (state IN
                         ('queued', 'in_flight', 'retrying', 'succeeded', 'dead', 'cancelled')),
     attempts        INTEGER NOT NULL DEFAULT 0,
@@ -53,11 +53,12 @@ CREATE TABLE delivery (
                         WHEN state IN ('queued', 'retrying') THEN next_attempt_at
                         WHEN state = 'in_flight' THEN lease_until
                     END) STORED,
+    -- One delivery per (arrival, postback); also serves the cascade from arrival.
+    UNIQUE (conversion_pk, arrival_seq, postback_id),
     FOREIGN KEY (conversion_pk, arrival_seq)
         REFERENCES arrival (conversion_pk, seq) ON DELETE CASCADE
 );
 CREATE INDEX delivery_due ON delivery (due_at, id) WHERE due_at IS NOT NULL;
-CREATE INDEX delivery_arrival ON delivery (conversion_pk, arrival_seq);
 CREATE INDEX delivery_created ON delivery (created_at, id);
 CREATE INDEX delivery_state ON delivery (state, created_at);
 CREATE INDEX delivery_postback ON delivery (postback_id, state);

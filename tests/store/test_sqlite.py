@@ -1,0 +1,191 @@
+"""SQLite specifics: pragmas, group commit, savepoints per request, lock timeouts, kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from daemon.errors import StoreError
+from daemon.migrate import migrate
+from daemon.models import Transition
+from daemon.store.base import ArrivalResult, DeliveryState
+from daemon.store.sqlite import SQLiteStore, connect
+
+from .support import T0, Planner, arrive, conversion
+
+HERE = Path(__file__).parent
+
+
+class Gate:
+    """A commit hook that holds the writer after its first COMMIT until opened."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self, size: int) -> None:
+        self.batches.append(size)
+        if len(self.batches) == 1:
+            self.entered.set()
+            self.opened.wait(timeout=30)
+
+
+async def _until(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def gated(tmp_path: Path) -> AsyncIterator[tuple[SQLiteStore, Gate]]:
+    gate = Gate()
+    store = SQLiteStore(tmp_path / "gated.db", on_commit=gate)
+    await store.open()
+    try:
+        yield store, gate
+    finally:
+        gate.opened.set()
+        await store.close()
+
+
+async def _held_batch(
+    store: SQLiteStore, gate: Gate, calls: list[asyncio.Future[ArrivalResult]]
+) -> list[ArrivalResult | BaseException]:
+    """Hold the writer on a first request, queue `calls` meanwhile, then let it go."""
+    first = asyncio.ensure_future(arrive(store, conversion("first")))
+    await _until(gate.entered.is_set, "the first commit")
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    await _until(lambda: store.backlog() == len(tasks), "every request to queue")
+    gate.opened.set()
+    await first
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_concurrent_arrivals_share_one_commit(gated: tuple[SQLiteStore, Gate]) -> None:
+    store, gate = gated
+    convs = [conversion(f"c{i}") for i in range(50)]
+    calls = [store.record_arrival("generic", c, T0, Planner(c)) for c in convs]
+
+    results = await _held_batch(store, gate, calls)  # type: ignore[arg-type]
+
+    assert all(isinstance(r, ArrivalResult) for r in results)
+    assert gate.batches == [1, 50]
+    assert store.commits == 2  # 51 requests, 2 fsyncs
+    assert (await store.queue_depth())[DeliveryState.QUEUED] == 102
+
+
+async def test_a_failing_request_does_not_fail_its_batch(gated: tuple[SQLiteStore, Gate]) -> None:
+    store, gate = gated
+    good = [conversion(f"ok{i}") for i in range(4)]
+    bad = conversion("bad")
+    calls = [store.record_arrival("generic", c, T0, Planner(c)) for c in good]
+    calls.insert(2, store.record_arrival("generic", bad, T0, Planner(bad, fail=KeyError("x"))))
+
+    results = await _held_batch(store, gate, calls)  # type: ignore[arg-type]
+
+    assert gate.batches == [1, 5]
+    assert isinstance(results.pop(2), KeyError)
+    assert [r.transition for r in results] == [Transition.NEW] * 4  # type: ignore[union-attr]
+    assert await store.get_conversion("generic", "bad") is None
+    assert await store.get_conversion("generic", "ok3") is not None
+
+
+async def test_durability_settings(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    await store.open()
+    await store.close()
+    conn = connect(tmp_path / "s.db", 1.0)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
+async def test_a_locked_database_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    store = SQLiteStore(path, busy_timeout=0.05)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    try:
+        with pytest.raises(StoreError, match="locked"):
+            await arrive(store, conversion())
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert len(await arrive(store, conversion())) == 2  # usable again once the lock is gone
+    await store.close()
+
+
+async def test_unopened_or_unopenable_stores_raise_store_error(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "never-opened.db")
+    with pytest.raises(StoreError, match="not open"):
+        await arrive(store, conversion())
+    with pytest.raises(StoreError, match="not open"):
+        await store.queue_depth()
+    missing = SQLiteStore(tmp_path / "no" / "such" / "dir" / "x.db")
+    with pytest.raises(StoreError, match="cannot open"):
+        await missing.open()
+
+
+async def test_migrate_applies_once_and_reopening_keeps_data(tmp_path: Path) -> None:
+    url = "sqlite:///data/m.db"
+    (tmp_path / "data").mkdir()
+
+    assert await migrate(url, tmp_path) == ["0001_initial"]
+    assert await migrate(url, tmp_path) == []
+    store = SQLiteStore(tmp_path / "data" / "m.db")
+    await store.open()
+    await arrive(store, conversion())
+    await store.close()
+    await store.open()
+    assert await store.get_conversion("generic", "c1") is not None
+    await store.close()
+
+
+@pytest.mark.slow
+async def test_acknowledged_arrivals_survive_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "kill.db"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "durability_writer.py"), str(path), stdout=subprocess.PIPE
+    )
+    assert child.stdout is not None
+    acknowledged = []
+    try:
+        async with asyncio.timeout(60):
+            while len(acknowledged) < 400:
+                line = await child.stdout.readline()
+                assert line, f"writer exited early with {child.returncode}"
+                acknowledged.append(line.decode().strip())
+    finally:
+        child.kill()  # SIGKILL: no atexit, no flush, no close
+        rest = await child.stdout.read()
+        await child.wait()
+    acknowledged += rest.decode().split()
+    assert child.returncode == -signal.SIGKILL
+
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        missing = [
+            cid for cid in acknowledged if await store.get_conversion("generic", cid) is None
+        ]
+        assert missing == []
+        # Each acknowledged arrival committed with its delivery, in the same transaction.
+        assert (await store.queue_depth())[DeliveryState.QUEUED] >= len(acknowledged)
+    finally:
+        await store.close()
