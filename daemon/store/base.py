@@ -137,7 +137,7 @@ class ConversionRow:
     fields: dict[str, Any]
     created_at: datetime
     updated_at: datetime
-    arrivals: list[dict[str, Any]]  # seq, transition, status, received_at
+    arrivals: list[dict[str, Any]]  # seq, transition, status, event_time, received_at
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class DeliveryFilter:
     state: DeliveryState | None = None
     postback_ids: Collection[int] | None = None  # None = all; used for visibility too
     conversion_id: str | None = None
-    since: datetime | None = None
+    since: datetime | None = None  # created at or after
 
 
 class Store(Protocol):
@@ -186,7 +186,8 @@ class Store(Protocol):
         ...
 
     async def release(self, claim: Claim, now: datetime) -> bool:
-        """Give a claim back without an attempt (graceful stop): due again at once."""
+        """Give a claim back without an attempt (graceful stop): due again at `now` (pass a
+        later time to postpone it); False when the claim is no longer held."""
         ...
 
     async def cancel_postbacks(self, postback_ids: Collection[int], now: datetime) -> int:
@@ -206,7 +207,8 @@ class Store(Protocol):
     async def list_deliveries(
         self, flt: DeliveryFilter, limit: int, cursor: str | None
     ) -> tuple[list[DeliveryRow], str | None]:
-        """Newest first; the returned cursor fetches the next page (None at the end)."""
+        """Newest first; the returned cursor fetches the next page (None at the end).
+        A malformed cursor raises InputError (field "cursor")."""
         ...
 
     async def get_conversion(self, source: str, conversion_id: str) -> ConversionRow | None: ...
@@ -215,5 +217,6 @@ class Store(Protocol):
 
     async def prune(self, before: datetime) -> int:
         """Delete conversions (with arrivals, final deliveries and attempts) last updated before
-        `before`; never a conversion that still has a pending or in-flight delivery."""
+        `before`; never a conversion that still has a pending or in-flight delivery. Returns
+        how many conversions were deleted."""
         ...

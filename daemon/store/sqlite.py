@@ -48,8 +48,15 @@ T = TypeVar("T")
 PRUNE_BATCH = 500
 
 
+MIN_SQLITE = (3, 31, 0)  # generated columns
+
+
 def connect(path: Path, busy_timeout: float, *, readonly: bool = False) -> sqlite3.Connection:
     """A connection with the settings durability depends on; autocommit (we BEGIN ourselves)."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise sqlite3.NotSupportedError(
+            f"SQLite {sqlite3.sqlite_version} is too old: postbackd needs 3.31 or newer"
+        )
     conn = sqlite3.connect(
         path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
     )
@@ -156,7 +163,7 @@ class SQLiteStore:
             raise store_error(err) from err
 
     async def ping(self) -> None:
-        await self._read(lambda conn: conn.execute("SELECT count(*) FROM conversion").fetchone())
+        await self._read(lambda conn: conn.execute(self._q["ping"]).fetchone())
 
     async def record_arrival(
         self, source: str, conversion: Conversion, received_at: datetime, plan: Planner
@@ -294,10 +301,10 @@ class SQLiteStore:
         }
 
         def job(conn: sqlite3.Connection) -> bool:
-            found = conn.execute(self._q["finish_delivery"], finish).fetchall()
-            if not found:
+            if conn.execute(self._q["finish_delivery"], finish).rowcount != 1:
                 return False
-            conn.execute(self._q["insert_attempt"], {**record, "n": found[0][0]})
+            n = conn.execute(self._q["attempts_made"], {"id": claim.delivery_id}).fetchone()[0]
+            conn.execute(self._q["insert_attempt"], {**record, "n": n})
             return True
 
         return await self._write(job)

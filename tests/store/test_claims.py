@@ -197,3 +197,14 @@ async def test_release_makes_a_claim_due_again_at_once(store: Store) -> None:
     assert detail is not None
     assert (detail.delivery.state, detail.delivery.attempts) == (DeliveryState.RETRYING, 1)
     assert (await claim_one(store, at(101))).attempts == 1
+
+
+async def test_release_to_a_later_time_postpones_the_delivery(store: Store) -> None:
+    await arrive(store, conversion(), postbacks=(101,))
+    claim = await claim_one(store, T0)
+
+    assert await store.release(claim, at(300)) is True
+
+    assert await store.claim_due("n1", at(299), 10, LEASE) == []
+    later = await claim_one(store, at(300))
+    assert (later.delivery_id, later.attempts) == (claim.delivery_id, 0)

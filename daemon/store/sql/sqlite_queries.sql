@@ -1,5 +1,6 @@
--- Named queries of the SQLite store. Times are integer microseconds (UTC); lists of values
--- arrive as JSON arrays and are read with json_each.
+-- Named queries of the SQLite store (3.31 or newer, no RETURNING so that Ubuntu 20.04's 3.31
+-- will do). Times are integer microseconds (UTC); lists of values arrive as JSON arrays and are
+-- read with json_each.
 
 -- name: select_conversion
 SELECT c.id, c.status, c.status_event_time, c.fields,
@@ -56,8 +57,10 @@ UPDATE delivery
 SET state = :state, attempts = attempts + 1, next_attempt_at = :next_attempt_at,
     last_reason = :reason, updated_at = :now,
     lease_owner = NULL, lease_token = NULL, lease_until = NULL
-WHERE id = :id AND lease_token = :token AND state = 'in_flight'
-RETURNING attempts;
+WHERE id = :id AND lease_token = :token AND state = 'in_flight';
+
+-- name: attempts_made
+SELECT attempts FROM delivery WHERE id = :id;
 
 -- name: insert_attempt
 INSERT INTO attempt
@@ -132,6 +135,9 @@ SELECT seq, transition, status, event_time, received_at
 FROM arrival
 WHERE conversion_pk = :pk
 ORDER BY seq;
+
+-- name: ping
+SELECT 1 FROM postbackd_schema LIMIT 1;
 
 -- name: queue_depth
 SELECT state, count(*) FROM delivery GROUP BY state;
