@@ -46,8 +46,6 @@ from daemon.store.sqlite_writer import CommitHook, GroupCommitWriter, store_erro
 
 T = TypeVar("T")
 PRUNE_BATCH = 500
-
-
 MIN_SQLITE = (3, 31, 0)  # generated columns
 
 
@@ -131,8 +129,8 @@ class SQLiteStore:
     async def close(self) -> None:
         await asyncio.to_thread(self._writer.stop)
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+            pool, self._pool = self._pool, None
+            await asyncio.to_thread(pool.shutdown, wait=True)
         with self._lock:
             for conn in self._read_conns:
                 conn.close()

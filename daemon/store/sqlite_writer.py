@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import queue
 import sqlite3
 import threading
@@ -31,6 +32,8 @@ class _Pending(Generic[T]):
     job: Job[T]
     future: asyncio.Future[T]
     loop: asyncio.AbstractEventLoop
+    # The caller's context: a planner that logs keeps the request's bound log context.
+    context: contextvars.Context
 
 
 _STOP = object()
@@ -49,6 +52,14 @@ def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
 def store_error(err: sqlite3.Error) -> StoreError:
     """A StoreError that names the SQLite failure without the statement or its values."""
     error = StoreError(f"sqlite: {err.__class__.__name__}: {err}")
+    error.__cause__ = err
+    return error
+
+
+def _batch_error(err: Exception) -> StoreError:
+    if isinstance(err, sqlite3.Error):
+        return store_error(err)
+    error = StoreError(f"sqlite: the write transaction failed: {err.__class__.__name__}")
     error.__cause__ = err
     return error
 
@@ -74,6 +85,8 @@ class GroupCommitWriter:
     def start(self) -> None:
         """Open the connection in the writer thread; raise StoreError if that fails."""
         ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._queue = queue.SimpleQueue()
+        self._closed = False
         self._thread = threading.Thread(
             target=self._run, args=(ready,), name="sqlite-writer", daemon=True
         )
@@ -91,9 +104,11 @@ class GroupCommitWriter:
         """Queue `job`; the future resolves after the COMMIT that includes it."""
         if self._closed or self._thread is None:
             raise StoreError("the store is not open")
+        if not self._thread.is_alive():
+            raise StoreError("sqlite: the writer thread has stopped")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Pending(job, future, loop))
+        self._queue.put(_Pending(job, future, loop, contextvars.copy_context()))
         return future
 
     def stop(self) -> None:
@@ -140,12 +155,11 @@ class GroupCommitWriter:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for pending in batch:
-                outcomes.append(self._run_job(conn, pending.job))
+                outcomes.append(self._run_job(conn, pending))
             conn.execute("COMMIT")
-        except sqlite3.Error as err:
+        except Exception as err:  # BEGIN, SAVEPOINT or COMMIT failed: the batch is lost
             self._rollback(conn)
-            failure = store_error(err)
-            outcomes = [(None, failure)] * len(batch)
+            outcomes = [(None, _batch_error(err)) for _ in batch]
         else:
             self.commits += 1
             self._commit_hook(len(batch))
@@ -167,10 +181,12 @@ class GroupCommitWriter:
             self._on_commit(size)
 
     @staticmethod
-    def _run_job(conn: sqlite3.Connection, job: Job[Any]) -> tuple[Any, BaseException | None]:
+    def _run_job(
+        conn: sqlite3.Connection, pending: _Pending[Any]
+    ) -> tuple[Any, BaseException | None]:
         conn.execute("SAVEPOINT job")
         try:
-            value = job(conn)
+            value = pending.context.run(pending.job, conn)
         except Exception as err:
             # Rolling back to the savepoint undoes this job alone; if that fails too, the
             # sqlite3.Error propagates and the whole batch fails.

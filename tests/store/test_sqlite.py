@@ -152,8 +152,9 @@ async def test_migrate_applies_once_and_reopening_keeps_data(tmp_path: Path) -> 
     await store.open()
     await arrive(store, conversion())
     await store.close()
-    await store.open()
+    await store.open()  # the same object opens again: reads and writes work
     assert await store.get_conversion("generic", "c1") is not None
+    assert len(await arrive(store, conversion("c2"))) == 2
     await store.close()
 
 

@@ -1,0 +1,92 @@
+"""The group-commit writer on its own: a failed COMMIT fails its whole batch, and only it."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from daemon.errors import StoreError
+from daemon.store.sqlite import connect
+from daemon.store.sqlite_writer import GroupCommitWriter
+
+
+class Gate:
+    """Commit hook: holds the writer after its first COMMIT until `opened` is set."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self, size: int) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.opened.wait(timeout=30)
+
+
+@pytest.fixture
+async def writer(tmp_path: Path) -> AsyncIterator[tuple[GroupCommitWriter, Gate]]:
+    path = tmp_path / "w.db"
+    setup = connect(path, 1.0)
+    setup.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    setup.execute("CREATE TABLE child (parent INTEGER NOT NULL REFERENCES parent (id))")
+    setup.close()
+    gate = Gate()
+    gcw = GroupCommitWriter(lambda: connect(path, 1.0), on_commit=gate)
+    await asyncio.to_thread(gcw.start)
+    try:
+        yield gcw, gate
+    finally:
+        gate.opened.set()
+        await asyncio.to_thread(gcw.stop)
+
+
+def _insert(value: int) -> object:
+    return lambda conn: conn.execute("INSERT INTO parent (id) VALUES (?)", (value,)).lastrowid
+
+
+def _orphan_checked_at_commit(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA defer_foreign_keys = ON")
+    conn.execute("INSERT INTO child (parent) VALUES (999)")
+
+
+def _count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM parent").fetchone()[0])
+
+
+async def test_a_failed_commit_fails_every_request_of_its_batch(
+    writer: tuple[GroupCommitWriter, Gate],
+) -> None:
+    gcw, gate = writer
+    warmup = gcw.submit(_insert(1))  # type: ignore[arg-type]
+    assert await asyncio.to_thread(gate.entered.wait, 10)  # committed, writer held
+    batch = [
+        gcw.submit(_insert(2)),  # type: ignore[arg-type]
+        gcw.submit(_orphan_checked_at_commit),
+        gcw.submit(_insert(3)),  # type: ignore[arg-type]
+    ]
+    gate.opened.set()
+
+    assert await warmup == 1
+    results = await asyncio.gather(*batch, return_exceptions=True)
+
+    assert all(isinstance(r, StoreError) for r in results), results
+    assert "FOREIGN KEY" in str(results[0])
+    assert results[0] is not results[2]
+    assert await gcw.submit(_count) == 1  # 2 and 3 were rolled back with the batch
+    assert gcw.commits == 2
+
+
+async def test_a_stopped_writer_refuses_work(
+    writer: tuple[GroupCommitWriter, Gate],
+) -> None:
+    gcw, gate = writer
+    gate.opened.set()
+    assert await gcw.submit(_count) == 0
+    await asyncio.to_thread(gcw.stop)
+    with pytest.raises(StoreError, match="not open"):
+        gcw.submit(_count)
