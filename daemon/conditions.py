@@ -230,9 +230,12 @@ def _plain_scalar(value: Any, path: _Path) -> Any:
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):
-        if value not in _INT_RANGE:
+        # int() first: `in range(...)` is O(1) only for exact ints, linear for subclasses
+        # (YAML loaders hand over int subclasses).
+        number = int(value)
+        if number not in _INT_RANGE:
             raise ConditionError(f"number out of range{_at(path)}")
-        return value if kind is int else int(value)
+        return number
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ConditionError(f"not a finite number: {value}{_at(path)}")

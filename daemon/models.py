@@ -41,16 +41,40 @@ TRIGGER_OF_STATUS: Mapping[Status, Trigger] = {
 
 REQUIRED_FIELDS = ("conversion_id", "offer", "affiliate", "status")
 LEAD_FIELDS = (
-    "email", "phone", "first_name", "last_name", "address", "city", "state", "zip", "country",
-    "dob", "ip", "user_agent", "trusted_form_cert_url", "fbc", "fbp", "ga_client_id",
+    "email",
+    "phone",
+    "first_name",
+    "last_name",
+    "address",
+    "city",
+    "state",
+    "zip",
+    "country",
+    "dob",
+    "ip",
+    "user_agent",
+    "trusted_form_cert_url",
+    "fbc",
+    "fbp",
+    "ga_client_id",
     "external_id",
-)  # fmt: skip
+)
 SUB_FIELDS = tuple(f"sub{i}" for i in range(1, 11)) + tuple(f"adv{i}" for i in range(1, 6))
 DECIMAL_FIELDS = ("payout", "revenue")
 CANONICAL_FIELDS: tuple[str, ...] = (
-    "conversion_id", "offer", "affiliate", "goal", "status", "click_id", "payout", "revenue",
-    "currency", "event_time", *SUB_FIELDS, *LEAD_FIELDS,
-)  # fmt: skip
+    "conversion_id",
+    "offer",
+    "affiliate",
+    "goal",
+    "status",
+    "click_id",
+    "payout",
+    "revenue",
+    "currency",
+    "event_time",
+    *SUB_FIELDS,
+    *LEAD_FIELDS,
+)
 # What a rule may read besides the canonical fields (SPEC 5).
 CONTEXT_FIELDS = ("source", "transition", "previous_status", "trigger", "received_at")
 # Fields logged only masked while log.mask_pii is on (SPEC 14).
@@ -226,3 +250,71 @@ def macro_values(data: Mapping[str, Any], conversion: Conversion) -> dict[str, s
     for name, value in conversion.extra.items():
         values[f"extra.{name}"] = value
     return values
+
+
+def attempt_values(
+    values: Mapping[str, str],
+    *,
+    postback_id: int,
+    delivery_id: str,
+    idempotency_key: str,
+    now: float,
+    rand: str,
+) -> dict[str, str]:
+    """The macro values of one attempt: the arrival's values plus the per-attempt macros."""
+    out = dict(values)
+    out.update(
+        postback_id=str(postback_id),
+        delivery_id=delivery_id,
+        idempotency_key=idempotency_key,
+        timestamp=str(int(now)),
+        rand=rand,
+    )
+    return out
+
+
+def split_params(params: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Canonical fields and `extra` (every other parameter), as the generic source reads them."""
+    canonical = {k: v for k, v in params.items() if k in CANONICAL_FIELDS}
+    extra = {k: v for k, v in params.items() if k not in CANONICAL_FIELDS}
+    return canonical, extra
+
+
+def scalar_text(value: Any) -> str:
+    """A JSON/YAML scalar as the string a tracker would have sent."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    raw = getattr(value, "raw", None)  # a YAML number keeps the text it was written as
+    if isinstance(raw, str):
+        return raw
+    if isinstance(value, float) and value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    if isinstance(value, int | float | str):
+        return str(value)
+    raise InputError("must be a string or a number")
+
+
+def conversion_from_mapping(obj: Mapping[str, Any]) -> tuple[Conversion, str]:
+    """A conversion written as a JSON/YAML mapping (explain files, rule tests): canonical fields,
+    an optional `extra` mapping, an optional `source`; other keys go to extra."""
+    source = scalar_text(obj.get("source", "generic")) or "generic"
+    params: dict[str, str] = {}
+    for key, value in obj.items():
+        if key in ("source", "extra"):
+            continue
+        try:
+            params[str(key)] = scalar_text(value)
+        except InputError as err:
+            raise InputError(err.message, str(key)) from err
+    canonical, extra = split_params(params)
+    given_extra = obj.get("extra") or {}
+    if not isinstance(given_extra, Mapping):
+        raise InputError("must be a mapping", "extra")
+    for key, value in given_extra.items():
+        try:
+            extra[str(key)] = scalar_text(value)
+        except InputError as err:
+            raise InputError(err.message, f"extra.{key}") from err
+    return Conversion.parse(canonical, extra), source

@@ -166,3 +166,23 @@ class Resources:
     # For tests only, set from code (never from a rule): hosts an action that pins its service
     # (TrustedForm) may use instead of the real one.
     overrides: Mapping[str, str] = field(default_factory=dict)
+
+
+def secret_lookup(job: Job, resources: Resources) -> Callable[[str], str]:
+    """A secret resolver for one attempt that tells the job's redactor every value it hands out
+    (and the encoded forms it may take on the wire), so records and errors can mask them."""
+    from urllib.parse import quote, quote_plus
+
+    from daemon.errors import RetryableError, SecretError
+
+    def lookup(name: str) -> str:
+        try:
+            value = resources.secret(name)
+        except SecretError as err:
+            # Checked at load; gone since. Ops can put it back, so the delivery waits for them.
+            raise RetryableError("secret_unresolved", str(err)) from err
+        for form in (value, quote(value, safe=""), quote_plus(value)):
+            job.redactor.add(form)
+        return value
+
+    return lookup

@@ -59,8 +59,10 @@ class ArrivalPlan:
     deliveries: list[PlannedDelivery] = field(default_factory=list)
 
 
-# Called inside the transaction once the transition is known: (transition, previous status).
-Planner = Callable[[Transition, Status | None], ArrivalPlan]
+# Called inside the transaction once the transition is known, with (transition, previous
+# status, the conversion as it stands after this arrival: for a status change, the stored fields
+# merged with the ones sent, so a tracker that sends only id and status still renders them all).
+Planner = Callable[[Transition, Status | None, Conversion], ArrivalPlan]
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,14 @@ def merge_fields(stored: dict[str, Any], conversion: Conversion) -> dict[str, An
     return merged
 
 
+def merged_conversion(stored: dict[str, Any], conversion: Conversion) -> Conversion:
+    """The conversion as it stands after a status change: stored fields, overwritten by those
+    sent now (the stored ones were validated when they arrived)."""
+    merged = merge_fields(stored, conversion)
+    extra = merged.pop("extra", {})
+    return Conversion.parse(merged, extra)
+
+
 def prepare_arrival(
     source: str,
     conversion: Conversion,
@@ -141,7 +149,10 @@ def prepare_arrival(
     transition = decide_transition(
         previous, stored.status_event_time if stored else None, conversion
     )
-    arrival_plan = plan(transition, previous)
+    effective = conversion
+    if stored is not None and transition is Transition.STATUS_CHANGED:
+        effective = merged_conversion(stored.fields, conversion)
+    arrival_plan = plan(transition, previous, effective)
     seq = (stored.last_seq if stored else 0) + 1
     fires = transition in (Transition.NEW, Transition.STATUS_CHANGED)
     deliveries = [

@@ -18,7 +18,7 @@ from daemon.store.sqlite import SQLiteStore
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
-def plan(transition: Transition, previous: Status | None) -> ArrivalPlan:
+def plan(transition: Transition, previous: Status | None, _: Conversion) -> ArrivalPlan:
     return ArrivalPlan({"transition": transition.value}, {}, [PlannedDelivery(1, "ping_url", "h")])
 
 

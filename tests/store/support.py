@@ -43,13 +43,17 @@ class Planner:
     postbacks: Sequence[int] = (101, 102)
     fail: BaseException | None = None
     calls: list[tuple[Transition, Status | None]] = field(default_factory=list)
+    seen: list[Conversion] = field(default_factory=list)
 
-    def __call__(self, transition: Transition, previous: Status | None) -> ArrivalPlan:
+    def __call__(
+        self, transition: Transition, previous: Status | None, effective: Conversion
+    ) -> ArrivalPlan:
         self.calls.append((transition, previous))
+        self.seen.append(effective)
         if self.fail is not None:
             raise self.fail
         data = rule_data(
-            self.conversion,
+            effective,
             source=self.source,
             transition=transition,
             previous_status=previous,
@@ -59,7 +63,7 @@ class Planner:
             PlannedDelivery(pid, "ping_url", f"host{pid}.example", affiliate_owner="42")
             for pid in self.postbacks
         ]
-        return ArrivalPlan(data, macro_values(data, self.conversion), deliveries)
+        return ArrivalPlan(data, macro_values(data, effective), deliveries)
 
 
 async def arrive(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 
 import pytest
 
@@ -90,6 +91,15 @@ async def test_status_change_fires_and_merges_fields(store: Store) -> None:
     result = await store.record_arrival("generic", change, at(60), plan)
 
     assert plan.calls == [(Transition.STATUS_CHANGED, Status.PENDING)]
+    # The rules see the conversion as it now stands: stored fields merged with those sent.
+    seen = plan.seen[0]
+    assert (seen.status, seen.payout, seen.fields["click_id"], seen.fields["sub1"]) == (
+        Status.APPROVED,
+        Decimal("7"),
+        "abc",
+        "y",
+    )
+    assert seen.extra == {"k": "1", "j": "2"}
     assert (result.transition, result.previous_status, result.arrival_seq) == (
         Transition.STATUS_CHANGED,
         Status.PENDING,

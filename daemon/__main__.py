@@ -1,0 +1,5 @@
+"""`python -m daemon` is `postbackd`."""
+
+from daemon.cli import main
+
+main()

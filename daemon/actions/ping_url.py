@@ -1,0 +1,140 @@
+"""ping_url: a GET or POST to a URL templated with macros (the platform's "Ping Url")."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from daemon.actions.base import (
+    ActionSettings,
+    Job,
+    RequestRecord,
+    Resources,
+    secret_lookup,
+)
+from daemon.durations import Duration
+from daemon.errors import PermanentError
+from daemon.macros import (
+    Template,
+    TemplateStr,
+    UrlTemplateStr,
+    encode_header,
+    parse_json_templates,
+    render_form,
+    render_json,
+)
+from daemon.outbound import classify_status
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+_RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+
+
+class Settings(ActionSettings):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    type: Literal["ping_url"]
+    method: Literal["GET", "POST"] = "GET"
+    url: UrlTemplateStr
+    headers: dict[str, TemplateStr] = Field(default_factory=dict)
+    form: dict[str, TemplateStr] | None = None
+    json_body: Any = Field(default=None, alias="json")
+    expect: str | None = Field(default=None, max_length=500)
+    idempotency_header: bool = True
+    timeout: Duration | None = Field(default=None, gt=0, le=120)
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, Template]) -> dict[str, Template]:
+        for name in value:
+            if not _TOKEN.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by postbackd and cannot be templated")
+        return value
+
+    @field_validator("json_body")
+    @classmethod
+    def _json_templates(cls, value: Any) -> Any:
+        return None if value is None else parse_json_templates(value)
+
+    @field_validator("expect")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"expect is not a valid regular expression: {err}") from err
+        return value
+
+    @model_validator(mode="after")
+    def _body(self) -> Settings:
+        if self.form is not None and self.json_body is not None:
+            raise ValueError("give either form or json, not both")
+        if self.method == "GET" and (self.form is not None or self.json_body is not None):
+            raise ValueError("a GET request has no body: put the values in the URL's query")
+        return self
+
+
+class PingUrl:
+    idempotent: ClassVar[bool] = True
+
+    def __init__(self, settings: Settings, resources: Resources) -> None:
+        self.settings = settings
+        self.resources = resources
+        self._expect = re.compile(settings.expect) if settings.expect else None
+
+    @property
+    def destination(self) -> str:
+        url = self.settings.url
+        return f"{url.scheme}://{url.host}:{url.port}"
+
+    def _render(
+        self, job: Job, secret: Callable[[str], str] | None
+    ) -> tuple[str, dict[str, str], bytes | None]:
+        s = self.settings
+        url = s.url.render_url(job.values, secret=secret)
+        headers = {
+            name: t.render(job.values, encode=encode_header, secret=secret)
+            for name, t in s.headers.items()
+        }
+        if s.idempotency_header:
+            headers["Idempotency-Key"] = job.idempotency_key
+        body: bytes | None = None
+        if s.form is not None:
+            body = render_form(s.form, job.values, secret=secret).encode()
+            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        elif s.json_body is not None:
+            rendered = render_json(s.json_body, job.values, secret=secret)
+            body = json.dumps(rendered, ensure_ascii=False, separators=(",", ":")).encode()
+            headers.setdefault("Content-Type", "application/json")
+        return url, headers, body
+
+    def preview(self, job: Job) -> RequestRecord:
+        url, headers, body = self._render(job, None)
+        masked = job.redactor.headers(headers)
+        return RequestRecord(self.settings.method, url, masked, body.decode() if body else None)
+
+    async def send(self, job: Job) -> None:
+        url, headers, body = self._render(job, secret_lookup(job, self.resources))
+        job.record.set_request(job.redactor, self.settings.method, url, headers, body)
+        response = await self.resources.http.request(
+            self.settings.method,
+            url,
+            headers=headers,
+            data=body,
+            timeout=self.settings.timeout or self.resources.timeout,
+            idempotent=self.idempotent,
+        )
+        job.record.set_response(job.redactor, response.status, response.body)
+        classify_status(response, self.resources.clock.now())
+        if self._expect is not None and not self._expect.search(response.text()):
+            raise PermanentError("unexpected_body", "the answer does not match `expect`")
+
+
+def build(settings: Settings, resources: Resources) -> PingUrl:
+    return PingUrl(settings, resources)

@@ -1,0 +1,201 @@
+"""The aiohttp application: routes, and the services that live as long as it does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from daemon.actions.base import Resources
+from daemon.dispatcher import Dispatcher, DispatcherConfig
+from daemon.errors import StoreError
+from daemon.guard import Guard
+from daemon.hosts import Destinations
+from daemon.ingest import MAX_BODY, ingest
+from daemon.outbound import OutboundHttp, Resolver
+from daemon.reload import Reloader, Runtime
+from daemon.secrets import SecretResolver
+from daemon.settings import Settings
+from daemon.store.base import Store
+
+log = structlog.get_logger("postbackd.app")
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    http: OutboundHttp
+    reloader: Reloader
+    dispatcher: Dispatcher
+    clock: Any
+    node: str
+    notifier: Any = None
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def node_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    environ: Mapping[str, str],
+    store: Store | None = None,
+    resolver: Resolver | None = None,
+    clock: Any = None,
+    notifier: Any = None,
+    dispatch: bool = True,
+    watch: bool = True,
+    node: str | None = None,
+) -> web.Application:
+    """Build the app; its services start with the runner (cleanup_ctx) and stop with it."""
+    app = web.Application(client_max_size=MAX_BODY)
+    clock = clock or SystemClock()
+    app.cleanup_ctx.append(
+        lambda app: _services(
+            app,
+            settings,
+            environ,
+            store,
+            resolver,
+            clock,
+            notifier,
+            dispatch,
+            watch,
+            node or node_name(),
+        )
+    )
+    app.router.add_route("GET", "/webhooks/{source}", _webhook)
+    app.router.add_route("POST", "/webhooks/{source}", _webhook)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    return app
+
+
+async def _services(
+    app: web.Application,
+    settings: Settings,
+    environ: Mapping[str, str],
+    store: Store | None,
+    resolver: Resolver | None,
+    clock: Any,
+    notifier: Any,
+    dispatch: bool,
+    watch: bool,
+    node: str,
+) -> AsyncIterator[None]:
+    if store is None:
+        from daemon.store.factory import open_store
+
+        store = open_store(settings.store, config_dir=settings.config_dir)
+    await store.open()
+    http = OutboundHttp(
+        guard=Guard(settings.outbound.allow_cidrs),
+        resolver=resolver,
+        timeout=settings.outbound.timeout,
+    )
+    await http.start()
+    secrets = SecretResolver(
+        credentials_dir=environ.get("CREDENTIALS_DIRECTORY"),
+        secrets_dir=settings.secrets_path,
+        environ=environ,
+    )
+    resources = Resources(http=http, secret=secrets, clock=clock, timeout=settings.outbound.timeout)
+
+    async def on_swap(new: Runtime, old: Runtime | None) -> None:
+        gone = [
+            pid
+            for pid, lp in (old.rules.postbacks.items() if old else ())
+            if pid not in new.rules.postbacks or not new.rules.postbacks[pid].postback.active
+        ]
+        if gone:
+            count = await store.cancel_postbacks(gone, datetime.now(UTC))
+            if count:
+                log.info("deliveries_cancelled", count=count, postbacks=gone)
+
+    reloader = Reloader(
+        settings.rules_path,
+        resources,
+        missing_secrets=secrets.missing,
+        webhooks_dir=settings.webhooks_path,
+        on_swap=on_swap,
+        notifier=notifier,
+    )
+    destinations = Destinations(settings.outbound.per_host_concurrency, clock.now)
+    dispatcher = Dispatcher(
+        store, lambda: reloader.runtime, clock.now, DispatcherConfig(node=node), destinations
+    )
+    services = Services(settings, store, http, reloader, dispatcher, clock, node, notifier)
+    app[SERVICES] = services
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await reloader.load_initial()
+        if dispatch:
+            tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
+        if watch:
+            tasks.append(asyncio.create_task(reloader.watch(), name="watcher"))
+        if notifier is not None:
+            tasks.append(asyncio.create_task(notifier.run_watchdog(), name="watchdog"))
+        yield
+    finally:
+        await dispatcher.stop(grace=20.0)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await http.close()
+        await store.close()
+
+
+async def _webhook(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    return await ingest(
+        request,
+        runtime=services.reloader.runtime,
+        store=services.store,
+        now=services.clock.now,
+        on_committed=services.dispatcher.wake,
+    )
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    status = services.reloader.status
+    runtime = services.reloader.runtime
+    detail: dict[str, Any] = {
+        "rules_version": str(runtime.rules.version),
+        "rules_loaded_at": status.loaded_at.isoformat() if status.loaded_at else None,
+        "last_reload_ok": status.ok,
+        "last_reload_errors": status.last_error,
+    }
+    try:
+        await services.store.ping()
+        detail["store"] = "ok"
+    except StoreError as err:
+        detail["store"] = f"unreachable: {err}"
+        return web.json_response({"status": "not ready", **detail}, status=503)
+    return web.json_response({"status": "ready", **detail})

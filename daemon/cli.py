@@ -1,0 +1,81 @@
+"""The `postbackd` command line: one group, commands registered from their modules.
+
+Errors are one clear line on stderr and a non-zero exit (1 for a failed check, 2 for a usage
+error), whatever click would print by default.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from daemon import __version__
+from daemon.errors import ConfigError
+from daemon.settings import Settings, config_path, load_settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="postbackd")
+def cli() -> None:
+    """postbackd delivers affiliate-marketing postbacks from rules kept in git.
+
+    Trackers post conversions to /webhooks/{source}; on every new conversion and status change
+    the rules in rules.d/ decide which postbacks fire, and each is delivered at least once.
+    """
+
+
+def settings_from(config: str | None) -> Settings:
+    """The settings for a command: -c, else $POSTBACKD_CONFIG, else config/postbackd.yaml."""
+    try:
+        return load_settings(config_path(config, os.environ), os.environ)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from err
+
+
+def rules_dir_from(rules: str | None, config: str | None) -> Path:
+    """--rules DIR, else rules_dir of the settings given with -c, else ./rules.d."""
+    if rules:
+        return Path(rules)
+    if config or os.environ.get("POSTBACKD_CONFIG"):
+        return settings_from(config).rules_path
+    return Path("rules.d")
+
+
+config_option = click.option(
+    "-c",
+    "--config",
+    metavar="FILE",
+    help="Settings file (default: $POSTBACKD_CONFIG, else config/postbackd.yaml).",
+)
+rules_option = click.option(
+    "--rules", metavar="DIR", help="Rules directory (default: rules_dir of -c, else ./rules.d)."
+)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point: one clear line on stderr for every error, whatever click would print."""
+    from daemon import cli_rules, cli_run  # noqa: F401 - they register their commands
+
+    try:
+        cli.main(args, prog_name="postbackd", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as err:
+        click.echo(err.ctx.get_help() if err.ctx else "", err=True)
+        sys.exit(2)
+    except click.UsageError as err:
+        cmd = err.ctx.command_path if err.ctx else "postbackd"
+        click.echo(f"{cmd}: error: {err.format_message()} (see {cmd} --help)", err=True)
+        sys.exit(2)
+    except click.ClickException as err:
+        click.echo(f"postbackd: error: {err.format_message()}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("postbackd: aborted", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""Loads and validates a whole `rules.d/` tree, all or nothing (SPEC 7.1 and 7.5).
+
+Start-up, hot reload and `postbackd validate` all come through :func:`load_rules`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from daemon.actions import BUILDERS
+from daemon.errors import Issue, RulesError
+from daemon.gitutil import work_tree_state
+from daemon.macros import Template
+from daemon.models import Trigger
+from daemon.rules import Postback, RuleFile
+from daemon.yamlfile import MAX_FILE_BYTES, YamlError, YList, YMap, line_of, load_yaml
+
+RULE_SUFFIXES = (".yaml", ".yml")
+TESTS_DIR = "tests"
+_BACKUP_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".bak", ".orig", ".rej", ".tmp", ".part")
+
+
+def is_ignored_name(name: str) -> bool:
+    """Hidden files, editor swap/backup files and temp files are never rules."""
+    return name.startswith((".", "#", "~")) or name.endswith(_BACKUP_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class RulesVersion:
+    digest: str  # sha256 over every rule file's path and content
+    git_commit: str | None = None
+    git_dirty: bool = False
+
+    def __str__(self) -> str:
+        text = self.digest[:12]
+        if self.git_commit:
+            text += f"+git.{self.git_commit[:12]}" + ("-dirty" if self.git_dirty else "")
+        return text
+
+
+@dataclass(frozen=True)
+class LoadedPostback:
+    postback: Postback
+    offer: str
+    goals_enabled: bool
+    file: str
+    line: int
+
+    @property
+    def id(self) -> int:
+        return self.postback.id
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    postbacks: Mapping[int, LoadedPostback]
+    offers: Mapping[str, tuple[LoadedPostback, ...]]  # every postback of an offer, by id
+    active: Mapping[tuple[str, Trigger], tuple[LoadedPostback, ...]]  # the matching index
+    version: RulesVersion
+    files: tuple[str, ...]
+    secrets: frozenset[str]
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @classmethod
+    def empty(cls) -> RuleSet:
+        return cls({}, {}, {}, RulesVersion(hashlib.sha256().hexdigest()), (), frozenset())
+
+
+def load_rules(
+    rules_dir: str | Path,
+    *,
+    missing_secrets: Callable[[Iterable[str]], list[str]] | None = None,
+    git: bool = True,
+) -> RuleSet:
+    """Load every rule file below `rules_dir`; raise RulesError listing every problem found.
+
+    `missing_secrets`, when given, is asked which referenced secrets do not resolve (the daemon
+    refuses a set whose secrets are missing; `validate` only lists them)."""
+    root = Path(rules_dir)
+    if not root.is_dir():
+        raise RulesError([Issue(str(root), 0, "rules directory does not exist")])
+    real_root = root.resolve()
+    paths, issues = _discover(real_root)
+    sources: dict[str, bytes] = {}
+    for path in paths:
+        data = _read(path, issues, real_root)
+        if data is not None:
+            sources[path.relative_to(real_root).as_posix()] = data
+    loaded: list[LoadedPostback] = []
+    offer_goals: dict[str, tuple[bool, str, int]] = {}
+    for rel in sorted(sources):
+        loaded.extend(_load_file(rel, sources[rel], issues, offer_goals))
+    by_id = _check_ids(loaded, issues)
+    secrets = {name: lp for lp in loaded for name in _secrets_of(lp.postback)}
+    if missing_secrets is not None:
+        for name in missing_secrets(sorted(secrets)):
+            lp = secrets[name]
+            issues.append(Issue(lp.file, lp.line, f"secret {name!r} does not resolve", lp.id))
+    if issues:
+        raise RulesError(issues)
+    return _build(by_id, sources, real_root if git else None, frozenset(secrets))
+
+
+def _discover(root: Path) -> tuple[list[Path], list[Issue]]:
+    found: list[Path] = []
+    issues: list[Issue] = []
+    seen_dirs: set[Path] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        real = here.resolve()
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        keep = []
+        for name in sorted(dirnames):
+            if is_ignored_name(name) or (here == root and name == TESTS_DIR):
+                continue
+            if not _inside((here / name).resolve(), root):
+                issues.append(_outside(here / name, root))
+                continue
+            keep.append(name)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            path = here / name
+            if is_ignored_name(name) or not name.endswith(RULE_SUFFIXES):
+                continue
+            if not _inside(path.resolve(), root):
+                issues.append(_outside(path, root))
+                continue
+            found.append(path)
+    return found, issues
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _outside(path: Path, root: Path) -> Issue:
+    return Issue(path.relative_to(root).as_posix(), 0, "symlink leads out of the rules directory")
+
+
+def _read(path: Path, issues: list[Issue], root: Path) -> bytes | None:
+    rel = path.relative_to(root).as_posix()
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        issues.append(Issue(rel, 0, f"cannot read: {err.strerror or err}"))
+        return None
+    if len(data) > MAX_FILE_BYTES:
+        issues.append(Issue(rel, 1, f"file is larger than {MAX_FILE_BYTES // 1024} KiB"))
+        return None
+    return data
+
+
+def _load_file(
+    rel: str, data: bytes, issues: list[Issue], offer_goals: dict[str, tuple[bool, str, int]]
+) -> list[LoadedPostback]:
+    try:
+        raw = load_yaml(data)
+    except YamlError as err:
+        issues.append(Issue(rel, err.line, err.message))
+        return []
+    if raw is None:
+        return []  # an empty file describes nothing
+    if not isinstance(raw, YMap):
+        issues.append(Issue(rel, getattr(raw, "line", 1), "a rule file must be a mapping"))
+        return []
+    try:
+        rule_file = RuleFile.model_validate(raw)
+    except ValidationError as err:
+        issues.extend(pydantic_issues(rel, raw, err, _postback_id))
+        return []
+    goals = (rule_file.goals_enabled, rel, raw.lines.get("goals_enabled", raw.line))
+    first = offer_goals.setdefault(rule_file.offer, goals)
+    if first[0] != goals[0]:
+        issues.append(
+            Issue(
+                rel,
+                goals[2],
+                f"offer {rule_file.offer}: goals_enabled is "
+                f"{str(goals[0]).lower()} here but {str(first[0]).lower()} in {first[1]}",
+            )
+        )
+    postbacks: YList = raw.get("postbacks") or YList()
+    return [
+        LoadedPostback(pb, rule_file.offer, rule_file.goals_enabled, rel, postbacks.lines[i])
+        for i, pb in enumerate(rule_file.postbacks)
+    ]
+
+
+def _postback_id(raw: Any, loc: tuple[Any, ...]) -> int | None:
+    if len(loc) >= 2 and loc[0] == "postbacks" and isinstance(loc[1], int):
+        items = raw.get("postbacks")
+        if isinstance(items, list) and loc[1] < len(items) and isinstance(items[loc[1]], dict):
+            pid = items[loc[1]].get("id")
+            if isinstance(pid, int) and not isinstance(pid, bool):
+                return pid
+    return None
+
+
+def pydantic_issues(
+    rel: str,
+    raw: Any,
+    err: ValidationError,
+    postback_id: Callable[[Any, tuple[Any, ...]], int | None] = lambda raw, loc: None,
+) -> Iterator[Issue]:
+    """One Issue per pydantic error, with the line of the offending key and a message for ops."""
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        yield Issue(rel, line_of(raw, loc), describe_error(e, loc), postback_id(raw, loc))
+
+
+def describe_error(e: Mapping[str, Any], loc: tuple[Any, ...]) -> str:
+    kind, ctx = e["type"], e.get("ctx") or {}
+    names = [str(p) for p in loc if not isinstance(p, int)]
+    if names[:1] == ["postbacks"]:
+        names = names[1:]
+    if kind == "union_tag_invalid":
+        return f"unknown action type {ctx.get('tag')!r} (known: {', '.join(sorted(BUILDERS))})"
+    if kind == "union_tag_not_found":
+        return f"action needs a type (known: {', '.join(sorted(BUILDERS))})"
+    if names and names[0] == "action" and len(names) > 1 and names[1] in BUILDERS:
+        del names[1]  # the union's tag is not a key the user wrote
+    where = ".".join(names)
+    if kind == "extra_forbidden":
+        return f"unknown key {where!r}"
+    if kind == "missing":
+        return f"missing required key {where!r}"
+    message = str(e["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return f"{where}: {message}" if where else message
+
+
+def _check_ids(loaded: list[LoadedPostback], issues: list[Issue]) -> dict[int, LoadedPostback]:
+    by_id: dict[int, LoadedPostback] = {}
+    for lp in loaded:
+        other = by_id.get(lp.id)
+        if other is not None:
+            issues.append(
+                Issue(lp.file, lp.line, f"duplicate id (also at {other.file}:{other.line})", lp.id)
+            )
+            continue
+        by_id[lp.id] = lp
+    return by_id
+
+
+def templates_in(value: Any) -> Iterator[Template]:
+    """Every Template inside a settings model (fields, dicts, lists)."""
+    if isinstance(value, Template):
+        yield value
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from templates_in(getattr(value, name))
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from templates_in(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from templates_in(item)
+
+
+def _secrets_of(postback: Postback) -> set[str]:
+    return {name for t in templates_in(postback.action) for name in t.secrets}
+
+
+def _build(
+    by_id: dict[int, LoadedPostback],
+    sources: Mapping[str, bytes],
+    git_root: Path | None,
+    secrets: frozenset[str],
+) -> RuleSet:
+    offers: dict[str, list[LoadedPostback]] = {}
+    active: dict[tuple[str, Trigger], list[LoadedPostback]] = {}
+    for pid in sorted(by_id):
+        lp = by_id[pid]
+        offers.setdefault(lp.offer, []).append(lp)
+        if lp.postback.active:
+            active.setdefault((lp.offer, lp.postback.trigger), []).append(lp)
+    digest = hashlib.sha256()
+    for rel in sorted(sources):
+        digest.update(f"{rel}\0{len(sources[rel])}\0".encode())
+        digest.update(sources[rel])
+    commit, dirty = work_tree_state(git_root) if git_root else (None, False)
+    return RuleSet(
+        postbacks=dict(sorted(by_id.items())),
+        offers={k: tuple(v) for k, v in offers.items()},
+        active={k: tuple(v) for k, v in active.items()},
+        version=RulesVersion(digest.hexdigest(), commit, dirty),
+        files=tuple(sorted(sources)),
+        secrets=secrets,
+    )

@@ -1,0 +1,77 @@
+"""Logging: structlog to stdout, JSON lines off a terminal, console on one; PII masked.
+
+One line per unit of work. Event names say what happened; keys come from the vocabulary below,
+so that queries in journald or a log pipeline can rely on them.
+
+Events: conversion_received, delivery_attempt, rules_loaded, rules_reloaded, rules_reload_failed,
+destination_down, destination_up, condition_error, daemon_started, daemon_stopping,
+daemon_stopped, store_error, retention_pruned, notify_failed.
+
+Keys: source, conversion_id, transition, previous_status, status, offer, affiliate, deliveries,
+postback_id, delivery_id, action, destination, attempt, outcome, reason, duration_ms, next_in_s,
+rules_version, files, postbacks, errors, error, listen, store, remote, http_status, node, count.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from daemon.models import PII_FIELDS
+
+_EMAIL = re.compile(r"^([^@]?)[^@]*@(.?)[^.]*(\..*)?$")
+
+
+def mask(key: str, value: Any) -> Any:
+    """A recognisable but non-identifying form of one PII value."""
+    if value is None or value == "":
+        return value
+    text = str(value)
+    if key == "email":
+        m = _EMAIL.match(text)
+        return f"{m.group(1)}***@{m.group(2)}***{m.group(3) or ''}" if m else "***"
+    if key == "phone":
+        digits = re.sub(r"\D", "", text)
+        return f"***{digits[-2:]}" if len(digits) > 4 else "***"
+    if key == "ip":
+        if "." in text:
+            return ".".join([*text.split(".")[:2], "x", "x"])
+        return text.split(":")[0] + ":***"
+    return f"{text[:1]}***"
+
+
+def _mask_pii(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in PII_FIELDS.intersection(event):
+        event[key] = mask(key, event[key])
+    return event
+
+
+def configure_logging(
+    fmt: str = "auto", level: str = "info", mask_pii: bool = True, stream: TextIO | None = None
+) -> None:
+    """Set up structlog once for the process (the CLI calls this; tests use capture_logs)."""
+    out = stream or sys.stdout
+    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if mask_pii:
+        processors.append(_mask_pii)
+    processors.append(structlog.processors.format_exc_info)
+    if use_json:
+        processors.append(structlog.processors.JSONRenderer(sort_keys=False))
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=out.isatty()))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,87 @@
+"""Which postbacks fire for one arrival (SPEC 7.2), through the (offer, trigger) index.
+
+The cost per conversion is the number of active postbacks of its offer and trigger, whatever the
+size of `rules.d/`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.conditions import compile_condition
+from daemon.errors import ConditionError
+from daemon.loader import LoadedPostback, RuleSet
+from daemon.models import Conversion, Trigger
+from daemon.rules import ANY_AFFILIATE
+
+
+def match(rules: RuleSet, conversion: Conversion, data: Mapping[str, Any]) -> list[LoadedPostback]:
+    """Every active postback that fires for this conversion's trigger, by id."""
+    fired = []
+    goal = conversion.fields.get("goal")
+    for lp in rules.active.get((conversion.offer, conversion.trigger), ()):
+        pb = lp.postback
+        if pb.affiliate != ANY_AFFILIATE and pb.affiliate != conversion.affiliate:
+            continue
+        if lp.goals_enabled and pb.goal is not None and pb.goal != goal:
+            continue
+        if pb.condition is not None and not pb.condition.truthy(data):
+            continue
+        fired.append(lp)
+    return fired
+
+
+@dataclass(frozen=True)
+class Verdict:
+    postback: LoadedPostback
+    fires: bool
+    reason: str | None = None  # the first check that failed
+
+
+def explain(
+    rules: RuleSet, conversion: Conversion, data: Mapping[str, Any], trigger: Trigger | None
+) -> list[Verdict]:
+    """For every postback of the conversion's offer: does it fire, and if not, why not.
+    `trigger` is None when the arrival fires nothing (duplicate or stale)."""
+    return [
+        _verdict(lp, conversion, data, trigger) for lp in rules.offers.get(conversion.offer, ())
+    ]
+
+
+def _verdict(
+    lp: LoadedPostback, conversion: Conversion, data: Mapping[str, Any], trigger: Trigger | None
+) -> Verdict:
+    pb = lp.postback
+    goal = conversion.fields.get("goal")
+    if not pb.active:
+        return Verdict(lp, False, "postback is disabled")
+    if trigger is None:
+        return Verdict(lp, False, "this arrival fires no trigger")
+    if pb.trigger != trigger:
+        return Verdict(
+            lp, False, f"trigger is {pb.trigger.value}, the arrival's is {trigger.value}"
+        )
+    if pb.affiliate != ANY_AFFILIATE and pb.affiliate != conversion.affiliate:
+        return Verdict(
+            lp, False, f"affiliate is {pb.affiliate}, the conversion's is {conversion.affiliate}"
+        )
+    if lp.goals_enabled and pb.goal is not None and pb.goal != goal:
+        return Verdict(lp, False, f"goal is {pb.goal}, the conversion's is {goal or '(none)'}")
+    if pb.condition is not None and not pb.condition.truthy(data):
+        return Verdict(lp, False, f"when is false: {_failing_clause(pb.when, data)}")
+    return Verdict(lp, True)
+
+
+def _failing_clause(logic: Any, data: Mapping[str, Any]) -> str:
+    """For a top-level `and`, the first clause that is false; else the whole condition."""
+    if isinstance(logic, dict) and list(logic) == ["and"] and isinstance(logic["and"], list):
+        for clause in logic["and"]:
+            try:
+                if not compile_condition(clause).truthy(data):
+                    return json.dumps(clause, separators=(",", ":"))
+            except ConditionError:
+                break
+    return json.dumps(logic, separators=(",", ":"))

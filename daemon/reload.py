@@ -1,0 +1,211 @@
+"""Hot reload (SPEC 10.1): one reload at a time, parsed off the event loop, swapped atomically.
+
+Triggers: file changes under rules_dir and webhooks_dir (watchfiles, after the tree has been
+quiet for a moment and no git operation holds `.git/index.lock`), a swapped `rules.d` symlink,
+SIGHUP, and `POST /api/v1/reload` — all through :meth:`Reloader.reload`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.actions import build_action
+from daemon.actions.base import Action, Resources
+from daemon.errors import RulesError
+from daemon.loader import RuleSet, is_ignored_name, load_rules
+from daemon.sources import GENERIC, GENERIC_SOURCE, Source
+
+log = structlog.get_logger("postbackd.reload")
+
+QUIET_MS = 300  # the tree must be this quiet before a reload
+GIT_LOCK_WAIT = 30.0
+SYMLINK_POLL = 1.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a request or an attempt needs from the rules, swapped as one object."""
+
+    rules: RuleSet
+    actions: Mapping[int, Action]
+    sources: Mapping[str, Source] = field(default_factory=lambda: {GENERIC: GENERIC_SOURCE})
+
+
+SourceLoader = Callable[[], Mapping[str, Source]]
+
+
+def build_runtime(rules: RuleSet, sources: Mapping[str, Source], resources: Resources) -> Runtime:
+    actions = {
+        pid: build_action(lp.postback.action, resources) for pid, lp in rules.postbacks.items()
+    }
+    return Runtime(rules, actions, {GENERIC: GENERIC_SOURCE, **sources})
+
+
+@dataclass
+class ReloadStatus:
+    ok: bool = True
+    loaded_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    last_error: list[str] = field(default_factory=list)
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+
+
+class Reloader:
+    def __init__(
+        self,
+        rules_dir: Path,
+        resources: Resources,
+        *,
+        missing_secrets: Callable[[Iterable[str]], list[str]] | None = None,
+        load_sources: SourceLoader | None = None,
+        webhooks_dir: Path | None = None,
+        on_swap: Callable[[Runtime, Runtime | None], Any] | None = None,
+        notifier: Any = None,
+    ) -> None:
+        self.rules_dir = rules_dir
+        self.webhooks_dir = webhooks_dir
+        self.resources = resources
+        self._missing_secrets = missing_secrets
+        self._load_sources = load_sources or dict
+        self._on_swap = on_swap
+        self._notifier = notifier
+        self._lock = asyncio.Lock()
+        self._runtime: Runtime | None = None
+        self.status = ReloadStatus()
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self._runtime is not None, "rules not loaded yet"
+        return self._runtime
+
+    def _load(self) -> Runtime:
+        rules = load_rules(self.rules_dir, missing_secrets=self._missing_secrets)
+        return build_runtime(rules, self._load_sources(), self.resources)
+
+    async def load_initial(self) -> Runtime:
+        """The first load: a failure here stops the daemon from starting (RulesError)."""
+        runtime = await asyncio.to_thread(self._load)
+        self._runtime = runtime
+        self.status.loaded_at = self.status.last_attempt_at = datetime.now(UTC)
+        log.info(
+            "rules_loaded",
+            rules_version=str(runtime.rules.version),
+            files=len(runtime.rules.files),
+            postbacks=len(runtime.rules.postbacks),
+        )
+        return runtime
+
+    async def reload(self, reason: str) -> bool:
+        """Load, validate and swap; on failure keep the running set and record why."""
+        async with self._lock:
+            if self._notifier is not None:
+                self._notifier.reloading()
+            try:
+                return await self._reload(reason)
+            finally:
+                if self._notifier is not None:
+                    self._notifier.ready()
+
+    async def _reload(self, reason: str) -> bool:
+        self.status.last_attempt_at = datetime.now(UTC)
+        try:
+            runtime = await asyncio.to_thread(self._load)
+        except RulesError as err:
+            self.status.ok = False
+            self.status.reloads_failed += 1
+            self.status.last_error = [str(i) for i in err.issues]
+            log.error(
+                "rules_reload_failed",
+                reason=reason,
+                errors=self.status.last_error,
+                rules_version=str(self.runtime.rules.version),
+            )
+            return False
+        old, self._runtime = self._runtime, runtime
+        self.status.ok = True
+        self.status.reloads_ok += 1
+        self.status.loaded_at = self.status.last_attempt_at
+        self.status.last_error = []
+        log.info(
+            "rules_reloaded",
+            reason=reason,
+            rules_version=str(runtime.rules.version),
+            files=len(runtime.rules.files),
+            postbacks=len(runtime.rules.postbacks),
+        )
+        if self._on_swap is not None:
+            result = self._on_swap(runtime, old)
+            if asyncio.iscoroutine(result):
+                await result
+        return True
+
+    async def watch(self) -> None:
+        """Reload on changes until cancelled; follows a `rules.d` symlink that is swapped."""
+        import watchfiles
+
+        while True:
+            target = self.rules_dir.resolve()
+            paths = [str(target)] + (
+                [str(self.webhooks_dir)] if self.webhooks_dir and self.webhooks_dir.is_dir() else []
+            )
+            stop = asyncio.Event()
+            poller = asyncio.create_task(self._watch_symlink(target, stop))
+            try:
+                async for _ in watchfiles.awatch(
+                    *paths,
+                    watch_filter=_relevant,
+                    step=QUIET_MS,
+                    stop_event=stop,
+                    recursive=True,
+                    ignore_permission_denied=True,
+                ):
+                    await self._wait_for_git()
+                    await self.reload("files changed")
+            finally:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+            if self.rules_dir.resolve() != target:
+                await self.reload("rules directory swapped")
+
+    async def _watch_symlink(self, target: Path, stop: asyncio.Event) -> None:
+        while self.rules_dir.resolve() == target:  # noqa: ASYNC110 - a swap sends no event
+            await asyncio.sleep(SYMLINK_POLL)
+        stop.set()
+
+    async def _wait_for_git(self) -> None:
+        """A git checkout rewrites files one by one; wait until it lets go of its index lock."""
+        lock = _git_index_lock(self.rules_dir.resolve())
+        if lock is None:
+            return
+        waited = 0.0
+        while lock.exists() and waited < GIT_LOCK_WAIT:
+            await asyncio.sleep(0.1)
+            waited += 0.1
+        await asyncio.sleep(QUIET_MS / 1000)
+
+
+def _git_index_lock(start: Path) -> Path | None:
+    for folder in (start, *start.parents):
+        git = folder / ".git"
+        if git.is_dir():
+            return git / "index.lock"
+        if git.is_file():  # a worktree or submodule: "gitdir: PATH"
+            text = git.read_text("utf-8", "replace").strip()
+            if text.startswith("gitdir:"):
+                return (folder / text.removeprefix("gitdir:").strip()) / "index.lock"
+    return None
+
+
+def _relevant(change: Any, path: str) -> bool:
+    name = Path(path).name
+    return not is_ignored_name(name) and "/.git/" not in path and not path.endswith("/.git")

@@ -1,0 +1,109 @@
+"""The rule file format of SPEC 7.1: an offer and its postbacks, as pydantic models."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
+
+from daemon.actions import ActionSettingsUnion
+from daemon.conditions import Condition, compile_condition
+from daemon.durations import Duration
+from daemon.models import Trigger
+from daemon.yamlfile import raw_text
+
+_ID_TEXT = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+ANY_AFFILIATE = "*"
+
+
+def _id(value: Any) -> str:
+    """Ids may be written as numbers or strings; they compare as strings."""
+    if isinstance(value, bool) or value is None or isinstance(value, dict | list):
+        raise ValueError("must be an id: a number or a string")
+    text = raw_text(value).strip()
+    if not _ID_TEXT.match(text):
+        raise ValueError("must be an id of 1 to 128 printable characters")
+    return text
+
+
+Id = Annotated[str, BeforeValidator(_id)]
+
+
+def _aware(value: Any) -> Any:
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    if isinstance(value, str) and re.fullmatch(r"\d{4}-\d\d-\d\d[T ][\d:.]+", value.strip()):
+        return value.strip() + "Z"  # a time without zone is UTC, as in the examples
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Author(_Model):
+    id: Id
+    name: str = Field(min_length=1, max_length=200)
+    affiliate: Id | None = None  # set for a user of that affiliate; absent for admins
+
+
+class RetryOverride(_Model):
+    max_attempts: StrictInt | None = Field(default=None, ge=1, le=100)
+    max_age: Duration | None = None
+
+
+class Postback(_Model):
+    id: StrictInt = Field(gt=0)
+    trigger: Trigger
+    affiliate: Id
+    goal: Id | None = None
+    when: Any = None
+    status: Literal["active", "disabled"] = "active"
+    created_at: Annotated[datetime | None, BeforeValidator(_aware)] = None
+    author: Author | None = None
+    retry: RetryOverride | None = None
+    action: ActionSettingsUnion
+
+    _condition: Condition | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _compile(self) -> Postback:
+        if self.when is not None:
+            self._condition = compile_condition(self.when)
+        return self
+
+    @property
+    def condition(self) -> Condition | None:
+        return self._condition
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+    @property
+    def owner_affiliate(self) -> str | None:
+        """The affiliate whose users may see this postback (None: admins only)."""
+        return self.author.affiliate if self.author else None
+
+
+class RuleFile(_Model):
+    offer: Id
+    goals_enabled: StrictBool = False
+    postbacks: list[Postback] = Field(default_factory=list)
+
+    @field_validator("postbacks", mode="before")
+    @classmethod
+    def _list(cls, value: Any) -> Any:
+        return [] if value is None else value

@@ -1,0 +1,175 @@
+"""The daemon settings of SPEC 4: read once at start from one YAML file and the environment.
+
+This is the only module that reads the environment (`environ` is passed in by the CLI).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+
+from daemon.durations import Duration
+from daemon.errors import ConfigError
+from daemon.yamlfile import YamlError, YMap, load_yaml
+
+DEFAULT_CONFIG = Path("config/postbackd.yaml")
+ENV_PREFIX = "POSTBACKD_"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenSpec(_Model):
+    name: str = Field(min_length=1, max_length=100)
+    token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    secret: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    role: Literal["admin", "affiliate"]
+    affiliate: str | int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenSpec:
+        if (self.token_sha256 is None) == (self.secret is None):
+            raise ValueError("give exactly one of token_sha256 or secret")
+        if self.role == "affiliate" and self.affiliate is None:
+            raise ValueError("an affiliate token needs `affiliate: ID`")
+        if self.role == "admin" and self.affiliate is not None:
+            raise ValueError("an admin token has no affiliate")
+        return self
+
+    @property
+    def affiliate_id(self) -> str | None:
+        return None if self.affiliate is None else str(self.affiliate)
+
+
+class Outbound(_Model):
+    allow_cidrs: list[str] = Field(default_factory=list)
+    timeout: Duration = Field(default=10.0, gt=0, le=300)
+    per_host_concurrency: int = Field(default=8, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _cidrs(self) -> Outbound:
+        for cidr in self.allow_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as err:
+                raise ValueError(f"allow_cidrs: {cidr!r} is not a CIDR") from err
+        return self
+
+
+class Api(_Model):
+    tokens: list[TokenSpec] = Field(default_factory=list)
+    metrics_public: StrictBool = True
+
+
+class Log(_Model):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    mask_pii: StrictBool = True
+
+
+class Settings(_Model):
+    listen: str = "127.0.0.1:8080"
+    store: str = "sqlite:///../var/postbackd.db"
+    rules_dir: Path = Path("../rules.d")
+    webhooks_dir: Path = Path("../webhooks")
+    secrets_dir: Path | None = None
+    outbound: Outbound = Field(default_factory=Outbound)
+    api: Api = Field(default_factory=Api)
+    log: Log = Field(default_factory=Log)
+    retention: Duration = Field(default=30 * 86400.0, gt=0)
+    # Not a key of the file: the folder that relative paths are relative to.
+    config_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _listen(self) -> Settings:
+        host, port = split_listen(self.listen)
+        del host, port
+        return self
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+    def path(self, value: Path) -> Path:
+        return value if value.is_absolute() else (self.config_dir / value).resolve()
+
+    @property
+    def rules_path(self) -> Path:
+        return self.path(self.rules_dir)
+
+    @property
+    def webhooks_path(self) -> Path:
+        return self.path(self.webhooks_dir)
+
+    @property
+    def secrets_path(self) -> Path | None:
+        return self.path(self.secrets_dir) if self.secrets_dir else None
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ValueError(f"listen: {value!r} is not host:port (e.g. 127.0.0.1:8080)")
+    return host.strip("[]"), int(port)
+
+
+_TOP_KEYS = tuple(Settings.model_fields)
+
+
+def config_path(option: str | None, environ: Mapping[str, str]) -> Path | None:
+    """The settings file: -c, else $POSTBACKD_CONFIG, else ./config/postbackd.yaml if present."""
+    if option:
+        return Path(option)
+    if environ.get(f"{ENV_PREFIX}CONFIG"):
+        return Path(environ[f"{ENV_PREFIX}CONFIG"])
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
+    """Read the settings file (if any) and apply POSTBACKD_<KEY> overrides; ConfigError if bad."""
+    raw: Any = YMap()
+    name = str(path) if path else "(defaults)"
+    if path is not None:
+        try:
+            raw = load_yaml(path.read_bytes())
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from err
+        except YamlError as err:
+            raise ConfigError(f"{path}:{err.line}: {err.message}") from err
+        if raw is None:
+            raw = YMap()
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}:1: the settings file must be a mapping")
+    data = dict(raw)
+    for key in _TOP_KEYS:
+        env = environ.get(f"{ENV_PREFIX}{key.upper()}")
+        if env is not None and key != "config_dir":
+            data[key] = _env_value(key, env)
+    if "config_dir" in data:
+        raise ConfigError(f"{name}: unknown key 'config_dir'")
+    data["config_dir"] = path.parent.resolve() if path else Path.cwd()
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as err:
+        from daemon.loader import pydantic_issues
+
+        lines = [str(i).removeprefix(f"{name}:") for i in pydantic_issues(name, raw, err)]
+        raise ConfigError("\n".join(f"{name}:{line.lstrip()}" for line in lines)) from err
+
+
+def _env_value(key: str, text: str) -> Any:
+    if key in ("outbound", "api", "log"):
+        try:
+            return load_yaml(text)  # e.g. POSTBACKD_LOG='{level: debug}'
+        except YamlError as err:
+            raise ConfigError(f"{ENV_PREFIX}{key.upper()}: {err.message}") from err
+    return text
