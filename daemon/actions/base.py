@@ -171,9 +171,8 @@ class Resources:
 def secret_lookup(job: Job, resources: Resources) -> Callable[[str], str]:
     """A secret resolver for one attempt that tells the job's redactor every value it hands out
     (and the encoded forms it may take on the wire), so records and errors can mask them."""
-    from urllib.parse import quote, quote_plus
-
     from daemon.errors import RetryableError, SecretError
+    from daemon.macros import encoded_forms
 
     def lookup(name: str) -> str:
         try:
@@ -181,7 +180,7 @@ def secret_lookup(job: Job, resources: Resources) -> Callable[[str], str]:
         except SecretError as err:
             # Checked at load; gone since. Ops can put it back, so the delivery waits for them.
             raise RetryableError("secret_unresolved", str(err)) from err
-        for form in (value, quote(value, safe=""), quote_plus(value)):
+        for form in encoded_forms(value):  # as it lands in a URL, a form, JSON, XML...
             job.redactor.add(form)
         return value
 
