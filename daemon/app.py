@@ -26,7 +26,7 @@ from daemon.outbound import OutboundHttp, Resolver
 from daemon.reload import Reloader, Runtime
 from daemon.secrets import SecretResolver
 from daemon.settings import Settings
-from daemon.store.base import Store
+from daemon.store.base import ArrivalResult, Store
 
 log = structlog.get_logger("postbackd.app")
 
@@ -174,8 +174,14 @@ async def _webhook(request: web.Request) -> web.Response:
         runtime=services.reloader.runtime,
         store=services.store,
         now=services.clock.now,
-        on_committed=services.dispatcher.wake,
+        on_committed=lambda source, result: _arrival_committed(services, source, result),
     )
+
+
+def _arrival_committed(services: Services, source: str, result: ArrivalResult) -> None:
+    """After the store committed an arrival: wake the dispatcher (and count it, see metrics)."""
+    if result.delivery_ids:
+        services.dispatcher.wake()
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -26,7 +26,7 @@ from daemon.models import (
     macro_values,
     rule_data,
 )
-from daemon.store.base import ArrivalPlan, PlannedDelivery, Store
+from daemon.store.base import ArrivalPlan, ArrivalResult, PlannedDelivery, Store
 
 log = structlog.get_logger("postbackd.ingest")
 
@@ -197,7 +197,7 @@ async def ingest(
     runtime: Any,
     store: Store,
     now: Callable[[], float],
-    on_committed: Callable[[], None],
+    on_committed: Callable[[str, ArrivalResult], None],
 ) -> web.Response:
     """Handle one webhook end to end."""
     name = request.match_info["source"]
@@ -231,7 +231,7 @@ async def ingest(
         return web.json_response(
             {"error": "store unavailable, retry later", "field": None}, status=503
         )
-    on_committed()
+    on_committed(name, result)
     _log_received(
         conversion,
         name,
