@@ -203,7 +203,7 @@ def _postback_id(raw: Any, loc: tuple[Any, ...]) -> int | None:
         items = raw.get("postbacks")
         if isinstance(items, list) and loc[1] < len(items) and isinstance(items[loc[1]], dict):
             pid = items[loc[1]].get("id")
-            if isinstance(pid, int) and not isinstance(pid, bool):
+            if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
                 return pid
     return None
 
@@ -236,6 +236,9 @@ def describe_error(e: Mapping[str, Any], loc: tuple[Any, ...]) -> str:
         return f"unknown key {where!r}"
     if kind == "missing":
         return f"missing required key {where!r}"
+    if kind in ("enum", "literal_error"):
+        expected = str(ctx.get("expected", "")).replace("'", "")
+        return f"{where}: must be {expected}, not {e.get('input')!r}"
     message = str(e["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     return f"{where}: {message}" if where else message
 

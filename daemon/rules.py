@@ -11,11 +11,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PrivateAttr,
+    InstanceOf,
+    PlainSerializer,
     StrictBool,
     StrictInt,
     field_validator,
-    model_validator,
 )
 
 from daemon.actions import ActionSettingsUnion
@@ -49,6 +49,17 @@ def _aware(value: Any) -> Any:
     return value
 
 
+def _condition(value: Any) -> Condition | None:
+    """`when:` is compiled at load, so a bad condition fails the load, not a conversion."""
+    if value is None or isinstance(value, Condition):
+        return value
+    return compile_condition(value)
+
+
+def _logic(value: Condition | None) -> Any:
+    return None if value is None else value.logic
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -69,24 +80,18 @@ class Postback(_Model):
     trigger: Trigger
     affiliate: Id
     goal: Id | None = None
-    when: Any = None
+    when: Annotated[
+        InstanceOf[Condition] | None, BeforeValidator(_condition), PlainSerializer(_logic)
+    ] = None
     status: Literal["active", "disabled"] = "active"
     created_at: Annotated[datetime | None, BeforeValidator(_aware)] = None
     author: Author | None = None
     retry: RetryOverride | None = None
     action: ActionSettingsUnion
 
-    _condition: Condition | None = PrivateAttr(default=None)
-
-    @model_validator(mode="after")
-    def _compile(self) -> Postback:
-        if self.when is not None:
-            self._condition = compile_condition(self.when)
-        return self
-
     @property
     def condition(self) -> Condition | None:
-        return self._condition
+        return self.when
 
     @property
     def active(self) -> bool:
