@@ -71,7 +71,7 @@ def _verdict(
     if lp.goals_enabled and pb.goal is not None and pb.goal != goal:
         return Verdict(lp, False, f"goal is {pb.goal}, the conversion's is {goal or '(none)'}")
     if pb.condition is not None and not pb.condition.truthy(data):
-        return Verdict(lp, False, f"when is false: {_failing_clause(pb.when, data)}")
+        return Verdict(lp, False, f"when is false: {_failing_clause(pb.condition.logic, data)}")
     return Verdict(lp, True)
 
 
