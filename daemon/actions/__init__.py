@@ -9,17 +9,18 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from daemon.actions import facebook_conversion, ping_url
+from daemon.actions import facebook_conversion, ping_url, trustedform_claim
 from daemon.actions.base import Action, Resources
 
 ActionSettingsUnion = Annotated[
-    ping_url.Settings | facebook_conversion.Settings,
+    ping_url.Settings | facebook_conversion.Settings | trustedform_claim.Settings,
     Field(discriminator="type"),
 ]
 
 BUILDERS: dict[str, Callable[[Any, Resources], Action]] = {
     "ping_url": ping_url.build,
     "facebook_conversion": facebook_conversion.build,
+    "trustedform_claim": trustedform_claim.build,
 }
 
 
