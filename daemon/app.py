@@ -66,8 +66,10 @@ def create_app(
     dispatch: bool = True,
     watch: bool = True,
     node: str | None = None,
+    overrides: Mapping[str, str] | None = None,
 ) -> web.Application:
-    """Build the app; its services start with the runner (cleanup_ctx) and stop with it."""
+    """Build the app; its services start with the runner (cleanup_ctx) and stop with it.
+    `overrides` goes to Resources.overrides (tests only: pinned service hosts)."""
     app = web.Application(client_max_size=MAX_BODY)
     clock = clock or SystemClock()
     app.cleanup_ctx.append(
@@ -82,6 +84,7 @@ def create_app(
             dispatch,
             watch,
             node or node_name(),
+            overrides or {},
         )
     )
     app.router.add_route("GET", "/webhooks/{source}", _webhook)
@@ -102,6 +105,7 @@ async def _services(
     dispatch: bool,
     watch: bool,
     node: str,
+    overrides: Mapping[str, str],
 ) -> AsyncIterator[None]:
     if store is None:
         from daemon.store.factory import open_store
@@ -119,7 +123,13 @@ async def _services(
         secrets_dir=settings.secrets_path,
         environ=environ,
     )
-    resources = Resources(http=http, secret=secrets, clock=clock, timeout=settings.outbound.timeout)
+    resources = Resources(
+        http=http,
+        secret=secrets,
+        clock=clock,
+        timeout=settings.outbound.timeout,
+        overrides=overrides,
+    )
 
     async def on_swap(new: Runtime, old: Runtime | None) -> None:
         gone = [

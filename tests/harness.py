@@ -145,6 +145,7 @@ async def start_daemon(
     settings: Mapping[str, Any] | None = None,
     store_url: str | None = None,
     resolver: Any = None,
+    overrides: Mapping[str, str] | None = None,
 ) -> Daemon:
     """The daemon in-process on a free loopback port, with a SQLite store under tmp_path and the
     outbound guard opened to loopback only. Close with `await daemon.client.close()`."""
@@ -167,6 +168,7 @@ async def start_daemon(
         dispatch=dispatch,
         watch=watch,
         resolver=resolver,
+        overrides=overrides,
     )
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
