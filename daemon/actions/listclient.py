@@ -1,0 +1,455 @@
+"""The configurable HTTP list client shared by the list actions (E-Delivery, Opt-Intel, DNPL).
+
+The platforms behind these actions publish no wire API (see docs/actions/lists.md), so every
+path, field name, auth placement and success rule is a setting with a documented default.
+A delivery becomes one or more calls (one per path the action plans); each call sends the list
+id, the mapped fields and the credential, and is judged by two tiny predicates checked at load:
+``success`` (on top of HTTP 2xx) and ``already_there`` (an answer that means the list was
+already as asked, counted as success). Adding to a set is idempotent, so every failure after
+the request was sent is retried, never ``outcome_unknown``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import quote, urlencode
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+
+from daemon.actions.base import ActionSettings, Job, RequestRecord, Resources, secret_lookup
+from daemon.durations import Duration
+from daemon.errors import PermanentError, RenderError, TemplateError
+from daemon.macros import (
+    Template,
+    TemplateStr,
+    UrlTemplate,
+    UrlTemplateStr,
+    encode_header,
+    encode_url_component,
+)
+from daemon.outbound import RETRYABLE_STATUSES, HttpResponse, classify_status
+
+
+def _number_as_text(value: Any) -> Any:
+    # Ops write list ids and static values as YAML numbers (`list_id: 123`).
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+Text = Annotated[TemplateStr, BeforeValidator(_number_as_text)]
+WireName = Annotated[str, Field(min_length=1, max_length=100)]
+Kind = Literal["email", "phone"]
+JsonScalar = StrictBool | StrictInt | StrictFloat | StrictStr | None
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+_RESERVED_HEADERS = {"host", "content-length", "content-type", "transfer-encoding", "connection"}
+_FIELD_PATH = re.compile(r"^[A-Za-z0-9_$@-]+(\.[A-Za-z0-9_$@-]+)*$")
+_MISSING = object()
+
+
+def _as_list(value: Any) -> Any:
+    return value if isinstance(value, list | tuple) else [value]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Predicate(_Strict):
+    """`{status: [409]}`, `{field: result, equals: [true]}`, or both (all given must hold)."""
+
+    status: (
+        Annotated[list[Annotated[int, Field(ge=100, le=599)]], BeforeValidator(_as_list)] | None
+    ) = None
+    field: str | None = None
+    equals: Annotated[list[JsonScalar], BeforeValidator(_as_list)] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> Predicate:
+        if self.status is None and self.field is None:
+            raise ValueError("give status, field (with equals), or both")
+        if self.field is not None and self.equals is None:
+            raise ValueError("field needs equals: the values that count")
+        if self.equals is not None and self.field is None:
+            raise ValueError("equals needs field: the JSON field of the answer to compare")
+        if self.field is not None and not _FIELD_PATH.match(self.field):
+            raise ValueError(f"field {self.field!r} is not a path such as status or data.result")
+        return self
+
+    def matches(self, status: int, body: Any) -> bool:
+        """`body` is the parsed JSON answer, or _MISSING when it is not JSON."""
+        if self.status is not None and status not in self.status:
+            return False
+        if self.field is None or self.equals is None:
+            return True
+        found = _lookup(body, self.field)
+        return any(_same(found, wanted) for wanted in self.equals)
+
+
+def _lookup(body: Any, path: str) -> Any:
+    node = body
+    for step in path.split("."):
+        if isinstance(node, dict) and step in node:
+            node = node[step]
+        elif isinstance(node, list) and step.isdigit() and int(step) < len(node):
+            node = node[int(step)]
+        else:
+            return _MISSING
+    return node
+
+
+def _same(found: Any, wanted: Any) -> bool:
+    # JSON types must agree: `true` is not 1 and not "true" (Python says True == 1).
+    if isinstance(found, bool) or isinstance(wanted, bool):
+        return type(found) is type(wanted) and found == wanted
+    if isinstance(found, int | float) and isinstance(wanted, int | float):
+        return found == wanted
+    return type(found) is type(wanted) and found == wanted
+
+
+class NamedValue(_Strict):
+    name: WireName
+    value: Text
+
+
+class Auth(_Strict):
+    """Where the credential goes: exactly one of header, query, body."""
+
+    header: NamedValue | None = None
+    query: NamedValue | None = None
+    body: NamedValue | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Auth:
+        given = [p for p in ("header", "query", "body") if getattr(self, p) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of header, query or body")
+        if self.header is not None:
+            name = self.header.name
+            if not _TOKEN.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by postbackd")
+        return self
+
+
+@dataclass(frozen=True)
+class Call:
+    """One planned request: its URL template and the identifier kinds it carries."""
+
+    url: UrlTemplate
+    kinds: frozenset[str]
+
+
+def join_url(base: Template, path: str, setting: str) -> UrlTemplate:
+    """`base_url` + a path setting as one URL template, checked at load."""
+    if path and not path.startswith("/"):
+        raise ValueError(f"{setting} must start with /")
+    if path and re.search(r"[?#]", base.source):
+        raise ValueError(f"base_url has a query or fragment: {setting} cannot follow it")
+    try:
+        return UrlTemplate(base.source.rstrip("/") + path if path else base.source)
+    except TemplateError as err:
+        raise ValueError(f"base_url + {setting}: {err}") from err
+
+
+class ListSettings(ActionSettings):
+    """Settings every list action shares; subclasses say which calls a delivery makes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: UrlTemplateStr
+    method: Literal["POST", "PUT", "PATCH", "DELETE", "GET"] = "POST"
+    content_type: Literal["json", "form"] = "json"
+    auth: Auth | None = None
+    list_id: Text | None = None
+    list_id_field: WireName = "list_id"
+    fields: dict[WireName, Text] = Field(
+        default_factory=lambda: {"email": Template("{email}"), "phone": Template("{phone}")}
+    )
+    # Which fields carry the contact's email or phone (normalised, hashed, required). Default:
+    # every field whose template is exactly {email} or {phone}.
+    identifiers: dict[WireName, Kind] | None = None
+    hashing: Literal["plain", "md5"] = "plain"
+    success: Predicate | None = None
+    already_there: Predicate | None = None
+    timeout: Duration | None = Field(default=None, gt=0, le=120)
+    _kinds: dict[str, Kind] = PrivateAttr(default_factory=dict)
+    _calls: tuple[Call, ...] = PrivateAttr(default=())
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _field_numbers(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: _number_as_text(v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ListSettings:
+        self._check_identifiers()
+        self._check_names()
+        self._check_predicates()
+        self._calls = self.plan()
+        return self
+
+    def _check_identifiers(self) -> None:
+        if self.identifiers is None:
+            inferred = {"{email}": "email", "{phone}": "phone"}
+            kinds = {n: inferred[t.source] for n, t in self.fields.items() if t.source in inferred}
+            if not kinds:
+                raise ValueError(
+                    "no field is exactly {email} or {phone}: say which fields carry them"
+                    " in identifiers"
+                )
+            self._kinds = kinds  # type: ignore[assignment]
+            return
+        if not self.identifiers:
+            raise ValueError("identifiers: name at least one field that carries email or phone")
+        for name in self.identifiers:
+            if name not in self.fields:
+                raise ValueError(f"identifiers: {name!r} is not a key of fields")
+        self._kinds = dict(self.identifiers)
+
+    def _check_names(self) -> None:
+        owners: dict[str, str] = {}
+        names = [(n, "fields") for n in self.fields]
+        if self.list_id is not None:
+            names.append((self.list_id_field, "list_id_field"))
+        if self.auth is not None and self.auth.body is not None:
+            names.append((self.auth.body.name, "auth.body"))
+        if self.auth is not None and self.auth.query is not None and self.method == "GET":
+            names.append((self.auth.query.name, "auth.query"))
+        for name, owner in names:
+            if name in owners:
+                raise ValueError(f"wire field {name!r} is set twice ({owners[name]}, {owner})")
+            owners[name] = owner
+
+    def _check_predicates(self) -> None:
+        if self.success is not None and any(not 200 <= s < 300 for s in self.success.status or ()):
+            raise ValueError("success.status: only 2xx answers can succeed; list 2xx codes")
+        there = self.already_there.status if self.already_there is not None else None
+        for code in there or ():
+            if _retryable(code):
+                raise ValueError(
+                    f"already_there.status: {code} is retried (408, 425, 429, 5xx);"
+                    " it cannot mean the list already holds the contact"
+                )
+
+    def removes(self) -> bool:
+        """True when this postback takes contacts off the list (add is the default)."""
+        return False
+
+    def plan(self) -> tuple[Call, ...]:
+        """The calls of one delivery, in order; ValueError when a path is wrong."""
+        raise NotImplementedError
+
+    @property
+    def calls(self) -> tuple[Call, ...]:
+        return self._calls
+
+    @property
+    def identifier_kinds(self) -> Mapping[str, Kind]:
+        """Identifier field -> kind, as given or inferred."""
+        return self._kinds
+
+
+def _retryable(status: int) -> bool:
+    return status in RETRYABLE_STATUSES or 500 <= status < 600
+
+
+def normalise(kind: str, value: str) -> str:
+    """The MD5 input: a trimmed lower-case email, or a phone's digits only."""
+    value = value.strip()
+    if kind == "email":
+        return value.lower()
+    return "".join(c for c in value if c.isascii() and c.isdigit())
+
+
+Rendered = tuple[str, dict[str, str], bytes | None]
+Secret = Callable[[str], str] | None
+
+
+class ListClient:
+    """One configured list action: plans, renders and judges its calls."""
+
+    # Adding a present contact (or removing an absent one) leaves the list as asked, so a
+    # request whose answer was lost is safe to send again: never outcome_unknown.
+    idempotent: ClassVar[bool] = True
+
+    def __init__(self, settings: ListSettings, resources: Resources) -> None:
+        self.settings = settings
+        self.resources = resources
+
+    @property
+    def destination(self) -> str:
+        url = self.settings.calls[0].url
+        return f"{url.scheme}://{url.host}:{url.port}"
+
+    def identifier_values(self, job: Job, secret: Secret) -> dict[str, str]:
+        """Each identifier field's value as sent (trimmed; normalised and hashed for md5);
+        fields that render empty are left out."""
+        out: dict[str, str] = {}
+        for name, kind in self.settings.identifier_kinds.items():
+            value = self.settings.fields[name].render(job.values, secret=secret).strip()
+            if self.settings.hashing == "md5":
+                value = normalise(kind, value)
+                # Never hash "": md5("") on a suppression list would match every empty value.
+                value = (
+                    hashlib.md5(value.encode(), usedforsecurity=False).hexdigest() if value else ""
+                )
+            if value:
+                out[name] = value
+        return out
+
+    def render_all(self, job: Job, secret: Secret) -> list[Rendered]:
+        """The requests of this delivery; PermanentError when no identifier has a value."""
+        s = self.settings
+        idents = self.identifier_values(job, secret)
+        present = {s.identifier_kinds[name] for name in idents}
+        calls = [c for c in s.calls if c.kinds & present]
+        if not calls:
+            wanted = ", ".join(sorted(s.identifier_kinds))
+            raise PermanentError("no_identifier", f"the conversion has no value for {wanted}")
+        return [self._render(call, job, idents, secret) for call in calls]
+
+    def _render(self, call: Call, job: Job, idents: dict[str, str], secret: Secret) -> Rendered:
+        s = self.settings
+        wire: dict[str, str] = {}
+        if s.list_id is not None:
+            wire[s.list_id_field] = s.list_id.render(job.values, secret=secret)
+        for name, template in s.fields.items():
+            kind = s.identifier_kinds.get(name)
+            if kind is None:
+                wire[name] = template.render(job.values, secret=secret)
+            elif kind in call.kinds and name in idents:
+                wire[name] = idents[name]
+        headers: dict[str, str] = {}
+        url = call.url.render_url(job.values, secret=secret)
+        auth = s.auth
+        if auth is not None and auth.body is not None:
+            wire[auth.body.name] = auth.body.value.render(job.values, secret=secret)
+        if auth is not None and auth.header is not None:
+            value = auth.header.value.render(job.values, encode=encode_header, secret=secret)
+            headers[auth.header.name] = value
+        if auth is not None and auth.query is not None:
+            value = auth.query.value.render(job.values, encode=encode_url_component, secret=secret)
+            url = _add_query(url, f"{quote(auth.query.name, safe='')}={value}")
+        if s.method == "GET":
+            return _add_query(url, _form(wire)), headers, None
+        if s.content_type == "form":
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            return url, headers, _form(wire).encode()
+        headers["Content-Type"] = "application/json"
+        body = json.dumps(wire, ensure_ascii=False, separators=(",", ":"))
+        try:
+            return url, headers, body.encode()
+        except UnicodeEncodeError as err:
+            raise RenderError("a value is not valid Unicode text (lone surrogate)") from err
+
+    def previews(self, job: Job) -> list[RequestRecord]:
+        """Every request this job would send, secrets as ****. No I/O."""
+        out = []
+        for url, headers, body in self.render_all(job, None):
+            masked = job.redactor.headers(headers)
+            out.append(RequestRecord(self.settings.method, url, masked, _text(body)))
+        return out
+
+    def preview(self, job: Job) -> RequestRecord:
+        # The Action contract shows one request; `previews` lists all of them.
+        return self.previews(job)[0]
+
+    async def send(self, job: Job) -> None:
+        """Send each call in order; the first failure ends the attempt (a retry sends again
+        from the first call, which is harmless because adding is idempotent)."""
+        requests = self.render_all(job, secret_lookup(job, self.resources))
+        for url, headers, body in requests:
+            job.record.set_request(job.redactor, self.settings.method, url, headers, body)
+            response = await self.resources.http.request(
+                self.settings.method,
+                url,
+                headers=headers,
+                data=body,
+                timeout=self.settings.timeout or self.resources.timeout,
+                idempotent=self.idempotent,
+            )
+            job.record.set_response(job.redactor, response.status, response.body)
+            self.judge(response)
+
+    def judge(self, response: HttpResponse) -> None:
+        """Return when the answer means success (or "already there"); raise otherwise."""
+        s = self.settings
+        status = response.status
+        body = _json(response) if _uses_body(s.success, s.already_there) else _MISSING
+        there = s.already_there
+        if there is not None and not _retryable(status) and there.matches(status, body):
+            return
+        classify_status(response, self.resources.clock.now())
+        if s.success is not None and not s.success.matches(status, body):
+            if body is _MISSING and s.success.field is not None:
+                raise PermanentError("unexpected_body", "the answer is not a JSON document")
+            raise PermanentError("rejected", "the answer does not match `success`")
+
+
+def _uses_body(*predicates: Predicate | None) -> bool:
+    return any(p is not None and p.field is not None for p in predicates)
+
+
+def _json(response: HttpResponse) -> Any:
+    try:
+        return json.loads(response.text())
+    except ValueError:
+        return _MISSING
+
+
+def _add_query(url: str, query: str) -> str:
+    if not query:
+        return url
+    base, hash_, fragment = url.partition("#")
+    joined = f"{base}{'&' if '?' in base else '?'}{query}"
+    return f"{joined}{hash_}{fragment}"
+
+
+def _form(wire: Mapping[str, str]) -> str:
+    try:
+        return urlencode(list(wire.items()), safe="*")  # `*` keeps a masked secret readable
+    except UnicodeEncodeError as err:
+        raise RenderError("a value is not valid Unicode text (lone surrogate)") from err
+
+
+def _text(body: bytes | None) -> str | None:
+    return body.decode() if body is not None else None
+
+
+Operation = Literal["add", "remove", "delete"]  # `delete` is DNPL's word for remove
+
+
+class PathSettings(ListSettings):
+    """One request per delivery, to base_url + add_path or base_url + remove_path."""
+
+    add_path: str = ""
+    remove_path: str | None = None  # no default: removing where adding goes would add
+
+    def plan(self) -> tuple[Call, ...]:
+        kinds = frozenset(self.identifier_kinds.values())
+        if not self.removes():
+            return (Call(join_url(self.base_url, self.add_path, "add_path"), kinds),)
+        if self.remove_path is None:
+            raise ValueError(
+                'removing needs remove_path (write remove_path: "" when base_url itself removes)'
+            )
+        return (Call(join_url(self.base_url, self.remove_path, "remove_path"), kinds),)
