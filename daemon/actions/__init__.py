@@ -9,11 +9,27 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from daemon.actions import facebook_conversion, ping_url, trustedform_claim
+from daemon.actions import (
+    dnpl,
+    edelivery_contact_list,
+    edelivery_unsubscribe,
+    facebook_conversion,
+    opt_intel,
+    opt_intel_unsubscribe,
+    ping_url,
+    trustedform_claim,
+)
 from daemon.actions.base import Action, Resources
 
 ActionSettingsUnion = Annotated[
-    ping_url.Settings | facebook_conversion.Settings | trustedform_claim.Settings,
+    ping_url.Settings
+    | facebook_conversion.Settings
+    | trustedform_claim.Settings
+    | dnpl.Settings
+    | edelivery_contact_list.Settings
+    | edelivery_unsubscribe.Settings
+    | opt_intel.Settings
+    | opt_intel_unsubscribe.Settings,
     Field(discriminator="type"),
 ]
 
@@ -21,6 +37,11 @@ BUILDERS: dict[str, Callable[[Any, Resources], Action]] = {
     "ping_url": ping_url.build,
     "facebook_conversion": facebook_conversion.build,
     "trustedform_claim": trustedform_claim.build,
+    "dnpl": dnpl.build,
+    "edelivery_contact_list": edelivery_contact_list.build,
+    "edelivery_unsubscribe": edelivery_unsubscribe.build,
+    "opt_intel": opt_intel.build,
+    "opt_intel_unsubscribe": opt_intel_unsubscribe.build,
 }
 
 
