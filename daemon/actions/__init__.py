@@ -17,6 +17,7 @@ from daemon.actions import (
     opt_intel,
     opt_intel_unsubscribe,
     ping_url,
+    slack_message,
     trustedform_claim,
 )
 from daemon.actions.base import Action, Resources
@@ -29,7 +30,8 @@ ActionSettingsUnion = Annotated[
     | edelivery_contact_list.Settings
     | edelivery_unsubscribe.Settings
     | opt_intel.Settings
-    | opt_intel_unsubscribe.Settings,
+    | opt_intel_unsubscribe.Settings
+    | slack_message.Settings,
     Field(discriminator="type"),
 ]
 
@@ -42,6 +44,7 @@ BUILDERS: dict[str, Callable[[Any, Resources], Action]] = {
     "edelivery_unsubscribe": edelivery_unsubscribe.build,
     "opt_intel": opt_intel.build,
     "opt_intel_unsubscribe": opt_intel_unsubscribe.build,
+    "slack_message": slack_message.build,
 }
 
 
