@@ -26,9 +26,10 @@ from daemon.errors import InputError, PermanentError, RenderError, RetryableErro
 from daemon.macros import MASK, Template, TemplateStr, UrlTemplate, UrlTemplateStr
 from daemon.models import parse_event_time
 from daemon.outbound import HttpResponse, classify_status, parse_retry_after
+from daemon.yamlfile import raw_text
 
 MAX_EVENT_AGE = 7 * 86400  # Meta refuses the whole request past this (parameters/server-event)
-ActionSource = Literal[
+ACTION_SOURCES = (
     "website",
     "email",
     "app",
@@ -38,7 +39,7 @@ ActionSource = Literal[
     "system_generated",
     "business_messaging",
     "other",
-]
+)
 # external_id: hashing is only recommended, but it is often an email or a phone number.
 HASHED_KEYS = frozenset(
     {"em", "ph", "fn", "ln", "ge", "db", "ct", "st", "zp", "country", "external_id"}
@@ -47,22 +48,12 @@ HASHED_KEYS = frozenset(
 PLAIN_KEYS = frozenset(
     {"client_ip_address", "client_user_agent", "fbc", "fbp", "lead_id", "fb_login_id"}
 )
-DEFAULT_USER_DATA: Mapping[str, str] = {
-    "em": "{email}",
-    "ph": "{phone}",
-    "fn": "{first_name}",
-    "ln": "{last_name}",
-    "ct": "{city}",
-    "st": "{state}",
-    "zp": "{zip}",
-    "country": "{country}",
-    "db": "{dob}",
-    "external_id": "{external_id}",
-    "client_ip_address": "{ip}",
-    "client_user_agent": "{user_agent}",
-    "fbc": "{fbc}",
-    "fbp": "{fbp}",
-}
+# user_data key=canonical field it renders by default (a rule overrides keys one by one).
+_DEFAULTS = (
+    "em=email ph=phone fn=first_name ln=last_name ct=city st=state zp=zip country=country db=dob"
+    " external_id=external_id client_ip_address=ip client_user_agent=user_agent fbc=fbc fbp=fbp"
+)
+DEFAULT_USER_DATA = {k: f"{{{v}}}" for k, v in (pair.split("=") for pair in _DEFAULTS.split())}
 # Graph error codes (https://developers.facebook.com/docs/graph-api/guides/error-handling):
 # transient (1, 2), throttling (4, 17, 341), "temporarily blocked, wait" (368).
 RETRYABLE_CODES = frozenset({1, 2, 4, 17, 341, 368})
@@ -72,48 +63,81 @@ _CUSTOM_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _SECRET_ONLY = re.compile(r"\$\{secret:[^}]+\}")
 
 
-def secret_reference(value: Template, name: str) -> Template:
+def secret_reference(value: Template) -> Template:
     """Refuse a credential written as literal text: it would sit in git and in every listing."""
     if not _SECRET_ONLY.fullmatch(value.source):
-        raise ValueError(f"{name} must be a ${{secret:NAME}} reference, not literal text")
+        raise ValueError("must be a ${secret:NAME} reference, not literal text")
     return value
+
+
+def digits_text(value: Any, pattern: str, message: str) -> str:
+    """A number written in YAML as a number or a string, kept as the text it was written as."""
+    text = raw_text(value) if isinstance(value, int | str) else None
+    if text is None or not re.fullmatch(pattern, text):
+        raise ValueError(message)
+    return text
 
 
 def literal_base_url(value: UrlTemplate) -> UrlTemplate:
     if value.macros or value.secrets:
-        raise ValueError("base_url cannot hold macros or secrets")
+        raise ValueError("cannot hold macros or secrets")
     if "?" in value.source or "#" in value.source:
-        raise ValueError("base_url cannot have a query or a fragment")
+        raise ValueError("cannot have a query or a fragment")
     return value
 
 
 class Settings(ActionSettings):
     type: Literal["facebook_conversion"]
-    pixel_id: str = Field(pattern=r"^[0-9]{1,32}$")
+    pixel_id: str
     access_token: TemplateStr
     app_secret: TemplateStr | None = None
-    api_version: str = Field(default="v25.0", pattern=r"^v[0-9]{1,3}\.[0-9]{1,2}$")
+    api_version: str = "v25.0"
     base_url: UrlTemplateStr = UrlTemplate("https://graph.facebook.com")
     event_name: TemplateStr = Template("Lead")
-    action_source: ActionSource = "system_generated"
+    action_source: str = "system_generated"
     event_source_url: TemplateStr | None = None
     user_data: dict[str, TemplateStr] = Field(default_factory=dict)
-    phone_country_code: str | None = Field(default=None, pattern=r"^[1-9][0-9]{0,2}$")
+    phone_country_code: str | None = None
     value: TemplateStr = Template("{payout}")
     currency: TemplateStr = Template("{currency}")
     custom_data: dict[str, TemplateStr] = Field(default_factory=dict)
     test_event_code: TemplateStr | None = None
     timeout: Duration | None = Field(default=None, gt=0, le=120)
 
+    @field_validator("pixel_id", mode="before")
+    @classmethod
+    def _pixel(cls, value: Any) -> str:
+        return digits_text(value, r"[0-9]{1,32}", "must be the pixel's number (digits only)")
+
+    @field_validator("api_version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if not re.fullmatch(r"v[0-9]{1,3}\.[0-9]{1,2}", value):
+            raise ValueError(f"must look like v25.0, not {value!r}")
+        return value
+
+    @field_validator("phone_country_code", mode="before")
+    @classmethod
+    def _country_code(cls, value: Any) -> str | None:
+        message = "must be 1 to 3 digits without + (1, 44, 380)"
+        return None if value is None else digits_text(value, r"[1-9][0-9]{0,2}", message)
+
+    @field_validator("action_source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if value not in ACTION_SOURCES:
+            raise ValueError(f"must be one of {', '.join(ACTION_SOURCES)}, not {value!r}")
+        return value
+
     @field_validator("access_token")
     @classmethod
     def _token(cls, value: Template) -> Template:
-        return secret_reference(value, "access_token")
+        return secret_reference(value)
 
     @field_validator("app_secret")
     @classmethod
     def _app_secret(cls, value: Template | None) -> Template | None:
-        return None if value is None else secret_reference(value, "app_secret")
+        return None if value is None else secret_reference(value)
 
     @field_validator("base_url")
     @classmethod
@@ -126,7 +150,7 @@ class Settings(ActionSettings):
         for key in value:
             if key not in HASHED_KEYS | PLAIN_KEYS:
                 known = ", ".join(sorted(HASHED_KEYS | PLAIN_KEYS))
-                raise ValueError(f"unknown user_data key {key!r} (known: {known})")
+                raise ValueError(f"unknown key {key!r} (known: {known})")
         return value
 
     @field_validator("custom_data")
@@ -134,9 +158,9 @@ class Settings(ActionSettings):
     def _custom_keys(cls, value: dict[str, Template]) -> dict[str, Template]:
         for key in value:
             if key in ("value", "currency"):
-                raise ValueError(f"set custom_data {key!r} with the `{key}` setting")
+                raise ValueError(f"{key!r} is set by the `{key}` setting, not here")
             if not _CUSTOM_KEY.fullmatch(key):
-                raise ValueError(f"custom_data key {key!r} is not a lower-case identifier")
+                raise ValueError(f"key {key!r} is not a lower-case identifier")
         return value
 
     @model_validator(mode="after")
