@@ -1,0 +1,550 @@
+"""trustedform_claim against a loopback fake of the certificate API: the exact request, the
+answers that are retried or not, secrets kept out of every record, the settings errors an ops
+person sees, the webhook-to-fake path, and the proof that a certificate URL on any other host
+never makes a request carrying the key."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import ipaddress
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+from yarl import URL
+
+from daemon.actions import trustedform_claim
+from daemon.actions.base import Job, Resources
+from daemon.errors import DeliveryError, PermanentError, RetryableError, RulesError
+from daemon.loader import load_rules
+from daemon.outbound import Guard, OutboundHttp
+from daemon.secrets import SecretResolver
+from daemon.store.base import DeliveryState
+from tests.actions.fakes_trustedform import FakeTrustedForm, v4_answer
+from tests.harness import LOOPBACK, FakeClock, start_daemon, wait_for
+
+KEY = "tf-key-Zq8x1Vw3"
+TOKEN = base64.b64encode(f"API:{KEY}".encode()).decode()
+CERT_ID = "2605ec3a321e1b3a41addf0bba1213505ef57985"
+CERT_URL = f"https://cert.trustedform.com/{CERT_ID}"
+ENV = {"POSTBACKD_SECRET_TF_KEY": KEY}
+
+
+class StubResolver:
+    """Answers every name with 127.0.0.1 except those it is told to fail; records each ask."""
+
+    def __init__(self, fail: frozenset[str] = frozenset()) -> None:
+        self.fail = fail
+        self.calls: list[str] = []
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        self.calls.append(host)
+        if host in self.fail:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return ["127.0.0.1"]
+
+
+@pytest.fixture
+async def connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every TCP connect on this test's loop; one that is not loopback is refused unsent."""
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[str, int]] = []
+    real = loop.sock_connect
+
+    async def sock_connect(sock: socket.socket, address: Any) -> None:
+        seen.append((address[0], address[1]))
+        if not ipaddress.ip_address(address[0].split("%")[0]).is_loopback:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "tripwire: not loopback")
+        await real(sock, address)
+
+    monkeypatch.setattr(loop, "sock_connect", sock_connect)
+    return seen
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeTrustedForm]:
+    server = await FakeTrustedForm(api_key=KEY).start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[OutboundHttp]:
+    async with OutboundHttp(guard=Guard(LOOPBACK), timeout=5) as client:
+        yield client
+
+
+def make_resources(http: Any, overrides: dict[str, str] | None = None) -> Resources:
+    secrets = SecretResolver(credentials_dir=None, secrets_dir=None, environ=ENV)
+    return Resources(http=http, secret=secrets, clock=FakeClock(), overrides=overrides or {})
+
+
+def make_action(resources: Resources, **settings: Any) -> trustedform_claim.TrustedFormClaim:
+    raw = {"type": "trustedform_claim", "api_key": "${secret:tf_key}", **settings}
+    return trustedform_claim.build(trustedform_claim.Settings.model_validate(raw), resources)
+
+
+def make_job(**values: str) -> Job:
+    base = {
+        "trusted_form_cert_url": CERT_URL,
+        "email": "a@b.com",
+        "phone": "5122981234",
+        "affiliate": "42",
+        "conversion_id": "C1",
+    }
+    base.update(values)
+    return Job(7, "d-1", "generic:C1:1:7", base, {})
+
+
+async def test_happy_path_sends_exactly_a_v4_retain(
+    fake: FakeTrustedForm, http: OutboundHttp
+) -> None:
+    action = make_action(
+        make_resources(http, {"trustedform_base": fake.base}), insights=["age_seconds", "domain"]
+    )
+    job = make_job()
+    await action.send(job)
+    (got,) = fake.received
+    assert got.method == "POST"
+    assert got.path_qs == f"/{CERT_ID}"
+    assert got.headers["Content-Type"] == "application/json"
+    assert got.headers["Accept"] == "application/json"
+    assert got.headers["api-version"] == "4.0"
+    assert got.headers["Authorization"] == f"Basic {TOKEN}"
+    assert got.body == (
+        b'{"match_lead":{"email":"a@b.com","phone":"5122981234"},'
+        b'"retain":{"reference":"generic:C1:1:7","vendor":"42"},'
+        b'"insights":{"properties":["age_seconds","domain"]}}'
+    )
+    assert job.record.response_status == 200
+    assert job.record.request is not None
+    assert job.record.request.url == fake.base + CERT_ID
+    assert job.record.request.headers["Authorization"] == "****"
+
+
+async def test_a_repeat_is_safe_the_service_says_previously_retained(
+    fake: FakeTrustedForm, http: OutboundHttp
+) -> None:
+    action = make_action(make_resources(http, {"trustedform_base": fake.base}))
+    assert action.idempotent is True
+    first, again = make_job(), make_job()
+    await action.send(first)
+    await action.send(again)
+    assert [json.loads(r.body)["retain"]["reference"] for r in fake.received] == [
+        "generic:C1:1:7"
+    ] * 2
+    assert '"previously_retained": false' in (first.record.response_excerpt or "")
+    assert '"previously_retained": true' in (again.record.response_excerpt or "")
+
+
+async def test_empty_lead_fields_are_left_out_and_templates_apply(
+    fake: FakeTrustedForm, http: OutboundHttp
+) -> None:
+    action = make_action(
+        make_resources(http, {"trustedform_base": fake.base}),
+        cert_url="{extra.xxTrustedFormCertUrl}",
+        phone="{extra.cell}",
+        vendor="pub-{affiliate}",
+    )
+    job = make_job(
+        **{"extra.xxTrustedFormCertUrl": CERT_URL, "email": "", "extra.cell": " 5125550100 "}
+    )
+    job.values.pop("trusted_form_cert_url")  # type: ignore[attr-defined]
+    await action.send(job)
+    assert fake.json() == {
+        "match_lead": {"phone": "5125550100"},
+        "retain": {"reference": "generic:C1:1:7", "vendor": "pub-42"},
+    }
+
+
+async def test_no_email_and_no_phone_is_refused_before_any_request(
+    fake: FakeTrustedForm, http: OutboundHttp
+) -> None:
+    action = make_action(make_resources(http, {"trustedform_base": fake.base}))
+    with pytest.raises(PermanentError) as caught:
+        await action.send(make_job(email="", phone=""))
+    assert caught.value.reason == "nothing_to_match"
+    assert fake.received == []
+
+
+ANSWERS: list[tuple[str, Any, type[DeliveryError] | None, str | None]] = [
+    ("success", (200, v4_answer("success")), None, None),
+    ("success, retained before", (200, v4_answer("success", retain={"x": 1})), None, None),
+    ("failure", (200, v4_answer("failure", "no match")), PermanentError, "trustedform_failure"),
+    ("error", (200, v4_answer("error", "expired")), PermanentError, "trustedform_error"),
+    ("not JSON", (200, "<html>maintenance</html>"), RetryableError, "trustedform_bad_response"),
+    ("no outcome", (200, '{"cert": {}}'), RetryableError, "trustedform_bad_response"),
+    ("bad key", (401, v4_answer("error", "unauthorized")), PermanentError, "http_401"),
+    ("forbidden", (403, v4_answer("error", "forbidden")), PermanentError, "http_403"),
+    ("unknown certificate", (404, v4_answer("error", "not found")), PermanentError, "http_404"),
+    ("bad request", (400, v4_answer("error", "bad")), PermanentError, "http_400"),
+    ("rate limited", (429, v4_answer("error", "slow down")), RetryableError, "http_429"),
+    ("server error", (500, v4_answer("error", "oops")), RetryableError, "http_500"),
+    ("unavailable", (503, ""), RetryableError, "http_503"),
+    ("timeout after sending", "hang", RetryableError, "timeout"),
+]
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "reason"), [a[1:] for a in ANSWERS], ids=[a[0] for a in ANSWERS]
+)
+async def test_answers_are_classified(
+    fake: FakeTrustedForm,
+    http: OutboundHttp,
+    reply: Any,
+    error: type[DeliveryError] | None,
+    reason: str | None,
+) -> None:
+    fake.script.append(reply)
+    action = make_action(make_resources(http, {"trustedform_base": fake.base}), timeout="300ms")
+    if error is None:
+        await action.send(make_job())
+        return
+    with pytest.raises(error) as caught:
+        await action.send(make_job())
+    assert caught.value.reason == reason
+    assert len(fake.received) == 1
+
+
+async def test_connection_refused_is_retried(http: OutboundHttp) -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    action = make_action(make_resources(http, {"trustedform_base": f"http://127.0.0.1:{port}/"}))
+    with pytest.raises(RetryableError) as caught:
+        await action.send(make_job())
+    assert caught.value.reason == "connect_failed"
+
+
+# --- the key goes to cert.trustedform.com and nowhere else ------------------------------------
+
+HOSTILE = [
+    "https://cert.trustedform.com.evil.com/x",
+    "https://evil.com/cert.trustedform.com/x",
+    "https://user@cert.trustedform.com@evil/",
+    "http://cert.trustedform.com/",
+    "https://CERT.trustedform.com:8443/",
+    f"https://cert.trustedform.com.evil.com/{CERT_ID}",
+    f"https://evil.com/cert.trustedform.com/{CERT_ID}",
+    f"https://user@cert.trustedform.com@evil/{CERT_ID}",
+    f"https://API:x@cert.trustedform.com/{CERT_ID}",
+    f"http://cert.trustedform.com/{CERT_ID}",
+    f"https://CERT.trustedform.com:8443/{CERT_ID}",
+    f"https://cert.trustedform.com:8443/{CERT_ID}",
+    f"https://cert.trustedform.com:80/{CERT_ID}",
+    f"https://cert.trustedform.com./{CERT_ID}",
+    f"https://cert.trustedform.com\\@evil.com/{CERT_ID}",
+    f"https://cert.trustedform.com%2F@evil.com/{CERT_ID}",
+    f"https://evil.com#@cert.trustedform.com/{CERT_ID}",
+    f"https://evil.com?@cert.trustedform.com/{CERT_ID}",
+    f"https://evil.com\\cert.trustedform.com/{CERT_ID}",
+    f"//cert.trustedform.com/{CERT_ID}",
+    f"cert.trustedform.com/{CERT_ID}",
+    f"https://127.0.0.1/{CERT_ID}",
+    f"https://[::1]/{CERT_ID}",
+    f"https://cert.trustedform.com/{CERT_ID}/../../evil",
+    f"https://cert.trustedform.com/{CERT_ID}?next=https://evil.com/",
+    f"https://cert.trustedform.com/{CERT_ID}#x",
+    f"https://cert.trustedform.com/{CERT_ID}\nhttps://evil.com/",
+    f"https://cert.trustedform.com/%2e%2e/{CERT_ID}",
+    f"https://cert.trustedform.com//{CERT_ID}",
+    "https://cert.trustedform.com/not-a-certificate-id-at-all",
+    "https://ｃert.trustedform.com/" + CERT_ID,
+    "",
+]
+
+
+@pytest.mark.parametrize("cert_url", HOSTILE)
+async def test_a_foreign_cert_url_never_sends_the_key_anywhere(
+    cert_url: str, fake: FakeTrustedForm, connects: list[tuple[str, int]]
+) -> None:
+    """With the real base (every name resolving to loopback, so a leak would show) and with the
+    test base: refused before any name is resolved, any connection is made or the key read."""
+    asked: list[str] = []
+
+    def secret(name: str) -> str:
+        asked.append(name)
+        return KEY
+
+    for overrides in ({}, {"trustedform_base": fake.base}):
+        resolver = StubResolver()
+        async with OutboundHttp(guard=Guard(LOOPBACK), resolver=resolver) as client:
+            resources = Resources(
+                http=client, secret=secret, clock=FakeClock(), overrides=overrides
+            )
+            action = make_action(resources)
+            with pytest.raises(PermanentError) as caught:
+                await action.send(make_job(trusted_form_cert_url=cert_url))
+            with pytest.raises(PermanentError):
+                action.preview(make_job(trusted_form_cert_url=cert_url))
+        assert caught.value.reason == "bad_cert_url"
+        assert resolver.calls == []
+    assert connects == []
+    assert fake.received == []
+    assert asked == []
+
+
+async def test_the_real_path_only_ever_asks_for_cert_trustedform_com(
+    connects: list[tuple[str, int]],
+) -> None:
+    resolver = StubResolver(fail=frozenset({"cert.trustedform.com"}))
+    async with OutboundHttp(guard=Guard(LOOPBACK), resolver=resolver) as client:
+        action = make_action(make_resources(client))
+        assert action.destination == "https://cert.trustedform.com:443"
+        for url in (CERT_URL, f"https://cert.trustedform.com:443/{CERT_ID}", f" {CERT_URL}\n"):
+            with pytest.raises(RetryableError) as caught:
+                await action.send(make_job(trusted_form_cert_url=url))
+            assert caught.value.reason == "dns_failed"
+    assert resolver.calls == ["cert.trustedform.com"] * 3
+    assert connects == []
+
+
+def test_a_rule_cannot_move_the_service(tmp_path: Path) -> None:
+    assert validation_errors(tmp_path, 'base_url: "http://127.0.0.1:1/"') == [
+        "offer-1.yaml:10: postback 5: unknown key 'action.base_url'"
+    ]
+
+
+_PIECES = st.sampled_from(
+    [
+        "https://",
+        "http://",
+        "//",
+        "cert.trustedform.com",
+        "CERT.trustedform.com",
+        ".evil.com",
+        "evil.com",
+        "@",
+        "user:pw",
+        ":443",
+        ":8443",
+        "/",
+        "\\",
+        "%2F",
+        "#",
+        "?",
+        ".",
+        " ",
+        "\n",
+        CERT_ID,
+        "x",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PIECES, min_size=1, max_size=8).map("".join))
+def test_whatever_the_url_the_request_goes_to_the_certificate_host(text: str) -> None:
+    action = make_action(make_resources(None))
+    job = make_job(trusted_form_cert_url=text)
+    try:
+        request = action.preview(job)
+    except PermanentError:
+        with pytest.raises(PermanentError, match=r"^bad_cert_url"):
+            action.preview(job)
+        return
+    # Accepted: independent parsers agree the input named the certificate host itself.
+    parsed = URL(text.strip())
+    assert (parsed.scheme, parsed.host, parsed.port, parsed.user) == (
+        "https",
+        "cert.trustedform.com",
+        443,
+        None,
+    )
+    assert request.url == f"https://cert.trustedform.com{parsed.path}"
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+
+def _assert_clean(*texts: str) -> None:
+    for text in texts:
+        assert KEY not in text
+        assert TOKEN not in text
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        (500, json.dumps({"outcome": "error", "reason": f"bad key {KEY} / Basic {TOKEN}"})),
+        (200, json.dumps({"outcome": "failure", "reason": f"key {KEY}"})),
+        (200, json.dumps({"outcome": "success", "echo": KEY})),
+        (401, f"Authorization: Basic {TOKEN}"),
+    ],
+)
+async def test_the_key_never_reaches_errors_records_or_logs(
+    fake: FakeTrustedForm, http: OutboundHttp, reply: tuple[int, str]
+) -> None:
+    fake.script.append(reply)
+    action = make_action(make_resources(http, {"trustedform_base": fake.base}))
+    job = make_job()
+    error: Exception | None = None
+    with capture_logs() as logs:
+        try:
+            await action.send(job)
+        except DeliveryError as err:
+            error = err
+    assert fake.received[0].headers["Authorization"] == f"Basic {TOKEN}"  # it was sent
+    assert job.record.request is not None
+    _assert_clean(
+        str(error),
+        repr(error),
+        json.dumps(job.record.request.as_dict()),
+        job.record.response_excerpt or "",
+        repr(logs),
+        json.dumps(action.preview(make_job()).as_dict()),
+    )
+    assert "****" in (job.record.response_excerpt or "")
+
+
+# --- settings errors, as `postbackd validate` prints them ---------------------------------------
+
+RULE = """\
+offer: 1
+postbacks:
+  - id: 5
+    trigger: conversion_done
+    affiliate: "*"
+    action:
+      type: trustedform_claim
+      api_key: "${{secret:tf_key}}"
+      vendor: "{{affiliate}}"
+      {extra}
+"""
+
+
+def validation_errors(tmp_path: Path, extra: str, rule: str = RULE) -> list[str]:
+    rules = tmp_path / "rules.d"
+    rules.mkdir(exist_ok=True)
+    (rules / "offer-1.yaml").write_text(rule.format(extra=extra))
+    try:
+        load_rules(rules, git=False)
+    except RulesError as err:
+        return [str(issue) for issue in err.issues]
+    return []
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            'insights: ["age_seconds", "Domain"]',
+            "action.insights: 'Domain' is not an insights property name (e.g. age_seconds)",
+        ),
+        (
+            "insights: [domain, domain]",
+            "action.insights: an insights property is listed twice (each is billed)",
+        ),
+        ("timeout: 2m", "action.timeout: Input should be less than or equal to 60"),
+        ("timeout: 0", "action.timeout: Input should be greater than 0"),
+        (
+            "phone: '{phone_number}'",
+            "action.phone: unknown macro {phone_number} (write {{ and }} for literal braces)",
+        ),
+        (
+            "cert_url: '{trusted_form}'",
+            "action.cert_url: unknown macro {trusted_form}; did you mean {trusted_form_cert_url}?",
+        ),
+        ("reference: x", "unknown key 'action.reference'"),
+    ],
+)
+def test_settings_errors_name_file_line_and_postback(
+    tmp_path: Path, extra: str, message: str
+) -> None:
+    assert validation_errors(tmp_path, extra) == [f"offer-1.yaml:10: postback 5: {message}"]
+
+
+def test_a_valid_rule_loads(tmp_path: Path) -> None:
+    extra = "insights: [age_seconds, domain]\n      timeout: 10s\n      phone: '{extra.cell}'"
+    assert validation_errors(tmp_path, extra) == []
+
+
+@pytest.mark.parametrize(
+    ("api_key", "line"),
+    [
+        ("'tf-literal-key'", 8),
+        ("'${{secret:tf_key}}{{email}}'", 8),
+        ("'Bearer ${{secret:tf_key}}'", 8),
+    ],
+)
+def test_the_api_key_must_be_a_secret_reference(tmp_path: Path, api_key: str, line: int) -> None:
+    rule = RULE.replace('"${{secret:tf_key}}"', api_key)
+    assert validation_errors(tmp_path, "", rule) == [
+        f"offer-1.yaml:{line}: postback 5: action.api_key: api_key must be a ${{secret:NAME}}"
+        " reference, not literal text"
+    ]
+
+
+def test_the_api_key_is_required(tmp_path: Path) -> None:
+    rule = RULE.replace('      api_key: "${{secret:tf_key}}"\n', "")
+    assert validation_errors(tmp_path, "", rule) == [
+        "offer-1.yaml:6: postback 5: missing required key 'action.api_key'"
+    ]
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+async def test_webhook_to_rule_to_trustedform(tmp_path: Path, fake: FakeTrustedForm) -> None:
+    rules = {"offer-1.yaml": RULE.format(extra="insights: [age_seconds]")}
+    daemon = await start_daemon(
+        tmp_path, rules, environ=ENV, overrides={"trustedform_base": fake.base}
+    )
+    try:
+        with capture_logs() as logs:
+            await daemon.post(
+                conversion_id="E1",
+                offer=1,
+                affiliate=42,
+                status="approved",
+                email="a@b.com",
+                trusted_form_cert_url=CERT_URL,
+            )
+            await daemon.post(
+                conversion_id="E2",
+                offer=1,
+                affiliate=42,
+                status="approved",
+                email="a@b.com",
+                trusted_form_cert_url=f"https://cert.trustedform.com.evil.com/{CERT_ID}",
+            )
+            rows = await wait_for(
+                lambda: _final(daemon.deliveries()),
+            )
+        assert len(fake.received) == 1
+        assert fake.received[0].path_qs == f"/{CERT_ID}"
+        assert fake.json() == {
+            "match_lead": {"email": "a@b.com"},
+            "retain": {"reference": "generic:E1:1:5", "vendor": "42"},
+            "insights": {"properties": ["age_seconds"]},
+        }
+        states = {r.conversion_id: r.state for r in rows}
+        assert states == {"E1": DeliveryState.SUCCEEDED, "E2": DeliveryState.DEAD}
+        stored = []
+        for row in rows:
+            detail = await daemon.services.store.get_delivery(row.delivery_id)
+            assert detail is not None
+            stored.append(detail.attempts[0])
+        by_reason = {a.reason: a for a in stored}
+        assert set(by_reason) == {None, "bad_cert_url"}
+        assert by_reason[None].request["headers"]["Authorization"] == "****"
+        assert by_reason["bad_cert_url"].request is None  # nothing was sent
+        lines = [e for e in logs if e["event"] == "delivery_attempt"]
+        assert sorted(str(e["reason"]) for e in lines) == ["None", "bad_cert_url"]
+        _assert_clean(repr(stored), repr(logs))
+    finally:
+        await daemon.client.close()
+
+
+async def _final(rows: Any) -> Any:
+    found = await rows
+    done = {DeliveryState.SUCCEEDED, DeliveryState.DEAD}
+    return found if len(found) == 2 and all(r.state in done for r in found) else None
