@@ -152,7 +152,11 @@ async def _services(
     )
     destinations = Destinations(settings.outbound.per_host_concurrency, clock.now)
     dispatcher = Dispatcher(
-        store, lambda: reloader.runtime, clock.now, DispatcherConfig(node=node), destinations
+        store,
+        lambda: reloader.runtime,
+        clock.now,
+        DispatcherConfig(node=node, lease=settings.delivery.lease),
+        destinations,
     )
     services = Services(settings, store, http, reloader, dispatcher, clock, node, notifier)
     app[SERVICES] = services

@@ -66,6 +66,12 @@ class Api(_Model):
     metrics_public: StrictBool = True
 
 
+class Delivery(_Model):
+    # How long a node's claim on a delivery lasts. Another node takes the delivery over only
+    # after that, so it must outlast any attempt; a node that dies holds its claims this long.
+    lease: Duration = Field(default=120.0, ge=1, le=86400)
+
+
 class Log(_Model):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -80,6 +86,7 @@ class Settings(_Model):
     secrets_dir: Path | None = None
     outbound: Outbound = Field(default_factory=Outbound)
     api: Api = Field(default_factory=Api)
+    delivery: Delivery = Field(default_factory=Delivery)
     log: Log = Field(default_factory=Log)
     retention: Duration = Field(default=30 * 86400.0, gt=0)
     # Not a key of the file: the folder that relative paths are relative to.
@@ -89,6 +96,15 @@ class Settings(_Model):
     def _listen(self) -> Settings:
         host, port = split_listen(self.listen)
         del host, port
+        return self
+
+    @model_validator(mode="after")
+    def _lease(self) -> Settings:
+        if self.delivery.lease <= self.outbound.timeout:
+            raise ValueError(
+                "delivery.lease must be longer than outbound.timeout "
+                "(an attempt must end before its claim does)"
+            )
         return self
 
     @property
@@ -167,7 +183,7 @@ def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
 
 
 def _env_value(key: str, text: str) -> Any:
-    if key in ("outbound", "api", "log"):
+    if key in ("outbound", "api", "delivery", "log"):
         try:
             return load_yaml(text)  # e.g. POSTBACKD_LOG='{level: debug}'
         except YamlError as err:
