@@ -25,10 +25,6 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
     field_validator,
     model_validator,
 )
@@ -54,8 +50,8 @@ def _number_as_text(value: Any) -> Any:
 
 Text = Annotated[TemplateStr, BeforeValidator(_number_as_text)]
 WireName = Annotated[str, Field(min_length=1, max_length=100)]
+MAX_WIRE_NAME = 100
 Kind = Literal["email", "phone"]
-JsonScalar = StrictBool | StrictInt | StrictFloat | StrictStr | None
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
 _RESERVED_HEADERS = {"host", "content-length", "content-type", "transfer-encoding", "connection"}
 _FIELD_PATH = re.compile(r"^[A-Za-z0-9_$@-]+(\.[A-Za-z0-9_$@-]+)*$")
@@ -64,6 +60,14 @@ _MISSING = object()
 
 def _as_list(value: Any) -> Any:
     return value if isinstance(value, list | tuple) else [value]
+
+
+def _scalars(value: Any) -> Any:
+    values = _as_list(value)
+    for item in values:
+        if not (item is None or isinstance(item, str | int | float | bool)):
+            raise ValueError("equals holds strings, numbers, true, false or null")
+    return values
 
 
 class _Strict(BaseModel):
@@ -77,16 +81,16 @@ class Predicate(_Strict):
         Annotated[list[Annotated[int, Field(ge=100, le=599)]], BeforeValidator(_as_list)] | None
     ) = None
     field: str | None = None
-    equals: Annotated[list[JsonScalar], BeforeValidator(_as_list)] | None = None
+    equals: Annotated[list[Any], BeforeValidator(_scalars)] | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> Predicate:
+        if self.equals is not None and self.field is None:
+            raise ValueError("equals needs field: the JSON field of the answer to compare")
         if self.status is None and self.field is None:
             raise ValueError("give status, field (with equals), or both")
         if self.field is not None and self.equals is None:
             raise ValueError("field needs equals: the values that count")
-        if self.equals is not None and self.field is None:
-            raise ValueError("equals needs field: the JSON field of the answer to compare")
         if self.field is not None and not _FIELD_PATH.match(self.field):
             raise ValueError(f"field {self.field!r} is not a path such as status or data.result")
         return self
@@ -160,6 +164,10 @@ def join_url(base: Template, path: str, setting: str) -> UrlTemplate:
     """`base_url` + a path setting as one URL template, checked at load."""
     if path and not path.startswith("/"):
         raise ValueError(f"{setting} must start with /")
+    try:
+        Template(path)  # its own mistakes reported with columns of the path, not the URL
+    except TemplateError as err:
+        raise ValueError(f"{setting}: {err}") from err
     if path and re.search(r"[?#]", base.source):
         raise ValueError(f"base_url has a query or fragment: {setting} cannot follow it")
     try:
@@ -179,12 +187,12 @@ class ListSettings(ActionSettings):
     auth: Auth | None = None
     list_id: Text | None = None
     list_id_field: WireName = "list_id"
-    fields: dict[WireName, Text] = Field(
+    fields: dict[str, Text] = Field(
         default_factory=lambda: {"email": Template("{email}"), "phone": Template("{phone}")}
     )
     # Which fields carry the contact's email or phone (normalised, hashed, required). Default:
     # every field whose template is exactly {email} or {phone}.
-    identifiers: dict[WireName, Kind] | None = None
+    identifiers: dict[str, Kind] | None = None
     hashing: Literal["plain", "md5"] = "plain"
     success: Predicate | None = None
     already_there: Predicate | None = None
@@ -196,6 +204,9 @@ class ListSettings(ActionSettings):
     @classmethod
     def _field_numbers(cls, value: Any) -> Any:
         if isinstance(value, Mapping):
+            for name in value:
+                if not isinstance(name, str) or not 0 < len(name) <= MAX_WIRE_NAME:
+                    raise ValueError(f"a field name is a string of 1 to {MAX_WIRE_NAME} characters")
             return {k: _number_as_text(v) for k, v in value.items()}
         return value
 
