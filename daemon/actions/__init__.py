@@ -14,6 +14,7 @@ from daemon.actions import (
     edelivery_contact_list,
     edelivery_unsubscribe,
     facebook_conversion,
+    lms_post_lead,
     opt_intel,
     opt_intel_unsubscribe,
     ping_url,
@@ -31,7 +32,8 @@ ActionSettingsUnion = Annotated[
     | edelivery_unsubscribe.Settings
     | opt_intel.Settings
     | opt_intel_unsubscribe.Settings
-    | slack_message.Settings,
+    | slack_message.Settings
+    | lms_post_lead.Settings,
     Field(discriminator="type"),
 ]
 
@@ -45,6 +47,7 @@ BUILDERS: dict[str, Callable[[Any, Resources], Action]] = {
     "opt_intel": opt_intel.build,
     "opt_intel_unsubscribe": opt_intel_unsubscribe.build,
     "slack_message": slack_message.build,
+    "lms_post_lead": lms_post_lead.build,
 }
 
 
