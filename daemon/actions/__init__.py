@@ -14,6 +14,7 @@ from daemon.actions import (
     edelivery_contact_list,
     edelivery_unsubscribe,
     facebook_conversion,
+    google_analytics,
     lms_post_lead,
     opt_intel,
     opt_intel_unsubscribe,
@@ -26,6 +27,7 @@ from daemon.actions.base import Action, Resources
 ActionSettingsUnion = Annotated[
     ping_url.Settings
     | facebook_conversion.Settings
+    | google_analytics.Settings
     | trustedform_claim.Settings
     | dnpl.Settings
     | edelivery_contact_list.Settings
@@ -40,6 +42,7 @@ ActionSettingsUnion = Annotated[
 BUILDERS: dict[str, Callable[[Any, Resources], Action]] = {
     "ping_url": ping_url.build,
     "facebook_conversion": facebook_conversion.build,
+    "google_analytics": google_analytics.build,
     "trustedform_claim": trustedform_claim.build,
     "dnpl": dnpl.build,
     "edelivery_contact_list": edelivery_contact_list.build,
