@@ -19,13 +19,21 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
 
 from daemon.actions.base import Job, Resources
-from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError, RulesError
+from daemon.errors import (
+    DeliveryError,
+    OutcomeUnknownError,
+    PermanentError,
+    RetryableError,
+    RulesError,
+)
 from daemon.loader import load_rules
 from daemon.outbound import Guard, OutboundHttp
 from daemon.secrets import SecretResolver, env_var_name
-from tests.harness import FakeClock
+from daemon.store.base import AttemptRow, DeliveryState
+from tests.harness import FakeClock, start_daemon, wait_for
 
 Answer = tuple[int, Any]  # (status, JSON body; a str is sent as text)
 # A scripted reply: an answer, "hang" (never answers), "drop" (closes the connection after
@@ -307,3 +315,60 @@ ANSWERS: list[tuple[str, Scripted, str, str]] = [
     ("hang", "hang", "retry", "timeout"),
     ("drop", "drop", "retry", "disconnected"),
 ]
+
+
+async def attempt_texts(action: Any, job: Job) -> tuple[tuple[str, str], list[str]]:
+    """Send once; (outcome, every text the attempt left behind: the error's str, repr and
+    causes, the attempt record, the log lines)."""
+    texts: list[str] = []
+    with capture_logs() as logs:
+        try:
+            await action.send(job)
+            result = ("succeeded", "")
+        except DeliveryError as err:
+            result = (type(err).__name__, err.reason)
+            cause: BaseException | None = err
+            while cause is not None:
+                texts += [str(cause), repr(cause), repr(cause.args)]
+                cause = cause.__cause__ or cause.__context__
+    record = job.record
+    texts.append(repr(record.request.as_dict() if record.request else None))
+    texts.append(repr(record.response_excerpt))
+    texts += [repr(line) for line in logs]
+    return result, texts
+
+
+@dataclass
+class EndToEnd:
+    """What one conversion left behind after it went webhook -> rule -> fake."""
+
+    answer: dict[str, Any]
+    attempts: list[AttemptRow]
+    logs: list[dict[str, Any]]
+    state: DeliveryState
+
+
+async def end_to_end(
+    tmp_path: Path,
+    action: str,
+    secrets: Mapping[str, str],
+    done: Callable[[], Any],
+    **conversion: Any,
+) -> EndToEnd:
+    """Start the daemon with one postback doing `action` (offer 1, conversion_done), post an
+    approved conversion of offer 1 with `conversion` fields, wait until `done()` holds and the
+    attempt is logged."""
+    daemon = await start_daemon(
+        tmp_path, {"pb.yaml": rule_file(action)}, environ=secret_env(secrets)
+    )
+    try:
+        with capture_logs() as logs:
+            answer = await daemon.post(offer=1, affiliate=42, status="approved", **conversion)
+            await wait_for(done)
+            await wait_for(lambda: [e for e in logs if e["event"] == "delivery_attempt"])
+        (row,) = await daemon.deliveries()
+        detail = await daemon.services.store.get_delivery(row.delivery_id)
+        assert detail is not None
+        return EndToEnd(answer, detail.attempts, logs, detail.delivery.state)
+    finally:
+        await daemon.client.close()
