@@ -72,7 +72,14 @@ async def action_resources(
 
 
 def make_job(values: Mapping[str, str] | None = None, key: str = KEY) -> Job:
-    base = {"conversion_id": "T-1", "offer": "1", "affiliate": "42", "idempotency_key": key}
+    base = {
+        "conversion_id": "T-1",
+        "offer": "1",
+        "affiliate": "42",
+        "postback_id": "7",
+        "delivery_id": "d-1",
+        "idempotency_key": key,
+    }
     base.update(values or {})
     return Job(
         postback_id=7,
