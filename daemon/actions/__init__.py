@@ -21,6 +21,7 @@ from daemon.actions import (
     ping_url,
     slack_message,
     trustedform_claim,
+    twilio_sms,
 )
 from daemon.actions.base import Action, Resources
 
@@ -35,6 +36,7 @@ ActionSettingsUnion = Annotated[
     | opt_intel.Settings
     | opt_intel_unsubscribe.Settings
     | slack_message.Settings
+    | twilio_sms.Settings
     | lms_post_lead.Settings,
     Field(discriminator="type"),
 ]
@@ -50,6 +52,7 @@ BUILDERS: dict[str, Callable[[Any, Resources], Action]] = {
     "opt_intel": opt_intel.build,
     "opt_intel_unsubscribe": opt_intel_unsubscribe.build,
     "slack_message": slack_message.build,
+    "twilio_sms": twilio_sms.build,
     "lms_post_lead": lms_post_lead.build,
 }
 
