@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,8 +20,10 @@ from daemon.errors import StoreError
 from daemon.guard import Guard
 from daemon.hosts import Destinations
 from daemon.ingest import MAX_BODY, ingest
+from daemon.metrics import Metrics
 from daemon.outbound import OutboundHttp, Resolver
 from daemon.reload import Reloader, Runtime
+from daemon.retention import Retention
 from daemon.secrets import SecretResolver
 from daemon.settings import Settings
 from daemon.store.base import ArrivalResult, Store
@@ -46,13 +46,16 @@ class Services:
     clock: Any
     node: str
     notifier: Any = None
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 SERVICES = web.AppKey("services", Services)
 
 
-def node_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+def node_name(settings: Settings) -> str:
+    """Stable across restarts (so a restarted node takes back its own claims at once) and
+    unique among live nodes (no two daemons listen on one host and port)."""
+    return f"{socket.gethostname()}:{settings.port}"
 
 
 def create_app(
@@ -70,7 +73,10 @@ def create_app(
 ) -> web.Application:
     """Build the app; its services start with the runner (cleanup_ctx) and stop with it.
     `overrides` goes to Resources.overrides (tests only: pinned service hosts)."""
-    app = web.Application(client_max_size=MAX_BODY)
+    from daemon.api import add_api_routes  # here: daemon.api imports SERVICES from this module
+
+    metrics = Metrics()
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[metrics.middleware])
     clock = clock or SystemClock()
     app.cleanup_ctx.append(
         lambda app: _services(
@@ -83,14 +89,16 @@ def create_app(
             notifier,
             dispatch,
             watch,
-            node or node_name(),
+            node or node_name(settings),
             overrides or {},
+            metrics,
         )
     )
     app.router.add_route("GET", "/webhooks/{source}", _webhook)
     app.router.add_route("POST", "/webhooks/{source}", _webhook)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    add_api_routes(app, settings, environ)
     return app
 
 
@@ -106,6 +114,7 @@ async def _services(
     watch: bool,
     node: str,
     overrides: Mapping[str, str],
+    metrics: Metrics,
 ) -> AsyncIterator[None]:
     if store is None:
         from daemon.store.factory import open_store
@@ -150,6 +159,7 @@ async def _services(
         on_swap=on_swap,
         notifier=notifier,
     )
+    metrics.watch_rules(reloader)
     destinations = Destinations(settings.outbound.per_host_concurrency, clock.now)
     dispatcher = Dispatcher(
         store,
@@ -157,18 +167,22 @@ async def _services(
         clock.now,
         DispatcherConfig(node=node, lease=settings.delivery.lease),
         destinations,
+        on_attempt=metrics.attempt,
     )
-    services = Services(settings, store, http, reloader, dispatcher, clock, node, notifier)
+    services = Services(settings, store, http, reloader, dispatcher, clock, node, notifier, metrics)
     app[SERVICES] = services
     tasks: list[asyncio.Task[None]] = []
     try:
         await reloader.load_initial()
+        recovered = await store.recover(node, datetime.fromtimestamp(clock.now(), UTC))
+        if recovered:
+            log.info("deliveries_recovered", count=recovered, node=node)
         if dispatch:
             tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
         if watch:
             tasks.append(asyncio.create_task(reloader.watch(), name="watcher"))
-        if notifier is not None:
-            tasks.append(asyncio.create_task(notifier.run_watchdog(), name="watchdog"))
+        retention = Retention(store, settings.retention, clock.now)
+        tasks.append(asyncio.create_task(retention.run(), name="retention"))
         yield
     finally:
         await dispatcher.stop(grace=20.0)
@@ -193,7 +207,8 @@ async def _webhook(request: web.Request) -> web.Response:
 
 
 def _arrival_committed(services: Services, source: str, result: ArrivalResult) -> None:
-    """After the store committed an arrival: wake the dispatcher (and count it, see metrics)."""
+    """After the store committed an arrival: count it, and wake the dispatcher."""
+    services.metrics.arrival(source, result.transition)
     if result.delivery_ids:
         services.dispatcher.wake()
 

@@ -192,6 +192,12 @@ class Store(Protocol):
         later time to postpone it); False when the claim is no longer held."""
         ...
 
+    async def recover(self, node: str, now: datetime) -> int:
+        """At start: the claims this node held before it stopped (killed mid-attempt) become
+        due at once, instead of waiting for their leases to end. Node names are stable across
+        restarts (host and port) and unique among live nodes."""
+        ...
+
     async def cancel_postbacks(self, postback_ids: Collection[int], now: datetime) -> int:
         """Queued and retrying deliveries of these postbacks become cancelled."""
         ...

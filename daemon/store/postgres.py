@@ -263,6 +263,9 @@ class PostgresStore:
         args = (claim.delivery_id, claim.token, utc(now))
         return await self._count("release_delivery", *args) == 1
 
+    async def recover(self, node: str, now: datetime) -> int:
+        return await self._count("recover_node", node, utc(now))
+
     async def cancel_postbacks(self, postback_ids: Collection[int], now: datetime) -> int:
         return await self._count("cancel_postbacks", sorted(postback_ids), utc(now))
 

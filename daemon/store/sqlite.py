@@ -313,6 +313,10 @@ class SQLiteStore:
             lambda c: c.execute(self._q["release_delivery"], args).rowcount == 1
         )
 
+    async def recover(self, node: str, now: datetime) -> int:
+        args = {"node": node, "now": to_us(now)}
+        return await self._write(lambda c: c.execute(self._q["recover_node"], args).rowcount)
+
     async def cancel_postbacks(self, postback_ids: Collection[int], now: datetime) -> int:
         args = {"postback_ids": json.dumps(sorted(postback_ids)), "now": to_us(now)}
         return await self._write(lambda c: c.execute(self._q["cancel_postbacks"], args).rowcount)

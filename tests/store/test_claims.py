@@ -208,3 +208,20 @@ async def test_release_to_a_later_time_postpones_the_delivery(store: Store) -> N
     assert await store.claim_due("n1", at(299), 10, LEASE) == []
     later = await claim_one(store, at(300))
     assert (later.delivery_id, later.attempts) == (claim.delivery_id, 0)
+
+
+async def test_recover_gives_back_only_the_restarted_nodes_claims(store: Store) -> None:
+    for i in range(3):
+        await arrive(store, conversion(f"c{i}"), at(i), postbacks=(101,))
+    mine = await store.claim_due("host:8080", at(10), 2, LEASE)
+    theirs = await store.claim_due("host:8081", at(10), 1, LEASE)
+
+    # The node at host:8080 was killed and starts again: its claims are due at once...
+    assert await store.recover("host:8080", at(11)) == 2
+    again = await store.claim_due("host:8080", at(11), 10, LEASE)
+    assert sorted(c.delivery_id for c in again) == sorted(c.delivery_id for c in mine)
+    assert all(c.token not in {m.token for m in mine} for c in again)
+    # ...the old tokens are fenced, and the other node's claim is untouched.
+    assert not await finish(store, mine[0], DeliveryState.SUCCEEDED, at(12))
+    assert await finish(store, theirs[0], DeliveryState.SUCCEEDED, at(12))
+    assert await store.recover("host:9999", at(13)) == 0

@@ -84,6 +84,13 @@ SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
     lease_owner = NULL, lease_token = NULL, lease_until = NULL
 WHERE id = $1 AND lease_token = $2 AND state = 'in_flight';
 
+-- name: recover_node
+UPDATE delivery
+SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
+    next_attempt_at = $2, updated_at = $2,
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL
+WHERE state = 'in_flight' AND lease_owner = $1;
+
 -- name: cancel_postbacks
 UPDATE delivery
 SET state = 'cancelled', next_attempt_at = NULL, updated_at = $2

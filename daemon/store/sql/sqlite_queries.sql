@@ -77,6 +77,13 @@ SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
     lease_owner = NULL, lease_token = NULL, lease_until = NULL
 WHERE id = :id AND lease_token = :token AND state = 'in_flight';
 
+-- name: recover_node
+UPDATE delivery
+SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
+    next_attempt_at = :now, updated_at = :now,
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL
+WHERE state = 'in_flight' AND lease_owner = :node;
+
 -- name: cancel_postbacks
 UPDATE delivery
 SET state = 'cancelled', next_attempt_at = NULL, updated_at = :now

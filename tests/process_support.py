@@ -1,0 +1,122 @@
+"""`postbackd run` as a real subprocess on a free loopback port, for process-level tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.harness import wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def write_config(root: Path, *, port: int, store: str | None = None, **extra: Any) -> Path:
+    """A settings file under root/config with rules.d and webhooks beside it."""
+    conf = root / "config"
+    conf.mkdir(parents=True, exist_ok=True)
+    (root / "rules.d").mkdir(exist_ok=True)
+    (root / "webhooks").mkdir(exist_ok=True)
+    settings: dict[str, Any] = {
+        "listen": f"127.0.0.1:{port}",
+        "store": store or "sqlite:///../var/postbackd.db",
+        "rules_dir": "../rules.d",
+        "webhooks_dir": "../webhooks",
+        "outbound": {"allow_cidrs": ["127.0.0.1/32"], "timeout": "5s"},
+        "log": {"format": "json", "level": "info"},
+    }
+    settings.update(extra)
+    (root / "var").mkdir(exist_ok=True)
+    path = conf / "postbackd.yaml"
+    path.write_text(json.dumps(settings))  # JSON is YAML
+    return path
+
+
+class DaemonProcess:
+    """Start, kill and restart `postbackd run -c CONFIG`; stdout collected to a log file."""
+
+    def __init__(self, config: Path, port: int, env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.port = port
+        self.env = {
+            k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")
+        }
+        self.env.update(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = config.parent.parent / "daemon.log"
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.starts += 1
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "run", "-c", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+
+    async def ready(self, deadline: float = 20.0) -> None:
+        async with aiohttp.ClientSession() as session:
+
+            async def up() -> bool:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"daemon exited: {self.log.read_text()[-2000:]}")
+                try:
+                    async with session.get(f"{self.url}/readyz") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_for(up, deadline=deadline, interval=0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text("utf-8", "replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if event.get("event") == name:
+                    out.append(event)
+        return out
+
