@@ -1,18 +1,25 @@
 """google_analytics: one GA4 Measurement Protocol event per delivery, limits checked at load.
 
 Protocol: https://developers.google.com/analytics/devguides/collection/protocol/ga4/sending-events
-Limits and reserved names: https://developers.google.com/analytics/devguides/collection/protocol/ga4/sending-events#limitations
+Limits and reserved names: https://developers.google.com/analytics/devguides/collection/protocol/ga4/reference
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, StrictBool, StrictFloat, StrictInt, ValidationInfo, field_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    field_validator,
+)
 
 from daemon.actions.base import ActionSettings, Job, RequestRecord, Resources, secret_lookup
 from daemon.durations import Duration
@@ -23,6 +30,7 @@ from daemon.macros import (
     UrlTemplate,
     UrlTemplateStr,
     encode_url_component,
+    parse_template,
 )
 from daemon.models import parse_event_time
 from daemon.outbound import HttpResponse, classify_status
@@ -50,7 +58,24 @@ NUMERIC_PARAMS = frozenset({"value"})
 _NUMERIC_TEMPLATE = re.compile(r"\{(payout|revenue)\}")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _SECRET_ONLY = re.compile(r"\$\{secret:[^}]+\}")
-ParamValue = StrictBool | StrictInt | StrictFloat | TemplateStr
+
+
+def _param_value(value: Any) -> Any:
+    """A param is a text template, or a YAML number or boolean sent as it is."""
+    if isinstance(value, Template | bool | int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, str):
+        return parse_template(value)
+    raise ValueError("must be a text template, a finite number or true/false")
+
+
+ParamValue = Annotated[
+    Any,
+    BeforeValidator(_param_value),
+    PlainSerializer(lambda v: v.source if isinstance(v, Template) else v),
+]
 
 
 def check_name(name: str, what: str) -> None:
@@ -146,8 +171,8 @@ def event_time(job: Job, now: float) -> float:
 
 
 class GoogleAnalytics:
-    # Not idempotent by protocol, but a repeat is one duplicate analytics event, not harm (a
-    # purchase's transaction_id even dedupes it in reports): retrying beats asking an operator.
+    # Not idempotent by protocol, but a repeat is one duplicate analytics event carrying the
+    # same transaction_id, not harm: retrying beats parking it for an operator.
     idempotent: ClassVar[bool] = True
 
     def __init__(self, settings: Settings, resources: Resources) -> None:
