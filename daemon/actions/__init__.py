@@ -14,6 +14,7 @@ from daemon.actions import (
     edelivery_contact_list,
     edelivery_unsubscribe,
     facebook_conversion,
+    five9_list,
     google_analytics,
     lms_post_lead,
     opt_intel,
@@ -37,7 +38,8 @@ ActionSettingsUnion = Annotated[
     | opt_intel_unsubscribe.Settings
     | slack_message.Settings
     | twilio_sms.Settings
-    | lms_post_lead.Settings,
+    | lms_post_lead.Settings
+    | five9_list.Settings,
     Field(discriminator="type"),
 ]
 
@@ -54,6 +56,7 @@ BUILDERS: dict[str, Callable[[Any, Resources], Action]] = {
     "slack_message": slack_message.build,
     "twilio_sms": twilio_sms.build,
     "lms_post_lead": lms_post_lead.build,
+    "five9_list": five9_list.build,
 }
 
 
