@@ -16,6 +16,7 @@ from daemon.actions import (
     facebook_conversion,
     five9_list,
     google_analytics,
+    google_sheets,
     lms_post_lead,
     opt_intel,
     opt_intel_unsubscribe,
@@ -30,6 +31,7 @@ ActionSettingsUnion = Annotated[
     ping_url.Settings
     | facebook_conversion.Settings
     | google_analytics.Settings
+    | google_sheets.Settings
     | trustedform_claim.Settings
     | dnpl.Settings
     | edelivery_contact_list.Settings
@@ -47,6 +49,7 @@ BUILDERS: dict[str, Callable[[Any, Resources], Action]] = {
     "ping_url": ping_url.build,
     "facebook_conversion": facebook_conversion.build,
     "google_analytics": google_analytics.build,
+    "google_sheets": google_sheets.build,
     "trustedform_claim": trustedform_claim.build,
     "dnpl": dnpl.build,
     "edelivery_contact_list": edelivery_contact_list.build,
