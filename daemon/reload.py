@@ -19,7 +19,7 @@ import structlog
 
 from daemon.actions import build_action
 from daemon.actions.base import Action, Resources
-from daemon.errors import RulesError
+from daemon.errors import Issue, RulesError
 from daemon.loader import RuleSet, is_ignored_name, load_rules
 from daemon.sources import GENERIC, GENERIC_SOURCE, Source
 
@@ -88,8 +88,21 @@ class Reloader:
         return self._runtime
 
     def _load(self) -> Runtime:
-        rules = load_rules(self.rules_dir, missing_secrets=self._missing_secrets)
-        return build_runtime(rules, self._load_sources(), self.resources)
+        """Rules and sources as one set: both load, or RulesError lists the problems of both."""
+        issues: list[Issue] = []
+        rules: RuleSet | None = None
+        sources: Mapping[str, Source] | None = None
+        try:
+            rules = load_rules(self.rules_dir, missing_secrets=self._missing_secrets)
+        except RulesError as err:
+            issues.extend(err.issues)
+        try:
+            sources = self._load_sources()
+        except RulesError as err:
+            issues.extend(err.issues)
+        if rules is None or sources is None:
+            raise RulesError(issues)
+        return build_runtime(rules, sources, self.resources)
 
     async def load_initial(self) -> Runtime:
         """The first load: a failure here stops the daemon from starting (RulesError)."""
