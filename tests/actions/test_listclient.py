@@ -14,6 +14,7 @@ import pytest
 from daemon.actions import edelivery_unsubscribe, opt_intel
 from daemon.actions.listclient import ListClient, Predicate, normalise
 from daemon.errors import PermanentError, RenderError
+from daemon.loader import load_rules
 from tests.actions.fakes_lists import (
     ANSWERS,
     FIRST_SETTING_LINE,
@@ -484,3 +485,29 @@ def test_a_valid_block_with_every_shared_setting_loads(tmp_path: Path) -> None:
         remove_path: /contacts/remove
     """
     assert validation_errors(tmp_path, action) == []
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "actions"
+PAGES = [
+    "dnpl.md",
+    "edelivery_contact_list.md",
+    "edelivery_unsubscribe.md",
+    "opt_intel.md",
+    "opt_intel_unsubscribe.md",
+]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_the_example_rule_of_each_page_loads(tmp_path: Path, page: str) -> None:
+    text = (DOCS / page).read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    rules = [b for b in blocks if b.startswith("offer:")]
+    assert rules, f"{page} has no example rule"
+    for index, block in enumerate(rules):
+        folder = tmp_path / f"r{index}"
+        folder.mkdir()
+        (folder / "example.yaml").write_text(block)
+        loaded = load_rules(folder, git=False)
+        assert {lp.postback.action.type for lp in loaded.postbacks.values()} == {
+            page.removesuffix(".md")
+        }
