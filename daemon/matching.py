@@ -11,27 +11,46 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.conditions import compile_condition
-from daemon.errors import ConditionError
+import structlog
+
+from daemon.conditions import compile_condition, prepare_data
+from daemon.errors import ConditionError, ConditionEvalError
 from daemon.loader import LoadedPostback, RuleSet
 from daemon.models import Conversion, Trigger
 from daemon.rules import ANY_AFFILIATE
+
+log = structlog.get_logger("postbackd.matching")
 
 
 def match(rules: RuleSet, conversion: Conversion, data: Mapping[str, Any]) -> list[LoadedPostback]:
     """Every active postback that fires for this conversion's trigger, by id."""
     fired = []
     goal = conversion.fields.get("goal")
+    prepared: Any = None  # converted once for every condition of this conversion
     for lp in rules.active.get((conversion.offer, conversion.trigger), ()):
         pb = lp.postback
         if pb.affiliate != ANY_AFFILIATE and pb.affiliate != conversion.affiliate:
             continue
         if lp.goals_enabled and pb.goal is not None and pb.goal != goal:
             continue
-        if pb.condition is not None and not pb.condition.truthy(data):
-            continue
+        if pb.condition is not None:
+            if prepared is None:
+                prepared = _prepare(data)
+            if prepared is _UNUSABLE or not pb.condition.truthy(prepared):
+                continue
         fired.append(lp)
     return fired
+
+
+_UNUSABLE = object()
+
+
+def _prepare(data: Mapping[str, Any]) -> Any:
+    try:
+        return prepare_data(data)
+    except ConditionEvalError as err:  # data no condition may read: none of them fires
+        log.warning("condition_error", error_type=err.error_type, operator=None)
+        return _UNUSABLE
 
 
 @dataclass(frozen=True)
