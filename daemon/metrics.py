@@ -1,0 +1,205 @@
+"""Prometheus metrics (SPEC 14): one registry per app, fed by ingest, the dispatcher, the reloader
+and an HTTP middleware; the queue depth is read from the store when Prometheus scrapes.
+
+Every metric of ours is prefixed ``postbackd_``; the registry also carries the standard
+``process_*`` metrics (start time, memory, open files) of the running process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+import structlog
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from daemon.errors import StoreError
+from daemon.models import Transition
+from daemon.store.base import DeliveryState, Store
+
+log = structlog.get_logger("postbackd.metrics")
+
+# Attempts range from a few milliseconds (a local receiver) to the outbound timeout and beyond.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Requests that matched no route share one label, so random URLs cannot grow the series count.
+UNMATCHED = "unmatched"
+DEPTH_TIMEOUT = 5.0  # a scrape still answers (with the last depth) when the store is slow
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RulesSource(Protocol):
+    """What the reload metrics read (daemon.reload.Reloader)."""
+
+    @property
+    def status(self) -> Any: ...
+
+    @property
+    def runtime(self) -> Any: ...
+
+
+class _RulesCollector(Collector):
+    """Reload and rule-set metrics, read from the reloader's status at scrape time."""
+
+    def __init__(self) -> None:
+        self.source: RulesSource | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        source = self.source
+        if source is None or source.status.loaded_at is None:
+            return
+        status = source.status
+        reloads = CounterMetricFamily(
+            "postbackd_reloads",
+            "Rule reloads since start (SIGHUP, file changes, API), by result.",
+            labels=["result"],
+        )
+        reloads.add_metric(["ok"], status.reloads_ok)
+        reloads.add_metric(["failed"], status.reloads_failed)
+        yield reloads
+        yield GaugeMetricFamily(
+            "postbackd_last_reload_success_timestamp_seconds",
+            "Unix time when the running rule set was loaded (the start counts).",
+            value=status.loaded_at.timestamp(),
+        )
+        yield GaugeMetricFamily(
+            "postbackd_last_reload_ok",
+            "1 when the last load or reload succeeded, 0 when it failed (old rules kept).",
+            value=1.0 if status.ok else 0.0,
+        )
+        rules = source.runtime.rules
+        loaded = GaugeMetricFamily(
+            "postbackd_postbacks_loaded", "Postbacks in the running rule set.", labels=["status"]
+        )
+        active = sum(1 for lp in rules.postbacks.values() if lp.postback.active)
+        loaded.add_metric(["active"], active)
+        loaded.add_metric(["disabled"], len(rules.postbacks) - active)
+        yield loaded
+        info = GaugeMetricFamily(
+            "postbackd_rules_info", "The running rules version (always 1).", labels=["version"]
+        )
+        info.add_metric([str(rules.version)], 1)
+        yield info
+
+
+class Metrics:
+    """The daemon's metrics; feed it through the hook methods, serve it with :meth:`render`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.conversions = Counter(
+            "postbackd_conversions",
+            "Committed conversion arrivals, by source and transition.",
+            ["source", "transition"],
+            registry=reg,
+        )
+        self.deliveries = Counter(
+            "postbackd_deliveries",
+            "Delivery attempts by action and outcome (succeeded, retry, dead, cancelled, "
+            "lease_lost); succeeded and dead count each delivery once.",
+            ["action", "outcome"],
+            registry=reg,
+        )
+        self.attempt_duration = Histogram(
+            "postbackd_attempt_duration_seconds",
+            "Duration of delivery attempts, by action.",
+            ["action"],
+            buckets=DURATION_BUCKETS,
+            registry=reg,
+        )
+        self.queue_depth = Gauge(
+            "postbackd_queue_depth",
+            "Deliveries in the store by state (every node's, read at scrape time).",
+            ["state"],
+            registry=reg,
+        )
+        self.store_up = Gauge(
+            "postbackd_store_up",
+            "1 when the store answered the last scrape's queue-depth query, else 0.",
+            registry=reg,
+        )
+        self.http_requests = Counter(
+            "postbackd_http_requests",
+            "HTTP requests answered, by route (its pattern, e.g. /webhooks/{source}) and code.",
+            ["route", "code"],
+            registry=reg,
+        )
+        self._rules = _RulesCollector()
+        reg.register(self._rules)
+        ProcessCollector(registry=reg)
+        self._refresh_lock = asyncio.Lock()
+
+    # --- hooks ------------------------------------------------------------------------------
+
+    def watch_rules(self, source: RulesSource) -> None:
+        """Report reloads and the loaded rule set of `source` from now on."""
+        self._rules.source = source
+
+    def arrival(self, source: str, transition: Transition | str) -> None:
+        """A committed arrival (daemon.app's `_arrival_committed`)."""
+        self.conversions.labels(source, str(transition)).inc()
+
+    def attempt(self, action: str, outcome: str, duration: float) -> None:
+        """The dispatcher's `on_attempt` hook; a cancellation sent nothing and is not timed."""
+        self.deliveries.labels(action, outcome).inc()
+        if outcome != "cancelled":
+            self.attempt_duration.labels(action).observe(duration)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Count every answered request under its route's pattern, never its raw URL."""
+        code = 500
+        try:
+            response = await handler(request)
+            code = response.status
+            return response
+        except web.HTTPException as err:
+            code = err.status
+            raise
+        except asyncio.CancelledError:
+            code = 499  # the client went away first (nginx's code for it); not a server error
+            raise
+        finally:
+            self.http_requests.labels(_route(request), str(code)).inc()
+
+    # --- scraping ---------------------------------------------------------------------------
+
+    async def refresh(self, store: Store) -> None:
+        """Read the queue depth from the store; on failure keep the last values, store_up 0."""
+        async with self._refresh_lock:
+            try:
+                async with asyncio.timeout(DEPTH_TIMEOUT):
+                    depth = await store.queue_depth()
+            except (StoreError, TimeoutError) as err:
+                self.store_up.set(0)
+                log.warning("store_error", error=str(err) or type(err).__name__)
+                return
+            self.store_up.set(1)
+            for state in DeliveryState:
+                self.queue_depth.labels(state.value).set(depth.get(state, 0))
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format (see CONTENT_TYPE)."""
+        return generate_latest(self.registry)
+
+
+def _route(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource if route is not None else None
+    if resource is None:
+        return UNMATCHED
+    return resource.canonical
