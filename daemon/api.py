@@ -1,0 +1,320 @@
+"""The HTTP API of SPEC 12 and `/metrics`: bearer tokens, roles, and who sees which postback.
+
+Every endpoint needs a token from `api.tokens` (`/metrics` only when `api.metrics_public` is
+false). Tokens are compared as SHA-256 digests in constant time. An affiliate token sees only
+the postbacks of its affiliate's users and their deliveries; anything else answers 404, exactly
+as if it did not exist. Retry and reload need an admin token (403 otherwise). Errors are JSON
+`{"error": ..., "field": ...}`; bad input is a 400, never a 5xx.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from daemon.api_views import (
+    attempt_view,
+    checked_cursor,
+    delivery_view,
+    parse_query,
+    positive_int,
+    postback_view,
+    rules_status_view,
+)
+from daemon.app import SERVICES, Services
+from daemon.errors import (
+    AuthError,
+    ConfigError,
+    ForbiddenError,
+    InputError,
+    SecretError,
+    StoreError,
+)
+from daemon.loader import RuleSet
+from daemon.metrics import CONTENT_TYPE
+from daemon.secrets import SecretResolver
+from daemon.settings import Settings, TokenSpec
+from daemon.store.base import FINAL_STATES, DeliveryFilter, DeliveryState
+from daemon.visibility import Viewer, visible_to
+
+log = structlog.get_logger("postbackd.api")
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+_DELIVERY_ID = re.compile(r"^[A-Za-z0-9]{1,64}$")
+_RETRYABLE = (DeliveryState.DEAD, DeliveryState.CANCELLED)
+
+ApiHandler = Callable[[web.Request, Services, Viewer], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class NotFound(InputError):
+    status = 404
+
+
+class Conflict(InputError):
+    status = 409
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Token:
+    name: str
+    digest: bytes
+    viewer: Viewer
+
+
+class Tokens:
+    """The configured API tokens, each kept only as the SHA-256 digest of its value."""
+
+    def __init__(self, tokens: Sequence[_Token] = ()) -> None:
+        self._tokens = tuple(tokens)
+
+    @classmethod
+    def resolve(cls, specs: Sequence[TokenSpec], secret: Callable[[str], str]) -> Tokens:
+        """Digest each token (reading `secret:` ones now); ConfigError names a missing one."""
+        tokens = []
+        for spec in specs:
+            viewer = (
+                Viewer.admin()
+                if spec.role == "admin"
+                else Viewer.of_affiliate(spec.affiliate_id or "")
+            )
+            if spec.token_sha256 is not None:
+                digest = bytes.fromhex(spec.token_sha256)
+            else:
+                assert spec.secret is not None
+                try:
+                    digest = hashlib.sha256(secret(spec.secret).encode()).digest()
+                except SecretError as err:
+                    raise ConfigError(f"api.tokens: token {spec.name}: {err}") from err
+            tokens.append(_Token(spec.name, digest, viewer))
+        return cls(tokens)
+
+    def authenticate(self, authorization: str | None) -> Viewer:
+        """The viewer a `Bearer` Authorization header stands for; AuthError when none."""
+        if not authorization:
+            raise AuthError("missing bearer token (Authorization: Bearer TOKEN)")
+        scheme, _, value = authorization.strip().partition(" ")
+        value = value.strip()
+        if scheme.lower() != "bearer" or not value:
+            raise AuthError("the Authorization header must be Bearer TOKEN")
+        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+        found: _Token | None = None
+        for token in self._tokens:  # every digest is compared: the time says nothing
+            if hmac.compare_digest(digest, token.digest) and found is None:
+                found = token
+        if found is None:
+            raise AuthError("invalid token")
+        return found.viewer
+
+
+@dataclass
+class _State:
+    tokens: Tokens
+    # The ids of each affiliate's postbacks, for the rule set they were computed from.
+    owners: tuple[RuleSet, Mapping[str, frozenset[int]]] | None = None
+
+    def visible_ids(self, rules: RuleSet, viewer: Viewer) -> frozenset[int] | None:
+        """The postback ids `viewer` may see (None: all of them)."""
+        if viewer.is_admin:
+            return None
+        if self.owners is None or self.owners[0] is not rules:
+            owners: dict[str, set[int]] = {}
+            for pid, lp in rules.postbacks.items():
+                owner = lp.postback.owner_affiliate
+                if owner is not None:
+                    owners.setdefault(owner, set()).add(pid)
+            self.owners = (rules, {k: frozenset(v) for k, v in owners.items()})
+        return self.owners[1].get(viewer.affiliate or "", frozenset())
+
+
+API = web.AppKey("api", _State)
+
+
+def add_api_routes(app: web.Application, settings: Settings, environ: Mapping[str, str]) -> None:
+    """Register /api/v1/... and /metrics. Token secrets are read now: ConfigError names a
+    missing one before anything starts."""
+    secrets = SecretResolver(
+        credentials_dir=environ.get("CREDENTIALS_DIRECTORY"),
+        secrets_dir=settings.secrets_path,
+        environ=environ,
+    )
+    app[API] = _State(Tokens.resolve(settings.api.tokens, secrets))
+    app.router.add_get("/api/v1/postbacks", _endpoint(_list_postbacks))
+    app.router.add_get("/api/v1/postbacks/{id}", _endpoint(_get_postback))
+    app.router.add_get("/api/v1/deliveries", _endpoint(_list_deliveries))
+    app.router.add_get("/api/v1/deliveries/{id}", _endpoint(_get_delivery))
+    app.router.add_post("/api/v1/deliveries/{id}/retry", _endpoint(_retry, admin=True))
+    app.router.add_post("/api/v1/reload", _endpoint(_reload, admin=True))
+    app.router.add_get("/api/v1/rules/status", _endpoint(_rules_status))
+    app.router.add_get("/metrics", _metrics)
+
+
+def _error(err: InputError) -> web.Response:
+    headers = {}
+    if isinstance(err, AuthError):
+        detail = ', error="invalid_token"' if err.message == "invalid token" else ""
+        headers["WWW-Authenticate"] = f'Bearer realm="postbackd"{detail}'
+    body = {"error": err.message, "field": err.field}
+    return web.json_response(body, status=err.status, headers=headers)
+
+
+def _viewer(request: web.Request, *, admin: bool) -> Viewer:
+    viewer = request.app[API].tokens.authenticate(request.headers.get("Authorization"))
+    if admin and not viewer.is_admin:
+        raise ForbiddenError("this needs an admin token")
+    return viewer
+
+
+def _endpoint(handler: ApiHandler, *, admin: bool = False) -> Handler:
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        try:
+            viewer = _viewer(request, admin=admin)
+            return await handler(request, request.app[SERVICES], viewer)
+        except InputError as err:
+            return _error(err)
+        except StoreError as err:
+            log.warning("store_error", error=str(err))
+            return web.json_response(
+                {"error": "the store is unavailable", "field": None}, status=503
+            )
+
+    return endpoint
+
+
+# --- postbacks ------------------------------------------------------------------------------
+
+
+async def _list_postbacks(request: web.Request, services: Services, viewer: Viewer) -> web.Response:
+    query = parse_query(request, ("offer", "status"))
+    status = query.get("status")
+    if status is not None and status not in ("active", "disabled"):
+        raise InputError("status must be active or disabled", "status")
+    rules = services.reloader.runtime.rules
+    offer = query.get("offer")
+    candidates = (
+        rules.offers.get(offer.strip(), ()) if offer is not None else rules.postbacks.values()
+    )
+    rows = [
+        postback_view(lp)
+        for lp in sorted(candidates, key=lambda lp: lp.id)
+        if (status is None or lp.postback.status == status) and visible_to(lp.postback, viewer)
+    ]
+    return web.json_response({"postbacks": rows})
+
+
+async def _get_postback(request: web.Request, services: Services, viewer: Viewer) -> web.Response:
+    parse_query(request, ())
+    text = request.match_info["id"]
+    pid = int(text) if text.isdigit() and len(text) < 19 else None
+    lp = services.reloader.runtime.rules.postbacks.get(pid) if pid is not None else None
+    if lp is None or not visible_to(lp.postback, viewer):
+        raise NotFound(f"no postback {text}")
+    return web.json_response(postback_view(lp))
+
+
+# --- deliveries -----------------------------------------------------------------------------
+
+
+async def _list_deliveries(
+    request: web.Request, services: Services, viewer: Viewer
+) -> web.Response:
+    query = parse_query(request, ("state", "postback", "conversion", "limit", "cursor"))
+    state = None
+    if "state" in query:
+        try:
+            state = DeliveryState(query["state"])
+        except ValueError:
+            names = ", ".join(s.value for s in DeliveryState)
+            raise InputError(f"state must be one of {names}", "state") from None
+    limit = DEFAULT_LIMIT
+    if "limit" in query:
+        limit = positive_int(query["limit"], "limit", MAX_LIMIT)
+    ids = request.app[API].visible_ids(services.reloader.runtime.rules, viewer)
+    if "postback" in query:
+        wanted = positive_int(query["postback"], "postback", 2**63 - 1)
+        ids = frozenset({wanted}) if ids is None else ids & {wanted}
+    flt = DeliveryFilter(state=state, postback_ids=ids, conversion_id=query.get("conversion"))
+    cursor = checked_cursor(query.get("cursor"))
+    rows, cursor = await services.store.list_deliveries(flt, limit, cursor)
+    return web.json_response(
+        {"deliveries": [delivery_view(row) for row in rows], "next_cursor": cursor}
+    )
+
+
+async def _visible_delivery(request: web.Request, services: Services, viewer: Viewer) -> Any:
+    delivery_id = request.match_info["id"]
+    detail = None
+    if _DELIVERY_ID.match(delivery_id):
+        detail = await services.store.get_delivery(delivery_id)
+    if detail is not None:
+        ids = request.app[API].visible_ids(services.reloader.runtime.rules, viewer)
+        if ids is None or detail.delivery.postback_id in ids:
+            return detail
+    raise NotFound(f"no delivery {delivery_id}")
+
+
+async def _get_delivery(request: web.Request, services: Services, viewer: Viewer) -> web.Response:
+    parse_query(request, ())
+    detail = await _visible_delivery(request, services, viewer)
+    body = delivery_view(detail.delivery)
+    body["attempts"] = [attempt_view(a) for a in detail.attempts]
+    return web.json_response(body)
+
+
+async def _retry(request: web.Request, services: Services, viewer: Viewer) -> web.Response:
+    parse_query(request, ())
+    detail = await _visible_delivery(request, services, viewer)
+    row = detail.delivery
+    if row.state not in _RETRYABLE:
+        what = "is still pending" if row.state not in FINAL_STATES else "has succeeded"
+        raise Conflict(f"delivery {row.delivery_id} {what}: only dead or cancelled ones retry")
+    now = datetime.fromtimestamp(services.clock.now(), UTC)
+    if await services.store.requeue([row.delivery_id], now) == 0:
+        raise Conflict(f"delivery {row.delivery_id} changed state meanwhile")
+    services.dispatcher.wake()
+    log.info("delivery_requeued", delivery_id=row.delivery_id, postback_id=row.postback_id)
+    return web.json_response({"status": "queued", "delivery_id": row.delivery_id})
+
+
+# --- rules and metrics ----------------------------------------------------------------------
+
+
+async def _reload(request: web.Request, services: Services, viewer: Viewer) -> web.Response:
+    parse_query(request, ())
+    ok = await services.reloader.reload("api")
+    return web.json_response(rules_status_view(services.reloader), status=200 if ok else 422)
+
+
+async def _rules_status(request: web.Request, services: Services, viewer: Viewer) -> web.Response:
+    parse_query(request, ())
+    body = rules_status_view(services.reloader)
+    if not viewer.is_admin:
+        # Files and error lines name other affiliates' postbacks; an affiliate sees its count.
+        rules = services.reloader.runtime.rules
+        ids = request.app[API].visible_ids(rules, viewer) or frozenset()
+        body = {k: v for k, v in body.items() if k not in ("files", "last_error")}
+        body["postbacks"] = len(ids)
+    return web.json_response(body)
+
+
+async def _metrics(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    if not services.settings.api.metrics_public:
+        try:
+            _viewer(request, admin=True)
+        except InputError as err:
+            return _error(err)
+    await services.metrics.refresh(services.store)
+    return web.Response(body=services.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

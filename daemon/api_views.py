@@ -1,0 +1,162 @@
+"""What the HTTP API shows: JSON views of postbacks (secrets masked), deliveries, attempts and
+the rules status, and strict parsing of query parameters (400, never a 5xx)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from daemon.actions.base import MASK
+from daemon.errors import InputError
+from daemon.loader import LoadedPostback
+from daemon.reload import Reloader
+from daemon.store.base import AttemptRow, DeliveryRow
+from daemon.store.common import decode_cursor
+
+MAX_VALUE = 1024
+_SECRET_REF = re.compile(r"\$\{secret:[^}]*\}")
+_URL_PASSWORD = re.compile(r"(://[^/?#@:\s]*:)[^/?#@\s]+@")
+# Settings keys whose values are credentials whatever they hold (header names included).
+_SENSITIVE_KEY = re.compile(
+    r"^(authorization|proxy-authorization|cookie|x-api-key|api[-_]?key|auth|passw(or)?d"
+    r"|credentials?|.*token.*|.*secret.*|.*password.*)$",
+    re.IGNORECASE,
+)
+
+
+# --- query parameters -----------------------------------------------------------------------
+
+
+def parse_query(request: web.Request, allowed: Sequence[str]) -> dict[str, str]:
+    """The query as one value per name; InputError for unknown names, repeats that disagree,
+    over-long values and control characters. An empty value counts as not given."""
+    params: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise InputError(f"unknown parameter {name[:64]!r} (known: {known})", name[:64])
+        if len(value) > MAX_VALUE:
+            raise InputError(f"value longer than {MAX_VALUE} characters", name)
+        if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
+            raise InputError("control characters are not allowed", name)
+        if name in params and params[name] != value:
+            raise InputError("parameter given twice with different values", name)
+        params[name] = value
+    return {k: v for k, v in params.items() if v != ""}
+
+
+def positive_int(text: str, field: str, maximum: int) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= maximum:
+        raise InputError(f"{field} must be an integer from 1 to {maximum}", field)
+    return int(text)
+
+
+def checked_cursor(text: str | None) -> str | None:
+    """The cursor as given, once it is known to decode (the store's own check misses overflow)."""
+    if text is not None:
+        try:
+            decode_cursor(text)
+        except (OverflowError, ValueError, OSError) as err:
+            raise InputError("malformed cursor", "cursor") from err
+    return text
+
+
+# --- views ----------------------------------------------------------------------------------
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def masked(value: Any, key: str | None = None) -> Any:
+    """Action settings as shown: credentials by key, secret references and URL passwords as ****."""
+    if isinstance(value, dict):
+        return {k: masked(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [masked(v) for v in value]
+    if isinstance(value, str):
+        if key is not None and value and _SENSITIVE_KEY.match(key):
+            return MASK
+        return _URL_PASSWORD.sub(rf"\1{MASK}@", _SECRET_REF.sub(MASK, value))
+    return value
+
+
+def postback_view(lp: LoadedPostback) -> dict[str, Any]:
+    """The columns of SPEC 11: id, trigger, trigger settings, action, action settings, status,
+    created at, author; plus the offer."""
+    p = lp.postback
+    trigger_settings: dict[str, Any] = {"affiliate": p.affiliate}
+    if p.goal is not None:
+        trigger_settings["goal"] = p.goal
+        trigger_settings["goals_enabled"] = lp.goals_enabled
+    if p.when is not None:
+        trigger_settings["when"] = p.when
+    settings = p.action.model_dump(mode="json", by_alias=True, exclude_none=True)
+    settings.pop("type", None)
+    author = p.author.model_dump(mode="json", exclude_none=True) if p.author else None
+    return {
+        "id": p.id,
+        "offer": lp.offer,
+        "trigger": p.trigger.value,
+        "trigger_settings": trigger_settings,
+        "action": p.action.type,
+        "action_settings": masked(settings),
+        "status": p.status,
+        "created_at": _iso(p.created_at),
+        "author": author,
+    }
+
+
+def delivery_view(row: DeliveryRow) -> dict[str, Any]:
+    return {
+        "delivery_id": row.delivery_id,
+        "postback_id": row.postback_id,
+        "action": row.action,
+        "destination": row.destination,
+        "source": row.source,
+        "conversion_id": row.conversion_id,
+        "arrival_seq": row.arrival_seq,
+        "idempotency_key": row.idempotency_key,
+        "state": row.state.value,
+        "attempts": row.attempts,
+        "created_at": _iso(row.created_at),
+        "updated_at": _iso(row.updated_at),
+        "next_attempt_at": _iso(row.next_attempt_at),
+        "last_reason": row.last_reason,
+    }
+
+
+def attempt_view(row: AttemptRow) -> dict[str, Any]:
+    """An attempt as recorded; its request was masked before it was stored."""
+    return {
+        "started_at": _iso(row.started_at),
+        "duration_ms": row.duration_ms,
+        "outcome": row.outcome,
+        "reason": row.reason,
+        "rules_version": row.rules_version,
+        "node": row.node,
+        "request": dict(row.request) if row.request is not None else None,
+        "response_status": row.response_status,
+        "response_excerpt": row.response_excerpt,
+    }
+
+
+def rules_status_view(reloader: Reloader) -> dict[str, Any]:
+    status = reloader.status
+    rules = reloader.runtime.rules
+    return {
+        "version": str(rules.version),
+        "loaded_at": _iso(status.loaded_at),
+        "last_attempt_at": _iso(status.last_attempt_at),
+        "last_reload_ok": status.ok,
+        "last_error": list(status.last_error),
+        "files": list(rules.files),
+        "postbacks": len(rules.postbacks),
+        "reloads_ok": status.reloads_ok,
+        "reloads_failed": status.reloads_failed,
+    }
