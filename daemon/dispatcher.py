@@ -121,6 +121,8 @@ class Dispatcher:
         if lp is None or not lp.postback.active:
             why = "postback_removed" if lp is None else "postback_disabled"
             await self._finish(claim, runtime, DeliveryState.CANCELLED, None, "cancelled", why, 0)
+            if self._on_attempt is not None:  # a removed postback's action type is gone with it
+                self._on_attempt(lp.postback.action.type if lp else "unknown", "cancelled", 0.0)
             return
         action = runtime.actions[claim.postback_id]
         dest = action.destination
@@ -245,7 +247,7 @@ class Dispatcher:
             rules_version=row.rules_version,
         )
         if self._on_attempt is not None:
-            self._on_attempt(lp.postback.action.type, outcome, duration)
+            self._on_attempt(lp.postback.action.type, outcome if held else "lease_lost", duration)
 
     async def _finish(
         self,
