@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
 import os
 import signal
 import sys
@@ -13,19 +15,33 @@ from aiohttp import web
 
 from daemon.app import SERVICES, create_app
 from daemon.cli import cli, config_option, settings_from
-from daemon.errors import RulesError, StoreError
+from daemon.errors import ConfigError, RulesError, StoreError
 from daemon.log import configure_logging
 from daemon.notify import Notifier
 from daemon.settings import Settings
 
 log = structlog.get_logger("postbackd")
 
-STOP_GRACE = 25.0  # inside systemd's TimeoutStopSec=30s
+# Requests in flight get this long at a stop; then attempts in flight get the dispatcher's grace
+# (20 s, daemon/app.py). Both together stay inside systemd's TimeoutStopSec=30s.
+STOP_GRACE = 5.0
 
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the rules."""
     notifier = Notifier.from_environ(os.environ)
+    # The pings start first, so they never depend on how long the store and the rules take to
+    # come up; they come from this loop, so a blocked loop still stops them.
+    watchdog = asyncio.create_task(notifier.run_watchdog(), name="watchdog")
+    try:
+        await _serve(settings, notifier)
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+
+
+async def _serve(settings: Settings, notifier: Notifier) -> None:
     app = create_app(settings, environ=os.environ, notifier=notifier)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=STOP_GRACE)
     await runner.setup()  # opens the store and loads the rules (cleanup_ctx)
@@ -72,6 +88,8 @@ def run(config: str | None) -> None:
     """
     settings = settings_from(config)
     configure_logging(settings.log.format, settings.log.level, settings.log.mask_pii)
+    # A watchdog kill is SIGABRT: the journal then shows where the event loop was stuck.
+    faulthandler.enable()
     try:
         asyncio.run(serve(settings))
     except RulesError as err:
@@ -80,4 +98,6 @@ def run(config: str | None) -> None:
         raise click.ClickException(f"the rules in {settings.rules_path} do not load") from err
     except StoreError as err:
         raise click.ClickException(f"store: {err}") from err
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from err
     sys.exit(0)
