@@ -61,6 +61,20 @@ class Outbound(_Model):
         return self
 
 
+class Inbound(_Model):
+    read_timeout: Duration = Field(default=10.0, gt=0, le=300)
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cidrs(self) -> Inbound:
+        for cidr in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as err:
+                raise ValueError(f"trusted_proxies: {cidr!r} is not a CIDR") from err
+        return self
+
+
 class Api(_Model):
     tokens: list[TokenSpec] = Field(default_factory=list)
     metrics_public: StrictBool = True
@@ -85,6 +99,7 @@ class Settings(_Model):
     webhooks_dir: Path = Path("../webhooks")
     secrets_dir: Path | None = None
     outbound: Outbound = Field(default_factory=Outbound)
+    inbound: Inbound = Field(default_factory=Inbound)
     api: Api = Field(default_factory=Api)
     delivery: Delivery = Field(default_factory=Delivery)
     log: Log = Field(default_factory=Log)
@@ -183,7 +198,7 @@ def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
 
 
 def _env_value(key: str, text: str) -> Any:
-    if key in ("outbound", "api", "delivery", "log"):
+    if key in ("outbound", "inbound", "api", "delivery", "log"):
         try:
             return load_yaml(text)  # e.g. POSTBACKD_LOG='{level: debug}'
         except YamlError as err:
