@@ -31,11 +31,16 @@ _HOST_REASONS = ("connect_failed", "connect_timeout", "dns_failed", "timeout", "
 @dataclass(frozen=True)
 class DispatcherConfig:
     node: str
-    lease: float = 120.0  # longer than any attempt's timeout
+    lease: float = 300.0  # longer than any attempt's timeout
     batch: int = 64
     max_in_flight: int = 256
     poll_interval: float = 1.0
     attempt_timeout: float = 130.0  # a last-resort bound around an action's own timeouts
+
+    @property
+    def attempt_bound(self) -> float:
+        """An attempt always ends before its claim does, so no other node can start it."""
+        return min(self.attempt_timeout, self.lease * 0.9)
 
 
 class Dispatcher:
@@ -158,7 +163,7 @@ class Dispatcher:
         started, t0 = self._now(), time.monotonic()
         error: DeliveryError | None = None
         try:
-            async with asyncio.timeout(self.config.attempt_timeout):
+            async with asyncio.timeout(self.config.attempt_bound):
                 await action.send(job)
         except DeliveryError as err:
             error = err

@@ -83,7 +83,8 @@ class Api(_Model):
 class Delivery(_Model):
     # How long a node's claim on a delivery lasts. Another node takes the delivery over only
     # after that, so it must outlast any attempt; a node that dies holds its claims this long.
-    lease: Duration = Field(default=120.0, ge=1, le=86400)
+    # The default outlasts the longest action timeout (an LMS auction: 120 s).
+    lease: Duration = Field(default=300.0, ge=1, le=86400)
 
 
 class Log(_Model):
