@@ -1,0 +1,81 @@
+"""Logging: JSON lines off a terminal, PII masked while mask_pii is on."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import structlog
+
+from daemon.log import configure_logging, mask
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> object:
+    yield
+    structlog.reset_defaults()
+
+
+def test_json_lines_with_pii_masked() -> None:
+    out = io.StringIO()
+    configure_logging("auto", "info", True, stream=out)  # a StringIO is not a terminal
+    structlog.get_logger().info(
+        "conversion_received",
+        conversion_id="c1",
+        email="jane.doe@example.com",
+        phone="+1 (555) 123-4567",
+        first_name="Jane",
+        last_name="Doe",
+        ip="203.0.113.7",
+        offer="9",
+    )
+    line = json.loads(out.getvalue())
+    assert line["event"] == "conversion_received"
+    assert line["level"] == "info"
+    assert line["conversion_id"] == "c1"
+    assert line["offer"] == "9"
+    assert line["email"] == "j***@e***.com"
+    assert line["phone"] == "***67"
+    assert line["first_name"] == "J***"
+    assert line["last_name"] == "D***"
+    assert line["ip"] == "203.0.x.x"
+    assert "jane" not in out.getvalue().lower()
+    assert "555" not in out.getvalue()
+
+
+def test_unmasked_when_mask_pii_is_off_and_level_filters() -> None:
+    out = io.StringIO()
+    configure_logging("json", "warning", False, stream=out)
+    log = structlog.get_logger()
+    log.info("not_shown", email="a@b.c")
+    log.warning("shown", email="a@b.c")
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [(x["event"], x["email"]) for x in lines] == [("shown", "a@b.c")]
+
+
+def test_console_format() -> None:
+    out = io.StringIO()
+    configure_logging("console", "info", True, stream=out)
+    structlog.get_logger().info("rules_loaded", postbacks=3)
+    text = out.getvalue()
+    assert "rules_loaded" in text
+    assert "postbacks=3" in text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "masked"),
+    [
+        ("email", "x@y.org", "x***@y***.org"),
+        ("email", "weird", "***"),
+        ("phone", "12", "***"),
+        ("ip", "2001:db8::1", "2001:***"),
+        ("dob", "1990-01-01", "1***"),
+        ("address", "", ""),
+        ("external_id", None, None),
+    ],
+)
+def test_mask_forms(key: str, value: str | None, masked: str | None) -> None:
+    assert mask(key, value) == masked
