@@ -14,6 +14,7 @@ https://documentation.five9.com/bundle/api-config-web/page/config-web-services/.
 from __future__ import annotations
 
 import base64
+import html
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -155,8 +156,11 @@ class Five9List:
         if s.username is None or s.password is None:
             return {}
         user = s.username.render(job.values, secret=secret)
-        token = base64.b64encode(f"{user}:{s.password.render({}, secret=secret)}".encode())
-        job.redactor.add(token.decode())
+        password = s.password.render({}, secret=secret)
+        token = base64.b64encode(f"{user}:{password}".encode())
+        # Five9 answers HTML and XML: an echoed password may come back as character references.
+        for form in (token.decode(), html.escape(password), html.escape(password, quote=False)):
+            job.redactor.add(form)
         return {"Authorization": f"Basic {token.decode()}"}
 
     def _render(self, job: Job, secret: Secret) -> tuple[str, str, dict[str, str], bytes | None]:
