@@ -1,39 +1,49 @@
 """The front door: `GET|POST /webhooks/{source}` to a committed arrival (SPEC 6).
 
-Reading is strict and bounded: query string, form or JSON object bodies only, every value a
-string of at most 1,024 characters, a parameter given twice must agree, JSON no deeper than 8.
-The 200 goes out only after the store has durably committed the arrival and its deliveries.
+Reading is strict and bounded. Parameters come from the query string and an
+`application/x-www-form-urlencoded` or `application/json` object body (at most 64 KiB, read
+within the read timeout), percent-decoded as strict UTF-8: every name and value is checked, a
+parameter given twice must agree, JSON nests at most 8 levels. Then, in this order: the client
+address (403), the body (413, 415, 408), credentials (401), the rate limit (429), the mapping
+(400). The 200 goes out only after the store has durably committed the arrival and its
+deliveries. Bad input never gets a 5xx: only a store that cannot commit (503) does.
+
+aiohttp's server has no timeout for reading a request head, so :class:`GuardedRunner` adds one:
+a connection must deliver a complete request head within the read timeout of opening or of its
+previous request, or it is closed (slow clients cannot hold the server).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote_plus
 
 import structlog
 from aiohttp import web
-from multidict import MultiMapping
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from daemon.errors import InputError, StoreError
+from daemon.auth import Inbound, Ticket
+from daemon.errors import InputError, SecretError, StoreError
 from daemon.matching import match
-from daemon.models import (
-    Conversion,
-    Status,
-    Transition,
-    macro_values,
-    rule_data,
-)
+from daemon.models import Conversion, Status, Transition, check_value, macro_values, rule_data
 from daemon.store.base import ArrivalPlan, ArrivalResult, PlannedDelivery, Store
 
 log = structlog.get_logger("postbackd.ingest")
 
 MAX_BODY = 64 * 1024
 MAX_PARAMS = 200
+MAX_NAME = 128
 MAX_JSON_DEPTH = 8
-BODY_TIMEOUT = 10.0
+READ_TIMEOUT = 10.0
+JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class PayloadTooLarge(InputError):
@@ -44,34 +54,92 @@ class UnsupportedMediaType(InputError):
     status = 415
 
 
+class RequestTimeout(InputError):
+    status = 408
+
+
+@dataclass(frozen=True)
+class Limits:
+    read_timeout: float = READ_TIMEOUT  # for the body; GuardedRunner bounds the head
+    max_body: int = MAX_BODY
+
+
+def _safe(name: str) -> str:
+    """A parameter name fit for an error body or a log line (escaped, cut)."""
+    return name.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:64]
+
+
 def _add(params: dict[str, str], name: str, value: str) -> None:
-    if len(params) >= MAX_PARAMS and name not in params:
+    if not name:
+        raise InputError("a parameter has an empty name")
+    if len(name) > MAX_NAME:
+        raise InputError(f"parameter name longer than {MAX_NAME} characters", _safe(name))
+    try:
+        check_value("", name)
+    except InputError as err:
+        raise InputError(
+            f"parameter name {err.message.removeprefix('value ')}", _safe(name)
+        ) from err
+    check_value(_safe(name), value)
+    if name in params:
+        if params[name] != value:
+            raise InputError("parameter given twice with different values", _safe(name))
+        return
+    if len(params) >= MAX_PARAMS:
         raise InputError(f"more than {MAX_PARAMS} parameters")
-    if name in params and params[name] != value:
-        raise InputError("parameter given twice with different values", name)
     params[name] = value
 
 
-def _from_multi(params: dict[str, str], items: MultiMapping[str]) -> None:
-    for name, value in items.items():
-        _add(params, name, value)
+def _unquote(text: str, field: str | None) -> str:
+    try:
+        return unquote_plus(text, errors="strict")
+    except UnicodeDecodeError as err:
+        raise InputError("not valid UTF-8 (or a lone surrogate)", field) from err
+
+
+def parse_urlencoded(text: str, params: dict[str, str]) -> None:
+    """`a=1&b=2` into `params`, strictly: invalid UTF-8 after percent-decoding is an error."""
+    for part in text.split("&"):
+        if part:
+            raw_name, _, raw_value = part.partition("=")
+            name = _unquote(raw_name, None)
+            _add(params, name, _unquote(raw_value, _safe(name)))
+
+
+class _Object(list[tuple[str, Any]]):
+    """A JSON object as its key/value pairs, so that a repeated key is seen, not overwritten."""
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Object):
+        return {k: _plain(v) for k, v in value}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _reject_constant(text: str) -> Any:
     raise InputError(f"{text} is not a number")
 
 
-def _flatten(params: dict[str, str], value: Any, prefix: str, depth: int) -> None:
-    if depth > MAX_JSON_DEPTH:
-        raise InputError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", prefix or None)
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _flatten(params, item, f"{prefix}.{key}" if prefix else str(key), depth + 1)
+def _too_deep(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if level > MAX_JSON_DEPTH:
+            return True
+        children = (v for _, v in item) if isinstance(item, _Object) else item
+        stack.extend((child, level + 1) for child in children if isinstance(child, list))
+    return False
+
+
+def _flatten(params: dict[str, str], value: Any, prefix: str) -> None:
+    """Objects become dotted names (`a.b`), arrays their JSON text, scalars their text."""
+    if isinstance(value, _Object):
+        for key, item in value:
+            _flatten(params, item, f"{prefix}.{key}" if prefix else key)
     elif isinstance(value, list):
-        if depth + 1 > MAX_JSON_DEPTH:
-            raise InputError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", prefix)
-        _check_depth(value, depth + 1)
-        _add(params, prefix, json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+        _add(params, prefix, json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False))
     elif value is None:
         _add(params, prefix, "")
     elif isinstance(value, bool):
@@ -80,78 +148,79 @@ def _flatten(params: dict[str, str], value: Any, prefix: str, depth: int) -> Non
         _add(params, prefix, str(value))
 
 
-def _check_depth(value: Any, depth: int) -> None:
-    stack = [(value, depth)]
-    while stack:
-        item, level = stack.pop()
-        if level > MAX_JSON_DEPTH:
-            raise InputError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
-
-
-def _parse_json(body: bytes) -> dict[str, str]:
+def parse_json(body: bytes, params: dict[str, str]) -> None:
+    """A JSON object body into `params` (numbers keep their text: `1e999` stays `1e999`)."""
     try:
-        text = body.decode("utf-8")
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=str, parse_int=str)
+        value = json.loads(
+            body.decode("utf-8"),
+            object_pairs_hook=_Object,
+            parse_constant=_reject_constant,
+            parse_float=str,
+            parse_int=str,
+        )
     except UnicodeDecodeError as err:
         raise InputError("body is not valid UTF-8") from err
     except json.JSONDecodeError as err:
-        raise InputError(f"malformed JSON: {err.msg} at line {err.lineno}") from err
+        raise InputError(
+            f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        ) from err
     except RecursionError as err:
         raise InputError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from err
-    if not isinstance(value, dict):
+    if not isinstance(value, _Object):
         raise InputError("a JSON body must be an object")
-    _check_depth(value, 1)
-    params: dict[str, str] = {}
-    _flatten(params, value, "", 0)
-    return params
+    if _too_deep(value):
+        raise InputError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    _flatten(params, value, "")
 
 
-async def read_params(request: web.Request) -> dict[str, str]:
-    """Every inbound parameter of the request as name -> string; InputError when malformed."""
-    params: dict[str, str] = {}
-    _from_multi(params, request.query)
-    if request.method != "POST":
-        return params
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise PayloadTooLarge(f"body over {MAX_BODY // 1024} KiB")
-    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+def _check_content(request: web.BaseRequest, limits: Limits) -> bool:
+    """Whether a body is to be read; 413 or 415 before a byte of it is."""
+    if request.content_length == 0:
+        return False
+    if request.content_length is not None and request.content_length > limits.max_body:
+        raise PayloadTooLarge(f"body over {limits.max_body // 1024} KiB")
+    if request.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
         raise UnsupportedMediaType("compressed bodies are not accepted")
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            body = await request.content.read(MAX_BODY + 1)
-    except TimeoutError as err:
-        raise InputError("body not received in time") from err
-    if len(body) > MAX_BODY:
-        raise PayloadTooLarge(f"body over {MAX_BODY // 1024} KiB")
-    if not body:
-        return params
-    ctype = request.content_type
-    if ctype == "application/json":
-        for name, value in _parse_json(body).items():
-            _add(params, name, value)
-    elif ctype == "application/x-www-form-urlencoded":
-        from urllib.parse import parse_qsl
-
-        try:
-            pairs = parse_qsl(
-                body.decode("utf-8"),
-                keep_blank_values=True,
-                strict_parsing=False,
-                max_num_fields=MAX_PARAMS,
-                errors="strict",
-            )
-        except (UnicodeDecodeError, ValueError) as err:
-            raise InputError(f"malformed form body: {err}") from err
-        for name, value in pairs:
-            _add(params, name, value)
-    else:
+    if request.content_type not in (JSON, FORM):
         raise UnsupportedMediaType(
-            f"content type {ctype!r} is not accepted; "
-            "send application/json or application/x-www-form-urlencoded"
+            f"content type {request.content_type[:100]!r} is not accepted; send {JSON} or {FORM}"
         )
-    return params
+    if (request.charset or "utf-8").lower() not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType("only UTF-8 bodies are accepted")
+    return True
+
+
+async def read_body(request: web.BaseRequest, limits: Limits) -> bytes:
+    """The raw body of a POST (GET bodies are ignored), bounded in size and time."""
+    if request.method != "POST" or not _check_content(request, limits):
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(limits.read_timeout):
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > limits.max_body:
+                    raise PayloadTooLarge(f"body over {limits.max_body // 1024} KiB")
+                chunks.append(chunk)
+    except TimeoutError as err:
+        raise RequestTimeout(f"body not received within {limits.read_timeout:g} s") from err
+    except RequestPayloadError as err:
+        raise InputError("malformed request body") from err
+    return b"".join(chunks)
+
+
+def body_params(request: web.BaseRequest, body: bytes, params: dict[str, str]) -> None:
+    if not body:
+        return
+    if request.content_type == JSON:
+        parse_json(body, params)
+        return
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError("body is not valid UTF-8") from err
+    parse_urlencoded(text, params)
 
 
 def make_planner(
@@ -185,10 +254,35 @@ def make_planner(
 
 
 def error_response(err: InputError, text: bool = False) -> web.Response:
+    headers = dict(getattr(err, "headers", {}))
     if text:
-        return web.Response(status=err.status, text=f"ERROR {err.message}\n")
-    body: dict[str, Any] = {"error": err.message, "field": err.field}
-    return web.json_response(body, status=err.status)
+        resp = web.Response(status=err.status, text=f"ERROR {err.message}", headers=headers)
+    else:
+        body = {"error": err.message, "field": err.field}
+        resp = web.json_response(body, status=err.status, headers=headers)
+    if err.status in (408, 413):
+        resp.force_close()  # the rest of that body is not worth reading
+    return resp
+
+
+async def _admit(
+    request: web.Request, source: Any, limits: Limits, now: Callable[[], float]
+) -> tuple[Conversion, Ticket | None]:
+    """Address, body, credentials, rate, mapping: the conversion, or an InputError."""
+    gate = source.gate
+    gate.access.check(request.remote, request.headers.getall("X-Forwarded-For", []))
+    query: dict[str, str] = {}
+    parse_urlencoded(request.rel_url.raw_query_string, query)
+    body = await read_body(request, limits)
+    ticket = gate.authenticate(Inbound(request.headers, query, body), now())
+    try:
+        gate.throttle(source.name, now())
+        body_params(request, body, query)
+        return source.to_conversion(query), ticket
+    except BaseException:
+        if ticket is not None:
+            ticket.release()
+        raise
 
 
 async def ingest(
@@ -198,19 +292,16 @@ async def ingest(
     store: Store,
     now: Callable[[], float],
     on_committed: Callable[[str, ArrivalResult], None],
+    limits: Limits | None = None,
 ) -> web.Response:
     """Handle one webhook end to end."""
     name = request.match_info["source"]
     source = runtime.sources.get(name)
     if source is None:
-        return web.json_response({"error": f"unknown source {name!r}", "field": None}, status=404)
+        return web.json_response({"error": "unknown source", "field": None}, status=404)
     text = source.response == "text"
     try:
-        params = await read_params(request)
-        authenticate = getattr(source, "authenticate", None)
-        if authenticate is not None:
-            authenticate(request, params)
-        conversion = source.to_conversion(params)
+        conversion, ticket = await _admit(request, source, limits or Limits(), now)
     except InputError as err:
         log.info(
             "conversion_rejected",
@@ -220,28 +311,26 @@ async def ingest(
             field=err.field,
         )
         return error_response(err, text)
+    except SecretError as err:
+        log.error("source_secret_unavailable", source=name, error=str(err))
+        return _unavailable("credentials cannot be checked now, retry later", text)
     received_at = datetime.fromtimestamp(now(), UTC)
     planner = make_planner(runtime, name, conversion, received_at)
     try:
         result = await store.record_arrival(name, conversion, received_at, planner)
-    except StoreError as err:
+    except BaseException as err:
+        if ticket is not None:
+            ticket.release()  # the sender's retry of this message must not look like a replay
+        if not isinstance(err, StoreError):
+            raise
         log.error(
             "store_error", source=name, conversion_id=conversion.conversion_id, error=str(err)
         )
-        return web.json_response(
-            {"error": "store unavailable, retry later", "field": None}, status=503
-        )
+        return _unavailable("store unavailable, retry later", text)
     on_committed(name, result)
-    _log_received(
-        conversion,
-        name,
-        result.transition,
-        result.previous_status,
-        len(result.delivery_ids),
-        runtime,
-    )
+    _log_received(conversion, name, result, runtime)
     if text:
-        return web.Response(text="OK\n")
+        return web.Response(text="OK")
     return web.json_response(
         {
             "status": "accepted",
@@ -252,14 +341,13 @@ async def ingest(
     )
 
 
-def _log_received(
-    conversion: Conversion,
-    source: str,
-    transition: Transition,
-    previous: Status | None,
-    deliveries: int,
-    runtime: Any,
-) -> None:
+def _unavailable(message: str, text: bool) -> web.Response:
+    if text:
+        return web.Response(status=503, text=f"ERROR {message}")
+    return web.json_response({"error": message, "field": None}, status=503)
+
+
+def _log_received(conversion: Conversion, source: str, result: ArrivalResult, runtime: Any) -> None:
     fields: Mapping[str, str] = conversion.fields
     log.info(
         "conversion_received",
@@ -268,11 +356,83 @@ def _log_received(
         offer=conversion.offer,
         affiliate=conversion.affiliate,
         status=conversion.status.value,
-        transition=transition.value,
-        previous_status=previous.value if previous else None,
-        deliveries=deliveries,
+        transition=result.transition.value,
+        previous_status=result.previous_status.value if result.previous_status else None,
+        deliveries=len(result.delivery_ids),
         rules_version=str(runtime.rules.version),
         email=fields.get("email"),
         phone=fields.get("phone"),
         ip=fields.get("ip"),
     )
+
+
+class HeadTimeout:
+    """Closes connections that run no request for `timeout` seconds: a client must deliver a
+    complete request head within that time of connecting or of its previous request (a
+    trickled head never completes; an idle keep-alive connection is let go)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.interval = min(1.0, timeout / 4)
+        self.closed = 0
+        self._busy: dict[RequestHandler, int] = {}
+        self._idle_since: dict[RequestHandler, float] = {}
+
+    def track(self, handler: Handler) -> Handler:
+        """Wrap the server's request handler so that a connection running a request is busy."""
+
+        async def tracked(request: web.BaseRequest) -> web.StreamResponse:
+            conn = request.protocol
+            self._busy[conn] = self._busy.get(conn, 0) + 1
+            try:
+                return await handler(request)
+            finally:
+                left = self._busy.pop(conn, 1) - 1
+                if left:
+                    self._busy[conn] = left
+                self._idle_since[conn] = asyncio.get_running_loop().time()
+
+        return tracked
+
+    def sweep(self, connections: Iterable[RequestHandler], now: float) -> int:
+        """Close the idle connections past their deadline; how many were closed."""
+        live = set(connections)
+        for conn in [c for c in self._idle_since if c not in live]:
+            del self._idle_since[conn]
+        closed = 0
+        for conn in live - self._busy.keys():
+            since = self._idle_since.setdefault(conn, now)
+            if now - since >= self.timeout:
+                conn.force_close()
+                del self._idle_since[conn]
+                closed += 1
+        return closed
+
+    async def run(self, server: web.Server) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.interval)
+            self.closed += self.sweep(server.connections, loop.time())
+
+
+class GuardedRunner(web.AppRunner):
+    """An AppRunner whose connections must send each request head within `read_timeout`."""
+
+    def __init__(self, app: web.Application, *, read_timeout: float = READ_TIMEOUT, **kw: Any):
+        super().__init__(app, **kw)
+        self.guard = HeadTimeout(read_timeout)
+        self._watch: asyncio.Task[None] | None = None
+
+    async def setup(self) -> None:
+        await super().setup()
+        server = self.server
+        assert server is not None
+        server.request_handler = self.guard.track(server.request_handler)
+        self._watch = asyncio.create_task(self.guard.run(server), name="head-timeout")
+
+    async def cleanup(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.wait([self._watch])
+            self._watch = None
+        await super().cleanup()
