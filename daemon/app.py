@@ -15,17 +15,19 @@ import structlog
 from aiohttp import web
 
 from daemon.actions.base import Resources
+from daemon.auth import GateState
 from daemon.dispatcher import Dispatcher, DispatcherConfig
 from daemon.errors import StoreError
 from daemon.guard import Guard
 from daemon.hosts import Destinations
-from daemon.ingest import MAX_BODY, ingest
+from daemon.ingest import MAX_BODY, Limits, ingest
 from daemon.metrics import Metrics
 from daemon.outbound import OutboundHttp, Resolver
 from daemon.reload import Reloader, Runtime
 from daemon.retention import Retention
 from daemon.secrets import SecretResolver
 from daemon.settings import Settings
+from daemon.sources import load_sources
 from daemon.store.base import ArrivalResult, Store
 
 log = structlog.get_logger("postbackd.app")
@@ -151,10 +153,17 @@ async def _services(
             if count:
                 log.info("deliveries_cancelled", count=count, postbacks=gone)
 
+    gates = GateState()  # replay cache and rate limits outlive reloads
     reloader = Reloader(
         settings.rules_path,
         resources,
         missing_secrets=secrets.missing,
+        load_sources=lambda: load_sources(
+            settings.webhooks_path,
+            secrets=secrets,
+            trusted_proxies=settings.inbound.trusted_proxies,
+            state=gates,
+        ),
         webhooks_dir=settings.webhooks_path,
         on_swap=on_swap,
         notifier=notifier,
@@ -203,6 +212,7 @@ async def _webhook(request: web.Request) -> web.Response:
         store=services.store,
         now=services.clock.now,
         on_committed=lambda source, result: _arrival_committed(services, source, result),
+        limits=Limits(read_timeout=services.settings.inbound.read_timeout),
     )
 
 
