@@ -161,6 +161,7 @@ class GoogleSheets:
         body = self._body(job, secret)
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         job.record.set_request(job.redactor, "POST", self.url, headers, body)
+        job.record.response_status = job.record.response_excerpt = None  # not the token's
         response = await self.resources.http.request(
             "POST",
             self.url,
@@ -212,13 +213,15 @@ class GoogleSheets:
             timeout=self.settings.timeout or self.resources.timeout,
             idempotent=True,  # asking twice for a token does no harm
         )
+        answer = _json(response)
+        if isinstance(answer, dict) and isinstance(answer.get("access_token"), str):
+            job.redactor.add(answer["access_token"])  # before the answer reaches the record
         job.record.set_response(job.redactor, response.status, response.body)
-        return _token_answer(response, now)
+        return _token_answer(response, answer, now)
 
 
-def _token_answer(response: HttpResponse, now: float) -> tuple[str, float]:
+def _token_answer(response: HttpResponse, answer: Any, now: float) -> tuple[str, float]:
     """(access token, time to renew it) from the token endpoint's answer (RFC 6749 5.1/5.2)."""
-    answer = _json(response)
     status = response.status
     if 200 <= status < 300:
         token = answer.get("access_token") if isinstance(answer, dict) else None
