@@ -16,6 +16,7 @@ from aiohttp import web
 from daemon.app import SERVICES, create_app
 from daemon.cli import cli, config_option, settings_from
 from daemon.errors import ConfigError, RulesError, StoreError
+from daemon.ingest import GuardedRunner
 from daemon.log import configure_logging
 from daemon.notify import Notifier
 from daemon.settings import Settings
@@ -43,7 +44,13 @@ async def serve(settings: Settings) -> None:
 
 async def _serve(settings: Settings, notifier: Notifier) -> None:
     app = create_app(settings, environ=os.environ, notifier=notifier)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=STOP_GRACE)
+    runner = GuardedRunner(  # aiohttp has no request-head timeout of its own (slow clients)
+        app,
+        read_timeout=settings.inbound.read_timeout,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=STOP_GRACE,
+    )
     await runner.setup()  # opens the store and loads the rules (cleanup_ctx)
     services = app[SERVICES]
     try:
