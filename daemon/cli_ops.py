@@ -1,0 +1,318 @@
+"""`postbackd rules list|add|edit|enable|disable|delete|duplicate`: the platform's Postbacks
+screen, on the YAML files of a rules repository (comments and formatting kept)."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from ruamel.yaml.comments import CommentedMap
+
+from daemon.cli import cli, config_option, rules_dir_from, rules_option
+from daemon.editing import (
+    item_of,
+    plan_delete,
+    plan_edit,
+    set_path,
+    to_yaml,
+)
+from daemon.errors import RulesError
+from daemon.listing import COLUMNS, postback_row, render_table, table_cells
+from daemon.loader import RuleSet, load_rules
+from daemon.ruletree import EditError, Plan, Tree, check, write
+from daemon.visibility import Viewer, visible_to
+
+FIXED_KEYS = ("id", "created_at", "author")
+
+
+@cli.group()
+def rules() -> None:
+    """List and edit the postbacks in rules.d/ (the platform's Postbacks screen).
+
+    Edits keep comments and formatting, allocate ids, fill author and created_at, and are
+    validated like `postbackd validate` before anything is written: an invalid change writes
+    nothing. Review with `git diff`, then commit.
+    """
+
+
+def load_or_exit(root: Path) -> RuleSet:
+    try:
+        return load_rules(root)
+    except RulesError as err:
+        for issue in err.issues:
+            click.echo(str(issue), err=True)
+        raise click.ClickException(
+            f"the rules in {root} do not load ({len(err.issues)} error(s))"
+        ) from err
+
+
+@rules.command("list")
+@click.option("--offer", metavar="ID", help="Only this offer's postbacks.")
+@click.option("--status", type=click.Choice(["active", "disabled"]))
+@click.option(
+    "--as",
+    "viewer",
+    metavar="admin|affiliate:ID",
+    default="admin",
+    show_default=True,
+    help="Show what this user sees: an affiliate's users see only their affiliate's postbacks.",
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@rules_option
+@config_option
+def list_cmd(
+    offer: str | None,
+    status: str | None,
+    viewer: str,
+    fmt: str,
+    rules: str | None,
+    config: str | None,
+) -> None:
+    """List postbacks: ID, Trigger, Trigger Settings, Action, Action Settings (secrets as
+    ****), Status, Created At, Author. Long settings are cut in the table; --format json
+    shows them whole, with each postback's offer, file and line."""
+    try:
+        who = Viewer.parse(viewer)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--as") from err
+    rule_set = load_or_exit(rules_dir_from(rules, config))
+    if offer is not None and offer.strip() not in rule_set.offers:
+        raise click.ClickException(f"unknown offer {offer}: no postback in the rules names it")
+    rows = [
+        postback_row(lp)
+        for lp in sorted(rule_set.postbacks.values(), key=lambda lp: (lp.offer, lp.id))
+        if (offer is None or lp.offer == offer.strip())
+        and (status is None or lp.postback.status == status)
+        and visible_to(lp.postback, who)
+    ]
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        click.echo("no postbacks")
+        return
+    offers = sorted({r["offer"] for r in rows}, key=lambda o: [r["offer"] for r in rows].index(o))
+    for n, one in enumerate(offers):
+        goals = next(lp.goals_enabled for lp in rule_set.offers[one])
+        click.echo(("\n" if n else "") + f"Offer {one} (goals {'on' if goals else 'off'})")
+        cells = [table_cells(r) for r in rows if r["offer"] == one]
+        click.echo(render_table(COLUMNS, cells))
+
+
+author_option = click.option(
+    "--author", metavar="ID:NAME", help="Who makes it (default: git config user.email/name)."
+)
+author_affiliate_option = click.option(
+    "--author-affiliate", metavar="ID", help="The author is a user of this affiliate."
+)
+dry_run_option = click.option(
+    "--dry-run", is_flag=True, help="Show the change and validate it; write nothing."
+)
+
+
+def apply(tree: Tree, plan: Plan, dry_run: bool, done: str) -> None:
+    """Validate the plan on a copy of the tree, show it as a diff, and write it."""
+    if all(tree.docs.get(rel) and text == _text(tree, rel) for rel, text in plan.texts.items()):
+        click.echo("nothing to change")
+        return
+    issues = check(tree, plan)
+    if issues:
+        for issue in issues:
+            click.echo(str(issue), err=True)
+        raise click.ClickException(
+            f"the change does not validate ({len(issues)} error(s)); nothing written"
+        )
+    for rel, text in sorted(plan.texts.items()):
+        doc = tree.docs.get(rel)
+        old = "".join(doc.lines) if doc else ""
+        new = text.replace("\r\n", "\n")
+        before, after = ("/dev/null" if doc is None else f"a/{rel}"), f"b/{rel}"
+        diff = difflib.unified_diff(
+            old.splitlines(keepends=True), new.splitlines(keepends=True), before, after
+        )
+        click.echo("".join(diff), nl=False)
+    for note in plan.notes:
+        click.echo(f"note: {note}")
+    if dry_run:
+        click.echo("dry run: nothing written")
+        return
+    try:
+        write(tree, plan)
+    except (EditError, OSError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(done)
+
+
+def _text(tree: Tree, rel: str) -> str:
+    return tree.docs[rel].original.decode("utf-8")
+
+
+def open_tree(rules: str | None, config: str | None) -> Tree:
+    try:
+        return Tree.scan(rules_dir_from(rules, config))
+    except EditError as err:
+        raise click.ClickException(str(err)) from err
+
+
+def parse_set(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=VALUE`: the key path and the value (JSON if it parses as JSON, else text)."""
+    key, sep, raw = text.partition("=")
+    path = key.strip().split(".")
+    if not sep or not key.strip() or any(not p.strip() for p in path):
+        raise click.BadParameter(
+            f"{text!r}: expected KEY=VALUE with a dotted KEY (e.g. action.url=https://...)",
+            param_hint="--set",
+        )
+    try:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except ValueError:
+        value = raw
+    return [p.strip() for p in path], to_yaml(value)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+@rules.command("edit")
+@click.argument("postback_id", metavar="ID", type=int)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    required=True,
+    metavar="KEY=VALUE",
+    help="Dotted key (action.url, retry.max_attempts, when as JSON); null removes the key.",
+)
+@dry_run_option
+@rules_option
+@config_option
+def edit_cmd(
+    postback_id: int, sets: tuple[str, ...], dry_run: bool, rules: str | None, config: str | None
+) -> None:
+    """Change settings of postback ID in place (the platform's Configure).
+
+    The action type, id, created_at and author cannot change: to change the action, add a
+    new postback and delete this one.
+    """
+    changes = [parse_set(text) for text in sets]
+    for path, _ in changes:
+        if path[0] in FIXED_KEYS or path[:2] == ["action", "type"]:
+            what = "the action type" if path[0] == "action" else path[0]
+            raise click.ClickException(
+                f"{what} of an existing postback cannot change"
+                + (": add a new postback and delete this one" if path[0] == "action" else "")
+            )
+    tree = open_tree(rules, config)
+
+    def change(item: CommentedMap) -> None:
+        before = _action_type(item)
+        for path, value in changes:
+            set_path(item, path, value)
+        if _action_type(item) != before:
+            raise EditError(
+                f"the action type cannot change ({before} to {_action_type(item)}): "
+                "add a new postback and delete this one"
+            )
+
+    _edit(tree, postback_id, change, dry_run, f"edited postback {postback_id}")
+
+
+def _action_type(item: CommentedMap) -> str:
+    action = item.get("action")
+    return str(action.get("type")) if isinstance(action, CommentedMap) else "(none)"
+
+
+def _edit(
+    tree: Tree, pid: int, change: Callable[[CommentedMap], None], dry_run: bool, done: str
+) -> None:
+    try:
+        plan = plan_edit(tree, pid, change)
+    except EditError as err:
+        raise click.ClickException(str(err)) from err
+    doc, _ = tree.locate(pid)
+    apply(tree, plan, dry_run, f"{done} in {doc.rel}")
+
+
+def _status_cmd(status: str) -> Callable[..., None]:
+    def command(postback_id: int, dry_run: bool, rules: str | None, config: str | None) -> None:
+        tree = open_tree(rules, config)
+        try:
+            doc, index = tree.locate(postback_id)
+        except EditError as err:
+            raise click.ClickException(str(err)) from err
+        if str(item_of(doc, index).get("status", "active")) == status:
+            click.echo(f"postback {postback_id} is already {status}; nothing to do")
+            return
+        verb = "enabled" if status == "active" else "disabled"
+        _edit(
+            tree,
+            postback_id,
+            lambda item: set_path(item, ["status"], status),
+            dry_run,
+            f"{verb} postback {postback_id}",
+        )
+
+    return command
+
+
+for _name, _status, _doc in (
+    ("enable", "active", "Set postback ID's status to active."),
+    (
+        "disable",
+        "disabled",
+        "Set postback ID's status to disabled (kept in the file; the daemon "
+        "cancels its queued deliveries).",
+    ),
+):
+    _cmd = _status_cmd(_status)
+    _cmd.__doc__ = _doc
+    rules.command(_name)(
+        click.argument("postback_id", metavar="ID", type=int)(
+            dry_run_option(rules_option(config_option(_cmd)))
+        )
+    )
+
+
+@rules.command("delete")
+@click.argument("postback_id", metavar="ID", type=int)
+@click.option("--confirm", type=int, metavar="ID", help="The id again, when not on a terminal.")
+@dry_run_option
+@rules_option
+@config_option
+def delete_cmd(
+    postback_id: int, confirm: int | None, dry_run: bool, rules: str | None, config: str | None
+) -> None:
+    """Delete postback ID and the comment above it. On a terminal you type the id to confirm;
+    elsewhere pass --confirm ID. Its id is never reused. (To pause, use `rules disable`.)"""
+    tree = open_tree(rules, config)
+    try:
+        doc, index = tree.locate(postback_id)
+    except EditError as err:
+        raise click.ClickException(str(err)) from err
+    if confirm is None and not dry_run:
+        if not sys.stdin.isatty():
+            raise click.ClickException(
+                f"not a terminal: pass --confirm {postback_id} to delete postback {postback_id}"
+            )
+        item = item_of(doc, index)
+        click.echo(
+            f"postback {postback_id} in {doc.rel}: {item.get('trigger')}, affiliate "
+            f"{item.get('affiliate')}, {item.get('action', {}).get('type')}"
+        )
+        typed: str = click.prompt(
+            f"Type {postback_id} to delete it", default="", show_default=False, type=str
+        )
+        confirm = int(typed) if typed.strip().isdigit() else -1
+    if confirm is not None and confirm != postback_id:
+        raise click.ClickException(f"confirmation does not match {postback_id}; nothing deleted")
+    try:
+        plan = plan_delete(tree, postback_id)
+    except EditError as err:
+        raise click.ClickException(str(err)) from err
+    apply(tree, plan, dry_run, f"deleted postback {postback_id} from {doc.rel}")

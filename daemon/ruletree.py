@@ -1,0 +1,245 @@
+"""A rules tree as text, for the `rules` editing commands: every rule file with the position
+of each postback, the ids ever used, and the check-then-write of a planned change.
+
+A change is planned in full before anything is written (see daemon.editing): `check` loads a
+temporary copy of the tree with the new texts through the same loader as `postbackd validate`,
+and only then `write` replaces the files, each atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import Issue, RulesError
+from daemon.gitutil import GitError, git
+from daemon.history import compare
+from daemon.loader import RULE_SUFFIXES, TESTS_DIR, is_ignored_name, load_rules
+from daemon.yamlfile import YamlError, YList, YMap, load_yaml, raw_text
+from daemon.yamlsplice import Span, Style, detect_style, spans
+
+_HISTORY_ID = re.compile(r"^[+-]\s*-\s+id:\s*[\"']?(\d{1,12})[\"']?\s*(?:#.*)?$", re.MULTILINE)
+
+
+class EditError(ValueError):
+    """A change that cannot be made; the message is one line for the user."""
+
+
+@dataclass
+class RuleDoc:
+    """One rule file as text, with the position of each postback."""
+
+    rel: str
+    path: Path
+    lines: list[str]  # "\n"-terminated (a CRLF file is converted back when written)
+    original: bytes
+    crlf: bool = False
+    offer: str | None = None
+    goals_enabled: bool = False
+    ids: list[int | None] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
+    key_line: int | None = None  # the `postbacks:` line
+    style: Style = field(default_factory=Style)
+    problem: str | None = None  # why this file cannot be edited as text
+
+
+@dataclass
+class Plan:
+    """A change, not yet written: the new text of every file it touches."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    created: set[str] = field(default_factory=set)
+    ids: list[int] = field(default_factory=list)  # postbacks added or touched
+    notes: list[str] = field(default_factory=list)
+
+
+class Tree:
+    """Every rule file below a rules directory, read as text."""
+
+    def __init__(self, root: Path, docs: dict[str, RuleDoc]) -> None:
+        self.root = root
+        self.docs = docs
+
+    @classmethod
+    def scan(cls, root: Path) -> Tree:
+        if not root.is_dir():
+            raise EditError(f"{root}: rules directory does not exist")
+        docs = {}
+        for path in _rule_files(root):
+            rel = path.relative_to(root).as_posix()
+            docs[rel] = read_doc(root, rel)
+        return cls(root, docs)
+
+    def ids(self) -> set[int]:
+        return {pid for doc in self.docs.values() for pid in doc.ids if pid is not None}
+
+    def offers(self) -> list[str]:
+        return sorted({d.offer for d in self.docs.values() if d.offer is not None})
+
+    def files_of(self, offer: str) -> list[RuleDoc]:
+        return [d for rel, d in sorted(self.docs.items()) if d.offer == offer]
+
+    def locate(self, pid: int) -> tuple[RuleDoc, int]:
+        found = [(d, i) for d in self.docs.values() for i, p in enumerate(d.ids) if p == pid]
+        if not found:
+            broken = [d.rel for d in self.docs.values() if d.problem]
+            hint = f" (these files do not parse: {', '.join(broken)})" if broken else ""
+            raise EditError(f"no postback with id {pid} in {self.root}{hint}")
+        if len(found) > 1:
+            where = " and ".join(d.rel for d, _ in found)
+            raise EditError(f"postback {pid} appears in {where}; fix the duplicate id first")
+        doc, index = found[0]
+        if doc.problem:
+            raise EditError(f"{doc.rel}: {doc.problem}")
+        return doc, index
+
+
+def _rule_files(root: Path) -> list[Path]:
+    found = []
+    real = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames if not is_ignored_name(d) and not (here == root and d == TESTS_DIR)
+        )
+        for name in sorted(filenames):
+            path = here / name
+            if is_ignored_name(name) or not name.endswith(RULE_SUFFIXES):
+                continue
+            if real in path.resolve().parents:
+                found.append(path)
+    return found
+
+
+def read_doc(root: Path, rel: str) -> RuleDoc:
+    path = root / rel
+    data = path.read_bytes()
+    doc = RuleDoc(rel, path, [], data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        doc.problem = "not valid UTF-8"
+        return doc
+    doc.crlf = "\r\n" in text
+    doc.lines = text.replace("\r\n", "\n").splitlines(keepends=True)
+    try:
+        raw = load_yaml(data)
+    except YamlError as err:
+        doc.problem = f"line {err.line}: {err.message}"
+        return doc
+    if raw is None:
+        return doc
+    if not isinstance(raw, YMap):
+        doc.problem = "a rule file must be a mapping"
+        return doc
+    _locate_postbacks(doc, raw)
+    return doc
+
+
+def _locate_postbacks(doc: RuleDoc, raw: YMap) -> None:
+    if raw.get("offer") is not None:
+        doc.offer = raw_text(raw["offer"]).strip()
+    doc.goals_enabled = raw.get("goals_enabled") is True
+    if "postbacks" not in raw:
+        return
+    doc.key_line = raw.lines["postbacks"] - 1
+    items = raw["postbacks"]
+    if items is None:
+        return
+    if not isinstance(items, YList):
+        doc.problem = "`postbacks` is not a list"
+        return
+    after = [line for key, line in raw.lines.items() if line - 1 > doc.key_line]
+    region_end = min(after) - 1 if after else len(doc.lines)
+    key_text = doc.lines[doc.key_line].split("#")[0]
+    if items and "[" in key_text.partition(":")[2]:
+        doc.problem = "`postbacks` is written in flow style ([...]); write it as a block list"
+        return
+    doc.spans = spans(doc.lines, [n - 1 for n in items.lines], region_end)
+    doc.ids = [_item_id(item) for item in items]
+    doc.style = detect_style(doc.lines, doc.key_line, doc.spans[0] if doc.spans else None)
+
+
+def _item_id(item: Any) -> int | None:
+    pid = item.get("id") if isinstance(item, dict) else None
+    return int(pid) if isinstance(pid, int) and not isinstance(pid, bool) else None
+
+
+def history_ids(root: Path) -> set[int]:
+    """Ids that postback lines (`- id: N`) ever had in the git history below `root`, on every
+    branch we know of; empty outside git."""
+    try:
+        log = git(root, "log", "--all", "--format=", "-p", "--unified=0", "--no-color", "--", ".")
+    except GitError:
+        return set()
+    return {int(m) for m in _HISTORY_ID.findall(log)}
+
+
+def next_ids(tree: Tree, count: int) -> list[int]:
+    """`count` fresh ids above every id in the tree and in its git history (never reused)."""
+    top = max(tree.ids() | history_ids(tree.root), default=0)
+    return list(range(top + 1, top + 1 + count))
+
+
+# --- checking and writing -----------------------------------------------------------------
+
+
+def check(tree: Tree, plan: Plan) -> list[Issue]:
+    """Load a temporary copy of the tree with the plan applied, as `postbackd validate` would;
+    also what may not change for an existing id (as `validate --base` would)."""
+    with tempfile.TemporaryDirectory(prefix="postbackd-edit-") as tmp:
+        copy = Path(tmp) / "rules"
+        shutil.copytree(tree.root, copy, ignore=shutil.ignore_patterns(".git"))
+        for rel, text in plan.texts.items():
+            target = copy / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(text.encode("utf-8"))
+        try:
+            new = load_rules(copy, git=False)
+        except RulesError as err:
+            return err.issues
+    try:
+        current = load_rules(tree.root, git=False)
+    except RulesError:
+        return []
+    return compare(new, current, "the current files")
+
+
+def write(tree: Tree, plan: Plan) -> None:
+    """Replace each file atomically, refusing if it changed since it was read."""
+    for rel, text in plan.texts.items():
+        path = tree.root / rel
+        doc = tree.docs.get(rel)
+        if doc is not None and path.read_bytes() != doc.original:
+            raise EditError(f"{rel} changed while we edited it; nothing written, try again")
+        if doc is None and path.exists():
+            raise EditError(f"{rel} appeared while we edited; nothing written, try again")
+        atomic_write(path, text.encode("utf-8"))
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a sibling temp file (a name the loader ignores), fsync it, rename it over `path`."""
+    target = path.resolve() if path.is_symlink() else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = target.stat().st_mode & 0o7777 if target.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
