@@ -58,7 +58,15 @@ rules_option = click.option(
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point: one clear line on stderr for every error, whatever click would print."""
-    from daemon import cli_rules, cli_run  # noqa: F401 - they register their commands
+    from daemon import (  # noqa: F401 - they register their commands
+        cli_diff,
+        cli_ops,
+        cli_ops_add,
+        cli_rules,
+        cli_run,
+        cli_sendtest,
+        cli_store,
+    )
 
     try:
         cli.main(args, prog_name="postbackd", standalone_mode=False)
