@@ -19,6 +19,7 @@ from daemon.loader import RuleSet, load_rules
 from daemon.models import Status, conversion_from_mapping
 from daemon.ruletests import load_cases, run_case
 from daemon.secrets import SecretResolver
+from daemon.sources import Source, load_sources
 
 FORMAT = click.Choice(["text", "json"])
 
@@ -45,16 +46,27 @@ def _load(rules_dir: Path) -> RuleSet:
 @cli.command()
 @click.argument("rules_dir", required=False, metavar="[RULES_DIR]")
 @click.option("--base", metavar="GIT_REF", help="Also check what may not change since this commit.")
+@click.option(
+    "--webhooks",
+    "webhooks",
+    metavar="DIR",
+    help="Also check the source definitions in DIR (default: webhooks_dir of -c, if any).",
+)
 @click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
 @config_option
-def validate(rules_dir: str | None, base: str | None, fmt: str, config: str | None) -> None:
-    """Check every rule file; exit 0 when valid, 1 with one line per error.
+def validate(
+    rules_dir: str | None, base: str | None, webhooks: str | None, fmt: str, config: str | None
+) -> None:
+    """Check every rule file (and source file); exit 0 when valid, 1 with one line per error.
 
     Lines read `file:line: postback N: message`. With --base, an existing postback may not
-    change its action type, offer, created_at or author since GIT_REF.
+    change its action type, offer, created_at or author since GIT_REF. With --webhooks (or -c),
+    the sources of webhooks/ are checked too, with the same rigour.
     """
     root = rules_dir_from(rules_dir, config)
     issues: list[Issue] = []
+    hooks = _webhooks_dir(webhooks, config)
+    sources = _check_sources(hooks, issues)
     rules: RuleSet | None = None
     try:
         rules = load_rules(root)
@@ -69,9 +81,15 @@ def validate(rules_dir: str | None, base: str | None, fmt: str, config: str | No
         except RulesError:
             base_note = f"the rules at {base} do not load; nothing to compare against"
     resolver = _resolver(config)
-    secrets = sorted(rules.secrets) if rules else []
+    secrets = sorted(
+        set(rules.secrets if rules else ())
+        | {n for s in (sources or {}).values() for n in s.secrets}
+    )
     if fmt == "json":
-        click.echo(json.dumps(_validate_json(root, rules, issues, secrets, resolver), indent=2))
+        result = _validate_json(root, rules, issues, secrets, resolver)
+        result["webhooks_dir"] = str(hooks) if hooks else None
+        result["sources"] = sorted(sources) if sources is not None else []
+        click.echo(json.dumps(result, indent=2))
     else:
         for issue in sorted(issues):
             click.echo(str(issue))
@@ -82,10 +100,36 @@ def validate(rules_dir: str | None, base: str | None, fmt: str, config: str | No
                 f"ok: {len(rules.postbacks)} postbacks for {len(rules.offers)} offers "
                 f"in {len(rules.files)} files, version {rules.version}"
             )
+            if hooks is not None and sources is not None:
+                names = ", ".join(sorted(sources)) or "none"
+                click.echo(f"ok: {len(sources)} sources in {hooks} ({names})")
             for name in secrets:
                 where = resolver.where(name)
                 click.echo(f"secret {name}: " + (f"found in {where}" if where else "not set here"))
     sys.exit(1 if issues else 0)
+
+
+def _webhooks_dir(option: str | None, config: str | None) -> Path | None:
+    """--webhooks DIR (which must exist), else webhooks_dir of the settings if it exists."""
+    if option:
+        path = Path(option)
+        if not path.is_dir():
+            raise click.ClickException(f"--webhooks {option}: not a directory")
+        return path
+    if config or os.environ.get("POSTBACKD_CONFIG"):
+        path = settings_from(config).webhooks_path
+        return path if path.is_dir() else None
+    return None
+
+
+def _check_sources(hooks: Path | None, issues: list[Issue]) -> dict[str, Source] | None:
+    if hooks is None:
+        return None
+    try:
+        return load_sources(hooks)
+    except RulesError as err:
+        issues.extend(err.issues)
+        return None
 
 
 def _validate_json(
