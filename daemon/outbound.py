@@ -308,7 +308,11 @@ def _failure(err: BaseException, origin: str, idempotent: bool, *, sent: bool) -
 
 def _parse_url(text: str, reason: str, *, base: URL | None = None) -> URL:
     try:
+        # A URL that is already a valid URI (ours are: macros render percent-encoded) is sent
+        # byte for byte; yarl would otherwise decode %2F, %3F and %40 in the query.
         url = URL(text)
+        if base is None and _is_uri(text):
+            url = _as_sent(url, URL(text, encoded=True))
         if base is not None:
             url = base.join(url)
         port = url.port
@@ -320,6 +324,26 @@ def _parse_url(text: str, reason: str, *, base: URL | None = None) -> URL:
     if not host or port is None or not _plausible_host(host):
         raise PermanentError(reason, "no usable host")
     return url
+
+
+_URI_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:/?#[]@!$&'()*+,;=%"
+)
+
+
+def _as_sent(normal: URL, raw: URL) -> URL:
+    """The authority as yarl normalises it (lower case, IDNA: what the guard checks), with the
+    path, query and fragment exactly as rendered."""
+    text = f"{normal.scheme}://{normal.raw_authority}{raw.raw_path}"
+    if raw.raw_query_string:
+        text += f"?{raw.raw_query_string}"
+    if raw.raw_fragment:
+        text += f"#{raw.raw_fragment}"
+    return URL(text, encoded=True)
+
+
+def _is_uri(text: str) -> bool:
+    return all(c in _URI_CHARS for c in text)
 
 
 def _plausible_host(host: str) -> bool:
