@@ -69,9 +69,9 @@ KNOWN_DEVIATIONS: dict[tuple[str, int, str], str] = {
     ("comparison/strictNotEquals.json", 0, "!== with 3 arguments failing"): CHAINED,
     ("comparison/strictNotEquals.json", 1, "!== is lazily evaluated"): CHAINED,
     ("control/and.json", 20, "And with no arguments should return false"): NO_ARGUMENTS,
-    ("control/and.json", 22, "And will not interpret the second argument if the first is false"): THROW,  # noqa: E501
-    ("control/and.json", 23, "And will not interpret the second argument if the first is falsy"): THROW,  # noqa: E501
-    ("control/and.json", 24, "And will not interpret the nth argument if any value before it is false"): THROW,  # noqa: E501
+    ("control/and.json", 22, "And will not interpret the second argument if the first is false"): THROW,
+    ("control/and.json", 23, "And will not interpret the second argument if the first is falsy"): THROW,
+    ("control/and.json", 24, "And will not interpret the nth argument if any value before it is false"): THROW,
     ("control/doublebang.json", 10, "Double bang on empty object returns true"): EMPTY_OBJECT,
     ("control/doublebang.json", 13, "Double bang without arguments return false"): NO_ARGUMENTS,
     ("control/if.json", 3, "Objects are always truthy, even without keys."): EMPTY_OBJECT,
@@ -79,14 +79,14 @@ KNOWN_DEVIATIONS: dict[tuple[str, int, str], str] = {
     ("control/if.json", 38, "Returns first truthy value, some conditions truthy (8)"): EMPTY_OBJECT,
     ("control/if.json", 40, "If will not evaluate then branch if the condition is false"): THROW,
     ("control/if.json", 41, "If will not evaluate fallback branch if the condition is true"): THROW,
-    ("control/if.json", 42, "If will not evaluate other branches or checks if a prior condition is true"): THROW,  # noqa: E501
-    ("control/if.json", 43, "No branches except the fallback check will be evaluated if the condition is false"): THROW,  # noqa: E501
+    ("control/if.json", 42, "If will not evaluate other branches or checks if a prior condition is true"): THROW,
+    ("control/if.json", 43, "No branches except the fallback check will be evaluated if the condition is false"): THROW,
     ("control/not.json", 10, "NOT empty object returns false"): EMPTY_OBJECT,
     ("control/not.json", 15, "NOT without arguments returns true"): NO_ARGUMENTS,
     ("control/or.json", 4, "Empty OR returns false"): NO_ARGUMENTS,
-    ("control/or.json", 18, "OR will not interpret the second argument if the first is true"): THROW,  # noqa: E501
-    ("control/or.json", 19, "OR will not interpret the second argument if the first is truthy"): THROW,  # noqa: E501
-    ("control/or.json", 20, "OR will not interpret the nth argument if any value before it is truthy"): THROW,  # noqa: E501
+    ("control/or.json", 18, "OR will not interpret the second argument if the first is true"): THROW,
+    ("control/or.json", 19, "OR will not interpret the second argument if the first is truthy"): THROW,
+    ("control/or.json", 20, "OR will not interpret the nth argument if any value before it is truthy"): THROW,
     ("truthiness.json", 6, "Truthy: {}"): EMPTY_OBJECT,
     ("truthiness.json", 9, "Truthy: Zero Key Object"): VAL,
     ("truthiness.json", 10, "Truthy: Single Key Object"): VAL,
