@@ -49,8 +49,8 @@ def _number_as_text(value: Any) -> Any:
 
 
 Text = Annotated[TemplateStr, BeforeValidator(_number_as_text)]
-WireName = Annotated[str, Field(min_length=1, max_length=100)]
 MAX_WIRE_NAME = 100
+WireName = Annotated[str, Field(min_length=1, max_length=MAX_WIRE_NAME)]
 Kind = Literal["email", "phone"]
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
 _RESERVED_HEADERS = {"host", "content-length", "content-type", "transfer-encoding", "connection"}
@@ -202,12 +202,11 @@ class ListSettings(ActionSettings):
 
     @field_validator("fields", mode="before")
     @classmethod
-    def _field_numbers(cls, value: Any) -> Any:
-        if isinstance(value, Mapping):
-            for name in value:
-                if not isinstance(name, str) or not 0 < len(name) <= MAX_WIRE_NAME:
-                    raise ValueError(f"a field name is a string of 1 to {MAX_WIRE_NAME} characters")
-            return {k: _number_as_text(v) for k, v in value.items()}
+    def _field_names(cls, value: Any) -> Any:
+        # One message for a bad name (pydantic's would point at a `[key]` of an empty key).
+        for name in value if isinstance(value, Mapping) else ():
+            if not isinstance(name, str) or not 0 < len(name) <= MAX_WIRE_NAME:
+                raise ValueError(f"a field name is a string of 1 to {MAX_WIRE_NAME} characters")
         return value
 
     @model_validator(mode="after")
