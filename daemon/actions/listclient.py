@@ -290,6 +290,15 @@ def normalise(kind: str, value: str) -> str:
     return "".join(c for c in value if c.isascii() and c.isdigit())
 
 
+def _md5(value: str) -> str:
+    if not value:
+        return ""
+    try:
+        return hashlib.md5(value.encode(), usedforsecurity=False).hexdigest()
+    except UnicodeEncodeError as err:
+        raise RenderError("a value is not valid Unicode text (lone surrogate)") from err
+
+
 Rendered = tuple[str, dict[str, str], bytes | None]
 Secret = Callable[[str], str] | None
 
@@ -317,11 +326,8 @@ class ListClient:
         for name, kind in self.settings.identifier_kinds.items():
             value = self.settings.fields[name].render(job.values, secret=secret).strip()
             if self.settings.hashing == "md5":
-                value = normalise(kind, value)
                 # Never hash "": md5("") on a suppression list would match every empty value.
-                value = (
-                    hashlib.md5(value.encode(), usedforsecurity=False).hexdigest() if value else ""
-                )
+                value = _md5(normalise(kind, value))
             if value:
                 out[name] = value
         return out
@@ -348,28 +354,17 @@ class ListClient:
                 wire[name] = template.render(job.values, secret=secret)
             elif kind in call.kinds and name in idents:
                 wire[name] = idents[name]
-        headers: dict[str, str] = {}
         url = call.url.render_url(job.values, secret=secret)
-        auth = s.auth
-        if auth is not None and auth.body is not None:
-            wire[auth.body.name] = auth.body.value.render(job.values, secret=secret)
-        if auth is not None and auth.header is not None:
-            value = auth.header.value.render(job.values, encode=encode_header, secret=secret)
-            headers[auth.header.name] = value
-        if auth is not None and auth.query is not None:
-            value = auth.query.value.render(job.values, encode=encode_url_component, secret=secret)
-            url = _add_query(url, f"{quote(auth.query.name, safe='')}={value}")
+        headers: dict[str, str] = {}
+        if s.auth is not None:
+            url = _authorize(s.auth, job, secret, url, headers, wire)
         if s.method == "GET":
             return _add_query(url, _form(wire)), headers, None
         if s.content_type == "form":
             headers["Content-Type"] = "application/x-www-form-urlencoded"
             return url, headers, _form(wire).encode()
         headers["Content-Type"] = "application/json"
-        body = json.dumps(wire, ensure_ascii=False, separators=(",", ":"))
-        try:
-            return url, headers, body.encode()
-        except UnicodeEncodeError as err:
-            raise RenderError("a value is not valid Unicode text (lone surrogate)") from err
+        return url, headers, _json_body(wire)
 
     def previews(self, job: Job) -> list[RequestRecord]:
         """Every request this job would send, secrets as ****. No I/O."""
@@ -413,6 +408,28 @@ class ListClient:
             if body is _MISSING and s.success.field is not None:
                 raise PermanentError("unexpected_body", "the answer is not a JSON document")
             raise PermanentError("rejected", "the answer does not match `success`")
+
+
+def _authorize(
+    auth: Auth, job: Job, secret: Secret, url: str, headers: dict[str, str], wire: dict[str, str]
+) -> str:
+    """Put the key where `auth` says (header, wire field or query); the URL to send."""
+    if auth.header is not None:
+        value = auth.header.value.render(job.values, encode=encode_header, secret=secret)
+        headers[auth.header.name] = value
+    if auth.body is not None:
+        wire[auth.body.name] = auth.body.value.render(job.values, secret=secret)
+    if auth.query is not None:
+        value = auth.query.value.render(job.values, encode=encode_url_component, secret=secret)
+        url = _add_query(url, f"{quote(auth.query.name, safe='')}={value}")
+    return url
+
+
+def _json_body(wire: Mapping[str, str]) -> bytes:
+    try:
+        return json.dumps(wire, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError as err:
+        raise RenderError("a value is not valid Unicode text (lone surrogate)") from err
 
 
 def _uses_body(*predicates: Predicate | None) -> bool:

@@ -135,6 +135,16 @@ async def test_a_header_value_with_a_line_break_is_not_rendered() -> None:
         assert fake.received == []
 
 
+@pytest.mark.parametrize(
+    "settings", [{"content_type": "json"}, {"content_type": "form"}, {"hashing": "md5"}]
+)
+async def test_a_lone_surrogate_is_not_rendered(settings: dict[str, str]) -> None:
+    async with serving(Shape(ADD), "L1") as fake:
+        result = await send_once(fake, {"email": "a\ud800@b.io"}, **settings)
+        assert result == ("dead", "render_failed")
+        assert fake.received == []
+
+
 # --- MD5 ----------------------------------------------------------------------------------------
 
 
