@@ -66,7 +66,7 @@ class Limits:
 
 def _safe(name: str) -> str:
     """A parameter name fit for an error body or a log line (escaped, cut)."""
-    return name.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:64]
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in name[:64])
 
 
 def _add(params: dict[str, str], name: str, value: str) -> None:
@@ -110,12 +110,19 @@ class _Object(list[tuple[str, Any]]):
     """A JSON object as its key/value pairs, so that a repeated key is seen, not overwritten."""
 
 
-def _plain(value: Any) -> Any:
+class _Number(str):
+    """A JSON number as the text it was written in (`1e999` must not become `inf`)."""
+
+
+def _text(value: Any) -> str:
+    """A JSON value as compact JSON text; numbers exactly as they were written."""
     if isinstance(value, _Object):
-        return {k: _plain(v) for k, v in value}
+        return "{" + ",".join(f"{_text(k)}:{_text(v)}" for k, v in value) + "}"
     if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+        return "[" + ",".join(_text(v) for v in value) + "]"
+    if isinstance(value, _Number):
+        return str.__str__(value)
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _reject_constant(text: str) -> Any:
@@ -139,13 +146,13 @@ def _flatten(params: dict[str, str], value: Any, prefix: str) -> None:
         for key, item in value:
             _flatten(params, item, f"{prefix}.{key}" if prefix else key)
     elif isinstance(value, list):
-        _add(params, prefix, json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False))
+        _add(params, prefix, _text(value))
     elif value is None:
         _add(params, prefix, "")
     elif isinstance(value, bool):
         _add(params, prefix, "true" if value else "false")
     else:
-        _add(params, prefix, str(value))
+        _add(params, prefix, str.__str__(value))
 
 
 def parse_json(body: bytes, params: dict[str, str]) -> None:
@@ -155,8 +162,8 @@ def parse_json(body: bytes, params: dict[str, str]) -> None:
             body.decode("utf-8"),
             object_pairs_hook=_Object,
             parse_constant=_reject_constant,
-            parse_float=str,
-            parse_int=str,
+            parse_float=_Number,
+            parse_int=_Number,
         )
     except UnicodeDecodeError as err:
         raise InputError("body is not valid UTF-8") from err
