@@ -66,6 +66,9 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        # Held while claiming and starting: stop() waits on it, so that a claim already under
+        # way cannot start attempts after stop() has returned (and the session has closed).
+        self._claiming = asyncio.Lock()
 
     def wake(self) -> None:
         self._wake.set()
@@ -90,20 +93,21 @@ class Dispatcher:
 
     async def dispatch_once(self) -> int:
         """Claim what is due and start an attempt for each; returns how many were started."""
-        room = self.config.max_in_flight - len(self._tasks)
-        if room <= 0 or self._stopping:
-            return 0
-        claims = await self.store.claim_due(
-            self.config.node,
-            self._dt(self._now()),
-            min(room, self.config.batch),
-            timedelta(seconds=self.config.lease),
-        )
-        for claim in claims:
-            task = asyncio.create_task(self._attempt(claim))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return len(claims)
+        async with self._claiming:
+            room = self.config.max_in_flight - len(self._tasks)
+            if room <= 0 or self._stopping:
+                return 0
+            claims = await self.store.claim_due(
+                self.config.node,
+                self._dt(self._now()),
+                min(room, self.config.batch),
+                timedelta(seconds=self.config.lease),
+            )
+            for claim in claims:
+                task = asyncio.create_task(self._attempt(claim))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return len(claims)
 
     async def drain(self) -> None:
         """Wait for every attempt in progress (tests and graceful stop)."""
@@ -114,6 +118,8 @@ class Dispatcher:
         """Stop claiming; let attempts finish within `grace` seconds, release the rest."""
         self._stopping = True
         self.wake()
+        async with self._claiming:  # a claim under way starts its attempts, then none starts
+            pass
         if self._tasks:
             _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
             for task in pending:
@@ -136,6 +142,9 @@ class Dispatcher:
             await self._postpone(claim, paused)
             return
         async with self.destinations.semaphore(dest):
+            if self._stopping:  # not sent yet: it waits for the next start instead of the grace
+                await self.store.release(claim, self._dt(self._now()))
+                return
             await self._run(claim, runtime, lp, action)
 
     async def _postpone(self, claim: Claim, until: float) -> None:
