@@ -26,7 +26,6 @@ from daemon.api_views import (
     delivery_view,
     parse_query,
     positive_int,
-    postback_view,
     rules_status_view,
 )
 from daemon.app import SERVICES, Services
@@ -38,6 +37,7 @@ from daemon.errors import (
     SecretError,
     StoreError,
 )
+from daemon.listing import postback_row
 from daemon.loader import RuleSet
 from daemon.metrics import CONTENT_TYPE
 from daemon.secrets import SecretResolver
@@ -207,7 +207,7 @@ async def _list_postbacks(request: web.Request, services: Services, viewer: View
         rules.offers.get(offer.strip(), ()) if offer is not None else rules.postbacks.values()
     )
     rows = [
-        postback_view(lp)
+        postback_row(lp)
         for lp in sorted(candidates, key=lambda lp: lp.id)
         if (status is None or lp.postback.status == status) and visible_to(lp.postback, viewer)
     ]
@@ -221,7 +221,7 @@ async def _get_postback(request: web.Request, services: Services, viewer: Viewer
     lp = services.reloader.runtime.rules.postbacks.get(pid) if pid is not None else None
     if lp is None or not visible_to(lp.postback, viewer):
         raise NotFound(f"no postback {text}")
-    return web.json_response(postback_view(lp))
+    return web.json_response(postback_row(lp))
 
 
 # --- deliveries -----------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""What the HTTP API shows: JSON views of postbacks (secrets masked), deliveries, attempts and
-the rules status, and strict parsing of query parameters (400, never a 5xx)."""
+"""What the HTTP API shows: JSON views of deliveries, attempts and the rules status (postbacks
+are daemon.listing's rows, as `rules list` prints them), and strict query parsing (400, never
+a 5xx)."""
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections.abc import Sequence
 from datetime import datetime
@@ -11,22 +11,12 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.actions.base import MASK
 from daemon.errors import InputError
-from daemon.loader import LoadedPostback
 from daemon.reload import Reloader
 from daemon.store.base import AttemptRow, DeliveryRow
 from daemon.store.common import decode_cursor
 
 MAX_VALUE = 1024
-_SECRET_REF = re.compile(r"\$\{secret:[^}]*\}")
-_URL_PASSWORD = re.compile(r"(://[^/?#@:\s]*:)[^/?#@\s]+@")
-# Settings keys whose values are credentials whatever they hold (header names included).
-_SENSITIVE_KEY = re.compile(
-    r"^(authorization|proxy-authorization|cookie|x-api-key|api[-_]?key|auth|passw(or)?d"
-    r"|credentials?|.*token.*|.*secret.*|.*password.*)$",
-    re.IGNORECASE,
-)
 
 
 # --- query parameters -----------------------------------------------------------------------
@@ -71,45 +61,6 @@ def checked_cursor(text: str | None) -> str | None:
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
-
-
-def masked(value: Any, key: str | None = None) -> Any:
-    """Action settings as shown: credentials by key, secret references and URL passwords as ****."""
-    if isinstance(value, dict):
-        return {k: masked(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [masked(v) for v in value]
-    if isinstance(value, str):
-        if key is not None and value and _SENSITIVE_KEY.match(key):
-            return MASK
-        return _URL_PASSWORD.sub(rf"\1{MASK}@", _SECRET_REF.sub(MASK, value))
-    return value
-
-
-def postback_view(lp: LoadedPostback) -> dict[str, Any]:
-    """The columns of SPEC 11: id, trigger, trigger settings, action, action settings, status,
-    created at, author; plus the offer."""
-    p = lp.postback
-    trigger_settings: dict[str, Any] = {"affiliate": p.affiliate}
-    if p.goal is not None:
-        trigger_settings["goal"] = p.goal
-        trigger_settings["goals_enabled"] = lp.goals_enabled
-    if p.when is not None:
-        trigger_settings["when"] = p.when
-    settings = p.action.model_dump(mode="json", by_alias=True, exclude_none=True)
-    settings.pop("type", None)
-    author = p.author.model_dump(mode="json", exclude_none=True) if p.author else None
-    return {
-        "id": p.id,
-        "offer": lp.offer,
-        "trigger": p.trigger.value,
-        "trigger_settings": trigger_settings,
-        "action": p.action.type,
-        "action_settings": masked(settings),
-        "status": p.status,
-        "created_at": _iso(p.created_at),
-        "author": author,
-    }
 
 
 def delivery_view(row: DeliveryRow) -> dict[str, Any]:

@@ -45,7 +45,12 @@ def rules(sink: Sink, bad: Sink) -> dict[str, str]:
 
     return {
         "offer-7.yaml": "offer: 7\npostbacks:"
-        + pb(101, "author: {id: 1, name: Ann, affiliate: 42}", f"{sink.url}/a42")
+        + pb(
+            101,
+            "author: {id: 1, name: Ann, affiliate: 42}",
+            f"{sink.url}/a42",
+            'when: {"!=": [{"var": "sub1"}, "skip"]}',
+        )
         + pb(102, "author: {id: 2, name: Bob, affiliate: 43}", f"{sink.url}/a43")
         + pb(103, "author: {id: 3, name: Root}", f"{bad.url}/admin")
         + pb(104, "", f"{sink.url}/none"),
@@ -150,20 +155,26 @@ async def test_postback_columns_with_secrets_masked(daemon: Daemon, sink: Sink) 
         "id": 101,
         "offer": "7",
         "trigger": "conversion_done",
-        "trigger_settings": {"affiliate": "*"},
+        "trigger_settings": {
+            "affiliate": "*",
+            "goal": None,
+            "goal_evaluated": False,
+            "when": {"!=": [{"var": "sub1"}, "skip"]},
+        },
         "action": "ping_url",
         "action_settings": {
-            "method": "GET",
             "url": f"{sink.url}/a42?tx={{conversion_id}}&k=****",
             "headers": {"Authorization": "****", "X-Plain": "p-101"},
-            "idempotency_header": True,
         },
         "status": "active",
-        "created_at": "2026-11-01T10:00:00+00:00",
+        "created_at": "2026-11-01T10:00:00Z",
         "author": {"id": "1", "name": "Ann", "affiliate": "42"},
+        "file": "offer-7.yaml",
+        "line": 3,
     }
     status, body, _ = await call(daemon, "/api/v1/postbacks/105", ADMIN)
-    assert body["trigger_settings"] == {"affiliate": "*", "goal": "lead", "goals_enabled": True}
+    assert body["trigger_settings"]["goal"] == "lead"
+    assert body["trigger_settings"]["goal_evaluated"] is True
     assert body["action_settings"]["url"].startswith("https://user:****@tracker.example/pb?")
     assert body["status"] == "disabled"
     _, text, _ = await call(daemon, "/api/v1/postbacks", ADMIN)
