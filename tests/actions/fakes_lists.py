@@ -10,7 +10,7 @@ import asyncio
 import functools
 import json
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,7 +344,7 @@ class EndToEnd:
 
     answer: dict[str, Any]
     attempts: list[AttemptRow]
-    logs: list[dict[str, Any]]
+    logs: list[MutableMapping[str, Any]]
     state: DeliveryState
 
 

@@ -29,7 +29,7 @@ from tests.actions.fakes_lists import (
     validation_errors,
 )
 
-ADD = {"/add": ("add", None)}
+ADD: dict[str, Any] = {"/add": ("add", None)}
 KEY = "k3y-0f-the-l1st"
 
 
