@@ -4,6 +4,7 @@ retry and reload, and strict query parameters."""
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -377,3 +378,21 @@ async def test_a_token_secret_that_does_not_resolve_stops_the_start(
     message = str(caught.value)
     assert message.startswith("api.tokens: token aff43: secret api_aff43 is not set")
     assert AFF43 not in message
+
+
+async def test_random_query_strings_never_get_a_5xx(daemon: Daemon) -> None:
+    """A seeded fuzz over names, odd bytes, encodings and repeats: 200 or 400, never a 5xx."""
+    rng = random.Random(20261127)
+    names = ["state", "postback", "conversion", "limit", "cursor", "offer", "status", "x", ""]
+    pieces = ["%00", "%FF", "%ED%A0%80", "%C3%A9", "%F0%9F%98%80", "%", "%2", "+", "%26", "%3D"]
+    pieces += ["0", "1", "-1", "9" * 25, "dead", "active", "_", "abc", "=", "\u00e9", " "]
+    for _ in range(300):
+        params = []
+        for _ in range(rng.randint(0, 4)):
+            value = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 5)))
+            params.append(f"{rng.choice(names)}={value}" if rng.random() < 0.9 else value)
+        query = "&".join(params)
+        for path in ("/api/v1/deliveries", "/api/v1/postbacks"):
+            for token in (ADMIN, AFF42):
+                status, body, _ = await call(daemon, f"{path}?{query}", token)
+                assert status in (200, 400), (path, query, body)
