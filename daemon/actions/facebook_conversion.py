@@ -30,16 +30,9 @@ from daemon.yamlfile import raw_text
 
 MAX_EVENT_AGE = 7 * 86400  # Meta refuses the whole request past this (parameters/server-event)
 ACTION_SOURCES = (
-    "website",
-    "email",
-    "app",
-    "phone_call",
-    "chat",
-    "physical_store",
-    "system_generated",
-    "business_messaging",
-    "other",
-)
+    "website", "email", "app", "phone_call", "chat", "physical_store", "system_generated",
+    "business_messaging", "other",
+)  # fmt: skip
 # external_id: hashing is only recommended, but it is often an email or a phone number.
 HASHED_KEYS = frozenset(
     {"em", "ph", "fn", "ln", "ge", "db", "ct", "st", "zp", "country", "external_id"}
@@ -129,14 +122,9 @@ class Settings(ActionSettings):
             raise ValueError(f"must be one of {', '.join(ACTION_SOURCES)}, not {value!r}")
         return value
 
-    @field_validator("access_token")
+    @field_validator("access_token", "app_secret")
     @classmethod
-    def _token(cls, value: Template) -> Template:
-        return secret_reference(value)
-
-    @field_validator("app_secret")
-    @classmethod
-    def _app_secret(cls, value: Template | None) -> Template | None:
+    def _credential(cls, value: Template | None) -> Template | None:
         return None if value is None else secret_reference(value)
 
     @field_validator("base_url")
