@@ -228,10 +228,8 @@ def normalise(key: str, raw: str, country_code: str | None = None) -> str:
 
 def hashed(key: str, raw: str, country_code: str | None = None) -> str | None:
     value = normalise(key, raw, country_code)
-    if not value:
-        return None
-    if _HEX64.fullmatch(value):
-        return value
+    if not value or _HEX64.fullmatch(value):
+        return value or None
     return hashlib.sha256(value.encode("utf-8")).hexdigest()
 
 
@@ -266,10 +264,15 @@ class FacebookConversion:
         url = self.settings.base_url
         return f"{url.scheme}://{url.host}:{url.port}"
 
-    def event(self, job: Job, when: int) -> dict[str, Any]:
+    def event(
+        self, job: Job, when: int, secret: Callable[[str], str] | None = None
+    ) -> dict[str, Any]:
         s = self.settings
-        values = job.values
-        name = s.event_name.render(values)
+
+        def render(template: Template) -> str:
+            return template.render(job.values, secret=secret)
+
+        name = render(s.event_name)
         if not name:
             raise RenderError("event_name renders empty")
         event: dict[str, Any] = {
@@ -279,17 +282,17 @@ class FacebookConversion:
             "action_source": s.action_source,
         }
         if s.event_source_url is not None:
-            event["event_source_url"] = s.event_source_url.render(values)
-        event["user_data"] = self._user_data(values)
-        custom = self._custom_data(values)
+            event["event_source_url"] = render(s.event_source_url)
+        event["user_data"] = self._user_data(render)
+        custom = self._custom_data(render)
         if custom:
             event["custom_data"] = custom
         return event
 
-    def _user_data(self, values: Mapping[str, str]) -> dict[str, Any]:
+    def _user_data(self, render: Callable[[Template], str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, template in self._user.items():
-            raw = template.render(values)
+            raw = render(template)
             if key in PLAIN_KEYS:
                 if raw.strip():
                     out[key] = raw.strip()
@@ -297,10 +300,10 @@ class FacebookConversion:
                 out[key] = [digest]
         return out
 
-    def _custom_data(self, values: Mapping[str, str]) -> dict[str, Any]:
+    def _custom_data(self, render: Callable[[Template], str]) -> dict[str, Any]:
         s = self.settings
         out: dict[str, Any] = {}
-        value = s.value.render(values).strip()
+        value = render(s.value).strip()
         if value:
             try:
                 number = Decimal(value)
@@ -309,19 +312,20 @@ class FacebookConversion:
             if not number.is_finite():
                 raise RenderError("value: not a finite number")
             out["value"] = float(number)
-        currency = s.currency.render(values).strip().lower()
+        currency = render(s.currency).strip().lower()
         if currency:
             if not re.fullmatch(r"[a-z]{3}", currency):
                 raise RenderError("currency: not a 3-letter ISO 4217 code")
             out["currency"] = currency
         for key, template in s.custom_data.items():
-            if text := template.render(values):
+            if text := render(template):
                 out[key] = text
         return out
 
     def _form(self, job: Job, when: int, secret: Callable[[str], str] | None) -> bytes:
         s = self.settings
-        data = json.dumps([self.event(job, when)], ensure_ascii=False, separators=(",", ":"))
+        event = self.event(job, when, secret)
+        data = json.dumps([event], ensure_ascii=False, separators=(",", ":"))
         fields = [("data", data)]
         token = s.access_token.render({}, secret=secret)
         fields.append(("access_token", token))
@@ -332,7 +336,8 @@ class FacebookConversion:
                 proof = hmac.new(key, token.encode(), hashlib.sha256).hexdigest()
                 job.redactor.add(proof)  # it grants what the token grants
             fields.append(("appsecret_proof", proof))
-        if s.test_event_code is not None and (code := s.test_event_code.render(job.values)):
+        code = s.test_event_code.render(job.values, secret=secret) if s.test_event_code else ""
+        if code:
             fields.append(("test_event_code", code))
         return urlencode(fields, safe="*").encode()
 
@@ -362,17 +367,13 @@ class FacebookConversion:
         check_answer(response, now)
 
 
-def _json(response: HttpResponse) -> Any:
-    try:
-        return json.loads(response.body)
-    except ValueError:
-        return None
-
-
 def check_answer(response: HttpResponse, now: float) -> None:
     """Success is a 2xx whose `events_received` is at least 1; a Graph error object decides by
     its code; anything else falls back to the shared status classifier."""
-    body = _json(response)
+    try:
+        body = json.loads(response.body)
+    except ValueError:
+        body = None
     error = body.get("error") if isinstance(body, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
     if isinstance(error, dict) and isinstance(code, int) and not isinstance(code, bool):

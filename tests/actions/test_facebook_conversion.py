@@ -216,6 +216,15 @@ async def test_settings_shape_the_event(graph: FakeGraph, resources: Resources) 
     assert "test_event_code" not in graph.form()
 
 
+async def test_secrets_render_in_every_template(graph: FakeGraph, resources: Resources) -> None:
+    action = fb.build(settings(graph, custom_data={"partner": "p-${secret:fb_app}"}), resources)
+    job = make_job(LEAD)
+    await action.send(job)
+    assert graph.events()[0]["custom_data"]["partner"] == f"p-{APP_SECRET}"
+    assert job.record.request is not None
+    assert APP_SECRET not in str(job.record.request.body)
+
+
 @pytest.mark.parametrize(
     ("key", "raw", "expected"),
     [
