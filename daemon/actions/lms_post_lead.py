@@ -33,10 +33,11 @@ from daemon.macros import Template, TemplateStr, UrlTemplate, UrlTemplateStr
 from daemon.outbound import HttpResponse, classify_status
 
 SOLD, REJECTED, IN_PROGRESS, ERROR = 1, 2, 3, 4
-# Auctions run long (the PHP client waits 120 s), but an attempt must end before the
-# dispatcher's 120 s claim lease does, or another claim could post the lead a second time.
-DEFAULT_TIMEOUT = 100.0
-MAX_TIMEOUT = 110.0
+# Auctions run long: the PHP client waits 120 s. The dispatcher ends every attempt before its
+# claim's lease does (DispatcherConfig.attempt_bound), so a long wait cannot let another claim
+# post the lead a second time; an attempt it cuts short ends outcome_unknown like our timeout.
+DEFAULT_TIMEOUT = 120.0
+MAX_TIMEOUT = 120.0
 _SYSTEM_FIELDS = frozenset(
     {"apiId", "apiPassword", "productId", "testMode", "testSold", "closeConnection"}
 )

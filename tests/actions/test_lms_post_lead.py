@@ -297,7 +297,7 @@ def validation_errors(tmp_path: Path, extra: str = "", **replace: str) -> list[s
 
 def test_a_valid_rule_loads(tmp_path: Path) -> None:
     assert (
-        validation_errors(tmp_path, "format: form\n      test_mode: true\n      timeout: 90s") == []
+        validation_errors(tmp_path, "format: form\n      test_mode: true\n      timeout: 2m") == []
     )
 
 
@@ -366,9 +366,9 @@ def test_a_valid_rule_loads(tmp_path: Path) -> None:
             "6: postback 9: action: test_sold applies only with test_mode: true",
         ),
         (
-            "timeout: 120s",
+            "timeout: 121s",
             {},
-            "13: postback 9: action.timeout: Input should be less than or equal to 110",
+            "13: postback 9: action.timeout: Input should be less than or equal to 120",
         ),
         ("closeConnection: 1", {}, "13: postback 9: unknown key 'action.closeConnection'"),
         (
