@@ -25,6 +25,9 @@ from daemon.store.base import AttemptRow, Claim, DeliveryState, Store
 log = structlog.get_logger("postbackd.dispatcher")
 
 # Reasons that say the destination itself is unwell (feeds the pause of hosts.Destinations).
+# At most this share of the lease is spent waiting for a per-destination slot, so the rest (by
+# default 40 % of 300 s: 120 s) is left for the attempt itself.
+SLOT_WAIT_SHARE = 0.5
 _HOST_REASONS = ("connect_failed", "connect_timeout", "dns_failed", "timeout", "disconnected")
 
 
@@ -141,11 +144,25 @@ class Dispatcher:
         if paused is not None:
             await self._postpone(claim, paused)
             return
-        async with self.destinations.semaphore(dest):
+        loop = asyncio.get_running_loop()
+        # The claim's clock starts now, not when a slot frees up: an attempt must end before
+        # the lease does, or another node could send it too.
+        deadline = loop.time() + self.config.attempt_bound
+        semaphore = self.destinations.semaphore(dest)
+        try:
+            async with asyncio.timeout(self.config.lease * SLOT_WAIT_SHARE):
+                await semaphore.acquire()
+        except TimeoutError:
+            # Too long in line for this destination: hand the claim back unsent.
+            await self.store.release(claim, self._dt(self._now()))
+            return
+        try:
             if self._stopping:  # not sent yet: it waits for the next start instead of the grace
                 await self.store.release(claim, self._dt(self._now()))
                 return
-            await self._run(claim, runtime, lp, action)
+            await self._run(claim, runtime, lp, action, deadline)
+        finally:
+            semaphore.release()
 
     async def _postpone(self, claim: Claim, until: float) -> None:
         postpone = getattr(self.store, "postpone", None)
@@ -154,7 +171,7 @@ class Dispatcher:
         else:
             await self.store.release(claim, self._dt(until))
 
-    async def _run(self, claim: Claim, runtime: Any, lp: Any, action: Any) -> None:
+    async def _run(self, claim: Claim, runtime: Any, lp: Any, action: Any, deadline: float) -> None:
         job = Job(
             postback_id=claim.postback_id,
             delivery_id=claim.delivery_id,
@@ -172,7 +189,7 @@ class Dispatcher:
         started, t0 = self._now(), time.monotonic()
         error: DeliveryError | None = None
         try:
-            async with asyncio.timeout(self.config.attempt_bound):
+            async with asyncio.timeout_at(deadline):
                 await action.send(job)
         except DeliveryError as err:
             error = err

@@ -293,3 +293,44 @@ async def test_removed_postback_cancels_a_claimed_delivery(tmp_path: Path, sink:
         assert [r.path_qs for r in sink.received] == ["/pb?tx=c1"]
     finally:
         await daemon.client.close()
+
+
+async def test_a_claim_waiting_too_long_for_a_slot_is_handed_back_unsent(tmp_path: Path) -> None:
+    """The lease runs from the claim: an attempt still waiting for its destination's slot when
+    half the lease is gone gives the claim back instead of starting late."""
+    release = asyncio.Event()
+
+    async def hold(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="OK")
+
+    sink = await Sink().start()
+    sink.script = [hold]
+    daemon = await start_daemon(
+        tmp_path,
+        offer(rule(sink)),
+        dispatch=False,
+        settings={
+            "delivery": {"lease": "4s"},
+            "outbound": {
+                "allow_cidrs": ["127.0.0.1/32"],
+                "timeout": "3s",
+                "per_host_concurrency": 1,
+            },
+        },
+    )
+    try:
+        await daemon.post(conversion_id="first", offer=1, affiliate=1, status="approved")
+        await daemon.post(conversion_id="second", offer=1, affiliate=1, status="approved")
+        assert await daemon.services.dispatcher.dispatch_once() == 2
+        await wait_for(lambda: len(sink.received) == 1)
+        second = await wait_for(
+            lambda: daemon.deliveries(conversion_id="second", state=DeliveryState.QUEUED)
+        )
+        assert second[0].attempts == 0
+        release.set()
+        await daemon.services.dispatcher.drain()
+        assert len(sink.received) == 1
+    finally:
+        await daemon.client.close()
+        await sink.close()
