@@ -9,6 +9,7 @@ URL template additionally proves that no value moved its scheme, host or port.
 from __future__ import annotations
 
 import difflib
+import html
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -455,6 +456,9 @@ def encoded_forms(value: str) -> frozenset[str]:
     """Every form `value` takes once encoded by this module (URL parts, form, JSON, XML), so a
     redactor told about a secret can mask it wherever it landed."""
     forms = {value, encode_json_string(value), value.translate(_XML_ESCAPES)}
+    # Services echo what they got as HTML too (&#x27; or &#39; for a quote).
+    forms.add(html.escape(value, quote=True))
+    forms.add(html.escape(value, quote=True).replace("&#x27;", "&#39;"))
     quoters = (*_URL_ENCODERS, lambda v: urlencode([("", v)], safe="*")[1:])
     for encode in quoters:
         try:

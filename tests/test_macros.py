@@ -458,3 +458,11 @@ def test_encoded_forms_cover_every_place_a_secret_lands() -> None:
         assert "ss%20w" not in redacted
         assert "ss+w" not in redacted
     assert encoded_forms("a\ud800") >= {"a\ud800"}  # refused encoders are skipped, no error
+
+
+def test_encoded_forms_cover_an_html_echo() -> None:
+    import html as html_lib
+
+    value = "p'a\"s&s<w>"
+    for echoed in (html_lib.escape(value), html_lib.escape(value).replace("&#x27;", "&#39;")):
+        assert echoed in encoded_forms(value)
