@@ -197,8 +197,14 @@ def edit_cmd(
 ) -> None:
     """Change settings of postback ID in place (the platform's Configure).
 
-    The action type, id, created_at and author cannot change: to change the action, add a
-    new postback and delete this one.
+    \b
+    postbackd rules edit 101 --set action.url='https://t.example/pb?cid={click_id}'
+    postbackd rules edit 102 --set 'when={">=": [{"var": "payout"}, 10]}'
+    postbackd rules edit 102 --set goal=null        (removes the key)
+
+    A value is JSON when it parses as JSON (5, true, {...}), else text. The action type, id,
+    created_at and author cannot change: to change the action, add a new postback and delete
+    this one.
     """
     changes = [parse_set(text) for text in sets]
     for path, _ in changes:

@@ -44,14 +44,22 @@ from daemon.yamlsplice import yaml_rt
 @click.option("--offer", metavar="ID", help="The offer (its file gets the postback).")
 @click.option("--trigger", type=click.Choice([t.value for t in Trigger]))
 @click.option("--affiliate", metavar="ID|*", help='One affiliate, or "*" for all.')
-@click.option("--goal", metavar="GOAL")
+@click.option("--goal", metavar="GOAL", help="Only for this goal (when the offer has goals on).")
 @click.option("--when", metavar="JSON", help="A JsonLogic condition.")
-@click.option("--status", type=click.Choice(["active", "disabled"]), default=None)
+@click.option(
+    "--status", type=click.Choice(["active", "disabled"]), default=None, help="Default: active."
+)
 @click.option("--action", "action_type", metavar="TYPE", help="Default: ping_url.")
 @click.option("--method", type=click.Choice(["GET", "POST"]), help="ping_url's method.")
 @click.option("--url", help="ping_url's URL (macros such as {click_id} allowed).")
-@click.option("--header", "headers", multiple=True, metavar="NAME=VALUE")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any key, dotted.")
+@click.option("--header", "headers", multiple=True, metavar="NAME=VALUE", help="ping_url header.")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other key, dotted (action.form.clickid={click_id}, retry.max_attempts=5).",
+)
 @click.option(
     "--from",
     "snippet",
@@ -68,11 +76,16 @@ from daemon.yamlsplice import yaml_rt
 @config_option
 def add_cmd(**opts: Any) -> None:
     """Add a postback to an offer's file (a new file if the offer has none), with the next
-    free id, created_at now and you as author.
+    free id, created_at now and you as author (--author, else git config user.email/name).
 
     \b
     postbackd rules add --offer 1234 --trigger conversion_done --affiliate 42 \\
-        --url 'https://t.example/pb?cid={click_id}&payout={payout}'
+        --url 'https://t.example/pb?cid={click_id}&payout={payout}' \\
+        --header 'X-Api-Key=${secret:partner_42_key}'
+    postbackd rules add --offer 1234 --from - < postback.yaml
+
+    Credentials go in as ${secret:NAME}, never as values. The change is validated
+    before it is written, and shown as a diff.
     """
     tree = open_tree(opts["rules"], opts["config"])
     item = _snippet(opts["snippet"])

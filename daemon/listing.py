@@ -25,7 +25,9 @@ COLUMNS = (
     "Created At",
     "Author",
 )
-SETTINGS_WIDTH = 100  # table cells longer than this are cut; --format json shows them whole
+# Table cells longer than these are cut; --format json shows them whole.
+SETTINGS_WIDTH = 80
+TRIGGER_WIDTH = 60
 _SECRET_REF = re.compile(r"\$\{secret:[^}]*\}")
 # Setting and header names whose values are credentials whatever they hold.
 _SENSITIVE = re.compile(
@@ -190,7 +192,7 @@ def table_cells(row: Mapping[str, Any]) -> list[str]:
     return [
         str(row["id"]),
         row["trigger"],
-        trigger_settings_text(row),
+        cut(trigger_settings_text(row), TRIGGER_WIDTH),
         row["action"],
         cut(action_settings_text(row["action_settings"]), SETTINGS_WIDTH),
         row["status"],
