@@ -479,9 +479,12 @@ def _check_secrets(
 ) -> list[Issue]:
     if secrets is None or spec.auth is None:
         return []
-    line = line_of(raw, ("auth",))
+    kind = next(k for k in ("token", "hmac", "basic") if getattr(spec.auth, k) is not None)
     issues = []
-    for name in spec.auth.secrets:
+    for index, name in enumerate(spec.auth.secrets):
+        line = line_of(raw, ("auth", kind, "secret")) or line_of(raw, ("auth", kind))
+        if kind == "hmac" and spec.auth.hmac and spec.auth.hmac.secrets:
+            line = line_of(raw, ("auth", kind, "secrets", index))
         if secrets.where(name) is None:
             issues.append(Issue(rel, line, f"secret {name!r} does not resolve"))
         elif spec.auth.hmac is not None:
