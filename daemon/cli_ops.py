@@ -22,7 +22,7 @@ from daemon.editing import (
     to_yaml,
 )
 from daemon.errors import RulesError
-from daemon.listing import COLUMNS, postback_row, render_table, table_cells
+from daemon.listing import COLUMNS, literal_credentials, postback_row, render_table, table_cells
 from daemon.loader import RuleSet, load_rules
 from daemon.ruletree import EditError, Plan, Tree, check, write
 from daemon.visibility import Viewer, visible_to
@@ -152,6 +152,15 @@ def _text(tree: Tree, rel: str) -> str:
     return tree.docs[rel].original.decode("utf-8")
 
 
+def credential_notes(item: CommentedMap) -> list[str]:
+    action = item.get("action")
+    keys = literal_credentials(action) if isinstance(action, CommentedMap) else []
+    return [
+        f"{key} is written out in the rule: put credentials in ${{secret:NAME}} instead"
+        for key in keys
+    ]
+
+
 def open_tree(rules: str | None, config: str | None) -> Tree:
     try:
         return Tree.scan(rules_dir_from(rules, config))
@@ -215,6 +224,7 @@ def edit_cmd(
                 + (": add a new postback and delete this one" if path[0] == "action" else "")
             )
     tree = open_tree(rules, config)
+    notes: list[str] = []
 
     def change(item: CommentedMap) -> None:
         before = _action_type(item)
@@ -225,8 +235,9 @@ def edit_cmd(
                 f"the action type cannot change ({before} to {_action_type(item)}): "
                 "add a new postback and delete this one"
             )
+        notes.extend(credential_notes(item))
 
-    _edit(tree, postback_id, change, dry_run, f"edited postback {postback_id}")
+    _edit(tree, postback_id, change, dry_run, f"edited postback {postback_id}", notes)
 
 
 def _action_type(item: CommentedMap) -> str:
@@ -235,12 +246,18 @@ def _action_type(item: CommentedMap) -> str:
 
 
 def _edit(
-    tree: Tree, pid: int, change: Callable[[CommentedMap], None], dry_run: bool, done: str
+    tree: Tree,
+    pid: int,
+    change: Callable[[CommentedMap], None],
+    dry_run: bool,
+    done: str,
+    notes: list[str] | None = None,
 ) -> None:
     try:
         plan = plan_edit(tree, pid, change)
     except EditError as err:
         raise click.ClickException(str(err)) from err
+    plan.notes.extend(notes or [])
     doc, _ = tree.locate(pid)
     apply(tree, plan, dry_run, f"{done} in {doc.rel}")
 

@@ -18,6 +18,7 @@ from daemon.cli_ops import (
     apply,
     author_affiliate_option,
     author_option,
+    credential_notes,
     dry_run_option,
     open_tree,
     parse_set,
@@ -103,6 +104,7 @@ def add_cmd(**opts: Any) -> None:
     put(item, "created_at", timestamp(datetime.now(UTC)))
     put(item, "author", author)
     plan = _append(tree, offer, [NewItem(item, opts["comment"])], opts["file"])
+    plan.notes.extend(credential_notes(item))
     rel = next(iter(plan.texts))
     apply(tree, plan, opts["dry_run"], f"added postback {pid} to {rel} (offer {offer})")
 

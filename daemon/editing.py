@@ -187,7 +187,7 @@ def plan_edit(tree: Tree, pid: int, change: Callable[[CommentedMap], None]) -> P
     except (YAMLError, SpliceError) as err:
         raise EditError(f"{doc.rel}: cannot edit postback {pid}: {err}") from err
     lines = doc.lines[: span.dash] + shift(new, dash_col - doc.style.offset) + doc.lines[span.end :]
-    return Plan({doc.rel: _join(doc, lines)}, ids=[pid])
+    return Plan({doc.rel: _join(doc, lines)}, ids=[pid], edits_existing=True)
 
 
 def plan_delete(tree: Tree, pid: int) -> Plan:

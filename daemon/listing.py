@@ -114,6 +114,24 @@ def _mask_url_password(text: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:{MASK}@{host}"))
 
 
+def literal_credentials(settings: Mapping[str, Any], prefix: str = "action") -> list[str]:
+    """Dotted keys whose name says credential but whose value is written out in the rule
+    rather than referenced as ${secret:NAME} (it would sit in git and in every diff)."""
+    found = []
+    for key, value in settings.items():
+        where = f"{prefix}.{key}"
+        if isinstance(value, Mapping):
+            found.extend(literal_credentials(value, where))
+        elif isinstance(value, str) and _SENSITIVE.fullmatch(str(key)) and _literal(value):
+            found.append(where)
+    return found
+
+
+def _literal(value: str) -> bool:
+    """Text with neither a secret reference nor a macro."""
+    return bool(value.strip()) and not _SECRET_REF.search(value) and "{" not in value
+
+
 # --- summaries for the table --------------------------------------------------------------
 
 

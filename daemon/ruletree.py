@@ -56,6 +56,7 @@ class Plan:
     created: set[str] = field(default_factory=set)
     ids: list[int] = field(default_factory=list)  # postbacks added or touched
     notes: list[str] = field(default_factory=list)
+    edits_existing: bool = False  # an existing postback changes: check what may not change
 
 
 class Tree:
@@ -191,7 +192,7 @@ def next_ids(tree: Tree, count: int) -> list[int]:
 
 def check(tree: Tree, plan: Plan) -> list[Issue]:
     """Load a temporary copy of the tree with the plan applied, as `postbackd validate` would;
-    also what may not change for an existing id (as `validate --base` would)."""
+    for an edit, also what may not change for an existing id (as `validate --base` would)."""
     with tempfile.TemporaryDirectory(prefix="postbackd-edit-") as tmp:
         copy = Path(tmp) / "rules"
         shutil.copytree(tree.root, copy, ignore=shutil.ignore_patterns(".git"))
@@ -203,6 +204,8 @@ def check(tree: Tree, plan: Plan) -> list[Issue]:
             new = load_rules(copy, git=False)
         except RulesError as err:
             return err.issues
+    if not plan.edits_existing:
+        return []
     try:
         current = load_rules(tree.root, git=False)
     except RulesError:

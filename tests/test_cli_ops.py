@@ -457,3 +457,17 @@ def test_delete_on_a_terminal_asks_to_type_the_id(rules: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "deleted postback 102 from offer-1234.yaml" in done.stdout
     assert "  - id: 102\n" not in solar(rules)
+
+
+def test_a_credential_written_out_is_flagged(rules: Path) -> None:
+    result = run(
+        "rules", "edit", "101", "--rules", str(rules), "--dry-run",
+        "--set", "action.headers.Authorization=Bearer abc123",
+        "--set", "action.headers.X-Trace={click_id}",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert result.out.count("note: ") == 1
+    assert (
+        "note: action.headers.Authorization is written out in the rule: put credentials in "
+        "${secret:NAME} instead\n" in result.out
+    )
