@@ -22,6 +22,7 @@ from daemon.actions import (
     opt_intel_unsubscribe,
     ping_url,
     slack_message,
+    smtp,
     trustedform_claim,
     twilio_sms,
 )
@@ -39,6 +40,7 @@ ActionSettingsUnion = Annotated[
     | opt_intel.Settings
     | opt_intel_unsubscribe.Settings
     | slack_message.Settings
+    | smtp.Settings
     | twilio_sms.Settings
     | lms_post_lead.Settings
     | five9_list.Settings,
@@ -57,6 +59,7 @@ BUILDERS: dict[str, Callable[[Any, Resources], Action]] = {
     "opt_intel": opt_intel.build,
     "opt_intel_unsubscribe": opt_intel_unsubscribe.build,
     "slack_message": slack_message.build,
+    "smtp": smtp.build,
     "twilio_sms": twilio_sms.build,
     "lms_post_lead": lms_post_lead.build,
     "five9_list": five9_list.build,
