@@ -119,4 +119,3 @@ class DaemonProcess:
                 if event.get("event") == name:
                     out.append(event)
         return out
-
