@@ -74,7 +74,7 @@ class Source:
     """One inbound source as loaded: its mapping and its gate (address, credentials, rate)."""
 
     name: str
-    fields: Mapping[str, str] = field(default_factory=dict)  # canonical field -> inbound param
+    fields: Mapping[str, str | None] = field(default_factory=dict)  # canonical -> inbound param
     status_map: Mapping[str, str] = field(default_factory=dict)  # lower-case value -> status
     defaults: Mapping[str, str] = field(default_factory=dict)
     response: Literal["json", "text"] = "json"
@@ -85,21 +85,25 @@ class Source:
         """Canonical conversion from inbound parameters; InputError names the inbound field."""
         consumed = self.gate.consumed
         canonical: dict[str, str] = dict(self.defaults)
-        used: set[str] = set(consumed)
+        used: set[str] = set(consumed)  # mapped parameters never land in `extra`, even empty
         for name in CANONICAL_FIELDS:
             param = self.fields.get(name, name)
-            value = params.get(param, "") if param not in consumed else ""
+            if param is None or param in consumed:
+                continue
+            used.add(param)
+            value = params.get(param, "")
             if value != "":
                 canonical[name] = value
-                used.add(param)
         if "status" in canonical:
             canonical["status"] = self._status(canonical["status"])
         extra = {k: v for k, v in params.items() if k not in used}
         try:
             return Conversion.parse(canonical, extra)
         except InputError as err:
-            name = err.field or ""
-            raise InputError(err.message, self.fields.get(name, name)) from err
+            raise InputError(err.message, self._inbound(err.field or "")) from err
+
+    def _inbound(self, name: str) -> str:
+        return self.fields.get(name, name) or name
 
     def _status(self, value: str) -> str:
         key = value.strip().lower()
@@ -108,7 +112,7 @@ class Source:
             return mapped
         if key in Status.__members__.values():
             return key
-        raise InputError("unknown status value", self.fields.get("status", "status"))
+        raise InputError("unknown status value", self._inbound("status"))
 
 
 GENERIC_SOURCE = Source(GENERIC)
@@ -257,7 +261,7 @@ class SourceFile(_Model):
     auth: Annotated[AuthConfig | None, BeforeValidator(_auth)] = None
     allow_ips: list[Cidr] | None = None
     trusted_proxies: list[Cidr] | None = None
-    fields: dict[CanonicalName, ParamName] | None = None
+    fields: dict[CanonicalName, ParamName | None] | None = None  # None: from no parameter
     status_map: dict[StatusKey, StatusTarget] | None = None
     defaults: dict[CanonicalName, DefaultValue] | None = None
     response: Literal["json", "text"] | None = None

@@ -144,7 +144,7 @@ def test_no_directory_means_no_sources(tmp_path: Path) -> None:
 def test_a_preset_with_overrides(tmp_path: Path) -> None:
     (tmp_path / "ef-eu.yaml").write_text(
         "preset: everflow\n"
-        "fields: {click_id: sub5, payout: amount}\n"
+        "fields: {click_id: sub5, payout: amount, goal: ~}\n"
         "status_map: {declined: rejected, invalid: pending}\n"
         "defaults: {currency: EUR}\n"
         "response: text\n"
@@ -159,6 +159,11 @@ def test_a_preset_with_overrides(tmp_path: Path) -> None:
     assert source.status_map["invalid"] == "pending"  # overridden
     assert source.status_map["1"] == "approved"  # kept
     assert source.defaults == {"status": "approved", "currency": "EUR"}
+    conversion = source.to_conversion(
+        {"transaction_id": "T", "offer_id": "1", "affiliate_id": "2", "event_id": "9", "goal": "g"}
+    )
+    assert "goal" not in conversion.fields  # `goal: ~` reads it from no parameter
+    assert conversion.extra == {"event_id": "9", "goal": "g"}
 
 
 def test_secret_references_in_both_spellings(tmp_path: Path) -> None:
