@@ -64,6 +64,10 @@ class Conflict(InputError):
     status = 409
 
 
+class InvalidToken(AuthError):
+    """A well-formed bearer token that matches none (RFC 6750 error="invalid_token")."""
+
+
 # --- tokens ---------------------------------------------------------------------------------
 
 
@@ -115,7 +119,7 @@ class Tokens:
             if hmac.compare_digest(digest, token.digest) and found is None:
                 found = token
         if found is None:
-            raise AuthError("invalid token")
+            raise InvalidToken("invalid token")
         return found.viewer
 
 
@@ -164,7 +168,7 @@ def add_api_routes(app: web.Application, settings: Settings, environ: Mapping[st
 def _error(err: InputError) -> web.Response:
     headers = {}
     if isinstance(err, AuthError):
-        detail = ', error="invalid_token"' if err.message == "invalid token" else ""
+        detail = ', error="invalid_token"' if isinstance(err, InvalidToken) else ""
         headers["WWW-Authenticate"] = f'Bearer realm="postbackd"{detail}'
     body = {"error": err.message, "field": err.field}
     return web.json_response(body, status=err.status, headers=headers)
