@@ -117,7 +117,7 @@ dry_run_option = click.option(
 
 def apply(tree: Tree, plan: Plan, dry_run: bool, done: str) -> None:
     """Validate the plan on a copy of the tree, show it as a diff, and write it."""
-    if all(tree.docs.get(rel) and text == _text(tree, rel) for rel, text in plan.texts.items()):
+    if all(text == _text(tree, rel) for rel, text in plan.texts.items()):
         click.echo("nothing to change")
         return
     issues = check(tree, plan)
@@ -128,7 +128,7 @@ def apply(tree: Tree, plan: Plan, dry_run: bool, done: str) -> None:
             f"the change does not validate ({len(issues)} error(s)); nothing written"
         )
     for rel, text in sorted(plan.texts.items()):
-        doc = tree.docs.get(rel)
+        doc = tree.get(rel)
         old = "".join(doc.lines) if doc else ""
         new = text.replace("\r\n", "\n")
         before, after = ("/dev/null" if doc is None else f"a/{rel}"), f"b/{rel}"
@@ -148,8 +148,9 @@ def apply(tree: Tree, plan: Plan, dry_run: bool, done: str) -> None:
     click.echo(done)
 
 
-def _text(tree: Tree, rel: str) -> str:
-    return tree.docs[rel].original.decode("utf-8")
+def _text(tree: Tree, rel: str) -> str | None:
+    doc = tree.get(rel)
+    return None if doc is None else doc.original.decode("utf-8", "replace")
 
 
 def credential_notes(item: CommentedMap) -> list[str]:

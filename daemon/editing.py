@@ -259,7 +259,7 @@ def _target(tree: Tree, offer: str, file: str | None) -> RuleDoc | None:
         rel = Path(file).as_posix()
         if not rel.endswith(RULE_SUFFIXES) or rel.startswith(("/", "../")) or "/../" in rel:
             raise EditError(f"--file {file}: a .yaml path inside the rules directory")
-        doc = tree.docs.get(rel)
+        doc = tree.get(rel)
         if doc is not None and doc.offer != offer:
             raise EditError(f"--file {file}: it describes offer {doc.offer}, not {offer}")
         if doc is None and (tree.root / rel).exists():

@@ -19,7 +19,7 @@ from typing import Any
 from daemon.errors import Issue, RulesError
 from daemon.gitutil import GitError, git
 from daemon.history import compare
-from daemon.loader import RULE_SUFFIXES, TESTS_DIR, is_ignored_name, load_rules
+from daemon.loader import RULE_SUFFIXES, TESTS_DIR, RuleSet, is_ignored_name, load_rules
 from daemon.yamlfile import YamlError, YList, YMap, load_yaml, raw_text
 from daemon.yamlsplice import Span, Style, detect_style, spans
 
@@ -60,44 +60,76 @@ class Plan:
 
 
 class Tree:
-    """Every rule file below a rules directory, read as text."""
+    """Every rule file below a rules directory. The current rules, loaded once, are the index
+    (ids, offers, which file holds which postback); a file is read as text only when a change
+    touches it. When the current rules do not load, every file is read to find things."""
 
-    def __init__(self, root: Path, docs: dict[str, RuleDoc]) -> None:
+    def __init__(self, root: Path, rels: list[str], current: RuleSet | None) -> None:
         self.root = root
-        self.docs = docs
+        self.rels = rels
+        self.current = current  # None when the tree does not load as it stands
+        self._docs: dict[str, RuleDoc] = {}
 
     @classmethod
     def scan(cls, root: Path) -> Tree:
         if not root.is_dir():
             raise EditError(f"{root}: rules directory does not exist")
-        docs = {}
-        for path in _rule_files(root):
-            rel = path.relative_to(root).as_posix()
-            docs[rel] = read_doc(root, rel)
-        return cls(root, docs)
+        rels = [p.relative_to(root).as_posix() for p in _rule_files(root)]
+        try:
+            current: RuleSet | None = load_rules(root, git=False)
+        except RulesError:
+            current = None
+        return cls(root, rels, current)
+
+    def get(self, rel: str) -> RuleDoc | None:
+        """The file `rel` read as text (once), or None when it is not a rule file here."""
+        if rel not in self._docs:
+            if rel not in self.rels:
+                return None
+            self._docs[rel] = read_doc(self.root, rel)
+        return self._docs[rel]
+
+    def _all(self) -> list[RuleDoc]:
+        return [doc for rel in self.rels if (doc := self.get(rel)) is not None]
 
     def ids(self) -> set[int]:
-        return {pid for doc in self.docs.values() for pid in doc.ids if pid is not None}
-
-    def offers(self) -> list[str]:
-        return sorted({d.offer for d in self.docs.values() if d.offer is not None})
+        if self.current is not None:
+            return set(self.current.postbacks)
+        return {pid for doc in self._all() for pid in doc.ids if pid is not None}
 
     def files_of(self, offer: str) -> list[RuleDoc]:
-        return [d for rel, d in sorted(self.docs.items()) if d.offer == offer]
+        """The files that describe `offer`, sorted (the first takes new postbacks)."""
+        pattern = re.compile(rf"^offer\s*:\s*[\"']?{re.escape(offer)}(?!\w)", re.MULTILINE)
+        candidates = [rel for rel in self.rels if pattern.search(_text(self.root / rel))]
+        if self.current is None:
+            candidates = self.rels  # a layout the quick look may miss: read them all
+        docs = [self.get(rel) for rel in sorted(candidates)]
+        return [d for d in docs if d is not None and d.offer == offer]
 
     def locate(self, pid: int) -> tuple[RuleDoc, int]:
-        found = [(d, i) for d in self.docs.values() for i, p in enumerate(d.ids) if p == pid]
-        if not found:
-            broken = [d.rel for d in self.docs.values() if d.problem]
+        if self.current is not None:
+            lp = self.current.postbacks.get(pid)
+            found = [] if lp is None else [self.get(lp.file)]
+        else:
+            found = [d for d in self._all() if pid in d.ids]
+        if not found or found[0] is None:
+            broken = [] if self.current else [d.rel for d in self._all() if d.problem]
             hint = f" (these files do not parse: {', '.join(broken)})" if broken else ""
             raise EditError(f"no postback with id {pid} in {self.root}{hint}")
         if len(found) > 1:
-            where = " and ".join(d.rel for d, _ in found)
+            where = " and ".join(d.rel for d in found if d)
             raise EditError(f"postback {pid} appears in {where}; fix the duplicate id first")
-        doc, index = found[0]
+        doc = found[0]
         if doc.problem:
             raise EditError(f"{doc.rel}: {doc.problem}")
-        return doc, index
+        return doc, doc.ids.index(pid)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text("utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def _rule_files(root: Path) -> list[Path]:
@@ -204,20 +236,16 @@ def check(tree: Tree, plan: Plan) -> list[Issue]:
             new = load_rules(copy, git=False)
         except RulesError as err:
             return err.issues
-    if not plan.edits_existing:
+    if not plan.edits_existing or tree.current is None:
         return []
-    try:
-        current = load_rules(tree.root, git=False)
-    except RulesError:
-        return []
-    return compare(new, current, "the current files")
+    return compare(new, tree.current, "the current files")
 
 
 def write(tree: Tree, plan: Plan) -> None:
     """Replace each file atomically, refusing if it changed since it was read."""
     for rel, text in plan.texts.items():
         path = tree.root / rel
-        doc = tree.docs.get(rel)
+        doc = tree.get(rel)
         if doc is not None and path.read_bytes() != doc.original:
             raise EditError(f"{rel} changed while we edited it; nothing written, try again")
         if doc is None and path.exists():

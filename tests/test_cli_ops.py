@@ -471,3 +471,22 @@ def test_a_credential_written_out_is_flagged(rules: Path) -> None:
         "note: action.headers.Authorization is written out in the rule: put credentials in "
         "${secret:NAME} instead\n" in result.out
     )
+
+
+def test_an_edit_can_repair_a_tree_that_does_not_load(rules: Path) -> None:
+    broken = SOLAR.replace(
+        "url: https://api.partner-42.example.net/reject?click={click_id}",
+        "url: api.partner-42.example.net/reject?click={click_id}",
+    )
+    write_files(rules, {"offer-1234.yaml": broken})
+    assert run("validate", str(rules)).code == 1
+    other = run("rules", "disable", "101", "--rules", str(rules))
+    assert other.code == 1  # the result would still not load: nothing written
+    assert "postback 103: action.url: not an absolute URL" in other.err
+    assert solar(rules) == broken
+    fixed = run(
+        "rules", "edit", "103", "--rules", str(rules),
+        "--set", "action.url=https://api.partner-42.example.net/reject?click={click_id}",
+    )  # fmt: skip
+    assert fixed.code == 0, fixed.err
+    assert solar(rules) == SOLAR
