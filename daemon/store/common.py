@@ -212,4 +212,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     micros, _, delivery_id = cursor.partition("_")
     if not (micros.isdigit() and len(micros) < 20 and delivery_id.isalnum()):
         raise InputError("malformed cursor", "cursor")
-    return from_us(int(micros)), delivery_id
+    try:
+        return from_us(int(micros)), delivery_id
+    except (OverflowError, ValueError, OSError) as err:  # a time past what datetime holds
+        raise InputError("malformed cursor", "cursor") from err
