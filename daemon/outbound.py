@@ -157,6 +157,15 @@ class OutboundHttp:
         self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def guard(self) -> Guard:
+        """The guard, for actions that open their own connections (SMTP) under the same rule."""
+        return self._guard
+
+    @property
+    def resolver(self) -> Resolver:
+        return self._resolver
+
     async def start(self) -> None:
         if self._session is not None:
             return

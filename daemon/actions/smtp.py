@@ -462,8 +462,8 @@ def _tls_error(err: BaseException | None) -> bool:
 
 def _network(http: Any) -> tuple[Any, Any]:
     # SMTP does not go through OutboundHttp but must obey the same guard (outbound.allow_cidrs)
-    # and resolver; OutboundHttp keeps both, without public accessors yet.
-    return http._guard, http._resolver
+    # and resolver.
+    return http.guard, http.resolver
 
 
 def build(settings: Settings, resources: Resources) -> Smtp:
