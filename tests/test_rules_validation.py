@@ -32,7 +32,7 @@ def pb(pid: object = 5, extra: str = "") -> str:
 CASES = {
     "yaml_syntax": (
         "offer: 1\npostbacks: [\n",
-        "r.yaml:3: while parsing a flow node; expected the node content, but found '<stream end>'",
+        "r.yaml:3: while parsing a flow node; did not find expected node content",
     ),
     "not_a_mapping": ("- just\n- a list\n", "r.yaml:1: a rule file must be a mapping"),
     "duplicate_key": ("offer: 1\noffer: 2\n", "r.yaml:2: duplicate key 'offer'"),

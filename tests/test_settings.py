@@ -119,7 +119,7 @@ def test_config_path_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         ),
         (
             "listen: [\n",
-            "postbackd.yaml:2: while parsing a flow node; expected the node content, but found '<stream end>'",
+            "postbackd.yaml:2: while parsing a flow node; did not find expected node content",
         ),
         ("- a list\n", "postbackd.yaml:1: the settings file must be a mapping"),
         ("a: 1\na: 2\n", "postbackd.yaml:2: duplicate key 'a'"),

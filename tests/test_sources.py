@@ -17,7 +17,7 @@ from tests.harness import start_daemon, wait_for
 REPO = Path(__file__).resolve().parent.parent
 
 CASES = {
-    "yaml_syntax": ("fields: {offer: [\n", "w/s.yaml:2: while parsing a flow node; expected the node content, but found '<stream end>'"),
+    "yaml_syntax": ("fields: {offer: [\n", "w/s.yaml:2: while parsing a flow node; did not find expected node content"),
     "not_a_mapping": ("- offer\n", "w/s.yaml:1: a source file must be a mapping"),
     "empty_file": ("", "w/s.yaml:1: a source file must be a mapping"),
     "duplicate_yaml_key": ("response: json\nresponse: text\n", "w/s.yaml:2: duplicate key 'response'"),
