@@ -353,8 +353,13 @@ def load_sources(
 
 def _discover(root: Path, prefix: str, issues: list[Issue]) -> list[Path]:
     real_root = root.resolve()
-    paths = []
-    for name in sorted(os.listdir(root)):
+    paths: list[Path] = []
+    try:
+        names = sorted(os.listdir(root))
+    except OSError as err:
+        issues.append(Issue(prefix, 0, f"cannot read the directory: {err.strerror or err}"))
+        return paths
+    for name in names:
         path = root / name
         if is_ignored_name(name) or not name.endswith(SOURCE_SUFFIXES) or not path.is_file():
             continue

@@ -141,6 +141,21 @@ def test_no_directory_means_no_sources(tmp_path: Path) -> None:
     assert load_sources(None) == {}
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any directory")
+def test_an_unreadable_directory_is_an_error(tmp_path: Path) -> None:
+    folder = tmp_path / "w"
+    folder.mkdir()
+    folder.chmod(0)
+    try:
+        with pytest.raises(RulesError) as caught:
+            load_sources(folder)
+    finally:
+        folder.chmod(0o755)
+    assert [str(i) for i in caught.value.issues] == [
+        "w:0: cannot read the directory: Permission denied"
+    ]
+
+
 def test_a_preset_with_overrides(tmp_path: Path) -> None:
     (tmp_path / "ef-eu.yaml").write_text(
         "preset: everflow\n"
