@@ -432,3 +432,36 @@ async def test_a_standard_webhooks_secret_must_be_whsec(tmp_path: Path) -> None:
     assert [str(i) for i in caught.value.issues] == [
         "webhooks/s.yaml:1: secret raw is not a Standard Webhooks secret (whsec_<base64>)"
     ]
+
+
+async def test_credentials_never_reach_logs_answers_or_the_store(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    daemon = await start(
+        tmp_path,
+        {
+            "t.yaml": "auth: {token: {param: key, secret: t_token}}\n",
+            "s.yaml": "auth: {hmac: {secret: h_key}}\n",
+        },
+        {"t_token": "tok-SECRET-1", "h_key": whsec(b"SECRET-KEY-BYTES")},
+        clock=FakeClock(NOW),
+    )
+    texts: list[str] = []
+    try:
+        with capture_logs() as logs:
+            for key in ("tok-SECRET-1", "wrong"):
+                resp = await daemon.client.get("/webhooks/t", params={**OK, "key": key})
+                texts.append(await resp.text())
+            body = json.dumps(OK).encode()
+            for signing in (b"SECRET-KEY-BYTES", b"other"):
+                headers = signed_headers("m1", NOW, body, signing)
+                resp = await daemon.client.post("/webhooks/s", data=body, headers=headers)
+                texts.append(await resp.text())
+        row = await daemon.services.store.get_conversion("t", "A1")
+        assert row is not None
+        texts += [repr(event) for event in logs] + [json.dumps(row.fields)]
+        for secret in ("tok-SECRET-1", whsec(b"SECRET-KEY-BYTES"), "SECRET-KEY-BYTES"):
+            assert not any(secret in text for text in texts)
+        assert any(event["event"] == "conversion_rejected" for event in logs)
+    finally:
+        await daemon.client.close()
