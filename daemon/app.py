@@ -121,7 +121,7 @@ async def _services(
     if store is None:
         from daemon.store.factory import open_store
 
-        store = open_store(settings.store, config_dir=settings.config_dir)
+        store = open_store(settings.store, config_dir=settings.config_dir, create_dirs=True)
     await store.open()
     http = OutboundHttp(
         guard=Guard(settings.outbound.allow_cidrs),

@@ -25,11 +25,19 @@ def sqlite_path(url: str, config_dir: Path) -> Path:
     return config_dir / rest
 
 
-def open_store(url: str, *, config_dir: Path) -> Store:
+def open_store(url: str, *, config_dir: Path, create_dirs: bool = False) -> Store:
     """A store for `url`, not yet opened (``await store.open()`` connects and migrates).
 
-    The URL is never echoed in errors: a PostgreSQL URL may carry a password.
+    `create_dirs` (the daemon's start, not the CLI's) makes a SQLite file's missing folder, so
+    that a fresh clone runs without preparing ./var. The URL is never echoed in errors: a
+    PostgreSQL URL may carry a password.
     """
+    if create_dirs and url.startswith(_SQLITE):
+        path = sqlite_path(url, config_dir)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"store: cannot create {path.parent}: {err.strerror}") from err
     return make_store(url, config_dir=config_dir)
 
 

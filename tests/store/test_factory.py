@@ -60,3 +60,11 @@ def test_bad_urls_are_config_errors(url: str, message: str) -> None:
 
     assert str(caught.value).startswith(message)
     assert "hunter2" not in str(caught.value)
+
+
+def test_the_daemon_creates_a_missing_sqlite_folder_the_cli_does_not(tmp_path: Path) -> None:
+
+    open_store("sqlite:///var/x.db", config_dir=tmp_path)
+    assert not (tmp_path / "var").exists()
+    open_store("sqlite:///var/x.db", config_dir=tmp_path, create_dirs=True)
+    assert (tmp_path / "var").is_dir()
