@@ -5,7 +5,8 @@ An action module (one per `type:`) holds three things:
 - ``Settings``: a pydantic model (``extra="forbid"``, frozen) whose ``type`` field is a Literal
   of the action's name. Every string an ops person may template is a ``Template`` (or
   ``UrlTemplate``) from :mod:`daemon.macros`, so macros and secret references are checked when
-  the rules load, never at the first conversion.
+  the rules load, never at the first conversion. A credential is a :data:`SecretTemplateStr`
+  (exactly one ``${secret:NAME}``); a hosted API's address is a :data:`BaseUrlStr`.
 - a class implementing :class:`Action`, built by ``build(settings, resources)``; it does no I/O
   in its constructor.
 - its outcome classification: it returns on success and raises ``RetryableError`` or
@@ -21,9 +22,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+from daemon.errors import RetryableError, SecretError
+from daemon.macros import Template, TemplateStr, UrlTemplate, UrlTemplateStr, encoded_forms
 
 MASK = "****"
 BODY_LIMIT = 4096
@@ -41,6 +45,43 @@ class ActionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: str
+
+
+# --- settings every action checks the same way ------------------------------------------------
+
+
+def is_secret_reference(template: Template) -> bool:
+    """True when the template is exactly one `${secret:NAME}` and nothing else."""
+    names = template.secrets
+    return len(names) == 1 and template.source == f"${{secret:{next(iter(names))}}}"
+
+
+def _secret_only(template: Template) -> Template:
+    # A credential written out would sit in git and in every listing of the rules.
+    if not is_secret_reference(template):
+        raise ValueError("must be a ${secret:NAME} reference, not literal text")
+    return template
+
+
+def _literal(url: UrlTemplate) -> UrlTemplate:
+    if url.macros or url.secrets:
+        raise ValueError("cannot hold macros or secrets")
+    return url
+
+
+def _no_query(url: UrlTemplate) -> UrlTemplate:
+    # The action appends its own path: a query or fragment would end up in front of it.
+    if "?" in url.source or "#" in url.source:
+        raise ValueError("cannot have a query or a fragment")
+    return url
+
+
+# A credential: exactly one ${secret:NAME}.
+SecretTemplateStr = Annotated[TemplateStr, AfterValidator(_secret_only)]
+# A URL that is literal text: no macro or secret.
+LiteralUrlStr = Annotated[UrlTemplateStr, AfterValidator(_literal)]
+# Where a hosted API is (tests point it at a fake): literal, without a query or a fragment.
+BaseUrlStr = Annotated[UrlTemplateStr, AfterValidator(_literal), AfterValidator(_no_query)]
 
 
 class Clock(Protocol):
@@ -171,8 +212,6 @@ class Resources:
 def secret_lookup(job: Job, resources: Resources) -> Callable[[str], str]:
     """A secret resolver for one attempt that tells the job's redactor every value it hands out
     (and the encoded forms it may take on the wire), so records and errors can mask them."""
-    from daemon.errors import RetryableError, SecretError
-    from daemon.macros import encoded_forms
 
     def lookup(name: str) -> str:
         try:

@@ -20,10 +20,18 @@ from urllib.parse import urlencode
 
 from pydantic import Field, field_validator, model_validator
 
-from daemon.actions.base import ActionSettings, Job, RequestRecord, Resources, secret_lookup
+from daemon.actions.base import (
+    ActionSettings,
+    BaseUrlStr,
+    Job,
+    RequestRecord,
+    Resources,
+    SecretTemplateStr,
+    secret_lookup,
+)
 from daemon.durations import Duration
 from daemon.errors import InputError, PermanentError, RenderError, RetryableError
-from daemon.macros import MASK, Template, TemplateStr, UrlTemplate, UrlTemplateStr
+from daemon.macros import MASK, Template, TemplateStr, UrlTemplate
 from daemon.models import parse_event_time
 from daemon.outbound import HttpResponse, classify_status, parse_retry_after
 from daemon.yamlfile import raw_text
@@ -53,14 +61,6 @@ RETRYABLE_CODES = frozenset({1, 2, 4, 17, 341, 368})
 PERMANENT_CODES = frozenset({10, 100, 190, *range(200, 300)})
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _CUSTOM_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
-_SECRET_ONLY = re.compile(r"\$\{secret:[^}]+\}")
-
-
-def secret_reference(value: Template) -> Template:
-    """Refuse a credential written as literal text: it would sit in git and in every listing."""
-    if not _SECRET_ONLY.fullmatch(value.source):
-        raise ValueError("must be a ${secret:NAME} reference, not literal text")
-    return value
 
 
 def digits_text(value: Any, pattern: str, message: str) -> str:
@@ -71,21 +71,13 @@ def digits_text(value: Any, pattern: str, message: str) -> str:
     return text
 
 
-def literal_base_url(value: UrlTemplate) -> UrlTemplate:
-    if value.macros or value.secrets:
-        raise ValueError("cannot hold macros or secrets")
-    if "?" in value.source or "#" in value.source:
-        raise ValueError("cannot have a query or a fragment")
-    return value
-
-
 class Settings(ActionSettings):
     type: Literal["facebook_conversion"]
     pixel_id: str
-    access_token: TemplateStr
-    app_secret: TemplateStr | None = None
+    access_token: SecretTemplateStr
+    app_secret: SecretTemplateStr | None = None
     api_version: str = "v25.0"
-    base_url: UrlTemplateStr = UrlTemplate("https://graph.facebook.com")
+    base_url: BaseUrlStr = UrlTemplate("https://graph.facebook.com")
     event_name: TemplateStr = Template("Lead")
     action_source: str = "system_generated"
     event_source_url: TemplateStr | None = None
@@ -121,16 +113,6 @@ class Settings(ActionSettings):
         if value not in ACTION_SOURCES:
             raise ValueError(f"must be one of {', '.join(ACTION_SOURCES)}, not {value!r}")
         return value
-
-    @field_validator("access_token", "app_secret")
-    @classmethod
-    def _credential(cls, value: Template | None) -> Template | None:
-        return None if value is None else secret_reference(value)
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, value: UrlTemplate) -> UrlTemplate:
-        return literal_base_url(value)
 
     @field_validator("user_data")
     @classmethod

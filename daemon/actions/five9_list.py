@@ -24,17 +24,18 @@ from urllib.parse import urlencode
 
 from pydantic import Field, field_validator, model_validator
 
-from daemon.actions.base import ActionSettings, Job, RequestRecord, Resources, secret_lookup
+from daemon.actions.base import (
+    ActionSettings,
+    BaseUrlStr,
+    Job,
+    RequestRecord,
+    Resources,
+    SecretTemplateStr,
+    secret_lookup,
+)
 from daemon.durations import Duration
 from daemon.errors import PermanentError, RenderError, RetryableError
-from daemon.macros import (
-    Template,
-    TemplateStr,
-    UrlTemplate,
-    UrlTemplateStr,
-    encode_xml,
-    parse_url_template,
-)
+from daemon.macros import Template, TemplateStr, encode_xml, parse_url_template
 from daemon.outbound import HttpResponse, classify_status
 
 W2C_PATH = "/web2campaign/AddToList"
@@ -49,7 +50,7 @@ CallNowMode = Literal["NONE", "NEW_CRM_ONLY", "NEW_LIST_ONLY", "ANY"]
 class Settings(ActionSettings):
     type: Literal["five9_list"]
     mode: Literal["web2campaign", "soap"] = "web2campaign"
-    base_url: UrlTemplateStr = parse_url_template("https://api.five9.com")
+    base_url: BaseUrlStr = parse_url_template("https://api.five9.com")
     list_name: TemplateStr
     fields: dict[str, TemplateStr] = Field(min_length=1)
     key_fields: list[str] = Field(default_factory=lambda: ["number1"])
@@ -58,23 +59,8 @@ class Settings(ActionSettings):
     call_asap: bool | None = None  # web2campaign: F9CallASAP
     call_now_mode: CallNowMode | None = None  # soap: listUpdateSettings.callNowMode
     username: TemplateStr | None = None
-    password: TemplateStr | None = None
+    password: SecretTemplateStr | None = None
     timeout: Duration | None = Field(default=None, gt=0, le=120)
-
-    @field_validator("base_url")
-    @classmethod
-    def _plain_base(cls, value: UrlTemplate) -> UrlTemplate:
-        if value.macros or value.secrets or "?" in value.source or "#" in value.source:
-            raise ValueError("base_url takes no macros, secrets, query or fragment")
-        return value
-
-    @field_validator("password")
-    @classmethod
-    def _secret_only(cls, value: Template | None) -> Template | None:
-        names = sorted(value.secrets) if value is not None else []
-        if value is not None and (len(names) != 1 or value.source != f"${{secret:{names[0]}}}"):
-            raise ValueError("password must be a ${secret:NAME} reference, not literal text")
-        return value
 
     @field_validator("fields")
     @classmethod

@@ -18,17 +18,18 @@ from urllib.parse import quote, urlencode
 import jwt
 from pydantic import Field, field_validator
 
-from daemon.actions.base import ActionSettings, Job, RequestRecord, Resources, secret_lookup
+from daemon.actions.base import (
+    ActionSettings,
+    BaseUrlStr,
+    Job,
+    RequestRecord,
+    Resources,
+    SecretTemplateStr,
+    secret_lookup,
+)
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError
-from daemon.macros import (
-    MASK,
-    PATH_SEGMENT_SAFE,
-    Template,
-    TemplateStr,
-    UrlTemplate,
-    UrlTemplateStr,
-)
+from daemon.macros import MASK, PATH_SEGMENT_SAFE, TemplateStr, UrlTemplate
 from daemon.outbound import HttpResponse, parse_retry_after
 
 SCOPE = "https://www.googleapis.com/auth/spreadsheets"
@@ -39,7 +40,6 @@ EXPIRY_MARGIN = 60.0  # a cached token is renewed this long before it expires
 # Google asks to retry these with backoff (https://developers.google.com/sheets/api/limits);
 # the append did not happen. Other 5xx (a gateway's 502/504) may come after the write.
 RETRYABLE = frozenset({408, 425, 429, 500, 503})
-_SECRET_ONLY = re.compile(r"\$\{secret:[^}]+\}")
 _TAG = re.compile(r"[A-Za-z_]{1,40}")
 
 
@@ -48,8 +48,8 @@ class Settings(ActionSettings):
     spreadsheet_id: str
     range: str = "Sheet1!A1"
     values: list[TemplateStr] = Field(min_length=1, max_length=500)
-    credentials: TemplateStr
-    base_url: UrlTemplateStr = UrlTemplate("https://sheets.googleapis.com")
+    credentials: SecretTemplateStr  # the service account's JSON key
+    base_url: BaseUrlStr = UrlTemplate("https://sheets.googleapis.com")
     timeout: Duration | None = Field(default=None, gt=0, le=120)
 
     @field_validator("spreadsheet_id")
@@ -66,22 +66,6 @@ class Settings(ActionSettings):
     def _range(cls, value: str) -> str:
         if not value.strip() or len(value) > 200 or re.search(r"[\x00-\x1f\x7f]", value):
             raise ValueError("must be an A1 range such as Sheet1!A1 or 'Leads 2026'!A:F")
-        return value
-
-    @field_validator("credentials")
-    @classmethod
-    def _credentials(cls, value: Template) -> Template:
-        if not _SECRET_ONLY.fullmatch(value.source):
-            raise ValueError("must be a ${secret:NAME} reference to the service account's JSON key")
-        return value
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, value: UrlTemplate) -> UrlTemplate:
-        if value.macros or value.secrets:
-            raise ValueError("cannot hold macros or secrets")
-        if "?" in value.source or "#" in value.source:
-            raise ValueError("cannot have a query or a fragment")
         return value
 
 

@@ -21,15 +21,17 @@ from pydantic import Field, field_validator, model_validator
 
 from daemon.actions.base import (
     ActionSettings,
+    BaseUrlStr,
     Job,
     Redactor,
     RequestRecord,
     Resources,
+    SecretTemplateStr,
     secret_lookup,
 )
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RenderError
-from daemon.macros import Template, TemplateStr, UrlTemplate, UrlTemplateStr
+from daemon.macros import Template, TemplateStr
 from daemon.outbound import HttpResponse, classify_status
 
 SOLD, REJECTED, IN_PROGRESS, ERROR = 1, 2, 3, 4
@@ -47,32 +49,15 @@ _PRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 class Settings(ActionSettings):
     type: Literal["lms_post_lead"]
-    base_url: UrlTemplateStr
+    base_url: BaseUrlStr  # the action adds /lead/
     api_id: TemplateStr
-    api_password: TemplateStr
+    api_password: SecretTemplateStr
     product_id: int = Field(gt=0)
     fields: dict[str, TemplateStr] = Field(min_length=1)
     format: Literal["json", "form"] = "json"
     test_mode: bool = False
     test_sold: bool = False
     timeout: Duration = Field(default=DEFAULT_TIMEOUT, gt=0, le=MAX_TIMEOUT)
-
-    @field_validator("base_url")
-    @classmethod
-    def _plain_base(cls, value: UrlTemplate) -> UrlTemplate:
-        if value.macros or value.secrets:
-            raise ValueError("base_url is the LMS instance's address: no macros or secrets")
-        if "?" in value.source or "#" in value.source:
-            raise ValueError("base_url takes no query or fragment (the action adds /lead/)")
-        return value
-
-    @field_validator("api_password")
-    @classmethod
-    def _secret_only(cls, value: Template) -> Template:
-        names = sorted(value.secrets)
-        if len(names) != 1 or value.source != f"${{secret:{names[0]}}}":
-            raise ValueError("api_password must be a ${secret:NAME} reference, not literal text")
-        return value
 
     @field_validator("fields")
     @classmethod

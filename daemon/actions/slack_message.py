@@ -9,7 +9,17 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from daemon.actions.base import MASK, ActionSettings, Job, RequestRecord, Resources, secret_lookup
+from daemon.actions.base import (
+    MASK,
+    ActionSettings,
+    Job,
+    LiteralUrlStr,
+    RequestRecord,
+    Resources,
+    SecretTemplateStr,
+    is_secret_reference,
+    secret_lookup,
+)
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError
 from daemon.macros import (
@@ -17,7 +27,6 @@ from daemon.macros import (
     Template,
     TemplateStr,
     UrlTemplate,
-    UrlTemplateStr,
     encode_header,
 )
 from daemon.outbound import HttpResponse, classify_status, parse_retry_after
@@ -51,33 +60,15 @@ def escape_mrkdwn(value: str) -> str:
     return value.translate(_MRKDWN_ESCAPES)
 
 
-def _secret_ref(template: Template) -> bool:
-    """True when the template is exactly one `${secret:NAME}` and nothing else."""
-    return (
-        len(template.secrets) == 1
-        and template.source == f"${{secret:{next(iter(template.secrets))}}}"
-    )
-
-
 class Settings(ActionSettings):
     type: Literal["slack_message"]
-    token: TemplateStr | None = None
+    token: SecretTemplateStr | None = None
     channel: TemplateStr | None = None
     webhook_url: TemplateStr | None = None
     text: TemplateStr | None = None
     blocks: JsonTemplate = None
-    base_url: UrlTemplateStr | None = None
+    base_url: LiteralUrlStr | None = None
     timeout: Duration | None = Field(default=None, gt=0, le=120)
-
-    @field_validator("token")
-    @classmethod
-    def _token(cls, value: Template | None) -> Template | None:
-        if value is not None and not _secret_ref(value):
-            raise ValueError(
-                "must be a secret reference such as ${secret:slack_token}: a token written in"
-                " the rules repository is shown to everyone who can list the rules"
-            )
-        return value
 
     @field_validator("blocks")
     @classmethod
@@ -93,12 +84,10 @@ class Settings(ActionSettings):
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: UrlTemplate | None) -> UrlTemplate | None:
-        if value is None:
-            return value
-        if value.macros or value.secrets:
-            raise ValueError("cannot hold macros or secrets")
         # A prefix without its final slash would also match https://hooks.slack.com.evil/...
-        return value if value.source.endswith("/") else UrlTemplate(value.source + "/")
+        if value is None or value.source.endswith("/"):
+            return value
+        return UrlTemplate(value.source + "/")
 
     @model_validator(mode="after")
     def _mode(self) -> Settings:
@@ -118,7 +107,7 @@ class Settings(ActionSettings):
     def _check_webhook(self, url: Template) -> None:
         if self.channel is not None:
             raise ValueError("an incoming webhook posts to its own channel: remove channel")
-        if _secret_ref(url):
+        if is_secret_reference(url):
             return
         if url.secrets or url.macros:
             raise ValueError(

@@ -20,7 +20,14 @@ from typing import Any, ClassVar, Literal
 import aiosmtplib
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from daemon.actions.base import ActionSettings, Job, RequestRecord, Resources, secret_lookup
+from daemon.actions.base import (
+    ActionSettings,
+    Job,
+    RequestRecord,
+    Resources,
+    SecretTemplateStr,
+    secret_lookup,
+)
 from daemon.durations import Duration
 from daemon.errors import (
     DeliveryError,
@@ -47,12 +54,6 @@ _MAILBOX = re.compile(r"^(?P<name>[^<>]*?)\s*<(?P<addr>[^<>]*)>$")
 _ENCODED_WORD = "=?"
 
 
-def _secret_ref(template: Template) -> bool:
-    """True when the template is exactly one `${secret:NAME}` and nothing else."""
-    names = template.secrets
-    return len(names) == 1 and template.source == f"${{secret:{next(iter(names))}}}"
-
-
 def encode_mail_header(value: str) -> str:
     """A value inside a mail header: no line break and no encoded-word opener."""
     encode_header(value)
@@ -69,7 +70,7 @@ class Settings(ActionSettings):
     port: int | None = Field(default=None, ge=1, le=65535)
     security: Literal["starttls", "tls", "none"] = "starttls"
     username: TemplateStr | None = None
-    password: TemplateStr | None = None
+    password: SecretTemplateStr | None = None
     validate_certs: bool = True
     ca_file: str | None = None
     from_: TemplateStr = Field(alias="from")
@@ -95,16 +96,6 @@ class Settings(ActionSettings):
     def _username(cls, value: Template | None) -> Template | None:
         if value is not None and value.macros:
             raise ValueError("cannot hold macros")
-        return value
-
-    @field_validator("password")
-    @classmethod
-    def _password(cls, value: Template | None) -> Template | None:
-        if value is not None and not _secret_ref(value):
-            raise ValueError(
-                "must be a secret reference such as ${secret:smtp_password}: a password written"
-                " in the rules repository is shown to everyone who can list the rules"
-            )
         return value
 
     @field_validator("ca_file")

@@ -17,10 +17,17 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from daemon.actions.base import ActionSettings, Job, RequestRecord, Resources, secret_lookup
+from daemon.actions.base import (
+    ActionSettings,
+    Job,
+    RequestRecord,
+    Resources,
+    SecretTemplateStr,
+    secret_lookup,
+)
 from daemon.durations import Duration
 from daemon.errors import PermanentError, RetryableError
-from daemon.macros import Template, TemplateStr, parse_template
+from daemon.macros import TemplateStr, parse_template
 from daemon.outbound import HttpResponse, classify_status
 
 CERT_ORIGIN = "https://cert.trustedform.com"
@@ -38,18 +45,13 @@ _BAD_CERT_URL = "the certificate URL is not https://cert.trustedform.com/<certif
 
 class Settings(ActionSettings):
     type: Literal["trustedform_claim"]
-    api_key: TemplateStr
+    api_key: SecretTemplateStr
     cert_url: TemplateStr = parse_template("{trusted_form_cert_url}")
     email: TemplateStr = parse_template("{email}")
     phone: TemplateStr = parse_template("{phone}")
     vendor: TemplateStr = parse_template("{affiliate}")
     insights: list[str] = Field(default_factory=list, max_length=64)
     timeout: Duration | None = Field(default=None, gt=0, le=60)
-
-    @field_validator("api_key")
-    @classmethod
-    def _secret_only(cls, value: Template) -> Template:
-        return _secret_only(value, "api_key")
 
     @field_validator("insights")
     @classmethod
@@ -60,14 +62,6 @@ class Settings(ActionSettings):
         if len(set(value)) != len(value):
             raise ValueError("an insights property is listed twice (each is billed)")
         return value
-
-
-def _secret_only(value: Template, name: str) -> Template:
-    """A credential must be exactly one ${secret:NAME}: rules live in git, in plain text."""
-    names = sorted(value.secrets)
-    if len(names) != 1 or value.source != f"${{secret:{names[0]}}}":
-        raise ValueError(f"{name} must be a ${{secret:NAME}} reference, not literal text")
-    return value
 
 
 class TrustedFormClaim:

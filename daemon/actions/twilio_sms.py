@@ -11,7 +11,16 @@ from urllib.parse import quote, urlencode
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from daemon.actions.base import ActionSettings, Job, RequestRecord, Resources, secret_lookup
+from daemon.actions.base import (
+    ActionSettings,
+    Job,
+    LiteralUrlStr,
+    RequestRecord,
+    Resources,
+    SecretTemplateStr,
+    is_secret_reference,
+    secret_lookup,
+)
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError
 from daemon.macros import Template, TemplateStr, UrlTemplate, UrlTemplateStr, encode_header
@@ -62,14 +71,8 @@ def _international(national: str, country_code: str) -> str | None:
     return country_code + national
 
 
-def _secret_ref(template: Template) -> bool:
-    """True when the template is exactly one `${secret:NAME}` and nothing else."""
-    names = template.secrets
-    return len(names) == 1 and template.source == f"${{secret:{next(iter(names))}}}"
-
-
 def _sid_or_secret(value: Template | None, pattern: re.Pattern[str], what: str) -> None:
-    if value is None or _secret_ref(value) or pattern.match(value.source):
+    if value is None or is_secret_reference(value) or pattern.match(value.source):
         return
     raise ValueError(f"must be {what} or a ${{secret:NAME}} reference")
 
@@ -79,16 +82,16 @@ class Settings(ActionSettings):
 
     type: Literal["twilio_sms"]
     account_sid: TemplateStr
-    auth_token: TemplateStr | None = None
+    auth_token: SecretTemplateStr | None = None
     api_key_sid: TemplateStr | None = None
-    api_key_secret: TemplateStr | None = None
+    api_key_secret: SecretTemplateStr | None = None
     to: TemplateStr
     from_: TemplateStr | None = Field(default=None, alias="from")
     messaging_service_sid: TemplateStr | None = None
     body: TemplateStr
     status_callback: UrlTemplateStr | None = None
     default_country_code: str = "1"
-    base_url: UrlTemplateStr = Field(default_factory=lambda: UrlTemplate(API_BASE))
+    base_url: LiteralUrlStr = Field(default_factory=lambda: UrlTemplate(API_BASE))
     timeout: Duration | None = Field(default=None, gt=0, le=120)
 
     @field_validator("account_sid")
@@ -109,16 +112,6 @@ class Settings(ActionSettings):
         _sid_or_secret(value, _SERVICE_SID, "a Messaging Service SID (MG and 32 hex digits)")
         return value
 
-    @field_validator("auth_token", "api_key_secret")
-    @classmethod
-    def _secret_only(cls, value: Template | None) -> Template | None:
-        if value is not None and not _secret_ref(value):
-            raise ValueError(
-                "must be a secret reference such as ${secret:twilio_token}: a credential"
-                " written in the rules repository is shown to everyone who can list the rules"
-            )
-        return value
-
     @field_validator("body")
     @classmethod
     def _body(cls, value: Template) -> Template:
@@ -131,13 +124,6 @@ class Settings(ActionSettings):
     def _country(cls, value: str) -> str:
         if not _COUNTRY_CODE.match(value):
             raise ValueError("must be a country calling code such as 1, 44 or 353, without +")
-        return value
-
-    @field_validator("base_url")
-    @classmethod
-    def _base(cls, value: UrlTemplate) -> UrlTemplate:
-        if value.macros or value.secrets:
-            raise ValueError("cannot hold macros or secrets")
         return value
 
     @model_validator(mode="after")

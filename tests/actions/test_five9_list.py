@@ -466,13 +466,16 @@ def test_valid_rules_load(tmp_path: Path, extra: str) -> None:
         ),
         (
             "mode: soap\n      username: api@acme\n      password: hunter2",
-            "12: postback 11: action.password: password must be a ${secret:NAME} reference, not"
-            " literal text",
+            "12: postback 11: action.password: must be a ${secret:NAME} reference, not literal"
+            " text",
         ),
         (
             W2C + "base_url: https://api.five9.com/?x={email}",
-            "11: postback 11: action.base_url: base_url takes no macros, secrets, query or"
-            " fragment",
+            "11: postback 11: action.base_url: cannot hold macros or secrets",
+        ),
+        (
+            W2C + "base_url: https://api.five9.com/#x",
+            "11: postback 11: action.base_url: cannot have a query or a fragment",
         ),
         (
             W2C + "fields: {number1: '{phone}', F9CallASAP: '1'}",

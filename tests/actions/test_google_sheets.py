@@ -479,8 +479,8 @@ BAD_SETTINGS = {
     ),
     "literal_credentials": (
         HEAD.replace("${secret:sheets_sa}", "service-account-key-text"),
-        "r.yaml:9: postback 5: action.credentials: must be a ${secret:NAME} reference to the "
-        "service account's JSON key",
+        "r.yaml:9: postback 5: action.credentials: "
+        "must be a ${secret:NAME} reference, not literal text",
     ),
     "no_values": (
         HEAD.replace('["{conversion_id}", "{idempotency_key}"]', "[]"),

@@ -378,8 +378,7 @@ A = "pb.yaml:{line}: postback 7: {message}"
         (
             "type: slack_message\ntoken: xoxb-123-abc\nchannel: C1\ntext: hi",
             L + 1,
-            "action.token: must be a secret reference such as ${secret:slack_token}: a token"
-            " written in the rules repository is shown to everyone who can list the rules",
+            "action.token: must be a ${secret:NAME} reference, not literal text",
         ),
         (
             "type: slack_message\ntoken: ${secret:t}\ntext: hi",

@@ -550,9 +550,7 @@ GOOD = (
         (
             GOOD.replace("${secret:smtp_pw}", "hunter22"),
             L + 3,
-            "action.password: must be a secret reference such as ${secret:smtp_password}: a"
-            " password written in the rules repository is shown to everyone who can list the"
-            " rules",
+            "action.password: must be a ${secret:NAME} reference, not literal text",
         ),
         (
             GOOD.replace("password: ${secret:smtp_pw}\n", ""),

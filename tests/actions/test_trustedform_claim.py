@@ -478,7 +478,7 @@ def test_a_valid_rule_loads(tmp_path: Path) -> None:
 def test_the_api_key_must_be_a_secret_reference(tmp_path: Path, api_key: str, line: int) -> None:
     rule = RULE.replace('"${{secret:tf_key}}"', api_key)
     assert validation_errors(tmp_path, "", rule) == [
-        f"offer-1.yaml:{line}: postback 5: action.api_key: api_key must be a ${{secret:NAME}}"
+        f"offer-1.yaml:{line}: postback 5: action.api_key: must be a ${{secret:NAME}}"
         " reference, not literal text"
     ]
 

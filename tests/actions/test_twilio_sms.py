@@ -328,9 +328,7 @@ GOOD = BASE + "auth_token: ${secret:t}\nfrom: '+15005550006'\nto: '{phone}'\nbod
         (
             GOOD.replace("${secret:t}", "abc123token"),
             L + 2,
-            "action.auth_token: must be a secret reference such as ${secret:twilio_token}: a"
-            " credential written in the rules repository is shown to everyone who can list"
-            " the rules",
+            "action.auth_token: must be a ${secret:NAME} reference, not literal text",
         ),
         (
             BASE + "from: '+15005550006'\nto: '{phone}'\nbody: hi",
