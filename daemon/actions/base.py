@@ -84,6 +84,11 @@ LiteralUrlStr = Annotated[UrlTemplateStr, AfterValidator(_literal)]
 BaseUrlStr = Annotated[UrlTemplateStr, AfterValidator(_literal), AfterValidator(_no_query)]
 
 
+def origin(url: UrlTemplate) -> str:
+    """`scheme://host:port` of a URL template: the usual `destination` of an action."""
+    return f"{url.scheme}://{url.host}:{url.port}"
+
+
 class Clock(Protocol):
     def now(self) -> float:
         """Unix time in seconds."""

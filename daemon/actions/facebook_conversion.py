@@ -27,6 +27,7 @@ from daemon.actions.base import (
     RequestRecord,
     Resources,
     SecretTemplateStr,
+    origin,
     secret_lookup,
 )
 from daemon.durations import Duration
@@ -243,8 +244,7 @@ class FacebookConversion:
 
     @property
     def destination(self) -> str:
-        url = self.settings.base_url
-        return f"{url.scheme}://{url.host}:{url.port}"
+        return origin(self.settings.base_url)
 
     def event(
         self, job: Job, when: int, secret: Callable[[str], str] | None = None

@@ -31,6 +31,7 @@ from daemon.actions.base import (
     RequestRecord,
     Resources,
     SecretTemplateStr,
+    origin,
     secret_lookup,
 )
 from daemon.durations import Duration
@@ -123,8 +124,7 @@ class Five9List:
 
     @property
     def destination(self) -> str:
-        url = self.settings.base_url
-        return f"{url.scheme}://{url.host}:{url.port}"
+        return origin(self.settings.base_url)
 
     def _record(self, job: Job, secret: Secret) -> list[tuple[str, str]]:
         """(field, value) of every field with a value; a key field must have one."""

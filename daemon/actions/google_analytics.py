@@ -28,6 +28,7 @@ from daemon.actions.base import (
     RequestRecord,
     Resources,
     SecretTemplateStr,
+    origin,
     secret_lookup,
 )
 from daemon.durations import Duration
@@ -174,8 +175,7 @@ class GoogleAnalytics:
 
     @property
     def destination(self) -> str:
-        url = self.settings.base_url
-        return f"{url.scheme}://{url.host}:{url.port}"
+        return origin(self.settings.base_url)
 
     def _url(self, secret: Callable[[str], str] | None) -> str:
         api_secret = self.settings.api_secret.render({}, secret=secret)

@@ -25,6 +25,7 @@ from daemon.actions.base import (
     RequestRecord,
     Resources,
     SecretTemplateStr,
+    origin,
     secret_lookup,
 )
 from daemon.durations import Duration
@@ -123,8 +124,7 @@ class GoogleSheets:
 
     @property
     def destination(self) -> str:
-        url = self.settings.base_url
-        return f"{url.scheme}://{url.host}:{url.port}"
+        return origin(self.settings.base_url)
 
     def _body(self, job: Job, secret: Callable[[str], str] | None) -> bytes:
         row = [t.render(job.values, secret=secret) for t in self.settings.values]

@@ -29,7 +29,14 @@ from pydantic import (
     model_validator,
 )
 
-from daemon.actions.base import ActionSettings, Job, RequestRecord, Resources, secret_lookup
+from daemon.actions.base import (
+    ActionSettings,
+    Job,
+    RequestRecord,
+    Resources,
+    origin,
+    secret_lookup,
+)
 from daemon.durations import Duration
 from daemon.errors import PermanentError, RenderError, TemplateError
 from daemon.macros import (
@@ -316,8 +323,7 @@ class ListClient:
 
     @property
     def destination(self) -> str:
-        url = self.settings.calls[0].url
-        return f"{url.scheme}://{url.host}:{url.port}"
+        return origin(self.settings.calls[0].url)
 
     def identifier_values(self, job: Job, secret: Secret) -> dict[str, str]:
         """Each identifier field's value as sent (trimmed; normalised and hashed for md5);

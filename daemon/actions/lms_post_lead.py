@@ -27,6 +27,7 @@ from daemon.actions.base import (
     RequestRecord,
     Resources,
     SecretTemplateStr,
+    origin,
     secret_lookup,
 )
 from daemon.durations import Duration
@@ -86,8 +87,7 @@ class LmsPostLead:
 
     @property
     def destination(self) -> str:
-        url = self.settings.base_url
-        return f"{url.scheme}://{url.host}:{url.port}"
+        return origin(self.settings.base_url)
 
     def _render(
         self, job: Job, secret: Callable[[str], str] | None

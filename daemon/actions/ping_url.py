@@ -14,6 +14,7 @@ from daemon.actions.base import (
     Job,
     RequestRecord,
     Resources,
+    origin,
     secret_lookup,
 )
 from daemon.durations import Duration
@@ -90,8 +91,7 @@ class PingUrl:
 
     @property
     def destination(self) -> str:
-        url = self.settings.url
-        return f"{url.scheme}://{url.host}:{url.port}"
+        return origin(self.settings.url)
 
     def _render(
         self, job: Job, secret: Callable[[str], str] | None

@@ -18,6 +18,7 @@ from daemon.actions.base import (
     Resources,
     SecretTemplateStr,
     is_secret_reference,
+    origin,
     secret_lookup,
 )
 from daemon.durations import Duration
@@ -138,8 +139,7 @@ class SlackMessage:
         self.settings = settings
         self.resources = resources
         self._base = settings.api_base
-        base = UrlTemplate(self._base)
-        self._origin = f"{base.scheme}://{base.host}:{base.port}"
+        self._origin = origin(UrlTemplate(self._base))
 
     @property
     def destination(self) -> str:

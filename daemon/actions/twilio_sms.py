@@ -19,6 +19,7 @@ from daemon.actions.base import (
     Resources,
     SecretTemplateStr,
     is_secret_reference,
+    origin,
     secret_lookup,
 )
 from daemon.durations import Duration
@@ -144,9 +145,8 @@ class TwilioSms:
     def __init__(self, settings: Settings, resources: Resources) -> None:
         self.settings = settings
         self.resources = resources
-        base = settings.base_url
-        self._base = base.source.rstrip("/")
-        self._origin = f"{base.scheme}://{base.host}:{base.port}"
+        self._base = settings.base_url.source.rstrip("/")
+        self._origin = origin(settings.base_url)
 
     @property
     def destination(self) -> str:

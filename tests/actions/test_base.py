@@ -11,6 +11,7 @@ from daemon.actions.base import (
     LiteralUrlStr,
     SecretTemplateStr,
     is_secret_reference,
+    origin,
 )
 from daemon.macros import Template, UrlTemplate
 
@@ -83,3 +84,15 @@ def test_valid_settings_dump_back_to_their_source() -> None:
     model = Model.model_validate(raw)
     assert model.model_dump() == raw
     assert Model.model_validate(model.model_dump()) == model
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://graph.facebook.com", "https://graph.facebook.com:443"),
+        ("http://127.0.0.1:8080/api/", "http://127.0.0.1:8080"),
+        ("HTTP://[::1]/x", "http://::1:80"),
+    ],
+)
+def test_origin(url: str, expected: str) -> None:
+    assert origin(UrlTemplate(url)) == expected
