@@ -1,6 +1,6 @@
 """Benchmark: durable record_arrival calls per second with 1 and with 64 concurrent callers.
 
-Run: .venv/bin/python bench/store_ingest.py [--seconds 3] [--dir DIR] [--pg DSN]
+Run: .venv/bin/python -m bench.store_ingest [--seconds 3] [--dir DIR] [--pg DSN]
 SQLite runs in a temporary directory (synchronous=FULL, as in production); it also runs with
 group commit disabled (one request per transaction) to show what batching buys. With --pg,
 the same on PostgreSQL (the schema is created and dropped by the benchmark).
@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from daemon.models import Conversion, Status, Transition, macro_values, rule_data
-from daemon.store.base import ArrivalPlan, PlannedDelivery, Store
+from daemon.store.base import ArrivalPlan, PlannedDelivery, Planner, Store
 from daemon.store.postgres import PostgresStore
 from daemon.store.sqlite import SQLiteStore
 
@@ -39,13 +39,17 @@ def _conversion() -> Conversion:
     return Conversion.parse(params)
 
 
-def _planner(conv: Conversion, now: datetime) -> Callable[[Transition, Status | None], ArrivalPlan]:
-    def plan(transition: Transition, previous: Status | None) -> ArrivalPlan:
+def _planner(conv: Conversion, now: datetime) -> Planner:
+    def plan(transition: Transition, previous: Status | None, effective: Conversion) -> ArrivalPlan:
         data = rule_data(
-            conv, source="generic", transition=transition, previous_status=previous, received_at=now
+            effective,
+            source="generic",
+            transition=transition,
+            previous_status=previous,
+            received_at=now,
         )
         delivery = PlannedDelivery(101, "ping_url", "tracker.example.com")
-        return ArrivalPlan(data, macro_values(data, conv), [delivery])
+        return ArrivalPlan(data, macro_values(data, effective), [delivery])
 
     return plan
 

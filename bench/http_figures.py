@@ -1,0 +1,193 @@
+"""The HTTP figures, for any set of running nodes: ingest rate, the hello yardstick, sustained
+end-to-end rate, and receipt-to-delivery latency at a fixed rate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from bench.load import Outcome, closed_loop, open_loop, percentile
+from bench.procs import cpu_seconds, memory_kib, server
+from bench.report import Report
+from bench.rulesgen import FIRE, NONE, conversion_query, key_of, offer_of
+from bench.servers import SinkClient
+
+_runs = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Options:
+    seconds: float = 5.0  # each closed-loop measurement
+    warmup: float = 1.0
+    connections: int = 64
+    rate: float = 1000.0  # the fixed rate of the latency figure
+    latency_seconds: float = 8.0
+    drain_deadline: float = 60.0  # how long deliveries may take after the senders stop
+
+
+@dataclass
+class Target:
+    """Nodes that share one store; requests go round-robin over their ports."""
+
+    name: str
+    urls: Sequence[str]
+    offers: int  # conversions spread over offers 1..offers
+    pids: Sequence[int]
+
+    def urls_for(self, sub1: str) -> tuple[str, Callable[[int], str]]:
+        """A prefix unique to this run (conversion ids never repeat) and request n's URL."""
+        prefix = f"r{next(_runs)}t{int(time.time()) % 100000}"
+        urls, offers = list(self.urls), self.offers
+
+        def url_for(n: int) -> str:
+            query = conversion_query(f"{prefix}-{n}", offer_of(n, offers), sub1)
+            return f"{urls[n % len(urls)]}/webhooks/generic?{query}"
+
+        return prefix, url_for
+
+
+async def _sample_memory(pids: Sequence[int], peak: dict[int, int]) -> None:
+    while True:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                peak[pid] = max(peak.get(pid, 0), memory_kib(pid)["VmRSS"])
+        await asyncio.sleep(0.25)
+
+
+async def hello(report: Report, workdir: Path, opts: Options) -> float:
+    """Requests per second a bare aiohttp server answers, same generator, same URLs."""
+    proc = server("hello", workdir)
+    proc.start()
+    try:
+        await proc.ready("/", 30)
+        target = Target("hello", [proc.url], 1, [proc.pid])
+        _, url_for = target.urls_for(NONE)
+        cpu = _cpu(target.pids)
+        out = await closed_loop(url_for, opts.connections, opts.seconds, opts.warmup)
+        used = _cpu(target.pids) - cpu
+    finally:
+        proc.stop()
+    note = ", ".join(filter(None, [_cpu_note(used, out.total), _errors(out)]))
+    return report.add("bare aiohttp hello server", out.rate, "req/s", note)
+
+
+async def ingest(
+    report: Report,
+    target: Target,
+    opts: Options,
+    stored: Callable[[str], Awaitable[int]] | None = None,
+) -> tuple[float, dict[int, int]]:
+    """Acknowledged (durably committed) conversions per second that fire nothing; the peak
+    resident size (KiB) of each node while it lasted."""
+    prefix, url_for = target.urls_for(NONE)
+    peak: dict[int, int] = {}
+    sampler = asyncio.create_task(_sample_memory(target.pids, peak))
+    cpu = _cpu(target.pids)
+    try:
+        out = await closed_loop(url_for, opts.connections, opts.seconds, opts.warmup)
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+    note = ", ".join(filter(None, [_cpu_note(_cpu(target.pids) - cpu, out.total), _errors(out)]))
+    rate = report.add(f"{target.name}: ingest", out.rate, "conversions/s", note)
+    if stored is not None:
+        count = await stored(prefix)
+        if count < out.ok:
+            report.note(f"only {count} conversions stored for {out.ok} acknowledged: a bug")
+    return rate, peak
+
+
+def _cpu(pids: Sequence[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
+def _cpu_note(used: float, requests: int) -> str:
+    return f"{used / max(requests, 1) * 1e6:,.0f} µs server CPU each"
+
+
+def _errors(out: Outcome) -> str:
+    return f"{out.errors} errors" if out.errors else ""
+
+
+async def _wait_delivered(
+    sink: SinkClient, client: aiohttp.ClientSession, keys: set[str], deadline: float
+) -> set[str]:
+    """Poll the sink until every key arrived or the deadline passed; the keys still missing."""
+    until = time.monotonic() + deadline
+    while True:
+        await sink.refresh(client)
+        missing = keys - sink.hits.keys()
+        if not missing or time.monotonic() > until:
+            return missing
+        await asyncio.sleep(0.2)
+
+
+async def sustained(
+    report: Report, target: Target, sink: SinkClient, opts: Options
+) -> float | None:
+    """Closed-loop posting of conversions that fire one ping_url each, then until the last is
+    delivered: conversions ingested and delivered per second over that whole time."""
+    prefix, url_for = target.urls_for(FIRE)
+    cpu = _cpu(target.pids)
+    out = await closed_loop(url_for, opts.connections, opts.seconds, 0.0, keep=True)
+    stop = out.started + opts.seconds
+    keys = {key_of(f"{prefix}-{n}", offer_of(n, target.offers)) for n in out.acked}
+    async with aiohttp.ClientSession() as client:
+        missing = await _wait_delivered(sink, client, keys, opts.drain_deadline)
+    used = _cpu(target.pids) - cpu
+    done = [min(sink.hits[k]) for k in keys - missing]
+    report.add(f"{target.name}: ingest while delivering", out.rate, "conversions/s")
+    in_window = sum(1 for t in done if t <= stop)
+    report.add(f"{target.name}: delivered while ingesting", in_window / opts.seconds, "/s")
+    if missing or not done:
+        report.note(f"{len(missing)} of {len(keys)} not delivered within {opts.drain_deadline} s")
+        return None
+    whole = max(done) - out.started
+    rate = len(keys) / whole
+    report.add(
+        f"{target.name}: end to end sustained",
+        rate,
+        "conversions/s",
+        f"{len(keys)} ingested and delivered in {whole:.1f} s; {_cpu_note(used, len(keys))}",
+    )
+    return rate
+
+
+async def latency(report: Report, target: Target, sink: SinkClient, opts: Options) -> None:
+    """Open loop at opts.rate: receipt-to-delivery latency (sink arrival minus the planned send
+    time), and whether the rate was sustained."""
+    prefix, url_for = target.urls_for(FIRE)
+    conns = max(opts.connections, 256)
+    out = await open_loop(url_for, opts.rate, opts.latency_seconds, conns)
+    total = len(out.intended)
+    keys = {key_of(f"{prefix}-{n}", offer_of(n, target.offers)): n for n in out.acked}
+    async with aiohttp.ClientSession() as client:
+        missing = await _wait_delivered(sink, client, set(keys), opts.drain_deadline)
+    lat = [min(sink.hits[k]) - out.intended[n] for k, n in keys.items() if k not in missing]
+    name, rate = target.name, opts.rate
+    if lat:
+        report.add(f"{name}: latency p50 at {rate:,.0f}/s", percentile(lat, 50) * 1000, "ms")
+        report.add(f"{name}: latency p99 at {rate:,.0f}/s", percentile(lat, 99) * 1000, "ms")
+        report.add(f"{name}: latency max at {rate:,.0f}/s", max(lat) * 1000, "ms")
+    report.add(f"{name}: generator lag p99", percentile(out.lag, 99) * 1000, "ms")
+    last_ack = max(out.acked.values(), default=out.started)
+    last_delivery = max((min(sink.hits[k]) for k in keys if k not in missing), default=0.0)
+    acked_rate = len(out.acked) / max(last_ack - out.started, 1e-9)
+    delivered_rate = len(lat) / max(last_delivery - out.started, 1e-9)
+    ok = out.errors == 0 and not missing and min(acked_rate, delivered_rate) >= 0.95 * rate
+    verdict = "sustained" if ok else "NOT sustained"
+    report.add(f"{name}: acknowledged at {rate:,.0f}/s offered", acked_rate, "/s", verdict)
+    report.add(f"{name}: delivered at {rate:,.0f}/s offered", delivered_rate, "/s", verdict)
+    if not ok:
+        report.note(
+            f"{rate:,.0f}/s not sustained: {total} sent, {len(out.acked)} acknowledged "
+            f"({out.errors} errors), {len(lat)} delivered; latencies include the queueing"
+        )

@@ -1,0 +1,179 @@
+"""The HTTP sections of `make bench`: ingest against the hello yardstick, end to end on SQLite,
+and the same figures on PostgreSQL with one node and with three."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+import asyncpg  # type: ignore[import-untyped]
+
+from bench import http_figures as hf
+from bench.context import Context, sqlite_stored, sqlite_url
+from bench.procs import Daemon
+from bench.report import filesystem_of
+from bench.rulesgen import PER_OFFER
+
+SQLITE_DB = "sqlite.db"
+DEFAULT_PER_HOST = 8  # outbound.per_host_concurrency as shipped
+RAISED_PER_HOST = 64
+
+
+async def _sqlite_daemon(ctx: Context) -> Daemon:
+    """One daemon on an SQLite file (synchronous=FULL, as shipped) with the small rule set,
+    shared by the ingest and e2e sections."""
+    for daemon in ctx.daemons:
+        if daemon.name == "sqlite":
+            return daemon
+    path = ctx.workdir / SQLITE_DB
+    daemon = ctx.daemon("sqlite", sqlite_url(path), await ctx.rules(large=False))
+    await daemon.ready_daemon()
+    return daemon
+
+
+async def ingest(ctx: Context) -> None:
+    report, opts = ctx.report, ctx.opts
+    report.start("ingest", "durable conversions/s vs a bare aiohttp hello server")
+    fs = filesystem_of(ctx.workdir)
+    report.note(
+        f"SQLite file on {fs} ({ctx.workdir}); {opts.connections} connections, "
+        f"{opts.warmup:g} s warm-up + {opts.seconds:g} s; {PER_OFFER} postbacks whose "
+        "conditions are all false (nothing fires)"
+    )
+    if fs in ("tmpfs", "ramfs"):
+        report.note("the store is on a RAM filesystem: fsync costs nothing, durability is moot")
+    hello = await hf.hello(report, ctx.workdir, opts)
+    daemon = await _sqlite_daemon(ctx)
+    target = hf.Target("postbackd SQLite", [daemon.url], 1, [daemon.pid])
+    rate, _ = await hf.ingest(report, target, opts, sqlite_stored(ctx.workdir / SQLITE_DB))
+    ctx.figures["ingest_sqlite"] = rate
+    report.ratio("ingest SQLite / hello", rate, hello, "postbackd acks per hello answer")
+
+
+async def end_to_end(ctx: Context) -> None:
+    report = ctx.report
+    report.start("e2e", "ingested and delivered (one ping_url each to a loopback sink), SQLite")
+    daemon = await _sqlite_daemon(ctx)
+    per_host = ctx.per_host or DEFAULT_PER_HOST
+    rate = await _e2e(ctx, hf.Target(f"SQLite, per-host {per_host}", [daemon.url], 1, [daemon.pid]))
+    if rate is not None:
+        ctx.figures["e2e_sqlite"] = rate
+        if "ingest_sqlite" in ctx.figures:
+            report.ratio("e2e / ingest (SQLite)", rate, ctx.figures["ingest_sqlite"], "")
+    if ctx.per_host is None:
+        report.note(
+            f"all postbacks go to one host, so outbound.per_host_concurrency ({DEFAULT_PER_HOST}, "
+            f"as shipped) bounds deliveries in flight; the same with {RAISED_PER_HOST}:"
+        )
+        path = ctx.workdir / f"per-host-{RAISED_PER_HOST}.db"
+        raised = ctx.daemon(
+            "sqlite-raised", sqlite_url(path), await ctx.rules(False), RAISED_PER_HOST
+        )
+        await raised.ready_daemon()
+        name = f"SQLite, per-host {RAISED_PER_HOST}"
+        rate = await _e2e(ctx, hf.Target(name, [raised.url], 1, [raised.pid]))
+        raised.stop()
+        if rate is not None:
+            ctx.figures["e2e_sqlite_raised"] = rate
+
+
+async def _e2e(ctx: Context, target: hf.Target) -> float | None:
+    """Sustained rate, then latency at opts.rate, or below what was sustained if that is less
+    (latency at a rate the node cannot keep up with only measures the growing queue)."""
+    report, opts = ctx.report, ctx.opts
+    sink = await ctx.start_sink()
+    rate = await hf.sustained(report, target, sink, opts)
+    pace = opts.rate
+    if rate is not None and rate < opts.rate:
+        pace = max(10.0, round(rate * 0.8, -1))
+        report.note(
+            f"{opts.rate:,.0f}/s cannot be sustained ({rate:,.0f}/s was, end to end): latency "
+            f"measured at {pace:,.0f}/s instead"
+        )
+    await hf.latency(report, target, sink, replace(opts, rate=pace))
+    return rate
+
+
+@asynccontextmanager
+async def _schema(dsn: str) -> AsyncIterator[tuple[str, Callable[[str], Awaitable[int]]]]:
+    """A fresh schema (through search_path) and a counter of its stored conversions."""
+    admin = await asyncpg.connect(dsn, timeout=10)
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    await admin.execute(f"CREATE SCHEMA {schema}")
+    url = f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
+
+    async def stored(prefix: str) -> int:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            query = "SELECT count(*) FROM conversion WHERE conversion_id LIKE $1"
+            return int(await conn.fetchval(query, f"{prefix}-%"))
+        finally:
+            await conn.close()
+
+    try:
+        yield url, stored
+    finally:
+        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await admin.close()
+
+
+async def pg_reachable(dsn: str) -> str | None:
+    """None when a PostgreSQL server answers at dsn, else why not."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+        return f"{err.__class__.__name__}: {err}"
+    await conn.close()
+    return None
+
+
+async def postgres(ctx: Context) -> None:
+    report = ctx.report
+    report.start("pg", "ingest and end to end on PostgreSQL: one node, then three")
+    if ctx.pg_dsn is None:
+        report.note("skipped: no PostgreSQL (--no-pg)")
+        return
+    problem = await pg_reachable(ctx.pg_dsn)
+    if problem is not None:
+        report.note(f"skipped: PostgreSQL not reachable ({problem})")
+        return
+    report.note(
+        "same machine as the daemons and the load generator; 3 nodes = 3 processes on these "
+        "cores, the generator round-robins over their ports (no load balancer)"
+    )
+    for nodes in (1, 3):
+        await _pg_cluster(ctx, nodes)
+    figures = ctx.figures
+    for kind in ("ingest", "e2e"):
+        one, three = figures.get(f"{kind}_pg1"), figures.get(f"{kind}_pg3")
+        if one and three:
+            report.ratio(f"{kind} PG 3 nodes / 1 node", three, one, "")
+    sqlite = {"ingest": figures.get("ingest_sqlite"), "e2e": figures.get("e2e_sqlite_raised")}
+    for kind, base in sqlite.items():
+        one = figures.get(f"{kind}_pg1")
+        if one and base:
+            report.ratio(f"{kind} PG 1 node / SQLite", one, base, "same per-host limit")
+
+
+async def _pg_cluster(ctx: Context, nodes: int) -> None:
+    assert ctx.pg_dsn is not None
+    report, opts = ctx.report, ctx.opts
+    rules = await ctx.rules(large=False)
+    async with _schema(ctx.pg_dsn) as (url, stored):
+        per_host = ctx.per_host or RAISED_PER_HOST
+        daemons = [ctx.daemon(f"pg{nodes}-{i}", url, rules, per_host) for i in range(nodes)]
+        try:
+            for daemon in daemons:
+                await daemon.ready_daemon()
+            name = f"PostgreSQL {nodes} node{'s' if nodes > 1 else ''}, per-host {per_host}"
+            target = hf.Target(name, [d.url for d in daemons], 1, [d.pid for d in daemons])
+            rate, _ = await hf.ingest(report, target, opts, stored)
+            ctx.figures[f"ingest_pg{nodes}"] = rate
+            e2e = await _e2e(ctx, target)
+            if e2e is not None:
+                ctx.figures[f"e2e_pg{nodes}"] = e2e
+        finally:
+            for daemon in daemons:
+                daemon.stop()  # before the schema is dropped
