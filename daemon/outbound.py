@@ -186,6 +186,33 @@ class OutboundHttp:
         if session is not None:
             await session.close()
 
+    async def connect(self, host: str, port: int, origin: str) -> socket.socket:
+        """A TCP connection under the same guard and resolver, for a protocol that is not HTTP
+        (SMTP): to the first address of `host` the guard allows that answers. Errors name
+        `origin` only: GuardRefusedError, or RetryableError dns_failed, connect_failed or
+        connect_timeout."""
+        try:
+            literal = self._guard.check_host(host)
+        except GuardRefusedError as err:
+            raise GuardRefusedError(f"{err.detail}: {origin}") from err
+        try:
+            ips = [host] if literal else await self._resolver.resolve(host, port)
+        except OSError as err:
+            raise RetryableError("dns_failed", origin) from err
+        if not ips:
+            raise RetryableError("dns_failed", origin)
+        allowed = [ip for ip in ips if self._guard.allowed(ip)]
+        if not allowed:
+            raise GuardRefusedError(f"{self._guard.refusal(ips[0])}: {origin}")
+        error: BaseException | None = None
+        for ip in allowed:
+            try:
+                return await _open_socket(ip, port, self._connect_timeout)
+            except (OSError, TimeoutError) as err:
+                error = err
+        reason = "connect_timeout" if isinstance(error, TimeoutError) else "connect_failed"
+        raise RetryableError(reason, origin) from error
+
     async def __aenter__(self) -> OutboundHttp:
         await self.start()
         return self
@@ -274,6 +301,18 @@ class OutboundHttp:
             raise PermanentError("bad_request", f"{type(err).__name__}: {origin}") from (
                 _safe_cause(err, secrets)
             )
+
+
+async def _open_socket(ip: str, port: int, timeout: float) -> socket.socket:  # noqa: ASYNC109
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (ip, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:

@@ -31,7 +31,6 @@ from daemon.actions.base import (
 from daemon.durations import Duration
 from daemon.errors import (
     DeliveryError,
-    GuardRefusedError,
     OutcomeUnknownError,
     PermanentError,
     RenderError,
@@ -40,7 +39,6 @@ from daemon.errors import (
 from daemon.macros import Template, TemplateStr, encode_header
 
 DEFAULT_PORTS = {"starttls": 587, "tls": 465, "none": 25}
-CONNECT_TIMEOUT = 5.0  # per address, inside the attempt's timeout
 QUIT_TIMEOUT = 2.0
 # 7bit: non-ASCII bodies go quoted-printable, so no server needs 8BITMIME.
 _POLICY = SMTP_POLICY.clone(cte_type="7bit")
@@ -205,7 +203,8 @@ class Smtp:
         mail: Mail,
     ) -> tuple[int, str]:
         s = self.settings
-        progress.sock = await self._connect()
+        # Through the outbound guard and resolver, like every HTTP request (outbound.allow_cidrs).
+        progress.sock = await self.resources.http.connect(s.host, self.port, self._origin)
         progress.phase = "greeting"
         progress.client = client = aiosmtplib.SMTP(
             hostname=s.host,  # TLS checks the certificate against the name, not the address
@@ -232,32 +231,6 @@ class Smtp:
         progress.phase = "done"
         note = f" (refused: {', '.join(str(code) for code in refused)})" if refused else ""
         return reply.code, f"{reply.code} {reply.message}{note}"
-
-    async def _connect(self) -> socket.socket:
-        """A TCP connection to an address of the host that the outbound guard allows."""
-        guard, resolver = _network(self.resources.http)
-        host, origin = self.settings.host, self._origin
-        try:
-            literal = guard.check_host(host)
-        except GuardRefusedError as err:
-            raise GuardRefusedError(f"{err.detail}: {origin}") from err
-        try:
-            ips: list[str] = [host] if literal else await resolver.resolve(host, self.port)
-        except OSError as err:
-            raise RetryableError("dns_failed", origin) from err
-        if not ips:
-            raise RetryableError("dns_failed", origin)
-        allowed = [ip for ip in ips if guard.allowed(ip)]
-        if not allowed:
-            raise GuardRefusedError(f"{guard.refusal(ips[0])}: {origin}")
-        error: BaseException | None = None
-        for ip in allowed:
-            try:
-                return await _open_socket(ip, self.port)
-            except (OSError, TimeoutError) as err:
-                error = err
-        reason = "connect_timeout" if isinstance(error, TimeoutError) else "connect_failed"
-        raise RetryableError(reason, origin) from error
 
     def _login(self, job: Job, secret: Callable[[str], str]) -> Login | None:
         s = self.settings
@@ -383,18 +356,6 @@ def message_id(key: str) -> str:
     return f"<{hashlib.sha256(key.encode()).hexdigest()[:32]}@postbackd>"
 
 
-async def _open_socket(ip: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            await asyncio.get_running_loop().sock_connect(sock, (ip, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 async def _recipients(client: aiosmtplib.SMTP, recipients: list[str]) -> list[int]:
     """RCPT TO each recipient; the codes of those refused. Raises when all are refused (a
     temporary refusal first: a later attempt may then get through)."""
@@ -449,12 +410,6 @@ def _tls_error(err: BaseException | None) -> bool:
             return True
         err = err.__cause__  # aiosmtplib wraps a failed handshake in SMTPConnectError
     return False
-
-
-def _network(http: Any) -> tuple[Any, Any]:
-    # SMTP does not go through OutboundHttp but must obey the same guard (outbound.allow_cidrs)
-    # and resolver.
-    return http.guard, http.resolver
 
 
 def build(settings: Settings, resources: Resources) -> Smtp:
