@@ -14,7 +14,8 @@ An action module (one per `type:`) holds three things:
   unknown). The dispatcher owns the schedule; an action never sleeps or retries by itself.
 
 Each attempt fills ``job.record`` with the request as sent (after :meth:`Redactor.redact`) and
-the response, so a failed attempt still leaves a useful record.
+the response, so a failed attempt still leaves a useful record; :func:`send_http` does both
+around one request through the shared HTTP client.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from daemon.errors import RetryableError, SecretError
 from daemon.macros import Template, TemplateStr, UrlTemplate, UrlTemplateStr, encoded_forms
+
+if TYPE_CHECKING:
+    from daemon.outbound import HttpResponse
 
 MASK = "****"
 BODY_LIMIT = 4096
@@ -229,3 +233,47 @@ def secret_lookup(job: Job, resources: Resources) -> Callable[[str], str]:
         return value
 
     return lookup
+
+
+class _Timed(Protocol):
+    @property
+    def timeout(self) -> float | None: ...
+
+
+class HttpAction(Protocol):
+    """What send_http needs of an action: its settings' timeout, resources and idempotency."""
+
+    idempotent: ClassVar[bool]
+    resources: Resources
+
+    @property
+    def settings(self) -> _Timed: ...
+
+
+async def send_http(
+    action: HttpAction,
+    job: Job,
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    *,
+    shown_url: str | None = None,
+    follow_redirects: bool | None = None,
+) -> HttpResponse:
+    """One request of `action` through the shared client, put in job.record before it is sent
+    (so a failed attempt still shows it; as `shown_url` when the URL itself is a credential)
+    and its answer after."""
+    job.record.set_request(job.redactor, method, shown_url or url, headers, body)
+    resources = action.resources
+    response: HttpResponse = await resources.http.request(
+        method,
+        url,
+        headers=headers,
+        data=body,
+        timeout=action.settings.timeout or resources.timeout,
+        idempotent=action.idempotent,
+        follow_redirects=follow_redirects,
+    )
+    job.record.set_response(job.redactor, response.status, response.body)
+    return response

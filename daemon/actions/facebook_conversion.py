@@ -29,6 +29,7 @@ from daemon.actions.base import (
     SecretTemplateStr,
     origin,
     secret_lookup,
+    send_http,
 )
 from daemon.durations import Duration
 from daemon.errors import InputError, PermanentError, RenderError, RetryableError
@@ -336,16 +337,7 @@ class FacebookConversion:
             raise PermanentError("event_too_old", f"event_time is {int(now - when)} s old")
         body = self._form(job, when, secret_lookup(job, self.resources))
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
-        job.record.set_request(job.redactor, "POST", self.url, headers, body)
-        response = await self.resources.http.request(
-            "POST",
-            self.url,
-            headers=headers,
-            data=body,
-            timeout=self.settings.timeout or self.resources.timeout,
-            idempotent=self.idempotent,
-        )
-        job.record.set_response(job.redactor, response.status, response.body)
+        response = await send_http(self, job, "POST", self.url, headers, body)
         check_answer(response, now)
 
 

@@ -33,6 +33,7 @@ from daemon.actions.base import (
     SecretTemplateStr,
     origin,
     secret_lookup,
+    send_http,
 )
 from daemon.durations import Duration
 from daemon.errors import PermanentError, RenderError, RetryableError
@@ -176,16 +177,7 @@ class Five9List:
 
     async def send(self, job: Job) -> None:
         method, url, headers, body = self._render(job, secret_lookup(job, self.resources))
-        job.record.set_request(job.redactor, method, url, headers, body)
-        response = await self.resources.http.request(
-            method,
-            url,
-            headers=headers,
-            data=body,
-            timeout=self.settings.timeout or self.resources.timeout,
-            idempotent=self.idempotent,
-        )
-        job.record.set_response(job.redactor, response.status, response.body)
+        response = await send_http(self, job, method, url, headers, body)
         if self.settings.mode == "soap":
             _check_soap(response, self.resources.clock.now(), job.redactor.redact)
         else:

@@ -30,6 +30,7 @@ from daemon.actions.base import (
     SecretTemplateStr,
     origin,
     secret_lookup,
+    send_http,
 )
 from daemon.durations import Duration
 from daemon.errors import InputError, PermanentError, RetryableError
@@ -233,16 +234,7 @@ class GoogleAnalytics:
         body = _dumps(self.payload(job, now, secret))
         url = self._url(secret)
         headers = {"Content-Type": "application/json"}
-        job.record.set_request(job.redactor, "POST", url, headers, body)
-        response = await self.resources.http.request(
-            "POST",
-            url,
-            headers=headers,
-            data=body,
-            timeout=self.settings.timeout or self.resources.timeout,
-            idempotent=self.idempotent,
-        )
-        job.record.set_response(job.redactor, response.status, response.body)
+        response = await send_http(self, job, "POST", url, headers, body)
         # GA answers 2xx even for malformed events: only transport and server errors show.
         classify_status(response, now)
         if self.settings.validate_only:

@@ -27,6 +27,7 @@ from daemon.actions.base import (
     SecretTemplateStr,
     origin,
     secret_lookup,
+    send_http,
 )
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError
@@ -144,17 +145,8 @@ class GoogleSheets:
         token = await self._token(job, account)
         body = self._body(job, secret)
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        job.record.set_request(job.redactor, "POST", self.url, headers, body)
         job.record.response_status = job.record.response_excerpt = None  # not the token's
-        response = await self.resources.http.request(
-            "POST",
-            self.url,
-            headers=headers,
-            data=body,
-            timeout=self.settings.timeout or self.resources.timeout,
-            idempotent=self.idempotent,
-        )
-        job.record.set_response(job.redactor, response.status, response.body)
+        response = await send_http(self, job, "POST", self.url, headers, body)
         if response.status == 401:
             # Revoked or expired early: an operator's retry should not reuse it.
             self._tokens.pop((account.client_email, account.token_uri), None)

@@ -36,6 +36,7 @@ from daemon.actions.base import (
     Resources,
     origin,
     secret_lookup,
+    send_http,
 )
 from daemon.durations import Duration
 from daemon.errors import PermanentError, RenderError, TemplateError
@@ -389,16 +390,7 @@ class ListClient:
         from the first call, which is harmless because adding is idempotent)."""
         requests = self.render_all(job, secret_lookup(job, self.resources))
         for url, headers, body in requests:
-            job.record.set_request(job.redactor, self.settings.method, url, headers, body)
-            response = await self.resources.http.request(
-                self.settings.method,
-                url,
-                headers=headers,
-                data=body,
-                timeout=self.settings.timeout or self.resources.timeout,
-                idempotent=self.idempotent,
-            )
-            job.record.set_response(job.redactor, response.status, response.body)
+            response = await send_http(self, job, self.settings.method, url, headers, body)
             self.judge(response)
 
     def judge(self, response: HttpResponse) -> None:

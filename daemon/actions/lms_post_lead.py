@@ -29,6 +29,7 @@ from daemon.actions.base import (
     SecretTemplateStr,
     origin,
     secret_lookup,
+    send_http,
 )
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RenderError
@@ -122,16 +123,7 @@ class LmsPostLead:
 
     async def send(self, job: Job) -> None:
         headers, body = self._render(job, secret_lookup(job, self.resources))
-        job.record.set_request(job.redactor, "POST", self.url, headers, body)
-        response = await self.resources.http.request(
-            "POST",
-            self.url,
-            headers=headers,
-            data=body,
-            timeout=self.settings.timeout,
-            idempotent=self.idempotent,
-        )
-        job.record.set_response(job.redactor, response.status, response.body)
+        response = await send_http(self, job, "POST", self.url, headers, body)
         if 500 <= response.status < 600:
             # LMS answers 200 whatever the outcome; a 5xx comes from a gateway timing out on a
             # long auction or a failure part-way through it: the lead may exist, even be sold.

@@ -16,6 +16,7 @@ from daemon.actions.base import (
     Resources,
     origin,
     secret_lookup,
+    send_http,
 )
 from daemon.durations import Duration
 from daemon.errors import PermanentError
@@ -121,16 +122,7 @@ class PingUrl:
 
     async def send(self, job: Job) -> None:
         url, headers, body = self._render(job, secret_lookup(job, self.resources))
-        job.record.set_request(job.redactor, self.settings.method, url, headers, body)
-        response = await self.resources.http.request(
-            self.settings.method,
-            url,
-            headers=headers,
-            data=body,
-            timeout=self.settings.timeout or self.resources.timeout,
-            idempotent=self.idempotent,
-        )
-        job.record.set_response(job.redactor, response.status, response.body)
+        response = await send_http(self, job, self.settings.method, url, headers, body)
         classify_status(response, self.resources.clock.now())
         if self._expect is not None and not self._expect.search(response.text()):
             raise PermanentError("unexpected_body", "the answer does not match `expect`")

@@ -20,6 +20,7 @@ from daemon.actions.base import (
     is_secret_reference,
     origin,
     secret_lookup,
+    send_http,
 )
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError
@@ -186,16 +187,7 @@ class SlackMessage:
         secret = secret_lookup(job, self.resources)
         url, shown, headers = self._target(job, secret)
         body = self._payload(job, secret)
-        job.record.set_request(job.redactor, "POST", shown, headers, body)
-        response = await self.resources.http.request(
-            "POST",
-            url,
-            headers=headers,
-            data=body,
-            timeout=self.settings.timeout or self.resources.timeout,
-            idempotent=self.idempotent,
-        )
-        job.record.set_response(job.redactor, response.status, response.body)
+        response = await send_http(self, job, "POST", url, headers, body, shown_url=shown)
         now = self.resources.clock.now()
         if self.settings.token is not None:
             _api_outcome(response, now)

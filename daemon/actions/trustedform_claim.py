@@ -24,6 +24,7 @@ from daemon.actions.base import (
     Resources,
     SecretTemplateStr,
     secret_lookup,
+    send_http,
 )
 from daemon.durations import Duration
 from daemon.errors import PermanentError, RetryableError
@@ -127,17 +128,7 @@ class TrustedFormClaim:
         url = self._url(job, secret)
         body = self._body(job, secret)
         headers = self._headers(job, self.settings.api_key.render(job.values, secret=secret))
-        job.record.set_request(job.redactor, "POST", url, headers, body)
-        response = await self.resources.http.request(
-            "POST",
-            url,
-            headers=headers,
-            data=body,
-            timeout=self.settings.timeout or self.resources.timeout,
-            idempotent=self.idempotent,
-            follow_redirects=False,
-        )
-        job.record.set_response(job.redactor, response.status, response.body)
+        response = await send_http(self, job, "POST", url, headers, body, follow_redirects=False)
         classify_status(response, self.resources.clock.now())
         _check_outcome(response)
 

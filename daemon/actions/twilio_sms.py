@@ -21,6 +21,7 @@ from daemon.actions.base import (
     is_secret_reference,
     origin,
     secret_lookup,
+    send_http,
 )
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError
@@ -216,16 +217,7 @@ class TwilioSms:
 
     async def send(self, job: Job) -> None:
         url, headers, body = self._render(job, secret_lookup(job, self.resources))
-        job.record.set_request(job.redactor, "POST", url, headers, body)
-        response = await self.resources.http.request(
-            "POST",
-            url,
-            headers=headers,
-            data=body,
-            timeout=self.settings.timeout or self.resources.timeout,
-            idempotent=self.idempotent,
-        )
-        job.record.set_response(job.redactor, response.status, response.body)
+        response = await send_http(self, job, "POST", url, headers, body)
         _outcome(response, self.resources.clock.now())
 
 
