@@ -7,7 +7,8 @@ from typing import Literal
 from pydantic import Field
 
 from daemon.actions.base import Resources
-from daemon.actions.listclient import ListClient, Operation, PathSettings, Text
+from daemon.actions.list_settings import Operation, PathSettings, Text
+from daemon.actions.listclient import ListClient
 from daemon.macros import Template
 
 

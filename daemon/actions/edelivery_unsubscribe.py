@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Literal
 
 from daemon.actions.base import Resources
-from daemon.actions.listclient import ListClient, Operation, PathSettings, Text
+from daemon.actions.list_settings import Operation, PathSettings, Text
+from daemon.actions.listclient import ListClient
 
 
 class Settings(PathSettings):

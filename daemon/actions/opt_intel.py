@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Literal
 
 from daemon.actions.base import Resources
-from daemon.actions.listclient import Auth, Call, Kind, ListClient, ListSettings, join_url
+from daemon.actions.list_settings import Auth, Call, Kind, ListSettings, join_url
+from daemon.actions.listclient import ListClient
 
 KINDS: tuple[Kind, ...] = ("email", "phone")
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Literal
 
 from daemon.actions.base import Resources
-from daemon.actions.listclient import Kind, ListClient, Operation
+from daemon.actions.list_settings import Kind, Operation
+from daemon.actions.listclient import ListClient
 from daemon.actions.opt_intel import OptIntelSettings
 
 

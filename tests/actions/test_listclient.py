@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from daemon.actions import edelivery_unsubscribe, opt_intel
-from daemon.actions.listclient import ListClient, Predicate, normalise
+from daemon.actions.list_settings import Predicate
+from daemon.actions.listclient import ListClient, normalise
 from daemon.errors import PermanentError, RenderError
 from daemon.loader import load_rules
 from tests.actions.fakes_lists import (
