@@ -8,7 +8,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -30,6 +30,7 @@ class Options:
     rate: float = 1000.0  # the fixed rate of the latency figure
     latency_seconds: float = 8.0
     drain_deadline: float = 60.0  # how long deliveries may take after the senders stop
+    backlog: int = 1000  # most conversions acknowledged and not yet delivered (sustained)
 
 
 @dataclass
@@ -61,7 +62,14 @@ async def _sample_memory(pids: Sequence[int], peak: dict[int, int]) -> None:
         await asyncio.sleep(0.25)
 
 
-async def hello(report: Report, workdir: Path, opts: Options) -> float:
+@dataclass
+class Measured:
+    rate: float  # per second
+    cpu_us: float  # the server processes' CPU time per request, in microseconds
+    peak_kib: dict[int, int] = field(default_factory=dict)  # pid -> peak VmRSS sampled
+
+
+async def hello(report: Report, workdir: Path, opts: Options) -> Measured:
     """Requests per second a bare aiohttp server answers, same generator, same URLs."""
     proc = server("hello", workdir)
     proc.start()
@@ -74,8 +82,9 @@ async def hello(report: Report, workdir: Path, opts: Options) -> float:
         used = _cpu(target.pids) - cpu
     finally:
         proc.stop()
-    note = ", ".join(filter(None, [_cpu_note(used, out.total), _errors(out)]))
-    return report.add("bare aiohttp hello server", out.rate, "req/s", note)
+    report.add("bare aiohttp hello server", out.rate, "req/s", _errors(out))
+    cpu_us = report.add("bare aiohttp hello server: CPU per request", _us(used, out.total), "µs")
+    return Measured(out.rate, cpu_us)
 
 
 async def ingest(
@@ -83,7 +92,7 @@ async def ingest(
     target: Target,
     opts: Options,
     stored: Callable[[str], Awaitable[int]] | None = None,
-) -> tuple[float, dict[int, int]]:
+) -> Measured:
     """Acknowledged (durably committed) conversions per second that fire nothing; the peak
     resident size (KiB) of each node while it lasted."""
     prefix, url_for = target.urls_for(NONE)
@@ -96,21 +105,22 @@ async def ingest(
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
-    note = ", ".join(filter(None, [_cpu_note(_cpu(target.pids) - cpu, out.total), _errors(out)]))
-    rate = report.add(f"{target.name}: ingest", out.rate, "conversions/s", note)
+    used = _cpu(target.pids) - cpu
+    rate = report.add(f"{target.name}: ingest", out.rate, "conversions/s", _errors(out))
+    cpu_us = report.add(f"{target.name}: ingest CPU per conversion", _us(used, out.total), "µs")
     if stored is not None:
         count = await stored(prefix)
         if count < out.ok:
             report.note(f"only {count} conversions stored for {out.ok} acknowledged: a bug")
-    return rate, peak
+    return Measured(rate, cpu_us, peak)
 
 
 def _cpu(pids: Sequence[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids)
 
 
-def _cpu_note(used: float, requests: int) -> str:
-    return f"{used / max(requests, 1) * 1e6:,.0f} µs server CPU each"
+def _us(used: float, requests: int) -> float:
+    return used / max(requests, 1) * 1e6
 
 
 def _errors(out: Outcome) -> str:
@@ -130,17 +140,61 @@ async def _wait_delivered(
         await asyncio.sleep(0.2)
 
 
+class Backlog:
+    """A gate that keeps at most `limit` acknowledged conversions waiting for delivery, so a
+    node that ingests faster than it delivers is measured at what it can sustain, and its
+    queue is short when the measurement ends."""
+
+    def __init__(self, sink: SinkClient, client: aiohttp.ClientSession, limit: int) -> None:
+        self.sink, self.client, self.limit = sink, client, limit
+        self.acked = 0
+        self.delivered = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def _update(self) -> None:
+        if self.acked - self.delivered < self.limit:
+            self._room.set()
+        else:
+            self._room.clear()
+
+    async def watch(self) -> None:
+        base = await self.sink.refresh(self.client)
+        while True:
+            self.delivered = await self.sink.refresh(self.client) - base
+            self._update()
+            await asyncio.sleep(0.05)
+
+    async def before(self) -> None:
+        # Bounded: a node that stops delivering must not hang the benchmark.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self._room.wait()
+
+    def after(self, ok: bool) -> None:
+        self.acked += ok
+        self._update()
+
+
 async def sustained(
     report: Report, target: Target, sink: SinkClient, opts: Options
-) -> float | None:
-    """Closed-loop posting of conversions that fire one ping_url each, then until the last is
-    delivered: conversions ingested and delivered per second over that whole time."""
+) -> Measured | None:
+    """Closed-loop posting of conversions that fire one ping_url each (at most opts.backlog of
+    them undelivered at any time), then until the last is delivered: conversions ingested and
+    delivered per second over that whole time."""
     prefix, url_for = target.urls_for(FIRE)
     cpu = _cpu(target.pids)
-    out = await closed_loop(url_for, opts.connections, opts.seconds, 0.0, keep=True)
-    stop = out.started + opts.seconds
-    keys = {key_of(f"{prefix}-{n}", offer_of(n, target.offers)) for n in out.acked}
     async with aiohttp.ClientSession() as client:
+        backlog = Backlog(sink, client, opts.backlog)
+        watcher = asyncio.create_task(backlog.watch())
+        try:
+            out = await closed_loop(url_for, opts.connections, opts.seconds, 0.0, True, backlog)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        stop = out.started + opts.seconds
+        keys = {key_of(f"{prefix}-{n}", offer_of(n, target.offers)) for n in out.acked}
         missing = await _wait_delivered(sink, client, keys, opts.drain_deadline)
     used = _cpu(target.pids) - cpu
     done = [min(sink.hits[k]) for k in keys - missing]
@@ -152,13 +206,11 @@ async def sustained(
         return None
     whole = max(done) - out.started
     rate = len(keys) / whole
-    report.add(
-        f"{target.name}: end to end sustained",
-        rate,
-        "conversions/s",
-        f"{len(keys)} ingested and delivered in {whole:.1f} s; {_cpu_note(used, len(keys))}",
-    )
-    return rate
+    name = f"{target.name}: end to end"
+    note = f"{len(keys)} ingested and delivered in {whole:.1f} s"
+    report.add(f"{name} sustained", rate, "conversions/s", note)
+    cpu_us = report.add(f"{name} CPU per conversion", _us(used, len(keys)), "µs")
+    return Measured(rate, cpu_us)
 
 
 async def latency(report: Report, target: Target, sink: SinkClient, opts: Options) -> None:

@@ -10,10 +10,19 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 
 UrlFor = Callable[[int], str]  # request number -> URL
+
+
+class Gate(Protocol):
+    """Holds senders back (e.g. while too much is still undelivered)."""
+
+    async def before(self) -> None: ...
+
+    def after(self, ok: bool) -> None: ...
 
 
 @dataclass
@@ -49,20 +58,36 @@ async def _send(client: aiohttp.ClientSession, url: str) -> bool:
 
 
 async def closed_loop(
-    url_for: UrlFor, connections: int, seconds: float, warmup: float, keep: bool = False
+    url_for: UrlFor,
+    connections: int,
+    seconds: float,
+    warmup: float,
+    keep: bool = False,
+    gate: Gate | None = None,
 ) -> Outcome:
     """`connections` senders for warmup + seconds; counts only what is answered in the window.
-    With `keep`, notes every acknowledged request number (the warm-up too)."""
+    With `keep`, notes every acknowledged request number (the warm-up too); with `gate`, each
+    sender passes it before every request."""
     out = Outcome()
     numbers = itertools.count()
     state = {"measuring": False, "stop": False}
+
+    def stopped() -> bool:  # read after an await: another task may have set it
+        return state["stop"]
+
     async with session(connections) as client:
 
         async def sender() -> None:
             while not state["stop"]:
+                if gate is not None:
+                    await gate.before()
+                    if stopped():
+                        return
                 n = next(numbers)
                 good = await _send(client, url_for(n))
                 out.total += 1
+                if gate is not None:
+                    gate.after(good)
                 if keep and good:
                     out.acked[n] = time.monotonic()
                 if state["measuring"]:

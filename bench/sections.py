@@ -47,9 +47,10 @@ async def ingest(ctx: Context) -> None:
     hello = await hf.hello(report, ctx.workdir, opts)
     daemon = await _sqlite_daemon(ctx)
     target = hf.Target("postbackd SQLite", [daemon.url], 1, [daemon.pid])
-    rate, _ = await hf.ingest(report, target, opts, sqlite_stored(ctx.workdir / SQLITE_DB))
-    ctx.figures["ingest_sqlite"] = rate
-    report.ratio("ingest SQLite / hello", rate, hello, "postbackd acks per hello answer")
+    got = await hf.ingest(report, target, opts, sqlite_stored(ctx.workdir / SQLITE_DB))
+    ctx.figures["ingest_sqlite"] = got.rate
+    report.ratio("ingest SQLite / hello", got.rate, hello.rate, "postbackd acks per hello answer")
+    report.ratio("CPU per request, hello / ingest SQLite", hello.cpu_us, got.cpu_us, "")
 
 
 async def end_to_end(ctx: Context) -> None:
@@ -84,7 +85,8 @@ async def _e2e(ctx: Context, target: hf.Target) -> float | None:
     (latency at a rate the node cannot keep up with only measures the growing queue)."""
     report, opts = ctx.report, ctx.opts
     sink = await ctx.start_sink()
-    rate = await hf.sustained(report, target, sink, opts)
+    got = await hf.sustained(report, target, sink, opts)
+    rate = None if got is None else got.rate
     pace = opts.rate
     if rate is not None and rate < opts.rate:
         pace = max(10.0, round(rate * 0.8, -1))
@@ -169,8 +171,8 @@ async def _pg_cluster(ctx: Context, nodes: int) -> None:
                 await daemon.ready_daemon()
             name = f"PostgreSQL {nodes} node{'s' if nodes > 1 else ''}, per-host {per_host}"
             target = hf.Target(name, [d.url for d in daemons], 1, [d.pid for d in daemons])
-            rate, _ = await hf.ingest(report, target, opts, stored)
-            ctx.figures[f"ingest_pg{nodes}"] = rate
+            got = await hf.ingest(report, target, opts, stored)
+            ctx.figures[f"ingest_pg{nodes}"] = got.rate
             e2e = await _e2e(ctx, target)
             if e2e is not None:
                 ctx.figures[f"e2e_pg{nodes}"] = e2e
