@@ -108,3 +108,26 @@ def run(config: str | None) -> None:
     except ConfigError as err:
         raise click.ClickException(str(err)) from err
     sys.exit(0)
+
+
+@cli.command()
+@config_option
+def migrate(config: str | None) -> None:
+    """Apply the store's pending schema migrations and name them.
+
+    `postbackd run` does this at start too; run it on its own before an upgrade rolls over
+    several nodes. Safe while nodes run: migrations are serialised and applied once each.
+    """
+    from daemon.errors import ConfigError
+    from daemon.migrate import migrate as apply_migrations
+
+    settings = settings_from(config)
+    try:
+        applied = asyncio.run(apply_migrations(settings.store, settings.config_dir))
+    except (ConfigError, StoreError) as err:
+        raise click.ClickException(str(err)) from err
+    if applied:
+        for name in applied:
+            click.echo(f"applied {name}")
+    else:
+        click.echo("the store's schema is up to date")

@@ -289,3 +289,19 @@ def test_rule_tests_file_errors(tmp_path: Path, capsys: pytest.CaptureFixture[st
     r = run_cli(capsys, ["test", str(tmp_path)])
     assert r.code == 1
     assert r.err.splitlines() == ["tests/t.yaml:2: missing required key 'cases.conversion'"]
+
+
+def test_migrate_applies_once_then_says_up_to_date(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "postbackd.yaml"
+    config.write_text("store: sqlite:///pb.db\n")
+    first = run_cli(capsys, ["migrate", "-c", str(config)])
+    assert first.code == 0, first.err
+    assert first.out.startswith("applied ")
+    again = run_cli(capsys, ["migrate", "-c", str(config)])
+    assert again.out.strip() == "the store's schema is up to date"
+    config.write_text("store: mysql://x\n")
+    bad = run_cli(capsys, ["migrate", "-c", str(config)])
+    assert bad.code == 1
+    assert bad.err.startswith("postbackd: error: store: unsupported scheme 'mysql'")
