@@ -4,22 +4,18 @@ request. A script of replies overrides its own answers, one request at a time.""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.harness import Received
-
-Reply = tuple[int, str, dict[str, str]] | str  # (status, body, headers), "hang" or "drop"
+from tests.actions.kit import FakeServer
 
 
 def graph_error(code: int, message: str, subcode: int | None = None) -> str:
@@ -35,32 +31,14 @@ def graph_error(code: int, message: str, subcode: int | None = None) -> str:
 
 
 @dataclass
-class FakeGraph:
+class FakeGraph(FakeServer):
     token: str
     app_secret: str | None = None
     require_proof: bool = False  # the app's "Require App Secret" switch
-    received: list[Received] = field(default_factory=list)
-    script: list[Reply] = field(default_factory=list)
     now: Callable[[], float] = time.time
-    server: TestServer | None = None
-    _release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def start(self) -> FakeGraph:
-        app = web.Application()
-        app.router.add_post("/{version}/{pixel}/events", self._handle)
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-        return self
-
-    async def close(self) -> None:
-        self._release.set()
-        if self.server is not None:
-            await self.server.close()
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/{version}/{pixel}/events", self._handle)
 
     def form(self, index: int = -1) -> dict[str, str]:
         return dict(parse_qsl(self.received[index].text, keep_blank_values=True))
@@ -70,20 +48,11 @@ class FakeGraph:
         return data
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.received.append(Received(request.method, request.path_qs, dict(request.headers), body))
-        if self.script:
-            reply = self.script.pop(0)
-            if reply == "hang":
-                await self._release.wait()
-            elif reply == "drop":
-                assert request.transport is not None
-                request.transport.close()
-            if isinstance(reply, str):
-                return web.Response(status=200, text="{}")
-            status, text, headers = reply
-            return web.Response(status=status, text=text, headers=headers)
-        return await self._answer(dict(parse_qsl(body.decode(), keep_blank_values=True)))
+        got = await self.record(request)
+        scripted = await self.scripted(request)
+        if scripted is not None:
+            return scripted
+        return await self._answer(dict(parse_qsl(got.text, keep_blank_values=True)))
 
     async def _answer(self, form: dict[str, str]) -> web.Response:
         def fail(code: int, message: str, subcode: int | None = None) -> web.Response:

@@ -11,20 +11,17 @@ A script of replies overrides the answers one request at a time ("hang" waits fo
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import html
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.harness import Received
+from tests.actions.kit import FakeServer
 
-Reply = tuple[int, str] | str
 ENV = "{http://schemas.xmlsoap.org/soap/envelope/}"
 SER = "{http://service.admin.ws.five9.com/}"
 
@@ -74,48 +71,26 @@ class SoapCall:
 
 
 @dataclass
-class FakeFive9:
+class FakeFive9(FakeServer):
     domain: str = "acme"
     lists: set[str] = field(default_factory=lambda: {"hot leads"})
     username: str = "api@acme"
     password: str = "f9-secret"
     w2c_auth: bool = False
-    received: list[Received] = field(default_factory=list)
     soap_calls: list[SoapCall] = field(default_factory=list)
     contacts: dict[tuple[str, ...], dict[str, str]] = field(default_factory=dict)
-    script: list[Reply] = field(default_factory=list)
-    server: TestServer | None = None
-    _release: asyncio.Event = field(default_factory=asyncio.Event)
+    content_type: ClassVar[str | None] = "text/html"
 
-    async def start(self) -> FakeFive9:
-        app = web.Application()
-        app.router.add_route("*", "/web2campaign/AddToList", self._w2c)
-        app.router.add_post("/wsadmin/v13/AdminWebService", self._soap)
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-        return self
-
-    async def close(self) -> None:
-        self._release.set()
-        if self.server is not None:
-            await self.server.close()
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_route("*", "/web2campaign/AddToList", self._w2c)
+        router.add_post("/wsadmin/v13/AdminWebService", self._soap)
 
     async def _record(self, request: web.Request) -> tuple[bytes, web.StreamResponse | None]:
-        body = await request.read()
-        self.received.append(Received(request.method, request.path_qs, dict(request.headers), body))
-        if not self.script:
-            return body, None
-        reply = self.script.pop(0)
-        if reply == "hang":
-            await self._release.wait()
-            return body, web.Response(text=w2c_page(0, "late"))
-        status, text = reply  # type: ignore[misc]
-        return body, web.Response(status=status, text=text, content_type="text/html")
+        got = await self.record(request)
+        return got.body, await self.scripted(request)
+
+    def late_reply(self) -> web.StreamResponse:
+        return web.Response(text=w2c_page(0, "late"))
 
     def _authorized(self, request: web.Request) -> bool:
         expected = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()

@@ -4,21 +4,18 @@ breaks GA4's documented limits. A script of replies overrides either, one reques
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.harness import Received
+from tests.actions.kit import FakeServer
 
-Reply = tuple[int, str, dict[str, str]] | str  # (status, body, headers), "hang" or "drop"
 RESERVED_PREFIXES = ("_", "firebase_", "ga_", "google_", "gtag.")
 RESERVED_EVENTS = {"first_visit", "session_start", "user_engagement", "error", "first_open"}
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
@@ -57,30 +54,12 @@ def validate(body: Any, now: float) -> list[dict[str, str]]:
 
 
 @dataclass
-class FakeGA:
-    received: list[Received] = field(default_factory=list)
-    script: list[Reply] = field(default_factory=list)
+class FakeGA(FakeServer):
     now: Callable[[], float] = time.time
-    server: TestServer | None = None
-    _release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def start(self) -> FakeGA:
-        app = web.Application()
-        app.router.add_post("/mp/collect", self._collect)
-        app.router.add_post("/debug/mp/collect", self._debug)
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-        return self
-
-    async def close(self) -> None:
-        self._release.set()
-        if self.server is not None:
-            await self.server.close()
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/mp/collect", self._collect)
+        router.add_post("/debug/mp/collect", self._debug)
 
     def body(self, index: int = -1) -> Any:
         return json.loads(self.received[index].body)
@@ -89,20 +68,8 @@ class FakeGA:
         return parse_qs(urlsplit(self.received[index].path_qs).query)
 
     async def _record(self, request: web.Request) -> web.StreamResponse | None:
-        body = await request.read()
-        self.received.append(Received(request.method, request.path_qs, dict(request.headers), body))
-        if not self.script:
-            return None
-        reply = self.script.pop(0)
-        if reply == "hang":
-            await self._release.wait()
-        elif reply == "drop":
-            assert request.transport is not None
-            request.transport.close()
-        if isinstance(reply, str):
-            return web.Response(status=204)
-        status, text, headers = reply
-        return web.Response(status=status, text=text, headers=headers)
+        await self.record(request)
+        return await self.scripted(request)
 
     async def _collect(self, request: web.Request) -> web.StreamResponse:
         scripted = await self._record(request)

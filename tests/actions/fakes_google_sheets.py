@@ -7,7 +7,6 @@ the sheet and the options, and appends the row. Scripts override either answer."
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import time
@@ -17,12 +16,11 @@ from typing import Any
 
 import jwt
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
+from tests.actions.kit import FakeServer, Reply
 from tests.harness import Received
 
-# (status, body, headers), "hang" or "drop"; ECHO in a body becomes what the request carried.
-Reply = tuple[int, str, dict[str, str]] | str
+# In a scripted body, ECHO becomes what the request carried.
 SCOPE = "https://www.googleapis.com/auth/spreadsheets"
 GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
@@ -39,7 +37,7 @@ class Account:
 
 
 @dataclass
-class FakeGoogle:
+class FakeGoogle(FakeServer):
     accounts: dict[str, Account] = field(default_factory=dict)  # by client_email
     # spreadsheet id -> sheet name -> rows; `shared` lists the emails allowed to write.
     sheets: dict[str, dict[str, list[list[str]]]] = field(default_factory=dict)
@@ -52,51 +50,22 @@ class FakeGoogle:
     issued: dict[str, str] = field(default_factory=dict)  # access token -> client_email
     claims: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, Any]] = field(default_factory=list)
-    server: TestServer | None = None
-    _release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def start(self) -> FakeGoogle:
-        app = web.Application()
-        app.router.add_post("/token", self._token)
-        app.router.add_post("/v4/spreadsheets/{id}/values/{tail:.*}", self._append)
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-        return self
-
-    async def close(self) -> None:
-        self._release.set()
-        if self.server is not None:
-            await self.server.close()
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/token", self._token)
+        router.add_post("/v4/spreadsheets/{id}/values/{tail:.*}", self._append)
 
     async def _scripted(
         self, request: web.Request, script: list[Reply], got: Received
-    ) -> web.Response | None:
-        if not script:
-            return None
-        reply = script.pop(0)
-        if reply == "hang":
-            await self._release.wait()
-        elif reply == "drop":
-            assert request.transport is not None
-            request.transport.close()
-        if isinstance(reply, str):
-            return web.Response(status=200, text="{}")
-        status, text, headers = reply
-        text = text.replace("ECHO", f"{got.text} {got.headers}")
-        return web.Response(status=status, text=text, headers=headers)
-
-    async def _record(self, request: web.Request, into: list[Received]) -> Received:
-        body = await request.read()
-        into.append(Received(request.method, request.path_qs, dict(request.headers), body))
-        return into[-1]
+    ) -> web.StreamResponse | None:
+        if script and isinstance(script[0], tuple):
+            status, text, *headers = script.pop(0)  # type: ignore[misc]
+            text = text.replace("ECHO", f"{got.text} {got.headers}")
+            return self.reply(status, text, *headers)
+        return await self.scripted(request, script)
 
     async def _token(self, request: web.Request) -> web.Response:
-        got = await self._record(request, self.token_requests)
+        got = await self.record(request, self.token_requests)
         scripted = await self._scripted(request, self.token_script, got)
         if scripted is not None:
             return scripted
@@ -137,7 +106,7 @@ class FakeGoogle:
         return web.json_response(body, status=400)
 
     async def _append(self, request: web.Request) -> web.Response:
-        got = await self._record(request, self.appends)
+        got = await self.record(request, self.appends)
         scripted = await self._scripted(request, self.append_script, got)
         if scripted is not None:
             return scripted

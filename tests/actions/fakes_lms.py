@@ -6,18 +6,14 @@ request at a time ("hang" answers only when released, "drop" closes the connecti
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.harness import Received
-
-Reply = tuple[int, str] | str
+from tests.actions.kit import FakeServer
 
 
 def lms(status: int, **extra: Any) -> str:
@@ -25,33 +21,16 @@ def lms(status: int, **extra: Any) -> str:
 
 
 @dataclass
-class FakeLms:
+class FakeLms(FakeServer):
     api_id: str
     api_password: str
     product_id: int = 218
     required: tuple[str, ...] = ("email", "cellPhone")
-    received: list[Received] = field(default_factory=list)
-    script: list[Reply] = field(default_factory=list)
     emails: set[str] = field(default_factory=set)
-    server: TestServer | None = None
-    release: asyncio.Event = field(default_factory=asyncio.Event)
+    content_type: ClassVar[str | None] = "application/json"
 
-    async def start(self) -> FakeLms:
-        app = web.Application()
-        app.router.add_post("/lead/", self._handle)
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-        return self
-
-    async def close(self) -> None:
-        self.release.set()
-        if self.server is not None:
-            await self.server.close()
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/lead/", self._handle)
 
     def lead(self, index: int = -1) -> dict[str, Any]:
         got = self.received[index]
@@ -61,20 +40,12 @@ class FakeLms:
         return dict(parse_qsl(got.text, keep_blank_values=True))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.received.append(Received(request.method, request.path_qs, dict(request.headers), body))
-        if self.script:
-            reply = self.script.pop(0)
-            if reply == "hang":
-                await self.release.wait()
-                return _json(lms(1, lead_id="LATE"))
-            if reply == "drop":
-                assert request.transport is not None
-                request.transport.close()
-                return web.Response()
-            status, text = reply  # type: ignore[misc]
-            return web.Response(status=status, text=text, content_type="application/json")
-        return _json(self._answer(self.lead()))
+        await self.record(request)
+        scripted = await self.scripted(request)
+        return scripted if scripted is not None else _json(self._answer(self.lead()))
+
+    def late_reply(self) -> web.StreamResponse:
+        return _json(lms(1, lead_id="LATE"))
 
     def _answer(self, lead: dict[str, Any]) -> str:
         if lead.get("apiId") != self.api_id or lead.get("apiPassword") != self.api_password:

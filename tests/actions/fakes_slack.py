@@ -5,54 +5,31 @@ request is recorded; a script of replies overrides the answers one request at a 
 
 from __future__ import annotations
 
-import asyncio
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.harness import Received
-
-# (status, body, headers), or "hang" (answer only when the fake closes).
-Reply = tuple[int, str, dict[str, str]] | str
+from tests.actions.kit import FakeServer
 
 
 @dataclass
-class FakeSlack:
+class FakeSlack(FakeServer):
     token: str
     hook: str = "T0001/B0001/hooksecret0001"
-    received: list[Received] = field(default_factory=list)
-    script: list[Reply] = field(default_factory=list)
-    server: TestServer | None = None
-    _release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def start(self) -> FakeSlack:
-        app = web.Application()
-        app.router.add_post("/api/{method}", self._api)
-        app.router.add_post("/services/{hook:.*}", self._webhook)
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-        return self
-
-    async def close(self) -> None:
-        self._release.set()
-        if self.server is not None:
-            await self.server.close()
-
-    @property
-    def origin(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/api/{method}", self._api)
+        router.add_post("/services/{hook:.*}", self._webhook)
 
     @property
     def api_base(self) -> str:
-        return f"{self.origin}/api/"
+        return f"{self.url}/api/"
 
     @property
     def hooks_base(self) -> str:
-        return f"{self.origin}/services/"
+        return f"{self.url}/services/"
 
     @property
     def webhook_url(self) -> str:
@@ -62,17 +39,11 @@ class FakeSlack:
         return json.loads(self.received[index].body)
 
     async def _record(self, request: web.Request) -> web.StreamResponse | None:
-        body = await request.read()
-        self.received.append(Received(request.method, request.path_qs, dict(request.headers), body))
-        if not self.script:
-            return None
-        reply = self.script.pop(0)
-        if reply == "hang":
-            await self._release.wait()
-            return web.Response(text="ok")
-        assert not isinstance(reply, str)
-        status, text, headers = reply
-        return web.Response(status=status, text=text, headers=headers)
+        await self.record(request)
+        return await self.scripted(request)
+
+    def late_reply(self) -> web.StreamResponse:
+        return web.Response(text="ok")
 
     async def _api(self, request: web.Request) -> web.StreamResponse:
         scripted = await self._record(request)

@@ -5,18 +5,14 @@ overrides its answers one request at a time."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.harness import Received
-
-Reply = tuple[int, str] | str  # (status, body) or "hang"
+from tests.actions.kit import FakeServer
 
 
 def v4_answer(outcome: str, reason: str | None = None, **extra: Any) -> str:
@@ -24,45 +20,29 @@ def v4_answer(outcome: str, reason: str | None = None, **extra: Any) -> str:
 
 
 @dataclass
-class FakeTrustedForm:
+class FakeTrustedForm(FakeServer):
     api_key: str
-    received: list[Received] = field(default_factory=list)
-    script: list[Reply] = field(default_factory=list)
     retained: set[str] = field(default_factory=set)
-    server: TestServer | None = None
-    _release: asyncio.Event = field(default_factory=asyncio.Event)
+    content_type: ClassVar[str | None] = "application/json"
 
-    async def start(self) -> FakeTrustedForm:
-        app = web.Application()
-        app.router.add_post("/{cert_id}", self._handle)
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-        return self
-
-    async def close(self) -> None:
-        self._release.set()
-        if self.server is not None:
-            await self.server.close()
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/{cert_id}", self._handle)
 
     @property
     def base(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}/"
+        """What the action's trustedform_base override points at."""
+        return f"{self.url}/"
 
     def json(self, index: int = -1) -> Any:
         return json.loads(self.received[index].body)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.received.append(Received(request.method, request.path_qs, dict(request.headers), body))
-        if self.script:
-            reply = self.script.pop(0)
-            if reply == "hang":
-                await self._release.wait()
-                return web.Response(status=200, text=v4_answer("success"))
-            status, text = reply  # type: ignore[misc]
-            return web.Response(status=status, text=text, content_type="application/json")
-        return self._answer(request, body)
+        got = await self.record(request)
+        scripted = await self.scripted(request)
+        return scripted if scripted is not None else self._answer(request, got.body)
+
+    def late_reply(self) -> web.StreamResponse:
+        return web.Response(status=200, text=v4_answer("success"))
 
     def _answer(self, request: web.Request, body: bytes) -> web.Response:
         if not self._authorized(request.headers.get("Authorization", "")):

@@ -6,20 +6,16 @@ overrides the answers one request at a time."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.harness import Received
+from tests.actions.kit import FakeServer
 
-# (status, body, headers), or "hang" (answer only when the fake closes).
-Reply = tuple[int, str, dict[str, str]] | str
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
 
@@ -35,46 +31,23 @@ def twilio_error(status: int, code: int, message: str = "error") -> str:
 
 
 @dataclass
-class FakeTwilio:
+class FakeTwilio(FakeServer):
     account_sid: str
     credentials: dict[str, str]  # Basic auth user -> password that it accepts
-    received: list[Received] = field(default_factory=list)
-    script: list[Reply] = field(default_factory=list)
-    server: TestServer | None = None
-    _release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def start(self) -> FakeTwilio:
-        app = web.Application()
-        app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._handle)
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-        return self
-
-    async def close(self) -> None:
-        self._release.set()
-        if self.server is not None:
-            await self.server.close()
-
-    @property
-    def base(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._handle)
 
     def form(self, index: int = -1) -> list[tuple[str, str]]:
         return parse_qsl(self.received[index].body.decode(), keep_blank_values=True)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.received.append(Received(request.method, request.path_qs, dict(request.headers), body))
-        if self.script:
-            reply = self.script.pop(0)
-            if reply == "hang":
-                await self._release.wait()
-                return web.Response(status=201, text="{}")
-            assert not isinstance(reply, str)
-            status, text, headers = reply
-            return web.Response(status=status, text=text, headers=headers)
-        return self._answer(request, body)
+        got = await self.record(request)
+        scripted = await self.scripted(request)
+        return scripted if scripted is not None else self._answer(request, got.body)
+
+    def late_reply(self) -> web.StreamResponse:
+        return web.Response(status=201, text="{}")
 
     def _answer(self, request: web.Request, body: bytes) -> web.Response:
         if request.match_info["sid"] != self.account_sid:

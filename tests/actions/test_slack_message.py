@@ -21,17 +21,19 @@ from daemon.errors import (
     PermanentError,
     RetryableError,
 )
+from daemon.outbound import OutboundHttp
 from daemon.store.base import DeliveryState
-from tests.actions.fakes_kit import (
+from tests.actions.fakes_slack import FakeSlack
+from tests.actions.kit import (
     FIRST_SETTING_LINE,
-    action_resources,
+    Reply,
     leaks,
     make_job,
+    make_resources,
     rule_file,
     secret_env,
     validate,
 )
-from tests.actions.fakes_slack import FakeSlack, Reply
 from tests.harness import start_daemon, wait_for
 
 TOKEN = "xoxb-1111-2222-SeCrEtToKeN"
@@ -47,10 +49,8 @@ async def slack() -> AsyncIterator[FakeSlack]:
 
 
 @pytest.fixture
-async def resources(slack: FakeSlack) -> AsyncIterator[Resources]:
-    secrets = {**SECRETS, "slack_hook": slack.webhook_url}
-    async with action_resources(secrets) as res:
-        yield res
+def resources(http: OutboundHttp, slack: FakeSlack) -> Resources:
+    return make_resources(http, {**SECRETS, "slack_hook": slack.webhook_url})
 
 
 def api_action(slack: FakeSlack, resources: Resources, **extra: Any) -> Any:
@@ -310,24 +310,21 @@ async def test_refused_connection_is_retryable(
         action = api_action(slack, resources, base_url=f"{closed}/api/")
     else:
         hook = f"{closed}/services/"
-        async with action_resources({"slack_hook": hook + slack.hook}) as res:
-            action = hook_action(slack, res, base_url=hook)
-            with pytest.raises(RetryableError) as info:
-                await action.send(make_job())
-        assert info.value.reason == "connect_failed"
-        return
+        res = make_resources(resources.http, {"slack_hook": hook + slack.hook})
+        action = hook_action(slack, res, base_url=hook)
     with pytest.raises(RetryableError) as info:
         await action.send(make_job())
     assert info.value.reason == "connect_failed"
 
 
-async def test_webhook_secret_outside_the_base_is_refused_unsent(slack: FakeSlack) -> None:
-    stray = f"{slack.origin}/api/chat.postMessage"
-    async with action_resources({"slack_hook": stray}) as res:
-        action = hook_action(slack, res)
-        job = make_job()
-        with capture_logs() as logs, pytest.raises(PermanentError) as info:
-            await action.send(job)
+async def test_webhook_secret_outside_the_base_is_refused_unsent(
+    slack: FakeSlack, http: OutboundHttp
+) -> None:
+    stray = f"{slack.url}/api/chat.postMessage"
+    action = hook_action(slack, make_resources(http, {"slack_hook": stray}))
+    job = make_job()
+    with capture_logs() as logs, pytest.raises(PermanentError) as info:
+        await action.send(job)
     assert info.value.reason == "bad_webhook_url"
     assert slack.received == []
     assert leaks(stray, info.value, job.record.request, logs) == []
@@ -483,8 +480,6 @@ def test_valid_settings_load(tmp_path: Path) -> None:
 async def test_webhook_to_rule_to_slack(tmp_path: Path, slack: FakeSlack) -> None:
     rules = {
         "slack.yaml": rule_file(
-            9,
-            31,
             f"""
             type: slack_message
             token: ${{secret:slack_token}}
@@ -492,6 +487,8 @@ async def test_webhook_to_rule_to_slack(tmp_path: Path, slack: FakeSlack) -> Non
             text: "Sold {{conversion_id}} for {{payout}}"
             base_url: {slack.api_base}
             """,
+            offer=9,
+            postback_id=31,
         )
     }
     daemon = await start_daemon(tmp_path, rules, environ=secret_env(SECRETS))

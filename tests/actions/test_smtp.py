@@ -27,7 +27,8 @@ from daemon.errors import (
     RetryableError,
 )
 from daemon.store.base import DeliveryState
-from tests.actions.fakes_kit import (
+from tests.actions.fakes_smtp import Pki, RawServer, SmtpServer
+from tests.actions.kit import (
     FIRST_SETTING_LINE,
     KEY,
     StubResolver,
@@ -38,7 +39,6 @@ from tests.actions.fakes_kit import (
     secret_env,
     validate,
 )
-from tests.actions.fakes_smtp import Pki, RawServer, SmtpServer
 from tests.harness import FakeClock, start_daemon, wait_for
 
 # Implicit TLS is encrypted from the first byte, but aiosmtpd only counts STARTTLS as TLS and
@@ -305,7 +305,7 @@ def test_any_value_yields_exactly_our_headers_or_a_refusal(name: str, subject: s
             "text": "x",
         }
     )
-    job = make_job({"extra.name": name, "extra.subject": subject})
+    job = make_job(raw={"extra.name": name, "extra.subject": subject})
     try:
         mail = smtp.compose(config, job, None, 0.0)
     except PermanentError:
@@ -642,8 +642,6 @@ async def test_webhook_to_rule_to_smtp_server(
 ) -> None:
     rules = {
         "mail.yaml": rule_file(
-            9,
-            51,
             f"""
             type: smtp
             host: mail.test
@@ -657,6 +655,8 @@ async def test_webhook_to_rule_to_smtp_server(
             subject: "Conversion {{conversion_id}} approved"
             text: "Payout {{payout}}"
             """,
+            offer=9,
+            postback_id=51,
         )
     }
     daemon = await start_daemon(

@@ -20,17 +20,19 @@ from daemon.actions import twilio_sms
 from daemon.actions.base import Resources
 from daemon.actions.twilio_sms import normalize_e164
 from daemon.errors import DeliveryError, OutcomeUnknownError, PermanentError, RetryableError
+from daemon.outbound import OutboundHttp
 from daemon.store.base import DeliveryState
-from tests.actions.fakes_kit import (
+from tests.actions.fakes_twilio import FakeTwilio, twilio_error
+from tests.actions.kit import (
     FIRST_SETTING_LINE,
-    action_resources,
+    Reply,
     leaks,
     make_job,
+    make_resources,
     rule_file,
     secret_env,
     validate,
 )
-from tests.actions.fakes_twilio import FakeTwilio, Reply, twilio_error
 from tests.harness import start_daemon, wait_for
 
 SID = "AC" + "0123456789abcdef" * 2
@@ -50,9 +52,8 @@ async def twilio() -> AsyncIterator[FakeTwilio]:
 
 
 @pytest.fixture
-async def resources() -> AsyncIterator[Resources]:
-    async with action_resources(SECRETS) as res:
-        yield res
+def resources(http: OutboundHttp) -> Resources:
+    return make_resources(http, SECRETS)
 
 
 def action(twilio: FakeTwilio, resources: Resources, **extra: Any) -> Any:
@@ -63,7 +64,7 @@ def action(twilio: FakeTwilio, resources: Resources, **extra: Any) -> Any:
         "from": "+15005550006",
         "to": "{phone}",
         "body": "Lead {conversion_id} paid {payout}",
-        "base_url": twilio.base,
+        "base_url": twilio.url,
         **extra,
     }
     settings = twilio_sms.Settings.model_validate({k: v for k, v in raw.items() if v is not None})
@@ -123,7 +124,7 @@ async def test_api_key_and_messaging_service(twilio: FakeTwilio, resources: Reso
     ]
     assert job.record.request is not None
     # The account SID came from a secret, so the record masks it in the path.
-    assert job.record.request.url == f"{twilio.base}/2010-04-01/Accounts/****/Messages.json"
+    assert job.record.request.url == f"{twilio.url}/2010-04-01/Accounts/****/Messages.json"
 
 
 def test_preview_masks_credentials() -> None:
@@ -211,10 +212,10 @@ async def test_body_over_1600_characters_is_permanent_and_unsent(
     twilio: FakeTwilio, resources: Resources
 ) -> None:
     sms = action(twilio, resources, body="{extra.msg}")
-    await sms.send(make_job({**VALUES, "extra.msg": "é" * 1600}))
+    await sms.send(make_job(VALUES, raw={"extra.msg": "é" * 1600}))
     assert len(twilio.received) == 1
     with pytest.raises(PermanentError) as info:
-        await sms.send(make_job({**VALUES, "extra.msg": "é" * 1601}))
+        await sms.send(make_job(VALUES, raw={"extra.msg": "é" * 1601}))
     assert info.value.reason == "body_too_long"
     assert len(twilio.received) == 1
 
@@ -273,9 +274,9 @@ async def test_answers(
 async def test_the_fake_rejects_what_twilio_rejects(
     twilio: FakeTwilio, resources: Resources
 ) -> None:
-    async with action_resources({"twilio_token": "wrong-token-0000"}) as wrong:
-        with pytest.raises(PermanentError) as info:
-            await action(twilio, wrong).send(make_job(VALUES))
+    wrong = make_resources(resources.http, {"twilio_token": "wrong-token-0000"})
+    with pytest.raises(PermanentError) as info:
+        await action(twilio, wrong).send(make_job(VALUES))
     assert info.value.reason == "twilio_20003"
 
 
@@ -431,8 +432,6 @@ def test_valid_settings_load(tmp_path: Path) -> None:
 async def test_webhook_to_rule_to_twilio(tmp_path: Path, twilio: FakeTwilio) -> None:
     rules = {
         "sms.yaml": rule_file(
-            9,
-            41,
             f"""
             type: twilio_sms
             account_sid: {SID}
@@ -440,8 +439,10 @@ async def test_webhook_to_rule_to_twilio(tmp_path: Path, twilio: FakeTwilio) -> 
             from: "+15005550006"
             to: "{{phone}}"
             body: "Thanks {{first_name}}, order {{conversion_id}} confirmed"
-            base_url: {twilio.base}
+            base_url: {twilio.url}
             """,
+            offer=9,
+            postback_id=41,
         )
     }
     daemon = await start_daemon(tmp_path, rules, environ=secret_env(SECRETS))
