@@ -1,44 +1,26 @@
 """A fake list service on 127.0.0.1 for the list actions (E-Delivery, Opt-Intel, DNPL): an
 in-memory store of lists keyed by list id that speaks the shape it is configured with (routes,
 JSON / form / query fields, where the key goes, what it answers), records every request and
-plays scripted failures first. Also the kit the list tests share: resources with the guard open
-to loopback, a job, and load-time validation of one action block as `postbackd validate` says."""
+plays scripted failures first; and the provider answers every list action must classify alike."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
-import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
-from structlog.testing import capture_logs
 
-from daemon.actions.base import Job, Resources
-from daemon.errors import (
-    DeliveryError,
-    OutcomeUnknownError,
-    PermanentError,
-    RetryableError,
-    RulesError,
-)
-from daemon.loader import load_rules
-from daemon.outbound import Guard, OutboundHttp
-from daemon.secrets import SecretResolver, env_var_name
-from daemon.store.base import AttemptRow, DeliveryState
-from tests.harness import FakeClock, start_daemon, wait_for
+from tests.actions.kit import FakeServer, Handler
+from tests.harness import Received
 
 Answer = tuple[int, Any]  # (status, JSON body; a str is sent as text)
-# A scripted reply: an answer, "hang" (never answers), "drop" (closes the connection after
-# reading the request) or a handler of its own.
-Scripted = Answer | Literal["hang", "drop"] | Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A scripted reply (see kit.FakeServer): an answer, "hang", "drop" or a handler of its own.
+Scripted = Answer | Literal["hang", "drop"] | Handler
 
 
 @dataclass
@@ -60,46 +42,20 @@ class Shape:
 
 
 @dataclass
-class Got:
-    """One request as the fake received it."""
+class Got(Received):
+    """One request as the fake received it, with the fields it carried."""
 
-    method: str
-    path_qs: str
-    headers: Mapping[str, str]
-    body: bytes
     fields: dict[str, str]
-
-    @property
-    def text(self) -> str:
-        return self.body.decode("utf-8", "replace")
 
 
 @dataclass
-class FakeListService:
+class FakeListService(FakeServer):
     shape: Shape
     lists: dict[str, set[tuple[str, str]]] = field(default_factory=dict)  # id -> (kind, value)
-    received: list[Got] = field(default_factory=list)
-    script: list[Scripted] = field(default_factory=list)
-    server: TestServer | None = None
-    _release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def start(self) -> FakeListService:
-        app = web.Application()
+    def routes(self, router: web.UrlDispatcher) -> None:
         for pattern in self.shape.routes:
-            app.router.add_route("*", pattern, functools.partial(self._handle, pattern))
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-        return self
-
-    async def close(self) -> None:
-        self._release.set()
-        if self.server is not None:
-            await self.server.close()
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
+            router.add_route("*", pattern, functools.partial(self._handle, pattern))
 
     def members(self, list_id: str) -> set[tuple[str, str]]:
         return self.lists.get(list_id, set())
@@ -107,25 +63,26 @@ class FakeListService:
     async def _handle(self, pattern: str, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         fields = self._fields(request, body)
-        got = Got(request.method, request.path_qs, dict(request.headers), body, fields)
-        self.received.append(got)
-        if self.script:
-            return await self._scripted(self.script.pop(0), request)
-        status, answer = self._answer(pattern, request, fields)
-        return _reply(status, answer)
+        self.received.append(
+            Got(request.method, request.path_qs, dict(request.headers), body, fields)
+        )
+        scripted = await self.scripted(request)
+        if scripted is not None:
+            return scripted
+        return self.reply(*self._answer(pattern, request, fields))
 
-    async def _scripted(self, reply: Scripted, request: web.Request) -> web.StreamResponse:
-        if reply == "hang":
-            await self._release.wait()
-            return web.Response(status=503)
-        if reply == "drop":
-            assert request.transport is not None
-            request.transport.close()
-            return web.Response(status=204)  # never reaches the client
-        if callable(reply):
-            return await reply(request)
-        assert isinstance(reply, tuple)
-        return _reply(*reply)
+    def reply(
+        self, status: int, body: Any, headers: Mapping[str, str] | None = None
+    ) -> web.Response:
+        """A str answer is sent as text, anything else as JSON."""
+        if isinstance(body, str):
+            return web.Response(status=status, text=body, headers=headers)
+        return web.Response(
+            status=status, text=json.dumps(body), headers=headers, content_type="application/json"
+        )
+
+    def late_reply(self) -> web.StreamResponse:
+        return web.Response(status=503)
 
     def _fields(self, request: web.Request, body: bytes) -> dict[str, str]:
         if self.shape.content == "query":
@@ -179,12 +136,6 @@ class FakeListService:
         return fields.get(name) == value
 
 
-def _reply(status: int, answer: Any) -> web.Response:
-    if isinstance(answer, str):
-        return web.Response(status=status, text=answer)
-    return web.Response(status=status, text=json.dumps(answer), content_type="application/json")
-
-
 @asynccontextmanager
 async def serving(shape: Shape, *list_ids: str) -> AsyncIterator[FakeListService]:
     fake = FakeListService(shape, lists={i: set() for i in list_ids})
@@ -195,79 +146,6 @@ async def serving(shape: Shape, *list_ids: str) -> AsyncIterator[FakeListService
         await fake.close()
 
 
-# --- the kit the list tests share ------------------------------------------------------------
-
-KEY = "generic:T-1:1:7"
-# The line of the first setting under `action:` in the file `validation_errors` writes.
-FIRST_SETTING_LINE = 7
-
-
-def secret_env(secrets: Mapping[str, str]) -> dict[str, str]:
-    """The environment that makes each `${secret:NAME}` resolve to its value."""
-    return {env_var_name(name): value for name, value in secrets.items()}
-
-
-@asynccontextmanager
-async def resources(
-    secrets: Mapping[str, str] | None = None,
-    *,
-    timeout: float = 5.0,  # noqa: ASYNC109
-) -> AsyncIterator[Resources]:
-    """Resources with the guard open to 127.0.0.1 only (no name is ever resolved)."""
-    http = OutboundHttp(guard=Guard(["127.0.0.1/32"]), timeout=timeout)
-    await http.start()
-    try:
-        yield Resources(
-            http=http,
-            secret=SecretResolver(
-                credentials_dir=None, secrets_dir=None, environ=secret_env(secrets or {})
-            ),
-            clock=FakeClock(),
-            timeout=timeout,
-        )
-    finally:
-        await http.close()
-
-
-def make_job(**values: str) -> Job:
-    base = {"conversion_id": "T-1", "offer": "1", "affiliate": "42", "idempotency_key": KEY}
-    base.update(values)
-    return Job(postback_id=7, delivery_id="d-1", idempotency_key=KEY, values=base, data=base)
-
-
-def rule_file(action: str, *, offer: int = 1, postback_id: int = 7) -> str:
-    """A rule file with one active conversion_done postback (any affiliate) doing `action`
-    (YAML, unindented); the action's first setting is on line FIRST_SETTING_LINE."""
-    body = textwrap.indent(textwrap.dedent(action).strip("\n"), " " * 6)
-    return (
-        f"offer: {offer}\n"
-        "postbacks:\n"
-        f"  - id: {postback_id}\n"
-        "    trigger: conversion_done\n"
-        '    affiliate: "*"\n'
-        "    action:\n"
-        f"{body}\n"
-    )
-
-
-def validation_errors(tmp_path: Path, action: str) -> list[str]:
-    """The `file:line: postback N: message` lines `postbackd validate` prints for one postback
-    doing `action`; [] when it loads."""
-    rules = tmp_path / "rules.d"
-    rules.mkdir(exist_ok=True)
-    (rules / "pb.yaml").write_text(rule_file(action))
-    try:
-        load_rules(rules, git=False)
-    except RulesError as err:
-        return [str(issue) for issue in err.issues]
-    return []
-
-
-def leaks(secret: str, *texts: Any) -> list[str]:
-    """The texts (str() of each) that contain `secret`."""
-    return [str(t) for t in texts if secret in str(t)]
-
-
 # Headers every request carries whatever the action (set by aiohttp and the shared client).
 TRANSPORT_HEADERS = frozenset({"Host", "Accept", "Accept-Encoding", "User-Agent"})
 
@@ -275,19 +153,6 @@ TRANSPORT_HEADERS = frozenset({"Host", "Accept", "Accept-Encoding", "User-Agent"
 def action_headers(got: Got) -> dict[str, str]:
     """The headers of a received request minus the transport's own."""
     return {k: v for k, v in got.headers.items() if k not in TRANSPORT_HEADERS}
-
-
-async def outcome(action: Any, job: Job) -> tuple[str, str]:
-    """(outcome, reason) of one attempt as the dispatcher files it."""
-    try:
-        await action.send(job)
-    except RetryableError as err:
-        return "retry", err.reason
-    except OutcomeUnknownError as err:
-        return "outcome_unknown", err.reason
-    except PermanentError as err:
-        return "dead", err.reason
-    return "succeeded", ""
 
 
 async def _retry_after_429(request: web.Request) -> web.StreamResponse:
@@ -315,60 +180,3 @@ ANSWERS: list[tuple[str, Scripted, str, str]] = [
     ("hang", "hang", "retry", "timeout"),
     ("drop", "drop", "retry", "disconnected"),
 ]
-
-
-async def attempt_texts(action: Any, job: Job) -> tuple[tuple[str, str], list[str]]:
-    """Send once; (outcome, every text the attempt left behind: the error's str, repr and
-    causes, the attempt record, the log lines)."""
-    texts: list[str] = []
-    with capture_logs() as logs:
-        try:
-            await action.send(job)
-            result = ("succeeded", "")
-        except DeliveryError as err:
-            result = (type(err).__name__, err.reason)
-            cause: BaseException | None = err
-            while cause is not None:
-                texts += [str(cause), repr(cause), repr(cause.args)]
-                cause = cause.__cause__ or cause.__context__
-    record = job.record
-    texts.append(repr(record.request.as_dict() if record.request else None))
-    texts.append(repr(record.response_excerpt))
-    texts += [repr(line) for line in logs]
-    return result, texts
-
-
-@dataclass
-class EndToEnd:
-    """What one conversion left behind after it went webhook -> rule -> fake."""
-
-    answer: dict[str, Any]
-    attempts: list[AttemptRow]
-    logs: list[MutableMapping[str, Any]]
-    state: DeliveryState
-
-
-async def end_to_end(
-    tmp_path: Path,
-    action: str,
-    secrets: Mapping[str, str],
-    done: Callable[[], Any],
-    **conversion: Any,
-) -> EndToEnd:
-    """Start the daemon with one postback doing `action` (offer 1, conversion_done), post an
-    approved conversion of offer 1 with `conversion` fields, wait until `done()` holds and the
-    attempt is logged."""
-    daemon = await start_daemon(
-        tmp_path, {"pb.yaml": rule_file(action)}, environ=secret_env(secrets)
-    )
-    try:
-        with capture_logs() as logs:
-            answer = await daemon.post(offer=1, affiliate=42, status="approved", **conversion)
-            await wait_for(done)
-            await wait_for(lambda: [e for e in logs if e["event"] == "delivery_attempt"])
-        (row,) = await daemon.deliveries()
-        detail = await daemon.services.store.get_delivery(row.delivery_id)
-        assert detail is not None
-        return EndToEnd(answer, detail.attempts, logs, detail.delivery.state)
-    finally:
-        await daemon.client.close()

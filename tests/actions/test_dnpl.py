@@ -13,19 +13,21 @@ from daemon.actions.listclient import ListClient
 from daemon.store.base import DeliveryState
 from tests.actions.fakes_lists import (
     ANSWERS,
-    FIRST_SETTING_LINE,
     FakeListService,
     Scripted,
     Shape,
     action_headers,
+    serving,
+)
+from tests.actions.kit import (
+    FIRST_SETTING_LINE,
+    action_resources,
     attempt_texts,
     end_to_end,
     leaks,
     make_job,
     outcome,
-    resources,
-    serving,
-    validation_errors,
+    validate,
 )
 
 KEY = "dnpl-token-77aa"
@@ -53,8 +55,8 @@ def settings(fake: FakeListService, **extra: Any) -> dnpl.Settings:
 
 
 async def send(fake: FakeListService, values: dict[str, str], **extra: Any) -> tuple[str, str]:
-    async with resources({"dnpl_token": KEY}, timeout=0.5) as res:
-        return await outcome(ListClient(settings(fake, **extra), res), make_job(**values))
+    async with action_resources({"dnpl_token": KEY}, timeout=0.5) as res:
+        return await outcome(ListClient(settings(fake, **extra), res), make_job(values))
 
 
 async def test_happy_path_exact_request() -> None:
@@ -113,8 +115,8 @@ async def test_answers(name: str, reply: Scripted, want: str, reason: str) -> No
 async def test_no_secret_in_errors_records_or_logs(reply: Scripted) -> None:
     async with serving(SHAPE, "77") as fake:
         fake.script.append(reply)
-        async with resources({"dnpl_token": KEY}) as res:
-            job = make_job(phone="5550100199")
+        async with action_resources({"dnpl_token": KEY}) as res:
+            job = make_job({"phone": "5550100199"})
             (kind, _), texts = await attempt_texts(ListClient(settings(fake), res), job)
         assert kind in ("RetryableError", "PermanentError")
         assert job.record.request is not None
@@ -129,13 +131,13 @@ HEAD = "type: dnpl\nbase_url: https://pl.example.com/api\n"
 
 
 def test_list_id_is_required(tmp_path: Path) -> None:
-    assert validation_errors(tmp_path, HEAD) == [
+    assert validate(tmp_path, HEAD) == [
         f"pb.yaml:{A}: postback 7: missing required key 'action.list_id'"
     ]
 
 
 def test_delete_needs_remove_path(tmp_path: Path) -> None:
-    assert validation_errors(tmp_path, HEAD + "list_id: 1\noperation: delete") == [
+    assert validate(tmp_path, HEAD + "list_id: 1\noperation: delete") == [
         f"pb.yaml:{A}: postback 7: action: removing needs remove_path"
         ' (write remove_path: "" when base_url itself removes)'
     ]
@@ -147,12 +149,12 @@ def test_default_field_is_the_phone(tmp_path: Path) -> None:
     )
     assert {k: t.source for k, t in settings.fields.items()} == {"value": "{phone}"}
     assert dict(settings.identifier_kinds) == {"value": "phone"}
-    assert validation_errors(tmp_path, HEAD + "list_id: 1") == []
+    assert validate(tmp_path, HEAD + "list_id: 1") == []
 
 
 def test_a_value_that_is_not_email_or_phone_needs_identifiers(tmp_path: Path) -> None:
     action = HEAD + "list_id: 1\nfields: {value: '{zip}'}"
-    assert validation_errors(tmp_path, action) == [
+    assert validate(tmp_path, action) == [
         f"pb.yaml:{A}: postback 7: action: no field is exactly {{email}} or {{phone}}:"
         " say which fields carry them in identifiers"
     ]

@@ -13,19 +13,21 @@ from daemon.actions.listclient import ListClient
 from daemon.store.base import DeliveryState
 from tests.actions.fakes_lists import (
     ANSWERS,
-    FIRST_SETTING_LINE,
     FakeListService,
     Scripted,
     Shape,
     action_headers,
+    serving,
+)
+from tests.actions.kit import (
+    FIRST_SETTING_LINE,
+    action_resources,
     attempt_texts,
     end_to_end,
     leaks,
     make_job,
     outcome,
-    resources,
-    serving,
-    validation_errors,
+    validate,
 )
 
 KEY = "ed-key-5f1c0a9e"
@@ -53,8 +55,8 @@ def settings(fake: FakeListService, **extra: Any) -> edelivery_contact_list.Sett
 
 
 async def send(fake: FakeListService, values: dict[str, str], **extra: Any) -> tuple[str, str]:
-    async with resources({"edelivery_key": KEY}, timeout=0.5) as res:
-        return await outcome(ListClient(settings(fake, **extra), res), make_job(**values))
+    async with action_resources({"edelivery_key": KEY}, timeout=0.5) as res:
+        return await outcome(ListClient(settings(fake, **extra), res), make_job(values))
 
 
 async def test_happy_path_exact_request() -> None:
@@ -124,9 +126,9 @@ async def test_answers(name: str, reply: Scripted, want: str, reason: str) -> No
 async def test_no_secret_in_errors_records_or_logs(reply: Scripted) -> None:
     async with serving(SHAPE, "3141") as fake:
         fake.script.append(reply)
-        async with resources({"edelivery_key": KEY}) as res:
+        async with action_resources({"edelivery_key": KEY}) as res:
             action = ListClient(settings(fake), res)
-            job = make_job(**LEAD)
+            job = make_job(LEAD)
             (kind, _), texts = await attempt_texts(action, job)
         assert kind in ("RetryableError", "PermanentError")
         assert job.record.request is not None
@@ -137,9 +139,9 @@ async def test_no_secret_in_errors_records_or_logs(reply: Scripted) -> None:
 async def test_no_secret_when_nothing_listens() -> None:
     async with serving(SHAPE, "3141") as fake:
         action_settings = settings(fake)
-    async with resources({"edelivery_key": KEY}) as res:
+    async with action_resources({"edelivery_key": KEY}) as res:
         (kind, reason), texts = await attempt_texts(
-            ListClient(action_settings, res), make_job(**LEAD)
+            ListClient(action_settings, res), make_job(LEAD)
         )
     assert (kind, reason) == ("RetryableError", "connect_failed")
     assert leaks(KEY, *texts) == []
@@ -152,14 +154,14 @@ A = FIRST_SETTING_LINE - 1
 
 def test_list_id_is_required(tmp_path: Path) -> None:
     action = "type: edelivery_contact_list\nbase_url: https://ed.example.com/api"
-    assert validation_errors(tmp_path, action) == [
+    assert validate(tmp_path, action) == [
         f"pb.yaml:{A}: postback 7: missing required key 'action.list_id'"
     ]
 
 
 def test_base_url_is_required(tmp_path: Path) -> None:
     action = "type: edelivery_contact_list\nlist_id: 5"
-    assert validation_errors(tmp_path, action) == [
+    assert validate(tmp_path, action) == [
         f"pb.yaml:{A}: postback 7: missing required key 'action.base_url'"
     ]
 
@@ -171,14 +173,14 @@ def test_it_only_adds(tmp_path: Path) -> None:
         list_id: 5
         operation: remove
     """
-    assert validation_errors(tmp_path, action) == [
+    assert validate(tmp_path, action) == [
         f"pb.yaml:{A + 4}: postback 7: unknown key 'action.operation'"
     ]
 
 
 def test_defaults_load(tmp_path: Path) -> None:
     action = "type: edelivery_contact_list\nbase_url: https://ed.example.com/contacts\nlist_id: 5"
-    assert validation_errors(tmp_path, action) == []
+    assert validate(tmp_path, action) == []
 
 
 # --- end to end ---------------------------------------------------------------------------------

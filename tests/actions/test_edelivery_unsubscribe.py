@@ -13,19 +13,21 @@ from daemon.actions.listclient import ListClient
 from daemon.store.base import DeliveryState
 from tests.actions.fakes_lists import (
     ANSWERS,
-    FIRST_SETTING_LINE,
     FakeListService,
     Scripted,
     Shape,
     action_headers,
+    serving,
+)
+from tests.actions.kit import (
+    FIRST_SETTING_LINE,
+    action_resources,
     attempt_texts,
     end_to_end,
     leaks,
     make_job,
     outcome,
-    resources,
-    serving,
-    validation_errors,
+    validate,
 )
 
 KEY = "unsub/key+9%Z"  # characters that form-encoding changes
@@ -50,8 +52,8 @@ def settings(fake: FakeListService, **extra: Any) -> edelivery_unsubscribe.Setti
 
 
 async def send(fake: FakeListService, values: dict[str, str], **extra: Any) -> tuple[str, str]:
-    async with resources({"ed_key": KEY}, timeout=0.5) as res:
-        return await outcome(ListClient(settings(fake, **extra), res), make_job(**values))
+    async with action_resources({"ed_key": KEY}, timeout=0.5) as res:
+        return await outcome(ListClient(settings(fake, **extra), res), make_job(values))
 
 
 async def test_happy_path_exact_request() -> None:
@@ -113,8 +115,8 @@ async def test_answers(name: str, reply: Scripted, want: str, reason: str) -> No
 async def test_no_secret_in_errors_records_or_logs(reply: Scripted) -> None:
     async with serving(SHAPE, "U-1") as fake:
         fake.script.append(reply)
-        async with resources({"ed_key": KEY}, timeout=0.5) as res:
-            job = make_job(email="a@b.io")
+        async with action_resources({"ed_key": KEY}, timeout=0.5) as res:
+            job = make_job({"email": "a@b.io"})
             (kind, _), texts = await attempt_texts(ListClient(settings(fake), res), job)
         assert kind in ("RetryableError", "PermanentError")
         assert job.record.request is not None
@@ -130,14 +132,14 @@ HEAD = "type: edelivery_unsubscribe\nbase_url: https://ed.example.com/api\n"
 
 
 def test_list_id_is_required(tmp_path: Path) -> None:
-    assert validation_errors(tmp_path, HEAD) == [
+    assert validate(tmp_path, HEAD) == [
         f"pb.yaml:{A}: postback 7: missing required key 'action.list_id'"
     ]
 
 
 def test_removing_needs_remove_path(tmp_path: Path) -> None:
     action = HEAD + "list_id: 1\noperation: remove\nadd_path: /add"
-    assert validation_errors(tmp_path, action) == [
+    assert validate(tmp_path, action) == [
         f"pb.yaml:{A}: postback 7: action: removing needs remove_path"
         ' (write remove_path: "" when base_url itself removes)'
     ]
@@ -145,14 +147,14 @@ def test_removing_needs_remove_path(tmp_path: Path) -> None:
 
 def test_operation_is_add_remove_or_delete(tmp_path: Path) -> None:
     action = HEAD + "list_id: 1\noperation: purge"
-    assert validation_errors(tmp_path, action) == [
+    assert validate(tmp_path, action) == [
         f"pb.yaml:{A + 4}: postback 7: action.operation: must be add, remove or delete, not 'purge'"
     ]
 
 
 def test_remove_on_base_url_itself_loads(tmp_path: Path) -> None:
     action = HEAD + 'list_id: 1\noperation: remove\nremove_path: ""'
-    assert validation_errors(tmp_path, action) == []
+    assert validate(tmp_path, action) == []
 
 
 # --- end to end ---------------------------------------------------------------------------------

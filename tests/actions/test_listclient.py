@@ -18,16 +18,18 @@ from daemon.errors import PermanentError, RenderError
 from daemon.loader import load_rules
 from tests.actions.fakes_lists import (
     ANSWERS,
-    FIRST_SETTING_LINE,
     FakeListService,
     Scripted,
     Shape,
     action_headers,
+    serving,
+)
+from tests.actions.kit import (
+    FIRST_SETTING_LINE,
+    action_resources,
     make_job,
     outcome,
-    resources,
-    serving,
-    validation_errors,
+    validate,
 )
 
 ADD: dict[str, Any] = {"/add": ("add", None)}
@@ -47,11 +49,15 @@ def unsubscribe(fake: FakeListService, **settings: Any) -> edelivery_unsubscribe
 
 
 async def send_once(
-    fake: FakeListService, job_values: dict[str, str] | None = None, **settings: Any
+    fake: FakeListService,
+    job_values: dict[str, str] | None = None,
+    *,
+    raw: dict[str, str] | None = None,
+    **settings: Any,
 ) -> tuple[str, str]:
     action_settings = unsubscribe(fake, **settings)
-    async with resources({"key": KEY}, timeout=0.5) as res:
-        return await outcome(ListClient(action_settings, res), make_job(**(job_values or {})))
+    async with action_resources({"key": KEY}, timeout=0.5) as res:
+        return await outcome(ListClient(action_settings, res), make_job(job_values, raw=raw))
 
 
 # --- wire shapes -------------------------------------------------------------------------------
@@ -100,8 +106,8 @@ async def test_query_key_joins_a_path_that_has_a_query() -> None:
         action_settings = unsubscribe(
             fake, add_path="/add?v=2", auth={"query": {"name": "key", "value": "${secret:key}"}}
         )
-        async with resources({"key": "a b&c"}) as res:
-            result = await outcome(ListClient(action_settings, res), make_job(email="x@y.z"))
+        async with action_resources({"key": "a b&c"}) as res:
+            result = await outcome(ListClient(action_settings, res), make_job({"email": "x@y.z"}))
         assert result == ("succeeded", "")
         assert fake.received[0].path_qs == "/add?v=2&key=a%20b%26c"
 
@@ -129,10 +135,10 @@ async def test_static_and_templated_fields_ride_along() -> None:
 async def test_a_header_value_with_a_line_break_is_not_rendered() -> None:
     async with serving(Shape(ADD), "L1") as fake:
         action_settings = unsubscribe(fake, auth={"header": {"name": "X-Sub", "value": "{sub1}"}})
-        async with resources() as res:
+        async with action_resources() as res:
             action = ListClient(action_settings, res)
             with pytest.raises(RenderError):
-                await action.send(make_job(email="a@b.c", sub1="x\r\nInjected: 1"))
+                await action.send(make_job({"email": "a@b.c", "sub1": "x\r\nInjected: 1"}))
         assert fake.received == []
 
 
@@ -141,7 +147,7 @@ async def test_a_header_value_with_a_line_break_is_not_rendered() -> None:
 )
 async def test_a_lone_surrogate_is_not_rendered(settings: dict[str, str]) -> None:
     async with serving(Shape(ADD), "L1") as fake:
-        result = await send_once(fake, {"email": "a\ud800@b.io"}, **settings)
+        result = await send_once(fake, raw={"email": "a\ud800@b.io"}, **settings)
         assert result == ("dead", "render_failed")
         assert fake.received == []
 
@@ -263,9 +269,9 @@ async def test_retry_after_is_passed_on() -> None:
     async with serving(Shape(ADD), "L1") as fake:
         fake.script.append(ANSWERS[9][1])
         action_settings = unsubscribe(fake)
-        async with resources({"key": KEY}) as res:
+        async with action_resources({"key": KEY}) as res:
             with pytest.raises(Exception) as caught:  # noqa: PT011 -- checked just below
-                await ListClient(action_settings, res).send(make_job(email="a@b.io"))
+                await ListClient(action_settings, res).send(make_job({"email": "a@b.io"}))
         assert getattr(caught.value, "retry_after", None) == 120.0
 
 
@@ -273,8 +279,8 @@ async def test_connection_refused_is_retried() -> None:
     async with serving(Shape(ADD), "L1") as fake:
         action_settings = unsubscribe(fake)
     # The fake is closed now: nothing listens on its port.
-    async with resources({"key": KEY}) as res:
-        result = await outcome(ListClient(action_settings, res), make_job(email="a@b.io"))
+    async with action_resources({"key": KEY}) as res:
+        result = await outcome(ListClient(action_settings, res), make_job({"email": "a@b.io"}))
     assert result == ("retry", "connect_failed")
 
 
@@ -286,9 +292,9 @@ async def test_preview_masks_the_key_and_lists_every_request() -> None:
             "auth": {"query": {"name": "api_key", "value": "${secret:key}"}},
         }
     )
-    async with resources() as res:
+    async with action_resources() as res:
         action = ListClient(settings, res)
-        job = make_job(email="e@x.io", phone="555")
+        job = make_job({"email": "e@x.io", "phone": "555"})
         previews = action.previews(job)
         assert [(p.method, p.url, p.body) for p in previews] == [
             (
@@ -446,7 +452,7 @@ BASE_ERRORS = [
 
 @pytest.mark.parametrize(("extra", "line", "message"), BASE_ERRORS, ids=[e[2] for e in BASE_ERRORS])
 def test_shared_settings_error(tmp_path: Path, extra: str, line: int, message: str) -> None:
-    assert validation_errors(tmp_path, BASE + extra) == at(line, message)
+    assert validate(tmp_path, BASE + extra) == at(line, message)
 
 
 def test_base_url_with_a_query_takes_no_path(tmp_path: Path) -> None:
@@ -456,21 +462,21 @@ def test_base_url_with_a_query_takes_no_path(tmp_path: Path) -> None:
         list_id: 9
         add_path: /add
     """
-    assert validation_errors(tmp_path, action) == at(
+    assert validate(tmp_path, action) == at(
         A, "action: base_url has a query or fragment: add_path cannot follow it"
     )
 
 
 def test_base_url_must_be_http(tmp_path: Path) -> None:
     action = "type: edelivery_unsubscribe\nbase_url: ftp://lists.example.com/\nlist_id: 9"
-    assert validation_errors(tmp_path, action) == at(
+    assert validate(tmp_path, action) == at(
         L + 1, "action.base_url: the URL's scheme must be http or https, not ftp"
     )
 
 
 def test_base_url_host_is_not_a_macro(tmp_path: Path) -> None:
     action = "type: edelivery_unsubscribe\nbase_url: https://{sub1}/x\nlist_id: 9"
-    assert validation_errors(tmp_path, action) == at(
+    assert validate(tmp_path, action) == at(
         L + 1, "action.base_url: a macro cannot set the URL's scheme, host or port"
     )
 
@@ -494,7 +500,7 @@ def test_a_valid_block_with_every_shared_setting_loads(tmp_path: Path) -> None:
         add_path: /contacts
         remove_path: /contacts/remove
     """
-    assert validation_errors(tmp_path, action) == []
+    assert validate(tmp_path, action) == []
 
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "actions"

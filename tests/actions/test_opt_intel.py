@@ -15,19 +15,21 @@ from daemon.actions.listclient import ListClient
 from daemon.store.base import DeliveryState
 from tests.actions.fakes_lists import (
     ANSWERS,
-    FIRST_SETTING_LINE,
     FakeListService,
     Scripted,
     Shape,
     action_headers,
+    serving,
+)
+from tests.actions.kit import (
+    FIRST_SETTING_LINE,
+    action_resources,
     attempt_texts,
     end_to_end,
     leaks,
     make_job,
     outcome,
-    resources,
-    serving,
-    validation_errors,
+    validate,
 )
 
 KEY = "oi-api-key-31337"
@@ -63,8 +65,8 @@ def settings(fake: FakeListService, **extra: Any) -> opt_intel.Settings:
 
 
 async def send(fake: FakeListService, values: dict[str, str], **extra: Any) -> tuple[str, str]:
-    async with resources(SECRETS, timeout=0.5) as res:
-        return await outcome(ListClient(settings(fake, **extra), res), make_job(**values))
+    async with action_resources(SECRETS, timeout=0.5) as res:
+        return await outcome(ListClient(settings(fake, **extra), res), make_job(values))
 
 
 async def test_happy_path_exact_requests_one_per_identifier() -> None:
@@ -94,9 +96,9 @@ async def test_only_the_identifiers_present_are_sent() -> None:
 async def test_second_request_failing_retries_both_and_the_repeat_is_harmless() -> None:
     async with serving(SHAPE, TOKEN) as fake:
         fake.script += [(200, {"success": True}), (503, "busy")]
-        async with resources(SECRETS) as res:
+        async with action_resources(SECRETS) as res:
             action = ListClient(settings(fake), res)
-            job = make_job(**BOTH)
+            job = make_job(BOTH)
             assert await outcome(action, job) == ("retry", "http_503")
             # The record holds the request that failed: the phone one.
             assert job.record.request is not None
@@ -104,8 +106,8 @@ async def test_second_request_failing_retries_both_and_the_repeat_is_harmless() 
             assert job.record.response_status == 503
             # The scripted 200 stood in for the email add, so the list is still empty; the
             # retry adds both, and a third attempt finds both already there.
-            assert await outcome(action, make_job(**BOTH)) == ("succeeded", "")
-            assert await outcome(action, make_job(**BOTH)) == ("succeeded", "")
+            assert await outcome(action, make_job(BOTH)) == ("succeeded", "")
+            assert await outcome(action, make_job(BOTH)) == ("succeeded", "")
         assert [g.path_qs.rsplit("/", 1)[1] for g in fake.received] == [
             "emails-add",
             "phones-add",
@@ -158,8 +160,8 @@ async def test_answers(name: str, reply: Scripted, want: str, reason: str) -> No
 async def test_no_secret_in_errors_records_or_logs(replies: list[Scripted]) -> None:
     async with serving(SHAPE, TOKEN) as fake:
         fake.script += replies
-        async with resources(SECRETS) as res:
-            job = make_job(**BOTH)
+        async with action_resources(SECRETS) as res:
+            job = make_job(BOTH)
             (kind, _), texts = await attempt_texts(ListClient(settings(fake), res), job)
         assert kind == "RetryableError"
         assert job.record.request is not None
@@ -172,8 +174,8 @@ async def test_no_secret_in_errors_records_or_logs(replies: list[Scripted]) -> N
 async def test_no_secret_when_nothing_listens() -> None:
     async with serving(SHAPE, TOKEN) as fake:
         action_settings = settings(fake)
-    async with resources(SECRETS) as res:
-        job = make_job(**BOTH)
+    async with action_resources(SECRETS) as res:
+        job = make_job(BOTH)
         (kind, reason), texts = await attempt_texts(ListClient(action_settings, res), job)
     assert (kind, reason) == ("RetryableError", "connect_failed")
     assert leaks(KEY, *texts) == []
@@ -188,28 +190,28 @@ AUTH = "auth: {query: {name: key, value: '${secret:oi_key}'}}\n"
 
 
 def test_auth_is_required(tmp_path: Path) -> None:
-    assert validation_errors(tmp_path, HEAD) == [
+    assert validate(tmp_path, HEAD) == [
         f"pb.yaml:{A}: postback 7: missing required key 'action.auth'"
     ]
 
 
 def test_it_only_adds(tmp_path: Path) -> None:
-    assert validation_errors(tmp_path, HEAD + AUTH + "operation: remove") == [
+    assert validate(tmp_path, HEAD + AUTH + "operation: remove") == [
         f"pb.yaml:{A + 4}: postback 7: unknown key 'action.operation'"
     ]
-    assert validation_errors(tmp_path, HEAD + AUTH + "email_remove_path: /emails-delete") == [
+    assert validate(tmp_path, HEAD + AUTH + "email_remove_path: /emails-delete") == [
         f"pb.yaml:{A + 4}: postback 7: unknown key 'action.email_remove_path'"
     ]
 
 
 def test_add_paths_start_with_a_slash(tmp_path: Path) -> None:
-    assert validation_errors(tmp_path, HEAD + AUTH + "phone_add_path: phones-add") == [
+    assert validate(tmp_path, HEAD + AUTH + "phone_add_path: phones-add") == [
         f"pb.yaml:{A}: postback 7: action: phone_add_path must start with /"
     ]
 
 
 def test_documented_paths_are_the_defaults(tmp_path: Path) -> None:
-    assert validation_errors(tmp_path, HEAD + AUTH) == []
+    assert validate(tmp_path, HEAD + AUTH) == []
     loaded = opt_intel.Settings.model_validate(
         {
             "type": "opt_intel",

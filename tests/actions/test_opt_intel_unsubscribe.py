@@ -15,19 +15,21 @@ from daemon.actions.listclient import ListClient
 from daemon.store.base import DeliveryState
 from tests.actions.fakes_lists import (
     ANSWERS,
-    FIRST_SETTING_LINE,
     FakeListService,
     Scripted,
     Shape,
     action_headers,
+    serving,
+)
+from tests.actions.kit import (
+    FIRST_SETTING_LINE,
+    action_resources,
     attempt_texts,
     end_to_end,
     leaks,
     make_job,
     outcome,
-    resources,
-    serving,
-    validation_errors,
+    validate,
 )
 
 KEY = "oi-unsub-key-4242"
@@ -67,8 +69,8 @@ def settings(fake: FakeListService, **extra: Any) -> opt_intel_unsubscribe.Setti
 
 
 async def send(fake: FakeListService, values: dict[str, str], **extra: Any) -> tuple[str, str]:
-    async with resources({"oi_key": KEY}, timeout=0.5) as res:
-        return await outcome(ListClient(settings(fake, **extra), res), make_job(**values))
+    async with action_resources({"oi_key": KEY}, timeout=0.5) as res:
+        return await outcome(ListClient(settings(fake, **extra), res), make_job(values))
 
 
 async def test_happy_path_exact_requests_md5() -> None:
@@ -133,8 +135,8 @@ async def test_answers(name: str, reply: Scripted, want: str, reason: str) -> No
 async def test_no_secret_in_errors_records_or_logs(reply: Scripted) -> None:
     async with serving(SHAPE, "S-9") as fake:
         fake.script.append(reply)
-        async with resources({"oi_key": KEY}, timeout=0.5) as res:
-            job = make_job(**BOTH)
+        async with action_resources({"oi_key": KEY}, timeout=0.5) as res:
+            job = make_job(BOTH)
             (kind, _), texts = await attempt_texts(ListClient(settings(fake), res), job)
         assert kind in ("RetryableError", "PermanentError")
         assert job.record.request is not None
@@ -152,7 +154,7 @@ HEAD = (
 
 
 def test_removing_needs_both_remove_paths(tmp_path: Path) -> None:
-    assert validation_errors(tmp_path, HEAD + "operation: remove") == [
+    assert validate(tmp_path, HEAD + "operation: remove") == [
         f"pb.yaml:{A}: postback 7: action: removing needs email_remove_path and"
         " phone_remove_path: Opt-Intel's remove endpoint is not public; copy it from the"
         " list's API Doc (/emails-delete and /phones-delete are unverified guesses)"
@@ -161,30 +163,30 @@ def test_removing_needs_both_remove_paths(tmp_path: Path) -> None:
 
 def test_removing_emails_only_needs_the_email_path(tmp_path: Path) -> None:
     action = HEAD + "operation: delete\nfields: {email: '{email}'}"
-    assert validation_errors(tmp_path, action) == [
+    assert validate(tmp_path, action) == [
         f"pb.yaml:{A}: postback 7: action: removing needs email_remove_path: Opt-Intel's"
         " remove endpoint is not public; copy it from the list's API Doc (/emails-delete and"
         " /phones-delete are unverified guesses)"
     ]
-    assert validation_errors(tmp_path, action + "\nemail_remove_path: /emails-delete") == []
+    assert validate(tmp_path, action + "\nemail_remove_path: /emails-delete") == []
 
 
 def test_remove_path_starts_with_a_slash(tmp_path: Path) -> None:
     action = HEAD + "operation: remove\nemail_remove_path: x\nphone_remove_path: /y"
-    assert validation_errors(tmp_path, action) == [
+    assert validate(tmp_path, action) == [
         f"pb.yaml:{A}: postback 7: action: email_remove_path must start with /"
     ]
 
 
 def test_auth_is_required(tmp_path: Path) -> None:
     action = "type: opt_intel_unsubscribe\nbase_url: https://oi.example.com/l/1"
-    assert validation_errors(tmp_path, action) == [
+    assert validate(tmp_path, action) == [
         f"pb.yaml:{A}: postback 7: missing required key 'action.auth'"
     ]
 
 
 def test_adding_needs_no_remove_path(tmp_path: Path) -> None:
-    assert validation_errors(tmp_path, HEAD + "hashing: md5") == []
+    assert validate(tmp_path, HEAD + "hashing: md5") == []
 
 
 # --- end to end ---------------------------------------------------------------------------------
