@@ -9,6 +9,7 @@ import hmac
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -18,19 +19,19 @@ from structlog.testing import capture_logs
 
 from daemon.actions import facebook_conversion as fb
 from daemon.actions.base import Job, Resources
-from daemon.errors import DeliveryError, PermanentError, RetryableError, RulesError
+from daemon.errors import DeliveryError, PermanentError, RetryableError
 from daemon.loader import load_rules
-from daemon.models import Conversion, Transition, attempt_values, macro_values, rule_data
-from daemon.outbound import Guard, OutboundHttp
-from daemon.secrets import SecretResolver
+from daemon.outbound import OutboundHttp
 from daemon.store.base import DeliveryState
+from tests.actions import kit
 from tests.actions.fakes_facebook_conversion import FakeGraph, graph_error
+from tests.actions.kit import NOW, load_issues, make_resources, secret_env
 from tests.harness import FakeClock, start_daemon, wait_for
 
 TOKEN = "EAAGtokenSECRETvalue123"
 APP_SECRET = "appSECRET9f8e7d"
-ENV = {"POSTBACKD_SECRET_FB_TOKEN": TOKEN, "POSTBACKD_SECRET_FB_APP": APP_SECRET}
-NOW = 1_790_000_000.0
+SECRETS = {"fb_token": TOKEN, "fb_app": APP_SECRET}
+make_job = partial(kit.make_job, postback_id=5)  # the postback of this file's rules
 
 
 def sha(text: str) -> str:
@@ -62,27 +63,6 @@ LEAD = {
 }
 
 
-def make_job(fields: dict[str, str], now: float = NOW, postback_id: int = 5) -> Job:
-    conversion = Conversion.parse(fields)
-    data = rule_data(
-        conversion,
-        source="generic",
-        transition=Transition.NEW,
-        previous_status=None,
-        received_at=datetime.fromtimestamp(now, UTC),
-    )
-    key = f"generic:{conversion.conversion_id}:1:{postback_id}"
-    values = attempt_values(
-        macro_values(data, conversion),
-        postback_id=postback_id,
-        delivery_id="d-1",
-        idempotency_key=key,
-        now=now,
-        rand="00000000-0000-4000-8000-000000000000",
-    )
-    return Job(postback_id, "d-1", key, values, data)
-
-
 def settings(graph: FakeGraph, **overrides: Any) -> fb.Settings:
     raw = {
         "type": "facebook_conversion",
@@ -95,22 +75,8 @@ def settings(graph: FakeGraph, **overrides: Any) -> fb.Settings:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[OutboundHttp]:
-    client = OutboundHttp(guard=Guard(["127.0.0.1/32"]), timeout=5)
-    await client.start()
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(NOW)
-
-
-@pytest.fixture
 def resources(http: OutboundHttp, clock: FakeClock) -> Resources:
-    secret = SecretResolver(credentials_dir=None, secrets_dir=None, environ=ENV)
-    return Resources(http=http, secret=secret, clock=clock, timeout=5)
+    return make_resources(http, SECRETS, clock=clock)
 
 
 @pytest.fixture
@@ -496,10 +462,7 @@ BAD_SETTINGS = {
 
 @pytest.mark.parametrize(("text", "message"), BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
 def test_settings_errors(tmp_path: Path, text: str, message: str) -> None:
-    (tmp_path / "r.yaml").write_text(text)
-    with pytest.raises(RulesError) as caught:
-        load_rules(tmp_path, git=False)
-    assert [str(issue) for issue in caught.value.issues] == [message]
+    assert load_issues(tmp_path, {"r.yaml": text}) == [message]
 
 
 def test_good_settings_load(tmp_path: Path) -> None:
@@ -528,7 +491,7 @@ async def test_end_to_end_webhook_to_graph(tmp_path: Path) -> None:
                   test_event_code: TEST42
         """
     }
-    daemon = await start_daemon(tmp_path, rules, environ=ENV)
+    daemon = await start_daemon(tmp_path, rules, environ=secret_env(SECRETS))
     try:
         with capture_logs() as logs:
             await daemon.post(

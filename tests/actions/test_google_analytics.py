@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +14,19 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.actions import google_analytics as ga
-from daemon.actions.base import Job, Resources
-from daemon.errors import DeliveryError, PermanentError, RetryableError, RulesError
+from daemon.actions.base import Resources
+from daemon.errors import DeliveryError, PermanentError, RetryableError
 from daemon.loader import load_rules
-from daemon.models import Conversion, Transition, attempt_values, macro_values, rule_data
-from daemon.outbound import Guard, OutboundHttp
-from daemon.secrets import SecretResolver
+from daemon.outbound import OutboundHttp
 from daemon.store.base import DeliveryState
+from tests.actions import kit
 from tests.actions.fakes_google_analytics import FakeGA
+from tests.actions.kit import NOW, load_issues, make_resources, secret_env
 from tests.harness import FakeClock, start_daemon, wait_for
 
 API_SECRET = "gaSECRET+v4lue/42"  # `+` and `/` are percent-encoded in the query
-ENV = {"POSTBACKD_SECRET_GA_SECRET": API_SECRET}
-NOW = 1_790_000_000.0
+SECRETS = {"ga_secret": API_SECRET}
+make_job = partial(kit.make_job, postback_id=5)  # the postback of this file's rules
 LEAD = {
     "conversion_id": "C-1",
     "offer": "7",
@@ -37,27 +37,6 @@ LEAD = {
     "ga_client_id": "555.666",
     "event_time": str(int(NOW) - 600),
 }
-
-
-def make_job(fields: dict[str, str], now: float = NOW, extra: dict[str, str] | None = None) -> Job:
-    conversion = Conversion.parse(fields, extra)
-    data = rule_data(
-        conversion,
-        source="generic",
-        transition=Transition.NEW,
-        previous_status=None,
-        received_at=datetime.fromtimestamp(now, UTC),
-    )
-    key = f"generic:{conversion.conversion_id}:1:5"
-    values = attempt_values(
-        macro_values(data, conversion),
-        postback_id=5,
-        delivery_id="d-1",
-        idempotency_key=key,
-        now=now,
-        rand="00000000-0000-4000-8000-000000000000",
-    )
-    return Job(5, "d-1", key, values, data)
 
 
 def settings(fake: FakeGA, **overrides: Any) -> ga.Settings:
@@ -72,22 +51,8 @@ def settings(fake: FakeGA, **overrides: Any) -> ga.Settings:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[OutboundHttp]:
-    client = OutboundHttp(guard=Guard(["127.0.0.1/32"]), timeout=5)
-    await client.start()
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(NOW)
-
-
-@pytest.fixture
 def resources(http: OutboundHttp, clock: FakeClock) -> Resources:
-    secret = SecretResolver(credentials_dir=None, secrets_dir=None, environ=ENV)
-    return Resources(http=http, secret=secret, clock=clock, timeout=5)
+    return make_resources(http, SECRETS, clock=clock)
 
 
 @pytest.fixture
@@ -408,10 +373,7 @@ BAD_SETTINGS = {
 
 @pytest.mark.parametrize(("text", "message"), BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
 def test_settings_errors(tmp_path: Path, text: str, message: str) -> None:
-    (tmp_path / "r.yaml").write_text(text)
-    with pytest.raises(RulesError) as caught:
-        load_rules(tmp_path, git=False)
-    assert [str(issue) for issue in caught.value.issues] == [message]
+    assert load_issues(tmp_path, {"r.yaml": text}) == [message]
 
 
 def test_limits_that_load(tmp_path: Path) -> None:
@@ -440,7 +402,7 @@ async def test_end_to_end_webhook_to_ga(tmp_path: Path) -> None:
                   params: {{affiliate_id: "{{affiliate}}"}}
         """
     }
-    daemon = await start_daemon(tmp_path, rules, environ=ENV)
+    daemon = await start_daemon(tmp_path, rules, environ=secret_env(SECRETS))
     try:
         with capture_logs() as logs:
             await daemon.post(

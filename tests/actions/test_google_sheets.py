@@ -9,7 +9,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -20,23 +20,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from structlog.testing import capture_logs
 
 from daemon.actions import google_sheets as gs
-from daemon.actions.base import Job, Resources
-from daemon.errors import (
-    DeliveryError,
-    OutcomeUnknownError,
-    PermanentError,
-    RetryableError,
-    RulesError,
-)
+from daemon.actions.base import Resources
+from daemon.errors import DeliveryError, OutcomeUnknownError, PermanentError, RetryableError
 from daemon.loader import load_rules
-from daemon.models import Conversion, Transition, attempt_values, macro_values, rule_data
-from daemon.outbound import Guard, OutboundHttp
+from daemon.outbound import OutboundHttp
 from daemon.secrets import SecretResolver
 from daemon.store.base import DeliveryState
+from tests.actions import kit
 from tests.actions.fakes_google_sheets import Account, FakeGoogle, google_error
+from tests.actions.kit import NOW, load_issues, make_resources, secret_env
 from tests.harness import FakeClock, start_daemon, wait_for
 
-NOW = 1_790_000_000.0
+make_job = partial(kit.make_job, postback_id=5)  # the postback of this file's rules
 SHEET_ID = "1AbCdEfGhIjKlMnOpQrStUvWxYz0123456789_-"
 EMAIL = "postbacks@proj-1.iam.gserviceaccount.com"
 KEY_ID = "3f1c0a9b8e7d6c5b4a39281706f5e4d3c2b1a098"
@@ -79,27 +74,6 @@ def key_json(fake: FakeGoogle, email: str = EMAIL, n: int = 0, **overrides: Any)
     return json.dumps(data)
 
 
-def make_job(fields: dict[str, str], now: float = NOW) -> Job:
-    conversion = Conversion.parse(fields)
-    data = rule_data(
-        conversion,
-        source="generic",
-        transition=Transition.NEW,
-        previous_status=None,
-        received_at=datetime.fromtimestamp(now, UTC),
-    )
-    key = f"generic:{conversion.conversion_id}:1:5"
-    values = attempt_values(
-        macro_values(data, conversion),
-        postback_id=5,
-        delivery_id="d-1",
-        idempotency_key=key,
-        now=now,
-        rand="00000000-0000-4000-8000-000000000000",
-    )
-    return Job(5, "d-1", key, values, data)
-
-
 def settings(fake: FakeGoogle, **overrides: Any) -> gs.Settings:
     raw = {
         "type": "google_sheets",
@@ -114,19 +88,6 @@ def settings(fake: FakeGoogle, **overrides: Any) -> gs.Settings:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[OutboundHttp]:
-    client = OutboundHttp(guard=Guard(["127.0.0.1/32"]), timeout=5)
-    await client.start()
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(NOW)
-
-
-@pytest.fixture
 async def fake(clock: FakeClock) -> AsyncIterator[FakeGoogle]:
     server = FakeGoogle(now=clock.now)
     server.accounts[EMAIL] = Account(EMAIL, KEY_ID, rsa_key(0).public_key())
@@ -138,14 +99,13 @@ async def fake(clock: FakeClock) -> AsyncIterator[FakeGoogle]:
 
 
 @pytest.fixture
-def env(fake: FakeGoogle) -> dict[str, str]:
-    return {"POSTBACKD_SECRET_SHEETS_SA": key_json(fake)}
+def secrets(fake: FakeGoogle) -> dict[str, str]:
+    return {"sheets_sa": key_json(fake)}
 
 
 @pytest.fixture
-def resources(http: OutboundHttp, clock: FakeClock, env: dict[str, str]) -> Resources:
-    secret = SecretResolver(credentials_dir=None, secrets_dir=None, environ=env)
-    return Resources(http=http, secret=secret, clock=clock, timeout=5)
+def resources(http: OutboundHttp, clock: FakeClock, secrets: dict[str, str]) -> Resources:
+    return make_resources(http, secrets, clock=clock)
 
 
 async def test_happy_path_sends_exactly_these_requests(
@@ -279,12 +239,8 @@ async def test_token_endpoint_failures(
 async def test_key_the_token_server_does_not_know_is_invalid_grant(
     fake: FakeGoogle, http: OutboundHttp, clock: FakeClock
 ) -> None:
-    env = {"POSTBACKD_SECRET_SHEETS_SA": key_json(fake, n=1)}  # signed with the wrong key
-    resources = Resources(
-        http=http,
-        secret=SecretResolver(credentials_dir=None, secrets_dir=None, environ=env),
-        clock=clock,
-    )
+    # Signed with the wrong key.
+    resources = make_resources(http, {"sheets_sa": key_json(fake, n=1)}, clock=clock)
     job = make_job(LEAD)
     with pytest.raises(PermanentError) as caught:
         await gs.build(settings(fake), resources).send(job)
@@ -393,12 +349,7 @@ async def test_bad_credentials_fail_before_any_request(
     fake: FakeGoogle, http: OutboundHttp, clock: FakeClock, secret: str, detail: str
 ) -> None:
     secret = secret.replace('"EC"', json.dumps(ec_pem()))
-    env = {"POSTBACKD_SECRET_SHEETS_SA": secret}
-    resources = Resources(
-        http=http,
-        secret=SecretResolver(credentials_dir=None, secrets_dir=None, environ=env),
-        clock=clock,
-    )
+    resources = make_resources(http, {"sheets_sa": secret}, clock=clock)
     with pytest.raises(PermanentError) as caught:
         await gs.build(settings(fake), resources).send(make_job(LEAD))
     assert caught.value.reason == "bad_credentials"
@@ -409,9 +360,9 @@ async def test_bad_credentials_fail_before_any_request(
 
 @pytest.mark.parametrize("where", ["token", "append", "append-drop", "token-hang"])
 async def test_no_secret_in_errors_records_or_logs(
-    fake: FakeGoogle, resources: Resources, env: dict[str, str], where: str
+    fake: FakeGoogle, resources: Resources, secrets: dict[str, str], where: str
 ) -> None:
-    key = json.loads(env["POSTBACKD_SECRET_SHEETS_SA"])
+    key = json.loads(secrets["sheets_sa"])
     action = gs.build(settings(fake, timeout=0.5), resources)
     # ECHO: the fake quotes back what it received (the assertion, the bearer token).
     if where == "token":
@@ -425,14 +376,14 @@ async def test_no_secret_in_errors_records_or_logs(
     job = make_job(LEAD)
     with capture_logs() as logs, pytest.raises(DeliveryError) as caught:
         await action.send(job)
-    secrets = [key["private_key"], KEY_ID, env["POSTBACKD_SECRET_SHEETS_SA"], *fake.issued]
-    secrets += [dict(parse_qsl(r.text))["assertion"] for r in fake.token_requests]
-    secrets += [line for line in key["private_key"].splitlines() if "PRIVATE" not in line]
+    values = [key["private_key"], KEY_ID, secrets["sheets_sa"], *fake.issued]
+    values += [dict(parse_qsl(r.text))["assertion"] for r in fake.token_requests]
+    values += [line for line in key["private_key"].splitlines() if "PRIVATE" not in line]
     texts = [str(caught.value), repr(caught.value), caught.value.detail, repr(logs)]
     texts.append(json.dumps(job.record.request.as_dict() if job.record.request else None))
     texts.append(str(job.record.response_excerpt))
     for text in texts:
-        for secret in secrets:
+        for secret in values:
             assert secret not in text
     assert job.record.request is not None
 
@@ -509,10 +460,7 @@ BAD_SETTINGS = {
 
 @pytest.mark.parametrize(("text", "message"), BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
 def test_settings_errors(tmp_path: Path, text: str, message: str) -> None:
-    (tmp_path / "r.yaml").write_text(text)
-    with pytest.raises(RulesError) as caught:
-        load_rules(tmp_path, git=False)
-    assert [str(issue) for issue in caught.value.issues] == [message]
+    assert load_issues(tmp_path, {"r.yaml": text}) == [message]
 
 
 def test_good_settings_load(tmp_path: Path) -> None:
@@ -540,8 +488,8 @@ async def test_end_to_end_webhook_to_sheet(tmp_path: Path, fake: FakeGoogle) -> 
                   values: ["{{conversion_id}}", "{{email}}", "{{idempotency_key}}"]
         """
     }
-    env = {"POSTBACKD_SECRET_SHEETS_SA": key_json(fake)}
-    daemon = await start_daemon(tmp_path, rules, environ=env)
+    environ = secret_env({"sheets_sa": key_json(fake)})
+    daemon = await start_daemon(tmp_path, rules, environ=environ)
     try:
         with capture_logs() as logs:
             await daemon.post(
