@@ -14,18 +14,18 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.actions import five9_list
-from daemon.actions.base import Job, Resources
-from daemon.errors import DeliveryError, PermanentError, RetryableError, RulesError
-from daemon.loader import load_rules
-from daemon.outbound import Guard, OutboundHttp
-from daemon.secrets import SecretResolver
+from daemon.actions.base import Job
+from daemon.errors import DeliveryError, PermanentError, RetryableError
+from daemon.outbound import OutboundHttp
 from daemon.store.base import DeliveryState
+from tests.actions import kit
 from tests.actions.fakes_five9 import FakeFive9, list_import_result, soap_fault, w2c_page
-from tests.harness import LOOPBACK, FakeClock, start_daemon, wait_for
+from tests.actions.kit import load_issues, make_resources, secret_env
+from tests.harness import start_daemon, wait_for
 
 PASSWORD = "f9-Pw<&>\"'x"
 TOKEN = base64.b64encode(f"api@acme:{PASSWORD}".encode()).decode()
-ENV = {"POSTBACKD_SECRET_FIVE9_PASSWORD": PASSWORD}
+SECRETS = {"five9_password": PASSWORD}
 VALUES = {"phone": "5551208111", "first_name": "John", "last_name": "Smith", "conversion_id": "C1"}
 FIELDS = {"number1": "{phone}", "first_name": "{first_name}", "last_name": "{last_name}"}
 SOAP = {"mode": "soap", "username": "api@acme", "password": "${secret:five9_password}"}
@@ -38,12 +38,6 @@ async def fake() -> AsyncIterator[FakeFive9]:
     await server.close()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[OutboundHttp]:
-    async with OutboundHttp(guard=Guard(LOOPBACK), timeout=5) as client:
-        yield client
-
-
 def make_action(http: Any, base_url: str, **settings: Any) -> five9_list.Five9List:
     raw: dict[str, Any] = {
         "type": "five9_list",
@@ -54,13 +48,12 @@ def make_action(http: Any, base_url: str, **settings: Any) -> five9_list.Five9Li
     }
     if raw.get("mode", "web2campaign") == "web2campaign":
         raw.setdefault("domain", "acme")
-    secrets = SecretResolver(credentials_dir=None, secrets_dir=None, environ=ENV)
-    resources = Resources(http=http, secret=secrets, clock=FakeClock())
-    return five9_list.build(five9_list.Settings.model_validate(raw), resources)
+    return five9_list.build(five9_list.Settings.model_validate(raw), make_resources(http, SECRETS))
 
 
-def make_job(**values: str) -> Job:
-    return Job(11, "d-1", "generic:C1:1:11", {**VALUES, **values}, {})
+def make_job(**fields: str) -> Job:
+    """This file's lead, as `fields` change it, for postback 11."""
+    return kit.make_job({**VALUES, **fields}, postback_id=11)
 
 
 # --- exact requests ---------------------------------------------------------------------------
@@ -400,14 +393,7 @@ def validation_errors(tmp_path: Path, extra: str) -> list[str]:
     rule = RULE % extra
     if extra.count("fields: {") == 1:  # the test's own fields replace the rule's
         rule = rule.replace('      fields: {number1: "{phone}", first_name: "{first_name}"}\n', "")
-    rules = tmp_path / "rules.d"
-    rules.mkdir(exist_ok=True)
-    (rules / "offer-1.yaml").write_text(rule)
-    try:
-        load_rules(rules, git=False)
-    except RulesError as err:
-        return [str(issue) for issue in err.issues]
-    return []
+    return load_issues(tmp_path / "rules.d", {"offer-1.yaml": rule})
 
 
 W2C = "domain: acme\n      "
@@ -504,12 +490,8 @@ def test_settings_errors_name_file_line_and_postback(
 
 
 def test_list_name_is_required(tmp_path: Path) -> None:
-    rules = tmp_path / "rules.d"
-    rules.mkdir()
-    (rules / "offer-1.yaml").write_text((RULE % W2C).replace("      list_name: hot leads\n", ""))
-    with pytest.raises(RulesError) as caught:
-        load_rules(rules, git=False)
-    assert [str(i) for i in caught.value.issues] == [
+    rule = (RULE % W2C).replace("      list_name: hot leads\n", "")
+    assert load_issues(tmp_path / "rules.d", {"offer-1.yaml": rule}) == [
         "offer-1.yaml:6: postback 11: missing required key 'action.list_name'"
     ]
 
@@ -544,7 +526,7 @@ postbacks:
       fields: {{number1: "{{phone}}", first_name: "{{first_name}}", comments: "{{extra.note}}"}}
 """
     }
-    daemon = await start_daemon(tmp_path, rules, environ=ENV)
+    daemon = await start_daemon(tmp_path, rules, environ=secret_env(SECRETS))
     try:
         with capture_logs() as logs:
             await daemon.post(

@@ -16,24 +16,19 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.actions import lms_post_lead
-from daemon.actions.base import Job, Resources
-from daemon.errors import (
-    DeliveryError,
-    OutcomeUnknownError,
-    PermanentError,
-    RetryableError,
-    RulesError,
-)
-from daemon.loader import load_rules
-from daemon.outbound import Guard, OutboundHttp
-from daemon.secrets import SecretResolver
+from daemon.actions.base import Job
+from daemon.errors import DeliveryError, OutcomeUnknownError, PermanentError, RetryableError
+from daemon.outbound import OutboundHttp
 from daemon.store.base import DeliveryState
+from tests.actions import kit
 from tests.actions.fakes_lms import FakeLms, lms
-from tests.harness import LOOPBACK, FakeClock, start_daemon, wait_for
+from tests.actions.kit import load_issues, make_resources, secret_env
+from tests.harness import FakeClock, start_daemon, wait_for
 
 API_ID = "api-7f3a"
 PASSWORD = "lms-Pw&d=9 q\"x'"
-ENV = {"POSTBACKD_SECRET_LMS_PASSWORD": PASSWORD}
+SECRETS = {"lms_password": PASSWORD}
+ENV = secret_env(SECRETS)
 VALUES = {
     "first_name": "John",
     "email": "j@x.com",
@@ -49,12 +44,6 @@ async def fake() -> AsyncIterator[FakeLms]:
     server = await FakeLms(api_id=API_ID, api_password=PASSWORD).start()
     yield server
     await server.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[OutboundHttp]:
-    async with OutboundHttp(guard=Guard(LOOPBACK), timeout=5) as client:
-        yield client
 
 
 def make_action(http: Any, base_url: str, **settings: Any) -> lms_post_lead.LmsPostLead:
@@ -74,13 +63,13 @@ def make_action(http: Any, base_url: str, **settings: Any) -> lms_post_lead.LmsP
         },
         **settings,
     }
-    secrets = SecretResolver(credentials_dir=None, secrets_dir=None, environ=ENV)
-    resources = Resources(http=http, secret=secrets, clock=FakeClock())
-    return lms_post_lead.build(lms_post_lead.Settings.model_validate(raw), resources)
+    settings = lms_post_lead.Settings.model_validate(raw)
+    return lms_post_lead.build(settings, make_resources(http, SECRETS))
 
 
-def make_job(**values: str) -> Job:
-    return Job(9, "d-1", "generic:C1:1:9", {**VALUES, **values}, {})
+def make_job(**fields: str) -> Job:
+    """This file's lead, as `fields` change it, for postback 9."""
+    return kit.make_job({**VALUES, **fields}, postback_id=9)
 
 
 async def test_happy_path_posts_exactly_this_json(fake: FakeLms, http: OutboundHttp) -> None:
@@ -285,14 +274,7 @@ def validation_errors(tmp_path: Path, extra: str = "", **replace: str) -> list[s
     )
     for old, new in replace.items():
         rule = rule.replace(old, new)
-    rules = tmp_path / "rules.d"
-    rules.mkdir(exist_ok=True)
-    (rules / "offer-1.yaml").write_text(rule)
-    try:
-        load_rules(rules, git=False)
-    except RulesError as err:
-        return [str(issue) for issue in err.issues]
-    return []
+    return load_issues(tmp_path / "rules.d", {"offer-1.yaml": rule})
 
 
 def test_a_valid_rule_loads(tmp_path: Path) -> None:

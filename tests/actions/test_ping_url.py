@@ -3,8 +3,6 @@ errors, records and logs, settings errors as `postbackd validate` prints them, e
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,68 +11,40 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from daemon.actions import ping_url
-from daemon.actions.base import Job, Resources
+from daemon.actions.base import Job
 from daemon.errors import (
     DeliveryError,
     GuardRefusedError,
     PermanentError,
     RenderError,
     RetryableError,
-    RulesError,
 )
-from daemon.loader import load_rules
-from daemon.models import Conversion, Transition, attempt_values, macro_values, rule_data
-from daemon.outbound import Guard, OutboundHttp
-from daemon.secrets import SecretResolver
+from daemon.outbound import OutboundHttp
 from daemon.store.base import DeliveryState
-from tests.harness import FakeClock, Sink, start_daemon, wait_for
+from tests.actions.kit import load_issues, make_job, make_resources, secret_env
+from tests.harness import Sink, start_daemon, wait_for
 
 SECRET = "tok/en+v@lue&x=1"
-ENV = {"POSTBACKD_SECRET_PB_TOKEN": SECRET}
+SECRETS = {"pb_token": SECRET}
+LEAD = {
+    "conversion_id": "C 1",
+    "offer": "7",
+    "affiliate": "42",
+    "status": "approved",
+    "payout": "12.50",
+    "click_id": "a&b=c/d?e#f",
+    "extra.reason": "x y",
+}
 
 
 def job(**fields: str) -> Job:
-    params = {
-        "conversion_id": "C 1",
-        "offer": "7",
-        "affiliate": "42",
-        "status": "approved",
-        "payout": "12.50",
-        "click_id": "a&b=c/d?e#f",
-        **fields,
-    }
-    conv = Conversion.parse(params, {"reason": "x y"})
-    data = rule_data(
-        conv,
-        source="generic",
-        transition=Transition.NEW,
-        previous_status=None,
-        received_at=datetime(2026, 1, 1, tzinfo=UTC),
-    )
-    key = "generic:C 1:1:5"
-    values = attempt_values(
-        macro_values(data, conv),
-        postback_id=5,
-        delivery_id="d1",
-        idempotency_key=key,
-        now=1767225600,
-        rand="r",
-    )
-    return Job(5, "d1", key, values, data)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[OutboundHttp]:
-    client = OutboundHttp(guard=Guard(["127.0.0.1/32"]), timeout=2)
-    await client.start()
-    yield client
-    await client.close()
+    """This file's conversion, as `fields` change it, for postback 5 on 2026-01-01."""
+    return make_job({**LEAD, **fields}, postback_id=5, now=1767225600)
 
 
 def action(http: OutboundHttp, **raw: Any) -> ping_url.PingUrl:
     settings = ping_url.Settings.model_validate({"type": "ping_url", **raw})
-    secrets = SecretResolver(credentials_dir=None, secrets_dir=None, environ=ENV)
-    return ping_url.build(settings, Resources(http=http, secret=secrets, clock=FakeClock()))
+    return ping_url.build(settings, make_resources(http, SECRETS))
 
 
 async def test_get_exact_request(http: OutboundHttp, sink: Sink) -> None:
@@ -278,14 +248,12 @@ BAD_SETTINGS = {
     ("action_yaml", "message"), list(BAD_SETTINGS.values()), ids=list(BAD_SETTINGS)
 )
 def test_settings_errors(tmp_path: Path, action_yaml: str, message: str) -> None:
-    (tmp_path / "o.yaml").write_text(
+    text = (
         f"offer: 1\npostbacks:\n  - id: 5\n    trigger: conversion_done\n    affiliate: 1\n"
         f"    {action_yaml}\n"
     )
-    with pytest.raises(RulesError) as err:
-        load_rules(tmp_path, git=False)
-    (issue,) = err.value.issues
-    assert str(issue).startswith(f"o.yaml:6: postback 5: {message}")
+    (issue,) = load_issues(tmp_path, {"o.yaml": text})
+    assert issue.startswith(f"o.yaml:6: postback 5: {message}")
 
 
 async def test_end_to_end_with_a_secret_kept_out_of_the_attempt_record(
@@ -305,7 +273,7 @@ async def test_end_to_end_with_a_secret_kept_out_of_the_attempt_record(
               url: "{sink.url}/pb?tx={{conversion_id}}&key=${{secret:pb_token}}"
     """
         },
-        environ=ENV,
+        environ=secret_env(SECRETS),
     )
     try:
         await daemon.post(conversion_id="E1", offer=3, affiliate=1, status="approved")

@@ -23,33 +23,26 @@ from yarl import URL
 
 from daemon.actions import trustedform_claim
 from daemon.actions.base import Job, Resources
-from daemon.errors import DeliveryError, PermanentError, RetryableError, RulesError
-from daemon.loader import load_rules
-from daemon.outbound import Guard, OutboundHttp
-from daemon.secrets import SecretResolver
+from daemon.errors import DeliveryError, PermanentError, RetryableError
+from daemon.outbound import OutboundHttp
 from daemon.store.base import DeliveryState
+from tests.actions import kit
 from tests.actions.fakes_trustedform import FakeTrustedForm, v4_answer
-from tests.harness import LOOPBACK, FakeClock, start_daemon, wait_for
+from tests.actions.kit import StubResolver, load_issues, loopback_http, make_resources, secret_env
+from tests.harness import FakeClock, start_daemon, wait_for
 
 KEY = "tf-key-Zq8x1Vw3"
 TOKEN = base64.b64encode(f"API:{KEY}".encode()).decode()
 CERT_ID = "2605ec3a321e1b3a41addf0bba1213505ef57985"
 CERT_URL = f"https://cert.trustedform.com/{CERT_ID}"
-ENV = {"POSTBACKD_SECRET_TF_KEY": KEY}
-
-
-class StubResolver:
-    """Answers every name with 127.0.0.1 except those it is told to fail; records each ask."""
-
-    def __init__(self, fail: frozenset[str] = frozenset()) -> None:
-        self.fail = fail
-        self.calls: list[str] = []
-
-    async def resolve(self, host: str, port: int) -> list[str]:
-        self.calls.append(host)
-        if host in self.fail:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return ["127.0.0.1"]
+SECRETS = {"tf_key": KEY}
+LEAD = {
+    "trusted_form_cert_url": CERT_URL,
+    "email": "a@b.com",
+    "phone": "5122981234",
+    "affiliate": "42",
+    "conversion_id": "C1",
+}
 
 
 @pytest.fixture
@@ -77,14 +70,9 @@ async def fake() -> AsyncIterator[FakeTrustedForm]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[OutboundHttp]:
-    async with OutboundHttp(guard=Guard(LOOPBACK), timeout=5) as client:
-        yield client
-
-
-def make_resources(http: Any, overrides: dict[str, str] | None = None) -> Resources:
-    secrets = SecretResolver(credentials_dir=None, secrets_dir=None, environ=ENV)
-    return Resources(http=http, secret=secrets, clock=FakeClock(), overrides=overrides or {})
+def resources(http: OutboundHttp, fake: FakeTrustedForm) -> Resources:
+    """Resources whose TrustedForm base is the fake (a test-only override)."""
+    return make_resources(http, SECRETS, overrides={"trustedform_base": fake.base})
 
 
 def make_action(resources: Resources, **settings: Any) -> trustedform_claim.TrustedFormClaim:
@@ -92,24 +80,15 @@ def make_action(resources: Resources, **settings: Any) -> trustedform_claim.Trus
     return trustedform_claim.build(trustedform_claim.Settings.model_validate(raw), resources)
 
 
-def make_job(**values: str) -> Job:
-    base = {
-        "trusted_form_cert_url": CERT_URL,
-        "email": "a@b.com",
-        "phone": "5122981234",
-        "affiliate": "42",
-        "conversion_id": "C1",
-    }
-    base.update(values)
-    return Job(7, "d-1", "generic:C1:1:7", base, {})
+def make_job(**fields: str) -> Job:
+    """This file's lead, as `fields` change it."""
+    return kit.make_job({**LEAD, **fields})
 
 
 async def test_happy_path_sends_exactly_a_v4_retain(
-    fake: FakeTrustedForm, http: OutboundHttp
+    fake: FakeTrustedForm, resources: Resources
 ) -> None:
-    action = make_action(
-        make_resources(http, {"trustedform_base": fake.base}), insights=["age_seconds", "domain"]
-    )
+    action = make_action(resources, insights=["age_seconds", "domain"])
     job = make_job()
     await action.send(job)
     (got,) = fake.received
@@ -131,9 +110,9 @@ async def test_happy_path_sends_exactly_a_v4_retain(
 
 
 async def test_a_repeat_is_safe_the_service_says_previously_retained(
-    fake: FakeTrustedForm, http: OutboundHttp
+    fake: FakeTrustedForm, resources: Resources
 ) -> None:
-    action = make_action(make_resources(http, {"trustedform_base": fake.base}))
+    action = make_action(resources)
     assert action.idempotent is True
     first, again = make_job(), make_job()
     await action.send(first)
@@ -146,10 +125,10 @@ async def test_a_repeat_is_safe_the_service_says_previously_retained(
 
 
 async def test_empty_lead_fields_are_left_out_and_templates_apply(
-    fake: FakeTrustedForm, http: OutboundHttp
+    fake: FakeTrustedForm, resources: Resources
 ) -> None:
     action = make_action(
-        make_resources(http, {"trustedform_base": fake.base}),
+        resources,
         cert_url="{extra.xxTrustedFormCertUrl}",
         phone="{extra.cell}",
         vendor="pub-{affiliate}",
@@ -166,9 +145,9 @@ async def test_empty_lead_fields_are_left_out_and_templates_apply(
 
 
 async def test_no_email_and_no_phone_is_refused_before_any_request(
-    fake: FakeTrustedForm, http: OutboundHttp
+    fake: FakeTrustedForm, resources: Resources
 ) -> None:
-    action = make_action(make_resources(http, {"trustedform_base": fake.base}))
+    action = make_action(resources)
     with pytest.raises(PermanentError) as caught:
         await action.send(make_job(email="", phone=""))
     assert caught.value.reason == "nothing_to_match"
@@ -198,13 +177,13 @@ ANSWERS: list[tuple[str, Any, type[DeliveryError] | None, str | None]] = [
 )
 async def test_answers_are_classified(
     fake: FakeTrustedForm,
-    http: OutboundHttp,
+    resources: Resources,
     reply: Any,
     error: type[DeliveryError] | None,
     reason: str | None,
 ) -> None:
     fake.script.append(reply)
-    action = make_action(make_resources(http, {"trustedform_base": fake.base}), timeout="300ms")
+    action = make_action(resources, timeout="300ms")
     if error is None:
         await action.send(make_job())
         return
@@ -218,7 +197,8 @@ async def test_connection_refused_is_retried(http: OutboundHttp) -> None:
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    action = make_action(make_resources(http, {"trustedform_base": f"http://127.0.0.1:{port}/"}))
+    closed = {"trustedform_base": f"http://127.0.0.1:{port}/"}
+    action = make_action(make_resources(http, SECRETS, overrides=closed))
     with pytest.raises(RetryableError) as caught:
         await action.send(make_job())
     assert caught.value.reason == "connect_failed"
@@ -275,8 +255,8 @@ async def test_a_foreign_cert_url_never_sends_the_key_anywhere(
         return KEY
 
     for overrides in ({}, {"trustedform_base": fake.base}):
-        resolver = StubResolver()
-        async with OutboundHttp(guard=Guard(LOOPBACK), resolver=resolver) as client:
+        resolver = StubResolver(default=["127.0.0.1"])  # a leak would reach a socket
+        async with loopback_http(resolver) as client:
             resources = Resources(
                 http=client, secret=secret, clock=FakeClock(), overrides=overrides
             )
@@ -295,9 +275,9 @@ async def test_a_foreign_cert_url_never_sends_the_key_anywhere(
 async def test_the_real_path_only_ever_asks_for_cert_trustedform_com(
     connects: list[tuple[str, int]],
 ) -> None:
-    resolver = StubResolver(fail=frozenset({"cert.trustedform.com"}))
-    async with OutboundHttp(guard=Guard(LOOPBACK), resolver=resolver) as client:
-        action = make_action(make_resources(client))
+    resolver = StubResolver()  # no name resolves
+    async with loopback_http(resolver) as client:
+        action = make_action(make_resources(client, SECRETS))
         assert action.destination == "https://cert.trustedform.com:443"
         for url in (CERT_URL, f"https://cert.trustedform.com:443/{CERT_ID}", f" {CERT_URL}\n"):
             with pytest.raises(RetryableError) as caught:
@@ -343,7 +323,7 @@ _PIECES = st.sampled_from(
 @settings(max_examples=400, deadline=None)
 @given(st.lists(_PIECES, min_size=1, max_size=8).map("".join))
 def test_whatever_the_url_the_request_goes_to_the_certificate_host(text: str) -> None:
-    action = make_action(make_resources(None))
+    action = make_action(make_resources(None, SECRETS))
     job = make_job(trusted_form_cert_url=text)
     try:
         request = action.preview(job)
@@ -381,10 +361,10 @@ def _assert_clean(*texts: str) -> None:
     ],
 )
 async def test_the_key_never_reaches_errors_records_or_logs(
-    fake: FakeTrustedForm, http: OutboundHttp, reply: tuple[int, str]
+    fake: FakeTrustedForm, resources: Resources, reply: tuple[int, str]
 ) -> None:
     fake.script.append(reply)
-    action = make_action(make_resources(http, {"trustedform_base": fake.base}))
+    action = make_action(resources)
     job = make_job()
     error: Exception | None = None
     with capture_logs() as logs:
@@ -422,14 +402,7 @@ postbacks:
 
 
 def validation_errors(tmp_path: Path, extra: str, rule: str = RULE) -> list[str]:
-    rules = tmp_path / "rules.d"
-    rules.mkdir(exist_ok=True)
-    (rules / "offer-1.yaml").write_text(rule.format(extra=extra))
-    try:
-        load_rules(rules, git=False)
-    except RulesError as err:
-        return [str(issue) for issue in err.issues]
-    return []
+    return load_issues(tmp_path / "rules.d", {"offer-1.yaml": rule.format(extra=extra)})
 
 
 @pytest.mark.parametrize(
@@ -496,7 +469,7 @@ def test_the_api_key_is_required(tmp_path: Path) -> None:
 async def test_webhook_to_rule_to_trustedform(tmp_path: Path, fake: FakeTrustedForm) -> None:
     rules = {"offer-1.yaml": RULE.format(extra="insights: [age_seconds]")}
     daemon = await start_daemon(
-        tmp_path, rules, environ=ENV, overrides={"trustedform_base": fake.base}
+        tmp_path, rules, environ=secret_env(SECRETS), overrides={"trustedform_base": fake.base}
     )
     try:
         with capture_logs() as logs:
