@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
@@ -283,6 +284,29 @@ def leaks(secret: str, *texts: Any) -> list[str]:
     return [str(t) for t in texts if secret in str(t)]
 
 
+ANY_DELAY = object()  # expect_outcome: whatever retry_after the error carries
+
+
+async def expect_outcome(
+    action: Any,
+    job: Job,
+    error: type[DeliveryError] | None,
+    reason: str | None = None,
+    retry_after: float | object | None = ANY_DELAY,
+) -> None:
+    """Send `job` once: it succeeds when `error` is None, else it raises exactly `error` (not
+    a subclass) with `reason` and, when it is a RetryableError, `retry_after` if given."""
+    if error is None:
+        await action.send(job)
+        return
+    with pytest.raises(DeliveryError) as caught:
+        await action.send(job)
+    assert type(caught.value) is error
+    assert caught.value.reason == reason
+    if retry_after is not ANY_DELAY and isinstance(caught.value, RetryableError):
+        assert caught.value.retry_after == retry_after
+
+
 async def outcome(action: Any, job: Job) -> tuple[str, str]:
     """(outcome, reason) of one attempt as the dispatcher files it."""
     try:
@@ -329,20 +353,25 @@ class EndToEnd:
 
 async def end_to_end(
     tmp_path: Path,
-    action: str,
+    rules: str | Mapping[str, str],
     secrets: Mapping[str, str],
     done: Callable[[], Any],
+    *,
+    daemon_options: Mapping[str, Any] | None = None,
     **conversion: Any,
 ) -> EndToEnd:
-    """Start the daemon with one postback doing `action` (offer 1, conversion_done), post an
-    approved conversion of offer 1 with `conversion` fields, wait until `done()` holds and the
-    attempt is logged."""
+    """Start the daemon (start_daemon with `daemon_options`) with `rules`: file name -> text,
+    or the action block of one postback that rule_file makes (offer 1, postback 7). Post an
+    approved conversion of offer 1 by affiliate 42, as `conversion` changes it; wait until
+    `done()` holds and the attempt is logged; return what the one delivery left behind."""
+    files = {"pb.yaml": rule_file(rules)} if isinstance(rules, str) else rules
     daemon = await start_daemon(
-        tmp_path, {"pb.yaml": rule_file(action)}, environ=secret_env(secrets)
+        tmp_path, files, environ=secret_env(secrets), **(daemon_options or {})
     )
     try:
         with capture_logs() as logs:
-            answer = await daemon.post(offer=1, affiliate=42, status="approved", **conversion)
+            params = {"offer": 1, "affiliate": 42, "status": "approved", **conversion}
+            answer = await daemon.post(**params)
             await wait_for(done)
             await wait_for(lambda: [e for e in logs if e["event"] == "delivery_attempt"])
         (row,) = await daemon.deliveries()

@@ -25,8 +25,8 @@ from daemon.outbound import OutboundHttp
 from daemon.store.base import DeliveryState
 from tests.actions import kit
 from tests.actions.fakes_facebook_conversion import FakeGraph, graph_error
-from tests.actions.kit import NOW, load_issues, make_resources, secret_env
-from tests.harness import FakeClock, start_daemon, wait_for
+from tests.actions.kit import NOW, end_to_end, expect_outcome, load_issues, make_resources
+from tests.harness import FakeClock
 
 TOKEN = "EAAGtokenSECRETvalue123"
 APP_SECRET = "appSECRET9f8e7d"
@@ -307,12 +307,7 @@ async def test_outcomes(
 ) -> None:
     graph.script.append(reply)
     action = fb.build(settings(graph, timeout=0.5), resources)
-    if error is None:
-        await action.send(make_job(LEAD))
-        return
-    with pytest.raises(error) as caught:
-        await action.send(make_job(LEAD))
-    assert caught.value.reason == reason
+    await expect_outcome(action, make_job(LEAD), error, reason)
     assert len(graph.received) == 1
 
 
@@ -491,21 +486,21 @@ async def test_end_to_end_webhook_to_graph(tmp_path: Path) -> None:
                   test_event_code: TEST42
         """
     }
-    daemon = await start_daemon(tmp_path, rules, environ=secret_env(SECRETS))
     try:
-        with capture_logs() as logs:
-            await daemon.post(
-                conversion_id="E1",
-                offer=7,
-                affiliate=42,
-                status="approved",
-                payout="9.99",
-                currency="EUR",
-                email="Lead@Example.com",
-                ip="198.51.100.7",
-            )
-            await wait_for(lambda: graph.received)
-            await wait_for(lambda: [e for e in logs if e["event"] == "delivery_attempt"])
+        run = await end_to_end(
+            tmp_path,
+            rules,
+            SECRETS,
+            lambda: graph.received,
+            conversion_id="E1",
+            offer=7,
+            affiliate=42,
+            status="approved",
+            payout="9.99",
+            currency="EUR",
+            email="Lead@Example.com",
+            ip="198.51.100.7",
+        )
         (event,) = graph.events()
         assert event["event_id"] == "generic:E1:1:21"
         assert event["user_data"] == {
@@ -514,20 +509,16 @@ async def test_end_to_end_webhook_to_graph(tmp_path: Path) -> None:
         }
         assert event["custom_data"] == {"value": 9.99, "currency": "eur"}
         assert graph.form()["test_event_code"] == "TEST42"
-        (row,) = await daemon.deliveries()
-        assert row.state == DeliveryState.SUCCEEDED
-        detail = await daemon.services.store.get_delivery(row.delivery_id)
-        assert detail is not None
-        (attempt,) = detail.attempts
+        assert run.state == DeliveryState.SUCCEEDED
+        (attempt,) = run.attempts
         assert attempt.outcome == "succeeded"
         assert attempt.request is not None
         assert attempt.request["url"] == f"{graph.url}/v25.0/555/events"
         assert "access_token=****" in attempt.request["body"]
         assert TOKEN not in json.dumps(attempt.request)
-        line = next(e for e in logs if e["event"] == "delivery_attempt")
+        line = next(e for e in run.logs if e["event"] == "delivery_attempt")
         assert line["action"] == "facebook_conversion"
         assert line["outcome"] == "succeeded"
-        assert TOKEN not in repr(logs)
+        assert TOKEN not in repr(run.logs)
     finally:
-        await daemon.client.close()
         await graph.close()

@@ -20,7 +20,7 @@ from daemon.outbound import OutboundHttp
 from daemon.store.base import DeliveryState
 from tests.actions import kit
 from tests.actions.fakes_five9 import FakeFive9, list_import_result, soap_fault, w2c_page
-from tests.actions.kit import load_issues, make_resources, secret_env
+from tests.actions.kit import expect_outcome, load_issues, make_resources, secret_env
 from tests.harness import start_daemon, wait_for
 
 PASSWORD = "f9-Pw<&>\"'x"
@@ -298,13 +298,7 @@ async def _classify(
     fake: FakeFive9, action: five9_list.Five9List, reply: Any, error: Any, reason: Any
 ) -> None:
     fake.script.append(reply)
-    if error is None:
-        await action.send(make_job())
-    else:
-        with pytest.raises(error) as caught:
-            await action.send(make_job())
-        assert type(caught.value) is error
-        assert caught.value.reason == reason
+    await expect_outcome(action, make_job(), error, reason)
     assert len(fake.received) == 1
 
 

@@ -21,8 +21,8 @@ from daemon.outbound import OutboundHttp
 from daemon.store.base import DeliveryState
 from tests.actions import kit
 from tests.actions.fakes_google_analytics import FakeGA
-from tests.actions.kit import NOW, load_issues, make_resources, secret_env
-from tests.harness import FakeClock, start_daemon, wait_for
+from tests.actions.kit import NOW, end_to_end, expect_outcome, load_issues, make_resources
+from tests.harness import FakeClock
 
 API_SECRET = "gaSECRET+v4lue/42"  # `+` and `/` are percent-encoded in the query
 SECRETS = {"ga_secret": API_SECRET}
@@ -227,12 +227,7 @@ async def test_outcomes(
 ) -> None:
     fake.script.append(reply)
     action = ga.build(settings(fake, timeout=0.5, validate_only=debug), resources)
-    if error is None:
-        await action.send(make_job(LEAD))
-        return
-    with pytest.raises(error) as caught:
-        await action.send(make_job(LEAD))
-    assert caught.value.reason == reason
+    await expect_outcome(action, make_job(LEAD), error, reason)
     assert len(fake.received) == 1
 
 
@@ -402,20 +397,20 @@ async def test_end_to_end_webhook_to_ga(tmp_path: Path) -> None:
                   params: {{affiliate_id: "{{affiliate}}"}}
         """
     }
-    daemon = await start_daemon(tmp_path, rules, environ=secret_env(SECRETS))
     try:
-        with capture_logs() as logs:
-            await daemon.post(
-                conversion_id="G1",
-                offer=7,
-                affiliate=42,
-                status="approved",
-                payout="3",
-                currency="EUR",
-                ga_client_id="111.222",
-            )
-            await wait_for(lambda: fake.received)
-            await wait_for(lambda: [e for e in logs if e["event"] == "delivery_attempt"])
+        run = await end_to_end(
+            tmp_path,
+            rules,
+            SECRETS,
+            lambda: fake.received,
+            conversion_id="G1",
+            offer=7,
+            affiliate=42,
+            status="approved",
+            payout="3",
+            currency="EUR",
+            ga_client_id="111.222",
+        )
         body = fake.body()
         assert body["client_id"] == "111.222"
         assert body["events"] == [
@@ -429,20 +424,16 @@ async def test_end_to_end_webhook_to_ga(tmp_path: Path) -> None:
                 },
             }
         ]
-        (row,) = await daemon.deliveries()
-        assert row.state == DeliveryState.SUCCEEDED
-        detail = await daemon.services.store.get_delivery(row.delivery_id)
-        assert detail is not None
-        (attempt,) = detail.attempts
+        assert run.state == DeliveryState.SUCCEEDED
+        (attempt,) = run.attempts
         assert attempt.response_status == 204
         assert attempt.request is not None
         assert attempt.request["url"] == (
             f"{fake.url}/mp/collect?measurement_id=G-E2E12345&api_secret=****"
         )
-        line = next(e for e in logs if e["event"] == "delivery_attempt")
+        line = next(e for e in run.logs if e["event"] == "delivery_attempt")
         assert line["action"] == "google_analytics"
         assert line["outcome"] == "succeeded"
-        assert "gaSECRET" not in repr(logs)
+        assert "gaSECRET" not in repr(run.logs)
     finally:
-        await daemon.client.close()
         await fake.close()

@@ -28,8 +28,8 @@ from daemon.secrets import SecretResolver
 from daemon.store.base import DeliveryState
 from tests.actions import kit
 from tests.actions.fakes_google_sheets import Account, FakeGoogle, google_error
-from tests.actions.kit import NOW, load_issues, make_resources, secret_env
-from tests.harness import FakeClock, start_daemon, wait_for
+from tests.actions.kit import NOW, end_to_end, expect_outcome, load_issues, make_resources
+from tests.harness import FakeClock
 
 make_job = partial(kit.make_job, postback_id=5)  # the postback of this file's rules
 SHEET_ID = "1AbCdEfGhIjKlMnOpQrStUvWxYz0123456789_-"
@@ -230,9 +230,8 @@ async def test_token_endpoint_failures(
     reason: str,
 ) -> None:
     fake.token_script.append(reply)
-    with pytest.raises(error) as caught:
-        await gs.build(settings(fake, timeout=0.5), resources).send(make_job(LEAD))
-    assert caught.value.reason == reason
+    action = gs.build(settings(fake, timeout=0.5), resources)
+    await expect_outcome(action, make_job(LEAD), error, reason)
     assert fake.appends == []
 
 
@@ -289,12 +288,7 @@ async def test_append_outcomes(
     if reply is not None:
         fake.append_script.append(reply)
     action = gs.build(settings(fake, timeout=0.5), resources)
-    if error is None:
-        await action.send(make_job(LEAD))
-    else:
-        with pytest.raises(error) as caught:
-            await action.send(make_job(LEAD))
-        assert caught.value.reason == reason
+    await expect_outcome(action, make_job(LEAD), error, reason)
     assert len(fake.appends) == 1
 
 
@@ -488,30 +482,26 @@ async def test_end_to_end_webhook_to_sheet(tmp_path: Path, fake: FakeGoogle) -> 
                   values: ["{{conversion_id}}", "{{email}}", "{{idempotency_key}}"]
         """
     }
-    environ = secret_env({"sheets_sa": key_json(fake)})
-    daemon = await start_daemon(tmp_path, rules, environ=environ)
-    try:
-        with capture_logs() as logs:
-            await daemon.post(
-                conversion_id="S1", offer=7, affiliate=42, status="approved", email="a@b.example"
-            )
-            await wait_for(lambda: fake.appends)
-            await wait_for(lambda: [e for e in logs if e["event"] == "delivery_attempt"])
-        assert fake.sheets[SHEET_ID]["Leads 2026"] == [["S1", "a@b.example", "generic:S1:1:41"]]
-        (row,) = await daemon.deliveries()
-        assert row.state == DeliveryState.SUCCEEDED
-        detail = await daemon.services.store.get_delivery(row.delivery_id)
-        assert detail is not None
-        (attempt,) = detail.attempts
-        assert attempt.response_status == 200
-        assert attempt.request is not None
-        assert attempt.request["headers"]["Authorization"] == "****"
-        stored = json.dumps(attempt.request) + str(attempt.response_excerpt)
-        for token in fake.issued:
-            assert token not in stored
-            assert token not in repr(logs)
-        line = next(e for e in logs if e["event"] == "delivery_attempt")
-        assert line["action"] == "google_sheets"
-        assert line["outcome"] == "succeeded"
-    finally:
-        await daemon.client.close()
+    secrets = {"sheets_sa": key_json(fake)}
+    run = await end_to_end(
+        tmp_path,
+        rules,
+        secrets,
+        lambda: fake.appends,
+        conversion_id="S1",
+        offer=7,
+        email="a@b.example",
+    )
+    assert fake.sheets[SHEET_ID]["Leads 2026"] == [["S1", "a@b.example", "generic:S1:1:41"]]
+    assert run.state == DeliveryState.SUCCEEDED
+    (attempt,) = run.attempts
+    assert attempt.response_status == 200
+    assert attempt.request is not None
+    assert attempt.request["headers"]["Authorization"] == "****"
+    stored = json.dumps(attempt.request) + str(attempt.response_excerpt)
+    for token in fake.issued:
+        assert token not in stored
+        assert token not in repr(run.logs)
+    line = next(e for e in run.logs if e["event"] == "delivery_attempt")
+    assert line["action"] == "google_sheets"
+    assert line["outcome"] == "succeeded"

@@ -22,7 +22,7 @@ from daemon.outbound import OutboundHttp
 from daemon.store.base import DeliveryState
 from tests.actions import kit
 from tests.actions.fakes_lms import FakeLms, lms
-from tests.actions.kit import load_issues, make_resources, secret_env
+from tests.actions.kit import expect_outcome, load_issues, make_resources, secret_env
 from tests.harness import FakeClock, start_daemon, wait_for
 
 API_ID = "api-7f3a"
@@ -183,13 +183,7 @@ async def test_answers_are_classified(
 ) -> None:
     fake.script.append(reply)
     action = make_action(http, fake.url, timeout="300ms")
-    if error is None:
-        await action.send(make_job())
-    else:
-        with pytest.raises(error) as caught:
-            await action.send(make_job())
-        assert type(caught.value) is error
-        assert caught.value.reason == reason
+    await expect_outcome(action, make_job(), error, reason)
     assert len(fake.received) == 1
 
 

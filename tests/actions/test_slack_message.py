@@ -27,14 +27,14 @@ from tests.actions.fakes_slack import FakeSlack
 from tests.actions.kit import (
     FIRST_SETTING_LINE,
     Reply,
+    end_to_end,
+    expect_outcome,
     leaks,
     make_job,
     make_resources,
     rule_file,
-    secret_env,
     validate,
 )
-from tests.harness import start_daemon, wait_for
 
 TOKEN = "xoxb-1111-2222-SeCrEtToKeN"
 SECRETS = {"slack_token": TOKEN}
@@ -287,16 +287,9 @@ async def check_outcome(
     retry_after: float | None,
 ) -> None:
     job = make_job(VALUES)
-    if error is None:
-        await action.send(job)
-        return
-    with pytest.raises(DeliveryError) as info:
-        await action.send(job)
-    assert type(info.value) is error
-    assert info.value.reason == reason
-    if isinstance(info.value, RetryableError):
-        assert info.value.retry_after == retry_after
-    assert job.record.request is not None  # a failed attempt still leaves its record
+    await expect_outcome(action, job, error, reason, retry_after)
+    if error is not None:
+        assert job.record.request is not None  # a failed attempt still leaves its record
 
 
 @pytest.mark.parametrize("mode", ["api", "hook"])
@@ -491,21 +484,21 @@ async def test_webhook_to_rule_to_slack(tmp_path: Path, slack: FakeSlack) -> Non
             postback_id=31,
         )
     }
-    daemon = await start_daemon(tmp_path, rules, environ=secret_env(SECRETS))
-    try:
-        with capture_logs() as logs:
-            await daemon.post(conversion_id="E1", offer=9, affiliate=5, status="approved", payout=3)
-            await wait_for(lambda: slack.received)
-            await wait_for(lambda: [e for e in logs if e["event"] == "delivery_attempt"])
-        assert slack.json() == {"channel": "#sales", "text": "Sold E1 for 3"}
-        (row,) = await daemon.deliveries()
-        assert row.state == DeliveryState.SUCCEEDED
-        detail = await daemon.services.store.get_delivery(row.delivery_id)
-        assert detail is not None
-        (attempt,) = detail.attempts
-        assert attempt.outcome == "succeeded"
-        assert attempt.request is not None
-        assert attempt.request["headers"]["Authorization"] == "****"
-        assert leaks(TOKEN, attempt, logs) == []
-    finally:
-        await daemon.client.close()
+    run = await end_to_end(
+        tmp_path,
+        rules,
+        SECRETS,
+        lambda: slack.received,
+        conversion_id="E1",
+        offer=9,
+        affiliate=5,
+        status="approved",
+        payout=3,
+    )
+    assert slack.json() == {"channel": "#sales", "text": "Sold E1 for 3"}
+    assert run.state == DeliveryState.SUCCEEDED
+    (attempt,) = run.attempts
+    assert attempt.outcome == "succeeded"
+    assert attempt.request is not None
+    assert attempt.request["headers"]["Authorization"] == "****"
+    assert leaks(TOKEN, attempt, run.logs) == []

@@ -33,13 +33,14 @@ from tests.actions.kit import (
     KEY,
     StubResolver,
     action_resources,
+    end_to_end,
+    expect_outcome,
     leaks,
     make_job,
     rule_file,
-    secret_env,
     validate,
 )
-from tests.harness import FakeClock, start_daemon, wait_for
+from tests.harness import FakeClock
 
 # Implicit TLS is encrypted from the first byte, but aiosmtpd only counts STARTTLS as TLS and
 # warns when AUTH is allowed without it.
@@ -352,10 +353,8 @@ async def test_server_replies(
 ) -> None:
     plain.handler.script.update(script)
     job = make_job(VALUES)
-    with pytest.raises(DeliveryError) as info:
-        await action(resources, settings_for(plain.port, "none", timeout=0.5)).send(job)
-    assert type(info.value) is error
-    assert info.value.reason == reason
+    sender = action(resources, settings_for(plain.port, "none", timeout=0.5))
+    await expect_outcome(sender, job, error, reason)
     assert plain.received == []
     assert job.record.request is not None
     assert plain.connections == 1  # never retried inside the action
@@ -409,14 +408,10 @@ async def test_greetings(
 ) -> None:
     raw_server = await RawServer(greeting).start()
     try:
-        with pytest.raises(DeliveryError) as info:
-            await action(resources, settings_for(raw_server.port, "none", timeout=0.5)).send(
-                make_job(VALUES)
-            )
+        sender = action(resources, settings_for(raw_server.port, "none", timeout=0.5))
+        await expect_outcome(sender, make_job(VALUES), error, reason)
     finally:
         await raw_server.close()
-    assert type(info.value) is error
-    assert info.value.reason == reason
 
 
 async def test_refused_connection_is_retryable(resources: Resources) -> None:
@@ -659,37 +654,30 @@ async def test_webhook_to_rule_to_smtp_server(
             postback_id=51,
         )
     }
-    daemon = await start_daemon(
-        tmp_path, rules, environ=secret_env(SECRETS), resolver=StubResolver(NAMES)
+    run = await end_to_end(
+        tmp_path,
+        rules,
+        SECRETS,
+        lambda: starttls.received,
+        daemon_options={"resolver": StubResolver(NAMES)},
+        conversion_id="E1",
+        offer=9,
+        affiliate=5,
+        status="approved",
+        payout="7.25",
+        email="lead@example.org",
+        first_name="Ann",
     )
-    try:
-        with capture_logs() as logs:
-            await daemon.post(
-                conversion_id="E1",
-                offer=9,
-                affiliate=5,
-                status="approved",
-                payout="7.25",
-                email="lead@example.org",
-                first_name="Ann",
-            )
-            await wait_for(lambda: starttls.received)
-            await wait_for(lambda: [e for e in logs if e["event"] == "delivery_attempt"])
-        (got,) = starttls.received
-        assert got.rcpt_tos == ["lead@example.org"]
-        assert got.message["Subject"] == "Conversion E1 approved"
-        assert got.message["Message-ID"] == smtp.message_id("generic:E1:1:51")
-        assert got.message.get_content() == "Payout 7.25\n"
-        (row,) = await daemon.deliveries()
-        assert row.state == DeliveryState.SUCCEEDED
-        detail = await daemon.services.store.get_delivery(row.delivery_id)
-        assert detail is not None
-        (attempt,) = detail.attempts
-        assert attempt.outcome == "succeeded"
-        assert attempt.response_status == 250
-        assert leaks(PASSWORD, attempt, logs) == []
-    finally:
-        await daemon.client.close()
+    (got,) = starttls.received
+    assert got.rcpt_tos == ["lead@example.org"]
+    assert got.message["Subject"] == "Conversion E1 approved"
+    assert got.message["Message-ID"] == smtp.message_id("generic:E1:1:51")
+    assert got.message.get_content() == "Payout 7.25\n"
+    assert run.state == DeliveryState.SUCCEEDED
+    (attempt,) = run.attempts
+    assert attempt.outcome == "succeeded"
+    assert attempt.response_status == 250
+    assert leaks(PASSWORD, attempt, run.logs) == []
 
 
 def test_address_objects_are_what_the_email_package_quotes() -> None:

@@ -28,7 +28,14 @@ from daemon.outbound import OutboundHttp
 from daemon.store.base import DeliveryState
 from tests.actions import kit
 from tests.actions.fakes_trustedform import FakeTrustedForm, v4_answer
-from tests.actions.kit import StubResolver, load_issues, loopback_http, make_resources, secret_env
+from tests.actions.kit import (
+    StubResolver,
+    expect_outcome,
+    load_issues,
+    loopback_http,
+    make_resources,
+    secret_env,
+)
 from tests.harness import FakeClock, start_daemon, wait_for
 
 KEY = "tf-key-Zq8x1Vw3"
@@ -184,12 +191,7 @@ async def test_answers_are_classified(
 ) -> None:
     fake.script.append(reply)
     action = make_action(resources, timeout="300ms")
-    if error is None:
-        await action.send(make_job())
-        return
-    with pytest.raises(error) as caught:
-        await action.send(make_job())
-    assert caught.value.reason == reason
+    await expect_outcome(action, make_job(), error, reason)
     assert len(fake.received) == 1
 
 

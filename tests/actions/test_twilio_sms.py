@@ -26,14 +26,14 @@ from tests.actions.fakes_twilio import FakeTwilio, twilio_error
 from tests.actions.kit import (
     FIRST_SETTING_LINE,
     Reply,
+    end_to_end,
+    expect_outcome,
     leaks,
     make_job,
     make_resources,
     rule_file,
-    secret_env,
     validate,
 )
-from tests.harness import start_daemon, wait_for
 
 SID = "AC" + "0123456789abcdef" * 2
 TOKEN = "twilioAuthSeCrEt0001"
@@ -258,15 +258,7 @@ async def test_answers(
     twilio.script.append(reply)
     sms = action(twilio, resources, timeout=0.3)
     job = make_job(VALUES)
-    if error is None:
-        await sms.send(job)
-    else:
-        with pytest.raises(DeliveryError) as info:
-            await sms.send(job)
-        assert type(info.value) is error
-        assert info.value.reason == reason
-        if isinstance(info.value, RetryableError):
-            assert info.value.retry_after == retry_after
+    await expect_outcome(sms, job, error, reason, retry_after)
     assert len(twilio.received) == 1  # never retried inside the action
     assert job.record.request is not None
 
@@ -445,31 +437,25 @@ async def test_webhook_to_rule_to_twilio(tmp_path: Path, twilio: FakeTwilio) -> 
             postback_id=41,
         )
     }
-    daemon = await start_daemon(tmp_path, rules, environ=secret_env(SECRETS))
-    try:
-        with capture_logs() as logs:
-            await daemon.post(
-                conversion_id="E1",
-                offer=9,
-                affiliate=5,
-                status="approved",
-                phone="555 123 4567",
-                first_name="Ann",
-            )
-            await wait_for(lambda: twilio.received)
-            await wait_for(lambda: [e for e in logs if e["event"] == "delivery_attempt"])
-        assert twilio.form() == [
-            ("To", "+15551234567"),
-            ("From", "+15005550006"),
-            ("Body", "Thanks Ann, order E1 confirmed"),
-        ]
-        (row,) = await daemon.deliveries()
-        assert row.state == DeliveryState.SUCCEEDED
-        detail = await daemon.services.store.get_delivery(row.delivery_id)
-        assert detail is not None
-        (attempt,) = detail.attempts
-        assert attempt.outcome == "succeeded"
-        assert attempt.response_status == 201
-        assert leaks(TOKEN, attempt, logs) == []
-    finally:
-        await daemon.client.close()
+    run = await end_to_end(
+        tmp_path,
+        rules,
+        SECRETS,
+        lambda: twilio.received,
+        conversion_id="E1",
+        offer=9,
+        affiliate=5,
+        status="approved",
+        phone="555 123 4567",
+        first_name="Ann",
+    )
+    assert twilio.form() == [
+        ("To", "+15551234567"),
+        ("From", "+15005550006"),
+        ("Body", "Thanks Ann, order E1 confirmed"),
+    ]
+    assert run.state == DeliveryState.SUCCEEDED
+    (attempt,) = run.attempts
+    assert attempt.outcome == "succeeded"
+    assert attempt.response_status == 201
+    assert leaks(TOKEN, attempt, run.logs) == []
