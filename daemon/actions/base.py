@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from daemon.errors import RetryableError, SecretError
+from daemon.macros import MASK as MASK  # re-exported: records mask with the same ****
 from daemon.macros import Template, TemplateStr, UrlTemplate, UrlTemplateStr, encoded_forms
 
 if TYPE_CHECKING:
     from daemon.outbound import HttpResponse
 
-MASK = "****"
 BODY_LIMIT = 4096
 EXCERPT_LIMIT = 1024
 # Header names whose values never reach a record, whatever they hold.
