@@ -17,6 +17,9 @@ from typing import Any
 
 import aiohttp
 
+# One line per conversion and per attempt: never waited for, so not parsed.
+_PER_REQUEST = (b'"conversion_received"', b'"delivery_attempt"')
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -143,21 +146,28 @@ class Daemon(Proc):
         config.write_text(json.dumps(settings))  # JSON is YAML
         args = [sys.executable, "-m", "daemon", "run", "-c", str(config)]
         super().__init__(name, args, root / "daemon.log", port)
+        self._read_to = 0
+        self._events: dict[str, list[dict[str, Any]]] = {}
 
     async def ready_daemon(self, deadline: float = 60.0) -> float:
         return await self.ready("/readyz", deadline)
 
     def events(self, event: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log.read_text("utf-8", "replace").splitlines():
-            if line.startswith("{") and f'"{event}"' in line:
+        """Every log line of `event` (not a per-request one) so far. The log is read from where
+        the last call stopped (it grows by tens of MiB under load)."""
+        with self.log.open("rb") as log:
+            log.seek(self._read_to)
+            chunk = log.read()
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
+        self._read_to += end
+        for raw in chunk[:end].splitlines():
+            if raw.startswith(b"{") and not any(name in raw for name in _PER_REQUEST):
                 try:
-                    parsed = json.loads(line)
+                    parsed = json.loads(raw)
                 except json.JSONDecodeError:
                     continue
-                if parsed.get("event") == event:
-                    found.append(parsed)
-        return found
+                self._events.setdefault(parsed.get("event", ""), []).append(parsed)
+        return list(self._events.get(event, []))
 
     async def wait_event(self, event: str, count: int, deadline: float) -> dict[str, Any]:
         """The `count`-th log line of `event` (1-based), once it has been written."""
