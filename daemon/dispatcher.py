@@ -28,6 +28,10 @@ log = structlog.get_logger("postbackd.dispatcher")
 # At most this share of the lease is spent waiting for a per-destination slot, so the rest (by
 # default 40 % of 300 s: 120 s) is left for the attempt itself.
 SLOT_WAIT_SHARE = 0.5
+# A delivery of a postback this node does not know is put back for this long, for as long as
+# the delivery is younger than the grace; then it is cancelled as removed.
+UNKNOWN_POSTBACK_RETRY = 30.0
+UNKNOWN_POSTBACK_GRACE = 600.0
 _HOST_REASONS = ("connect_failed", "connect_timeout", "dns_failed", "timeout", "disconnected")
 
 
@@ -132,6 +136,12 @@ class Dispatcher:
     async def _attempt(self, claim: Claim) -> None:
         runtime = self._runtime()
         lp = runtime.rules.postbacks.get(claim.postback_id)
+        age = self._now() - claim.created_at.timestamp()
+        if lp is None and age < UNKNOWN_POSTBACK_GRACE:
+            # Another node may run newer rules than this one (a sync timer apart): wait for
+            # ours to catch up rather than cancel a postback we have not heard of yet.
+            await self.store.release(claim, self._dt(self._now() + UNKNOWN_POSTBACK_RETRY))
+            return
         if lp is None or not lp.postback.active:
             why = "postback_removed" if lp is None else "postback_disabled"
             await self._finish(claim, runtime, DeliveryState.CANCELLED, None, "cancelled", why, 0)
@@ -160,9 +170,10 @@ class Dispatcher:
             if self._stopping:  # not sent yet: it waits for the next start instead of the grace
                 await self.store.release(claim, self._dt(self._now()))
                 return
-            await self._run(claim, runtime, lp, action, deadline)
+            sent = await self._send(claim, lp, action, deadline)
         finally:
-            semaphore.release()
+            semaphore.release()  # before the store write: the slot bounds sending, not commits
+        await self._conclude(claim, runtime, lp, action, *sent)
 
     async def _postpone(self, claim: Claim, until: float) -> None:
         postpone = getattr(self.store, "postpone", None)
@@ -171,7 +182,11 @@ class Dispatcher:
         else:
             await self.store.release(claim, self._dt(until))
 
-    async def _run(self, claim: Claim, runtime: Any, lp: Any, action: Any, deadline: float) -> None:
+    async def _send(
+        self, claim: Claim, lp: Any, action: Any, deadline: float
+    ) -> tuple[Job, DeliveryError | None, float, float]:
+        """One attempt of the action: the job (with its record), the error if any, when it
+        started and how long it took."""
         job = Job(
             postback_id=claim.postback_id,
             delivery_id=claim.delivery_id,
@@ -209,8 +224,7 @@ class Dispatcher:
                 "action_failed", delivery_id=claim.delivery_id, action=lp.postback.action.type
             )
             error = RetryableError("internal_error", type(err).__name__)
-        duration = time.monotonic() - t0
-        await self._conclude(claim, runtime, lp, action, job, error, started, duration)
+        return job, error, started, time.monotonic() - t0
 
     async def _conclude(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,6 +58,16 @@ class ReloadStatus:
     last_error: list[str] = field(default_factory=list)
     reloads_ok: int = 0
     reloads_failed: int = 0
+
+
+def settle_memory() -> None:
+    """After a load: collect once, then move everything alive (the rule set above all) out of
+    the collector's sight. With 100,000 postbacks a full collection otherwise stops the event
+    loop for about 1.5 s every 10-20k conversions; frozen, it takes milliseconds. Unfrozen
+    first, so the set a reload replaced is freed."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class Reloader:
@@ -108,6 +119,7 @@ class Reloader:
         """The first load: a failure here stops the daemon from starting (RulesError)."""
         runtime = await asyncio.to_thread(self._load)
         self._runtime = runtime
+        settle_memory()
         self.status.loaded_at = self.status.last_attempt_at = datetime.now(UTC)
         log.info(
             "rules_loaded",
@@ -159,6 +171,8 @@ class Reloader:
             result = self._on_swap(runtime, old)
             if asyncio.iscoroutine(result):
                 await result
+        del old
+        settle_memory()
         return True
 
     async def watch(self) -> None:

@@ -272,21 +272,33 @@ async def test_a_failing_destination_is_paused_then_resumed_logged_once_each(
         await daemon.client.close()
 
 
-async def test_removed_postback_cancels_a_claimed_delivery(tmp_path: Path, sink: Sink) -> None:
+async def test_a_postback_unknown_here_waits_for_the_rules_then_is_cancelled(
+    tmp_path: Path, sink: Sink
+) -> None:
     clock = FakeClock()
     daemon = await start_daemon(
         tmp_path, offer(rule(sink), rule(sink, pid=2, path="other")), clock=clock, dispatch=False
     )
     try:
         await daemon.post(conversion_id="c1", offer=1, affiliate=1, status="approved")
-        # the running set loses postback 2 without the cancel pass seeing it (e.g. another
-        # node reloaded first): the dispatcher itself refuses to send it
+        # This node's running set lacks postback 2 without a reload having cancelled its
+        # deliveries: another node runs newer (or older) rules. The delivery waits...
         (daemon.rules_dir / "o.yaml").write_text("offer: 1\npostbacks:\n" + rule(sink))
         runtime = daemon.services.reloader._load()
         daemon.services.reloader._runtime = runtime
         await cycle(daemon)
         rows = {r.postback_id: r for r in await daemon.deliveries()}
         assert rows[1].state is DeliveryState.SUCCEEDED
+        assert rows[2].state is DeliveryState.QUEUED
+        assert rows[2].attempts == 0
+        clock.advance(29)
+        assert await cycle(daemon) == 0  # put back for 30 s
+        clock.advance(2)
+        assert await cycle(daemon) == 1  # still unknown, still young: put back again
+        # ...and once it is older than the grace, it is cancelled as removed, never sent.
+        clock.advance(600)
+        assert await cycle(daemon) == 1
+        rows = {r.postback_id: r for r in await daemon.deliveries()}
         assert rows[2].state is DeliveryState.CANCELLED
         assert rows[2].last_reason == "postback_removed"
         assert [r.path_qs for r in sink.received] == ["/pb?tx=c1"]

@@ -1,0 +1,30 @@
+"""The rule set lives outside the collector's sight after a load, and a replaced set is freed."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+from tests.harness import start_daemon
+
+RULE = """
+offer: 1
+postbacks:
+  - {id: %d, trigger: conversion_done, affiliate: "*", action: {type: ping_url, url: "https://x.example/"}}
+"""
+
+
+async def test_loaded_rules_are_frozen_and_a_replaced_set_is_freed(tmp_path: Path) -> None:
+    daemon = await start_daemon(tmp_path, {"o.yaml": RULE % 1}, dispatch=False)
+    try:
+        assert gc.get_freeze_count() > 0
+        old = weakref.ref(daemon.services.reloader.runtime.rules)
+        (daemon.rules_dir / "o.yaml").write_text(RULE % 2)
+        assert await daemon.services.reloader.reload("test")
+        assert list(daemon.services.reloader.runtime.rules.postbacks) == [2]
+        assert old() is None  # unfrozen, collected: a reload does not pile up old sets
+        assert gc.get_freeze_count() > 0
+    finally:
+        await daemon.client.close()
+        gc.unfreeze()
