@@ -79,6 +79,7 @@ def load_rules(
     *,
     missing_secrets: Callable[[Iterable[str]], list[str]] | None = None,
     git: bool = True,
+    cache: ParseCache | None = None,
 ) -> RuleSet:
     """Load every rule file below `rules_dir`; raise RulesError listing every problem found.
 
@@ -96,8 +97,10 @@ def load_rules(
             sources[path.relative_to(real_root).as_posix()] = data
     loaded: list[LoadedPostback] = []
     offer_goals: dict[str, tuple[bool, str, int]] = {}
+    cache = cache if cache is not None else ParseCache()
     for rel in sorted(sources):
-        loaded.extend(_load_file(rel, sources[rel], issues, offer_goals))
+        loaded.extend(_load_file(rel, cache.parse(rel, sources[rel]), issues, offer_goals))
+    cache.keep_only(sources)
     by_id = _check_ids(loaded, issues)
     secrets = {name: lp for lp in loaded for name in _secrets_of(lp.postback)}
     if missing_secrets is not None:
@@ -162,25 +165,67 @@ def _read(path: Path, issues: list[Issue], root: Path) -> bytes | None:
     return data
 
 
-def _load_file(
-    rel: str, data: bytes, issues: list[Issue], offer_goals: dict[str, tuple[bool, str, int]]
-) -> list[LoadedPostback]:
+@dataclass(frozen=True)
+class _Parsed:
+    """One file's parse: its postbacks and the line of goals_enabled, or its issues."""
+
+    issues: tuple[Issue, ...] = ()
+    rule_file: RuleFile | None = None
+    goals_line: int = 0
+    lines: tuple[int, ...] = ()
+
+
+class ParseCache:
+    """Parsed files by path and content, kept between reloads: a reload parses only the files
+    that changed (the models are immutable, so the unchanged ones are reused as they are)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[bytes, _Parsed]] = {}
+
+    def parse(self, rel: str, data: bytes) -> _Parsed:
+        digest = hashlib.sha256(data).digest()
+        hit = self._files.get(rel)
+        if hit is not None and hit[0] == digest:
+            return hit[1]
+        parsed = _parse_file(rel, data)
+        self._files[rel] = (digest, parsed)
+        return parsed
+
+    def keep_only(self, rels: Iterable[str]) -> None:
+        keep = set(rels)
+        for rel in [r for r in self._files if r not in keep]:
+            del self._files[rel]
+
+
+def _parse_file(rel: str, data: bytes) -> _Parsed:
     try:
         raw = load_yaml(data)
     except YamlError as err:
-        issues.append(Issue(rel, err.line, err.message))
-        return []
+        return _Parsed((Issue(rel, err.line, err.message),))
     if raw is None:
-        return []  # an empty file describes nothing
+        return _Parsed()  # an empty file describes nothing
     if not isinstance(raw, YMap):
-        issues.append(Issue(rel, getattr(raw, "line", 1), "a rule file must be a mapping"))
-        return []
+        return _Parsed((Issue(rel, getattr(raw, "line", 1), "a rule file must be a mapping"),))
     try:
         rule_file = RuleFile.model_validate(raw)
     except ValidationError as err:
-        issues.extend(pydantic_issues(rel, raw, err, _postback_id))
+        return _Parsed(tuple(pydantic_issues(rel, raw, err, _postback_id)))
+    postbacks = raw.get("postbacks")
+    lines = tuple(postbacks.lines) if isinstance(postbacks, YList) else ()
+    return _Parsed((), rule_file, raw.lines.get("goals_enabled", raw.line), lines)
+
+
+def _load_file(
+    rel: str,
+    parsed: _Parsed,
+    issues: list[Issue],
+    offer_goals: dict[str, tuple[bool, str, int]],
+) -> list[LoadedPostback]:
+    issues.extend(parsed.issues)
+    rule_file = parsed.rule_file
+    if rule_file is None:
         return []
-    goals = (rule_file.goals_enabled, rel, raw.lines.get("goals_enabled", raw.line))
+    goals = (rule_file.goals_enabled, rel, parsed.goals_line)
     first = offer_goals.setdefault(rule_file.offer, goals)
     if first[0] != goals[0]:
         issues.append(
@@ -191,9 +236,8 @@ def _load_file(
                 f"{str(goals[0]).lower()} here but {str(first[0]).lower()} in {first[1]}",
             )
         )
-    postbacks: YList = raw.get("postbacks") or YList()
     return [
-        LoadedPostback(pb, rule_file.offer, rule_file.goals_enabled, rel, postbacks.lines[i])
+        LoadedPostback(pb, rule_file.offer, rule_file.goals_enabled, rel, parsed.lines[i])
         for i, pb in enumerate(rule_file.postbacks)
     ]
 

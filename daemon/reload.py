@@ -21,7 +21,7 @@ import structlog
 from daemon.actions import build_action
 from daemon.actions.base import Action, Resources
 from daemon.errors import Issue, RulesError
-from daemon.loader import RuleSet, is_ignored_name, load_rules
+from daemon.loader import ParseCache, RuleSet, is_ignored_name, load_rules
 from daemon.sources import GENERIC, GENERIC_SOURCE, Source
 
 log = structlog.get_logger("postbackd.reload")
@@ -43,10 +43,22 @@ class Runtime:
 SourceLoader = Callable[[], Mapping[str, Source]]
 
 
-def build_runtime(rules: RuleSet, sources: Mapping[str, Source], resources: Resources) -> Runtime:
-    actions = {
-        pid: build_action(lp.postback.action, resources) for pid, lp in rules.postbacks.items()
-    }
+def build_runtime(
+    rules: RuleSet,
+    sources: Mapping[str, Source],
+    resources: Resources,
+    previous: Runtime | None = None,
+) -> Runtime:
+    """The runtime of a rule set; a postback whose model is the very one of `previous` (its file
+    did not change, see loader.ParseCache) keeps its action object."""
+    before = previous.rules.postbacks if previous else {}
+    actions: dict[int, Action] = {}
+    for pid, lp in rules.postbacks.items():
+        old = before.get(pid)
+        if old is not None and old.postback is lp.postback and previous is not None:
+            actions[pid] = previous.actions[pid]
+        else:
+            actions[pid] = build_action(lp.postback.action, resources)
     return Runtime(rules, actions, {GENERIC: GENERIC_SOURCE, **sources})
 
 
@@ -91,6 +103,7 @@ class Reloader:
         self._notifier = notifier
         self._lock = asyncio.Lock()
         self._runtime: Runtime | None = None
+        self._parse_cache = ParseCache()  # used by one reload at a time (the lock)
         self.status = ReloadStatus()
 
     @property
@@ -104,7 +117,9 @@ class Reloader:
         rules: RuleSet | None = None
         sources: Mapping[str, Source] | None = None
         try:
-            rules = load_rules(self.rules_dir, missing_secrets=self._missing_secrets)
+            rules = load_rules(
+                self.rules_dir, missing_secrets=self._missing_secrets, cache=self._parse_cache
+            )
         except RulesError as err:
             issues.extend(err.issues)
         try:
@@ -113,7 +128,7 @@ class Reloader:
             issues.extend(err.issues)
         if rules is None or sources is None:
             raise RulesError(issues)
-        return build_runtime(rules, sources, self.resources)
+        return build_runtime(rules, sources, self.resources, previous=self._runtime)
 
     async def load_initial(self) -> Runtime:
         """The first load: a failure here stops the daemon from starting (RulesError)."""

@@ -28,3 +28,29 @@ async def test_loaded_rules_are_frozen_and_a_replaced_set_is_freed(tmp_path: Pat
     finally:
         await daemon.client.close()
         gc.unfreeze()
+
+
+async def test_a_reload_parses_only_changed_files_and_keeps_unchanged_actions(
+    tmp_path: Path,
+) -> None:
+    daemon = await start_daemon(
+        tmp_path,
+        {"a.yaml": RULE % 1, "b.yaml": (RULE % 2).replace("offer: 1", "offer: 2")},
+        dispatch=False,
+    )
+    try:
+        before = daemon.services.reloader.runtime
+        (daemon.rules_dir / "b.yaml").write_text((RULE % 3).replace("offer: 1", "offer: 2"))
+        assert await daemon.services.reloader.reload("test")
+        after = daemon.services.reloader.runtime
+        assert sorted(after.rules.postbacks) == [1, 3]
+        # a.yaml did not change: the very same model and action object carry on
+        assert after.rules.postbacks[1].postback is before.rules.postbacks[1].postback
+        assert after.actions[1] is before.actions[1]
+        # a changed file is parsed again (and an edit in place that breaks it still fails)
+        (daemon.rules_dir / "a.yaml").write_text("offer: [\n")
+        assert not await daemon.services.reloader.reload("test")
+        assert daemon.services.reloader.runtime is after
+    finally:
+        await daemon.client.close()
+        gc.unfreeze()
