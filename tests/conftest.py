@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.harness import Sink
+from tests.harness import Sink, connect_tripwire
 
 
 @pytest.fixture
@@ -14,3 +14,9 @@ async def sink() -> AsyncIterator[Sink]:
     s = await Sink().start()
     yield s
     await s.close()
+
+
+@pytest.fixture
+async def connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every connect attempt on this test's loop; non-loopback ones are refused unsent."""
+    return connect_tripwire(monkeypatch)

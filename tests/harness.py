@@ -4,6 +4,9 @@ a fake clock, and polling with a deadline (never a bare sleep)."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
+import socket
 import textwrap
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -88,6 +91,43 @@ class Sink:
         return web.Response(text="OK")
 
 
+class StubResolver:
+    """Maps names to fixed addresses (`default` for any other name, else it fails like DNS
+    would); records every name asked. Never touches DNS."""
+
+    def __init__(
+        self, names: Mapping[str, list[str]] | None = None, *, default: list[str] | None = None
+    ) -> None:
+        self.names = dict(names or {})
+        self.default = default
+        self.calls: list[str] = []
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        self.calls.append(host)
+        found = self.names.get(host, self.default)
+        if found is None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return found
+
+
+def connect_tripwire(monkeypatch: Any) -> list[tuple[str, int]]:
+    """Records every TCP connect attempted on the running loop, and refuses (unsent) any that
+    is not to a loopback address: the proof that a guard stopped a request is that nothing
+    was attempted, never a packet sent elsewhere."""
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[str, int]] = []
+    real = loop.sock_connect
+
+    async def sock_connect(sock: socket.socket, address: Any) -> None:
+        seen.append((address[0], address[1]))
+        if not ipaddress.ip_address(address[0].split("%")[0]).is_loopback:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "tripwire: not loopback")
+        await real(sock, address)
+
+    monkeypatch.setattr(loop, "sock_connect", sock_connect)
+    return seen
+
+
 class FakeClock:
     """Time that moves only when a test says so."""
 
@@ -99,6 +139,28 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
+
+
+def lifecycle_rules(sink: Sink) -> str:
+    """Offer 7 with one postback per trigger (the end-to-end tests' rule file)."""
+    return f"""
+offer: 7
+postbacks:
+  - id: 11
+    trigger: conversion_pending
+    affiliate: "*"
+    action: {{type: ping_url, url: "{sink.url}/pending?tx={{conversion_id}}"}}
+  - id: 12
+    trigger: conversion_done
+    affiliate: 42
+    action:
+      type: ping_url
+      url: "{sink.url}/done?cid={{click_id}}&payout={{payout}}&tx={{conversion_id}}"
+  - id: 13
+    trigger: conversion_reject
+    affiliate: "*"
+    action: {{type: ping_url, url: "{sink.url}/reject?tx={{conversion_id}}"}}
+"""
 
 
 def write_rules(rules_dir: Path, files: Mapping[str, str]) -> None:

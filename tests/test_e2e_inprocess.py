@@ -7,36 +7,13 @@ from pathlib import Path
 from structlog.testing import capture_logs
 
 from daemon.store.base import DeliveryState
-from tests.harness import Sink, start_daemon, wait_for
-
-
-def rules_for(sink: Sink) -> dict[str, str]:
-    return {
-        "offer-7.yaml": f"""
-            offer: 7
-            postbacks:
-              - id: 11
-                trigger: conversion_pending
-                affiliate: "*"
-                action: {{type: ping_url, url: "{sink.url}/pending?tx={{conversion_id}}"}}
-              - id: 12
-                trigger: conversion_done
-                affiliate: 42
-                action:
-                  type: ping_url
-                  url: "{sink.url}/done?cid={{click_id}}&payout={{payout}}&tx={{conversion_id}}"
-              - id: 13
-                trigger: conversion_reject
-                affiliate: "*"
-                action: {{type: ping_url, url: "{sink.url}/reject?tx={{conversion_id}}"}}
-        """
-    }
+from tests.harness import Sink, lifecycle_rules, start_daemon, wait_for
 
 
 async def test_tracker_get_reaches_the_sink_with_the_rendered_url(
     tmp_path: Path, sink: Sink
 ) -> None:
-    daemon = await start_daemon(tmp_path, rules_for(sink))
+    daemon = await start_daemon(tmp_path, {"offer-7.yaml": lifecycle_rules(sink)})
     try:
         with capture_logs() as logs:
             answer = await daemon.post(
@@ -84,7 +61,7 @@ async def test_tracker_get_reaches_the_sink_with_the_rendered_url(
 
 
 async def test_repeated_webhook_sends_nothing_more(tmp_path: Path, sink: Sink) -> None:
-    daemon = await start_daemon(tmp_path, rules_for(sink))
+    daemon = await start_daemon(tmp_path, {"offer-7.yaml": lifecycle_rules(sink)})
     try:
         params = dict(conversion_id="R1", offer=7, affiliate=42, status="approved")
         assert (await daemon.post(**params))["transition"] == "new"
@@ -104,7 +81,7 @@ async def test_repeated_webhook_sends_nothing_more(tmp_path: Path, sink: Sink) -
 async def test_pending_then_approved_then_rejected_fire_once_each(
     tmp_path: Path, sink: Sink
 ) -> None:
-    daemon = await start_daemon(tmp_path, rules_for(sink))
+    daemon = await start_daemon(tmp_path, {"offer-7.yaml": lifecycle_rules(sink)})
     try:
         base = dict(conversion_id="S1", offer=7, affiliate=42, click_id="c1")
         transitions = []
@@ -124,7 +101,7 @@ async def test_pending_then_approved_then_rejected_fire_once_each(
 async def test_status_change_with_only_id_and_status_renders_stored_fields(
     tmp_path: Path, sink: Sink
 ) -> None:
-    daemon = await start_daemon(tmp_path, rules_for(sink))
+    daemon = await start_daemon(tmp_path, {"offer-7.yaml": lifecycle_rules(sink)})
     try:
         await daemon.post(
             conversion_id="M1", offer=7, affiliate=42, status="pending", click_id="kept", payout="3"

@@ -8,17 +8,16 @@ touching the network), so "refused" also means "no connection was attempted".
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import socket
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
 from daemon.errors import GuardRefusedError
 from daemon.guard import Guard, decode_legacy_ipv4
 from daemon.outbound import OutboundHttp
+from tests.harness import StubResolver
 
 LOOP = "loopback address"
 PRIV = "private address"
@@ -227,37 +226,6 @@ def test_garbage_is_refused() -> None:
 
 
 # --- URL forms through OutboundHttp.request --------------------------------------------------
-
-
-class StubResolver:
-    """Maps names to fixed addresses; unknown names fail like DNS would."""
-
-    def __init__(self, names: dict[str, list[str]]) -> None:
-        self.names = names
-        self.calls: list[str] = []
-
-    async def resolve(self, host: str, port: int) -> list[str]:
-        self.calls.append(host)
-        if host not in self.names:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return self.names[host]
-
-
-@pytest.fixture
-async def connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """Every connect attempt on this test's loop; non-loopback ones are refused unsent."""
-    loop = asyncio.get_running_loop()
-    seen: list[tuple[str, int]] = []
-    real = loop.sock_connect
-
-    async def sock_connect(sock: socket.socket, address: Any) -> None:
-        seen.append((address[0], address[1]))
-        if not ipaddress.ip_address(address[0].split("%")[0]).is_loopback:
-            raise ConnectionRefusedError(errno.ECONNREFUSED, "tripwire: not loopback")
-        await real(sock, address)
-
-    monkeypatch.setattr(loop, "sock_connect", sock_connect)
-    return seen
 
 
 class Listener:

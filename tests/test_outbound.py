@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import errno
-import ipaddress
 import socket
 import traceback
 from collections.abc import AsyncIterator, Iterator
@@ -36,6 +34,7 @@ from daemon.outbound import (
     classify_status,
     parse_retry_after,
 )
+from tests.harness import StubResolver
 
 LOOPBACK = ["127.0.0.1/32", "::1/128"]
 NOW = 1_700_000_000.0
@@ -44,35 +43,7 @@ H_SECRET = "hdrSeCrEtb2c4"
 P_SECRET = "pathSeCrEt91d0"
 
 
-class StubResolver:
-    """Maps names to fixed addresses; unknown names fail like DNS would."""
-
-    def __init__(self, names: dict[str, list[str]]) -> None:
-        self.names = names
-        self.calls: list[str] = []
-
-    async def resolve(self, host: str, port: int) -> list[str]:
-        self.calls.append(host)
-        if host not in self.names:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return self.names[host]
-
-
-@pytest.fixture(autouse=True)
-async def connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """Every connect attempt on this test's loop; non-loopback ones are refused unsent."""
-    loop = asyncio.get_running_loop()
-    seen: list[tuple[str, int]] = []
-    real = loop.sock_connect
-
-    async def sock_connect(sock: socket.socket, address: Any) -> None:
-        seen.append((address[0], address[1]))
-        if not ipaddress.ip_address(address[0].split("%")[0]).is_loopback:
-            raise ConnectionRefusedError(errno.ECONNREFUSED, "tripwire: not loopback")
-        await real(sock, address)
-
-    monkeypatch.setattr(loop, "sock_connect", sock_connect)
-    return seen
+pytestmark = pytest.mark.usefixtures("connects")
 
 
 @dataclass

@@ -12,31 +12,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.harness import Sink, wait_for
+from tests.harness import Sink, lifecycle_rules, wait_for
 from tests.process_support import DaemonProcess, free_port, write_config
 
 pytestmark = pytest.mark.slow
-
-
-def lifecycle_rules(sink: Sink) -> str:
-    return f"""
-offer: 7
-postbacks:
-  - id: 11
-    trigger: conversion_pending
-    affiliate: "*"
-    action: {{type: ping_url, url: "{sink.url}/pending?tx={{conversion_id}}"}}
-  - id: 12
-    trigger: conversion_done
-    affiliate: 42
-    action:
-      type: ping_url
-      url: "{sink.url}/done?cid={{click_id}}&payout={{payout}}&tx={{conversion_id}}"
-  - id: 13
-    trigger: conversion_reject
-    affiliate: "*"
-    action: {{type: ping_url, url: "{sink.url}/reject?tx={{conversion_id}}"}}
-"""
 
 
 async def test_real_process_end_to_end(tmp_path: Path, sink: Sink) -> None:

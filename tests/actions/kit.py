@@ -7,7 +7,6 @@ left no secret behind."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
@@ -34,7 +33,14 @@ from daemon.models import Conversion, Transition, attempt_values, macro_values, 
 from daemon.outbound import Guard, OutboundHttp, Resolver
 from daemon.secrets import SecretResolver, env_var_name
 from daemon.store.base import AttemptRow, DeliveryState
-from tests.harness import LOOPBACK, FakeClock, Received, start_daemon, wait_for
+from tests.harness import (
+    LOOPBACK,
+    FakeClock,
+    Received,
+    StubResolver,
+    start_daemon,
+    wait_for,
+)
 
 NOW = FakeClock().now()  # what every FakeClock() says until a test moves it
 RAND = "00000000-0000-4000-8000-000000000000"
@@ -87,25 +93,6 @@ def make_job(
 
 
 # --- resources -----------------------------------------------------------------------------
-
-
-class StubResolver:
-    """Maps names to fixed addresses (`default` for any other name, else it fails like DNS
-    would); records every name asked. Never touches DNS."""
-
-    def __init__(
-        self, names: Mapping[str, list[str]] | None = None, *, default: list[str] | None = None
-    ) -> None:
-        self.names = dict(names or {})
-        self.default = default
-        self.calls: list[str] = []
-
-    async def resolve(self, host: str, port: int) -> list[str]:
-        self.calls.append(host)
-        found = self.names.get(host, self.default)
-        if found is None:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return found
 
 
 def loopback_http(

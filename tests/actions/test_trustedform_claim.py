@@ -5,10 +5,7 @@ never makes a request carrying the key."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import errno
-import ipaddress
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -50,23 +47,6 @@ LEAD = {
     "affiliate": "42",
     "conversion_id": "C1",
 }
-
-
-@pytest.fixture
-async def connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """Every TCP connect on this test's loop; one that is not loopback is refused unsent."""
-    loop = asyncio.get_running_loop()
-    seen: list[tuple[str, int]] = []
-    real = loop.sock_connect
-
-    async def sock_connect(sock: socket.socket, address: Any) -> None:
-        seen.append((address[0], address[1]))
-        if not ipaddress.ip_address(address[0].split("%")[0]).is_loopback:
-            raise ConnectionRefusedError(errno.ECONNREFUSED, "tripwire: not loopback")
-        await real(sock, address)
-
-    monkeypatch.setattr(loop, "sock_connect", sock_connect)
-    return seen
 
 
 @pytest.fixture
