@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import RulesError
-from daemon.sources import GENERIC, load_sources, preset_names
+from daemon.source_files import preset_names
+from daemon.sources import GENERIC, load_sources
 from tests.cli_support import run_cli
 from tests.harness import start_daemon, wait_for
 
