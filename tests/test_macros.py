@@ -17,8 +17,6 @@ from daemon.macros import (
     JsonTemplate,
     Template,
     TemplateStr,
-    UrlTemplate,
-    UrlTemplateStr,
     encode_header,
     encode_json_string,
     encode_url_component,
@@ -27,11 +25,11 @@ from daemon.macros import (
     json_template_source,
     parse_json_templates,
     parse_template,
-    parse_url_template,
     render_form,
     render_json,
 )
 from daemon.models import CANONICAL_FIELDS, CONTEXT_FIELDS
+from daemon.urltemplate import UrlTemplate, UrlTemplateStr, parse_url_template
 
 HOSTILE = "a&b=c/d?e#f g+h%20;i\r\nj@k:l é😀"
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import SecretError
-from daemon.macros import parse_template, parse_url_template
+from daemon.macros import parse_template
 from daemon.secrets import MAX_SECRET_BYTES, SecretResolver, env_var_name
+from daemon.urltemplate import parse_url_template
 
 VALUE = "v4lue-that-must-not-leak"
 

@@ -29,7 +29,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from daemon.errors import RetryableError, SecretError
 from daemon.macros import MASK as MASK  # re-exported: records mask with the same ****
-from daemon.macros import Template, TemplateStr, UrlTemplate, UrlTemplateStr, encoded_forms
+from daemon.macros import Template, TemplateStr, encoded_forms
+from daemon.urltemplate import UrlTemplate, UrlTemplateStr
 
 if TYPE_CHECKING:
     from daemon.outbound import HttpResponse

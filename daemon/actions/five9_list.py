@@ -37,8 +37,9 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import PermanentError, RenderError, RetryableError
-from daemon.macros import Template, TemplateStr, encode_xml, parse_url_template
+from daemon.macros import Template, TemplateStr, encode_xml
 from daemon.outbound import HttpResponse, classify_status
+from daemon.urltemplate import parse_url_template
 
 W2C_PATH = "/web2campaign/AddToList"
 SOAP_PATH = "/wsadmin/v13/AdminWebService"

@@ -31,8 +31,9 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError
-from daemon.macros import MASK, PATH_SEGMENT_SAFE, TemplateStr, UrlTemplate
+from daemon.macros import MASK, PATH_SEGMENT_SAFE, TemplateStr
 from daemon.outbound import HttpResponse, parse_retry_after
+from daemon.urltemplate import UrlTemplate
 
 SCOPE = "https://www.googleapis.com/auth/spreadsheets"
 DEFAULT_TOKEN_URI = "https://oauth2.googleapis.com/token"  # noqa: S105 -- a URL, not a password

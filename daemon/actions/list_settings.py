@@ -23,8 +23,9 @@ from pydantic import (
 from daemon.actions.base import ActionSettings
 from daemon.durations import Duration
 from daemon.errors import TemplateError
-from daemon.macros import Template, TemplateStr, UrlTemplate, UrlTemplateStr
+from daemon.macros import Template, TemplateStr
 from daemon.outbound import RETRYABLE_STATUSES
+from daemon.urltemplate import UrlTemplate, UrlTemplateStr
 
 
 def _number_as_text(value: Any) -> Any:

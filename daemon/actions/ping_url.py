@@ -23,13 +23,13 @@ from daemon.errors import PermanentError
 from daemon.macros import (
     Template,
     TemplateStr,
-    UrlTemplateStr,
     encode_header,
     parse_json_templates,
     render_form,
     render_json,
 )
 from daemon.outbound import classify_status
+from daemon.urltemplate import UrlTemplateStr
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
 _RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}

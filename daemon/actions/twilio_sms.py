@@ -25,8 +25,9 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError
-from daemon.macros import Template, TemplateStr, UrlTemplate, UrlTemplateStr, encode_header
+from daemon.macros import Template, TemplateStr, encode_header
 from daemon.outbound import HttpResponse, parse_retry_after
+from daemon.urltemplate import UrlTemplate, UrlTemplateStr
 
 API_BASE = "https://api.twilio.com"
 MAX_BODY = 1600  # https://www.twilio.com/docs/messaging/api/message-resource (Body)

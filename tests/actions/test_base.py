@@ -13,7 +13,8 @@ from daemon.actions.base import (
     is_secret_reference,
     origin,
 )
-from daemon.macros import Template, UrlTemplate
+from daemon.macros import Template
+from daemon.urltemplate import UrlTemplate
 
 
 class Model(BaseModel):
