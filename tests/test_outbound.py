@@ -26,14 +26,8 @@ from daemon.errors import (
     RetryableError,
 )
 from daemon.guard import Guard
-from daemon.outbound import (
-    BODY_CAP,
-    HttpResponse,
-    OutboundHttp,
-    SystemResolver,
-    classify_status,
-    parse_retry_after,
-)
+from daemon.httpstatus import HttpResponse, classify_status, parse_retry_after
+from daemon.outbound import BODY_CAP, OutboundHttp, SystemResolver
 from tests.harness import StubResolver
 
 LOOPBACK = ["127.0.0.1/32", "::1/128"]

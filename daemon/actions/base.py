@@ -33,7 +33,7 @@ from daemon.macros import Template, TemplateStr, encoded_forms
 from daemon.urltemplate import UrlTemplate, UrlTemplateStr
 
 if TYPE_CHECKING:
-    from daemon.outbound import HttpResponse
+    from daemon.httpstatus import HttpResponse
 
 BODY_LIMIT = 4096
 EXCERPT_LIMIT = 1024

@@ -33,9 +33,9 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import InputError, PermanentError, RenderError, RetryableError
+from daemon.httpstatus import HttpResponse, classify_status, parse_retry_after
 from daemon.macros import MASK, Template, TemplateStr
 from daemon.models import parse_event_time
-from daemon.outbound import HttpResponse, classify_status, parse_retry_after
 from daemon.urltemplate import UrlTemplate
 from daemon.yamlfile import raw_text
 

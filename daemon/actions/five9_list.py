@@ -37,8 +37,8 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import PermanentError, RenderError, RetryableError
+from daemon.httpstatus import HttpResponse, classify_status
 from daemon.macros import Template, TemplateStr, encode_xml
-from daemon.outbound import HttpResponse, classify_status
 from daemon.urltemplate import parse_url_template
 
 W2C_PATH = "/web2campaign/AddToList"

@@ -34,9 +34,9 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import InputError, PermanentError, RetryableError
+from daemon.httpstatus import HttpResponse, classify_status
 from daemon.macros import Template, TemplateStr, encode_url_component, parse_template
 from daemon.models import parse_event_time
-from daemon.outbound import HttpResponse, classify_status
 from daemon.urltemplate import UrlTemplate
 
 MAX_EVENT_AGE = 72 * 3600  # timestamp_micros may be backdated by at most 72 hours

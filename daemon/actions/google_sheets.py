@@ -31,8 +31,8 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError
+from daemon.httpstatus import HttpResponse, parse_retry_after
 from daemon.macros import MASK, PATH_SEGMENT_SAFE, TemplateStr
-from daemon.outbound import HttpResponse, parse_retry_after
 from daemon.urltemplate import UrlTemplate
 
 SCOPE = "https://www.googleapis.com/auth/spreadsheets"

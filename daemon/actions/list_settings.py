@@ -23,8 +23,8 @@ from pydantic import (
 from daemon.actions.base import ActionSettings
 from daemon.durations import Duration
 from daemon.errors import TemplateError
+from daemon.httpstatus import RETRYABLE_STATUSES
 from daemon.macros import Template, TemplateStr
-from daemon.outbound import RETRYABLE_STATUSES
 from daemon.urltemplate import UrlTemplate, UrlTemplateStr
 
 

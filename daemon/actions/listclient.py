@@ -20,8 +20,8 @@ from urllib.parse import quote, urlencode
 from daemon.actions.base import Job, RequestRecord, Resources, origin, secret_lookup, send_http
 from daemon.actions.list_settings import MISSING, Auth, Call, ListSettings, Predicate, retried
 from daemon.errors import PermanentError, RenderError
+from daemon.httpstatus import HttpResponse, classify_status
 from daemon.macros import encode_header, encode_url_component
-from daemon.outbound import HttpResponse, classify_status
 
 
 def normalise(kind: str, value: str) -> str:

@@ -33,8 +33,8 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RenderError
+from daemon.httpstatus import HttpResponse, classify_status
 from daemon.macros import Template, TemplateStr
-from daemon.outbound import HttpResponse, classify_status
 
 SOLD, REJECTED, IN_PROGRESS, ERROR = 1, 2, 3, 4
 # Auctions run long: the PHP client waits 120 s. The dispatcher ends every attempt before its

@@ -20,6 +20,7 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import PermanentError
+from daemon.httpstatus import classify_status
 from daemon.macros import (
     Template,
     TemplateStr,
@@ -28,7 +29,6 @@ from daemon.macros import (
     render_form,
     render_json,
 )
-from daemon.outbound import classify_status
 from daemon.urltemplate import UrlTemplateStr
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")

@@ -24,8 +24,8 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError
+from daemon.httpstatus import HttpResponse, classify_status, parse_retry_after
 from daemon.macros import JsonTemplate, Template, TemplateStr, encode_header
-from daemon.outbound import HttpResponse, classify_status, parse_retry_after
 from daemon.urltemplate import UrlTemplate
 
 API_BASE = "https://slack.com/api/"

@@ -28,8 +28,8 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import PermanentError, RetryableError
+from daemon.httpstatus import HttpResponse, classify_status
 from daemon.macros import TemplateStr, parse_template
-from daemon.outbound import HttpResponse, classify_status
 
 CERT_ORIGIN = "https://cert.trustedform.com"
 # The key of Resources.overrides that tests set (from code, never from a rule or a conversion) to

@@ -25,8 +25,8 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError
+from daemon.httpstatus import HttpResponse, parse_retry_after
 from daemon.macros import Template, TemplateStr, encode_header
-from daemon.outbound import HttpResponse, parse_retry_after
 from daemon.urltemplate import UrlTemplate, UrlTemplateStr
 
 API_BASE = "https://api.twilio.com"
