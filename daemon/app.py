@@ -20,7 +20,7 @@ from daemon.dispatcher import Dispatcher, DispatcherConfig
 from daemon.errors import StoreError
 from daemon.guard import Guard
 from daemon.hosts import Destinations
-from daemon.ingest import MAX_BODY, Limits, ingest
+from daemon.ingest import ingest
 from daemon.metrics import Metrics
 from daemon.outbound import OutboundHttp, Resolver
 from daemon.reload import Reloader, Runtime
@@ -29,6 +29,7 @@ from daemon.secrets import SecretResolver
 from daemon.settings import Settings
 from daemon.sources import load_sources
 from daemon.store.base import ArrivalResult, Store
+from daemon.webhook_input import MAX_BODY, Limits
 
 log = structlog.get_logger("postbackd.app")
 
