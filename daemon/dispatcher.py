@@ -143,16 +143,13 @@ class Dispatcher:
             await self.store.release(claim, self._dt(self._now() + UNKNOWN_POSTBACK_RETRY))
             return
         if lp is None or not lp.postback.active:
-            why = "postback_removed" if lp is None else "postback_disabled"
-            await self._finish(claim, runtime, DeliveryState.CANCELLED, None, "cancelled", why, 0)
-            if self._on_attempt is not None:  # a removed postback's action type is gone with it
-                self._on_attempt(lp.postback.action.type if lp else "unknown", "cancelled", 0.0)
+            await self._cancel(claim, runtime, lp)
             return
         action = runtime.actions[claim.postback_id]
         dest = action.destination
         paused = self.destinations.paused_until(dest)
         if paused is not None:
-            await self._postpone(claim, paused)
+            await self.store.release(claim, self._dt(paused))  # due again when the pause ends
             return
         loop = asyncio.get_running_loop()
         # The claim's clock starts now, not when a slot frees up: an attempt must end before
@@ -174,13 +171,6 @@ class Dispatcher:
         finally:
             semaphore.release()  # before the store write: the slot bounds sending, not commits
         await self._conclude(claim, runtime, lp, action, *sent)
-
-    async def _postpone(self, claim: Claim, until: float) -> None:
-        postpone = getattr(self.store, "postpone", None)
-        if postpone is not None:
-            await postpone(claim, self._dt(until))
-        else:
-            await self.store.release(claim, self._dt(until))
 
     async def _send(
         self, claim: Claim, lp: Any, action: Any, deadline: float
@@ -294,30 +284,25 @@ class Dispatcher:
         if self._on_attempt is not None:
             self._on_attempt(lp.postback.action.type, outcome if held else "lease_lost", duration)
 
-    async def _finish(
-        self,
-        claim: Claim,
-        runtime: Any,
-        state: DeliveryState,
-        next_at: float | None,
-        outcome: str,
-        reason: str | None,
-        duration_ms: int,
-    ) -> None:
+    async def _cancel(self, claim: Claim, runtime: Any, lp: Any) -> None:
+        """A delivery of a removed or disabled postback ends cancelled, never sent."""
+        reason = "postback_removed" if lp is None else "postback_disabled"
         row = AttemptRow(
             started_at=self._dt(self._now()),
-            duration_ms=duration_ms,
-            outcome=outcome,
+            duration_ms=0,
+            outcome="cancelled",
             reason=reason,
             rules_version=str(runtime.rules.version),
             node=self.config.node,
         )
-        await self.store.finish_attempt(claim, row, state, None)
+        await self.store.finish_attempt(claim, row, DeliveryState.CANCELLED, None)
         log.info(
             "delivery_attempt",
             delivery_id=claim.delivery_id,
             postback_id=claim.postback_id,
             conversion_id=claim.conversion_id,
-            outcome=outcome,
+            outcome="cancelled",
             reason=reason,
         )
+        if self._on_attempt is not None:  # a removed postback's action type is gone with it
+            self._on_attempt(lp.postback.action.type if lp else "unknown", "cancelled", 0.0)
