@@ -110,8 +110,7 @@ class Settings(_Model):
 
     @model_validator(mode="after")
     def _listen(self) -> Settings:
-        host, port = split_listen(self.listen)
-        del host, port
+        split_listen(self.listen)  # ValueError, naming the key, for what is not host:port
         return self
 
     @model_validator(mode="after")
