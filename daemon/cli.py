@@ -6,15 +6,18 @@ error), whatever click would print by default.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
 from daemon import __version__
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, InputError
+from daemon.models import Conversion, conversion_from_mapping
 from daemon.settings import Settings, config_path, load_settings
 
 
@@ -43,6 +46,26 @@ def rules_dir_from(rules: str | None, config: str | None) -> Path:
     if config or os.environ.get("POSTBACKD_CONFIG"):
         return settings_from(config).rules_path
     return Path("rules.d")
+
+
+def read_json_object(path: str) -> dict[str, Any]:
+    """A JSON file holding one object (a conversion for explain or send-test); one clear
+    error line otherwise."""
+    try:
+        obj = json.loads(Path(path).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise click.ClickException(f"{path}: cannot read JSON: {err}") from err
+    if not isinstance(obj, dict):
+        raise click.ClickException(f"{path}: must hold a JSON object")
+    return obj
+
+
+def conversion_of(obj: Mapping[str, Any], where: str) -> tuple[Conversion, str]:
+    """The conversion (and its source) a JSON object describes; one clear error line if not."""
+    try:
+        return conversion_from_mapping(obj)
+    except InputError as err:
+        raise click.ClickException(f"{where}: {err.field}: {err.message}") from err
 
 
 config_option = click.option(

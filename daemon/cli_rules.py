@@ -10,13 +10,21 @@ from typing import Any
 
 import click
 
-from daemon.cli import cli, config_option, rules_dir_from, rules_option, settings_from
-from daemon.errors import InputError, Issue, RulesError
+from daemon.cli import (
+    cli,
+    config_option,
+    conversion_of,
+    read_json_object,
+    rules_dir_from,
+    rules_option,
+    settings_from,
+)
+from daemon.errors import Issue, RulesError
 from daemon.explain import Evaluation, evaluate
 from daemon.gitutil import GitError
 from daemon.history import compare, load_base
 from daemon.loader import RuleSet, load_rules
-from daemon.models import Status, conversion_from_mapping
+from daemon.models import Status
 from daemon.ruletests import load_cases, run_case
 from daemon.secrets import SecretResolver
 from daemon.sources import Source, load_sources
@@ -176,17 +184,7 @@ def explain_cmd(
     payout, click_id, ...), optionally `source` and an `extra` object. For each postback that
     fires it prints the exact request, secrets shown as ****. Nothing is sent or stored.
     """
-    try:
-        text = Path(conversion_file).read_text("utf-8")
-        obj = json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise click.ClickException(f"{conversion_file}: cannot read JSON: {err}") from err
-    if not isinstance(obj, dict):
-        raise click.ClickException(f"{conversion_file}: must hold a JSON object")
-    try:
-        conversion, source = conversion_from_mapping(obj)
-    except InputError as err:
-        raise click.ClickException(f"{conversion_file}: {err.field}: {err.message}") from err
+    conversion, source = conversion_of(read_json_object(conversion_file), conversion_file)
     rule_set = _load(rules_dir_from(rules, config))
     from daemon.outbound import Guard
 

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import click
 
-from daemon.cli import cli, config_option, rules_dir_from, rules_option, settings_from
+from daemon.cli import (
+    cli,
+    config_option,
+    conversion_of,
+    read_json_object,
+    rules_dir_from,
+    rules_option,
+    settings_from,
+)
 from daemon.cli_ops import load_or_exit
-from daemon.errors import InputError, RetryableError
+from daemon.errors import RetryableError
 from daemon.loader import LoadedPostback
-from daemon.models import Conversion, conversion_from_mapping
+from daemon.models import Conversion
 from daemon.sendtest import SendResult, sample_conversion, send_once, would_fire
 
 
@@ -61,17 +67,8 @@ def _conversion(path: str | None, lp: LoadedPostback) -> Conversion:
     if path is None:
         obj: Any = sample_conversion(lp, datetime.now(UTC))
     else:
-        try:
-            obj = json.loads(Path(path).read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise click.ClickException(f"{path}: cannot read JSON: {err}") from err
-        if not isinstance(obj, dict):
-            raise click.ClickException(f"{path}: must hold a JSON object")
-    try:
-        conversion, _ = conversion_from_mapping(obj)
-    except InputError as err:
-        raise click.ClickException(f"{path or 'sample'}: {err.field}: {err.message}") from err
-    return conversion
+        obj = read_json_object(path)
+    return conversion_of(obj, path or "sample")[0]
 
 
 def send_text(result: SendResult) -> str:
