@@ -16,7 +16,8 @@ from typing import Any
 import click
 
 from daemon import __version__
-from daemon.errors import ConfigError, InputError
+from daemon.errors import ConfigError, InputError, RulesError
+from daemon.loader import RuleSet, load_rules
 from daemon.models import Conversion, conversion_from_mapping
 from daemon.settings import Settings, config_path, load_settings
 
@@ -66,6 +67,17 @@ def conversion_of(obj: Mapping[str, Any], where: str) -> tuple[Conversion, str]:
         return conversion_from_mapping(obj)
     except InputError as err:
         raise click.ClickException(f"{where}: {err.field}: {err.message}") from err
+
+
+def load_or_exit(root: Path) -> RuleSet:
+    try:
+        return load_rules(root)
+    except RulesError as err:
+        for issue in err.issues:
+            click.echo(str(issue), err=True)
+        raise click.ClickException(
+            f"the rules in {root} do not load ({len(err.issues)} error(s))"
+        ) from err
 
 
 config_option = click.option(

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from daemon.cli import cli, config_option, rules_dir_from, rules_option
-from daemon.cli_ops import load_or_exit
+from daemon.cli import cli, config_option, load_or_exit, rules_dir_from, rules_option
 from daemon.diff import SampleError, diff, read_samples, report_json, report_text
 from daemon.errors import RulesError
 from daemon.gitutil import GitError

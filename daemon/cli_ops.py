@@ -7,13 +7,12 @@ import difflib
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
 from ruamel.yaml.comments import CommentedMap
 
-from daemon.cli import cli, config_option, rules_dir_from, rules_option
+from daemon.cli import cli, config_option, load_or_exit, rules_dir_from, rules_option
 from daemon.editing import (
     item_of,
     plan_delete,
@@ -21,9 +20,7 @@ from daemon.editing import (
     set_path,
     to_yaml,
 )
-from daemon.errors import RulesError
 from daemon.listing import COLUMNS, literal_credentials, postback_row, render_table, table_cells
-from daemon.loader import RuleSet, load_rules
 from daemon.ruletree import EditError, Plan, Tree, check, write
 from daemon.visibility import Viewer, visible_to
 
@@ -38,17 +35,6 @@ def rules() -> None:
     validated like `postbackd validate` before anything is written: an invalid change writes
     nothing. Review with `git diff`, then commit.
     """
-
-
-def load_or_exit(root: Path) -> RuleSet:
-    try:
-        return load_rules(root)
-    except RulesError as err:
-        for issue in err.issues:
-            click.echo(str(issue), err=True)
-        raise click.ClickException(
-            f"the rules in {root} do not load ({len(err.issues)} error(s))"
-        ) from err
 
 
 @rules.command("list")

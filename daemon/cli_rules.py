@@ -14,6 +14,7 @@ from daemon.cli import (
     cli,
     config_option,
     conversion_of,
+    load_or_exit,
     read_json_object,
     rules_dir_from,
     rules_option,
@@ -39,16 +40,6 @@ def _resolver(config: str | None) -> SecretResolver:
         secrets_dir=settings.secrets_path if settings else None,
         environ=os.environ,
     )
-
-
-def _load(rules_dir: Path) -> RuleSet:
-    try:
-        return load_rules(rules_dir)
-    except RulesError as err:
-        for issue in err.issues:
-            click.echo(str(issue), err=True)
-        click.echo(f"{len(err.issues)} error(s) in {rules_dir}", err=True)
-        sys.exit(1)
 
 
 @cli.command()
@@ -185,7 +176,7 @@ def explain_cmd(
     fires it prints the exact request, secrets shown as ****. Nothing is sent or stored.
     """
     conversion, source = conversion_of(read_json_object(conversion_file), conversion_file)
-    rule_set = _load(rules_dir_from(rules, config))
+    rule_set = load_or_exit(rules_dir_from(rules, config))
     from daemon.outbound import Guard
 
     ev = evaluate(
@@ -257,7 +248,7 @@ def test_cmd(rules_dir: str | None, config: str | None, verbose: bool) -> None:
     expected request of a fired postback. Exit 0 when every case passes.
     """
     root = rules_dir_from(rules_dir, config)
-    rule_set = _load(root)
+    rule_set = load_or_exit(root)
     try:
         cases = load_cases(root)
     except RulesError as err:

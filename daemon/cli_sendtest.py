@@ -14,12 +14,12 @@ from daemon.cli import (
     cli,
     config_option,
     conversion_of,
+    load_or_exit,
     read_json_object,
     rules_dir_from,
     rules_option,
     settings_from,
 )
-from daemon.cli_ops import load_or_exit
 from daemon.errors import RetryableError
 from daemon.loader import LoadedPostback
 from daemon.models import Conversion
