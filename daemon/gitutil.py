@@ -13,23 +13,7 @@ class GitError(Exception):
 
 def git(cwd: str | Path, *args: str, timeout: float = 10.0) -> str:
     """Run git with fixed arguments in `cwd` and return its stdout."""
-    exe = shutil.which("git")
-    if exe is None:
-        raise GitError("git is not installed")
-    try:
-        done = subprocess.run(  # noqa: S603 - fixed executable, arguments are not a shell line
-            [exe, "-C", str(cwd), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise GitError(f"git {args[0]} failed: {err}") from err
-    if done.returncode != 0:
-        first = (done.stderr.strip().splitlines() or ["failed"])[0]
-        raise GitError(f"git {args[0]}: {first}")
-    return done.stdout
+    return git_bytes(cwd, *args, timeout=timeout).decode("utf-8", "replace")
 
 
 def work_tree_state(root: Path) -> tuple[str | None, bool]:
@@ -44,7 +28,7 @@ def work_tree_state(root: Path) -> tuple[str | None, bool]:
 
 
 def git_bytes(cwd: str | Path, *args: str, timeout: float = 30.0) -> bytes:
-    """Like git(), returning raw stdout (for `git archive`)."""
+    """Run git with fixed arguments in `cwd` and return its raw stdout (`git archive`)."""
     exe = shutil.which("git")
     if exe is None:
         raise GitError("git is not installed")
