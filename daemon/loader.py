@@ -92,9 +92,10 @@ def load_rules(
     paths, issues = _discover(real_root)
     sources: dict[str, bytes] = {}
     for path in paths:
-        data = _read(path, issues, real_root)
+        rel = path.relative_to(real_root).as_posix()
+        data = read_capped(path, rel, issues)
         if data is not None:
-            sources[path.relative_to(real_root).as_posix()] = data
+            sources[rel] = data
     loaded: list[LoadedPostback] = []
     offer_goals: dict[str, tuple[bool, str, int]] = {}
     cache = cache if cache is not None else ParseCache()
@@ -151,8 +152,9 @@ def _outside(path: Path, root: Path) -> Issue:
     return Issue(path.relative_to(root).as_posix(), 0, "symlink leads out of the rules directory")
 
 
-def _read(path: Path, issues: list[Issue], root: Path) -> bytes | None:
-    rel = path.relative_to(root).as_posix()
+def read_capped(path: Path, rel: str, issues: list[Issue]) -> bytes | None:
+    """A rule or source file's bytes, or None with an Issue (unreadable, or over 1 MiB: no
+    more than one byte past the limit is read)."""
     try:
         with path.open("rb") as fh:
             data = fh.read(MAX_FILE_BYTES + 1)

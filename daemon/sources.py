@@ -28,7 +28,7 @@ from daemon.auth import (
     signing_key,
 )
 from daemon.errors import InputError, Issue, RulesError, SecretError
-from daemon.loader import is_ignored_name
+from daemon.loader import is_ignored_name, read_capped
 from daemon.models import CANONICAL_FIELDS, Conversion, Status
 from daemon.secrets import SecretResolver
 from daemon.source_files import (
@@ -40,7 +40,7 @@ from daemon.source_files import (
     parse_source_file,
     preset_for,
 )
-from daemon.yamlfile import MAX_FILE_BYTES, YMap, line_of
+from daemon.yamlfile import YMap, line_of
 
 GENERIC = "generic"
 SOURCE_SUFFIXES = (".yaml", ".yml")
@@ -164,11 +164,8 @@ def _load_file(
     trusted: tuple[str, ...],
     state: GateState,
 ) -> tuple[Source, int] | None:
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
-    except OSError as err:
-        issues.append(Issue(rel, 0, f"cannot read: {err.strerror or err}"))
+    data = read_capped(path, rel, issues)
+    if data is None:
         return None
     spec, raw, problems = parse_source_file(rel, data)
     issues.extend(problems)
