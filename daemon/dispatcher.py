@@ -18,7 +18,6 @@ import structlog
 from daemon.actions.base import Job
 from daemon.errors import DeliveryError, OutcomeUnknownError, PermanentError, RetryableError
 from daemon.hosts import Destinations
-from daemon.models import attempt_values
 from daemon.retry import RetryPolicy
 from daemon.store.base import AttemptRow, Claim, DeliveryState, Store
 
@@ -177,19 +176,14 @@ class Dispatcher:
     ) -> tuple[Job, DeliveryError | None, float, float]:
         """One attempt of the action: the job (with its record), the error if any, when it
         started and how long it took."""
-        job = Job(
-            postback_id=claim.postback_id,
-            delivery_id=claim.delivery_id,
-            idempotency_key=claim.idempotency_key,
-            values=attempt_values(
-                claim.values,
-                postback_id=claim.postback_id,
-                delivery_id=claim.delivery_id,
-                idempotency_key=claim.idempotency_key,
-                now=self._now(),
-                rand=str(uuid.uuid4()),
-            ),
-            data=claim.data,
+        job = Job.for_attempt(
+            claim.postback_id,
+            claim.delivery_id,
+            claim.idempotency_key,
+            claim.values,
+            claim.data,
+            now=self._now(),
+            rand=str(uuid.uuid4()),
         )
         started, t0 = self._now(), time.monotonic()
         error: DeliveryError | None = None

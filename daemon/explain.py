@@ -18,10 +18,8 @@ from daemon.models import (
     Conversion,
     Status,
     Transition,
-    attempt_values,
+    arrival_view,
     decide_transition,
-    macro_values,
-    rule_data,
 )
 from daemon.store.base import idempotency_key
 
@@ -73,14 +71,13 @@ def evaluate(
     now = now or datetime.now(UTC)
     transition = decide_transition(previous_status, None, conversion)
     fires = transition in (Transition.NEW, Transition.STATUS_CHANGED)
-    data = rule_data(
+    data, values = arrival_view(
         conversion,
         source=source,
         transition=transition,
         previous_status=previous_status,
         received_at=now,
     )
-    values = macro_values(data, conversion)
     resources = Resources(http=None, secret=_no_secret, clock=_FixedClock(now.timestamp()))
     seq = 1 if previous_status is None else 2
     result = Evaluation(conversion, source, transition, previous_status, data)
@@ -91,19 +88,14 @@ def evaluate(
             continue
         pid = verdict.postback.id
         key = idempotency_key(source, conversion.conversion_id, seq, pid)
-        job = Job(
-            postback_id=pid,
-            delivery_id="dry-run",
-            idempotency_key=key,
-            values=attempt_values(
-                values,
-                postback_id=pid,
-                delivery_id="dry-run",
-                idempotency_key=key,
-                now=now.timestamp(),
-                rand="00000000-0000-4000-8000-000000000000",
-            ),
-            data=data,
+        job = Job.for_attempt(
+            pid,
+            "dry-run",
+            key,
+            values,
+            data,
+            now=now.timestamp(),
+            rand="00000000-0000-4000-8000-000000000000",
         )
         try:
             action = build_action(verdict.postback.postback.action, resources)

@@ -27,7 +27,7 @@ from aiohttp.web_protocol import RequestHandler
 from daemon.auth import Inbound, Ticket
 from daemon.errors import InputError, SecretError, StoreError
 from daemon.matching import match
-from daemon.models import Conversion, Status, Transition, macro_values, rule_data
+from daemon.models import Conversion, Status, Transition, arrival_view
 from daemon.store.base import ArrivalPlan, ArrivalResult, PlannedDelivery, Store
 from daemon.webhook_input import (
     READ_TIMEOUT,
@@ -48,14 +48,13 @@ def make_planner(
     """The planner the store calls inside its transaction, bound to one rules snapshot."""
 
     def plan(transition: Transition, previous: Status | None, effective: Conversion) -> ArrivalPlan:
-        data = rule_data(
+        data, values = arrival_view(
             effective,
             source=source,
             transition=transition,
             previous_status=previous,
             received_at=received_at,
         )
-        values = macro_values(data, effective)
         if transition not in (Transition.NEW, Transition.STATUS_CHANGED):
             return ArrivalPlan(data, values, [])
         deliveries = [

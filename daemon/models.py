@@ -239,6 +239,25 @@ def rule_data(
     return data
 
 
+def arrival_view(
+    conversion: Conversion,
+    *,
+    source: str,
+    transition: Transition,
+    previous_status: Status | None,
+    received_at: datetime,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """What rules see of one arrival: the data of conditions and the values of macros."""
+    data = rule_data(
+        conversion,
+        source=source,
+        transition=transition,
+        previous_status=previous_status,
+        received_at=received_at,
+    )
+    return data, macro_values(data, conversion)
+
+
 def macro_values(data: Mapping[str, Any], conversion: Conversion) -> dict[str, str]:
     """The strings that macros render: canonical fields exactly as sent, context as text."""
     values: dict[str, str] = {}

@@ -21,8 +21,7 @@ from daemon.models import (
     Status,
     Transition,
     Trigger,
-    attempt_values,
-    macro_values,
+    arrival_view,
     rule_data,
 )
 from daemon.outbound import OutboundHttp, Resolver
@@ -132,7 +131,7 @@ async def send_once(
 
 
 def _job(lp: LoadedPostback, conversion: Conversion, now: float) -> Job:
-    data = rule_data(
+    data, values = arrival_view(
         conversion,
         source=SOURCE,
         transition=Transition.NEW,
@@ -141,15 +140,7 @@ def _job(lp: LoadedPostback, conversion: Conversion, now: float) -> Job:
     )
     delivery_id = f"send-test-{uuid.uuid4().hex[:12]}"
     key = idempotency_key(SOURCE, conversion.conversion_id, 1, lp.id)
-    values = attempt_values(
-        macro_values(data, conversion),
-        postback_id=lp.id,
-        delivery_id=delivery_id,
-        idempotency_key=key,
-        now=now,
-        rand=str(uuid.uuid4()),
-    )
-    return Job(lp.id, delivery_id, key, values, data)
+    return Job.for_attempt(lp.id, delivery_id, key, values, data, now=now, rand=str(uuid.uuid4()))
 
 
 class _Clock:

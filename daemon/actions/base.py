@@ -175,6 +175,31 @@ class Job:
     record: AttemptRecord = field(default_factory=AttemptRecord)
     redactor: Redactor = field(default_factory=Redactor)
 
+    @classmethod
+    def for_attempt(
+        cls,
+        postback_id: int,
+        delivery_id: str,
+        idempotency_key: str,
+        values: Mapping[str, str],
+        data: Mapping[str, Any],
+        *,
+        now: float,
+        rand: str,
+    ) -> Job:
+        """The job of one attempt: the arrival's macro values plus the per-attempt ones."""
+        from daemon.models import attempt_values
+
+        full = attempt_values(
+            values,
+            postback_id=postback_id,
+            delivery_id=delivery_id,
+            idempotency_key=idempotency_key,
+            now=now,
+            rand=rand,
+        )
+        return cls(postback_id, delivery_id, idempotency_key, full, data)
+
 
 class SecretLookup(Protocol):
     def __call__(self, name: str) -> str:

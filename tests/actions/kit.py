@@ -29,7 +29,7 @@ from daemon.errors import (
     RulesError,
 )
 from daemon.loader import load_rules
-from daemon.models import Conversion, Transition, attempt_values, macro_values, rule_data
+from daemon.models import Conversion, Transition, arrival_view
 from daemon.outbound import Guard, OutboundHttp, Resolver
 from daemon.secrets import SecretResolver, env_var_name
 from daemon.store.base import AttemptRow, DeliveryState
@@ -72,7 +72,7 @@ def make_job(
     canonical = {k: v for k, v in params.items() if not k.startswith("extra.")}
     extras = {k.removeprefix("extra."): v for k, v in params.items() if k.startswith("extra.")}
     conversion = Conversion.parse(canonical, {**extras, **(extra or {})})
-    data = rule_data(
+    data, values = arrival_view(
         conversion,
         source="generic",
         transition=Transition.NEW,
@@ -80,16 +80,9 @@ def make_job(
         received_at=datetime.fromtimestamp(now, UTC),
     )
     key = key or f"generic:{conversion.conversion_id}:1:{postback_id}"
-    values = attempt_values(
-        macro_values(data, conversion),
-        postback_id=postback_id,
-        delivery_id="d-1",
-        idempotency_key=key,
-        now=now,
-        rand=RAND,
-    )
-    values.update(raw or {})
-    return Job(postback_id, "d-1", key, values, data)
+    job = Job.for_attempt(postback_id, "d-1", key, values, data, now=now, rand=RAND)
+    job.values = {**job.values, **(raw or {})}
+    return job
 
 
 # --- resources -----------------------------------------------------------------------------
