@@ -410,8 +410,8 @@ def test_errors_are_one_clear_line(rules: Path, args: list[str], code: int, mess
 
 
 def test_an_edit_of_a_file_that_changed_meanwhile_writes_nothing(rules: Path) -> None:
-    from daemon.editing import plan_edit, set_path
-    from daemon.ruletree import EditError, Tree, write
+    from daemon.cli.editing import plan_edit, set_path
+    from daemon.cli.ruletree import EditError, Tree, write
 
     tree = Tree.scan(rules)
     plan = plan_edit(tree, 101, lambda item: set_path(item, ["status"], "disabled"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.yamlsplice import Style, detect_style, dump_item, edit_item, merge_lines, spans
+from daemon.cli.yamlsplice import Style, detect_style, dump_item, edit_item, merge_lines, spans
 from tests.test_cli_ops_kit import SOLAR
 
 LINES = st.lists(st.sampled_from(["a\n", "b\n", "c\n", "  d\n", "# e\n", "\n"]), max_size=12)
@@ -67,7 +67,7 @@ def test_an_item_round_trips_exactly_through_an_empty_edit() -> None:
 def test_a_new_item_uses_double_quotes_and_inline_flow_values() -> None:
     from ruamel.yaml.comments import CommentedMap
 
-    from daemon.editing import to_yaml
+    from daemon.cli.editing import to_yaml
 
     item = CommentedMap([("id", 5), ("affiliate", "*"), ("when", to_yaml({"==": [1, 1]}))])
     assert dump_item(item, Style()) == [

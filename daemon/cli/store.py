@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from daemon.cli import cli, config_option, settings_from
+from daemon.cli.common import config_option, settings_from
 from daemon.durations import parse_duration
 from daemon.errors import ConfigError, InputError, RulesError, StoreError
 from daemon.listing import render_table
@@ -80,7 +80,7 @@ def parse_since(text: str, now: datetime) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-@cli.group()
+@click.group()
 def deliveries() -> None:
     """Inspect and retry deliveries in the daemon's store (-c: the daemon's settings)."""
 
@@ -299,7 +299,7 @@ def _warn_inactive(config: str | None, postback: int) -> None:
         )
 
 
-@cli.group()
+@click.group()
 def conversions() -> None:
     """Look up conversions in the daemon's store (-c: the daemon's settings)."""
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import click
 
-from daemon.cli import cli, config_option, load_or_exit, rules_dir_from, rules_option
-from daemon.diff import SampleError, diff, read_samples, report_json, report_text
+from daemon.cli.common import config_option, load_or_exit, rules_dir_from, rules_option
+from daemon.cli.diffing import SampleError, diff, read_samples, report_json, report_text
+from daemon.cli.history import load_base
 from daemon.errors import RulesError
 from daemon.gitutil import GitError
-from daemon.history import load_base
 
 
-@cli.command(name="diff")
+@click.command(name="diff")
 @click.option("--base", required=True, metavar="GIT_REF", help="The commit to compare with.")
 @click.option(
     "--conversions",

@@ -1,7 +1,7 @@
 """A rules tree as text, for the `rules` editing commands: every rule file with the position
 of each postback, the ids ever used, and the check-then-write of a planned change.
 
-A change is planned in full before anything is written (see daemon.editing): `check` loads a
+A change is planned in full before anything is written (see daemon.cli.editing): `check` loads a
 temporary copy of the tree with the new texts through the same loader as `postbackd validate`,
 and only then `write` replaces the files, each atomically.
 """
@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.cli.history import compare
+from daemon.cli.yamlsplice import Span, Style, detect_style, spans
 from daemon.errors import Issue, RulesError
 from daemon.gitutil import GitError, git
-from daemon.history import compare
 from daemon.loader import RULE_SUFFIXES, TESTS_DIR, RuleSet, is_ignored_name, load_rules
 from daemon.yamlfile import YamlError, YList, YMap, load_yaml, raw_text
-from daemon.yamlsplice import Span, Style, detect_style, spans
 
 _HISTORY_ID = re.compile(r"^[+-]\s*-\s+id:\s*[\"']?(\d{1,12})[\"']?\s*(?:#.*)?$", re.MULTILINE)
 

@@ -12,22 +12,22 @@ from typing import Any
 import click
 from ruamel.yaml.comments import CommentedMap
 
-from daemon.cli import cli, config_option, load_or_exit, rules_dir_from, rules_option
-from daemon.editing import (
+from daemon.cli.common import config_option, load_or_exit, rules_dir_from, rules_option
+from daemon.cli.editing import (
     item_of,
     plan_delete,
     plan_edit,
     set_path,
     to_yaml,
 )
+from daemon.cli.ruletree import EditError, Plan, Tree, check, write
 from daemon.listing import COLUMNS, literal_credentials, postback_row, render_table, table_cells
-from daemon.ruletree import EditError, Plan, Tree, check, write
 from daemon.visibility import Viewer, visible_to
 
 FIXED_KEYS = ("id", "created_at", "author")
 
 
-@cli.group()
+@click.group()
 def rules() -> None:
     """List and edit the postbacks in rules.d/ (the platform's Postbacks screen).
 

@@ -1,35 +1,20 @@
-"""The `postbackd` command line: one group, commands registered from their modules.
-
-Errors are one clear line on stderr and a non-zero exit (1 for a failed check, 2 for a usage
-error), whatever click would print by default.
-"""
+"""What every command of the command line shares: the -c and --rules options, settings, rules
+and conversion files read with one clear error line each."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import click
 
-from daemon import __version__
 from daemon.errors import ConfigError, InputError, RulesError
 from daemon.loader import RuleSet, load_rules
 from daemon.models import Conversion, conversion_from_mapping
 from daemon.settings import Settings, config_path, load_settings
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="postbackd")
-def cli() -> None:
-    """postbackd delivers affiliate-marketing postbacks from rules kept in git.
-
-    Trackers post conversions to /webhooks/{source}; on every new conversion and status change
-    the rules in rules.d/ decide which postbacks fire, and each is delivered at least once.
-    """
 
 
 def settings_from(config: str | None) -> Settings:
@@ -89,36 +74,3 @@ config_option = click.option(
 rules_option = click.option(
     "--rules", metavar="DIR", help="Rules directory (default: rules_dir of -c, else ./rules.d)."
 )
-
-
-def main(args: Sequence[str] | None = None) -> None:
-    """Entry point: one clear line on stderr for every error, whatever click would print."""
-    from daemon import (  # noqa: F401 - they register their commands
-        cli_diff,
-        cli_ops,
-        cli_ops_add,
-        cli_rules,
-        cli_run,
-        cli_sendtest,
-        cli_store,
-    )
-
-    try:
-        cli.main(args, prog_name="postbackd", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as err:
-        click.echo(err.ctx.get_help() if err.ctx else "", err=True)
-        sys.exit(2)
-    except click.UsageError as err:
-        cmd = err.ctx.command_path if err.ctx else "postbackd"
-        click.echo(f"{cmd}: error: {err.format_message()} (see {cmd} --help)", err=True)
-        sys.exit(2)
-    except click.ClickException as err:
-        click.echo(f"postbackd: error: {err.format_message()}", err=True)
-        sys.exit(err.exit_code)
-    except click.exceptions.Abort:
-        click.echo("postbackd: aborted", err=True)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 """Plans for the `rules` editing commands: a postback edited, deleted or appended as new file
-texts that keep every comment and every untouched byte (see daemon.yamlsplice), plus the
+texts that keep every comment and every untouched byte (see daemon.cli.yamlsplice), plus the
 round-trip values those edits put in (ids, authors, timestamps, command-line JSON)."""
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from typing import Any
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
-from daemon.gitutil import GitError, git
-from daemon.loader import RULE_SUFFIXES
-from daemon.ruletree import EditError, Plan, RuleDoc, Tree
-from daemon.yamlsplice import (
+from daemon.cli.ruletree import EditError, Plan, RuleDoc, Tree
+from daemon.cli.yamlsplice import (
     Span,
     SpliceError,
     Style,
@@ -30,6 +28,8 @@ from daemon.yamlsplice import (
     parse_value,
     shift,
 )
+from daemon.gitutil import GitError, git
+from daemon.loader import RULE_SUFFIXES
 
 KEY_ORDER = (
     "id",

@@ -10,8 +10,7 @@ from typing import Any
 
 import click
 
-from daemon.cli import (
-    cli,
+from daemon.cli.common import (
     config_option,
     conversion_of,
     load_or_exit,
@@ -20,13 +19,13 @@ from daemon.cli import (
     rules_option,
     settings_from,
 )
+from daemon.cli.history import compare, load_base
+from daemon.cli.ruletests import load_cases, run_case
 from daemon.errors import Issue, RulesError
 from daemon.explain import Evaluation, evaluate
 from daemon.gitutil import GitError
-from daemon.history import compare, load_base
 from daemon.loader import RuleSet, load_rules
 from daemon.models import Status
-from daemon.ruletests import load_cases, run_case
 from daemon.secrets import SecretResolver
 from daemon.sources import Source, load_sources
 
@@ -42,7 +41,7 @@ def _resolver(config: str | None) -> SecretResolver:
     )
 
 
-@cli.command()
+@click.command()
 @click.argument("rules_dir", required=False, metavar="[RULES_DIR]")
 @click.option("--base", metavar="GIT_REF", help="Also check what may not change since this commit.")
 @click.option(
@@ -152,7 +151,7 @@ def _validate_json(
     }
 
 
-@cli.command(name="explain")
+@click.command(name="explain")
 @click.argument("conversion_file", metavar="CONVERSION.json", type=click.Path(dir_okay=False))
 @rules_option
 @click.option(
@@ -237,7 +236,7 @@ def _explain_json(ev: Evaluation) -> dict[str, Any]:
     }
 
 
-@cli.command(name="test")
+@click.command(name="test")
 @click.argument("rules_dir", required=False, metavar="[RULES_DIR]")
 @config_option
 @click.option("-v", "--verbose", is_flag=True, help="Also list the cases that pass.")

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from daemon.cli.ruletests import FIXED_NOW
 from daemon.errors import InputError
 from daemon.explain import Evaluation, evaluate
 from daemon.loader import RuleSet
 from daemon.models import Conversion, Status, conversion_from_mapping
-from daemon.ruletests import FIXED_NOW
 
 REQUEST_PARTS = ("method", "url", "headers", "body")
 Kind = Literal["added", "removed", "changed"]

@@ -12,19 +12,8 @@ import click
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
-from daemon.cli import config_option, rules_option
-from daemon.cli_ops import (
-    FIXED_KEYS,
-    apply,
-    author_affiliate_option,
-    author_option,
-    credential_notes,
-    dry_run_option,
-    open_tree,
-    parse_set,
-    rules,
-)
-from daemon.editing import (
+from daemon.cli.common import config_option, rules_option
+from daemon.cli.editing import (
     NewItem,
     author_map,
     clone,
@@ -36,12 +25,22 @@ from daemon.editing import (
     timestamp,
     to_yaml,
 )
+from daemon.cli.rules import (
+    FIXED_KEYS,
+    apply,
+    author_affiliate_option,
+    author_option,
+    credential_notes,
+    dry_run_option,
+    open_tree,
+    parse_set,
+)
+from daemon.cli.ruletree import EditError, Plan, Tree, next_ids
+from daemon.cli.yamlsplice import yaml_rt
 from daemon.models import Trigger
-from daemon.ruletree import EditError, Plan, Tree, next_ids
-from daemon.yamlsplice import yaml_rt
 
 
-@rules.command("add")
+@click.command("add")
 @click.option("--offer", metavar="ID", help="The offer (its file gets the postback).")
 @click.option("--trigger", type=click.Choice([t.value for t in Trigger]))
 @click.option("--affiliate", metavar="ID|*", help='One affiliate, or "*" for all.')
@@ -188,7 +187,7 @@ def _append(tree: Tree, offer: str, items: list[NewItem], file: str | None) -> P
     return plan
 
 
-@rules.command("duplicate")
+@click.command("duplicate")
 @click.argument("postback_ids", metavar="ID...", nargs=-1, type=int, required=True)
 @click.option("--from-offer", required=True, metavar="A", help="The offer they belong to.")
 @click.option("--to-offer", required=True, metavar="B", help="The offer that gets the copies.")

@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 
 from daemon.app import SERVICES, create_app
-from daemon.cli import cli, config_option, settings_from
+from daemon.cli.common import config_option, settings_from
 from daemon.errors import ConfigError, RulesError, StoreError
 from daemon.ingest import GuardedRunner
 from daemon.log import configure_logging
@@ -85,7 +85,7 @@ async def _serve(settings: Settings, notifier: Notifier) -> None:
     log.info("daemon_stopped", node=services.node)
 
 
-@cli.command()
+@click.command()
 @config_option
 def run(config: str | None) -> None:
     """Run the daemon in the foreground (systemd: Type=notify).
@@ -110,7 +110,7 @@ def run(config: str | None) -> None:
     sys.exit(0)
 
 
-@cli.command()
+@click.command()
 @config_option
 def migrate(config: str | None) -> None:
     """Apply the store's pending schema migrations and name them.

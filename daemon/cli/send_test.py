@@ -10,8 +10,7 @@ from typing import Any
 
 import click
 
-from daemon.cli import (
-    cli,
+from daemon.cli.common import (
     config_option,
     conversion_of,
     load_or_exit,
@@ -26,7 +25,7 @@ from daemon.models import Conversion
 from daemon.sendtest import SendResult, sample_conversion, send_once, would_fire
 
 
-@cli.command("send-test")
+@click.command("send-test")
 @click.argument("postback_id", metavar="POSTBACK_ID", type=int)
 @click.option(
     "--conversion",

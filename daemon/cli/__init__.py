@@ -1,0 +1,70 @@
+"""The `postbackd` command line: one group, and the commands of each family registered here,
+explicitly (daemon/cli/<family>.py defines them; none of them imports this module).
+
+Errors are one clear line on stderr and a non-zero exit (1 for a failed check, 2 for a usage
+error), whatever click would print by default.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import click
+
+from daemon import __version__
+from daemon.cli import check, diff, rules, rules_add, run, send_test, store
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="postbackd")
+def cli() -> None:
+    """postbackd delivers affiliate-marketing postbacks from rules kept in git.
+
+    Trackers post conversions to /webhooks/{source}; on every new conversion and status change
+    the rules in rules.d/ decide which postbacks fire, and each is delivered at least once.
+    """
+
+
+def _register() -> None:
+    for command in (
+        run.run,
+        run.migrate,
+        check.validate,
+        check.explain_cmd,
+        check.test_cmd,
+        diff.diff_cmd,
+        send_test.send_test,
+        rules.rules,
+        store.deliveries,
+        store.conversions,
+    ):
+        cli.add_command(command)
+    for sub in (rules_add.add_cmd, rules_add.duplicate_cmd):
+        rules.rules.add_command(sub)
+
+
+_register()
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point: one clear line on stderr for every error, whatever click would print."""
+    try:
+        cli.main(args, prog_name="postbackd", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as err:
+        click.echo(err.ctx.get_help() if err.ctx else "", err=True)
+        sys.exit(2)
+    except click.UsageError as err:
+        cmd = err.ctx.command_path if err.ctx else "postbackd"
+        click.echo(f"{cmd}: error: {err.format_message()} (see {cmd} --help)", err=True)
+        sys.exit(2)
+    except click.ClickException as err:
+        click.echo(f"postbackd: error: {err.format_message()}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("postbackd: aborted", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
