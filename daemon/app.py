@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from daemon.actions.base import Resources
+from daemon.affiliates.service import AffiliateService
 from daemon.auth import GateState
 from daemon.dispatcher import Dispatcher, DispatcherConfig
 from daemon.errors import StoreError
@@ -50,6 +51,7 @@ class Services:
     node: str
     notifier: Any = None
     metrics: Metrics = field(default_factory=Metrics)
+    affiliates: AffiliateService | None = None  # postbacks as a viewer sees them (issue 15)
 
 
 SERVICES = web.AppKey("services", Services)

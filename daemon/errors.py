@@ -11,7 +11,10 @@
     ├── SecretError            a ${secret:NAME} that does not resolve
     ├── InputError             an inbound webhook that is malformed (HTTP 400, names the field)
     │   ├── AuthError          bad or missing credentials (HTTP 401)
-    │   └── ForbiddenError     the client address is not allowed (HTTP 403)
+    │   ├── ForbiddenError     the client address is not allowed (HTTP 403)
+    │   ├── NotFoundError      no such object, or one the caller may not see (HTTP 404)
+    │   ├── ConflictError      the write contradicts the object's state (HTTP 409)
+    │   └── PolicyError        the affiliate policy refuses it (HTTP 422)
     ├── StoreError             the store cannot read or commit (HTTP 503 on ingest)
     └── DeliveryError          raised by an action during one attempt
         ├── RetryableError     try again later (optionally after `retry_after` seconds)
@@ -101,6 +104,25 @@ class AuthError(InputError):
 
 class ForbiddenError(InputError):
     status = 403
+
+
+class NotFoundError(InputError):
+    """No such object, or one the caller may not see: the same answer either way."""
+
+    status = 404
+
+
+class ConflictError(InputError):
+    """The write contradicts what exists (a file postback, an action type change, a delete
+    whose confirmation does not match)."""
+
+    status = 409
+
+
+class PolicyError(InputError):
+    """The affiliate policy (rules.d/affiliates.yaml) refuses what was asked."""
+
+    status = 422
 
 
 class StoreError(PostbackdError):
