@@ -87,6 +87,16 @@ class Delivery(_Model):
     lease: Duration = Field(default=300.0, ge=1, le=86400)
 
 
+class Ui(_Model):
+    """The web console (docs/console.md)."""
+
+    # Postbacks link to their file:line; with this set, also to `{repository_url}/{file}#L{line}`
+    # (e.g. https://git.example.com/ops/rules/blob/main).
+    repository_url: str | None = Field(default=None, pattern=r"^https?://[^\s\x00-\x1f]{1,500}$")
+    # How long a console sign-in lasts; then the token must be entered again.
+    session_ttl: Duration = Field(default=8 * 3600.0, ge=60, le=30 * 86400)
+
+
 class Log(_Model):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -104,6 +114,7 @@ class Settings(_Model):
     api: Api = Field(default_factory=Api)
     delivery: Delivery = Field(default_factory=Delivery)
     log: Log = Field(default_factory=Log)
+    ui: Ui = Field(default_factory=Ui)
     retention: Duration = Field(default=30 * 86400.0, gt=0)
     # Not a key of the file: the folder that relative paths are relative to.
     config_dir: Path = Field(default=Path("."), exclude=True)
@@ -198,7 +209,7 @@ def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
 
 
 def _env_value(key: str, text: str) -> Any:
-    if key in ("outbound", "inbound", "api", "delivery", "log"):
+    if key in ("outbound", "inbound", "api", "delivery", "log", "ui"):
         try:
             return load_yaml(text)  # e.g. POSTBACKD_LOG='{level: debug}'
         except YamlError as err:
