@@ -23,6 +23,13 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from daemon.models import Conversion, Status, Transition
+from daemon.store.affiliate_types import (
+    AffiliateChanges,
+    AuditRow,
+    PostbackChange,
+    StoredPostback,
+    Who,
+)
 
 
 class DeliveryState(StrEnum):
@@ -228,3 +235,57 @@ class Store(Protocol):
         `before`; never a conversion that still has a pending or in-flight delivery. Returns
         how many conversions were deleted."""
         ...
+
+    # --- affiliate postbacks (issue 15; rows in daemon.store.affiliate_types) ---------------
+
+    async def affiliate_changes(self, since: int) -> AffiliateChanges:
+        """Store postbacks (tombstones of deleted ones too) and affiliate secrets changed after
+        version `since`, as of one consistent version."""
+        ...
+
+    async def create_affiliate_postback(
+        self,
+        affiliate: str,
+        change: PostbackChange,
+        who: Who,
+        now: datetime,
+        max_live: int | None,
+    ) -> StoredPostback:
+        """Insert with a new id (never one handed out before) and its audit row; QuotaExceeded
+        (nothing written) when the affiliate already has `max_live` live postbacks."""
+        ...
+
+    async def update_affiliate_postback(
+        self,
+        pid: int,
+        expected_seq: int,
+        change: PostbackChange,
+        who: Who,
+        kind: str,
+        now: datetime,
+    ) -> StoredPostback | None:
+        """Apply `change` if the row is still at `expected_seq` (None, nothing written, if not
+        or if it is gone), with its audit row; a status other than active cancels its queued and
+        retrying deliveries in the same transaction."""
+        ...
+
+    async def delete_affiliate_postback(
+        self, pid: int, expected_seq: int, who: Who, now: datetime
+    ) -> bool:
+        """Leave a tombstone (the id stays taken), cancel its queued and retrying deliveries and
+        keep the audit row, in one transaction; False (nothing written) if it changed or is
+        gone."""
+        ...
+
+    async def affiliate_history(self, pid: int) -> list[AuditRow]:
+        """The audit rows of one store postback, oldest first."""
+        ...
+
+    async def set_affiliate_secret(
+        self, affiliate: str, name: str, value: str | None, now: datetime
+    ) -> bool:
+        """Set (or, with None, delete) one secret of an affiliate; False when deleting one that
+        is not set."""
+        ...
+
+    async def affiliate_secret_names(self, affiliate: str) -> list[str]: ...

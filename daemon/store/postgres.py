@@ -13,6 +13,7 @@ import asyncpg  # type: ignore[import-untyped]
 from daemon.errors import StoreError
 from daemon.models import Conversion, Status
 from daemon.store import rows
+from daemon.store.affiliates_postgres import PostgresAffiliates
 from daemon.store.base import (
     ArrivalResult,
     AttemptRow,
@@ -58,7 +59,7 @@ async def _errors() -> AsyncIterator[None]:
         raise StoreError(f"postgresql: {err.__class__.__name__}: {err}") from err
 
 
-class PostgresStore:
+class PostgresStore(PostgresAffiliates):
     """A Store on a PostgreSQL database that several postbackd nodes may share."""
 
     def __init__(

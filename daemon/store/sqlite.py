@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from daemon.errors import StoreError
 from daemon.models import Conversion, Status
 from daemon.store import rows
+from daemon.store.affiliates_sqlite import SQLiteAffiliates
 from daemon.store.base import (
     ArrivalResult,
     AttemptRow,
@@ -72,7 +73,7 @@ def connect(path: Path, busy_timeout: float, *, readonly: bool = False) -> sqlit
     return conn
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteAffiliates):
     """A Store on one SQLite file. Writes are group-committed; reads use their own threads."""
 
     def __init__(

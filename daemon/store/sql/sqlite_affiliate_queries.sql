@@ -1,0 +1,67 @@
+-- Named queries of affiliate postbacks (issue 15), SQLite. Times are integer microseconds.
+
+-- name: bump_version
+UPDATE affiliate_state SET version = version + 1 WHERE id = 1;
+
+-- name: version
+SELECT version FROM affiliate_state WHERE id = 1;
+
+-- name: count_live
+SELECT count(*) FROM affiliate_postback
+WHERE affiliate = :affiliate AND status IN ('active', 'disabled');
+
+-- name: insert_postback
+INSERT INTO affiliate_postback
+    (affiliate, offer, status, status_reason, body, created_at, updated_at, change_seq)
+VALUES
+    (:affiliate, :offer, :status, :status_reason, :body, :now, :now, :seq);
+
+-- name: select_postback
+SELECT id, affiliate, offer, status, status_reason, body, created_at, updated_at, change_seq
+FROM affiliate_postback WHERE id = :id;
+
+-- name: update_postback
+UPDATE affiliate_postback
+SET offer = :offer, status = :status, status_reason = :status_reason, body = :body,
+    updated_at = :now, change_seq = :seq
+WHERE id = :id AND change_seq = :expected AND status != 'deleted';
+
+-- name: delete_postback
+UPDATE affiliate_postback
+SET status = 'deleted', status_reason = NULL, updated_at = :now, change_seq = :seq
+WHERE id = :id AND change_seq = :expected AND status != 'deleted';
+
+-- name: cancel_deliveries
+UPDATE delivery
+SET state = 'cancelled', next_attempt_at = NULL, updated_at = :now
+WHERE state IN ('queued', 'retrying') AND postback_id = :id;
+
+-- name: insert_audit
+INSERT INTO affiliate_audit (postback_id, at, who, change, before, after)
+VALUES (:id, :now, :who, :change, :before, :after);
+
+-- name: changed_postbacks
+SELECT id, affiliate, offer, status, status_reason, body, created_at, updated_at, change_seq
+FROM affiliate_postback WHERE change_seq > :since ORDER BY id;
+
+-- name: changed_secrets
+SELECT affiliate, name, value, change_seq FROM affiliate_secret
+WHERE change_seq > :since ORDER BY affiliate, name;
+
+-- name: history
+SELECT postback_id, at, who, change, before, after FROM affiliate_audit
+WHERE postback_id = :id ORDER BY id;
+
+-- name: upsert_secret
+INSERT INTO affiliate_secret (affiliate, name, value, updated_at, change_seq)
+VALUES (:affiliate, :name, :value, :now, :seq)
+ON CONFLICT (affiliate, name) DO UPDATE
+SET value = excluded.value, updated_at = excluded.updated_at, change_seq = excluded.change_seq;
+
+-- name: delete_secret
+UPDATE affiliate_secret SET value = NULL, updated_at = :now, change_seq = :seq
+WHERE affiliate = :affiliate AND name = :name AND value IS NOT NULL;
+
+-- name: secret_names
+SELECT name FROM affiliate_secret
+WHERE affiliate = :affiliate AND value IS NOT NULL ORDER BY name;
