@@ -1,0 +1,88 @@
+"""Console sign-in sessions: an API token exchanged for a random session id kept server-side.
+
+The table lives in the daemon's memory, keyed by the SHA-256 of the session id (the cookie's
+value is never stored). A session carries the viewer its token stood for, its CSRF token and an
+absolute expiry (`ui.session_ttl`, read against the daemon's clock). Sign-out deletes the row;
+a restart or another node behind the same balancer means signing in again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from daemon.visibility import Viewer
+
+COOKIE = "postbackd_session"
+SIGNIN_COOKIE = "postbackd_signin"  # the sign-in form's double-submit CSRF value
+MAX_SESSIONS = 10_000  # the oldest sessions go first beyond this
+_ID_BYTES = 32
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(_ID_BYTES)
+
+
+def same(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of two short secrets (False for a missing one)."""
+    if not given or len(given) > 200:
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode())
+
+
+def _key(session_id: str) -> bytes:
+    return hashlib.sha256(session_id.encode("utf-8", "replace")).digest()
+
+
+@dataclass(frozen=True)
+class Session:
+    viewer: Viewer
+    csrf: str
+    expires: float
+
+
+class Sessions:
+    """The signed-in sessions; `now` is the daemon's clock (tests inject a fake one)."""
+
+    def __init__(self, ttl: float, now: Callable[[], float]) -> None:
+        self.ttl = ttl
+        self._now = now
+        self._rows: dict[bytes, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def create(self, viewer: Viewer) -> tuple[str, Session]:
+        """A new session; returns the id that goes into the cookie, and the session."""
+        self._drop_expired()
+        while len(self._rows) >= MAX_SESSIONS:
+            del self._rows[next(iter(self._rows))]  # dicts keep insertion order: the oldest
+        session_id = new_secret()
+        session = Session(viewer, new_secret(), self._now() + self.ttl)
+        self._rows[_key(session_id)] = session
+        return session_id, session
+
+    def get(self, session_id: str | None) -> Session | None:
+        """The live session of a cookie value; None when unknown or expired."""
+        if not session_id or len(session_id) > 200:
+            return None
+        key = _key(session_id)
+        session = self._rows.get(key)
+        if session is None:
+            return None
+        if session.expires <= self._now():
+            del self._rows[key]
+            return None
+        return session
+
+    def delete(self, session_id: str | None) -> None:
+        if session_id:
+            self._rows.pop(_key(session_id), None)
+
+    def _drop_expired(self) -> None:
+        now = self._now()
+        for key in [k for k, s in self._rows.items() if s.expires <= now]:
+            del self._rows[key]

@@ -1,0 +1,219 @@
+"""Console pages of the store: deliveries (filters, keyset pages), one delivery with every
+attempt and Retry, a conversion's arrivals and the deliveries each fired, and Health."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from daemon.api import API
+from daemon.api_views import attempt_view, checked_cursor, rules_status_view
+from daemon.errors import ConflictError, InputError, StoreError
+from daemon.store.base import DeliveryFilter, DeliveryRow, DeliveryState
+from daemon.store.common import encode_cursor
+from daemon.ui.base import Ctx, PageNotFound, page, params, query, redirect
+from daemon.ui.ops import action_types, masked_fields
+from daemon.ui.views import parse_time
+
+log = structlog.get_logger("postbackd.ui")
+
+PAGE_SIZE = 50
+_DELIVERY_ID = re.compile(r"^[A-Za-z0-9]{1,64}$")
+_RETRYABLE = (DeliveryState.DEAD, DeliveryState.CANCELLED)
+_FILTERS = ("offer", "affiliate", "postback", "action", "state", "since", "until")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/ui/deliveries", page(deliveries))
+    app.router.add_get("/ui/deliveries/{id}", page(delivery))
+    app.router.add_post("/ui/deliveries/{id}/retry", page(retry, admin=True))
+    app.router.add_get("/ui/conversions", page(conversions, admin=True))
+    app.router.add_get("/ui/health", page(health, admin=True))
+
+
+# --- deliveries ----------------------------------------------------------------------------
+
+
+def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | None]:
+    """The store filter of the page's query, within what the viewer may see, and the cursor
+    the page starts from (the `until` bound is a starting cursor: newest first)."""
+    rules = ctx.services.reloader.runtime.rules
+    ids: frozenset[int] | None = ctx.request.app[API].visible_ids(rules, ctx.viewer)
+
+    def narrow(keep: frozenset[int]) -> None:
+        nonlocal ids
+        ids = keep if ids is None else ids & keep
+
+    if "postback" in q:
+        text = q["postback"].strip()
+        if not (text.isascii() and text.isdigit() and len(text) < 19):
+            raise InputError("postback must be a postback id", "postback")
+        narrow(frozenset({int(text)}))
+    if "offer" in q:
+        narrow(frozenset(lp.id for lp in rules.offers.get(q["offer"].strip(), ())))
+    if "affiliate" in q:
+        who = q["affiliate"].strip()
+        narrow(
+            frozenset(
+                pid
+                for pid, lp in rules.postbacks.items()
+                if who in (lp.postback.affiliate, lp.postback.owner_affiliate)
+            )
+        )
+    if "action" in q:
+        if q["action"] not in action_types():
+            raise InputError("unknown action type", "action")
+        narrow(
+            frozenset(
+                p for p, lp in rules.postbacks.items() if lp.postback.action.type == q["action"]
+            )
+        )
+    state = None
+    if "state" in q:
+        try:
+            state = DeliveryState(q["state"])
+        except ValueError as err:
+            raise InputError("unknown delivery state", "state") from err
+    since = parse_time(q["since"], "since") if "since" in q else None
+    cursor = checked_cursor(q.get("cursor"))
+    if cursor is None and "until" in q:
+        cursor = encode_cursor(parse_time(q["until"], "until"), "0")  # created before `until`
+    return DeliveryFilter(state=state, postback_ids=ids, since=since), cursor
+
+
+async def deliveries(ctx: Ctx) -> web.Response:
+    q = query(ctx.request, (*_FILTERS, "cursor"))
+    flt, cursor = delivery_filter(ctx, q)
+    rows: list[DeliveryRow] = []
+    next_cursor = None
+    if flt.postback_ids is None or flt.postback_ids:
+        rows, next_cursor = await ctx.services.store.list_deliveries(flt, PAGE_SIZE, cursor)
+    filters = {k: q.get(k, "") for k in _FILTERS}
+    return ctx.render(
+        "deliveries.html",
+        rows=rows,
+        filters=filters,
+        states=[s.value for s in DeliveryState],
+        actions=action_types(),
+        next_link=f"?{params({**filters, 'cursor': next_cursor})}" if next_cursor else None,
+        first_link=f"?{params(filters)}" if cursor else None,
+    )
+
+
+async def visible_delivery(ctx: Ctx) -> Any:
+    """The delivery of the URL if the viewer may see it; the 404 page otherwise."""
+    delivery_id = ctx.request.match_info["id"]
+    detail = None
+    if _DELIVERY_ID.match(delivery_id):
+        detail = await ctx.services.store.get_delivery(delivery_id)
+    if detail is not None:
+        rules = ctx.services.reloader.runtime.rules
+        ids = ctx.request.app[API].visible_ids(rules, ctx.viewer)
+        if ids is None or detail.delivery.postback_id in ids:
+            return detail
+    raise PageNotFound()
+
+
+async def delivery(ctx: Ctx) -> web.Response:
+    detail = await visible_delivery(ctx)
+    row = detail.delivery
+    return ctx.render(
+        "delivery.html",
+        row=row,
+        attempts=[attempt_view(a) for a in reversed(detail.attempts)],
+        retryable=row.state in _RETRYABLE and ctx.viewer.is_admin,
+        notice=ctx.request.query.get("notice") == "queued",
+    )
+
+
+async def retry(ctx: Ctx) -> web.Response:
+    detail = await visible_delivery(ctx)
+    row = detail.delivery
+    if row.state not in _RETRYABLE:
+        raise ConflictError(
+            f"delivery {row.delivery_id} is {row.state.value}: only dead or "
+            "cancelled deliveries can be retried"
+        )
+    now = datetime.fromtimestamp(ctx.services.clock.now(), UTC)
+    if await ctx.services.store.requeue([row.delivery_id], now) == 0:
+        raise ConflictError(f"delivery {row.delivery_id} changed state meanwhile")
+    ctx.services.dispatcher.wake()
+    log.info("delivery_requeued", delivery_id=row.delivery_id, postback_id=row.postback_id)
+    return redirect(f"/ui/deliveries/{row.delivery_id}?notice=queued")
+
+
+# --- conversions ---------------------------------------------------------------------------
+
+
+async def conversions(ctx: Ctx) -> web.Response:
+    q = query(ctx.request, ("source", "id"))
+    source, cid = q.get("source", "generic").strip(), q.get("id", "").strip()
+    found = None
+    fired: dict[int, list[DeliveryRow]] = {}
+    if cid:
+        found = await ctx.services.store.get_conversion(source, cid)
+        if found is not None:
+            flt = DeliveryFilter(conversion_id=cid)
+            rows, _ = await ctx.services.store.list_deliveries(flt, 1000, None)
+            for row in sorted(rows, key=lambda r: (r.arrival_seq, r.created_at)):
+                if row.source == source:
+                    fired.setdefault(row.arrival_seq, []).append(row)
+    return ctx.render(
+        "conversions.html",
+        source=source,
+        cid=cid,
+        found=found,
+        fields=masked_fields(found.fields) if found is not None else {},
+        fired=fired,
+    )
+
+
+# --- health --------------------------------------------------------------------------------
+
+
+async def health(ctx: Ctx) -> web.Response:
+    services = ctx.services
+    status = rules_status_view(services.reloader)
+    store: dict[str, Any] = {"ok": True, "error": None, "depth": {}}
+    try:
+        await services.store.ping()
+        depth = await services.store.queue_depth()
+        store["depth"] = {state.value: depth.get(state, 0) for state in DeliveryState}
+    except StoreError as err:
+        store = {"ok": False, "error": str(err), "depth": {}}
+    return ctx.render(
+        "health.html",
+        rules=status,
+        store=store,
+        loops=_loops(services),
+        lag=_lag(services),
+        node=services.node,
+    )
+
+
+def _loops(services: Any) -> list[dict[str, Any]]:
+    """Background loops as the supervisor reports them, when the daemon has one."""
+    supervisor = getattr(services, "supervisor", None) or getattr(services, "loops", None)
+    report = getattr(supervisor, "report", None)
+    if callable(report):
+        try:
+            found = report()
+        except Exception:
+            return []
+        if isinstance(found, list):
+            return [dict(item) for item in found if isinstance(item, dict)]
+        if isinstance(found, dict):
+            return [
+                {"name": k, **(v if isinstance(v, dict) else {"state": v})}
+                for k, v in found.items()
+            ]
+    return []
+
+
+def _lag(services: Any) -> Any:
+    lag = getattr(services, "delivery_lag", None)
+    return lag() if callable(lag) else lag
