@@ -104,6 +104,9 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     add_api_routes(app, settings, environ)
+    from daemon.ui import add_ui_routes  # here: the console's pages import this module too
+
+    add_ui_routes(app, settings, environ)
     return app
 
 
