@@ -20,7 +20,7 @@ from daemon.auth import GateState
 from daemon.dispatcher import Dispatcher, DispatcherConfig
 from daemon.errors import StoreError
 from daemon.guard import Guard
-from daemon.hosts import Destinations
+from daemon.hosts import Destinations, DestinationsCollector
 from daemon.ingest import ingest
 from daemon.metrics import Metrics
 from daemon.outbound import OutboundHttp, Resolver
@@ -175,7 +175,8 @@ async def _services(
         notifier=notifier,
     )
     metrics.watch_rules(reloader)
-    destinations = Destinations(settings.outbound.per_host_concurrency, clock.now)
+    destinations = Destinations.from_settings(settings, clock.now)
+    metrics.registry.register(DestinationsCollector(destinations))
     dispatcher = Dispatcher(
         store,
         lambda: reloader.runtime,

@@ -1,37 +1,59 @@
 """The dispatcher: claims due deliveries, runs each action once per claim, records the attempt
-and decides what comes next (retry on the schedule, dead, cancelled)."""
+and what comes next (daemon.decisions decides it: succeeded, retry at T, dead), and feeds each
+destination's circuit breaker (daemon.hosts, daemon.breaker).
+
+An attempt's time counts from the moment it gets its destination slot: waiting in line never
+cuts a request that was not sent, nor marks a destination as failing. The claim's lease still
+outlasts every attempt because the wait for a slot is bounded (docs/scaling.md): at most
+`slot_wait` in line, then at most `attempt_bound` sending, together 90 % of the lease; a claim
+that waited too long is handed back unsent.
+
+While a destination's breaker is open its claims are handed back held (store.hold: no attempt,
+no attempt count); when it closes, its backlog becomes due at once (store.unhold). A result that
+cannot be recorded (StoreError) is logged and left to its claim's lease; no task's exception
+goes unretrieved.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 
-from daemon.actions.base import Job
-from daemon.errors import DeliveryError, OutcomeUnknownError, PermanentError, RetryableError
+from daemon.actions.base import Action, Job
+from daemon.breaker import Change, Ticket, Verdict
+from daemon.decisions import Decision, decide, effective_policy
+from daemon.errors import DeliveryError, OutcomeUnknownError, RetryableError, StoreError
 from daemon.hosts import Destinations
+from daemon.loader import LoadedPostback
 from daemon.retry import RetryPolicy
 from daemon.store.base import AttemptRow, Claim, DeliveryState, Store
 
+if TYPE_CHECKING:
+    from daemon.reload import Runtime
+
 log = structlog.get_logger("postbackd.dispatcher")
 
-# Reasons that say the destination itself is unwell (feeds the pause of hosts.Destinations).
-# At most this share of the lease is spent waiting for a per-destination slot, so the rest (by
-# default 40 % of 300 s: 120 s) is left for the attempt itself.
-SLOT_WAIT_SHARE = 0.5
 # A delivery of a postback this node does not know is put back for this long, for as long as
 # the delivery is younger than the grace; then it is cancelled as removed.
 UNKNOWN_POSTBACK_RETRY = 30.0
 UNKNOWN_POSTBACK_GRACE = 600.0
-_HOST_REASONS = ("connect_failed", "connect_timeout", "dns_failed", "timeout", "disconnected")
+# The share of the lease that waiting for slots plus sending may take; the rest is the margin
+# for recording the result before another node may claim the delivery.
+LEASE_USE = 0.9
+# An attempt may take at most this share of the lease; what is left of LEASE_USE is the wait.
+ATTEMPT_SHARE = 0.6
+_STORE_ERROR_MAX = 300
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
 
 
 @dataclass(frozen=True)
@@ -45,15 +67,30 @@ class DispatcherConfig:
 
     @property
     def attempt_bound(self) -> float:
-        """An attempt always ends before its claim does, so no other node can start it."""
-        return min(self.attempt_timeout, self.lease * 0.9)
+        """How long an attempt may take from the moment it has its slot."""
+        return min(self.attempt_timeout, self.lease * ATTEMPT_SHARE)
+
+    @property
+    def slot_wait(self) -> float:
+        """How long a claim may wait in line for its slots; with attempt_bound, 90 % of the
+        lease, so an attempt always ends before its claim does (no other node can start it)."""
+        return self.lease * LEASE_USE - self.attempt_bound
+
+
+def describe_store_error(err: BaseException) -> str:
+    """A store error as one short line for the log: its first line (PostgreSQL's DETAIL lines
+    may quote row values), a URL's userinfo masked."""
+    lines = str(err).strip().splitlines()
+    text = _USERINFO.sub(r"\1***@", lines[0] if lines else "")
+    line = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return line[:_STORE_ERROR_MAX]
 
 
 class Dispatcher:
     def __init__(
         self,
         store: Store,
-        runtime: Callable[[], Any],
+        runtime: Callable[[], Runtime],
         now: Callable[[], float],
         config: DispatcherConfig,
         destinations: Destinations,
@@ -72,6 +109,9 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        # Destinations whose breaker closed and whose held backlog is still to be made due
+        # (done before the next claim; kept when the store fails, so nothing stays held).
+        self._unhold: set[str] = set()
         # Held while claiming and starting: stop() waits on it, so that a claim already under
         # way cannot start attempts after stop() has returned (and the session has closed).
         self._claiming = asyncio.Lock()
@@ -98,8 +138,10 @@ class Dispatcher:
                     await self._wake.wait()
 
     async def dispatch_once(self) -> int:
-        """Claim what is due and start an attempt for each; returns how many were started."""
+        """Make due what closed breakers held, then claim what is due and start an attempt for
+        each; returns how many were started."""
         async with self._claiming:
+            await self._release_held()
             room = self.config.max_in_flight - len(self._tasks)
             if room <= 0 or self._stopping:
                 return 0
@@ -110,10 +152,19 @@ class Dispatcher:
                 timedelta(seconds=self.config.lease),
             )
             for claim in claims:
-                task = asyncio.create_task(self._attempt(claim))
+                task = asyncio.create_task(self._attempt(claim), name="attempt")
                 self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(self._task_done)
             return len(claims)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """Every attempt task's end is collected: an exception that escaped is logged."""
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        err = task.exception()
+        if err is not None:
+            log.error("attempt_task_failed", error=describe_store_error(err), exc_info=err)
 
     async def drain(self) -> None:
         """Wait for every attempt in progress (tests and graceful stop)."""
@@ -132,6 +183,19 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
+    async def _release_held(self) -> None:
+        for dest in sorted(self._unhold):
+            try:
+                count = await self.store.unhold(dest, self._dt(self._now()))
+            except StoreError as err:
+                log.warning(
+                    "breaker_backlog_unreleased", destination=dest, error=describe_store_error(err)
+                )
+                return  # tried again before the next claim
+            self._unhold.discard(dest)
+            log.info("breaker_closed", destination=dest, backlog=count)
+            log.info("destination_up", destination=dest)
+
     async def _attempt(self, claim: Claim) -> None:
         runtime = self._runtime()
         lp = runtime.rules.postbacks.get(claim.postback_id)
@@ -139,40 +203,81 @@ class Dispatcher:
         if lp is None and age < UNKNOWN_POSTBACK_GRACE:
             # Another node may run newer rules than this one (a sync timer apart): wait for
             # ours to catch up rather than cancel a postback we have not heard of yet.
-            await self.store.release(claim, self._dt(self._now() + UNKNOWN_POSTBACK_RETRY))
+            await self._give_back(claim, self._now() + UNKNOWN_POSTBACK_RETRY)
             return
         if lp is None or not lp.postback.active:
             await self._cancel(claim, runtime, lp)
             return
         action = runtime.actions[claim.postback_id]
         dest = action.destination
-        paused = self.destinations.paused_until(dest)
-        if paused is not None:
-            await self.store.release(claim, self._dt(paused))  # due again when the pause ends
-            return
-        loop = asyncio.get_running_loop()
-        # The claim's clock starts now, not when a slot frees up: an attempt must end before
-        # the lease does, or another node could send it too.
-        deadline = loop.time() + self.config.attempt_bound
-        semaphore = self.destinations.semaphore(dest)
-        try:
-            async with asyncio.timeout(self.config.lease * SLOT_WAIT_SHARE):
-                await semaphore.acquire()
-        except TimeoutError:
-            # Too long in line for this destination: hand the claim back unsent.
-            await self.store.release(claim, self._dt(self._now()))
+        ticket = self.destinations.admit(dest)
+        if ticket.verdict is Verdict.HOLD:
+            await self._hold(claim, dest)
             return
         try:
-            if self._stopping:  # not sent yet: it waits for the next start instead of the grace
-                await self.store.release(claim, self._dt(self._now()))
+            sent = await self._send_in_slot(claim, lp, action)
+            if sent is None:
                 return
-            sent = await self._send(claim, lp, action, deadline)
+            job, error, started, duration = sent
+            policy = effective_policy(self.policy, lp.postback.retry)
+            decision = decide(error, claim, policy, self._now(), self._rng)
+            self._health(dest, ticket, decision)
         finally:
-            semaphore.release()  # before the store write: the slot bounds sending, not commits
-        await self._conclude(claim, runtime, lp, action, *sent)
+            # A probe that ended without a result (no slot, stopping) lets the next one go;
+            # after a result this does nothing (the breaker has moved on).
+            self.destinations.abandon(dest, ticket)
+        await self._conclude(claim, runtime, lp, action, job, decision, started, duration)
+
+    def _health(self, dest: str, ticket: Ticket, decision: Decision) -> None:
+        event = self.destinations.record(dest, ticket, decision.healthy)
+        if event is not None and event.change is Change.CLOSED:
+            self._unhold.add(dest)
+            self.wake()
+
+    async def _hold(self, claim: Claim, dest: str) -> None:
+        """The breaker is open: hand the claim back held, no attempt."""
+        now = self._now()
+        until = self._dt(now + self.destinations.hold_safety)
+        try:
+            held = await self.store.hold(claim, until, self._dt(now))
+        except StoreError as err:
+            self._unrecorded(claim, "held", err)
+            return
+        if held:
+            self.destinations.held(dest, claim.delivery_id)
+        if not self.destinations.is_down(dest):
+            # The breaker closed while this hold was being written: release it with the rest.
+            self._unhold.add(dest)
+            self.wake()
+
+    async def _send_in_slot(
+        self, claim: Claim, lp: LoadedPostback, action: Action
+    ) -> tuple[Job, DeliveryError | None, float, float] | None:
+        """Wait (bounded) for the affiliate's fair-use slot and the destination's slot, then
+        send; None when the claim was handed back unsent (no slot in time, or stopping)."""
+        affiliate = self.destinations.affiliate_slot(lp.postback.owner_affiliate)
+        destination = self.destinations.semaphore(action.destination)
+        async with contextlib.AsyncExitStack() as slots:
+            try:
+                async with asyncio.timeout(self.config.slot_wait):
+                    for slot in (affiliate, destination):
+                        if slot is not None:
+                            await slot.acquire()
+                            slots.callback(slot.release)
+            except TimeoutError:
+                # Too long in line: hand the claim back unsent (its lease must outlast it).
+                await self._give_back(claim, self._now())
+                return None
+            if self._stopping:  # not sent yet: it waits for the next start instead of the grace
+                await self._give_back(claim, self._now())
+                return None
+            # The attempt's time starts now that it has its slot, not when it was claimed.
+            deadline = asyncio.get_running_loop().time() + self.config.attempt_bound
+            return await self._send(claim, lp, action, deadline)
+        # the slots are released here, before the store write: they bound sending, not commits
 
     async def _send(
-        self, claim: Claim, lp: Any, action: Any, deadline: float
+        self, claim: Claim, lp: LoadedPostback, action: Action, deadline: float
     ) -> tuple[Job, DeliveryError | None, float, float]:
         """One attempt of the action: the job (with its record), the error if any, when it
         started and how long it took."""
@@ -194,9 +299,11 @@ class Dispatcher:
             error = err
         except TimeoutError:
             error = (
-                RetryableError("timeout", "attempt timed out")
+                RetryableError("timeout", "attempt timed out", unwell=True)
                 if action.idempotent
-                else OutcomeUnknownError("attempt timed out after the request was sent")
+                else OutcomeUnknownError(
+                    "attempt timed out after the request was sent", unwell=True
+                )
             )
         except asyncio.CancelledError:
             # Graceful stop: hand the claim back. The resend, if any, carries the same key.
@@ -213,72 +320,76 @@ class Dispatcher:
     async def _conclude(
         self,
         claim: Claim,
-        runtime: Any,
-        lp: Any,
-        action: Any,
+        runtime: Runtime,
+        lp: LoadedPostback,
+        action: Action,
         job: Job,
-        error: DeliveryError | None,
+        decision: Decision,
         started: float,
         duration: float,
     ) -> None:
-        dest = action.destination
-        next_at: float | None = None
-        if error is None:
-            state, outcome, reason = DeliveryState.SUCCEEDED, "succeeded", None
-            self.destinations.succeeded(dest)
-        elif isinstance(error, RetryableError):
-            retry = lp.postback.retry
-            policy = self.policy.with_override(
-                retry.max_attempts if retry else None, retry.max_age if retry else None
-            )
-            age = self._now() - claim.created_at.timestamp()
-            delay = policy.next_delay(claim.attempts + 1, age, error.retry_after, self._rng)
-            if delay is None:
-                state, outcome, reason = DeliveryState.DEAD, "dead", error.reason
-            else:
-                state, outcome, reason = DeliveryState.RETRYING, "retry", error.reason
-                next_at = self._now() + delay
-            if error.reason in _HOST_REASONS or error.reason.startswith(("http_5", "http_429")):
-                self.destinations.failed(dest)
-        else:
-            assert isinstance(error, PermanentError)
-            state, outcome, reason = DeliveryState.DEAD, "dead", error.reason
-            if error.reason in _HOST_REASONS:
-                self.destinations.failed(dest)
+        next_at = decision.next_at
         row = AttemptRow(
             started_at=self._dt(started),
             duration_ms=int(duration * 1000),
-            outcome=outcome,
-            reason=reason,
+            outcome=decision.outcome,
+            reason=decision.reason,
             rules_version=str(runtime.rules.version),
             node=self.config.node,
             request=job.record.request.as_dict() if job.record.request else None,
             response_status=job.record.response_status,
             response_excerpt=job.record.response_excerpt,
         )
-        held = await self.store.finish_attempt(
-            claim, row, state, self._dt(next_at) if next_at is not None else None
-        )
-        log.info(
+        store_error: str | None = None
+        try:
+            held = await self.store.finish_attempt(
+                claim, row, decision.state, self._dt(next_at) if next_at is not None else None
+            )
+        except StoreError as err:
+            # Not recorded: the claim's lease ends and the delivery is tried again (with the
+            # same idempotency key). Said once here, with what the attempt did.
+            held, store_error = False, describe_store_error(err)
+        outcome = decision.outcome if held else "unrecorded" if store_error else "lease_lost"
+        (log.warning if store_error else log.info)(
             "delivery_attempt",
             conversion_id=claim.conversion_id,
             source=claim.source,
             postback_id=claim.postback_id,
             delivery_id=claim.delivery_id,
             action=lp.postback.action.type,
-            destination=dest,
+            destination=action.destination,
             attempt=claim.attempts + 1,
-            outcome=outcome if held else "lease_lost",
-            reason=reason,
+            outcome=decision.outcome if store_error else outcome,
+            reason=decision.reason,
             http_status=job.record.response_status,
             duration_ms=row.duration_ms,
             next_in_s=round(next_at - self._now(), 1) if next_at is not None else None,
             rules_version=row.rules_version,
+            **({"recorded": False, "store_error": store_error} if store_error else {}),
         )
         if self._on_attempt is not None:
-            self._on_attempt(lp.postback.action.type, outcome if held else "lease_lost", duration)
+            self._on_attempt(lp.postback.action.type, outcome, duration)
 
-    async def _cancel(self, claim: Claim, runtime: Any, lp: Any) -> None:
+    async def _give_back(self, claim: Claim, when: float) -> None:
+        """Release a claim unsent, due again at `when`; a store failure leaves it to the lease."""
+        try:
+            await self.store.release(claim, self._dt(when))
+        except StoreError as err:
+            self._unrecorded(claim, "released", err)
+
+    def _unrecorded(self, claim: Claim, outcome: str, err: StoreError) -> None:
+        log.warning(
+            "delivery_attempt",
+            conversion_id=claim.conversion_id,
+            source=claim.source,
+            postback_id=claim.postback_id,
+            delivery_id=claim.delivery_id,
+            outcome=outcome,
+            recorded=False,
+            store_error=describe_store_error(err),
+        )
+
+    async def _cancel(self, claim: Claim, runtime: Runtime, lp: LoadedPostback | None) -> None:
         """A delivery of a removed or disabled postback ends cancelled, never sent."""
         reason = "postback_removed" if lp is None else "postback_disabled"
         row = AttemptRow(
@@ -289,7 +400,11 @@ class Dispatcher:
             rules_version=str(runtime.rules.version),
             node=self.config.node,
         )
-        await self.store.finish_attempt(claim, row, DeliveryState.CANCELLED, None)
+        try:
+            await self.store.finish_attempt(claim, row, DeliveryState.CANCELLED, None)
+        except StoreError as err:
+            self._unrecorded(claim, "cancelled", err)
+            return
         log.info(
             "delivery_attempt",
             delivery_id=claim.delivery_id,

@@ -25,6 +25,9 @@
 
 Messages never carry secret values: callers redact before raising, and `DeliveryError.reason`
 is a short machine-readable tag (``http_503``, ``timeout``, ``outcome_unknown``...).
+`DeliveryError.unwell` is the typed fact that the destination itself is unwell (refused or
+dropped the connection, timed out, answered 5xx/429/408), set where the failure is classified
+(daemon.httpstatus, daemon.outbound); it feeds the destination's circuit breaker.
 """
 
 from __future__ import annotations
@@ -130,19 +133,28 @@ class StoreError(PostbackdError):
 
 
 class DeliveryError(PostbackdError):
-    """One attempt of one delivery failed. `reason` is a short tag for records and metrics."""
+    """One attempt of one delivery failed. `reason` is a short tag for records and metrics;
+    `unwell` says the destination itself is unwell (not the request or our side)."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, unwell: bool = False) -> None:
         self.reason = reason
         self.detail = detail
+        self.unwell = unwell
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
 class RetryableError(DeliveryError):
     """The attempt may succeed later; `retry_after` (seconds) comes from the service if it said."""
 
-    def __init__(self, reason: str, detail: str = "", retry_after: float | None = None) -> None:
-        super().__init__(reason, detail)
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        retry_after: float | None = None,
+        *,
+        unwell: bool = False,
+    ) -> None:
+        super().__init__(reason, detail, unwell=unwell)
         self.retry_after = retry_after
 
 
@@ -167,5 +179,5 @@ class RenderError(PermanentError):
 class OutcomeUnknownError(PermanentError):
     """A non-idempotent request was sent and its outcome is unknown; an operator decides."""
 
-    def __init__(self, detail: str = "") -> None:
-        super().__init__("outcome_unknown", detail)
+    def __init__(self, detail: str = "", *, unwell: bool = False) -> None:
+        super().__init__("outcome_unknown", detail, unwell=unwell)

@@ -1,71 +1,162 @@
-"""Per-destination limits: bounded concurrency, and a pause for a destination that keeps
-failing (its deliveries wait, never dropped). Going down and coming back are logged once each."""
+"""Per-destination limits: bounded concurrency, and a circuit breaker (daemon.breaker) for a
+destination that keeps failing; per-affiliate fair use. This module keeps the state and says
+what happens in the log and the metrics; the dispatcher does the store side (hold, unhold).
+
+Log lines: ``breaker_opened`` (with the pause and the failures that opened it; the old
+``destination_down`` name kept as an alias field-for-field), ``breaker_probe`` (one per pause),
+``breaker_reopened`` (the probe failed: the longer pause), ``breaker_closed`` (logged by the
+dispatcher with the size of the backlog it made due; also ``destination_up``).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import structlog
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from daemon.breaker import Breaker, BreakerPolicy, BreakerState, Change, Event, Ticket
+from daemon.settings import Settings
 
 log = structlog.get_logger("postbackd.hosts")
 
-FAILURES_TO_PAUSE = 5
-FIRST_PAUSE = 30.0
-MAX_PAUSE = 600.0
+_STATE_VALUE = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerState.OPEN: 2.0}
 
 
 @dataclass
-class _Health:
-    failures: int = 0
-    paused_until: float = 0.0
-    pause: float = 0.0
-    down: bool = False
+class _Destination:
+    breaker: Breaker
+    semaphore: asyncio.Semaphore
+    held: set[str] = field(default_factory=set)  # delivery ids this node holds for it
+    last_success: float | None = None
 
 
 class Destinations:
-    def __init__(self, per_host_concurrency: int, now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        per_host_concurrency: int,
+        now: Callable[[], float],
+        policy: BreakerPolicy | None = None,
+        per_affiliate: int | None = None,
+    ) -> None:
         self._limit = per_host_concurrency
         self._now = now
-        self._semaphores: dict[str, asyncio.Semaphore] = {}
-        self._health: dict[str, _Health] = {}
+        self.policy = policy or BreakerPolicy()
+        self._per_affiliate = per_affiliate
+        self._dests: dict[str, _Destination] = {}
+        self._affiliates: dict[str, asyncio.Semaphore] = {}
+        self._started = now()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, now: Callable[[], float]) -> Destinations:
+        b = settings.outbound.breaker
+        return cls(
+            settings.outbound.per_host_concurrency,
+            now,
+            BreakerPolicy(b.threshold, b.first_pause, b.growth, b.max_pause),
+            per_affiliate=settings.delivery.per_affiliate_in_flight,
+        )
+
+    @property
+    def hold_safety(self) -> float:
+        """How long a held delivery waits in the store at most (if this node dies holding it):
+        twice the longest pause, so a live node re-holds it at most once per two pauses."""
+        return 2 * self.policy.max_pause
+
+    def _get(self, destination: str) -> _Destination:
+        dest = self._dests.get(destination)
+        if dest is None:
+            dest = self._dests[destination] = _Destination(
+                Breaker(self.policy), asyncio.Semaphore(self._limit)
+            )
+        return dest
 
     def semaphore(self, destination: str) -> asyncio.Semaphore:
-        sem = self._semaphores.get(destination)
+        return self._get(destination).semaphore
+
+    def affiliate_slot(self, affiliate: str | None) -> asyncio.Semaphore | None:
+        """The fair-use bound of one affiliate's postbacks (None: not an affiliate's)."""
+        if affiliate is None or self._per_affiliate is None:
+            return None
+        sem = self._affiliates.get(affiliate)
         if sem is None:
-            sem = self._semaphores[destination] = asyncio.Semaphore(self._limit)
+            sem = self._affiliates[affiliate] = asyncio.Semaphore(self._per_affiliate)
         return sem
 
-    def paused_until(self, destination: str) -> float | None:
-        """When a paused destination may be tried again (one probe), or None if it is not."""
-        health = self._health.get(destination)
-        if health is None or health.paused_until <= self._now():
+    def admit(self, destination: str) -> Ticket:
+        """SEND, PROBE (the one attempt after a pause) or HOLD (hand the delivery back)."""
+        ticket, event = self._get(destination).breaker.admit(self._now())
+        if event is not None and event.change is Change.PROBING:
+            log.info("breaker_probe", destination=destination, pause_s=event.pause)
+        return ticket
+
+    def held(self, destination: str, delivery_id: str) -> None:
+        self._get(destination).held.add(delivery_id)
+
+    def record(self, destination: str, ticket: Ticket, healthy: bool) -> Event | None:
+        """The result of an admitted attempt; the change of state it caused, if any (CLOSED:
+        the caller makes the held backlog due and logs breaker_closed with its size)."""
+        dest = self._get(destination)
+        now = self._now()
+        if healthy:
+            dest.last_success = now
+        event = dest.breaker.record(ticket, healthy, now)
+        if event is None:
             return None
-        return health.paused_until
+        if event.change is Change.OPENED:
+            fields = {"destination": destination, "failures": event.failures}
+            log.warning("breaker_opened", **fields, pause_s=event.pause)
+            log.warning("destination_down", **fields, next_in_s=event.pause)
+        elif event.change is Change.REOPENED:
+            log.warning("breaker_reopened", destination=destination, pause_s=event.pause)
+        elif event.change is Change.CLOSED:
+            dest.held.clear()
+        return event
 
-    def succeeded(self, destination: str) -> None:
-        health = self._health.pop(destination, None)
-        if health is not None and health.down:
-            log.info("destination_up", destination=destination)
+    def abandon(self, destination: str, ticket: Ticket) -> None:
+        self._get(destination).breaker.abandon(ticket, self._now())
 
-    def failed(self, destination: str) -> None:
-        """A failure that says the destination itself is unwell (connection, timeout, 5xx, 429)."""
-        health = self._health.setdefault(destination, _Health())
-        health.failures += 1
-        if health.failures < FAILURES_TO_PAUSE:
-            return
-        health.pause = min(MAX_PAUSE, health.pause * 2 if health.pause else FIRST_PAUSE)
-        health.paused_until = self._now() + health.pause
-        if not health.down:
-            health.down = True
-            log.warning(
-                "destination_down",
-                destination=destination,
-                failures=health.failures,
-                next_in_s=health.pause,
-            )
+    def state(self, destination: str) -> BreakerState:
+        dest = self._dests.get(destination)
+        return dest.breaker.state if dest else BreakerState.CLOSED
 
     def is_down(self, destination: str) -> bool:
-        health = self._health.get(destination)
-        return bool(health and health.down)
+        return self.state(destination) is not BreakerState.CLOSED
+
+
+class DestinationsCollector(Collector):
+    """Per-destination metrics at scrape time: breaker state, held deliveries, time since the
+    last healthy answer (since start when there was none)."""
+
+    def __init__(self, destinations: Destinations) -> None:
+        self._d = destinations
+
+    def collect(self) -> Iterable[Metric]:
+        d = self._d
+        state = GaugeMetricFamily(
+            "postbackd_destination_breaker_state",
+            "Circuit breaker of each destination: 0 closed, 1 half-open (probing), 2 open.",
+            labels=["destination"],
+        )
+        held = GaugeMetricFamily(
+            "postbackd_destination_held_deliveries",
+            "Deliveries this node holds for a destination while its breaker is open.",
+            labels=["destination"],
+        )
+        since = GaugeMetricFamily(
+            "postbackd_destination_seconds_since_success",
+            "Seconds since the destination last answered as a healthy host (since start if never).",
+            labels=["destination"],
+        )
+        now = d._now()
+        for name, dest in list(d._dests.items()):
+            state.add_metric([name], _STATE_VALUE[dest.breaker.state])
+            held.add_metric([name], len(dest.held))
+            last = dest.last_success if dest.last_success is not None else d._started
+            since.add_metric([name], max(0.0, now - last))
+        yield state
+        yield held
+        yield since

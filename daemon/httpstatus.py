@@ -15,6 +15,14 @@ from daemon.errors import DeliveryError, OutcomeUnknownError, PermanentError, Re
 
 RETRY_AFTER_CAP = 3600.0
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
+# Statuses that say the destination itself is unwell (overloaded, failing, timing out): they
+# feed its circuit breaker. 425 (too early) and the 4xx are about the request, not the host.
+UNWELL_STATUSES = frozenset({408, 429})
+
+
+def status_unwell(status: int) -> bool:
+    """Whether an HTTP status says the destination is unwell (5xx, 429, 408)."""
+    return status in UNWELL_STATUSES or 500 <= status < 600
 
 
 @dataclass(frozen=True)
@@ -42,19 +50,20 @@ def classify_failure(
     err: BaseException, origin: str, idempotent: bool, *, sent: bool
 ) -> DeliveryError:
     """Map a transport failure: retryable when the request was never sent, else by idempotency.
-    `sent` is True once a connection was made (the request may then have reached the server)."""
+    `sent` is True once a connection was made (the request may then have reached the server).
+    Every transport failure but a bad URL says the destination is unwell."""
     if isinstance(err, aiohttp.ConnectionTimeoutError):
-        return RetryableError("connect_timeout", origin)
+        return RetryableError("connect_timeout", origin, unwell=True)
     if isinstance(err, aiohttp.ClientSSLError):
-        return RetryableError("tls_failed", origin)
+        return RetryableError("tls_failed", origin, unwell=True)
     if isinstance(err, aiohttp.ClientConnectorError):
-        return RetryableError("connect_failed", origin)
+        return RetryableError("connect_failed", origin, unwell=True)
     if isinstance(err, aiohttp.InvalidURL):
         return PermanentError("bad_url", origin)
     if not sent:
         # aiohttp reports the overall deadline as a bare TimeoutError even during connect.
         reason = "connect_timeout" if isinstance(err, TimeoutError) else "connect_failed"
-        return RetryableError(reason, origin)
+        return RetryableError(reason, origin, unwell=True)
     if isinstance(err, TimeoutError):
         reason = "timeout"
     elif isinstance(err, aiohttp.ClientResponseError):
@@ -62,8 +71,8 @@ def classify_failure(
     else:
         reason = "disconnected"
     if idempotent:
-        return RetryableError(reason, origin)
-    return OutcomeUnknownError(f"{reason}: {origin}")
+        return RetryableError(reason, origin, unwell=True)
+    return OutcomeUnknownError(f"{reason}: {origin}", unwell=True)
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -94,7 +103,8 @@ def classify_status(
     permanent: Collection[int] = (),
 ) -> None:
     """The one shared classifier: return on 2xx; raise RetryableError for 408, 425, 429, 5xx
-    and `retryable`; PermanentError for the rest. `permanent` wins over both retry lists."""
+    and `retryable`; PermanentError for the rest. `permanent` wins over both retry lists. The
+    error's `unwell` is :func:`status_unwell` of the status."""
     status = response.status
     if 200 <= status < 300:
         return
@@ -102,5 +112,7 @@ def classify_status(
         status in RETRYABLE_STATUSES or 500 <= status < 600 or status in retryable
     ):
         retry_after = parse_retry_after(response.headers.get("Retry-After"), now)
-        raise RetryableError(f"http_{status}", retry_after=retry_after)
-    raise PermanentError(f"http_{status}")
+        raise RetryableError(
+            f"http_{status}", retry_after=retry_after, unwell=status_unwell(status)
+        )
+    raise PermanentError(f"http_{status}", unwell=status_unwell(status))

@@ -171,9 +171,9 @@ class OutboundHttp:
         try:
             ips = [host] if literal else await self._resolver.resolve(host, port)
         except OSError as err:
-            raise RetryableError("dns_failed", origin) from err
+            raise RetryableError("dns_failed", origin, unwell=True) from err
         if not ips:
-            raise RetryableError("dns_failed", origin)
+            raise RetryableError("dns_failed", origin, unwell=True)
         allowed = [ip for ip in ips if self._guard.allowed(ip)]
         if not allowed:
             raise GuardRefusedError(f"{self._guard.refusal(ips[0])}: {origin}")
@@ -265,7 +265,7 @@ class OutboundHttp:
         except GuardRefusedError as err:
             raise GuardRefusedError(f"{err.detail}: {origin}") from err
         except _DnsFailed as err:
-            raise RetryableError("dns_failed", origin) from err
+            raise RetryableError("dns_failed", origin, unwell=True) from err
         except (aiohttp.ClientError, OSError) as err:
             failure = classify_failure(err, origin, idempotent, sent=progress.connected)
             raise failure from _safe_cause(err, secrets)

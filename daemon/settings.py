@@ -46,10 +46,32 @@ class TokenSpec(_Model):
         return None if self.affiliate is None else str(self.affiliate)
 
 
+class Breaker(_Model):
+    """The circuit breaker of each destination (docs/scaling.md, "Destination outages")."""
+
+    # Consecutive unwell results (refused, reset, timeout, 5xx, 429) that open it: enough that
+    # one slow request or a blip of 1-2 failures does not, few enough that a dead destination
+    # costs a handful of attempts.
+    threshold: int = Field(default=5, ge=1, le=1000)
+    # The first pause before the one probe: a restarting web server is usually back in seconds.
+    first_pause: Duration = Field(default=5.0, gt=0, le=3600)
+    # Each failed probe multiplies the pause by this, up to max_pause: one probe per max_pause
+    # against a destination that stays down costs nothing, and it is noticed within max_pause.
+    growth: float = Field(default=2.0, ge=1.0, le=10.0)
+    max_pause: Duration = Field(default=60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _pauses(self) -> Breaker:
+        if self.max_pause < self.first_pause:
+            raise ValueError("breaker.max_pause must not be shorter than breaker.first_pause")
+        return self
+
+
 class Outbound(_Model):
     allow_cidrs: list[str] = Field(default_factory=list)
     timeout: Duration = Field(default=10.0, gt=0, le=300)
     per_host_concurrency: int = Field(default=8, ge=1, le=1000)
+    breaker: Breaker = Field(default_factory=Breaker)
 
     @model_validator(mode="after")
     def _cidrs(self) -> Outbound:
@@ -85,6 +107,10 @@ class Delivery(_Model):
     # after that, so it must outlast any attempt; a node that dies holds its claims this long.
     # The default outlasts the longest action timeout (an LMS auction: 120 s).
     lease: Duration = Field(default=300.0, ge=1, le=86400)
+    # Fair use: at most this many attempts (claimed and in progress) per affiliate at once on a
+    # node, for postbacks authored by an affiliate's user; the dispatcher keeps 256 in flight,
+    # so one affiliate's flood leaves at least three quarters of it to the others.
+    per_affiliate_in_flight: int = Field(default=64, ge=1, le=100000)
 
 
 class Ui(_Model):

@@ -199,6 +199,19 @@ class Store(Protocol):
         later time to postpone it); False when the claim is no longer held."""
         ...
 
+    async def hold(self, claim: Claim, until: datetime, now: datetime) -> bool:
+        """Give a claim back held by an open circuit breaker: not an attempt (the attempt count
+        does not move), due again at `until` (a safety time, in case this node dies holding
+        it) unless :meth:`unhold` makes it due sooner. It keeps the time it was first due, also
+        across a second hold. False when the claim is no longer held."""
+        ...
+
+    async def unhold(self, destination: str, now: datetime) -> int:
+        """The breaker of `destination` closed: every delivery of it still held (not moved
+        since its hold) is due again at once, at the time it was first due (so the backlog
+        drains oldest first). Returns how many."""
+        ...
+
     async def recover(self, node: str, now: datetime) -> int:
         """At start: the claims this node held before it stopped (killed mid-attempt) become
         due at once, instead of waiting for their leases to end. Node names are stable across

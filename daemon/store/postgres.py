@@ -264,6 +264,13 @@ class PostgresStore(PostgresAffiliates):
         args = (claim.delivery_id, claim.token, utc(now))
         return await self._count("release_delivery", *args) == 1
 
+    async def hold(self, claim: Claim, until: datetime, now: datetime) -> bool:
+        args = (claim.delivery_id, claim.token, utc(until), utc(now))
+        return await self._count("hold_delivery", *args) == 1
+
+    async def unhold(self, destination: str, now: datetime) -> int:
+        return await self._count("unhold_destination", destination, utc(now))
+
     async def recover(self, node: str, now: datetime) -> int:
         return await self._count("recover_node", node, utc(now))
 

@@ -314,6 +314,19 @@ class SQLiteStore(SQLiteAffiliates):
             lambda c: c.execute(self._q["release_delivery"], args).rowcount == 1
         )
 
+    async def hold(self, claim: Claim, until: datetime, now: datetime) -> bool:
+        args = {
+            "id": claim.delivery_id,
+            "token": claim.token,
+            "until": to_us(until),
+            "now": to_us(now),
+        }
+        return await self._write(lambda c: c.execute(self._q["hold_delivery"], args).rowcount == 1)
+
+    async def unhold(self, destination: str, now: datetime) -> int:
+        args = {"destination": destination, "now": to_us(now)}
+        return await self._write(lambda c: c.execute(self._q["unhold_destination"], args).rowcount)
+
     async def recover(self, node: str, now: datetime) -> int:
         args = {"node": node, "now": to_us(now)}
         return await self._write(lambda c: c.execute(self._q["recover_node"], args).rowcount)

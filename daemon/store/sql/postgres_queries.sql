@@ -163,3 +163,24 @@ WITH doomed AS (
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM conversion c USING doomed WHERE c.id = doomed.id;
+
+-- name: hold_delivery
+-- A claim handed back held by an open circuit breaker: no attempt, no attempt count. It keeps
+-- the time it was first due (held_due, also across a second hold) and waits at $3.
+-- ($1 id, $2 token, $3 until, $4 now)
+UPDATE delivery
+SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
+    held_due = CASE WHEN held_until IS NOT NULL AND next_attempt_at = held_until
+                    THEN held_due ELSE coalesce(next_attempt_at, $4) END,
+    next_attempt_at = $3, held_until = $3, updated_at = $4,
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL
+WHERE id = $1 AND lease_token = $2 AND state = 'in_flight';
+
+-- name: unhold_destination
+-- The breaker closed: the destination's held deliveries are due again when they first were.
+-- ($1 destination, $2 now)
+UPDATE delivery
+SET next_attempt_at = least(held_due, $2), held_due = NULL, held_until = NULL,
+    updated_at = $2
+WHERE destination = $1 AND held_until IS NOT NULL
+  AND state IN ('queued', 'retrying') AND next_attempt_at = held_until;

@@ -158,3 +158,22 @@ WHERE id IN (
           SELECT 1 FROM delivery d
           WHERE d.conversion_pk = c.id AND d.state IN ('queued', 'retrying', 'in_flight'))
     LIMIT :batch);
+
+-- name: hold_delivery
+-- A claim handed back held by an open circuit breaker: no attempt, no attempt count. It keeps
+-- the time it was first due (held_due, also across a second hold) and waits at :until.
+UPDATE delivery
+SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
+    held_due = CASE WHEN held_until IS NOT NULL AND next_attempt_at = held_until
+                    THEN held_due ELSE coalesce(next_attempt_at, :now) END,
+    next_attempt_at = :until, held_until = :until, updated_at = :now,
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL
+WHERE id = :id AND lease_token = :token AND state = 'in_flight';
+
+-- name: unhold_destination
+-- The breaker closed: the destination's held deliveries are due again when they first were.
+UPDATE delivery
+SET next_attempt_at = min(held_due, :now), held_due = NULL, held_until = NULL,
+    updated_at = :now
+WHERE destination = :destination AND held_until IS NOT NULL
+  AND state IN ('queued', 'retrying') AND next_attempt_at = held_until;
