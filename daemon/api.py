@@ -183,6 +183,14 @@ def _viewer(request: web.Request, *, admin: bool) -> Viewer:
 
 def _endpoint(handler: ApiHandler, *, admin: bool = False) -> Handler:
     async def endpoint(request: web.Request) -> web.StreamResponse:
+def is_admin(request: web.Request) -> bool:
+    """True when the request carries a valid admin token (no error either way: /readyz)."""
+    try:
+        return _viewer(request, admin=True).is_admin
+    except InputError:
+        return False
+
+
         try:
             viewer = _viewer(request, admin=admin)
             return await handler(request, request.app[SERVICES], viewer)
@@ -320,5 +328,6 @@ async def _metrics(request: web.Request) -> web.StreamResponse:
             _viewer(request, admin=True)
         except InputError as err:
             return _error(err)
-    await services.metrics.refresh(services.store)
+    now = datetime.fromtimestamp(services.clock.now(), UTC)
+    await services.metrics.refresh(services.store, now)
     return web.Response(body=services.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

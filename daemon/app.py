@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -25,14 +24,23 @@ from daemon.ingest import ingest
 from daemon.metrics import Metrics
 from daemon.outbound import OutboundHttp, Resolver
 from daemon.reload import Reloader, Runtime
+from daemon.retention import INTERVAL as RETENTION_INTERVAL
+from daemon.retention import STEP_LIMIT as RETENTION_STEP_LIMIT
 from daemon.retention import Retention
 from daemon.secrets import SecretResolver
 from daemon.settings import Settings
 from daemon.sources import load_sources
 from daemon.store.base import ArrivalResult, Store
+from daemon.supervise import Backoff, Supervisor, describe
 from daemon.webhook_input import MAX_BODY, Limits
 
 log = structlog.get_logger("postbackd.app")
+
+READY_STORE_TIMEOUT = 2.0  # /readyz answers within this even when the store hangs
+# Each loop's duty of progress (seconds), the base of /readyz and the watchdog. The dispatcher
+# claims at least every poll interval (1 s) when idle; a claim that blocks (a write lock held
+# past the busy timeout, a hung connection) shows within this many seconds.
+DISPATCHER_PROGRESS = 4.0
 
 
 class SystemClock:
@@ -51,6 +59,7 @@ class Services:
     node: str
     notifier: Any = None
     metrics: Metrics = field(default_factory=Metrics)
+    supervisor: Supervisor = field(default_factory=Supervisor)
     affiliates: AffiliateService | None = None  # postbacks as a viewer sees them (issue 15)
 
 
@@ -129,6 +138,7 @@ async def _services(
 
         store = open_store(settings.store, config_dir=settings.config_dir, create_dirs=True)
     await store.open()
+    store = metrics.observe(store)
     http = OutboundHttp(
         guard=Guard(settings.outbound.allow_cidrs),
         resolver=resolver,
@@ -154,10 +164,16 @@ async def _services(
             for pid, lp in (old.rules.postbacks.items() if old else ())
             if pid not in new.rules.postbacks or not new.rules.postbacks[pid].postback.active
         ]
-        if gone:
+        if not gone:
+            return
+        try:
             count = await store.cancel_postbacks(gone, datetime.now(UTC))
-            if count:
-                log.info("deliveries_cancelled", count=count, postbacks=gone)
+        except StoreError as err:
+            # The swap stands: the dispatcher cancels these deliveries when it claims them.
+            log.warning("store_error", operation="cancel_postbacks", error=describe(err))
+            return
+        if count:
+            log.info("deliveries_cancelled", count=count, postbacks=gone)
 
     gates = GateState()  # replay cache and rate limits outlive reloads
     reloader = Reloader(
@@ -185,30 +201,54 @@ async def _services(
         destinations,
         on_attempt=metrics.attempt,
     )
-    services = Services(settings, store, http, reloader, dispatcher, clock, node, notifier, metrics)
+    supervisor = Supervisor()
+    services = Services(
+        settings, store, http, reloader, dispatcher, clock, node, notifier, metrics, supervisor
+    )
     app[SERVICES] = services
-    tasks: list[asyncio.Task[None]] = []
+    metrics.watch_loops(supervisor)
     try:
         await reloader.load_initial()
         recovered = await store.recover(node, datetime.fromtimestamp(clock.now(), UTC))
         if recovered:
             log.info("deliveries_recovered", count=recovered, node=node)
-        if dispatch:
-            tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
-        if watch:
-            tasks.append(asyncio.create_task(reloader.watch(), name="watcher"))
-        retention = Retention(store, settings.retention, clock.now)
-        tasks.append(asyncio.create_task(retention.run(), name="retention"))
+        _start_loops(services, dispatch=dispatch, watch=watch)
         yield
     finally:
         await dispatcher.stop(grace=20.0)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await supervisor.stop()
+        if notifier is not None:
+            notifier.gate = None
         await http.close()
         await store.close()
+
+
+def _start_loops(services: Services, *, dispatch: bool, watch: bool) -> None:
+    """Every background loop of the daemon, each under the one rule of daemon.supervise."""
+    supervisor, settings = services.supervisor, services.settings
+    if dispatch:
+        poll = services.dispatcher.config.poll_interval
+        supervisor.start(
+            "dispatcher",
+            lambda health: services.dispatcher.run(health.beat),
+            interval=max(DISPATCHER_PROGRESS, 4 * poll),
+        )
+    if watch:
+        reloader = services.reloader
+        supervisor.start("watcher", lambda health: reloader.watch(health.beat), interval=None)
+    retention = Retention(services.store, settings.retention, services.clock.now)
+    supervisor.every(
+        "retention",
+        retention.prune_once,
+        RETENTION_INTERVAL,
+        interval=RETENTION_STEP_LIMIT,
+        backoff=Backoff(first=5.0, cap=300.0),
+    )
+    if services.notifier is not None:
+        # The watchdog is fed only while no loop is wedged (daemon.notify).
+        services.notifier.gate = lambda: [
+            name for name, state in supervisor.states().items() if state == "stalled"
+        ]
 
 
 async def _webhook(request: web.Request) -> web.Response:
@@ -235,19 +275,45 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
+    """503 while the store cannot be reached or a supervised loop fails or has stalled, with
+    the failing parts named. Without an admin token: states only (no error text, no file
+    names, no URL); with one, the details too (issue 13 item 10)."""
+    from daemon.api import is_admin  # here: daemon.api imports SERVICES from this module
+
     services = request.app[SERVICES]
-    status = services.reloader.status
+    store_error = await _store_problem(services.store)
+    failing = ["store"] if store_error is not None else []
+    loops = services.supervisor.states()
+    failing += [name for name, state in loops.items() if state in ("failing", "stalled")]
     runtime = services.reloader.runtime
-    detail: dict[str, Any] = {
+    status = services.reloader.status
+    body: dict[str, Any] = {
+        "status": "not ready" if failing else "ready",
+        "failing": failing,
+        "store": "ok" if store_error is None else "unreachable",
+        "loops": loops,
         "rules_version": str(runtime.rules.version),
-        "rules_loaded_at": status.loaded_at.isoformat() if status.loaded_at else None,
         "last_reload_ok": status.ok,
-        "last_reload_errors": status.last_error,
     }
+    if is_admin(request):
+        body["store_error"] = store_error
+        body["loop_errors"] = {
+            name: {"failures": h.failures, "error": h.error}
+            for name, h in services.supervisor.loops.items()
+            if h.failing
+        }
+        body["rules_loaded_at"] = status.loaded_at.isoformat() if status.loaded_at else None
+        body["last_reload_errors"] = status.last_error
+    return web.json_response(body, status=503 if failing else 200)
+
+
+async def _store_problem(store: Store) -> str | None:
+    """None when the store answers a ping in time, else why not (masked)."""
     try:
-        await services.store.ping()
-        detail["store"] = "ok"
+        async with asyncio.timeout(READY_STORE_TIMEOUT):
+            await store.ping()
     except StoreError as err:
-        detail["store"] = f"unreachable: {err}"
-        return web.json_response({"status": "not ready", **detail}, status=503)
-    return web.json_response({"status": "ready", **detail})
+        return describe(err)
+    except TimeoutError:
+        return f"no answer within {READY_STORE_TIMEOUT:g} s"
+    return None

@@ -126,10 +126,15 @@ class Dispatcher:
     def _dt(self, ts: float) -> datetime:
         return datetime.fromtimestamp(ts, UTC)
 
-    async def run(self) -> None:
-        """Claim and start attempts until stopped."""
+    async def run(self, beat: Callable[[], None] | None = None) -> None:
+        """Claim and start attempts until stopped; `beat()` after each claim that worked.
+
+        A StoreError from the claim ends this call: the supervisor (daemon.supervise) logs it
+        once and calls run again after its backoff, so the dispatcher outlives any outage."""
         while not self._stopping:
             started = await self.dispatch_once()
+            if beat is not None:
+                beat()
             if started:
                 continue
             self._wake.clear()

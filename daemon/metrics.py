@@ -8,7 +8,10 @@ Every metric of ours is prefixed ``postbackd_``; the registry also carries the s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
@@ -95,6 +98,58 @@ class _RulesCollector(Collector):
         yield info
 
 
+class LoopsSource(Protocol):
+    """What the loop metrics read (daemon.supervise.Supervisor)."""
+
+    def states(self) -> Mapping[str, str]: ...
+
+
+class _LoopsCollector(Collector):
+    """`postbackd_loop_up` per supervised loop, read from the supervisor at scrape time."""
+
+    def __init__(self) -> None:
+        self.source: LoopsSource | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        if self.source is None:
+            return
+        up = GaugeMetricFamily(
+            "postbackd_loop_up",
+            "1 while a background loop (dispatcher, watcher, retention...) is up, 0 while it "
+            "fails or has made no progress within its interval (see /readyz).",
+            labels=["loop"],
+        )
+        for name, state in sorted(self.source.states().items()):
+            if state != "ended":
+                up.add_metric([name], 1.0 if state == "up" else 0.0)
+        yield up
+
+
+class ObservedStore:
+    """A store that counts each StoreError under the operation that raised it (the method's
+    name: a fixed set), then raises it on. Everything else is the wrapped store's own."""
+
+    def __init__(self, store: Store, errors: Counter) -> None:
+        self._store = store
+        self._errors = errors
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name.startswith("_") or not inspect.iscoroutinefunction(attr):
+            return attr
+        errors = self._errors.labels(name)
+
+        @functools.wraps(attr)
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await attr(*args, **kwargs)
+            except StoreError:
+                errors.inc()
+                raise
+
+        return call
+
+
 class Metrics:
     """The daemon's metrics; feed it through the hook methods, serve it with :meth:`render`."""
 
@@ -132,6 +187,18 @@ class Metrics:
             "1 when the store answered the last scrape's queue-depth query, else 0.",
             registry=reg,
         )
+        self.delivery_lag = Gauge(
+            "postbackd_delivery_lag_seconds",
+            "Age of the oldest delivery that is due and unclaimed (every node's, read at scrape "
+            "time): grows while conversions are accepted but not delivered.",
+            registry=reg,
+        )
+        self.store_errors = Counter(
+            "postbackd_store_errors",
+            "Store calls that failed (StoreError), by operation (the store method).",
+            ["operation"],
+            registry=reg,
+        )
         self.http_requests = Counter(
             "postbackd_http_requests",
             "HTTP requests answered, by route (its pattern, e.g. /webhooks/{source}) and code.",
@@ -140,6 +207,8 @@ class Metrics:
         )
         self._rules = _RulesCollector()
         reg.register(self._rules)
+        self._loops = _LoopsCollector()
+        reg.register(self._loops)
         ProcessCollector(registry=reg)
         self._refresh_lock = asyncio.Lock()
 
@@ -148,6 +217,15 @@ class Metrics:
     def watch_rules(self, source: RulesSource) -> None:
         """Report reloads and the loaded rule set of `source` from now on."""
         self._rules.source = source
+
+    def watch_loops(self, source: LoopsSource) -> None:
+        """Report the state of `source`'s supervised loops from now on."""
+        self._loops.source = source
+
+    def observe(self, store: Store) -> Store:
+        """`store`, with every StoreError counted in postbackd_store_errors_total."""
+        observed: Store = ObservedStore(store, self.store_errors)
+        return observed
 
     def arrival(self, source: str, transition: Transition | str) -> None:
         """A committed arrival (daemon.app's `_arrival_committed`)."""
@@ -178,17 +256,20 @@ class Metrics:
 
     # --- scraping ---------------------------------------------------------------------------
 
-    async def refresh(self, store: Store) -> None:
-        """Read the queue depth from the store; on failure keep the last values, store_up 0."""
+    async def refresh(self, store: Store, now: datetime | None = None) -> None:
+        """Read the queue depth and the delivery lag from the store; on failure keep the last
+        values, store_up 0."""
         async with self._refresh_lock:
             try:
                 async with asyncio.timeout(DEPTH_TIMEOUT):
                     depth = await store.queue_depth()
+                    lag = await store.delivery_lag(now or datetime.now(UTC))
             except (StoreError, TimeoutError) as err:
                 self.store_up.set(0)
                 log.warning("store_error", error=str(err) or type(err).__name__)
                 return
             self.store_up.set(1)
+            self.delivery_lag.set(lag)
             for state in DeliveryState:
                 self.queue_depth.labels(state.value).set(depth.get(state, 0))
 

@@ -9,7 +9,10 @@ as ``notify_recovered`` when a later send works again) and the daemon carries on
 missing supervisor must never take the service down.
 
 The watchdog pinger runs as a task on the daemon's own event loop on purpose: when the loop is
-blocked the pings stop, and systemd restarts a daemon that no longer serves requests.
+blocked the pings stop, and systemd restarts a daemon that no longer serves requests. Its
+`gate` (set by daemon.app) names the supervised loops that have made no progress within their
+interval: while it names any, no ping is sent (``watchdog_withheld``, logged once, and
+``watchdog_resumed``), so systemd restarts a process whose loop is alive but a part is wedged.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import structlog
 
@@ -66,6 +69,9 @@ class Notifier:
         usec = watchdog_usec if watchdog_usec is not None and watchdog_usec > 0 else None
         self._watchdog_usec = usec if pid_matches and self._address is not None else None
         self._failing = False
+        # The parts that have stopped making progress (daemon.supervise); None: no gate yet.
+        self.gate: Callable[[], Collection[str]] | None = None
+        self._withheld = False
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Notifier:
@@ -128,8 +134,19 @@ class Notifier:
         if interval is None:
             return
         while True:
-            self.watchdog()
+            if self._gate_open():
+                self.watchdog()
             await asyncio.sleep(interval)
+
+    def _gate_open(self) -> bool:
+        stalled = sorted(self.gate()) if self.gate is not None else []
+        log = structlog.get_logger(_LOGGER)
+        if stalled and not self._withheld:
+            log.error("watchdog_withheld", loops=stalled)
+        elif not stalled and self._withheld:
+            log.info("watchdog_resumed")
+        self._withheld = bool(stalled)
+        return not stalled
 
     def _send(self, lines: list[str]) -> None:
         if self._address is None:

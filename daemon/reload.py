@@ -190,8 +190,9 @@ class Reloader:
         settle_memory()
         return True
 
-    async def watch(self) -> None:
-        """Reload on changes until cancelled; follows a `rules.d` symlink that is swapped."""
+    async def watch(self, beat: Callable[[], None] | None = None) -> None:
+        """Reload on changes until cancelled; follows a `rules.d` symlink that is swapped.
+        `beat()` when a watch starts and after each reload (daemon.supervise)."""
         import watchfiles
 
         while True:
@@ -220,13 +221,19 @@ class Reloader:
                 await self.reload("rules directory swapped")
 
     async def _watch_symlink(self, target: Path, stop: asyncio.Event) -> None:
-        while self.rules_dir.resolve() == target:  # noqa: ASYNC110 - a swap sends no event
-            await asyncio.sleep(SYMLINK_POLL)
-        stop.set()
+        try:
+            while self.rules_dir.resolve() == target:  # noqa: ASYNC110 - a swap sends no event
+                await asyncio.sleep(SYMLINK_POLL)
+        finally:  # a failure here ends the watch too; `watch` re-raises it to its supervisor
+            stop.set()
 
     async def _wait_for_git(self) -> None:
         """A git checkout rewrites files one by one; wait until it lets go of its index lock."""
         lock = _git_index_lock(self.rules_dir.resolve())
+            if not target.is_dir():  # fail here, not in the watcher thread, and say what
+                raise FileNotFoundError(f"rules_dir {target} is not a directory")
+            if beat is not None:
+                beat()
         if lock is None:
             return
         waited = 0.0
@@ -243,6 +250,8 @@ def _git_index_lock(start: Path) -> Path | None:
             return git / "index.lock"
         if git.is_file():  # a worktree or submodule: "gitdir: PATH"
             text = git.read_text("utf-8", "replace").strip()
+                    if beat is not None:
+                        beat()
             if text.startswith("gitdir:"):
                 return (folder / text.removeprefix("gitdir:").strip()) / "index.lock"
     return None

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import random
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -15,6 +15,7 @@ from daemon.errors import StoreError
 from daemon.retention import Retention
 from daemon.store.base import DeliveryState, Store
 from daemon.store.sqlite import SQLiteStore
+from daemon.supervise import Backoff, Supervisor
 from tests.harness import FakeClock, start_daemon, wait_for
 from tests.store.support import T0, arrive, claim_one, conversion, finish
 
@@ -88,27 +89,30 @@ class FlakyStore:
         return await self._store.prune(before)
 
 
-async def test_a_failing_prune_is_logged_and_tried_again(store: SQLiteStore) -> None:
+async def test_a_failing_prune_is_logged_once_and_tried_again(store: SQLiteStore) -> None:
     await delivered(store, "old", T0)
     flaky = FlakyStore(store, [StoreError("sqlite: database is locked"), RuntimeError("bug")])
     clock = FakeClock(T0.timestamp() + 2 * RETENTION)
-    retention = Retention(flaky, RETENTION, clock.now, interval=0.01)  # type: ignore[arg-type]
+    retention = Retention(flaky, RETENTION, clock.now)  # type: ignore[arg-type]
+    supervisor = Supervisor(rng=random.Random(1))
+    fast = Backoff(first=0.01, cap=0.02)
 
     with capture_logs() as logs:
-        task = asyncio.create_task(retention.run())
-        await wait_for(lambda: retention.runs >= 4)
-        assert not task.done()  # neither failure stopped the loop
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        health = supervisor.every(
+            "retention", retention.prune_once, 3600.0, interval=60.0, backoff=fast
+        )
+        await wait_for(lambda: health.last_progress is not None)
+        assert health.state == "up"  # neither failure stopped the loop
+        await supervisor.stop()
 
-    events = [(e["event"], e.get("error"), e.get("count")) for e in logs][:3]
+    events = [(e["event"], e.get("error"), e.get("count")) for e in logs]
     assert events == [
-        ("retention_failed", "sqlite: database is locked", None),
-        ("retention_failed", "RuntimeError", None),
+        ("loop_failing", "StoreError: sqlite: database is locked", None),
         ("retention_pruned", None, 1),
+        ("loop_recovered", None, None),
     ]
-    assert logs[1]["exc_info"] is True  # an unexpected error keeps its traceback for the report
+    assert logs[2]["failures"] == 2
+    assert flaky.calls == 3
     assert await store.get_conversion("generic", "old") is None
 
 

@@ -8,6 +8,7 @@ import faulthandler
 import os
 import signal
 import sys
+from typing import Any
 
 import click
 import structlog
@@ -20,6 +21,7 @@ from daemon.ingest import GuardedRunner
 from daemon.log import configure_logging
 from daemon.notify import Notifier
 from daemon.settings import Settings
+from daemon.supervise import spawn
 
 log = structlog.get_logger("postbackd")
 
@@ -63,12 +65,10 @@ async def _serve(settings: Settings, notifier: Notifier) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[bool]] = set()
+    reloads: set[asyncio.Task[Any]] = set()
 
     def on_hup() -> None:
-        task = asyncio.create_task(services.reloader.reload("SIGHUP"))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        spawn(services.reloader.reload("SIGHUP"), "reload", reloads)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     notifier.ready(f"listening on {settings.listen}")

@@ -243,6 +243,12 @@ class Store(Protocol):
 
     async def queue_depth(self) -> dict[DeliveryState, int]: ...
 
+    async def delivery_lag(self, now: datetime) -> float:
+        """Seconds since the oldest delivery that is due and unclaimed (queued or retrying and
+        due, or in flight with an ended lease) became due; 0.0 when none is. Every node's:
+        the "accepting but not delivering" alert reads it (docs/operations.md)."""
+        ...
+
     async def prune(self, before: datetime) -> int:
         """Delete conversions (with arrivals, final deliveries and attempts) last updated before
         `before`; never a conversion that still has a pending or in-flight delivery. Returns

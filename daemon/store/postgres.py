@@ -332,6 +332,13 @@ class PostgresStore(PostgresAffiliates):
             found = await conn.fetch(self._q["queue_depth"])
         return rows.depth(found)
 
+    async def delivery_lag(self, now: datetime) -> float:
+        async with self._conn(transaction=False) as conn:
+            oldest: datetime | None = await conn.fetchval(self._q["oldest_due"])
+        if oldest is None:
+            return 0.0
+        return max(0.0, (utc(now) - oldest).total_seconds())
+
     async def prune(self, before: datetime) -> int:
         """Deletes in batches, each its own transaction, so no lock is held for long."""
         total = 0

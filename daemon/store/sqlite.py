@@ -413,3 +413,9 @@ def _filter_args(flt: DeliveryFilter) -> dict[str, Any]:
         "conversion_id": flt.conversion_id,
         "since": opt_us(flt.since),
     }
+    async def delivery_lag(self, now: datetime) -> float:
+        oldest = await self._read(lambda c: c.execute(self._q["oldest_due"]).fetchone()[0])
+        if oldest is None:
+            return 0.0
+        return max(0.0, (to_us(now) - int(oldest)) / 1_000_000)
+

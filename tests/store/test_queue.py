@@ -193,3 +193,25 @@ async def test_pruned_conversion_arrives_again_as_new(store: Store) -> None:
     assert [a["seq"] for a in stored.arrivals] == [1]
     assert len(ids) == 1
     assert stored.created_at > T0
+
+
+async def test_delivery_lag_is_the_age_of_the_oldest_due_unclaimed_delivery(store: Store) -> None:
+    assert await store.delivery_lag(at(0)) == 0.0  # nothing at all
+    [first] = await arrive(store, conversion("lag-1"), at(10), postbacks=(101,))
+    assert await store.delivery_lag(at(5)) == 0.0  # not due yet
+    assert await store.delivery_lag(at(17.5)) == 7.5
+
+    [claim] = await store.claim_due("n1", at(20), 1, LEASE)  # in flight: not waiting
+    assert claim.delivery_id == first
+    assert await store.delivery_lag(at(21)) == 0.0
+    # A lease that ended makes it due again, for anyone, from the lease's end.
+    assert await store.delivery_lag(at(20 + LEASE.total_seconds() + 4)) == 4.0
+
+    assert await finish(store, claim, DeliveryState.RETRYING, at(22), at(3600))
+    await arrive(store, conversion("lag-2"), at(100), postbacks=(102,))
+    assert await store.delivery_lag(at(130)) == 30.0  # the retry is not due yet
+    assert await store.delivery_lag(at(3610)) == 3510.0  # the queued one is older than it
+
+    for claim in await store.claim_due("n1", at(3610), 10, LEASE):
+        assert await finish(store, claim, DeliveryState.SUCCEEDED, at(3611))
+    assert await store.delivery_lag(at(99_999)) == 0.0  # final deliveries never wait

@@ -164,6 +164,10 @@ WITH doomed AS (
 )
 DELETE FROM conversion c USING doomed WHERE c.id = doomed.id;
 
+-- name: oldest_due
+-- The earliest due_at of all (one index probe): when it is past, that delivery waits unclaimed.
+SELECT min(due_at) FROM delivery WHERE due_at IS NOT NULL;
+
 -- name: hold_delivery
 -- A claim handed back held by an open circuit breaker: no attempt, no attempt count. It keeps
 -- the time it was first due (held_due, also across a second hold) and waits at $3.

@@ -170,6 +170,10 @@ SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
     lease_owner = NULL, lease_token = NULL, lease_until = NULL
 WHERE id = :id AND lease_token = :token AND state = 'in_flight';
 
+-- name: oldest_due
+-- The earliest due_at of all (one index probe): when it is past, that delivery waits unclaimed.
+SELECT min(due_at) FROM delivery WHERE due_at IS NOT NULL;
+
 -- name: unhold_destination
 -- The breaker closed: the destination's held deliveries are due again when they first were.
 UPDATE delivery

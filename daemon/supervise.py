@@ -1,0 +1,212 @@
+"""Supervision of the daemon's background loops: one rule for all of them.
+
+A supervised loop never ends while the daemon runs. When its body raises, the error is logged
+once (``loop_failing``, the error masked) and the body is started again after a capped
+exponential backoff with jitter; the first progress after that is logged once
+(``loop_recovered``). Each loop reports progress (:meth:`LoopHealth.beat`), so that readiness
+and the systemd watchdog can tell a wedged loop (no progress within its interval) from a live
+one. Only ``asyncio.CancelledError`` (the daemon's stop) ends a loop; a body that returns has
+ended on purpose (the dispatcher, once stopped) and is no longer watched.
+
+The decision (how long to wait after the n-th failure in a row) is :class:`Backoff`, a value
+object with one pure method; :class:`Supervisor` only applies it. One-shot tasks that are not
+loops get :func:`collect` as their done callback, so that no task exception goes unretrieved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("postbackd.supervise")
+
+MAX_ERROR = 300  # characters of an error kept for logs and the admin view of /readyz
+# scheme://user:password@host -> scheme://***@host: a store URL or a destination may carry them.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+
+
+def describe(err: BaseException) -> str:
+    """The error as one masked line: its type and message, never a URL's userinfo."""
+    text = " ".join(str(err).split())
+    text = _USERINFO.sub(r"\1***@", text)
+    line = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return line if len(line) <= MAX_ERROR else line[: MAX_ERROR - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How long a loop waits before it starts again after failing `failures` times in a row."""
+
+    first: float = 0.5
+    cap: float = 5.0
+    factor: float = 2.0
+    jitter: float = 0.2  # the share of the delay that is random, either way
+
+    def delay(self, failures: int, spread: float) -> float:
+        """Seconds to wait after the `failures`-th failure in a row (1, 2, ...); `spread` in
+        [-1, 1] picks the jitter (random in the runner, chosen in tests). Never above `cap`."""
+        exponent = min(max(failures, 1) - 1, 64)
+        base = min(self.cap, self.first * self.factor**exponent)
+        spread = min(1.0, max(-1.0, spread))
+        return max(0.0, min(self.cap, base * (1 + self.jitter * spread)))
+
+
+@dataclass
+class LoopHealth:
+    """What one loop last did: read by /readyz, the metrics and the watchdog."""
+
+    name: str
+    interval: float | None  # progress is due at least this often; None: no such duty
+    now: Callable[[], float] = time.monotonic
+    failing: bool = False
+    error: str | None = None  # the last error, masked (admins only)
+    failures: int = 0  # in a row; 0 once the loop progresses again
+    failing_since: float | None = None
+    last_progress: float | None = None
+    due_by: float | None = None  # no progress by then: the loop is stalled
+    ended: bool = False
+
+    def __post_init__(self) -> None:
+        self.due_by = None if self.interval is None else self.now() + self.interval
+
+    def beat(self, next_in: float = 0.0) -> None:
+        """The loop made progress; the next progress is due within `next_in` + its interval."""
+        now = self.now()
+        self.last_progress = now
+        self.due_by = None if self.interval is None else now + next_in + self.interval
+        if self.failing:
+            log.info(
+                "loop_recovered",
+                loop=self.name,
+                failures=self.failures,
+                down_s=round(now - (self.failing_since or now), 1),
+            )
+        self.failing, self.failures, self.failing_since = False, 0, None
+
+    def failed(self, err: BaseException, retry_in: float) -> None:
+        """The body raised; it starts again in `retry_in` seconds. Logged on the first failure."""
+        now = self.now()
+        self.failures += 1
+        self.error = describe(err)
+        if not self.failing:
+            self.failing, self.failing_since = True, now
+            log.error("loop_failing", loop=self.name, error=self.error, next_in_s=retry_in)
+        # Failing is not wedged: the loop is alive as long as it keeps trying on schedule.
+        self.due_by = None if self.interval is None else now + retry_in + self.interval
+
+    @property
+    def stalled(self) -> bool:
+        return not self.ended and self.due_by is not None and self.now() > self.due_by
+
+    @property
+    def state(self) -> str:
+        """up, failing, stalled or ended."""
+        if self.ended:
+            return "ended"
+        if self.failing:
+            return "failing"
+        return "stalled" if self.stalled else "up"
+
+
+Body = Callable[[LoopHealth], Awaitable[None]]
+
+
+@dataclass
+class Supervisor:
+    """Runs each loop under the rule of this module and keeps its :class:`LoopHealth`."""
+
+    now: Callable[[], float] = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+    loops: dict[str, LoopHealth] = field(default_factory=dict)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(
+        self, name: str, body: Body, *, interval: float | None, backoff: Backoff = Backoff()
+    ) -> LoopHealth:
+        """Run `body(health)` as a supervised loop; the body calls ``health.beat()``."""
+        health = LoopHealth(name, interval, self.now)
+        self.loops[name] = health
+        task = asyncio.create_task(self._run(health, body, backoff), name=name)
+        task.add_done_callback(collect)
+        self._tasks.append(task)
+        return health
+
+    def every(
+        self,
+        name: str,
+        step: Callable[[], Awaitable[object]],
+        period: float,
+        *,
+        interval: float,
+        backoff: Backoff = Backoff(),
+    ) -> LoopHealth:
+        """Run `step` now and then every `period` seconds; each step must end within
+        `interval`."""
+
+        async def body(health: LoopHealth) -> None:
+            while True:
+                await step()
+                health.beat(next_in=period)
+                await asyncio.sleep(period)
+
+        return self.start(name, body, interval=interval, backoff=backoff)
+
+    async def _run(self, health: LoopHealth, body: Body, backoff: Backoff) -> None:
+        while True:
+            try:
+                await body(health)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                delay = backoff.delay(health.failures + 1, self.rng.uniform(-1.0, 1.0))
+                health.failed(err, delay)
+                await asyncio.sleep(delay)
+            else:
+                health.ended = True
+                log.info("loop_ended", loop=health.name)
+                return
+
+    def problems(self) -> dict[str, str]:
+        """The loops that are failing or stalled, with that state."""
+        return {
+            name: h.state for name, h in self.loops.items() if h.state in ("failing", "stalled")
+        }
+
+    def states(self) -> dict[str, str]:
+        """Every loop's state (up, failing, stalled, ended), by name."""
+        return {name: h.state for name, h in self.loops.items()}
+
+    def alive(self) -> bool:
+        """No loop is stalled (failing ones retry on schedule: alive, not wedged)."""
+        return not any(h.stalled for h in self.loops.values())
+
+    async def stop(self) -> None:
+        """Cancel every loop and wait for them."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+
+def collect(task: asyncio.Task[Any]) -> None:
+    """A done callback that retrieves a task's exception and logs it (``task_failed``)."""
+    if task.cancelled():
+        return
+    err = task.exception()
+    if err is not None:
+        log.error("task_failed", task=task.get_name(), error=describe(err))
+
+
+def spawn(coro: Coroutine[Any, Any, Any], name: str, tasks: set[asyncio.Task[Any]]) -> None:
+    """Start a one-shot task kept in `tasks` until done, its exception collected."""
+    task = asyncio.create_task(coro, name=name)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    task.add_done_callback(collect)
