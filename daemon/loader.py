@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +26,9 @@ from daemon.yamlfile import MAX_FILE_BYTES, YamlError, YList, YMap, line_of, loa
 
 RULE_SUFFIXES = (".yaml", ".yml")
 TESTS_DIR = "tests"
+# Files at the top of rules.d/ that are kept with the rules but are not rule files: the
+# catalogue and the retired ids (daemon/catalogue.py) and the affiliates policy file.
+NOT_RULE_FILES = frozenset({"catalogue.yaml", "retired-ids.yaml", "affiliates.yaml"})
 _BACKUP_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".bak", ".orig", ".rej", ".tmp", ".part")
 
 
@@ -137,6 +141,8 @@ def _discover(root: Path) -> tuple[list[Path], list[Issue]]:
             path = here / name
             if is_ignored_name(name) or not name.endswith(RULE_SUFFIXES):
                 continue
+            if here == root and name in NOT_RULE_FILES:
+                continue
             if not _inside(path.resolve(), root):
                 issues.append(_outside(path, root))
                 continue
@@ -203,7 +209,7 @@ def _parse_file(rel: str, data: bytes) -> _Parsed:
     try:
         raw = load_yaml(data)
     except YamlError as err:
-        return _Parsed((Issue(rel, err.line, err.message),))
+        return _Parsed((Issue(rel, err.line, err.message, postback_at_line(data, err.line)),))
     if raw is None:
         return _Parsed()  # an empty file describes nothing
     if not isinstance(raw, YMap):
@@ -215,6 +221,28 @@ def _parse_file(rel: str, data: bytes) -> _Parsed:
     postbacks = raw.get("postbacks")
     lines = tuple(postbacks.lines) if isinstance(postbacks, YList) else ()
     return _Parsed((), rule_file, raw.lines.get("goals_enabled", raw.line), lines)
+
+
+_ITEM_ID = re.compile(rb"^(\s*)-\s+id:\s*[\"']?(\d{1,12})[\"']?\s*(?:#.*)?$")
+
+
+def postback_at_line(data: bytes, line: int) -> int | None:
+    """The id of the postback whose list item holds `line`, read from the text (for errors the
+    YAML parser raises, when there is no structure to ask): the last `- id: N` at or above it,
+    unless a line indented no deeper than that item comes between."""
+    found: int | None = None
+    indent = -1
+    for text in data.splitlines()[: max(line, 0)]:
+        match = _ITEM_ID.match(text)
+        if match:
+            found, indent = int(match.group(2)), len(match.group(1))
+        elif text.strip() and not text.lstrip().startswith(b"#") and _indent(text) <= indent:
+            found = None
+    return found
+
+
+def _indent(text: bytes) -> int:
+    return len(text) - len(text.lstrip())
 
 
 def _load_file(

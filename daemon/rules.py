@@ -53,6 +53,11 @@ def _condition(value: Any) -> Condition | None:
     """`when:` is compiled at load, so a bad condition fails the load, not a conversion."""
     if value is None or isinstance(value, Condition):
         return value
+    if isinstance(value, str):  # a literal string is truthy: the postback would always fire
+        raise ValueError(
+            f"must be a JsonLogic rule, not the text {value[:60]!r}: write it as an object, "
+            'e.g. {">": [{"var": "payout"}, 5]} (see docs/conditions.md)'
+        )
     return compile_condition(value)
 
 

@@ -55,7 +55,7 @@ def test_validate_ok_lists_version_and_secrets(
     assert r.code == 0, r.err
     lines = r.out.splitlines()
     assert lines[0].startswith("ok: 4 postbacks for 1 offers in 1 files, version ")
-    assert lines[1:] == ["secret partner_key: found in environment"]
+    assert lines[1:] == ["secret partner_key: found in environment", "ok: 4 postbacks, 0 warnings"]
     assert "s3cret-value" not in r.out + r.err
 
 
@@ -69,6 +69,7 @@ def test_validate_errors_one_line_each_and_exit_1(
     assert r.out.splitlines() == [
         "a.yaml:2: unknown key 'colour'",
         "b.yaml:10: postback 1: action.url: unknown macro {payot}; did you mean {payout}?",
+        "invalid: 2 errors, 0 warnings",
     ]
 
 
@@ -94,7 +95,7 @@ def test_validate_usage_errors_are_one_line_exit_2(
     ]
     r = run_cli(capsys, ["validate", str(tmp_path / "missing")])
     assert r.code == 1
-    assert r.out.strip().endswith("rules directory does not exist")
+    assert r.err.strip().endswith("missing: no such rules directory (given on the command line)")
 
 
 def test_validate_base_catches_a_changed_action_type_and_other_history_rules(
@@ -128,6 +129,7 @@ def test_validate_base_catches_a_changed_action_type_and_other_history_rules(
         "o.yaml:3: postback 1: author changed (was Jane (7) in HEAD)",
         "o.yaml:3: postback 1: created_at changed (was 2026-11-01 10:00:00+00:00 in HEAD)",
         "o.yaml:3: postback 1: id 1 belongs to offer 9 in HEAD; ids are never reused: use a new id",
+        "invalid: 3 errors, 0 warnings",
     ]
     bad = run_cli(capsys, ["validate", str(rules), "--base", "no-such-ref"])
     assert bad.code == 1

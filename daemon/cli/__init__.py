@@ -13,7 +13,17 @@ from collections.abc import Sequence
 import click
 
 from daemon import __version__
-from daemon.cli import check, diff, rules, rules_add, run, send_test, store
+from daemon.cli import (
+    check,
+    diff,
+    rules,
+    rules_add,
+    rules_bulk,
+    run,
+    send_test,
+    store,
+    validate,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,7 +40,7 @@ def _register() -> None:
     for command in (
         run.run,
         run.migrate,
-        check.validate,
+        validate.validate,
         check.explain_cmd,
         check.test_cmd,
         diff.diff_cmd,
@@ -40,7 +50,14 @@ def _register() -> None:
         store.conversions,
     ):
         cli.add_command(command)
-    for sub in (rules_add.add_cmd, rules_add.duplicate_cmd):
+    for sub in (
+        rules_add.add_cmd,
+        rules_add.duplicate_cmd,
+        rules_bulk.enable_cmd,
+        rules_bulk.disable_cmd,
+        rules_bulk.delete_cmd,
+        rules_bulk.goals,
+    ):
         rules.rules.add_command(sub)
 
 

@@ -1,11 +1,10 @@
-"""`postbackd validate`, `explain` and `test`: the rules repository's tools, no daemon needed."""
+"""`postbackd explain` and `test`: the rules repository's tools, no daemon needed (validate is
+in validate.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -17,138 +16,13 @@ from daemon.cli.common import (
     read_json_object,
     rules_dir_from,
     rules_option,
-    settings_from,
 )
-from daemon.cli.history import compare, load_base
 from daemon.cli.ruletests import load_cases, run_case
-from daemon.errors import Issue, RulesError
+from daemon.errors import RulesError
 from daemon.explain import Evaluation, evaluate
-from daemon.gitutil import GitError
-from daemon.loader import RuleSet, load_rules
 from daemon.models import Status
-from daemon.secrets import SecretResolver
-from daemon.sources import Source, load_sources
 
 FORMAT = click.Choice(["text", "json"])
-
-
-def _resolver(config: str | None) -> SecretResolver:
-    settings = settings_from(config) if config or os.environ.get("POSTBACKD_CONFIG") else None
-    return SecretResolver(
-        credentials_dir=os.environ.get("CREDENTIALS_DIRECTORY"),
-        secrets_dir=settings.secrets_path if settings else None,
-        environ=os.environ,
-    )
-
-
-@click.command()
-@click.argument("rules_dir", required=False, metavar="[RULES_DIR]")
-@click.option("--base", metavar="GIT_REF", help="Also check what may not change since this commit.")
-@click.option(
-    "--webhooks",
-    "webhooks",
-    metavar="DIR",
-    help="Also check the source definitions in DIR (default: webhooks_dir of -c, if any).",
-)
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
-@config_option
-def validate(
-    rules_dir: str | None, base: str | None, webhooks: str | None, fmt: str, config: str | None
-) -> None:
-    """Check every rule file (and source file); exit 0 when valid, 1 with one line per error.
-
-    Lines read `file:line: postback N: message`. With --base, an existing postback may not
-    change its action type, offer, created_at or author since GIT_REF. With --webhooks (or -c),
-    the sources of webhooks/ are checked too, with the same rigour.
-    """
-    root = rules_dir_from(rules_dir, config)
-    issues: list[Issue] = []
-    hooks = _webhooks_dir(webhooks, config)
-    sources = _check_sources(hooks, issues)
-    rules: RuleSet | None = None
-    try:
-        rules = load_rules(root)
-    except RulesError as err:
-        issues.extend(err.issues)
-    base_note = None
-    if base and rules is not None:
-        try:
-            issues.extend(compare(rules, load_base(root, base), base))
-        except GitError as err:
-            raise click.ClickException(f"--base {base}: {err}") from err
-        except RulesError:
-            base_note = f"the rules at {base} do not load; nothing to compare against"
-    resolver = _resolver(config)
-    secrets = sorted(
-        set(rules.secrets if rules else ())
-        | {n for s in (sources or {}).values() for n in s.secrets}
-    )
-    if fmt == "json":
-        result = _validate_json(root, rules, issues, secrets, resolver)
-        result["webhooks_dir"] = str(hooks) if hooks else None
-        result["sources"] = sorted(sources) if sources is not None else []
-        click.echo(json.dumps(result, indent=2))
-    else:
-        for issue in sorted(issues):
-            click.echo(str(issue))
-        if base_note:
-            click.echo(f"note: {base_note}", err=True)
-        if rules is not None and not issues:
-            click.echo(
-                f"ok: {len(rules.postbacks)} postbacks for {len(rules.offers)} offers "
-                f"in {len(rules.files)} files, version {rules.version}"
-            )
-            if hooks is not None and sources is not None:
-                names = ", ".join(sorted(sources)) or "none"
-                click.echo(f"ok: {len(sources)} sources in {hooks} ({names})")
-            for name in secrets:
-                where = resolver.where(name)
-                click.echo(f"secret {name}: " + (f"found in {where}" if where else "not set here"))
-    sys.exit(1 if issues else 0)
-
-
-def _webhooks_dir(option: str | None, config: str | None) -> Path | None:
-    """--webhooks DIR (which must exist), else webhooks_dir of the settings if it exists."""
-    if option:
-        path = Path(option)
-        if not path.is_dir():
-            raise click.ClickException(f"--webhooks {option}: not a directory")
-        return path
-    if config or os.environ.get("POSTBACKD_CONFIG"):
-        path = settings_from(config).webhooks_path
-        return path if path.is_dir() else None
-    return None
-
-
-def _check_sources(hooks: Path | None, issues: list[Issue]) -> dict[str, Source] | None:
-    if hooks is None:
-        return None
-    try:
-        return load_sources(hooks)
-    except RulesError as err:
-        issues.extend(err.issues)
-        return None
-
-
-def _validate_json(
-    root: Path,
-    rules: RuleSet | None,
-    issues: list[Issue],
-    secrets: list[str],
-    resolver: SecretResolver,
-) -> dict[str, Any]:
-    return {
-        "valid": not issues,
-        "rules_dir": str(root),
-        "errors": [
-            {"file": i.file, "line": i.line, "postback": i.postback_id, "message": i.message}
-            for i in sorted(issues)
-        ],
-        "version": str(rules.version) if rules else None,
-        "postbacks": len(rules.postbacks) if rules else 0,
-        "files": list(rules.files) if rules else [],
-        "secrets": [{"name": n, "found_in": resolver.where(n)} for n in secrets],
-    }
 
 
 @click.command(name="explain")

@@ -26,12 +26,33 @@ def settings_from(config: str | None) -> Settings:
 
 
 def rules_dir_from(rules: str | None, config: str | None) -> Path:
-    """--rules DIR, else rules_dir of the settings given with -c, else ./rules.d."""
+    """--rules DIR, else rules_dir of the settings given with -c, else ./rules.d; a clear
+    error saying what was looked for when that directory does not exist."""
     if rules:
-        return Path(rules)
+        return require_rules_dir(Path(rules), rules, config)
     if config or os.environ.get("POSTBACKD_CONFIG"):
-        return settings_from(config).rules_path
-    return Path("rules.d")
+        return require_rules_dir(settings_from(config).rules_path, rules, config)
+    return require_rules_dir(Path("rules.d"), rules, config)
+
+
+def require_rules_dir(path: Path, rules: str | None, config: str | None) -> Path:
+    """`path` when it is a directory; else one line saying where it came from and how to point
+    the command at the right place."""
+    if path.is_dir():
+        return path
+    if rules:
+        raise click.ClickException(f"{path}: no such rules directory (given on the command line)")
+    if config or os.environ.get("POSTBACKD_CONFIG"):
+        where = config or f"$POSTBACKD_CONFIG={os.environ.get('POSTBACKD_CONFIG')}"
+        raise click.ClickException(
+            f"{path}: no such rules directory (rules_dir of the settings {where}); "
+            "fix rules_dir there, or give --rules DIR"
+        )
+    raise click.ClickException(
+        f"no rules directory here: looked for ./rules.d in {Path.cwd()} (no --rules, no -c, "
+        "no $POSTBACKD_CONFIG); run this at the top of the rules repository, or point at it "
+        "with --rules DIR or -c SETTINGS.yaml (its rules_dir)"
+    )
 
 
 def read_json_object(path: str) -> dict[str, Any]:

@@ -89,3 +89,31 @@ def _action_type(postback: Postback) -> str:
 
 def _who(author: Author | None) -> str:
     return "none" if author is None else f"{author.name} ({author.id})"
+
+
+def new_without_origin(current: RuleSet, base: RuleSet, ref: str) -> list[Issue]:
+    """A postback new since `ref` must say when it was made and by whom (`rules add` fills
+    both)."""
+    issues = []
+    for pid, lp in current.postbacks.items():
+        if pid in base.postbacks:
+            continue
+        missing = [
+            key
+            for key, value in (
+                ("created_at", lp.postback.created_at),
+                ("author", lp.postback.author),
+            )
+            if value is None
+        ]
+        if missing:
+            issues.append(
+                Issue(
+                    lp.file,
+                    lp.line,
+                    f"new since {ref} without {' and '.join(missing)}: a new postback must carry "
+                    "both (postbackd rules add fills them)",
+                    pid,
+                )
+            )
+    return issues

@@ -1,12 +1,12 @@
-"""`postbackd rules list|add|edit|enable|disable|delete|duplicate`: the platform's Postbacks
+"""`postbackd rules list|edit` (add and duplicate: rules_add.py; enable, disable, delete and
+goals: rules_bulk.py): the platform's Postbacks
 screen, on the YAML files of a rules repository (comments and formatting kept)."""
 
 from __future__ import annotations
 
 import difflib
 import json
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
@@ -14,13 +14,12 @@ from ruamel.yaml.comments import CommentedMap
 
 from daemon.cli.common import config_option, load_or_exit, rules_dir_from, rules_option
 from daemon.cli.editing import (
-    item_of,
-    plan_delete,
     plan_edit,
     set_path,
     to_yaml,
 )
-from daemon.cli.ruletree import EditError, Plan, Tree, check, write
+from daemon.cli.rulecheck import lint_plan
+from daemon.cli.ruletree import EditError, Plan, Tree, atomic_write, check, write
 from daemon.listing import COLUMNS, literal_credentials, postback_row, render_table, table_cells
 from daemon.visibility import Viewer, visible_to
 
@@ -101,33 +100,47 @@ dry_run_option = click.option(
 )
 
 
-def apply(tree: Tree, plan: Plan, dry_run: bool, done: str) -> None:
-    """Validate the plan on a copy of the tree, show it as a diff, and write it."""
-    if all(text == _text(tree, rel) for rel, text in plan.texts.items()):
+def apply(
+    tree: Tree, plan: Plan, dry_run: bool, done: str, side: Mapping[str, str] | None = None
+) -> None:
+    """Validate the plan on a copy of the tree, show it as a diff, and write it. `side`: files
+    kept with the rules that are not rule files (catalogue, retired ids), written just before
+    the plan."""
+    side = dict(side or {})
+    if all(text == _text(tree, rel) for rel, text in plan.texts.items()) and not side:
         click.echo("nothing to change")
         return
     issues = check(tree, plan)
+    findings = lint_plan(tree, plan, side) if not issues else None
+    if findings is not None:
+        issues = findings.errors
     if issues:
         for issue in issues:
             click.echo(str(issue), err=True)
         raise click.ClickException(
             f"the change does not validate ({len(issues)} error(s)); nothing written"
         )
-    for rel, text in sorted(plan.texts.items()):
-        doc = tree.get(rel)
-        old = "".join(doc.lines) if doc else ""
-        new = text.replace("\r\n", "\n")
-        before, after = ("/dev/null" if doc is None else f"a/{rel}"), f"b/{rel}"
+    for rel, text in sorted({**plan.texts, **side}.items()):
+        path = tree.root / rel
+        old = path.read_text("utf-8") if path.is_file() else None
+        before, after = ("/dev/null" if old is None else f"a/{rel}"), f"b/{rel}"
         diff = difflib.unified_diff(
-            old.splitlines(keepends=True), new.splitlines(keepends=True), before, after
+            (old or "").replace("\r\n", "\n").splitlines(keepends=True),
+            text.replace("\r\n", "\n").splitlines(keepends=True),
+            before,
+            after,
         )
         click.echo("".join(diff), nl=False)
     for note in plan.notes:
         click.echo(f"note: {note}")
+    for warning in findings.warnings if findings else []:
+        click.echo(f"warning: {warning}")
     if dry_run:
         click.echo("dry run: nothing written")
         return
     try:
+        for rel, text in sorted(side.items()):
+            atomic_write(tree.root / rel, text.encode("utf-8"))
         write(tree, plan)
     except (EditError, OSError) as err:
         raise click.ClickException(str(err)) from err
@@ -247,82 +260,3 @@ def _edit(
     plan.notes.extend(notes or [])
     doc, _ = tree.locate(pid)
     apply(tree, plan, dry_run, f"{done} in {doc.rel}")
-
-
-def _status_cmd(status: str) -> Callable[..., None]:
-    def command(postback_id: int, dry_run: bool, rules: str | None, config: str | None) -> None:
-        tree = open_tree(rules, config)
-        try:
-            doc, index = tree.locate(postback_id)
-        except EditError as err:
-            raise click.ClickException(str(err)) from err
-        if str(item_of(doc, index).get("status", "active")) == status:
-            click.echo(f"postback {postback_id} is already {status}; nothing to do")
-            return
-        verb = "enabled" if status == "active" else "disabled"
-        _edit(
-            tree,
-            postback_id,
-            lambda item: set_path(item, ["status"], status),
-            dry_run,
-            f"{verb} postback {postback_id}",
-        )
-
-    return command
-
-
-for _name, _status, _doc in (
-    ("enable", "active", "Set postback ID's status to active."),
-    (
-        "disable",
-        "disabled",
-        "Set postback ID's status to disabled (kept in the file; the daemon "
-        "cancels its queued deliveries).",
-    ),
-):
-    _cmd = _status_cmd(_status)
-    _cmd.__doc__ = _doc
-    rules.command(_name)(
-        click.argument("postback_id", metavar="ID", type=int)(
-            dry_run_option(rules_option(config_option(_cmd)))
-        )
-    )
-
-
-@rules.command("delete")
-@click.argument("postback_id", metavar="ID", type=int)
-@click.option("--confirm", type=int, metavar="ID", help="The id again, when not on a terminal.")
-@dry_run_option
-@rules_option
-@config_option
-def delete_cmd(
-    postback_id: int, confirm: int | None, dry_run: bool, rules: str | None, config: str | None
-) -> None:
-    """Delete postback ID and the comment above it. On a terminal you type the id to confirm;
-    elsewhere pass --confirm ID. Its id is never reused. (To pause, use `rules disable`.)"""
-    tree = open_tree(rules, config)
-    try:
-        doc, index = tree.locate(postback_id)
-    except EditError as err:
-        raise click.ClickException(str(err)) from err
-    if confirm is None and not dry_run:
-        if not sys.stdin.isatty():
-            raise click.ClickException(
-                f"not a terminal: pass --confirm {postback_id} to delete postback {postback_id}"
-            )
-        item = item_of(doc, index)
-        click.echo(
-            f"postback {postback_id} in {doc.rel}: {item.get('trigger')}, affiliate "
-            f"{item.get('affiliate')}, {item.get('action', {}).get('type')}"
-        )
-        typed: str = click.prompt(
-            f"Type {postback_id} to delete it", default="", show_default=False, type=str
-        )
-        confirm = int(typed) if typed.strip().isdigit() else -1
-    if confirm is not None and confirm != postback_id:
-        raise click.ClickException(f"confirmation does not match {postback_id}; nothing deleted")
-    try:
-        plan = plan_delete(tree, postback_id)
-    except EditError as err:
-        raise click.ClickException(str(err)) from err
-    apply(tree, plan, dry_run, f"deleted postback {postback_id} from {doc.rel}")
