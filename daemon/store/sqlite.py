@@ -32,6 +32,7 @@ from daemon.store.common import (
     ConversionUpdate,
     StoredConversion,
     check_finish,
+    conversion_fields,
     decode_cursor,
     encode_cursor,
     from_us,
@@ -168,52 +169,63 @@ class SQLiteStore(SQLiteAffiliates):
         self, source: str, conversion: Conversion, received_at: datetime, plan: Planner
     ) -> ArrivalResult:
         now = to_us(received_at)
+        cid = conversion.conversion_id
+        # The row of a new conversion, encoded here on the event loop: the writer thread, which
+        # every write waits for, only runs statements.
+        new_row = (
+            source,
+            cid,
+            conversion.status.value,
+            opt_us(conversion.event_time),
+            rows.dumps(conversion_fields(conversion)),
+            now,
+        )
+        q = self._q
 
         def job(conn: sqlite3.Connection) -> ArrivalResult:
-            stored = self._stored(conn, source, conversion.conversion_id)
+            cursor = conn.execute(q["insert_conversion"], new_row)
+            stored: StoredConversion | None = None
+            if cursor.rowcount == 1:  # new: the row above is what prepare_arrival decides
+                assert cursor.lastrowid is not None
+                pk = cursor.lastrowid
+            else:
+                stored = self._stored(conn, source, cid)
+                pk = stored.pk
             write = prepare_arrival(source, conversion, received_at, stored, plan)
-            pk = self._write_conversion(conn, source, conversion, stored, write, now)
+            if stored is not None:
+                self._update_conversion(conn, stored.pk, write, now)
             self._write_arrival(conn, source, conversion, pk, write, now)
-            return write.result(source, conversion.conversion_id)
+            return write.result(source, cid)
 
         return await self._write(job)
 
     def _stored(
         self, conn: sqlite3.Connection, source: str, conversion_id: str
-    ) -> StoredConversion | None:
-        args = {"source": source, "conversion_id": conversion_id}
-        row = conn.execute(self._q["select_conversion"], args).fetchone()
-        if row is None:
-            return None
+    ) -> StoredConversion:
+        """The conversion row (it exists: its insert just found it)."""
+        row = conn.execute(self._q["select_conversion"], (source, conversion_id)).fetchone()
+        if row is None:  # cannot happen inside the write transaction; never guess
+            raise StoreError("sqlite: the conversion row vanished inside its transaction")
         return StoredConversion(
             row[0], Status(row[1]), opt_from_us(row[2]), json.loads(row[3]), row[4]
         )
 
-    def _write_conversion(
-        self,
-        conn: sqlite3.Connection,
-        source: str,
-        conversion: Conversion,
-        stored: StoredConversion | None,
-        write: ArrivalWrite,
-        now: int,
-    ) -> int:
-        values = {
-            "status": write.status.value,
-            "status_event_time": opt_us(write.status_event_time),
-            "fields": rows.dumps(write.fields),
-            "now": now,
-        }
-        if stored is None:
-            args = {"source": source, "conversion_id": conversion.conversion_id, **values}
-            cursor = conn.execute(self._q["insert_conversion"], args)
-            assert cursor.lastrowid is not None
-            return cursor.lastrowid
+    def _update_conversion(
+        self, conn: sqlite3.Connection, pk: int, write: ArrivalWrite, now: int
+    ) -> None:
         if write.update is ConversionUpdate.FULL:
-            conn.execute(self._q["update_conversion"], {"pk": stored.pk, **values})
+            conn.execute(
+                self._q["update_conversion"],
+                (
+                    pk,
+                    write.status.value,
+                    opt_us(write.status_event_time),
+                    rows.dumps(write.fields),
+                    now,
+                ),
+            )
         elif write.update is ConversionUpdate.TOUCH:
-            conn.execute(self._q["touch_conversion"], {"pk": stored.pk, "now": now})
-        return stored.pk
+            conn.execute(self._q["touch_conversion"], (pk, now))
 
     def _write_arrival(
         self,
@@ -224,35 +236,39 @@ class SQLiteStore(SQLiteAffiliates):
         write: ArrivalWrite,
         now: int,
     ) -> None:
+        seq = write.seq
         conn.execute(
             self._q["insert_arrival"],
-            {
-                "pk": pk,
-                "seq": write.seq,
-                "transition": write.transition.value,
-                "status": conversion.status.value,
-                "event_time": opt_us(conversion.event_time),
-                "received_at": now,
-                "data": rows.dumps(write.data),
-                "vals": rows.dumps(write.values),
-            },
+            (
+                pk,
+                seq,
+                write.transition.value,
+                conversion.status.value,
+                opt_us(conversion.event_time),
+                now,
+                rows.dumps(write.data),
+                rows.dumps(write.values),
+            ),
         )
+        if not write.deliveries:
+            return
+        cid = conversion.conversion_id
         conn.executemany(
             self._q["insert_delivery"],
             [
-                {
-                    "id": d.delivery_id,
-                    "pk": pk,
-                    "seq": write.seq,
-                    "source": source,
-                    "conversion_id": conversion.conversion_id,
-                    "postback_id": d.planned.postback_id,
-                    "action": d.planned.action,
-                    "destination": d.planned.destination,
-                    "affiliate_owner": d.planned.affiliate_owner,
-                    "idempotency_key": d.idempotency_key,
-                    "now": now,
-                }
+                (
+                    d.delivery_id,
+                    pk,
+                    seq,
+                    source,
+                    cid,
+                    d.planned.postback_id,
+                    d.planned.action,
+                    d.planned.destination,
+                    d.planned.affiliate_owner,
+                    d.idempotency_key,
+                    now,
+                )
                 for d in write.deliveries
             ],
         )
@@ -260,7 +276,8 @@ class SQLiteStore(SQLiteAffiliates):
     async def claim_due(
         self, node: str, now: datetime, limit: int, lease: timedelta
     ) -> list[Claim]:
-        args = {"now": to_us(now), "until": to_us(now + lease), "node": node, "limit": limit}
+        args = {"now": to_us(now), "limit": limit}
+        lease_row = (node, to_us(now + lease), args["now"])
 
         def job(conn: sqlite3.Connection) -> list[Claim]:
             conn.row_factory = sqlite3.Row
@@ -268,12 +285,20 @@ class SQLiteStore(SQLiteAffiliates):
                 found = conn.execute(self._q["claim_candidates"], args).fetchall()
             finally:
                 conn.row_factory = None
-            claims = []
-            for row in found:
-                token = new_token()
-                conn.execute(self._q["claim_one"], {**args, "id": row["id"], "token": token})
-                claims.append(rows.claim(row, token, from_us))
-            return claims
+            if not found:
+                return []
+            tokens = [new_token() for _ in found]
+            node_, until, at = lease_row
+            conn.executemany(
+                self._q["claim_one"],
+                [
+                    (node_, token, until, at, row["id"])
+                    for row, token in zip(found, tokens, strict=True)
+                ],
+            )
+            return [
+                rows.claim(row, token, from_us) for row, token in zip(found, tokens, strict=True)
+            ]
 
         return await self._write(job)
 
@@ -285,25 +310,33 @@ class SQLiteStore(SQLiteAffiliates):
         next_attempt_at: datetime | None,
     ) -> bool:
         due = check_finish(state, next_attempt_at)
-        finish = {
-            "id": claim.delivery_id,
-            "token": claim.token,
-            "state": state.value,
-            "next_attempt_at": opt_us(due),
-            "reason": attempt.reason,
-            "now": to_us(attempt.started_at + timedelta(milliseconds=attempt.duration_ms)),
-        }
-        record = {
-            **rows.attempt_params(attempt),
-            "delivery_id": claim.delivery_id,
-            "started_at": to_us(attempt.started_at),
-        }
+        finish = (
+            claim.delivery_id,
+            claim.token,
+            state.value,
+            opt_us(due),
+            attempt.reason,
+            to_us(attempt.started_at + timedelta(milliseconds=attempt.duration_ms)),
+        )
+        params = rows.attempt_params(attempt)
+        record = (
+            claim.delivery_id,
+            to_us(attempt.started_at),
+            params["duration_ms"],
+            params["outcome"],
+            params["reason"],
+            params["rules_version"],
+            params["node"],
+            params["request"],
+            params["response_status"],
+            params["response_excerpt"],
+        )
+        q = self._q
 
         def job(conn: sqlite3.Connection) -> bool:
-            if conn.execute(self._q["finish_delivery"], finish).rowcount != 1:
+            if conn.execute(q["finish_delivery"], finish).rowcount != 1:
                 return False
-            n = conn.execute(self._q["attempts_made"], {"id": claim.delivery_id}).fetchone()[0]
-            conn.execute(self._q["insert_attempt"], {**record, "n": n})
+            conn.execute(q["insert_attempt"], record)
             return True
 
         return await self._write(job)
@@ -394,6 +427,12 @@ class SQLiteStore(SQLiteAffiliates):
         found = await self._read(lambda c: c.execute(self._q["queue_depth"]).fetchall())
         return rows.depth(found)
 
+    async def delivery_lag(self, now: datetime) -> float:
+        oldest = await self._read(lambda c: c.execute(self._q["oldest_due"]).fetchone()[0])
+        if oldest is None:
+            return 0.0
+        return max(0.0, (to_us(now) - int(oldest)) / 1_000_000)
+
     async def prune(self, before: datetime) -> int:
         """Deletes in batches, each its own transaction, so ingest is never held up long."""
         args = {"before": to_us(before), "batch": PRUNE_BATCH}
@@ -413,9 +452,3 @@ def _filter_args(flt: DeliveryFilter) -> dict[str, Any]:
         "conversion_id": flt.conversion_id,
         "since": opt_us(flt.since),
     }
-    async def delivery_lag(self, now: datetime) -> float:
-        oldest = await self._read(lambda c: c.execute(self._q["oldest_due"]).fetchone()[0])
-        if oldest is None:
-            return 0.0
-        return max(0.0, (to_us(now) - int(oldest)) / 1_000_000)
-

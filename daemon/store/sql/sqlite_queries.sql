@@ -2,40 +2,51 @@
 -- will do). Times are integer microseconds (UTC); lists of values arrive as JSON arrays and are
 -- read with json_each.
 
+-- The statements of an arrival, a claim and a finished attempt run in the writer thread for
+-- every request: they take positional parameters (?), which bind faster than named ones.
+
 -- name: select_conversion
+-- (source, conversion_id)
 SELECT c.id, c.status, c.status_event_time, c.fields,
        (SELECT coalesce(max(a.seq), 0) FROM arrival a WHERE a.conversion_pk = c.id) AS last_seq
 FROM conversion c
-WHERE c.source = :source AND c.conversion_id = :conversion_id;
+WHERE c.source = ? AND c.conversion_id = ?;
 
 -- name: insert_conversion
+-- (source, conversion_id, status, status_event_time, fields, now). Tried first: a new
+-- conversion (the common case) costs one statement; when it exists, nothing is written and
+-- the caller reads the stored row (select_conversion) in the same transaction.
 INSERT INTO conversion
     (source, conversion_id, status, status_event_time, fields, created_at, updated_at)
 VALUES
-    (:source, :conversion_id, :status, :status_event_time, :fields, :now, :now);
+    (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+ON CONFLICT (source, conversion_id) DO NOTHING;
 
 -- name: update_conversion
+-- (pk, status, status_event_time, fields, now)
 UPDATE conversion
-SET status = :status, status_event_time = :status_event_time, fields = :fields,
-    updated_at = :now
-WHERE id = :pk;
+SET status = ?2, status_event_time = ?3, fields = ?4, updated_at = ?5
+WHERE id = ?1;
 
 -- name: touch_conversion
-UPDATE conversion SET updated_at = :now WHERE id = :pk;
+-- (pk, now)
+UPDATE conversion SET updated_at = ?2 WHERE id = ?1;
 
 -- name: insert_arrival
+-- (pk, seq, transition, status, event_time, received_at, data, vals)
 INSERT INTO arrival
     (conversion_pk, seq, transition, status, event_time, received_at, data, vals)
 VALUES
-    (:pk, :seq, :transition, :status, :event_time, :received_at, :data, :vals);
+    (?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: insert_delivery
+-- (id, pk, seq, source, conversion_id, postback_id, action, destination, affiliate_owner,
+--  idempotency_key, now)
 INSERT INTO delivery
     (id, conversion_pk, arrival_seq, source, conversion_id, postback_id, action, destination,
      affiliate_owner, idempotency_key, state, created_at, updated_at, next_attempt_at)
 VALUES
-    (:id, :pk, :seq, :source, :conversion_id, :postback_id, :action, :destination,
-     :affiliate_owner, :idempotency_key, 'queued', :now, :now, :now);
+    (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'queued', ?11, ?11, ?11);
 
 -- name: claim_candidates
 SELECT d.id, d.postback_id, d.source, d.conversion_id, d.arrival_seq, d.idempotency_key,
@@ -47,28 +58,28 @@ ORDER BY d.due_at, d.id
 LIMIT :limit;
 
 -- name: claim_one
+-- (node, token, until, now, id); run with executemany for every candidate of a claim
 UPDATE delivery
-SET state = 'in_flight', lease_owner = :node, lease_token = :token, lease_until = :until,
-    updated_at = :now
-WHERE id = :id;
+SET state = 'in_flight', lease_owner = ?1, lease_token = ?2, lease_until = ?3, updated_at = ?4
+WHERE id = ?5;
 
 -- name: finish_delivery
+-- (id, token, state, next_attempt_at, reason, now)
 UPDATE delivery
-SET state = :state, attempts = attempts + 1, next_attempt_at = :next_attempt_at,
-    last_reason = :reason, updated_at = :now,
-    lease_owner = NULL, lease_token = NULL, lease_until = NULL
-WHERE id = :id AND lease_token = :token AND state = 'in_flight';
-
--- name: attempts_made
-SELECT attempts FROM delivery WHERE id = :id;
+SET state = ?3, attempts = attempts + 1, next_attempt_at = ?4, last_reason = ?5,
+    updated_at = ?6, lease_owner = NULL, lease_token = NULL, lease_until = NULL
+WHERE id = ?1 AND lease_token = ?2 AND state = 'in_flight';
 
 -- name: insert_attempt
+-- (delivery_id, started_at, duration_ms, outcome, reason, rules_version, node, request,
+--  response_status, response_excerpt), right after finish_delivery: the attempt's number is
+-- the delivery's count of attempts as that statement left it (no statement of its own).
 INSERT INTO attempt
     (delivery_id, n, started_at, duration_ms, outcome, reason, rules_version, node, request,
      response_status, response_excerpt)
-VALUES
-    (:delivery_id, :n, :started_at, :duration_ms, :outcome, :reason, :rules_version, :node,
-     :request, :response_status, :response_excerpt);
+SELECT ?1, d.attempts, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10
+FROM delivery d
+WHERE d.id = ?1;
 
 -- name: release_delivery
 UPDATE delivery
@@ -159,6 +170,10 @@ WHERE id IN (
           WHERE d.conversion_pk = c.id AND d.state IN ('queued', 'retrying', 'in_flight'))
     LIMIT :batch);
 
+-- name: oldest_due
+-- The earliest due_at of all (one index probe): when it is past, that delivery waits unclaimed.
+SELECT min(due_at) FROM delivery WHERE due_at IS NOT NULL;
+
 -- name: hold_delivery
 -- A claim handed back held by an open circuit breaker: no attempt, no attempt count. It keeps
 -- the time it was first due (held_due, also across a second hold) and waits at :until.
@@ -169,10 +184,6 @@ SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
     next_attempt_at = :until, held_until = :until, updated_at = :now,
     lease_owner = NULL, lease_token = NULL, lease_until = NULL
 WHERE id = :id AND lease_token = :token AND state = 'in_flight';
-
--- name: oldest_due
--- The earliest due_at of all (one index probe): when it is past, that delivery waits unclaimed.
-SELECT min(due_at) FROM delivery WHERE due_at IS NOT NULL;
 
 -- name: unhold_destination
 -- The breaker closed: the destination's held deliveries are due again when they first were.
