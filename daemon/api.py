@@ -13,13 +13,14 @@ import hashlib
 import hmac
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from daemon.api_affiliates import add_affiliate_routes
 from daemon.api_views import (
     attempt_view,
     checked_cursor,
@@ -49,7 +50,9 @@ log = structlog.get_logger("postbackd.api")
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-_DELIVERY_ID = re.compile(r"^[A-Za-z0-9]{1,64}$")
+# Path parameters are ASCII only: `'²'.isdigit()` is true and int() of it fails (a 500 once).
+_DELIVERY_ID = re.compile(r"[A-Za-z0-9]{1,64}")
+_POSTBACK_ID = re.compile(r"[0-9]{1,18}")
 _RETRYABLE = (DeliveryState.DEAD, DeliveryState.CANCELLED)
 
 ApiHandler = Callable[[web.Request, Services, Viewer], Awaitable[web.StreamResponse]]
@@ -102,7 +105,7 @@ class Tokens:
                     digest = hashlib.sha256(secret(spec.secret).encode()).digest()
                 except SecretError as err:
                     raise ConfigError(f"api.tokens: token {spec.name}: {err}") from err
-            tokens.append(_Token(spec.name, digest, viewer))
+            tokens.append(_Token(spec.name, digest, replace(viewer, name=spec.name)))
         return cls(tokens)
 
     def authenticate(self, authorization: str | None) -> Viewer:
@@ -155,6 +158,7 @@ def add_api_routes(app: web.Application, settings: Settings, environ: Mapping[st
         environ=environ,
     )
     app[API] = _State(Tokens.resolve(settings.api.tokens, secrets))
+    add_affiliate_routes(app, _endpoint)  # writes on postbacks, affiliate secrets (issue 15)
     app.router.add_get("/api/v1/postbacks", _endpoint(_list_postbacks))
     app.router.add_get("/api/v1/postbacks/{id}", _endpoint(_get_postback))
     app.router.add_get("/api/v1/deliveries", _endpoint(_list_deliveries))
@@ -181,8 +185,6 @@ def _viewer(request: web.Request, *, admin: bool) -> Viewer:
     return viewer
 
 
-def _endpoint(handler: ApiHandler, *, admin: bool = False) -> Handler:
-    async def endpoint(request: web.Request) -> web.StreamResponse:
 def is_admin(request: web.Request) -> bool:
     """True when the request carries a valid admin token (no error either way: /readyz)."""
     try:
@@ -191,6 +193,8 @@ def is_admin(request: web.Request) -> bool:
         return False
 
 
+def _endpoint(handler: ApiHandler, *, admin: bool = False) -> Handler:
+    async def endpoint(request: web.Request) -> web.StreamResponse:
         try:
             viewer = _viewer(request, admin=admin)
             return await handler(request, request.app[SERVICES], viewer)
@@ -210,30 +214,15 @@ def is_admin(request: web.Request) -> bool:
 
 async def _list_postbacks(request: web.Request, services: Services, viewer: Viewer) -> web.Response:
     query = parse_query(request, ("offer", "status"))
-    status = query.get("status")
-    if status is not None and status not in ("active", "disabled"):
-        raise InputError("status must be active or disabled", "status")
-    rules = services.reloader.runtime.rules
-    offer = query.get("offer")
-    candidates = (
-        rules.offers.get(offer.strip(), ()) if offer is not None else rules.postbacks.values()
-    )
-    rows = [
-        postback_row(lp)
-        for lp in sorted(candidates, key=lambda lp: lp.id)
-        if (status is None or lp.postback.status == status) and visible_to(lp.postback, viewer)
-    ]
+    assert services.affiliates is not None
+    rows = await services.affiliates.list(viewer, query.get("offer"), query.get("status"))
     return web.json_response({"postbacks": rows})
 
 
 async def _get_postback(request: web.Request, services: Services, viewer: Viewer) -> web.Response:
     parse_query(request, ())
-    text = request.match_info["id"]
-    pid = int(text) if text.isdigit() and len(text) < 19 else None
-    lp = services.reloader.runtime.rules.postbacks.get(pid) if pid is not None else None
-    if lp is None or not visible_to(lp.postback, viewer):
-        raise NotFound(f"no postback {text}")
-    return web.json_response(postback_row(lp))
+    assert services.affiliates is not None
+    return web.json_response(await services.affiliates.get(viewer, request.match_info["id"]))
 
 
 # --- deliveries -----------------------------------------------------------------------------
@@ -268,13 +257,13 @@ async def _list_deliveries(
 async def _visible_delivery(request: web.Request, services: Services, viewer: Viewer) -> Any:
     delivery_id = request.match_info["id"]
     detail = None
-    if _DELIVERY_ID.match(delivery_id):
+    if _DELIVERY_ID.fullmatch(delivery_id):
         detail = await services.store.get_delivery(delivery_id)
     if detail is not None:
         ids = request.app[API].visible_ids(services.reloader.runtime.rules, viewer)
         if ids is None or detail.delivery.postback_id in ids:
             return detail
-    raise NotFound(f"no delivery {delivery_id}")
+    raise NotFound(f"no delivery {delivery_id[:64]}")
 
 
 async def _get_delivery(request: web.Request, services: Services, viewer: Viewer) -> web.Response:

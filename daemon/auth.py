@@ -89,8 +89,9 @@ def _required(headers: MultiMapping[str], name: str) -> str:
 
 
 class Ticket:
-    """A reserved webhook-id: kept when the arrival is committed, released when it is not (so the
-    sender's retry of the same message is not taken for a replay)."""
+    """A reserved webhook-id: kept when the arrival is committed or refused, released only when
+    the sender is told to try again (429, 503), so its retry of the same message is not taken for
+    a replay while a refused message can never be sent again, changed or not."""
 
     def __init__(self, cache: ReplayCache, key: tuple[str, str], expires: float) -> None:
         self._cache, self._key, self._expires = cache, key, expires
@@ -189,13 +190,34 @@ def parse_address(text: str) -> IPAddress | None:
     return address
 
 
+LOOPBACK: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
 @dataclass(frozen=True)
 class AccessPolicy:
     """`allow_ips`; the client is the peer, or, when the peer is a trusted proxy, the nearest
-    untrusted hop of X-Forwarded-For (read right to left)."""
+    untrusted hop of X-Forwarded-For (read right to left).
+
+    `loopback_only` (the built-in `generic` source unless its file opens it): the client must be
+    a loopback address, and a request relayed by a proxy we do not trust is refused (a reverse
+    proxy on the same host would otherwise make every client look local)."""
 
     allow: tuple[IPNetwork, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    loopback_only: bool = False
+
+    @property
+    def open_beyond_loopback(self) -> bool:
+        """Whether a client that is not on this host can get past this policy."""
+        if self.loopback_only:
+            return False
+        return not self.allow or not all(
+            net.network_address.is_loopback and net.broadcast_address.is_loopback
+            for net in self.allow
+        )
 
     def client_address(self, peer: str | None, forwarded_for: Iterable[str]) -> IPAddress | None:
         address = parse_address(peer) if peer else None
@@ -209,6 +231,8 @@ class AccessPolicy:
         return address
 
     def check(self, peer: str | None, forwarded_for: Iterable[str]) -> None:
+        if self.loopback_only:
+            self._check_local(peer, list(forwarded_for))
         if not self.allow:
             return
         client = self.client_address(peer, forwarded_for)
@@ -216,6 +240,21 @@ class AccessPolicy:
             raise ForbiddenError("client address cannot be determined")
         if not _within(client, self.allow):
             raise ForbiddenError(f"client address {client} is not allowed")
+
+    def _check_local(self, peer: str | None, forwarded_for: list[str]) -> None:
+        address = parse_address(peer) if peer else None
+        relayed = address is not None and not _within(address, self.trusted_proxies)
+        if relayed and any(value.strip() for value in forwarded_for):
+            raise ForbiddenError(
+                "this source takes loopback clients only, and the request came through a proxy "
+                "that is not in trusted_proxies"
+            )
+        client = self.client_address(peer, forwarded_for)
+        if client is None or not _within(client, LOOPBACK):
+            raise ForbiddenError(
+                "this source takes loopback clients only (give it auth, allow_ips or public: true "
+                "in its file under webhooks/)"
+            )
 
 
 def _within(address: IPAddress, networks: Iterable[IPNetwork]) -> bool:
@@ -348,6 +387,14 @@ class StandardWebhooksCredentials:
         return frozenset()
 
     def verify(self, inbound: Inbound, secret: SecretLookup, now: float) -> Ticket | None:
+        if inbound.params:
+            # Standard Webhooks signs `{id}.{timestamp}.{body}`: a query string is not covered,
+            # and a conversion must be read only from what the sender signed (SPEC 6).
+            raise InputError(
+                "a query string is not covered by the signature: send every parameter in the "
+                "signed body",
+                "query",
+            )
         msg_id = _required(inbound.headers, WEBHOOK_ID)
         stamp = _required(inbound.headers, WEBHOOK_TIMESTAMP)
         signatures = parse_signatures(_required(inbound.headers, WEBHOOK_SIGNATURE))

@@ -24,7 +24,7 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from daemon.auth import Inbound, Ticket
+from daemon.auth import Inbound, RateLimited, Ticket
 from daemon.errors import InputError, SecretError, StoreError
 from daemon.matching import match
 from daemon.models import Conversion, Status, Transition, arrival_view
@@ -95,12 +95,14 @@ async def _admit(
     ticket = gate.authenticate(Inbound(request.headers, query, body), now())
     try:
         gate.throttle(source.name, now())
-        body_params(request, body, query)
-        return source.to_conversion(query), ticket
-    except BaseException:
+    except RateLimited:
         if ticket is not None:
-            ticket.release()
+            ticket.release()  # told to retry: the same message must then be accepted
         raise
+    # A refusal from here on keeps the ticket: the message is refused for what it says, and
+    # the same webhook-id must not come back with anything changed (issue 13).
+    body_params(request, body, query)
+    return source.to_conversion(query), ticket
 
 
 async def ingest(

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from stat import S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -158,14 +159,38 @@ def _outside(path: Path, root: Path) -> Issue:
     return Issue(path.relative_to(root).as_posix(), 0, "symlink leads out of the rules directory")
 
 
+def rule_files(root: Path) -> tuple[list[Path], list[Issue]]:
+    """The files :func:`load_rules` reads below `root`, and the problems of the tree's layout
+    (the rules editor writes only where the loader reads: one predicate for both)."""
+    return _discover(root.resolve())
+
+
+def _special(mode: int) -> str | None:
+    """What a file that is not a regular file is (we never read one: a FIFO blocks forever)."""
+    if S_ISREG(mode):
+        return None
+    kinds = {S_ISFIFO: "a FIFO", S_ISSOCK: "a socket", S_ISDIR: "a directory"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "a device")
+    return f"not a regular file ({kind}): only regular files are read"
+
+
 def read_capped(path: Path, rel: str, issues: list[Issue]) -> bytes | None:
-    """A rule or source file's bytes, or None with an Issue (unreadable, or over 1 MiB: no
-    more than one byte past the limit is read)."""
+    """A rule or source file's bytes, or None with an Issue (unreadable, not a regular file, or
+    over 1 MiB: no more than one byte past the limit is read). A FIFO, socket or device is
+    never opened (stat first), and the open itself cannot block (O_NONBLOCK, then fstat: the
+    name may have been swapped in between)."""
     try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
+        problem = _special(os.stat(path).st_mode)
+        if problem is None:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            with os.fdopen(fd, "rb") as fh:
+                problem = _special(os.fstat(fd).st_mode)
+                data = fh.read(MAX_FILE_BYTES + 1) if problem is None else b""
     except OSError as err:
         issues.append(Issue(rel, 0, f"cannot read: {err.strerror or err}"))
+        return None
+    if problem is not None:
+        issues.append(Issue(rel, 0, problem))
         return None
     if len(data) > MAX_FILE_BYTES:
         issues.append(Issue(rel, 1, f"file is larger than {MAX_FILE_BYTES // 1024} KiB"))

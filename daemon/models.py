@@ -83,13 +83,19 @@ PII_FIELDS = frozenset(
 )
 
 MAX_VALUE_LENGTH = 1024
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Every control character (C0, DEL, C1): a CR or LF in a value would split a header, a log line
+# or a CSV row of some destination downstream (SPEC 6: a 400).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _CURRENCY = re.compile(r"^[A-Za-z]{3}$")
+# Payout and revenue as trackers write them: ASCII digits only (`٣` and `1_000` are not
+# numbers here, though Python's Decimal reads them), an optional fraction and exponent.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_UNIX_TIME = re.compile(r"[0-9]{1,12}(?:\.[0-9]+)?")
 
 
 def check_value(name: str, value: str) -> str:
-    """Refuse what no tracker legitimately sends: over-long values, control characters, lone
-    surrogates. Tabs and newlines are allowed (addresses, user agents)."""
+    """Refuse what no tracker legitimately sends: over-long values, control characters (CR, LF
+    and tab included), lone surrogates."""
     if len(value) > MAX_VALUE_LENGTH:
         raise InputError(f"value longer than {MAX_VALUE_LENGTH} characters", name)
     if _CONTROL.search(value):
@@ -102,10 +108,13 @@ def check_value(name: str, value: str) -> str:
 
 
 def parse_decimal(name: str, value: str) -> Decimal:
+    text = value.strip(" ")
     try:
-        number = Decimal(value.strip())
+        number = Decimal(text)
     except InvalidOperation as err:
         raise InputError("not a decimal number", name) from err
+    if number.is_finite() and not _DECIMAL.fullmatch(text):
+        raise InputError("not a decimal number (ASCII digits, e.g. 12.50)", name)
     if not number.is_finite() or not math.isfinite(float(number)):
         raise InputError("not a finite decimal number", name)
     if number < 0:
@@ -114,14 +123,25 @@ def parse_decimal(name: str, value: str) -> Decimal:
 
 
 def parse_event_time(value: str) -> datetime:
-    text = value.strip()
+    """An ISO 8601 time (UTC when it has no offset) or unix seconds, in ASCII; one that is out
+    of range once in UTC (year 1 at +14:00, year 9999 at -14:00) is refused like any bad
+    time, not left to overflow where it is compared or stored."""
+    text = value.strip(" ")
+    problem = "not an ISO 8601 time or unix seconds"
+    if not text.isascii():
+        raise InputError(problem, "event_time")
     try:
-        if re.fullmatch(r"\d{1,12}(\.\d+)?", text):
+        if _UNIX_TIME.fullmatch(text):
             return datetime.fromtimestamp(float(text), UTC)
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except (ValueError, OverflowError, OSError) as err:
-        raise InputError("not an ISO 8601 time or unix seconds", "event_time") from err
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        raise InputError(problem, "event_time") from err
+    parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    try:
+        parsed.astimezone(UTC)
+    except OverflowError as err:
+        raise InputError("time out of range (years 1 to 9999 in UTC)", "event_time") from err
+    return parsed
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     field_validator,
+    model_validator,
 )
 
 from daemon.actions import ActionSettingsUnion
@@ -93,6 +94,18 @@ class Postback(_Model):
     author: Author | None = None
     retry: RetryOverride | None = None
     action: ActionSettingsUnion
+
+    @model_validator(mode="after")
+    def _own_affiliate_only(self) -> Postback:
+        # Visibility follows data: the author's users see this postback's deliveries and the
+        # requests it rendered, so it may only ever carry their own affiliate's conversions.
+        owner = self.owner_affiliate
+        if owner is not None and self.affiliate != owner:
+            raise ValueError(
+                f"affiliate: a postback authored for affiliate {owner} may only match affiliate "
+                f"{owner}'s conversions, not {self.affiliate!r}"
+            )
+        return self
 
     @property
     def condition(self) -> Condition | None:

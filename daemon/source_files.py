@@ -3,8 +3,8 @@ parsing, and the checks a model cannot make alone.
 
 A source file names canonical fields' inbound parameters (`fields`), maps the tracker's status
 values (`status_map`), fills `defaults`, and says who may post (`auth`, `allow_ips`,
-`trusted_proxies`, `rate_limit`). `preset: NAME` starts from a shipped preset; the file's own
-keys override it (mappings are merged key by key).
+`trusted_proxies`, `rate_limit`, `public`). `preset: NAME` starts from a shipped preset; the
+file's own keys override it (mappings are merged key by key).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     ValidationError,
     field_validator,
@@ -190,6 +191,7 @@ class SourceFile(_Model):
     defaults: dict[CanonicalName, DefaultValue] | None = None
     response: Literal["json", "text"] | None = None
     rate_limit: RateLimitConfig | None = None
+    public: StrictBool | None = None  # takes conversions without credentials, on purpose
 
     @field_validator("status_map", mode="before")
     @classmethod

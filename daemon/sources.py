@@ -2,7 +2,8 @@
 and the all-or-nothing loader of `webhooks/*.yaml` (and the presets shipped in daemon/presets/).
 
 The file format itself lives in daemon/source_files.py. The built-in `generic` source takes
-canonical names as they are; a `webhooks/generic.yaml` replaces it (to add credentials).
+canonical names as they are, from loopback clients only; a `webhooks/generic.yaml` replaces it
+(to add credentials, `allow_ips`, or `public: true` on purpose).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class Source:
     response: Literal["json", "text"] = "json"
     gate: Gate = OPEN
     secrets: frozenset[str] = frozenset()
+    public: bool = False  # its file says it takes conversions without credentials on purpose
+    file: str = ""  # where it was read from (`webhooks/x.yaml`), for warnings; "" built in
 
     def to_conversion(self, params: Mapping[str, str]) -> Conversion:
         """Canonical conversion from inbound parameters; InputError names the inbound field."""
@@ -92,7 +95,28 @@ class Source:
         raise InputError("unknown status value", self._inbound("status"))
 
 
-GENERIC_SOURCE = Source(GENERIC)
+GENERIC_SOURCE = Source(GENERIC, gate=Gate(access=AccessPolicy(loopback_only=True)))
+
+
+def exposure_warnings(sources: Mapping[str, Source]) -> list[tuple[Source, str]]:
+    """(source, why) for each source that takes conversions without credentials from clients
+    beyond loopback and whose file does not say `public: true`; `validate` prints them and the
+    daemon logs them at start."""
+    found = []
+    for _, source in sorted(sources.items()):
+        gate = source.gate
+        if gate.credentials is not None or source.public:
+            continue
+        if not gate.access.open_beyond_loopback:
+            continue
+        why = (
+            "takes conversions without authentication from the addresses of allow_ips"
+            if gate.access.allow
+            else "takes conversions without authentication from any address"
+        )
+        found.append((source, f"{why}: give it auth (or write public: true if that is on purpose)"))
+    return found
+
 
 # --- loading ---------------------------------------------------------------------------------
 
@@ -145,8 +169,8 @@ def _discover(root: Path, prefix: str, issues: list[Issue]) -> list[Path]:
         return paths
     for name in names:
         path = root / name
-        if is_ignored_name(name) or not name.endswith(SOURCE_SUFFIXES) or not path.is_file():
-            continue
+        if is_ignored_name(name) or not name.endswith(SOURCE_SUFFIXES) or path.is_dir():
+            continue  # anything else of that name is read_capped's to refuse (a FIFO, a socket)
         if path.resolve().parent != real_root:
             issues.append(
                 Issue(f"{prefix}/{name}", 0, "symlink leads out of the webhooks directory")
@@ -185,7 +209,7 @@ def _load_file(
     issues.extend(_check_secrets(rel, raw, spec, secrets))
     if len(issues) > before:
         return None
-    return _build(name, spec, secrets, trusted, state), raw.lines.get("name", 1)
+    return _build(name, spec, secrets, trusted, state, rel), raw.lines.get("name", 1)
 
 
 def _check_secrets(
@@ -215,11 +239,14 @@ def _build(
     secrets: SecretLookup | None,
     trusted: tuple[str, ...],
     state: GateState,
+    rel: str = "",
 ) -> Source:
     proxies = spec.trusted_proxies if spec.trusted_proxies is not None else list(trusted)
     access = AccessPolicy(
         tuple(ipaddress.ip_network(c, strict=False) for c in spec.allow_ips or ()),
         tuple(ipaddress.ip_network(c, strict=False) for c in proxies),
+        # The built-in name stays a local door unless its file opens it (SPEC 6).
+        loopback_only=name == GENERIC and not (spec.auth or spec.allow_ips or spec.public),
     )
     rate = spec.rate_limit
     gate = Gate(
@@ -239,6 +266,8 @@ def _build(
         response=spec.response or "json",
         gate=gate,
         secrets=frozenset(spec.auth.secrets if spec.auth else ()),
+        public=bool(spec.public),
+        file=rel,
     )
 
 

@@ -31,11 +31,12 @@ TOKENS = [
 
 
 def rules(sink: Sink, bad: Sink) -> dict[str, str]:
-    def pb(pid: int, author: str, url: str, extra: str = "") -> str:
+    # A postback authored for an affiliate matches only that affiliate's conversions (issue 13).
+    def pb(pid: int, author: str, url: str, extra: str = "", affiliate: str = "42") -> str:
         return f"""
               - id: {pid}
                 trigger: conversion_done
-                affiliate: "*"
+                affiliate: "{affiliate}"
                 created_at: 2026-11-01T10:00:00Z
                 {author}
                 action:
@@ -52,7 +53,7 @@ def rules(sink: Sink, bad: Sink) -> dict[str, str]:
             f"{sink.url}/a42",
             'when: {"!=": [{"var": "sub1"}, "skip"]}',
         )
-        + pb(102, "author: {id: 2, name: Bob, affiliate: 43}", f"{sink.url}/a43")
+        + pb(102, "author: {id: 2, name: Bob, affiliate: 43}", f"{sink.url}/a43", affiliate="43")
         + pb(103, "author: {id: 3, name: Root}", f"{bad.url}/admin")
         + pb(104, "", f"{sink.url}/none"),
         "offer-8.yaml": "offer: 8\ngoals_enabled: true\npostbacks:"
@@ -92,7 +93,9 @@ async def call(
 
 
 async def approved(d: Daemon, cid: str, sink: Sink, *, expect: int) -> None:
+    """Conversion `cid` of affiliate 42 (101, 103, 104 fire) and `cid`-43 of affiliate 43 (102)."""
     await d.post(conversion_id=cid, offer=7, affiliate=42, status="approved")
+    await d.post(conversion_id=f"{cid}-43", offer=7, affiliate=43, status="approved")
     await wait_for(lambda: len(sink.received) >= expect)
     await d.services.dispatcher.drain()
 
@@ -157,7 +160,7 @@ async def test_postback_columns_with_secrets_masked(daemon: Daemon, sink: Sink) 
         "offer": "7",
         "trigger": "conversion_done",
         "trigger_settings": {
-            "affiliate": "*",
+            "affiliate": "42",
             "goal": None,
             "goal_evaluated": False,
             "when": {"!=": [{"var": "sub1"}, "skip"]},

@@ -18,7 +18,7 @@ from tests.test_cli_ops_kit import run
 POSTBACK = """\
   - id: {pid}
     trigger: conversion_done
-    affiliate: "*"
+    affiliate: "{affiliate}"
     status: active
 {author}    action:
       type: ping_url
@@ -37,7 +37,9 @@ def rules_text(authors: list[str | None]) -> str:
             author = f"    author: {{id: {pid}, name: Admin {pid}}}\n"
         else:
             author = f"    author: {{id: {pid}, name: User {pid}, affiliate: {who}}}\n"
-        body.append(POSTBACK.format(pid=pid, author=author))
+        # An affiliate's postback may only match that affiliate's conversions (issue 13).
+        affiliate = "*" if who in (None, "admin") else str(who).strip("'\"")
+        body.append(POSTBACK.format(pid=pid, author=author, affiliate=affiliate))
     return "offer: 1\npostbacks:\n" + "".join(body)
 
 

@@ -100,20 +100,41 @@ class Clock(Protocol):
         ...
 
 
+# A value shorter than this is masked only where it stands whole (not inside a longer word):
+# masking every `ab` of a text would shred it, and a whole `key=ab` is exactly the leak.
+WHOLE_ONLY_BELOW = 4
+
+
 class Redactor:
-    """Replaces every secret value it was told about (and derived forms) with ****."""
+    """Replaces every secret value it was told about (and derived forms) with ****, whatever
+    its length: a value of 4 characters or more wherever it occurs, a shorter one wherever it
+    stands whole (bounded by anything but a letter or a digit: `?key=ab&`, `"ab"`, `Bearer
+    ab`)."""
 
     def __init__(self) -> None:
         self._values: set[str] = set()
+        self._short: re.Pattern[str] | None = None
 
     def add(self, value: str) -> None:
-        if len(value) >= 4:  # shorter values would mask innocent text and protect nothing
+        if value and value not in self._values:
             self._values.add(value)
+            self._short = None
 
     def redact(self, text: str) -> str:
         for value in sorted(self._values, key=len, reverse=True):
-            text = text.replace(value, MASK)
-        return text
+            if len(value) >= WHOLE_ONLY_BELOW:
+                text = text.replace(value, MASK)
+        return self._short_pattern().sub(MASK, text) if self._has_short() else text
+
+    def _has_short(self) -> bool:
+        return any(len(v) < WHOLE_ONLY_BELOW for v in self._values)
+
+    def _short_pattern(self) -> re.Pattern[str]:
+        if self._short is None:
+            short = sorted((v for v in self._values if len(v) < WHOLE_ONLY_BELOW), key=len)
+            alternatives = "|".join(re.escape(v) for v in reversed(short))
+            self._short = re.compile(rf"(?<![^\W_])(?:{alternatives})(?![^\W_])")
+        return self._short
 
     def headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         return {

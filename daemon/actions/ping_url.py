@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
+import re2  # type: ignore[import-untyped]
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from daemon.actions.base import (
@@ -32,7 +33,25 @@ from daemon.macros import (
 from daemon.urltemplate import UrlTemplateStr
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern is the rule's error line, not stderr noise
+_RE2_OPTIONS.max_mem = 8 << 20  # a pattern whose automaton needs more is refused at load
 _RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+
+
+def compile_expect(pattern: str) -> Any:
+    """`expect` as an RE2 regex: matching takes time linear in the body, whatever the pattern
+    (`^(a+)+$` against a hostile destination's `aaaa…!` cannot stall the daemon). RE2 has no
+    backreferences or lookarounds: such a pattern is refused at load."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as err:
+        first = err.args[0] if err.args else err
+        detail = first.decode("utf-8", "replace") if isinstance(first, bytes) else str(first)
+        raise ValueError(
+            f"expect is not a valid regular expression: {detail} (RE2 syntax: no "
+            "backreferences or lookarounds)"
+        ) from err
 
 
 class Settings(ActionSettings):
@@ -67,10 +86,7 @@ class Settings(ActionSettings):
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                re.compile(value)
-            except re.error as err:
-                raise ValueError(f"expect is not a valid regular expression: {err}") from err
+            compile_expect(value)
         return value
 
     @model_validator(mode="after")
@@ -88,7 +104,7 @@ class PingUrl:
     def __init__(self, settings: Settings, resources: Resources) -> None:
         self.settings = settings
         self.resources = resources
-        self._expect = re.compile(settings.expect) if settings.expect else None
+        self._expect = compile_expect(settings.expect) if settings.expect else None
 
     @property
     def destination(self) -> str:

@@ -256,9 +256,7 @@ def _render(
 
 def _target(tree: Tree, offer: str, file: str | None) -> RuleDoc | None:
     if file is not None:
-        rel = Path(file).as_posix()
-        if not rel.endswith(RULE_SUFFIXES) or rel.startswith(("/", "../")) or "/../" in rel:
-            raise EditError(f"--file {file}: a .yaml path inside the rules directory")
+        rel = _inside_rel(tree.root, file)
         doc = tree.get(rel)
         if doc is not None and doc.offer != offer:
             raise EditError(f"--file {file}: it describes offer {doc.offer}, not {offer}")
@@ -267,6 +265,24 @@ def _target(tree: Tree, offer: str, file: str | None) -> RuleDoc | None:
         return doc
     docs = tree.files_of(offer)
     return docs[0] if docs else None
+
+
+def _inside_rel(root: Path, file: str) -> str:
+    """`file` as a path relative to the rules directory, refused when it is not one (absolute,
+    `..`, a symlink out of the tree, not a .yaml name). Whether the loader would read it (hidden
+    names, tests/, backups) is checked with the loader itself (ruletree.check)."""
+    path = Path(file)
+    rel = path.as_posix()
+    bad = f"--file {file}: a .yaml path inside the rules directory"
+    if path.is_absolute() or ".." in path.parts or not rel.endswith(RULE_SUFFIXES) or not rel:
+        raise EditError(bad)
+    real = root.resolve()
+    target = (root / path).resolve()  # every symlink on the way, the file's own too
+    if real not in target.parents:
+        raise EditError(f"{bad}; it leads out of the rules directory through a symlink")
+    if (root / path).is_symlink() and not target.exists():
+        raise EditError(f"--file {file}: a dangling symlink")
+    return rel
 
 
 def _new_file_name(tree: Tree, offer: str) -> str:

@@ -38,6 +38,7 @@ from daemon.cli.rules import (
 from daemon.cli.ruletree import EditError, Plan, Tree, next_ids
 from daemon.cli.yamlsplice import yaml_rt
 from daemon.models import Trigger
+from daemon.yamlfile import MAX_FILE_BYTES, YamlError, load_yaml
 
 
 @click.command("add")
@@ -111,8 +112,13 @@ def add_cmd(**opts: Any) -> None:
 def _snippet(stream: TextIO | None) -> CommentedMap:
     if stream is None:
         return CommentedMap()
+    text = stream.read(MAX_FILE_BYTES + 1)
     try:
-        data = yaml_rt().load(stream.read())
+        load_yaml(text.encode("utf-8", "surrogateescape"))  # the loader's limits: alias bombs,
+    except YamlError as err:  # tags, depth and size are refused before anything expands
+        raise click.ClickException(f"--from: line {err.line}: {err.message}") from err
+    try:
+        data = yaml_rt().load(text)
     except YAMLError as err:
         raise click.ClickException(f"--from: not YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(data, CommentedMap) or "postbacks" in data:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from daemon.cli.history import compare
 from daemon.cli.yamlsplice import Span, Style, detect_style, spans
 from daemon.errors import Issue, RulesError
 from daemon.gitutil import GitError, git
-from daemon.loader import RULE_SUFFIXES, TESTS_DIR, RuleSet, is_ignored_name, load_rules
+from daemon.loader import RuleSet, load_rules, read_capped, rule_files
 from daemon.yamlfile import YamlError, YList, YMap, load_yaml, raw_text
 
 _HISTORY_ID = re.compile(r"^[+-]\s*-\s+id:\s*[\"']?(\d{1,12})[\"']?\s*(?:#.*)?$", re.MULTILINE)
@@ -126,32 +125,23 @@ class Tree:
 
 
 def _text(path: Path) -> str:
-    try:
-        return path.read_text("utf-8", errors="replace")
-    except OSError:
-        return ""
+    data = read_capped(path, path.name, [])  # never blocks on a FIFO, never raises
+    return data.decode("utf-8", errors="replace") if data is not None else ""
 
 
 def _rule_files(root: Path) -> list[Path]:
-    found = []
+    """Exactly the files the loader reads (dangling links, FIFOs and the like are the loader's
+    errors, not a traceback here)."""
     real = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not is_ignored_name(d) and not (here == root and d == TESTS_DIR)
-        )
-        for name in sorted(filenames):
-            path = here / name
-            if is_ignored_name(name) or not name.endswith(RULE_SUFFIXES):
-                continue
-            if real in path.resolve().parents:
-                found.append(path)
-    return found
+    return [real / p.relative_to(real) for p in rule_files(root)[0]]
 
 
 def read_doc(root: Path, rel: str) -> RuleDoc:
     path = root / rel
-    data = path.read_bytes()
+    issues: list[Issue] = []
+    data = read_capped(path, rel, issues)
+    if data is None:
+        return RuleDoc(rel, path, [], b"", problem=issues[0].message if issues else "unreadable")
     doc = RuleDoc(rel, path, [], data)
     try:
         text = data.decode("utf-8")
@@ -227,7 +217,7 @@ def check(tree: Tree, plan: Plan) -> list[Issue]:
     for an edit, also what may not change for an existing id (as `validate --base` would)."""
     with tempfile.TemporaryDirectory(prefix="postbackd-edit-") as tmp:
         copy = Path(tmp) / "rules"
-        shutil.copytree(tree.root, copy, ignore=shutil.ignore_patterns(".git"))
+        issues = _copy_rule_files(tree.root, copy)
         for rel, text in plan.texts.items():
             target = copy / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -235,10 +225,31 @@ def check(tree: Tree, plan: Plan) -> list[Issue]:
         try:
             new = load_rules(copy, git=False)
         except RulesError as err:
-            return err.issues
+            return issues + err.issues
+        if issues:
+            return issues
+    unloaded = sorted(set(plan.texts) - set(new.files))
+    if unloaded:
+        return [Issue(rel, 0, "postbackd would not load this file") for rel in unloaded]
     if not plan.edits_existing or tree.current is None:
         return []
     return compare(new, tree.current, "the current files")
+
+
+def _copy_rule_files(root: Path, copy: Path) -> list[Issue]:
+    """Copy the files the loader reads (only those: a dangling link or a FIFO elsewhere is
+    nothing to copy) into `copy`; the problems the loader would report of the tree itself."""
+    real = root.resolve()
+    paths, issues = rule_files(root)
+    copy.mkdir(parents=True)
+    for path in paths:
+        rel = path.relative_to(real).as_posix()
+        data = read_capped(path, rel, issues)
+        if data is not None:
+            target = copy / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    return issues
 
 
 def write(tree: Tree, plan: Plan) -> None:

@@ -21,6 +21,7 @@ from daemon.ingest import GuardedRunner
 from daemon.log import configure_logging
 from daemon.notify import Notifier
 from daemon.settings import Settings
+from daemon.sources import exposure_warnings
 from daemon.supervise import spawn
 
 log = structlog.get_logger("postbackd")
@@ -78,6 +79,8 @@ async def _serve(settings: Settings, notifier: Notifier) -> None:
         node=services.node,
         rules_version=str(services.reloader.runtime.rules.version),
     )
+    for source, why in exposure_warnings(services.reloader.runtime.sources):
+        log.warning("source_unauthenticated", source=source.name, reason=why)
     await stop.wait()
     notifier.stopping()
     log.info("daemon_stopping", node=services.node)

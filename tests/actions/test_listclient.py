@@ -138,7 +138,7 @@ async def test_a_header_value_with_a_line_break_is_not_rendered() -> None:
         async with action_resources() as res:
             action = ListClient(action_settings, res)
             with pytest.raises(RenderError):
-                await action.send(make_job({"email": "a@b.c", "sub1": "x\r\nInjected: 1"}))
+                await action.send(make_job({"email": "a@b.c"}, raw={"sub1": "x\r\nInjected: 1"}))
         assert fake.received == []
 
 

@@ -157,7 +157,8 @@ async def test_render_errors_are_permanent(http: OutboundHttp, sink: Sink) -> No
         http, method="POST", url=f"{sink.url}/x", headers={"X-Click": "{click_id}"}, form={"a": "b"}
     )
     with pytest.raises(RenderError):
-        await a.send(job(click_id="evil\r\nX-Injected: 1"))
+        # CR and LF are refused at the door (a 400); a Unicode line break gets this far.
+        await a.send(job(click_id="evil\u2028X-Injected: 1"))
     assert sink.received == []
 
 

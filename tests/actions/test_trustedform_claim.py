@@ -68,8 +68,11 @@ def make_action(resources: Resources, **settings: Any) -> trustedform_claim.Trus
 
 
 def make_job(**fields: str) -> Job:
-    """This file's lead, as `fields` change it."""
-    return kit.make_job({**LEAD, **fields})
+    """This file's lead, as `fields` change it. A value with a control character, which the
+    door now refuses (a 400), reaches the macros raw, as from a conversion stored before."""
+    hostile = {k: v for k, v in fields.items() if any(ord(c) < 32 or ord(c) == 127 for c in v)}
+    clean = {k: v for k, v in fields.items() if k not in hostile}
+    return kit.make_job({**LEAD, **clean}, raw=hostile)
 
 
 async def test_happy_path_sends_exactly_a_v4_retain(
