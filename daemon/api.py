@@ -38,13 +38,12 @@ from daemon.errors import (
     SecretError,
     StoreError,
 )
-from daemon.listing import postback_row
 from daemon.loader import RuleSet
 from daemon.metrics import CONTENT_TYPE
 from daemon.secrets import SecretResolver
 from daemon.settings import Settings, TokenSpec
 from daemon.store.base import FINAL_STATES, DeliveryFilter, DeliveryState
-from daemon.visibility import Viewer, visible_to
+from daemon.visibility import Viewer
 
 log = structlog.get_logger("postbackd.api")
 

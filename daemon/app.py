@@ -15,6 +15,7 @@ from aiohttp import web
 
 from daemon.actions.base import Resources
 from daemon.affiliates.service import AffiliateService
+from daemon.affiliates.wiring import attach_affiliates
 from daemon.auth import GateState
 from daemon.dispatcher import Dispatcher, DispatcherConfig
 from daemon.errors import StoreError
@@ -191,6 +192,7 @@ async def _services(
         notifier=notifier,
     )
     metrics.watch_rules(reloader)
+    affiliates, affiliate_sync = attach_affiliates(store, reloader, resources, clock.now)
     destinations = Destinations.from_settings(settings, clock.now)
     metrics.registry.register(DestinationsCollector(destinations))
     dispatcher = Dispatcher(
@@ -205,14 +207,19 @@ async def _services(
     services = Services(
         settings, store, http, reloader, dispatcher, clock, node, notifier, metrics, supervisor
     )
+    services.affiliates = affiliates
     app[SERVICES] = services
     metrics.watch_loops(supervisor)
     try:
         await reloader.load_initial()
+        await affiliate_sync.initial()  # the store postbacks, before the first request
         recovered = await store.recover(node, datetime.fromtimestamp(clock.now(), UTC))
         if recovered:
             log.info("deliveries_recovered", count=recovered, node=node)
         _start_loops(services, dispatch=dispatch, watch=watch)
+        supervisor.start(
+            "affiliate-sync", lambda health: affiliate_sync.run(health.beat), interval=30.0
+        )
         yield
     finally:
         await dispatcher.stop(grace=20.0)

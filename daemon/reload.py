@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from daemon.actions import build_action
 from daemon.actions.base import Action, Resources
+from daemon.affiliates.policy import DEFAULT_POLICY, LoadedPolicy, file_id_issues, load_policy
 from daemon.errors import Issue, RulesError
 from daemon.loader import ParseCache, RuleSet, is_ignored_name, load_rules
 from daemon.sources import GENERIC, GENERIC_SOURCE, Source
@@ -38,6 +39,13 @@ class Runtime:
     rules: RuleSet
     actions: Mapping[int, Action]
     sources: Mapping[str, Source] = field(default_factory=lambda: {GENERIC: GENERIC_SOURCE})
+    policy: LoadedPolicy = DEFAULT_POLICY  # rules.d/affiliates.yaml (issue 15)
+
+
+class Overlay(Protocol):
+    """What runs over the rule files: the store postbacks (daemon.affiliates.index)."""
+
+    def compose(self, file_runtime: Runtime) -> Runtime: ...
 
 
 SourceLoader = Callable[[], Mapping[str, Source]]
@@ -48,6 +56,7 @@ def build_runtime(
     sources: Mapping[str, Source],
     resources: Resources,
     previous: Runtime | None = None,
+    policy: LoadedPolicy = DEFAULT_POLICY,
 ) -> Runtime:
     """The runtime of a rule set; a postback whose model is the very one of `previous` (its file
     did not change, see loader.ParseCache) keeps its action object."""
@@ -59,7 +68,7 @@ def build_runtime(
             actions[pid] = previous.actions[pid]
         else:
             actions[pid] = build_action(lp.postback.action, resources)
-    return Runtime(rules, actions, {GENERIC: GENERIC_SOURCE, **sources})
+    return Runtime(rules, actions, {GENERIC: GENERIC_SOURCE, **sources}, policy)
 
 
 @dataclass
@@ -103,6 +112,8 @@ class Reloader:
         self._notifier = notifier
         self._lock = asyncio.Lock()
         self._runtime: Runtime | None = None
+        self._file_runtime: Runtime | None = None  # the rule files alone (no store postbacks)
+        self.overlay: Overlay | None = None
         self._parse_cache = ParseCache()  # used by one reload at a time (the lock)
         self.status = ReloadStatus()
 
@@ -122,18 +133,36 @@ class Reloader:
             )
         except RulesError as err:
             issues.extend(err.issues)
+        policy = DEFAULT_POLICY
+        try:
+            policy = load_policy(self.rules_dir)
+        except RulesError as err:
+            issues.extend(err.issues)
+        if rules is not None:
+            issues.extend(file_id_issues(rules.postbacks.values()))
         try:
             sources = self._load_sources()
         except RulesError as err:
             issues.extend(err.issues)
-        if rules is None or sources is None:
+        if rules is None or sources is None or issues:
             raise RulesError(issues)
-        return build_runtime(rules, sources, self.resources, previous=self._runtime)
+        return build_runtime(
+            rules, sources, self.resources, previous=self._file_runtime, policy=policy
+        )
+
+    def _composed(self, file_runtime: Runtime) -> Runtime:
+        return self.overlay.compose(file_runtime) if self.overlay else file_runtime
+
+    def recompose(self) -> Runtime:
+        """Swap in the rule files with the overlay as it is now (a store postback changed)."""
+        assert self._file_runtime is not None, "rules not loaded yet"
+        self._runtime = self._composed(self._file_runtime)
+        return self._runtime
 
     async def load_initial(self) -> Runtime:
         """The first load: a failure here stops the daemon from starting (RulesError)."""
-        runtime = await asyncio.to_thread(self._load)
-        self._runtime = runtime
+        self._file_runtime = await asyncio.to_thread(self._load)
+        self._runtime = runtime = self._composed(self._file_runtime)
         settle_memory()
         self.status.loaded_at = self.status.last_attempt_at = datetime.now(UTC)
         log.info(
@@ -170,7 +199,9 @@ class Reloader:
                 rules_version=str(self.runtime.rules.version),
             )
             return False
-        old, self._runtime = self._runtime, runtime
+        self._file_runtime = runtime
+        old = self._runtime
+        self._runtime = runtime = self._composed(runtime)
         self.status.ok = True
         self.status.reloads_ok += 1
         self.status.loaded_at = self.status.last_attempt_at
@@ -197,6 +228,10 @@ class Reloader:
 
         while True:
             target = self.rules_dir.resolve()
+            if not target.is_dir():  # fail here, not in the watcher thread, and say what
+                raise FileNotFoundError(f"rules_dir {target} is not a directory")
+            if beat is not None:
+                beat()
             paths = [str(target)] + (
                 [str(self.webhooks_dir)] if self.webhooks_dir and self.webhooks_dir.is_dir() else []
             )
@@ -213,6 +248,8 @@ class Reloader:
                 ):
                     await self._wait_for_git()
                     await self.reload("files changed")
+                    if beat is not None:
+                        beat()
             finally:
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -230,10 +267,6 @@ class Reloader:
     async def _wait_for_git(self) -> None:
         """A git checkout rewrites files one by one; wait until it lets go of its index lock."""
         lock = _git_index_lock(self.rules_dir.resolve())
-            if not target.is_dir():  # fail here, not in the watcher thread, and say what
-                raise FileNotFoundError(f"rules_dir {target} is not a directory")
-            if beat is not None:
-                beat()
         if lock is None:
             return
         waited = 0.0
@@ -250,8 +283,6 @@ def _git_index_lock(start: Path) -> Path | None:
             return git / "index.lock"
         if git.is_file():  # a worktree or submodule: "gitdir: PATH"
             text = git.read_text("utf-8", "replace").strip()
-                    if beat is not None:
-                        beat()
             if text.startswith("gitdir:"):
                 return (folder / text.removeprefix("gitdir:").strip()) / "index.lock"
     return None

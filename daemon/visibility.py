@@ -6,7 +6,7 @@ Shared by the HTTP API (the caller's bearer token) and `postbackd rules list --a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from daemon.rules import Postback
@@ -18,6 +18,8 @@ class Viewer:
 
     role: Literal["admin", "affiliate"]
     affiliate: str | None = None
+    # The token's name, as the author of store postbacks and of their audit rows (issue 15).
+    name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if (self.role == "affiliate") != (self.affiliate is not None):

@@ -175,6 +175,9 @@ async def test_postback_columns_with_secrets_masked(daemon: Daemon, sink: Sink) 
         "author": {"id": "1", "name": "Ann", "affiliate": "42"},
         "file": "offer-7.yaml",
         "line": 3,
+        "status_reason": None,
+        "source": "file",
+        "updated_at": None,
     }
     status, body, _ = await call(daemon, "/api/v1/postbacks/105", ADMIN)
     assert body["trigger_settings"]["goal"] == "lead"

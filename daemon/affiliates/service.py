@@ -30,20 +30,24 @@ Errors (all in :mod:`daemon.errors`, subclasses of ``InputError`` so the API ans
 - ``NotFoundError`` (404): no such postback, or one the viewer may not see (another affiliate's,
   an admin's): the same answer, word for word.
 - ``ConflictError`` (409): a write on a file postback (message names its ``file:line``: file
-  postbacks stay in git), an action type change, a delete whose ``confirm`` is not the id, a
-  secret still used by a postback.
+  postbacks stay in git), an action type or offer change, a write that lost a race with another
+  (read it again), a secret still used by a postback.
+- ``ForbiddenError`` (403): an admin creating or duplicating, an affiliate naming another
+  affiliate or ``*``, an affiliate enabling a postback an admin disabled.
 - ``PolicyError`` (422): the policy refuses it (action type, ``when:``, offer, destination,
   quota); the message says which rule of the policy.
-- ``InputError`` (400): malformed input (unknown keys, wrong types, oversized, control
-  characters); ``field`` names the offending key. Rule validation errors read as
-  ``validate`` prints them (the loader's messages), e.g. ``action.url: ...``.
+- ``InputError`` (400): a delete whose ``confirm`` is not the id; malformed input (unknown
+  keys, wrong types, oversized, control characters); ``field`` names the offending key. Rule
+  validation errors read as ``validate`` prints them, e.g. ``action.url: ...``.
 - ``StoreError``: the store cannot commit (the API answers 503); nothing is half-written.
 
 Fields of ``create`` (the rule-file postback fields, SPEC 7.1): ``offer`` (required),
 ``trigger`` (required), ``goal``, ``when`` (only if the policy allows), ``status``
-(default ``active``), ``retry``, ``action`` (required, a mapping with ``type``). Not accepted:
-``id``, ``affiliate`` for affiliate viewers (taken from the viewer; an admin must give it and
-``"*"`` is refused for everyone), ``author``, ``created_at`` (both set by the service).
+(default ``active``), ``retry``, ``action`` (required, a mapping with ``type``), and
+``affiliate`` only if it is the viewer's own (``"*"`` or another affiliate: ForbiddenError, 403).
+Not accepted (400): ``id``, ``author``, ``created_at`` (set by the service). Only affiliate
+viewers create and duplicate (an admin gets ForbiddenError: ops keep their postbacks in git);
+an admin may update, enable/disable, delete and read every store postback.
 ``update`` takes the same keys but ``offer`` and ``action.type`` cannot change (409 for the
 type); ``action`` given in ``update`` replaces the action settings as a whole.
 
@@ -54,14 +58,52 @@ postback's own affiliate.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-from daemon.visibility import Viewer
+import structlog
+
+from daemon.affiliates import inputs
+from daemon.affiliates.index import Entry, StoreIndex
+from daemon.affiliates.policy import destination_host, problems
+from daemon.affiliates.records import (
+    BODY_KEYS,
+    build_postback,
+    file_view,
+    secret_names,
+    store_view,
+)
+from daemon.errors import ConflictError, ForbiddenError, InputError, NotFoundError, PolicyError
+from daemon.listing import mask
+from daemon.loader import LoadedPostback
+from daemon.reload import Reloader
+from daemon.store.affiliate_types import (
+    FIRST_STORE_ID,
+    PostbackChange,
+    QuotaExceeded,
+    StoredPostback,
+    Who,
+)
+from daemon.store.base import Store
+from daemon.visibility import Viewer, visible_to
+
+log = structlog.get_logger("postbackd.affiliates")
 
 View = dict[str, Any]
 Views = list[View]  # module-level: the method `list` shadows the builtin in the class
 Names = list[str]
+POLICY_WHO = Who("policy", "affiliates policy (rules.d/affiliates.yaml)")
+ADMIN_DISABLED = "disabled by an admin"
+DRAFT_ID = 10**18 - 1  # the id a postback is checked under before the store gives it one
+
+
+def who(viewer: Viewer) -> Who:
+    name = getattr(viewer, "name", None)
+    if viewer.is_admin:
+        return Who(name or "admin", name or "admin")
+    ident = name or f"affiliate:{viewer.affiliate}"
+    return Who(ident, ident, viewer.affiliate)
 
 
 class AffiliateService:
@@ -71,72 +113,418 @@ class AffiliateService:
     other nodes of the same PostgreSQL store within 2 s.
     """
 
+    def __init__(
+        self,
+        store: Store,
+        index: StoreIndex,
+        reloader: Reloader,
+        now: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.index = index
+        self.reloader = reloader
+        self._now = now
+
+    # --- reads ------------------------------------------------------------------------------
+
     async def list(
         self, viewer: Viewer, offer: str | None = None, status: str | None = None
     ) -> Views:
         """Every postback the viewer may see (file and store ones), by id; optionally of one
         offer and/or one status (``active`` | ``disabled``; InputError otherwise)."""
-        raise NotImplementedError
+        if status is not None:
+            inputs.status(status)
+        if offer is not None:
+            offer = inputs.id_text(offer, "offer")
+        rules = self.reloader.runtime.rules
+        files = rules.offers.get(offer, ()) if offer is not None else rules.postbacks.values()
+        out = [
+            file_view(lp)
+            for lp in files
+            if lp.id < FIRST_STORE_ID
+            and visible_to(lp.postback, viewer)
+            and (status is None or lp.postback.status == status)
+        ]
+        out.extend(
+            self._view(e)
+            for e in self.index.entries.values()
+            if self._sees(viewer, e.stored)
+            and (offer is None or e.stored.offer == offer)
+            and (status is None or e.stored.status == status)
+        )
+        return sorted(out, key=lambda v: int(v["id"]))
 
     async def get(self, viewer: Viewer, id: int | str) -> View:
         """One postback; NotFoundError when there is none or the viewer may not see it."""
-        raise NotImplementedError
-
-    async def create(self, viewer: Viewer, fields: Mapping[str, Any]) -> View:
-        """Create a store postback (its id allocated, author and created_at from the viewer).
-        An affiliate viewer creates only for itself; PolicyError for what the policy refuses
-        (including the quota), InputError for malformed fields."""
-        raise NotImplementedError
-
-    async def update(self, viewer: Viewer, id: int | str, changes: Mapping[str, Any]) -> View:
-        """Change some fields of a store postback; ConflictError for a file postback (naming its
-        file:line) or an action type change."""
-        raise NotImplementedError
-
-    async def set_status(self, viewer: Viewer, id: int | str, status: str) -> View:
-        """``active`` or ``disabled``. Enabling checks the policy again (PolicyError)."""
-        raise NotImplementedError
-
-    async def delete(self, viewer: Viewer, id: int | str, confirm: Any) -> None:
-        """Delete a store postback; `confirm` must be its id typed back (ConflictError if not).
-        Its queued and retrying deliveries are cancelled; its id is never handed out again."""
-        raise NotImplementedError
-
-    async def duplicate(
-        self, viewer: Viewer, from_offer: str, to_offer: str, ids: Sequence[int | str]
-    ) -> Views:
-        """Copies of the chosen postbacks of `from_offer` (any the viewer may see: file ones too)
-        attached to `to_offer`, as new store postbacks owned by the viewer's affiliate (for an
-        admin: the source postback's affiliate). All are created or none."""
-        raise NotImplementedError
+        pid = self._pid(id)
+        entry = self.index.entries.get(pid)
+        if entry is not None and self._sees(viewer, entry.stored):
+            return self._view(entry)
+        return file_view(self._file_postback(viewer, pid))
 
     async def offers(self, viewer: Viewer) -> Views:
         """The offers the viewer may attach postbacks to:
         ``[{"offer": "1234", "goals_enabled": true, "goals": ["lead", "sale"]}]`` (goals: those
         named by the offer's postbacks in the rule files)."""
-        raise NotImplementedError
+        policy = self.index.policy.policy
+        rules = self.reloader.runtime.rules
+        out = []
+        for offer, enabled in sorted(self.index.offers_with_files().items()):
+            if not policy.offer_allowed(offer, (offer,)):
+                continue
+            goals = {
+                lp.postback.goal
+                for lp in rules.offers.get(offer, ())
+                if lp.id < FIRST_STORE_ID and lp.postback.goal is not None
+            }
+            out.append({"offer": offer, "goals_enabled": enabled, "goals": sorted(goals)})
+        return out
+
+    async def limits(self, viewer: Viewer) -> View:
+        """What the policy allows this viewer: ``{"actions": [...], "when": bool,
+        "max_postbacks": N, "offers": "*" | [...], "used": N}`` (for an admin, `used` is null)."""
+        body = self.index.policy.limits()
+        body["used"] = None if viewer.is_admin else self._used(viewer.affiliate or "")
+        return body
 
     async def history(self, viewer: Viewer, id: int | str) -> Views:
         """The audit trail of a store postback, oldest first:
         ``[{"at": iso, "who": {"id", "name", "affiliate"}, "change": "create" | "update" |
-        "status" | "delete" | "policy", "before": View | None, "after": View | None}]``.
-        NotFoundError as for get (also for deleted ones the viewer could see)."""
-        raise NotImplementedError
+        "status" | "delete" | "policy", "before": {...} | None, "after": {...} | None}]``
+        (the stored row: id, affiliate, offer, status, status_reason, body; secrets masked).
+        NotFoundError as for get (also for deleted ones the viewer could see); ConflictError for a
+        file postback (its history is in git)."""
+        pid = self._pid(id)
+        rows = await self.store.affiliate_history(pid) if pid >= FIRST_STORE_ID else []
+        owner = next((r.before or r.after or {} for r in rows), {}).get("affiliate")
+        if not rows or not (viewer.is_admin or owner == viewer.affiliate):
+            lp = self._file_postback(viewer, pid)
+            raise ConflictError(
+                f"postback {pid} lives in {lp.file}:{lp.line}: its history is git's"
+            )
+        return [
+            {
+                "at": r.at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+                "who": r.who,
+                "change": r.change,
+                "before": _masked(r.before),
+                "after": _masked(r.after),
+            }
+            for r in rows
+        ]
 
-    async def limits(self, viewer: Viewer) -> View:
-        """What the policy allows this viewer: ``{"actions": [...], "when": bool,
-        "max_postbacks": N, "used": N}`` (for an admin, `used` is null)."""
-        raise NotImplementedError
+    # --- writes -----------------------------------------------------------------------------
+
+    async def create(self, viewer: Viewer, fields: Mapping[str, Any]) -> View:
+        """Create a store postback (its id allocated, author and created_at from the viewer).
+        An affiliate viewer creates only for itself; PolicyError for what the policy refuses
+        (including the quota), InputError for malformed fields."""
+        affiliate = self._affiliate_only(viewer, "create")
+        fields = inputs.known_keys(fields, inputs.CREATE_KEYS)
+        if "affiliate" in fields:
+            inputs.own_affiliate(fields["affiliate"], affiliate)
+        if "offer" not in fields:
+            raise InputError("missing required key 'offer'", "offer")
+        offer = inputs.id_text(fields["offer"], "offer")
+        status = inputs.status(fields.get("status", "active"))
+        body = {k: fields[k] for k in BODY_KEYS if k in fields and fields[k] is not None}
+        if "action" in body:
+            body["action"] = inputs.action_of(body["action"])
+        body["author"] = {**who(viewer).as_dict(), "affiliate": affiliate}
+        change = PostbackChange(offer, status, body)
+        self._check(affiliate, change)
+        row = await self._create(viewer, affiliate, change)
+        log.info("affiliate_postback_created", postback_id=row.id, affiliate=affiliate, offer=offer)
+        return self._view(self.index.entries[row.id])
+
+    async def update(self, viewer: Viewer, id: int | str, changes: Mapping[str, Any]) -> View:
+        """Change some fields of a store postback (`null` removes goal, when or retry);
+        ConflictError for a file postback (naming its file:line), an offer or action type
+        change."""
+        entry = self._writable(viewer, id)
+        if isinstance(changes, Mapping) and "offer" in changes:
+            if inputs.id_text(changes["offer"], "offer") != entry.stored.offer:
+                raise ConflictError("the offer of a postback cannot change: duplicate it", "offer")
+            changes = {k: v for k, v in changes.items() if k != "offer"}
+        changes = inputs.known_keys(changes, inputs.UPDATE_KEYS)
+        body = dict(entry.stored.body)
+        for key in BODY_KEYS:
+            if key in changes:
+                if changes[key] is None and key in ("goal", "when", "retry"):
+                    body.pop(key, None)
+                else:
+                    body[key] = changes[key]
+        if "action" in changes:
+            body["action"] = inputs.action_of(changes["action"])
+            old_type = entry.stored.body.get("action", {}).get("type")
+            if body["action"]["type"] != old_type:
+                raise ConflictError(
+                    f"the action type cannot change ({old_type}): create a new postback",
+                    "action.type",
+                )
+        status = inputs.status(changes.get("status", entry.stored.status))
+        self._may_enable(viewer, entry, status)
+        change = PostbackChange(entry.stored.offer, status, body, _reason(viewer, status, entry))
+        self._check(entry.stored.affiliate, change, pid=entry.stored.id)
+        row = await self._update(viewer, entry, change, "update")
+        return self._view(self.index.entries[row.id])
+
+    async def set_status(self, viewer: Viewer, id: int | str, status: str) -> View:
+        """``active`` or ``disabled``. Enabling checks the policy again (PolicyError); an
+        affiliate cannot enable what an admin disabled (ForbiddenError)."""
+        entry = self._writable(viewer, id)
+        status = inputs.status(status)
+        self._may_enable(viewer, entry, status)
+        body = entry.stored.body
+        change = PostbackChange(entry.stored.offer, status, body, _reason(viewer, status, entry))
+        if status == "active":
+            self._check(entry.stored.affiliate, change, pid=entry.stored.id)
+        row = await self._update(viewer, entry, change, "status")
+        return self._view(self.index.entries[row.id])
+
+    async def delete(self, viewer: Viewer, id: int | str, confirm: Any) -> None:
+        """Delete a store postback; `confirm` must be its id typed back (InputError if not).
+        Its queued and retrying deliveries are cancelled; its id is never handed out again."""
+        entry = self._writable(viewer, id)
+        try:
+            typed = inputs.postback_id(confirm, "confirm")
+        except InputError:
+            typed = None
+        if typed != entry.stored.id:
+            raise InputError(f"type the postback's id ({entry.stored.id}) to confirm", "confirm")
+        now = self._moment()
+        if not await self.store.delete_affiliate_postback(
+            entry.stored.id, entry.stored.change_seq, who(viewer), now
+        ):
+            raise ConflictError("the postback changed meanwhile: read it again")
+        tomb = StoredPostback(**{**entry.stored.__dict__, "status": "deleted"})
+        self._took([tomb])
+        log.info("affiliate_postback_deleted", postback_id=entry.stored.id)
+
+    async def duplicate(
+        self, viewer: Viewer, from_offer: str, to_offer: str, ids: Sequence[int | str]
+    ) -> Views:
+        """Copies of the chosen postbacks of `from_offer` (any the viewer may see: file ones
+        too) attached to `to_offer`, as new store postbacks of the viewer's affiliate. Every copy
+        is checked before the first is written."""
+        affiliate = self._affiliate_only(viewer, "duplicate")
+        source = inputs.id_text(from_offer, "from_offer")
+        target = inputs.id_text(to_offer, "to_offer")
+        if not isinstance(ids, list) or not ids or len(ids) > inputs.MAX_IDS:
+            raise InputError(f"ids must be a list of 1 to {inputs.MAX_IDS} postback ids", "ids")
+        changes = []
+        for raw in ids:
+            original = await self.get(viewer, inputs.postback_id(raw, "ids"))
+            if original["offer"] != source:
+                raise NotFoundError(f"no postback {original['id']} in offer {source}")
+            body = self._copy_body(original)
+            body["author"] = {**who(viewer).as_dict(), "affiliate": affiliate}
+            change = PostbackChange(target, original["status"], body)
+            self._check(affiliate, change)
+            changes.append(change)
+        room = self.index.policy.policy.max_postbacks - self._used(affiliate)
+        if len(changes) > room:
+            raise PolicyError(
+                f"{len(changes)} copies would exceed max_postbacks "
+                f"({self.index.policy.policy.max_postbacks}); room for {max(room, 0)}"
+            )
+        made = [await self._create(viewer, affiliate, change) for change in changes]
+        return [self._view(self.index.entries[row.id]) for row in made]
+
+    # --- secrets ----------------------------------------------------------------------------
 
     async def set_secret(self, viewer: Viewer, name: str, value: str) -> None:
         """Set one secret of the viewer's affiliate (admins: ForbiddenError; secrets belong to an
         affiliate). The value is never returned again."""
-        raise NotImplementedError
+        affiliate = self._affiliate_only(viewer, "keep secrets")
+        name, value = inputs.secret_value(name, value)
+        await self.store.set_affiliate_secret(affiliate, name, value, self._moment())
+        self.index.secrets.apply_one(affiliate, name, value)
+        log.info("affiliate_secret_set", affiliate=affiliate, secret=name)
 
     async def list_secret_names(self, viewer: Viewer) -> Names:
         """The names of the viewer's affiliate's secrets (never values)."""
-        raise NotImplementedError
+        affiliate = self._affiliate_only(viewer, "keep secrets")
+        return await self.store.affiliate_secret_names(affiliate)
 
     async def delete_secret(self, viewer: Viewer, name: str) -> None:
-        """Remove a secret; ConflictError while a postback of the affiliate refers to it."""
-        raise NotImplementedError
+        """Remove a secret; ConflictError while a postback of the affiliate refers to it,
+        NotFoundError when it is not set."""
+        affiliate = self._affiliate_only(viewer, "keep secrets")
+        name, _ = inputs.secret_value(name, "-")
+        users = sorted(
+            e.stored.id
+            for e in self.index.entries.values()
+            if e.stored.affiliate == affiliate and name in _secrets_of(e.stored)
+        )
+        if users:
+            raise ConflictError(f"secret {name} is used by postback(s) {users}", "name")
+        if not await self.store.set_affiliate_secret(affiliate, name, None, self._moment()):
+            raise NotFoundError(f"no secret {name}")
+        self.index.secrets.apply_one(affiliate, name, None)
+
+    # --- policy -----------------------------------------------------------------------------
+
+    async def enforce_policy(self) -> int:
+        """Disable (with the reason on each, never delete) the active store postbacks that the
+        current policy or rules no longer allow; how many were disabled."""
+        done = 0
+        for entry in self.index.blocked():
+            reason = entry.problem
+            change = PostbackChange(entry.stored.offer, "disabled", entry.stored.body, reason)
+            row = await self.store.update_affiliate_postback(
+                entry.stored.id,
+                entry.stored.change_seq,
+                change,
+                POLICY_WHO,
+                "policy",
+                self._moment(),
+            )
+            if row is not None:
+                self._took([row])
+                done += 1
+                log.warning("affiliate_postback_disabled", postback_id=row.id, reason=reason)
+        return done
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _moment(self) -> datetime:
+        return datetime.fromtimestamp(self._now(), UTC)
+
+    def _pid(self, id: int | str) -> int:
+        try:
+            return inputs.postback_id(id)
+        except InputError:
+            raise NotFoundError(f"no postback {str(id)[:64]}") from None
+
+    @staticmethod
+    def _sees(viewer: Viewer, stored: StoredPostback) -> bool:
+        return viewer.is_admin or stored.affiliate == viewer.affiliate
+
+    def _view(self, entry: Entry) -> View:
+        view = store_view(entry.stored, self.index.goals_enabled(entry.stored.offer))
+        if entry.problem and entry.stored.status == "active":
+            view["status_reason"] = entry.problem  # not in force although active (yet)
+        return view
+
+    def _file_postback(self, viewer: Viewer, pid: int) -> LoadedPostback:
+        lp = self.reloader.runtime.rules.postbacks.get(pid)
+        if lp is None or pid >= FIRST_STORE_ID or not visible_to(lp.postback, viewer):
+            raise NotFoundError(f"no postback {pid}")
+        return lp
+
+    def _writable(self, viewer: Viewer, id: int | str) -> Entry:
+        pid = self._pid(id)
+        entry = self.index.entries.get(pid)
+        if entry is not None and self._sees(viewer, entry.stored):
+            return entry
+        lp = self._file_postback(viewer, pid)
+        raise ConflictError(
+            f"postback {pid} lives in {lp.file}:{lp.line}: file postbacks change through git"
+        )
+
+    @staticmethod
+    def _affiliate_only(viewer: Viewer, what: str) -> str:
+        if viewer.is_admin or viewer.affiliate is None:
+            raise ForbiddenError(
+                f"only an affiliate token may {what}: ops keep their postbacks in git (rules.d/)"
+            )
+        return viewer.affiliate
+
+    def _used(self, affiliate: str) -> int:
+        return sum(1 for e in self.index.entries.values() if e.stored.affiliate == affiliate)
+
+    @staticmethod
+    def _may_enable(viewer: Viewer, entry: Entry, status: str) -> None:
+        if (
+            status == "active"
+            and not viewer.is_admin
+            and entry.stored.status_reason == ADMIN_DISABLED
+        ):
+            raise ForbiddenError("an admin disabled this postback: only an admin can enable it")
+
+    def _check(self, affiliate: str, change: PostbackChange, pid: int = DRAFT_ID) -> None:
+        """Everything but the quota, before any write: the rule-file validation, the secrets,
+        the policy. Raises InputError / PolicyError."""
+        if "action" not in change.body:
+            raise InputError("missing required key 'action'", "action")
+        now = self._moment()
+        draft = StoredPostback(
+            pid, affiliate, change.offer, change.status, None, change.body, now, now, 0
+        )
+        lp = build_postback(draft, self.index.goals_enabled(change.offer))
+        for name in sorted(secret_names(change.body["action"])):
+            if not self.index.secrets.has(affiliate, name):
+                raise PolicyError(f"affiliate secret {name} is not set: set it first", "action")
+        host = destination_host(self.index.destination_of(lp))
+        found = problems(
+            self.index.policy.policy, lp.offer, lp.postback, host, self.index.offers_with_files()
+        )
+        if found:
+            raise PolicyError("; ".join(found))
+
+    async def _create(
+        self, viewer: Viewer, affiliate: str, change: PostbackChange
+    ) -> StoredPostback:
+        limit = self.index.policy.policy.max_postbacks
+        try:
+            row = await self.store.create_affiliate_postback(
+                affiliate, change, who(viewer), self._moment(), limit
+            )
+        except QuotaExceeded as err:
+            raise PolicyError(
+                f"affiliate {affiliate} has {err.count} postbacks: the policy allows at most "
+                f"{limit} (max_postbacks)"
+            ) from err
+        self._took([row])
+        return row
+
+    async def _update(
+        self, viewer: Viewer, entry: Entry, change: PostbackChange, kind: str
+    ) -> StoredPostback:
+        row = await self.store.update_affiliate_postback(
+            entry.stored.id, entry.stored.change_seq, change, who(viewer), kind, self._moment()
+        )
+        if row is None:
+            raise ConflictError("the postback changed meanwhile: read it again")
+        self._took([row])
+        return row
+
+    def _took(self, rows: Sequence[StoredPostback]) -> None:
+        """A write of this node takes effect here at once (the sync loop reads it again)."""
+        self.index.apply(rows)
+        self.reloader.recompose()
+
+    @staticmethod
+    def _copy_body(original: View) -> dict[str, Any]:
+        ts = original["trigger_settings"]
+        body: dict[str, Any] = {"trigger": original["trigger"]}
+        if ts.get("goal") is not None:
+            body["goal"] = ts["goal"]
+        if ts.get("when") is not None:
+            body["when"] = ts["when"]
+        body["action"] = {"type": original["action"], **original["action_settings"]}
+        return body
+
+
+def _reason(viewer: Viewer, status: str, entry: Entry) -> str | None:
+    if status == "active":
+        return None
+    if viewer.is_admin:
+        return ADMIN_DISABLED
+    if entry.stored.status == "disabled":
+        return entry.stored.status_reason
+    return None
+
+
+def _secrets_of(stored: StoredPostback) -> set[str]:
+    try:
+        return secret_names(stored.body.get("action"))
+    except InputError:
+        return set()
+
+
+def _masked(snapshot: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if snapshot is None:
+        return None
+    return {**snapshot, "body": mask(snapshot.get("body") or {})}
