@@ -58,9 +58,9 @@ def add_ui_routes(app: web.Application, settings: Settings, environ: Mapping[str
         return await _static(request, statics)
 
     app.router.add_get("/ui/static/{name}", static)
+    affiliate.add_routes(app)  # first: /ui/offers/go before /ui/offers/{offer}
     ops.add_routes(app)
     store_pages.add_routes(app)
-    affiliate.add_routes(app)
 
 
 def _static_files() -> dict[str, tuple[bytes, str]]:

@@ -19,7 +19,7 @@ from daemon.log import mask
 from daemon.models import PII_FIELDS, Conversion, Status, Trigger, conversion_from_mapping
 from daemon.sendtest import sample_conversion, send_once
 from daemon.store.base import DeliveryFilter
-from daemon.ui.base import Ctx, PageNotFound, page, query
+from daemon.ui.base import Ctx, PageNotFound, page, params, query
 from daemon.ui.views import (
     PAGE_SIZE,
     TABLE_COLUMNS,
@@ -34,6 +34,14 @@ from daemon.ui.views import (
 )
 from daemon.visibility import visible_to
 
+NOTICES = {
+    "created": "Postback created.",
+    "updated": "Postback saved.",
+    "active": "Postback enabled.",
+    "disabled": "Postback disabled.",
+    "deleted": "Postback deleted.",
+    "duplicated": "Postbacks copied to this offer.",
+}
 RECENT = 100  # deliveries read for a postback's page and its success rate
 SHOWN = 20
 
@@ -94,12 +102,21 @@ async def offers(ctx: Ctx) -> web.Response:
         names=names,
         next_after=shown[-1].offer if more and shown else None,
         total=len(summaries),
+        add_offers=await _addable_offers(ctx),
     )
 
 
 async def _offer_names(ctx: Ctx) -> dict[str, str]:
     """Offer names where the affiliate service knows them (none otherwise)."""
     return {}
+
+
+async def _addable_offers(ctx: Ctx) -> list[dict[str, Any]]:
+    """The offers an affiliate may attach postbacks to (none for admins, or without the
+    affiliate service)."""
+    if ctx.viewer.is_admin or ctx.services.affiliates is None:
+        return []
+    return list(await ctx.services.affiliates.offers(ctx.viewer))
 
 
 # --- an offer's postbacks --------------------------------------------------------------------
@@ -137,9 +154,13 @@ async def offer_postbacks(ctx: Ctx) -> web.Response:
         candidates = tuple(lp for lp in candidates if visible_to(lp.postback, ctx.viewer))
     shown, next_after = page_of(candidates, flt, _after(q), PAGE_SIZE)
     repo = ctx.ui.repository_url
+    kept = {k: v for k, v in q.items() if k != "after"}
     return ctx.render(
         "postbacks.html",
         offer=offer,
+        notice=_notice(ctx),
+        can_manage=ctx.services.affiliates is not None and not ctx.viewer.is_admin,
+        next_query=params({**kept, "after": next_after}),
         columns=TABLE_COLUMNS,
         rows=[table_row(lp, repo) for lp in shown],
         filters={k: q.get(k, "") for k in ("status", "trigger", "affiliate", "action")},
@@ -151,6 +172,15 @@ async def offer_postbacks(ctx: Ctx) -> web.Response:
 
 
 # --- one postback ------------------------------------------------------------------------------
+
+
+def is_store(lp: LoadedPostback) -> bool:
+    """A postback kept in the store (managed in the console) rather than in a rule file."""
+    return getattr(lp, "stored", None) is not None
+
+
+def _notice(ctx: Ctx) -> str | None:
+    return NOTICES.get(ctx.request.query.get("notice", ""))
 
 
 def visible_postback(ctx: Ctx) -> LoadedPostback:
@@ -170,9 +200,16 @@ async def postback(ctx: Ctx, **extra: Any) -> web.Response:
     recent, _ = await ctx.services.store.list_deliveries(flt, RECENT, None)
     ok, finished, percent = success_rate(recent)
     row = table_row(lp, ctx.ui.repository_url)
+    store = is_store(lp) and ctx.services.affiliates is not None
+    if store:
+        assert ctx.services.affiliates is not None
+        view = await ctx.services.affiliates.get(ctx.viewer, lp.id)
+        row["status"], row["status_reason"] = view["status"], view.get("status_reason")
     return ctx.render(
         "postback.html",
         row=row,
+        can_manage=store,
+        notice=_notice(ctx),
         settings_json=pretty(row["action_settings"]),
         when_json=pretty(row["trigger_settings"]["when"])
         if row["trigger_settings"]["when"] is not None

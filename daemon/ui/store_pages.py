@@ -12,9 +12,11 @@ from aiohttp import web
 
 from daemon.api import API
 from daemon.api_views import attempt_view, checked_cursor, rules_status_view
+from daemon.app import Services
 from daemon.errors import ConflictError, InputError, StoreError
 from daemon.store.base import DeliveryFilter, DeliveryRow, DeliveryState
 from daemon.store.common import encode_cursor
+from daemon.supervise import describe
 from daemon.ui.base import Ctx, PageNotFound, page, params, query, redirect
 from daemon.ui.ops import action_types, masked_fields
 from daemon.ui.views import parse_time
@@ -178,42 +180,37 @@ async def conversions(ctx: Ctx) -> web.Response:
 async def health(ctx: Ctx) -> web.Response:
     services = ctx.services
     status = rules_status_view(services.reloader)
-    store: dict[str, Any] = {"ok": True, "error": None, "depth": {}}
+    store: dict[str, Any] = {"ok": True, "error": None, "depth": {}, "lag": None}
     try:
         await services.store.ping()
         depth = await services.store.queue_depth()
         store["depth"] = {state.value: depth.get(state, 0) for state in DeliveryState}
+        now = datetime.fromtimestamp(services.clock.now(), UTC)
+        store["lag"] = round(await services.store.delivery_lag(now), 1)
     except StoreError as err:
-        store = {"ok": False, "error": str(err), "depth": {}}
+        store = {"ok": False, "error": describe(err), "depth": {}, "lag": None}
     return ctx.render(
         "health.html",
         rules=status,
         store=store,
         loops=_loops(services),
-        lag=_lag(services),
         node=services.node,
     )
 
 
-def _loops(services: Any) -> list[dict[str, Any]]:
-    """Background loops as the supervisor reports them, when the daemon has one."""
-    supervisor = getattr(services, "supervisor", None) or getattr(services, "loops", None)
-    report = getattr(supervisor, "report", None)
-    if callable(report):
-        try:
-            found = report()
-        except Exception:
-            return []
-        if isinstance(found, list):
-            return [dict(item) for item in found if isinstance(item, dict)]
-        if isinstance(found, dict):
-            return [
-                {"name": k, **(v if isinstance(v, dict) else {"state": v})}
-                for k, v in found.items()
-            ]
-    return []
-
-
-def _lag(services: Any) -> Any:
-    lag = getattr(services, "delivery_lag", None)
-    return lag() if callable(lag) else lag
+def _loops(services: Services) -> list[dict[str, Any]]:
+    """Every supervised background loop: its state, failures in a row and last error."""
+    now = services.supervisor.now()
+    rows = []
+    for name, health in sorted(services.supervisor.loops.items()):
+        since = health.last_progress
+        rows.append(
+            {
+                "name": name,
+                "state": health.state,
+                "last_progress": f"{now - since:.1f} s ago" if since is not None else "-",
+                "failures": health.failures,
+                "error": health.error if health.failing else None,
+            }
+        )
+    return rows

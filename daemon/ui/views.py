@@ -89,6 +89,8 @@ def table_row(lp: LoadedPostback, repository_url: str | None) -> dict[str, Any]:
     row["action_text"] = action_settings_text(row["action_settings"])
     row["author_text"] = author_text(row["author"])
     row["owner"] = lp.postback.owner_affiliate
+    if getattr(lp, "stored", None) is not None:  # kept in the store, not in a rule file
+        row["file"] = row["line"] = None
     row["where"] = f"{lp.file}:{lp.line}"
     row["repo_link"] = repo_link(repository_url, lp.file, lp.line)
     return row

@@ -60,6 +60,9 @@ class Live:
 
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
 
+    def sink_paths(self, prefix: str) -> list[str]:
+        return [r.path_qs for r in self.sink.received if r.path_qs.startswith(prefix)]
+
     @property
     def url(self) -> str:
         return str(self.daemon.client.make_url("/")).rstrip("/")
