@@ -4,14 +4,13 @@ that `rules delete` appends to."""
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
 from daemon.catalogue import RETIRED_FILE, load_catalogue, load_retired, retire_text
-from daemon.cli.ruletree import Plan, Tree
+from daemon.cli.ruletree import Plan, Tree, copy_rule_files
 from daemon.errors import RulesError
 from daemon.gitutil import GitError, git
 from daemon.loader import load_rules
@@ -24,7 +23,7 @@ def lint_plan(tree: Tree, plan: Plan, side: Mapping[str, str] | None = None) -> 
     not a reason to refuse this edit)."""
     with tempfile.TemporaryDirectory(prefix="postbackd-lint-") as tmp:
         copy = Path(tmp) / "rules"
-        shutil.copytree(tree.root, copy, ignore=shutil.ignore_patterns(".git"))
+        copy_rule_files(tree.root, copy)  # the loader's files only: odd entries are no crash
         for rel, text in {**plan.texts, **(side or {})}.items():
             target = copy / rel
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from daemon.cli.history import compare
 from daemon.cli.yamlsplice import Span, Style, detect_style, spans
 from daemon.errors import Issue, RulesError
 from daemon.gitutil import GitError, git
-from daemon.loader import RuleSet, load_rules, read_capped, rule_files
+from daemon.loader import NOT_RULE_FILES, RuleSet, load_rules, read_capped, rule_files
 from daemon.yamlfile import YamlError, YList, YMap, load_yaml, raw_text
 
 _HISTORY_ID = re.compile(r"^[+-]\s*-\s+id:\s*[\"']?(\d{1,12})[\"']?\s*(?:#.*)?$", re.MULTILINE)
@@ -217,7 +218,7 @@ def check(tree: Tree, plan: Plan) -> list[Issue]:
     for an edit, also what may not change for an existing id (as `validate --base` would)."""
     with tempfile.TemporaryDirectory(prefix="postbackd-edit-") as tmp:
         copy = Path(tmp) / "rules"
-        issues = _copy_rule_files(tree.root, copy)
+        issues = copy_rule_files(tree.root, copy)
         for rel, text in plan.texts.items():
             target = copy / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -236,11 +237,13 @@ def check(tree: Tree, plan: Plan) -> list[Issue]:
     return compare(new, tree.current, "the current files")
 
 
-def _copy_rule_files(root: Path, copy: Path) -> list[Issue]:
-    """Copy the files the loader reads (only those: a dangling link or a FIFO elsewhere is
-    nothing to copy) into `copy`; the problems the loader would report of the tree itself."""
+def copy_rule_files(root: Path, copy: Path, also: Iterable[str] = NOT_RULE_FILES) -> list[Issue]:
+    """Copy the files the loader reads, and the side files `also` at the top (the catalogue,
+    the retired ids) when they exist, into `copy`: only those (a dangling link or a FIFO
+    elsewhere is nothing to copy); the problems the loader would report of the tree itself."""
     real = root.resolve()
     paths, issues = rule_files(root)
+    paths += [real / name for name in also if (real / name).exists()]
     copy.mkdir(parents=True)
     for path in paths:
         rel = path.relative_to(real).as_posix()
