@@ -1,0 +1,185 @@
+"""The dispatcher's slots (in-process, real sink and store): an attempt's time counts from its
+destination slot, the wait for a slot is bounded, per-affiliate fair use, and a result that
+cannot be recorded is logged and left to the lease."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from datetime import datetime
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from structlog.testing import capture_logs
+
+from daemon.app import create_app
+from daemon.breaker import BreakerState
+from daemon.errors import StoreError
+from daemon.settings import Settings
+from daemon.store.base import AttemptRow, Claim, DeliveryState
+from daemon.store.sqlite import SQLiteStore
+from tests.harness import LOOPBACK, Daemon, FakeClock, Sink, start_daemon, wait_for, write_rules
+
+
+def rules(sink: Sink, authors: dict[int, str]) -> dict[str, str]:
+    body = "offer: 1\npostbacks:\n"
+    for pid, affiliate in authors.items():
+        body += f"""
+  - id: {pid}
+    trigger: conversion_done
+    affiliate: {affiliate}
+    author: {{id: {pid}, name: User {pid}, affiliate: {affiliate}}}
+    action: {{type: ping_url, url: "{sink.url}/p{pid}?tx={{conversion_id}}"}}
+"""
+    return {"o.yaml": body}
+
+
+async def only(daemon: Daemon) -> tuple[DeliveryState, int, str | None]:
+    [row] = await daemon.deliveries()
+    return row.state, row.attempts, row.last_reason
+
+
+async def test_the_time_in_line_for_a_slot_is_not_the_attempts_time(
+    tmp_path: Path, sink: Sink
+) -> None:
+    daemon = await start_daemon(tmp_path, rules(sink, {1: "7"}), dispatch=False)
+    dispatcher = daemon.services.dispatcher
+    dispatcher.config = dataclasses.replace(dispatcher.config, attempt_timeout=0.3)
+    slot = dispatcher.destinations.semaphore(sink.url)
+    try:
+        await daemon.post(conversion_id="c1", offer=1, affiliate=7, status="approved")
+        for _ in range(8):  # every slot of the destination is taken (per_host_concurrency 8)
+            await slot.acquire()
+        assert await dispatcher.dispatch_once() == 1
+        await asyncio.sleep(1.0)  # the scenario: in line for three attempt bounds
+        for _ in range(8):
+            slot.release()
+        await dispatcher.drain()
+        assert await only(daemon) == (DeliveryState.SUCCEEDED, 1, None)
+        assert len(sink.received) == 1
+        assert dispatcher.destinations.state(sink.url) is BreakerState.CLOSED
+    finally:
+        await daemon.client.close()
+
+
+async def test_a_claim_too_long_in_line_is_handed_back_unsent(tmp_path: Path, sink: Sink) -> None:
+    daemon = await start_daemon(tmp_path, rules(sink, {1: "7"}), dispatch=False)
+    dispatcher = daemon.services.dispatcher
+    # slot_wait = 0.9 * 1.5 - 0.6 * 1.5 = 0.45 s; the lease is still never outlived
+    dispatcher.config = dataclasses.replace(dispatcher.config, lease=1.5)
+    slot = dispatcher.destinations.semaphore(sink.url)
+    try:
+        await daemon.post(conversion_id="c1", offer=1, affiliate=7, status="approved")
+        for _ in range(8):
+            await slot.acquire()
+        assert await dispatcher.dispatch_once() == 1
+        await dispatcher.drain()  # ends by itself: the wait is bounded
+        assert await only(daemon) == (DeliveryState.QUEUED, 0, None)
+        assert sink.received == []
+        for _ in range(8):
+            slot.release()
+        assert await dispatcher.dispatch_once() == 1
+        await dispatcher.drain()
+        assert await only(daemon) == (DeliveryState.SUCCEEDED, 1, None)
+    finally:
+        await daemon.client.close()
+
+
+async def test_one_affiliates_flood_does_not_take_the_others_slots(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        if request.path == "/p1":  # affiliate 7's postbacks hang at the sink
+            await gate.wait()
+        return web.Response(text="OK")
+
+    sink = await Sink().start()
+    sink.script = [slow] * 6
+    daemon = await start_daemon(
+        tmp_path,
+        rules(sink, {1: "7", 2: "8"}),
+        dispatch=False,
+        settings={"delivery": {"per_affiliate_in_flight": 2}},
+    )
+    dispatcher = daemon.services.dispatcher
+    try:
+        for i in range(3):  # postback 1 is affiliate 7's, postback 2 affiliate 8's
+            await daemon.post(conversion_id=f"c{i}", offer=1, affiliate=7, status="approved")
+            await daemon.post(conversion_id=f"d{i}", offer=1, affiliate=8, status="approved")
+        assert await dispatcher.dispatch_once() == 6
+
+        def paths() -> list[str]:
+            return sorted(r.path_qs.split("?")[0] for r in sink.received)
+
+        # two of affiliate 7's (its bound) hang at the sink; affiliate 8's three go through
+        await wait_for(lambda: paths().count("/p2") == 3 and paths().count("/p1") >= 1)
+        assert paths().count("/p1") <= 2
+        gate.set()
+        await dispatcher.drain()
+        rows = await daemon.deliveries()
+        assert {r.state for r in rows} == {DeliveryState.SUCCEEDED}
+        assert paths().count("/p1") == 3
+    finally:
+        await daemon.client.close()
+        await sink.close()
+
+
+class FailingFinish(SQLiteStore):
+    """A real SQLite store whose finish_attempt fails (the disk is full) while `failing`."""
+
+    failing = True
+
+    async def finish_attempt(
+        self,
+        claim: Claim,
+        attempt: AttemptRow,
+        state: DeliveryState,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        if self.failing:
+            raise StoreError("sqlite: database or disk is full")
+        return await super().finish_attempt(claim, attempt, state, next_attempt_at)
+
+
+async def test_a_result_that_cannot_be_recorded_is_logged_and_left_to_the_lease(
+    tmp_path: Path, sink: Sink
+) -> None:
+    clock = FakeClock()
+    store = FailingFinish(tmp_path / "p.db")
+    write_rules(tmp_path / "rules.d", rules(sink, {1: "7"}))
+    (tmp_path / "webhooks").mkdir()
+    settings = Settings.model_validate(
+        {
+            "rules_dir": str(tmp_path / "rules.d"),
+            "webhooks_dir": str(tmp_path / "webhooks"),
+            "outbound": {"allow_cidrs": LOOPBACK, "timeout": 5},
+            "config_dir": tmp_path,
+        }
+    )
+    app = create_app(settings, environ={}, store=store, clock=clock, dispatch=False, watch=False)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    daemon = Daemon(client, tmp_path / "rules.d", settings)
+    dispatcher = daemon.services.dispatcher
+    try:
+        await daemon.post(conversion_id="c1", offer=1, affiliate=7, status="approved")
+        with capture_logs() as logs:
+            assert await dispatcher.dispatch_once() == 1
+            await dispatcher.drain()
+        [line] = [e for e in logs if e["event"] == "delivery_attempt"]
+        assert (line["outcome"], line["recorded"]) == ("succeeded", False)
+        assert line["store_error"] == "StoreError: sqlite: database or disk is full"
+        assert not [e for e in logs if e["event"] == "attempt_task_failed"]
+        assert await only(daemon) == (DeliveryState.IN_FLIGHT, 0, None)
+        assert await dispatcher.dispatch_once() == 0  # its lease holds it
+        store.failing = False
+        clock.advance(dispatcher.config.lease + 1)
+        assert await dispatcher.dispatch_once() == 1  # the lease ended: sent again (same key)
+        await dispatcher.drain()
+        assert await only(daemon) == (DeliveryState.SUCCEEDED, 1, None)
+        keys = {r.headers.get("Idempotency-Key") for r in sink.received}
+        assert len(sink.received) == 2
+        assert len(keys) == 1
+    finally:
+        await daemon.client.close()
