@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from daemon.actions import BUILDERS
 from daemon.errors import InputError
 from daemon.listing import iso, mask, postback_row
 from daemon.loader import LoadedPostback, pydantic_issues
@@ -90,7 +91,10 @@ def build_postback(stored: StoredPostback, goals_enabled: bool) -> StoreLoadedPo
         issue = next(pydantic_issues(STORE_FILE, raw, err))
         detail = err.errors(include_url=False)[0]
         loc = [str(p) for p in detail["loc"] if not isinstance(p, int)]
-        field = ".".join(loc[1:] if loc[:1] == ["postbacks"] else loc) or None
+        loc = loc[1:] if loc[:1] == ["postbacks"] else loc
+        if loc[:1] == ["action"] and len(loc) > 1 and loc[1] in BUILDERS:
+            del loc[1]  # the union's tag is not a key the caller wrote
+        field = ".".join(loc) or None
         raise InputError(issue.message, field) from err
     postback: Postback = rule_file.postbacks[0]
     return StoreLoadedPostback(postback, rule_file.offer, goals_enabled, STORE_FILE, 0, stored)
