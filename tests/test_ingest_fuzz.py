@@ -1,11 +1,13 @@
-"""Fuzzing the front door: whatever the query string, form or JSON body and headers, a webhook
-never gets a 5xx and the daemon keeps serving. Requests go over a real loopback socket with
+"""Fuzzing the front door: whatever the query string, form or JSON body and headers (dates at
+any offset, numbers in any Unicode digit class), a webhook never gets a 5xx, nor does an API path
+parameter, and the daemon keeps serving. Requests go over a real loopback socket with
 http.client from a worker thread while the daemon runs on the test's event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import http.client
 import json
 from pathlib import Path
@@ -84,6 +86,55 @@ RAW_TAIL = st.text(alphabet="%&=+;abcXYZ019", max_size=12)
 BASE = {"conversion_id": "F1", "offer": "1", "affiliate": "2", "status": "approved"}
 BASE_QUERY = "&".join(f"{k}={v}" for k, v in BASE.items()) + "&"
 
+
+# Dates: ISO times at every offset a datetime can carry (year 1 at +14:00 overflowed once in
+# UTC), unix seconds, and digits of every Unicode decimal class (Nd) where ASCII ones belong.
+DIGIT = st.characters(categories=["Nd"])
+OFFSETS = st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1).map(
+    lambda m: f"{'+' if m >= 0 else '-'}{abs(m) // 60:02d}:{abs(m) % 60:02d}"
+)
+ISO_TIMES = st.tuples(st.datetimes(), OFFSETS | st.sampled_from(["Z", ""])).map(
+    lambda t: t[0].isoformat() + t[1]
+)
+DIGIT_RUNS = st.lists(DIGIT, min_size=1, max_size=14).map("".join)
+DATES = (
+    ISO_TIMES
+    | st.integers(min_value=0, max_value=10**13).map(str)
+    | st.tuples(DIGIT_RUNS, DIGIT_RUNS).map(lambda t: f"{t[0]}.{t[1]}")
+    | st.sampled_from(["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "-1", "1e9"])
+    | ISO_TIMES.map(
+        lambda text: "".join(chr(0x660 + int(c)) if c.isdigit() else c for c in text)
+    )  # the same time in Arabic-Indic digits
+)
+# Numbers: every decimal digit class of Unicode, separators and exponents Python accepts.
+NUMBERS = (
+    DIGIT_RUNS
+    | st.tuples(DIGIT_RUNS, st.sampled_from([".", "_", "e", "E+", ",", " "]), DIGIT_RUNS).map(
+        "".join
+    )
+    | st.decimals(allow_nan=True, allow_infinity=True).map(str)
+    | st.sampled_from(["٣", "1_000", "１２", "³", "0x10", "1e999", "-0", ".5", "5."])
+)
+# The API's path parameters: ids in any script, encoded or not, over-long, with separators.
+ADMIN_TOKEN = "fuzz-admin-token-0123456789"
+AFFILIATE_TOKEN = "fuzz-affiliate-token-0123456789"
+API_TOKENS = [
+    {"name": "ops", "token_sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest(),
+     "role": "admin"},
+    {"name": "a42", "token_sha256": hashlib.sha256(AFFILIATE_TOKEN.encode()).hexdigest(),
+     "role": "affiliate", "affiliate": 42},
+]  # fmt: skip
+API_ROUTES = [
+    ("GET", "/api/v1/postbacks/{}"),
+    ("GET", "/api/v1/deliveries/{}"),
+    ("POST", "/api/v1/deliveries/{}/retry"),
+]
+PATH_SEGMENTS = (
+    DIGIT_RUNS.map(lambda s: s.encode())
+    | st.text(max_size=30).map(lambda s: s.encode("utf-8", "surrogatepass"))
+    | st.binary(min_size=1, max_size=30)
+    | st.integers(min_value=-(10**30), max_value=10**30).map(lambda n: str(n).encode())
+)
 
 SEEN: set[int] = set()
 
@@ -174,9 +225,44 @@ def fuzz(port: int) -> None:
         status = send(port, "POST", f"/webhooks/{source}", body, headers)
         assert status < 500, (body, headers)
 
+    @common
+    @given(
+        source=st.sampled_from(["generic", "everflow", "limited"]),
+        name=st.sampled_from(["event_time", "payout", "revenue", "offer", "sub1"]),
+        value=DATES | NUMBERS,
+        json_body=st.booleans(),
+    )
+    def dates_and_numbers(source: str, name: str, value: str, json_body: bool) -> None:
+        params = {**BASE, name: value}
+        if json_body:
+            body = json.dumps(params, ensure_ascii=False).encode("utf-8", "surrogatepass")
+            headers = {"Content-Type": "application/json"}
+            status = send(port, "POST", f"/webhooks/{source}", body, headers)
+        else:
+            target = f"/webhooks/{source}?" + encode_pairs(
+                [(k.encode(), v.encode("utf-8", "surrogatepass")) for k, v in params.items()], ""
+            )
+            status = send(port, "GET", target, b"", {})
+        assert status < 500, (name, value)
+
+    @common
+    @given(
+        route=st.sampled_from(API_ROUTES),
+        segment=PATH_SEGMENTS,
+        admin=st.booleans(),
+    )
+    def api_path_parameters(route: tuple[str, str], segment: bytes, admin: bool) -> None:
+        method, template = route
+        target = template.format(quote_from_bytes(segment, safe=""))
+        token = ADMIN_TOKEN if admin else AFFILIATE_TOKEN
+        status = send(port, method, target, b"", {"Authorization": f"Bearer {token}"})
+        assert status < 500, target
+
     query_and_headers()
     form_bodies()
     json_bodies()
+    dates_and_numbers()
+    api_path_parameters()
 
 
 async def test_no_input_gets_a_5xx(tmp_path: Path) -> None:
@@ -184,7 +270,9 @@ async def test_no_input_gets_a_5xx(tmp_path: Path) -> None:
     hooks.mkdir()
     for name, text in SOURCE_FILES.items():
         (hooks / name).write_text(text)
-    daemon = await start_daemon(tmp_path, {}, dispatch=False, environ=ENVIRON)
+    daemon = await start_daemon(
+        tmp_path, {}, dispatch=False, environ=ENVIRON, settings={"api": {"tokens": API_TOKENS}}
+    )
     try:
         port = daemon.client.server.port
         assert port is not None
