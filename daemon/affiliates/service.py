@@ -265,6 +265,8 @@ class AffiliateService:
         status = inputs.status(changes.get("status", entry.stored.status))
         self._may_enable(viewer, entry, status)
         change = PostbackChange(entry.stored.offer, status, body, _reason(viewer, status, entry))
+        if body == entry.stored.body and status == entry.stored.status:
+            return self._view(entry)  # nothing changes: nothing is written
         self._check(entry.stored.affiliate, change, pid=entry.stored.id)
         row = await self._update(viewer, entry, change, "update")
         return self._view(self.index.entries[row.id])
@@ -277,6 +279,8 @@ class AffiliateService:
         self._may_enable(viewer, entry, status)
         body = entry.stored.body
         change = PostbackChange(entry.stored.offer, status, body, _reason(viewer, status, entry))
+        if status == entry.stored.status and change.status_reason == entry.stored.status_reason:
+            return self._view(entry)
         if status == "active":
             self._check(entry.stored.affiliate, change, pid=entry.stored.id)
         row = await self._update(viewer, entry, change, "status")
