@@ -215,6 +215,8 @@ def test_the_390_px_layout_is_usable(browser: Any, live: Live) -> None:
         base_url=live.url, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
     )
     page = ctx.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     sign_in(page, ADMIN, "/ui/offers/7")
     for path in (
         "/ui/offers",
@@ -241,4 +243,6 @@ def test_the_390_px_layout_is_usable(browser: Any, live: Live) -> None:
     screenshot(page, "postbacks-390")
     page.keyboard.press("Tab")  # the skip link comes first, then the navigation
     assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    assert requested
+    assert [u for u in requested if not u.startswith(live.url + "/ui/")] == []
     ctx.close()

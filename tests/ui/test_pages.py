@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Daemon, Sink, start_daemon
-from tests.ui.kit import ADMIN, AFF42, ENV, rules, settings, sign_in
+from daemon.ui.session import COOKIE
+from tests.harness import Daemon, Sink, start_daemon, wait_for
+from tests.ui.kit import ADMIN, AFF42, ENV, SINK_SECRET, csrf_of, rules, settings, sign_in
+
+
+def main_of(html: str) -> str:
+    """The page's <main> (the navigation marks the current section)."""
+    return html[html.index("<main") : html.index("</main>")]
 
 
 @pytest.fixture
@@ -42,3 +48,186 @@ async def test_every_page_renders_for_an_affiliate(daemon: Daemon) -> None:
     for path in ("/ui/offers", "/ui/offers/7", "/ui/postbacks/101", "/ui/deliveries"):
         resp = await daemon.client.get(path)
         assert resp.status == 200, (path, await resp.text())
+
+
+async def test_pages_carry_a_strict_content_security_policy(daemon: Daemon) -> None:
+    for path in ("/ui/sign-in", "/ui/static/console.css", "/ui/static/console.js"):
+        resp = await daemon.client.get(path)
+        assert resp.status == 200
+        csp = resp.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp
+        assert "style-src 'self'" in csp
+        assert "unsafe-inline" not in csp
+        assert "default-src 'none'" in csp
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        assert resp.headers["X-Frame-Options"] == "DENY"
+    html = await (await daemon.client.get("/ui/sign-in")).text()
+    assert "<script>" not in html
+    assert " style=" not in html
+    assert "<style" not in html
+
+
+async def test_a_forged_or_unknown_session_cookie_signs_nobody_in(daemon: Daemon) -> None:
+    await sign_in(daemon.client, ADMIN)
+    real = next(c for c in daemon.client.session.cookie_jar if c.key == COOKIE).value
+    for forged in (
+        "",
+        "x",
+        real[:-1] + ("A" if real[-1] != "A" else "B"),
+        real + "x",
+        "a" * 5000,
+        "\u00e9\u00e9",
+    ):
+        daemon.client.session.cookie_jar.clear()
+        resp = await daemon.client.get(
+            "/ui/offers", headers={"Cookie": f"{COOKIE}={forged}"}, allow_redirects=False
+        )
+        assert resp.status == 303, forged
+        assert resp.headers["Location"].startswith("/ui/sign-in?next=")
+    resp = await daemon.client.post(
+        "/ui/deliveries/abc/retry",
+        headers={"Cookie": f"{COOKIE}=x"},
+        data={"csrf": "x"},
+        allow_redirects=False,
+    )
+    assert resp.status == 401
+
+
+async def test_posts_without_the_right_csrf_token_or_origin_are_refused(
+    daemon: Daemon, sink: Sink
+) -> None:
+    csrf = await sign_in(daemon.client, ADMIN)
+    path = "/ui/postbacks/101/explain"
+    body = {
+        "conversion": '{"conversion_id": "e1", "offer": 7, "affiliate": 42, "status": "approved", "payout": 9}'
+    }
+    for data in (
+        body,
+        {**body, "csrf": ""},
+        {**body, "csrf": csrf[:-1]},
+        {**body, "csrf": "x" * 300},
+    ):
+        resp = await daemon.client.post(path, data=data)
+        assert resp.status == 403, data.get("csrf")
+        assert "security token" in await resp.text()
+    resp = await daemon.client.post(
+        path, data={**body, "csrf": csrf}, headers={"Origin": "https://evil.example"}
+    )
+    assert resp.status == 403
+    resp = await daemon.client.post(path, data={**body, "csrf": csrf})
+    assert resp.status == 200
+    text = await resp.text()
+    assert "Fires" in text
+    assert "/a42?tx=e1" in text
+    assert SINK_SECRET not in text
+    assert sink.received == []  # explain sends nothing
+
+
+async def test_the_sign_in_form_has_its_own_csrf_check_and_no_open_redirect(daemon: Daemon) -> None:
+    resp = await daemon.client.post("/ui/sign-in", data={"token": ADMIN, "csrf": "guess"})
+    assert resp.status == 403
+    assert COOKIE not in {c.key for c in daemon.client.session.cookie_jar}
+    for target in ("https://evil.example/", "//evil.example/ui/", "/ui/\\evil", "/elsewhere"):
+        page = await daemon.client.get("/ui/sign-in", params={"next": target})
+        check = csrf_of(await page.text())
+        resp = await daemon.client.post(
+            "/ui/sign-in",
+            data={"csrf": check, "token": ADMIN, "next": target},
+            allow_redirects=False,
+        )
+        assert resp.status == 303
+        assert resp.headers["Location"] == "/ui/", target
+    cookie = next(c for c in daemon.client.session.cookie_jar if c.key == COOKIE)
+    assert cookie["httponly"]
+    assert cookie["samesite"] == "Strict"
+    assert cookie["path"] == "/ui/"
+    assert int(cookie["max-age"]) == int(daemon.settings.ui.session_ttl)
+
+
+async def test_an_affiliate_gets_the_same_404_for_others_ids_and_403_for_admin_actions(
+    daemon: Daemon, sink: Sink
+) -> None:
+    await daemon.post(conversion_id="t1", offer=7, affiliate=43, status="approved")
+    await wait_for(lambda: len(sink.received) >= 1)
+    rows = await daemon.deliveries()
+    other = next(r.delivery_id for r in rows if r.postback_id == 102)
+    csrf = await sign_in(daemon.client, AFF42)
+    missing = await daemon.client.get("/ui/postbacks/987654")
+    expected = main_of(await missing.text())
+    assert missing.status == 404
+    for path in (
+        "/ui/postbacks/102",
+        "/ui/postbacks/103",
+        "/ui/postbacks/104",
+        "/ui/postbacks/1" + "0" * 30,
+        f"/ui/deliveries/{other}",
+        "/ui/deliveries/" + "z" * 65,
+    ):
+        resp = await daemon.client.get(path)
+        assert (resp.status, main_of(await resp.text())) == (404, expected), path
+    for path in ("/ui/postbacks/102/status", "/ui/postbacks/103/delete", "/ui/postbacks/102/edit"):
+        resp = await daemon.client.post(
+            path, data={"csrf": csrf, "status": "disabled", "confirm": "102"}
+        )
+        assert resp.status == 404, path
+    resp = await daemon.client.post(f"/ui/deliveries/{other}/retry", data={"csrf": csrf})
+    assert resp.status == 403
+    for path in ("/ui/health", "/ui/conversions", "/ui/postbacks/101/send-test"):
+        assert (await daemon.client.get(path)).status == 403, path
+    listing = await (await daemon.client.get("/ui/deliveries")).text()
+    assert other not in listing
+    filtered = await (await daemon.client.get("/ui/deliveries?postback=102")).text()
+    assert other not in filtered
+
+
+async def test_hostile_form_bodies_get_a_clear_4xx(daemon: Daemon) -> None:
+    csrf = await sign_in(daemon.client, ADMIN)
+    path = "/ui/postbacks/101/explain"
+    cases = [
+        (
+            b"csrf=" + csrf.encode() + b"&conversion=" + b"x" * 70_000,
+            "application/x-www-form-urlencoded",
+            413,
+        ),
+        (
+            b"csrf=" + csrf.encode() + b"&conversion=%ff%fe",
+            "application/x-www-form-urlencoded",
+            400,
+        ),
+        (b"csrf=" + csrf.encode() + b"&conversion=%00", "application/x-www-form-urlencoded", 400),
+        (
+            b"csrf=" + csrf.encode() + b"&" + b"&".join(b"f%d=1" % i for i in range(600)),
+            "application/x-www-form-urlencoded",
+            400,
+        ),
+        (b'{"csrf": "x"}', "application/json", 400),
+        (
+            b"--b\r\nContent-Disposition: form-data; name=csrf\r\n\r\nx\r\n--b--",
+            "multipart/form-data; boundary=b",
+            400,
+        ),
+        (b"\xff\xfe\x00", "application/x-www-form-urlencoded", 400),
+    ]
+    for body, content_type, status in cases:
+        resp = await daemon.client.post(path, data=body, headers={"Content-Type": content_type})
+        assert resp.status == status, (body[:40], await resp.text())
+        assert "<h1>" in await resp.text()
+    for conversion in (
+        "not json",
+        "[1, 2]",
+        '{"offer": 7}',
+        '{"conversion_id": "a\\u0001", "offer": 7, "affiliate": 1, "status": "approved"}',
+    ):
+        resp = await daemon.client.post(path, data={"csrf": csrf, "conversion": conversion})
+        assert resp.status == 200  # the page again, with the error by the form
+        assert 'class="notice error"' in await resp.text(), conversion
+    resp = await daemon.client.get("/ui/deliveries?since=yesterday")
+    assert resp.status == 400
+    resp = await daemon.client.get("/ui/deliveries?cursor=99999999999999999999_x")
+    assert resp.status == 400
+    resp = await daemon.client.get("/ui/offers/7?status=%01")
+    assert resp.status == 400
+    resp = await daemon.client.get("/ui/offers/7?after=" + "9" * 40)
+    assert resp.status == 400
+    assert (await daemon.client.get("/ui/static/..%2Fbase.py")).status == 404
+    assert (await daemon.client.get("/ui/static/nothing.css")).status == 404
