@@ -16,6 +16,7 @@ from daemon import __version__
 from daemon.cli import (
     check,
     diff,
+    replay,
     rules,
     rules_add,
     rules_bulk,
@@ -48,8 +49,11 @@ def _register() -> None:
         rules.rules,
         store.deliveries,
         store.conversions,
+        replay.backfill_cmd,
     ):
         cli.add_command(command)
+    store.deliveries.add_command(replay.resend_cmd)
+    store.conversions.add_command(replay.replay_cmd)
     for sub in (
         rules_add.add_cmd,
         rules_add.duplicate_cmd,

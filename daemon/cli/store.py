@@ -260,7 +260,7 @@ def retry_cmd(
         postback_ids=[postback],
         since=parse_since(since, now) if since else None,
     )
-    _warn_inactive(config, postback)
+    warn_inactive(config, postback)
     count = with_store(config, lambda store: store.requeue_matching(flt, now))
     click.echo(f"{count} {state} deliveries of postback {postback} queued again")
 
@@ -278,11 +278,11 @@ def _retry_one(config: str | None, delivery_id: str, now: datetime) -> None:
             f"delivery {delivery_id} is {detail.delivery.state.value}: only dead or cancelled "
             "deliveries can be retried"
         )
-    _warn_inactive(config, detail.delivery.postback_id)
+    warn_inactive(config, detail.delivery.postback_id)
     click.echo(f"delivery {delivery_id} queued again; the daemon sends it within seconds")
 
 
-def _warn_inactive(config: str | None, postback: int) -> None:
+def warn_inactive(config: str | None, postback: int) -> None:
     """A retried delivery of a disabled or removed postback is cancelled again at once."""
     settings: Settings = settings_from(config)
     try:

@@ -16,7 +16,7 @@ otherwise); a claim whose lease has ended is due again, for any node.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -155,6 +155,33 @@ class DeliveryFilter:
     postback_ids: Collection[int] | None = None  # None = all; used for visibility too
     conversion_id: str | None = None
     since: datetime | None = None  # created at or after
+
+
+@dataclass(frozen=True)
+class StoredArrival:
+    """An arrival as backfill and replay read it (issue 18): what the rules saw, and the
+    postbacks that already have a delivery for it."""
+
+    conversion_pk: int
+    seq: int
+    source: str
+    conversion_id: str
+    transition: Transition
+    received_at: datetime
+    data: dict[str, Any]
+    values: dict[str, str]
+    postback_ids: frozenset[int]
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    """A delivery added to a stored arrival after the fact (backfill, replay)."""
+
+    conversion_pk: int
+    seq: int
+    source: str
+    conversion_id: str
+    planned: PlannedDelivery
 
 
 class Store(Protocol):
@@ -308,3 +335,37 @@ class Store(Protocol):
         ...
 
     async def affiliate_secret_names(self, affiliate: str) -> list[str]: ...
+
+    # --- resend, replay and backfill (issue 18) ---------------------------------------------
+
+    async def arrivals_between(
+        self,
+        since: datetime,
+        until: datetime,
+        after: tuple[datetime, int, int] | None,
+        limit: int,
+    ) -> list[StoredArrival]:
+        """Arrivals received in [since, until) that may fire postbacks (new and status changes;
+        never a resend's copy), oldest first, after the keyset (received_at, conversion_pk, seq)
+        of the last one read."""
+        ...
+
+    async def latest_arrival(self, source: str, conversion_id: str) -> StoredArrival | None:
+        """The conversion's latest arrival that may fire postbacks (None if unknown)."""
+        ...
+
+    async def add_deliveries(self, items: Sequence[NewDelivery], now: datetime) -> list[str]:
+        """Queue these deliveries in one transaction, due now; an (arrival, postback) that has a
+        delivery already (in any state) is skipped. The ids of those added."""
+        ...
+
+    async def resend(self, delivery_id: str, now: datetime) -> DeliveryRow | None:
+        """A deliberate new delivery of a succeeded one: a copy of its arrival (marked as such,
+        hidden from the conversion's arrivals) and a delivery with its own idempotency key,
+        recorded as a resend of `delivery_id`, due now. None if unknown; InputError (field
+        "state") if it has not succeeded."""
+        ...
+
+    async def resend_of(self, delivery_id: str) -> str | None:
+        """The delivery that `delivery_id` resends, if it is a resend."""
+        ...

@@ -38,6 +38,7 @@ from daemon.store.common import (
 )
 from daemon.store.postgres_schema import apply_migrations
 from daemon.store.queries import load_queries
+from daemon.store.replay_postgres import PostgresReplay
 
 PRUNE_BATCH = 500
 # InternalClientError: a connection the server dropped can fail its next BEGIN with it.
@@ -59,7 +60,7 @@ async def _errors() -> AsyncIterator[None]:
         raise StoreError(f"postgresql: {err.__class__.__name__}: {err}") from err
 
 
-class PostgresStore(PostgresAffiliates):
+class PostgresStore(PostgresAffiliates, PostgresReplay):
     """A Store on a PostgreSQL database that several postbackd nodes may share."""
 
     def __init__(

@@ -43,6 +43,7 @@ from daemon.store.common import (
     to_us,
 )
 from daemon.store.queries import load_queries
+from daemon.store.replay_sqlite import SQLiteReplay
 from daemon.store.sqlite_schema import apply_migrations
 from daemon.store.sqlite_writer import CommitHook, GroupCommitWriter, store_error
 
@@ -74,7 +75,7 @@ def connect(path: Path, busy_timeout: float, *, readonly: bool = False) -> sqlit
     return conn
 
 
-class SQLiteStore(SQLiteAffiliates):
+class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
     """A Store on one SQLite file. Writes are group-committed; reads use their own threads."""
 
     def __init__(

@@ -144,9 +144,10 @@ FROM conversion
 WHERE source = $1 AND conversion_id = $2;
 
 -- name: get_arrivals
+-- A resend's copy of an arrival (migration 0004) is not an arrival of the conversion.
 SELECT seq, transition, status, event_time, received_at
 FROM arrival
-WHERE conversion_pk = $1
+WHERE conversion_pk = $1 AND resend_of IS NULL
 ORDER BY seq;
 
 -- name: queue_depth

@@ -149,9 +149,10 @@ FROM conversion
 WHERE source = :source AND conversion_id = :conversion_id;
 
 -- name: get_arrivals
+-- A resend's copy of an arrival (migration 0004) is not an arrival of the conversion.
 SELECT seq, transition, status, event_time, received_at
 FROM arrival
-WHERE conversion_pk = :pk
+WHERE conversion_pk = :pk AND resend_of IS NULL
 ORDER BY seq;
 
 -- name: ping

@@ -1,0 +1,141 @@
+"""Resend, replay and backfill in the PostgreSQL store (issue 18): the methods PostgresStore
+takes from this mixin. A resend locks the conversion row, as an arrival does, so the copy's
+arrival number is not taken by a webhook meanwhile."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+from daemon.errors import InputError
+from daemon.models import Transition
+from daemon.store.base import (
+    DeliveryRow,
+    DeliveryState,
+    NewDelivery,
+    PlannedDelivery,
+    StoredArrival,
+    idempotency_key,
+)
+from daemon.store.common import new_delivery_id, utc
+from daemon.store.queries import parse_queries
+
+_Q = parse_queries(
+    resources.files("daemon.store")
+    .joinpath("sql", "postgres_replay_queries.sql")
+    .read_text("utf-8")
+)
+
+
+def _arrival(row: Sequence[Any]) -> StoredArrival:
+    return StoredArrival(
+        conversion_pk=row[0],
+        seq=row[1],
+        source=row[2],
+        conversion_id=row[3],
+        transition=Transition(row[4]),
+        received_at=utc(row[5]),
+        data=json.loads(row[6]),
+        values=json.loads(row[7]),
+        postback_ids=frozenset(int(p) for p in row[8] or ()),
+    )
+
+
+async def _insert(conn: Any, d: NewDelivery, now: datetime, resend_of: str | None) -> str:
+    """Insert one delivery unless its (arrival, postback) has one; its id, or "" if skipped."""
+    found = await conn.fetchval(
+        _Q["insert_delivery_once"],
+        new_delivery_id(now),
+        d.conversion_pk,
+        d.seq,
+        d.source,
+        d.conversion_id,
+        d.planned.postback_id,
+        d.planned.action,
+        d.planned.destination,
+        d.planned.affiliate_owner,
+        idempotency_key(d.source, d.conversion_id, d.seq, d.planned.postback_id),
+        now,
+        resend_of,
+    )
+    return str(found) if found is not None else ""
+
+
+class PostgresReplay:
+    """Needs the store's `_conn` (PostgresStore has it)."""
+
+    def _conn(self, *, transaction: bool = True) -> AbstractAsyncContextManager[Any]:
+        raise NotImplementedError
+
+    async def arrivals_between(
+        self,
+        since: datetime,
+        until: datetime,
+        after: tuple[datetime, int, int] | None,
+        limit: int,
+    ) -> list[StoredArrival]:
+        cursor = (utc(after[0]), after[1], after[2]) if after else (None, None, None)
+        async with self._conn(transaction=False) as conn:
+            found = await conn.fetch(_Q["arrivals_between"], utc(since), utc(until), *cursor, limit)
+        return [_arrival(row) for row in found]
+
+    async def latest_arrival(self, source: str, conversion_id: str) -> StoredArrival | None:
+        async with self._conn(transaction=False) as conn:
+            row = await conn.fetchrow(_Q["latest_arrival"], source, conversion_id)
+        return None if row is None else _arrival(row)
+
+    async def add_deliveries(self, items: Sequence[NewDelivery], now: datetime) -> list[str]:
+        at = utc(now)
+        added = []
+        async with self._conn() as conn:
+            for d in items:
+                found = await _insert(conn, d, at, None)
+                if found:
+                    added.append(found)
+        return added
+
+    async def resend(self, delivery_id: str, now: datetime) -> DeliveryRow | None:
+        at = utc(now)
+        async with self._conn() as conn:
+            row = await conn.fetchrow(_Q["resend_source"], delivery_id)
+            if row is None:
+                return None
+            if row[1] != DeliveryState.SUCCEEDED.value:
+                raise InputError(
+                    f"delivery {delivery_id} is {row[1]}: only a succeeded delivery can be "
+                    "resent (retry a dead or cancelled one)",
+                    "state",
+                )
+            pk, seq = row[2], row[3]
+            new_seq = int(await conn.fetchval(_Q["last_seq"], pk)) + 1
+            await conn.execute(_Q["copy_arrival"], pk, seq, new_seq, at, row[0])
+            planned = PlannedDelivery(row[6], row[7], row[8], row[9])
+            new_id = await _insert(
+                conn, NewDelivery(pk, new_seq, row[4], row[5], planned), at, row[0]
+            )
+        return DeliveryRow(
+            delivery_id=new_id,
+            postback_id=row[6],
+            action=row[7],
+            destination=row[8],
+            source=row[4],
+            conversion_id=row[5],
+            arrival_seq=new_seq,
+            idempotency_key=idempotency_key(row[4], row[5], new_seq, row[6]),
+            state=DeliveryState.QUEUED,
+            attempts=0,
+            created_at=at,
+            updated_at=at,
+            next_attempt_at=at,
+            last_reason=None,
+            affiliate_owner=row[9],
+        )
+
+    async def resend_of(self, delivery_id: str) -> str | None:
+        async with self._conn(transaction=False) as conn:
+            found = await conn.fetchval(_Q["resend_of"], delivery_id)
+        return None if found is None else str(found)

@@ -1,0 +1,148 @@
+"""Resend, replay and backfill in the SQLite store (issue 18): the methods SQLiteStore takes
+from this mixin. Each write is one job of the group-commit writer (all or nothing)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from importlib import resources
+from typing import Any, TypeVar
+
+from daemon.errors import InputError
+from daemon.models import Transition
+from daemon.store.base import (
+    DeliveryRow,
+    DeliveryState,
+    NewDelivery,
+    PlannedDelivery,
+    StoredArrival,
+    idempotency_key,
+)
+from daemon.store.common import from_us, new_delivery_id, opt_us, to_us
+from daemon.store.queries import parse_queries
+
+T = TypeVar("T")
+_Q = parse_queries(
+    resources.files("daemon.store").joinpath("sql", "sqlite_replay_queries.sql").read_text("utf-8")
+)
+
+
+def _arrival(row: Sequence[Any]) -> StoredArrival:
+    return StoredArrival(
+        conversion_pk=row[0],
+        seq=row[1],
+        source=row[2],
+        conversion_id=row[3],
+        transition=Transition(row[4]),
+        received_at=from_us(row[5]),
+        data=json.loads(row[6]),
+        values=json.loads(row[7]),
+        postback_ids=frozenset(json.loads(row[8]) if row[8] else ()),
+    )
+
+
+def _insert(conn: sqlite3.Connection, d: NewDelivery, now: int, resend_of: str | None) -> str:
+    """Insert one delivery unless its (arrival, postback) has one; its id, or "" if skipped."""
+    delivery_id = new_delivery_id(from_us(now))
+    args = {
+        "id": delivery_id,
+        "pk": d.conversion_pk,
+        "seq": d.seq,
+        "source": d.source,
+        "conversion_id": d.conversion_id,
+        "postback_id": d.planned.postback_id,
+        "action": d.planned.action,
+        "destination": d.planned.destination,
+        "affiliate_owner": d.planned.affiliate_owner,
+        "idempotency_key": idempotency_key(d.source, d.conversion_id, d.seq, d.planned.postback_id),
+        "now": now,
+        "resend_of": resend_of,
+    }
+    return delivery_id if conn.execute(_Q["insert_delivery_once"], args).rowcount == 1 else ""
+
+
+class SQLiteReplay:
+    """Mixin: needs the store's `_write` and `_read` (one job in one transaction each)."""
+
+    async def _write(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        raise NotImplementedError
+
+    async def _read(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        raise NotImplementedError
+
+    async def arrivals_between(
+        self,
+        since: datetime,
+        until: datetime,
+        after: tuple[datetime, int, int] | None,
+        limit: int,
+    ) -> list[StoredArrival]:
+        args = {
+            "since": to_us(since),
+            "until": to_us(until),
+            "after_received": opt_us(after[0]) if after else None,
+            "after_pk": after[1] if after else None,
+            "after_seq": after[2] if after else None,
+            "limit": limit,
+        }
+        found = await self._read(lambda c: c.execute(_Q["arrivals_between"], args).fetchall())
+        return [_arrival(row) for row in found]
+
+    async def latest_arrival(self, source: str, conversion_id: str) -> StoredArrival | None:
+        args = {"source": source, "conversion_id": conversion_id}
+        row = await self._read(lambda c: c.execute(_Q["latest_arrival"], args).fetchone())
+        return None if row is None else _arrival(row)
+
+    async def add_deliveries(self, items: Sequence[NewDelivery], now: datetime) -> list[str]:
+        at = to_us(now)
+
+        def job(conn: sqlite3.Connection) -> list[str]:
+            return [i for i in (_insert(conn, d, at, None) for d in items) if i]
+
+        return await self._write(job)
+
+    async def resend(self, delivery_id: str, now: datetime) -> DeliveryRow | None:
+        at = to_us(now)
+
+        def job(conn: sqlite3.Connection) -> DeliveryRow | None:
+            row = conn.execute(_Q["resend_source"], {"id": delivery_id}).fetchone()
+            if row is None:
+                return None
+            if row[1] != DeliveryState.SUCCEEDED.value:
+                raise InputError(
+                    f"delivery {delivery_id} is {row[1]}: only a succeeded delivery can be "
+                    "resent (retry a dead or cancelled one)",
+                    "state",
+                )
+            pk, seq = row[2], row[3]
+            new_seq = conn.execute(_Q["last_seq"], {"pk": pk}).fetchone()[0] + 1
+            copy = {"pk": pk, "seq": seq, "new_seq": new_seq, "now": at, "resend_of": row[0]}
+            conn.execute(_Q["copy_arrival"], copy)
+            planned = PlannedDelivery(row[6], row[7], row[8], row[9])
+            new = NewDelivery(pk, new_seq, row[4], row[5], planned)
+            new_id = _insert(conn, new, at, row[0])
+            return DeliveryRow(
+                delivery_id=new_id,
+                postback_id=row[6],
+                action=row[7],
+                destination=row[8],
+                source=row[4],
+                conversion_id=row[5],
+                arrival_seq=new_seq,
+                idempotency_key=idempotency_key(row[4], row[5], new_seq, row[6]),
+                state=DeliveryState.QUEUED,
+                attempts=0,
+                created_at=from_us(at),
+                updated_at=from_us(at),
+                next_attempt_at=from_us(at),
+                last_reason=None,
+                affiliate_owner=row[9],
+            )
+
+        return await self._write(job)
+
+    async def resend_of(self, delivery_id: str) -> str | None:
+        row = await self._read(lambda c: c.execute(_Q["resend_of"], {"id": delivery_id}).fetchone())
+        return None if row is None else row[0]
