@@ -5,7 +5,8 @@ so that queries in journald or a log pipeline can rely on them.
 
 Events: conversion_received, delivery_attempt, rules_loaded, rules_reloaded, rules_reload_failed,
 destination_down, destination_up, condition_error, daemon_started, daemon_stopping,
-daemon_stopped, store_error, retention_pruned, notify_failed.
+daemon_stopped, store_error, retention_pruned, notify_failed, source_unauthenticated (a source
+without credentials reachable from beyond loopback, at start).
 
 Keys: source, conversion_id, transition, previous_status, status, offer, affiliate, deliveries,
 postback_id, delivery_id, action, destination, attempt, outcome, reason, duration_ms, next_in_s,
@@ -22,6 +23,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from daemon import fastjson
 from daemon.models import PII_FIELDS
 
 _EMAIL = re.compile(r"^([^@]?)[^@]*@(.?)[^.]*(\..*)?$")
@@ -66,7 +68,7 @@ def configure_logging(
         processors.append(_mask_pii)
     processors.append(structlog.processors.format_exc_info)
     if use_json:
-        processors.append(structlog.processors.JSONRenderer(sort_keys=False))
+        processors.append(structlog.processors.JSONRenderer(fastjson.dumps_with))
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=out.isatty()))
     structlog.configure(
