@@ -142,6 +142,11 @@ class Settings(_Model):
     log: Log = Field(default_factory=Log)
     ui: Ui = Field(default_factory=Ui)
     retention: Duration = Field(default=30 * 86400.0, gt=0)
+    # Performance (docs/benchmarks.md): processes sharing the listening port; the event loop;
+    # where the parsed-rules cache goes (default: next to the SQLite file; none on PostgreSQL).
+    workers: int = Field(default=1, ge=1, le=64)
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    state_dir: Path | None = None
     # Not a key of the file: the folder that relative paths are relative to.
     config_dir: Path = Field(default=Path("."), exclude=True)
 

@@ -14,7 +14,7 @@ import click
 import structlog
 from aiohttp import web
 
-from daemon.app import SERVICES, create_app
+from daemon.app import SERVICES, create_app, node_name
 from daemon.cli.common import config_option, settings_from
 from daemon.errors import ConfigError, RulesError, StoreError
 from daemon.ingest import GuardedRunner
@@ -23,6 +23,7 @@ from daemon.notify import Notifier
 from daemon.settings import Settings
 from daemon.sources import exposure_warnings
 from daemon.supervise import spawn
+from daemon.workers import LoopFactory, loop_factory, run_loop, run_workers, worker_node
 
 log = structlog.get_logger("postbackd")
 
@@ -31,22 +32,24 @@ log = structlog.get_logger("postbackd")
 STOP_GRACE = 5.0
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the rules."""
+async def serve(settings: Settings, worker: int | None = None) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the rules. `worker`: this process's index
+    when several share the port (daemon.workers), else None."""
     notifier = Notifier.from_environ(os.environ)
     # The pings start first, so they never depend on how long the store and the rules take to
     # come up; they come from this loop, so a blocked loop still stops them.
     watchdog = asyncio.create_task(notifier.run_watchdog(), name="watchdog")
     try:
-        await _serve(settings, notifier)
+        await _serve(settings, notifier, worker)
     finally:
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog
 
 
-async def _serve(settings: Settings, notifier: Notifier) -> None:
-    app = create_app(settings, environ=os.environ, notifier=notifier)
+async def _serve(settings: Settings, notifier: Notifier, worker: int | None) -> None:
+    node = worker_node(node_name(settings), worker)
+    app = create_app(settings, environ=os.environ, notifier=notifier, node=node)
     runner = GuardedRunner(  # aiohttp has no request-head timeout of its own (slow clients)
         app,
         read_timeout=settings.inbound.read_timeout,
@@ -57,7 +60,13 @@ async def _serve(settings: Settings, notifier: Notifier) -> None:
     await runner.setup()  # opens the store and loads the rules (cleanup_ctx)
     services = app[SERVICES]
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+        site = web.TCPSite(
+            runner,
+            settings.host,
+            settings.port,
+            reuse_address=True,
+            reuse_port=worker is not None,  # workers share the port (SO_REUSEPORT)
+        )
         await site.start()
     except OSError as err:
         await runner.cleanup()
@@ -101,7 +110,13 @@ def run(config: str | None) -> None:
     # A watchdog kill is SIGABRT: the journal then shows where the event loop was stuck.
     faulthandler.enable()
     try:
-        asyncio.run(serve(settings))
+        factory = loop_factory(settings.event_loop)
+        if settings.workers > 1:
+            status = run_workers(
+                settings.workers, lambda i: _run_worker(settings, factory, i), os.environ
+            )
+            sys.exit(status)
+        run_loop(lambda: serve(settings), factory)
     except RulesError as err:
         for issue in err.issues:
             click.echo(str(issue), err=True)
@@ -111,6 +126,21 @@ def run(config: str | None) -> None:
     except ConfigError as err:
         raise click.ClickException(str(err)) from err
     sys.exit(0)
+
+
+def _run_worker(settings: Settings, factory: LoopFactory | None, index: int) -> int:
+    """One worker process of `workers: N` (forked by daemon.workers): its exit status."""
+    try:
+        run_loop(lambda: serve(settings, index), factory)
+    except RulesError as err:
+        for issue in err.issues:
+            click.echo(str(issue), err=True)
+        click.echo(f"Error: the rules in {settings.rules_path} do not load", err=True)
+        return 1
+    except (StoreError, ConfigError, click.ClickException) as err:
+        click.echo(f"Error: {err}", err=True)
+        return 1
+    return 0
 
 
 @click.command()

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from daemon import fastjson
 from daemon.models import Status, Transition
 from daemon.store.base import AttemptRow, Claim, DeliveryRow, DeliveryState
 
@@ -21,7 +22,7 @@ DELIVERY_COLUMNS = (
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return fastjson.dumps(value)
 
 
 def loads_json(value: Any) -> Any:

@@ -1,0 +1,204 @@
+"""Several worker processes behind one listening port (settings `workers`), and the event loop.
+
+With ``workers: N`` above 1, `postbackd run` forks N workers before any event loop or thread
+exists. Each worker is a whole node (store connection, dispatcher, reloader, HTTP server) that
+binds the port with SO_REUSEPORT, so the kernel spreads connections over them; its node name
+is ``host:port/wI``, so each dispatcher's claims are its own (recovered by the same worker
+after a restart). The parent only supervises:
+
+- signals: SIGTERM and SIGINT are passed to every worker (each stops gracefully), SIGHUP too
+  (each reloads its rules);
+- a worker that exits while the parent is not stopping stops the others, and the parent exits
+  with status 1 (systemd's Restart= brings the whole unit back: no half-sized node);
+- systemd notify: workers send their READY/WATCHDOG/STATUS datagrams to a relay socket of the
+  parent (one per worker, in a private temporary folder); the parent sends READY=1 once every
+  worker is ready and WATCHDOG=1 only when every worker has pinged since its last ping, so a
+  worker whose loop is stuck still trips the unit's watchdog.
+
+`loop_factory` picks the event loop: uvloop when installed (``event_loop: auto``), or as
+configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.errors import ConfigError
+from daemon.notify import Notifier
+
+log = structlog.get_logger("postbackd.workers")
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+_TICK = 0.5  # the parent's wake-up interval (reaping, forwarding)
+_STOP_WAIT = 60.0  # after SIGTERM, how long workers get before SIGKILL (each has its own grace)
+
+
+def loop_factory(choice: str) -> LoopFactory | None:
+    """uvloop's loop factory, or None for asyncio's own loop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError as err:
+        if choice == "uvloop":
+            raise ConfigError("event_loop: uvloop is not installed") from err
+        return None
+    factory: LoopFactory = uvloop.new_event_loop
+    return factory
+
+
+def run_loop(main: Callable[[], Coroutine[Any, Any, None]], factory: LoopFactory | None) -> None:
+    """Run the coroutine `main()` returns on a new loop made by `factory` (asyncio's if None)."""
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+
+
+def worker_node(base: str, index: int | None) -> str:
+    return base if index is None else f"{base}/w{index}"
+
+
+@dataclass
+class _Worker:
+    index: int
+    pid: int
+    relay: socket.socket
+    ready: bool = False
+    pinged: bool = False
+    exit_status: int | None = None
+
+
+@dataclass
+class _Relay:
+    """What the parent tells systemd, derived from what its workers told it."""
+
+    notifier: Notifier
+    all_ready: bool = False
+    last_ping: float = field(default_factory=time.monotonic)
+
+    def update(self, workers: list[_Worker]) -> None:
+        ready = all(w.ready for w in workers)
+        if ready and not self.all_ready:
+            self.notifier.ready(f"{len(workers)} workers ready")
+        self.all_ready = ready
+        interval = self.notifier.watchdog_interval
+        if interval is not None and all(w.pinged for w in workers):
+            self.notifier.watchdog()
+            for w in workers:
+                w.pinged = False
+
+
+def _child_environ(environ: Mapping[str, str], relay_path: str, notifier: Notifier) -> None:
+    """Point the worker's sd_notify at the parent's relay socket (in os.environ: the worker
+    reads it when it builds its Notifier)."""
+    os.environ["NOTIFY_SOCKET"] = relay_path
+    os.environ.pop("WATCHDOG_PID", None)
+    usec = environ.get("WATCHDOG_USEC")
+    if notifier.watchdog_interval is None or usec is None:
+        os.environ.pop("WATCHDOG_USEC", None)
+
+
+def run_workers(count: int, serve_one: Callable[[int], int], environ: Mapping[str, str]) -> int:
+    """Fork `count` workers, each running serve_one(index) (its exit status); supervise them
+    until they have all exited. The parent's exit status."""
+    notifier = Notifier.from_environ(environ)
+    relay = _Relay(notifier)
+    workers: list[_Worker] = []
+    stopping = False
+    with tempfile.TemporaryDirectory(prefix="postbackd-notify-") as tmp:
+        for index in range(count):
+            path = str(Path(tmp) / f"w{index}.sock")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(path)
+            sock.setblocking(False)
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns into the parent's code
+                status = 1
+                try:
+                    for other in workers:
+                        other.relay.close()
+                    sock.close()
+                    _child_environ(environ, path, notifier)
+                    status = serve_one(index)
+                finally:
+                    os._exit(status)
+            workers.append(_Worker(index, pid, sock))
+        log.info("workers_started", count=count, pids=[w.pid for w in workers])
+
+        def forward(signum: int, _frame: object) -> None:
+            nonlocal stopping
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                stopping = True
+            for w in workers:
+                if w.exit_status is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(w.pid, signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, forward)
+        failed = False
+        stop_deadline: float | None = None
+        while any(w.exit_status is None for w in workers):
+            _read_relays(workers, relay)
+            for w in workers:
+                if w.exit_status is None:
+                    done, status = os.waitpid(w.pid, os.WNOHANG)
+                    if done:
+                        w.exit_status = os.waitstatus_to_exitcode(status)
+                        if not stopping:
+                            log.error("worker_exited", worker=w.index, status=w.exit_status)
+                            failed = stopping = True
+                            forward(signal.SIGTERM, None)
+            if stopping and stop_deadline is None:
+                notifier.stopping()
+                stop_deadline = time.monotonic() + _STOP_WAIT
+            if stop_deadline is not None and time.monotonic() > stop_deadline:
+                for w in workers:
+                    if w.exit_status is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(w.pid, signal.SIGKILL)
+        for w in workers:
+            w.relay.close()
+    if failed or any(w.exit_status for w in workers):
+        return 1
+    return 0
+
+
+def _read_relays(workers: list[_Worker], relay: _Relay) -> None:
+    """Wait up to a tick for datagrams from the workers, and apply them."""
+    socks = {w.relay: w for w in workers if w.exit_status is None}
+    if not socks:
+        return
+    try:
+        readable, _, _ = select.select(list(socks), [], [], _TICK)
+    except InterruptedError:  # a signal: the caller's loop runs again
+        return
+    for sock in readable:
+        w = socks[sock]
+        while True:
+            try:
+                data = sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            for line in data.decode("utf-8", "replace").splitlines():
+                if line == "READY=1":
+                    w.ready = True
+                elif line == "WATCHDOG=1":
+                    w.pinged = True
+                elif line == "STOPPING=1":
+                    w.ready = False
+                elif line.startswith("STATUS=") and w.index == 0:
+                    relay.notifier.status(line.removeprefix("STATUS="))
+    relay.update(workers)

@@ -1,0 +1,165 @@
+"""`workers: 2`: two processes share the listening port (SO_REUSEPORT), each with its own
+dispatcher and node name; the parent passes signals on and stops everything when a worker dies.
+Real processes, a real SQLite file, a real sink on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from daemon.workers import loop_factory, worker_node
+from tests.harness import Sink, wait_for, write_rules
+from tests.process_support import DaemonProcess, free_port, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+
+def _rules(sink_url: str) -> str:
+    return f"""
+offer: 1
+postbacks:
+  - id: 7
+    trigger: conversion_done
+    affiliate: "*"
+    status: active
+    created_at: 2026-11-01T10:00:00Z
+    author: {{id: 1, name: Test}}
+    action: {{type: ping_url, url: "{sink_url}/pb?k={{idempotency_key}}"}}
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Inodes of the loopback TCP sockets listening on `port` (state 0A)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+            inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+async def _start(tmp_path: Path, sink: Sink) -> tuple[DaemonProcess, int]:
+    port = free_port()
+    config = write_config(tmp_path, port=port, workers=2)
+    write_rules(tmp_path / "rules.d", {"offer-1.yaml": _rules(sink.url)})
+    daemon = DaemonProcess(config, port)
+    daemon.start()
+    await daemon.ready()
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    await wait_for(lambda: len(_children(pid)) == 2, deadline=20)
+    return daemon, port
+
+
+async def test_two_workers_share_the_port_and_both_deliver(tmp_path: Path) -> None:
+    sink = await Sink().start()
+    daemon, port = await _start(tmp_path, sink)
+    try:
+        assert daemon.proc is not None
+        workers = _children(daemon.proc.pid)
+        listening = _listening_inodes(port)
+        # Each worker holds a listening socket of its own on the port.
+        owners = [w for w in workers if _socket_inodes(w) & listening]
+        assert sorted(owners) == sorted(workers)
+        # Fresh connections are spread over both; every conversion is acknowledged.
+        for n in range(40):
+            async with aiohttp.ClientSession() as session:
+                url = f"{daemon.url}/webhooks/generic"
+                params = {"conversion_id": f"c{n}", "offer": "1", "affiliate": "42"}
+                async with session.get(url, params={**params, "status": "approved"}) as resp:
+                    assert resp.status == 200, await resp.text()
+        db = tmp_path / "var" / "postbackd.db"
+        # Every delivery recorded as succeeded (the sink hears of it before the store does).
+        await wait_for(lambda: _succeeded(db) == 40, deadline=30)
+        nodes = {row[0] for row in _query(db, "SELECT DISTINCT node FROM attempt")}
+        started = {e["node"] for e in daemon.events("daemon_started")}
+        (base,) = {n.rsplit("/", 1)[0] for n in started}
+        assert started == {f"{base}/w0", f"{base}/w1"}
+        # Both dispatchers delivered (a worker wakes its own dispatcher after each commit).
+        assert nodes == started
+    finally:
+        assert daemon.stop() == 0
+        await sink.close()
+    assert daemon.proc.poll() == 0
+    assert not _children(daemon.proc.pid)
+
+
+async def test_a_worker_that_dies_stops_the_node(tmp_path: Path) -> None:
+    sink = await Sink().start()
+    daemon, _ = await _start(tmp_path, sink)
+    try:
+        assert daemon.proc is not None
+        first, second = _children(daemon.proc.pid)
+        os.kill(first, signal.SIGKILL)
+        # The parent stops the other worker and exits 1 (systemd restarts the whole unit).
+        returncode = await asyncio.to_thread(daemon.proc.wait, 30)
+        assert returncode == 1
+        assert not Path(f"/proc/{second}").exists() or _is_zombie(second)
+        assert daemon.events("worker_exited")
+    finally:
+        daemon.stop()
+        await sink.close()
+
+
+def _query(db: Path, sql: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def _succeeded(db: Path) -> int:
+    (row,) = _query(db, "SELECT count(*) FROM delivery WHERE state = 'succeeded'")
+    return int(str(row[0]))
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z"
+    except OSError:
+        return True
+
+
+def test_worker_nodes_and_event_loop_choice() -> None:
+    assert worker_node("h:8080", None) == "h:8080"
+    assert worker_node("h:8080", 3) == "h:8080/w3"
+    assert loop_factory("asyncio") is None
+    factory = loop_factory("auto")  # uvloop is a dependency
+    assert factory is not None
+    loop = factory()
+    try:
+        assert "uvloop" in type(loop).__module__
+    finally:
+        loop.close()
