@@ -6,7 +6,9 @@ exponential backoff with jitter; the first progress after that is logged once
 (``loop_recovered``). Each loop reports progress (:meth:`LoopHealth.beat`), so that readiness
 and the systemd watchdog can tell a wedged loop (no progress within its interval) from a live
 one. Only ``asyncio.CancelledError`` (the daemon's stop) ends a loop; a body that returns has
-ended on purpose (the dispatcher, once stopped) and is no longer watched.
+ended on purpose (the dispatcher, once stopped) and is no longer watched. A loop found with no
+progress past its interval is logged once too (``loop_stalled``, by a monitor that looks every
+second), and its next progress is its ``loop_recovered``.
 
 The decision (how long to wait after the n-th failure in a row) is :class:`Backoff`, a value
 object with one pure method; :class:`Supervisor` only applies it. One-shot tasks that are not
@@ -27,6 +29,7 @@ import structlog
 
 log = structlog.get_logger("postbackd.supervise")
 
+MONITOR_INTERVAL = 1.0  # seconds between looks for stalled loops
 MAX_ERROR = 300  # characters of an error kept for logs and the admin view of /readyz
 # scheme://user:password@host -> scheme://***@host: a store URL or a destination may carry them.
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
@@ -72,6 +75,7 @@ class LoopHealth:
     last_progress: float | None = None
     due_by: float | None = None  # no progress by then: the loop is stalled
     ended: bool = False
+    stall_noted: bool = False  # loop_stalled was logged; the next beat logs the recovery
 
     def __post_init__(self) -> None:
         self.due_by = None if self.interval is None else self.now() + self.interval
@@ -81,7 +85,7 @@ class LoopHealth:
         now = self.now()
         self.last_progress = now
         self.due_by = None if self.interval is None else now + next_in + self.interval
-        if self.failing:
+        if self.failing or self.stall_noted:
             log.info(
                 "loop_recovered",
                 loop=self.name,
@@ -89,6 +93,16 @@ class LoopHealth:
                 down_s=round(now - (self.failing_since or now), 1),
             )
         self.failing, self.failures, self.failing_since = False, 0, None
+        self.stall_noted = False
+
+    def check(self) -> None:
+        """Log once when the loop is found stalled (no progress within its interval)."""
+        if self.stalled and not self.stall_noted and not self.failing:
+            self.stall_noted = True
+            now = self.now()
+            self.failing_since = now
+            since = None if self.last_progress is None else round(now - self.last_progress, 1)
+            log.error("loop_stalled", loop=self.name, interval_s=self.interval, since_s=since)
 
     def failed(self, err: BaseException, retry_in: float) -> None:
         """The body raised; it starts again in `retry_in` seconds. Logged on the first failure."""
@@ -126,6 +140,7 @@ class Supervisor:
     rng: random.Random = field(default_factory=random.Random)
     loops: dict[str, LoopHealth] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _monitor: asyncio.Task[None] | None = None
 
     def start(
         self, name: str, body: Body, *, interval: float | None, backoff: Backoff = Backoff()
@@ -133,6 +148,9 @@ class Supervisor:
         """Run `body(health)` as a supervised loop; the body calls ``health.beat()``."""
         health = LoopHealth(name, interval, self.now)
         self.loops[name] = health
+        if self._monitor is None:
+            self._monitor = asyncio.create_task(self._watch(), name="supervisor")
+            self._monitor.add_done_callback(collect)
         task = asyncio.create_task(self._run(health, body, backoff), name=name)
         task.add_done_callback(collect)
         self._tasks.append(task)
@@ -173,6 +191,12 @@ class Supervisor:
                 log.info("loop_ended", loop=health.name)
                 return
 
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL)
+            for health in list(self.loops.values()):
+                health.check()
+
     def problems(self) -> dict[str, str]:
         """The loops that are failing or stalled, with that state."""
         return {
@@ -189,10 +213,12 @@ class Supervisor:
 
     async def stop(self) -> None:
         """Cancel every loop and wait for them."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._monitor] if self._monitor else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._monitor = None
 
 
 def collect(task: asyncio.Task[Any]) -> None:

@@ -82,6 +82,18 @@ def test_a_loop_is_up_failing_stalled_or_ended_on_its_clock() -> None:
     assert [(e["event"], e["failures"]) for e in logs] == [("loop_recovered", 2)]
     assert health.state == "up"
     assert health.failures == 0
+    clock.advance(4.1)
+    with capture_logs() as logs:
+        health.check()
+        health.check()
+        assert health.state == "stalled"
+        clock.advance(3.0)
+        health.beat()
+    assert [(e["event"], e.get("since_s")) for e in logs] == [
+        ("loop_stalled", 4.1),
+        ("loop_recovered", None),
+    ]
+    assert logs[1]["down_s"] == 3.0
     watcher = LoopHealth("watcher", None, clock.now)
     clock.advance(1e6)
     assert watcher.state == "up"  # no duty of progress

@@ -1,0 +1,158 @@
+"""SQLite faults against the real `postbackd run` with conversions flowing: another process
+holding the write lock longer than the busy timeout (5 s), and the disk full (a small tmpfs
+the test mounts, filled to the last byte by a filler file) while conversions and claims flow,
+then space freed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.support import (
+    REPORT_WITHIN,
+    RESUME_WITHIN,
+    FaultSink,
+    Node,
+    ReadyWatch,
+    Traffic,
+    all_delivered,
+    assert_no_unexplained_duplicates,
+    client_session,
+    resumed_after,
+)
+from tests.harness import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+LOCK_HELD = 7.0  # longer than the store's busy timeout (5 s)
+
+HOLD_LOCK = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("ROLLBACK")
+"""
+
+
+async def test_another_process_holds_the_write_lock_past_the_busy_timeout(
+    tmp_path: Path, fault_sink: FaultSink
+) -> None:
+    db = tmp_path / "var" / "postbackd.db"
+    node = Node(tmp_path / "n0", f"sqlite:///{db}", fault_sink)
+    node.start()
+    async with client_session() as session:
+        watch = ReadyWatch(session, node)
+        traffic = Traffic(session, [node])
+        try:
+            await node.ready(session)
+            watch.start()
+            traffic.start()
+            await wait_for(lambda: len(fault_sink.hits) >= 20, deadline=20)
+            holder = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", HOLD_LOCK, str(db), str(LOCK_HELD),
+                stdout=subprocess.PIPE,
+            )  # fmt: skip
+            assert holder.stdout is not None
+            assert await holder.stdout.readline() == b"locked\n"
+            t0 = time.monotonic()
+            await wait_for(lambda: watch.first_not_ready(t0), deadline=REPORT_WITHIN + 2)
+            reported = watch.first_not_ready(t0)
+            assert reported is not None
+            assert reported[0] <= REPORT_WITHIN, reported
+            assert await holder.wait() == 0
+            t1 = time.monotonic()
+            assert await resumed_after(fault_sink, None, t1) <= RESUME_WITHIN
+            acked = traffic.count()
+            await wait_for(lambda: traffic.count() >= acked + 20, deadline=RESUME_WITHIN)
+        finally:
+            await traffic.stop()
+        await all_delivered(fault_sink, traffic)
+        await wait_for(lambda: watch.seen and watch.seen[-1][1] == 200, deadline=10)
+        await watch.stop()
+    assert node.stop() == 0
+    node.assert_clean_log()
+    # The claim waits on the lock: the dispatcher is stalled (or failing, once a wait ends in
+    # SQLITE_BUSY), said once, and recovered once.
+    assert [e["loop"] for e in node.events("loop_stalled") + node.events("loop_failing")]
+    assert [e["loop"] for e in node.events("loop_recovered")] == ["dispatcher"]
+    assert_no_unexplained_duplicates(fault_sink)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for the disk-full fault: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a filler file until the file system has not one byte left."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as out:
+        block = b"\0" * 65536
+        while block:
+            try:
+                out.write(block)
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                block = block[: len(block) // 2]
+    return filler
+
+
+async def test_the_disk_full_while_conversions_and_claims_flow_then_space_freed(
+    tmp_path: Path, fault_sink: FaultSink
+) -> None:
+    with small_tmpfs(tmp_path / "var", "32m") as var:
+        node = Node(tmp_path / "n0", f"sqlite:///{var / 'postbackd.db'}", fault_sink)
+        node.start()
+        async with client_session() as session:
+            watch = ReadyWatch(session, node)
+            traffic = Traffic(session, [node])
+            try:
+                await node.ready(session)
+                watch.start()
+                traffic.start()
+                await wait_for(lambda: len(fault_sink.hits) >= 20, deadline=20)
+                t0 = time.monotonic()
+                filler = await asyncio.to_thread(fill, var)
+                await wait_for(lambda: watch.first_not_ready(t0), deadline=REPORT_WITHIN + 2)
+                reported = watch.first_not_ready(t0)
+                assert reported is not None
+                assert reported[0] <= REPORT_WITHIN, reported
+                acked = traffic.count()
+                await wait_for(lambda: traffic.refused > 0, deadline=5)  # ingest says 503
+                await asyncio.sleep(max(0.0, t0 + 3.0 - time.monotonic()))  # full for 3 s
+                filler.unlink()
+                t1 = time.monotonic()
+                assert await resumed_after(fault_sink, None, t1) <= RESUME_WITHIN
+                await wait_for(lambda: traffic.count() >= acked + 20, deadline=RESUME_WITHIN)
+            finally:
+                await traffic.stop()
+            await all_delivered(fault_sink, traffic)
+            await wait_for(lambda: watch.seen and watch.seen[-1][1] == 200, deadline=10)
+            await watch.stop()
+        assert node.stop() == 0
+    node.assert_clean_log()
+    assert node.events("loop_failing")
+    assert node.events("loop_recovered")
+    assert_no_unexplained_duplicates(fault_sink)
