@@ -128,6 +128,12 @@ API_ROUTES = [
     ("GET", "/api/v1/postbacks/{}"),
     ("GET", "/api/v1/deliveries/{}"),
     ("POST", "/api/v1/deliveries/{}/retry"),
+    ("PATCH", "/api/v1/postbacks/{}"),
+    ("DELETE", "/api/v1/postbacks/{}"),
+    ("POST", "/api/v1/postbacks/{}/status"),
+    ("GET", "/api/v1/postbacks/{}/history"),
+    ("PUT", "/api/v1/affiliate/secrets/{}"),
+    ("DELETE", "/api/v1/affiliate/secrets/{}"),
 ]
 PATH_SEGMENTS = (
     DIGIT_RUNS.map(lambda s: s.encode())
