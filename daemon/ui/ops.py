@@ -211,7 +211,7 @@ async def postback(ctx: Ctx, **extra: Any) -> web.Response:
         can_manage=store,
         notice=_notice(ctx),
         settings_json=pretty(row["action_settings"]),
-        when_json=pretty(row["trigger_settings"]["when"])
+        when_json=json.dumps(row["trigger_settings"]["when"], ensure_ascii=False)
         if row["trigger_settings"]["when"] is not None
         else None,
         deliveries=recent[:SHOWN],

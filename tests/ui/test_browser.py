@@ -120,6 +120,7 @@ def test_an_affiliate_cannot_reach_others_postbacks_or_deliveries(context: Any, 
     assert missing.status == 404
     expected = _not_found_text(page)
     assert expected[0] == "Not found"
+    screenshot(page, "not-found")
     for path in (
         "/ui/postbacks/102",  # affiliate 43's
         "/ui/postbacks/103",  # an admin's
@@ -139,7 +140,6 @@ def test_an_affiliate_cannot_reach_others_postbacks_or_deliveries(context: Any, 
     assert page.locator("a[href^='/ui/deliveries/']").count() == 0
     assert page.goto("/ui/postbacks/101") is not None
     assert page.locator("h1").inner_text().startswith("Postback 101")
-    screenshot(page, "not-found")
 
 
 def test_an_admin_retries_a_dead_delivery(context: Any, live: Live) -> None:

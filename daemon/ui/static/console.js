@@ -51,9 +51,8 @@
 
   // Duplicate: one box ticks or clears every postback.
   document.querySelectorAll("input[data-check-all]").forEach(function (all) {
-    all.hidden = false;
-    var label = document.querySelector("label[for='" + all.id + "']");
-    if (label) { label.hidden = false; }
+    var row = all.closest("[data-all-row]");
+    if (row) { row.hidden = false; }
     all.addEventListener("change", function () {
       all.form.querySelectorAll("input[name='" + all.getAttribute("data-check-all") + "']").forEach(function (box) {
         box.checked = all.checked;
