@@ -33,7 +33,7 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import InputError, PermanentError, RenderError, RetryableError
-from daemon.httpstatus import HttpResponse, classify_status, parse_retry_after
+from daemon.httpstatus import HttpResponse, classify_status, parse_retry_after, status_unwell
 from daemon.macros import MASK, Template, TemplateStr
 from daemon.models import parse_event_time
 from daemon.urltemplate import UrlTemplate
@@ -375,8 +375,10 @@ def _raise_graph_error(
     )
     if retryable:
         after = parse_retry_after(response.headers.get("Retry-After"), now)
-        raise RetryableError(reason, detail, retry_after=after)
-    raise PermanentError(reason, detail)
+        raise RetryableError(
+            reason, detail, retry_after=after, unwell=status_unwell(response.status)
+        )
+    raise PermanentError(reason, detail, unwell=status_unwell(response.status))
 
 
 def build(settings: Settings, resources: Resources) -> FacebookConversion:

@@ -31,7 +31,7 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError
-from daemon.httpstatus import HttpResponse, parse_retry_after
+from daemon.httpstatus import HttpResponse, parse_retry_after, status_unwell
 from daemon.macros import MASK, PATH_SEGMENT_SAFE, TemplateStr
 from daemon.urltemplate import UrlTemplate
 
@@ -210,7 +210,9 @@ def _token_answer(response: HttpResponse, answer: Any, now: float) -> tuple[str,
         return token, now + max(float(lifetime) - EXPIRY_MARGIN, 0.0)
     if status in RETRYABLE or status >= 500:
         after = parse_retry_after(response.headers.get("Retry-After"), now)
-        raise RetryableError(f"token_http_{status}", retry_after=after)
+        raise RetryableError(
+            f"token_http_{status}", retry_after=after, unwell=status_unwell(status)
+        )
     error = answer.get("error") if isinstance(answer, dict) else None
     if isinstance(error, str) and _TAG.fullmatch(error):
         # invalid_grant: a deleted key, a wrong client_email, or this host's clock off by
@@ -232,9 +234,9 @@ def check_append(response: HttpResponse, now: float) -> None:
         reason += f"_{tag.lower()}"
     if status in RETRYABLE:
         after = parse_retry_after(response.headers.get("Retry-After"), now)
-        raise RetryableError(reason, retry_after=after)
+        raise RetryableError(reason, retry_after=after, unwell=status_unwell(status))
     if status >= 500:
-        raise OutcomeUnknownError(f"{reason}: the row may have been appended")
+        raise OutcomeUnknownError(f"{reason}: the row may have been appended", unwell=True)
     raise PermanentError(reason)
 
 

@@ -25,7 +25,7 @@ from daemon.actions.base import (
 )
 from daemon.durations import Duration
 from daemon.errors import OutcomeUnknownError, PermanentError, RetryableError
-from daemon.httpstatus import HttpResponse, parse_retry_after
+from daemon.httpstatus import HttpResponse, parse_retry_after, status_unwell
 from daemon.macros import Template, TemplateStr, encode_header
 from daemon.urltemplate import UrlTemplate, UrlTemplateStr
 
@@ -240,10 +240,10 @@ def _outcome(response: HttpResponse, now: float) -> None:
     if status == 429 or code == TOO_MANY_REQUESTS:
         retry_after = parse_retry_after(response.headers.get("Retry-After"), now)
         reason = f"twilio_{code}" if code is not None else "http_429"
-        raise RetryableError(reason, retry_after=retry_after)
+        raise RetryableError(reason, retry_after=retry_after, unwell=status_unwell(status))
     if status >= 500:
         # The message may have been queued before the failure: a resend could double-text.
-        raise OutcomeUnknownError(f"http_{status}")
+        raise OutcomeUnknownError(f"http_{status}", unwell=True)
     raise PermanentError(f"twilio_{code}" if code is not None else f"http_{status}")
 
 
