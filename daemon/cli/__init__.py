@@ -14,6 +14,7 @@ import click
 
 from daemon import __version__
 from daemon.cli import (
+    affiliates,
     check,
     diff,
     replay,
@@ -61,6 +62,8 @@ def _register() -> None:
         rules_bulk.disable_cmd,
         rules_bulk.delete_cmd,
         rules_bulk.goals,
+        affiliates.history_cmd,
+        affiliates.export_cmd,
     ):
         rules.rules.add_command(sub)
 

@@ -12,6 +12,7 @@ from typing import Any
 import click
 from ruamel.yaml.comments import CommentedMap
 
+from daemon.cli import affiliates
 from daemon.cli.common import config_option, load_or_exit, rules_dir_from, rules_option
 from daemon.cli.editing import (
     plan_edit,
@@ -75,10 +76,11 @@ def list_cmd(
         and (status is None or lp.postback.status == status)
         and visible_to(lp.postback, who)
     ]
+    stored = affiliates.store_rows_for(config, rule_set, who, offer, status)  # issue 15
     if fmt == "json":
-        click.echo(json.dumps(rows, indent=2, default=str))
+        click.echo(json.dumps(rows + stored, indent=2, default=str))
         return
-    if not rows:
+    if not rows and not stored:
         click.echo("no postbacks")
         return
     offers = sorted({r["offer"] for r in rows}, key=lambda o: [r["offer"] for r in rows].index(o))
@@ -87,6 +89,7 @@ def list_cmd(
         click.echo(("\n" if n else "") + f"Offer {one} (goals {'on' if goals else 'off'})")
         cells = [table_cells(r) for r in rows if r["offer"] == one]
         click.echo(render_table(COLUMNS, cells))
+    affiliates.print_store_tables(stored, first=not rows)
 
 
 author_option = click.option(
