@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from daemon.affiliates.policy import file_id_issues, load_policy
 from daemon.catalogue import Catalogue, load_catalogue, load_retired
 from daemon.cli.common import config_option, rules_dir_from, settings_from
 from daemon.cli.history import checkout_at, compare, load_base, new_without_origin
@@ -79,6 +80,9 @@ def validate(
         issues.extend(err.issues)
     catalogue = _guarded(lambda: load_catalogue(root), issues)
     retired = _guarded(lambda: load_retired(root), issues) or {}
+    _guarded(lambda: load_policy(root), issues)  # rules.d/affiliates.yaml (issue 15)
+    if rules is not None:
+        issues.extend(file_id_issues(rules.postbacks.values()))
     base_note = None
     base_retired: dict[int, int] = {}
     if base and rules is not None:

@@ -124,3 +124,35 @@ def test_rules_add_for_an_affiliate_author_creates_only_for_that_affiliate(
         assert result.code != 0
         assert "authored for affiliate 42 may only match affiliate 42" in result.out + result.err
     assert (root / "o7.yaml").read_text() == "offer: 7\npostbacks: []\n"
+
+
+def test_validate_checks_the_policy_file_and_the_id_space(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    root = tmp_path / "rules.d"
+    write_rules(
+        root,
+        {
+            "affiliates.yaml": "actions: [ping_url, no_such]\nmax_postbacks: -1\n",
+            "o7.yaml": """
+                offer: 7
+                postbacks:
+                  - id: 1000000001
+                    trigger: conversion_done
+                    affiliate: "*"
+                    action: {type: ping_url, url: "https://x.test/"}
+                """,
+        },
+    )
+    result = run_cli(capsys, ["validate", str(root)])
+    assert result.code == 1
+    lines = result.out.splitlines() + result.err.splitlines()
+    assert any(
+        line.startswith("affiliates.yaml:1: actions: unknown action type 'no_such'")
+        for line in lines
+    )
+    assert "affiliates.yaml:2: max_postbacks: Input should be greater than or equal to 0" in lines
+    assert (
+        "o7.yaml:4: postback 1000000001: ids from 1,000,000,000 up belong to affiliate "
+        "postbacks kept in the store"
+    ) in lines
