@@ -51,7 +51,6 @@ DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 # Path parameters are ASCII only: `'²'.isdigit()` is true and int() of it fails (a 500 once).
 _DELIVERY_ID = re.compile(r"[A-Za-z0-9]{1,64}")
-_POSTBACK_ID = re.compile(r"[0-9]{1,18}")
 _RETRYABLE = (DeliveryState.DEAD, DeliveryState.CANCELLED)
 
 ApiHandler = Callable[[web.Request, Services, Viewer], Awaitable[web.StreamResponse]]
