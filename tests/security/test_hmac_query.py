@@ -51,7 +51,7 @@ async def test_a_query_beside_a_signed_json_body_is_refused(daemon: Daemon, tmp_
         {"conversion_id": "C1", "offer": "1", "affiliate": "7", "status": "pending"}
     ).encode()
     resp = await daemon.client.post(
-        "/webhooks/signed?status=approved&payout=5000",
+        "/webhooks/signed?payout=5000&sub1=forged",  # nothing the body says: no conflict
         data=body,
         headers={**signed_headers("msg_1", body), "Content-Type": "application/json"},
     )
