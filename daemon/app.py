@@ -291,6 +291,7 @@ async def _readyz(request: web.Request) -> web.Response:
     store_error = await _store_problem(services.store)
     failing = ["store"] if store_error is not None else []
     loops = services.supervisor.states()
+    down = services.dispatcher.destinations.down()
     failing += [name for name, state in loops.items() if state in ("failing", "stalled")]
     runtime = services.reloader.runtime
     status = services.reloader.status
@@ -299,10 +300,14 @@ async def _readyz(request: web.Request) -> web.Response:
         "failing": failing,
         "store": "ok" if store_error is None else "unreachable",
         "loops": loops,
+        # A destination that is down is not this node's fault: counted, never a 503 (taking the
+        # node out of a load balancer would stop ingest and help nobody).
+        "destinations_down": len(down),
         "rules_version": str(runtime.rules.version),
         "last_reload_ok": status.ok,
     }
     if is_admin(request):
+        body["destinations_down_names"] = down
         body["store_error"] = store_error
         body["loop_errors"] = {
             name: {"failures": h.failures, "error": h.error}

@@ -145,6 +145,11 @@ class DestinationsCollector(Collector):
             "postbackd_destination_held_deliveries",
             "Deliveries this node holds for a destination while its breaker is open.",
             labels=["destination"],
+    def down(self) -> list[str]:
+        """The destinations whose breaker is not closed (open, or probing), by name."""
+        closed = BreakerState.CLOSED
+        return sorted(n for n, d in self._dests.items() if d.breaker.state is not closed)
+
         )
         since = GaugeMetricFamily(
             "postbackd_destination_seconds_since_success",

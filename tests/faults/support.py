@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -45,6 +45,13 @@ UNHANDLED = (
 )
 
 
+class Endpoint(Protocol):
+    """A daemon to post to and ask: a process (Node) or one in-process (see test_dns)."""
+
+    @property
+    def url(self) -> str: ...
+
+
 @dataclass
 class Hit:
     t: float
@@ -54,27 +61,35 @@ class Hit:
     sender: str
 
 
+# Each route listens on a port of its own: the daemon's breaker is per destination (scheme,
+# host and port), so one route's outage must not pause the others.
+ROUTES = ("a", "hang", "reset", "flaky", "fine", "dns")
+
+
 class FaultSink:
-    """A receiver on 127.0.0.1: `/pb/{route}?k=KEY`. Each route answers 200 unless its mode
-    says otherwise: ``hang`` (accepts, never answers), ``reset`` (a few bytes of the status
-    line, then a TCP reset), ``503``. Requests of a held sender wait until it is released."""
+    """A receiver on 127.0.0.1: `/pb/{route}?k=KEY`, one port per route. Each route answers 200
+    unless its mode says otherwise: ``hang`` (accepts, never answers), ``reset`` (a few bytes of
+    the status line, then a TCP reset), ``503``. Requests of a held sender wait until it is
+    released."""
 
     def __init__(self) -> None:
         self.hits: list[Hit] = []
         self.modes: dict[str, str] = {}
         self.delay = 0.0  # every 200 waits this long first (attempts in flight)
+        self.answering: set[str] = set()  # keys of requests waiting out the delay now
         self._held: dict[str, asyncio.Event] = {}
         self._hanging = asyncio.Event()
         self._runner: web.AppRunner | None = None
-        self.port = 0
+        self.ports: dict[str, int] = {}
 
     async def start(self) -> FaultSink:
         app = web.Application()
         app.router.add_get("/pb/{route}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = self._runner.addresses[0][1]
+        for route in ROUTES:
+            await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+            self.ports[route] = self._runner.addresses[-1][1]
         return self
 
     async def close(self) -> None:
@@ -84,8 +99,8 @@ class FaultSink:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def url(self, route: str) -> str:
-        return f"http://127.0.0.1:{self.port}/pb/{route}?k={{idempotency_key}}"
+    def url(self, route: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.ports[route]}/pb/{route}?k={{idempotency_key}}"
 
     def hold(self, sender: str) -> None:
         self._held[sender] = asyncio.Event()
@@ -121,7 +136,11 @@ class FaultSink:
             await gate.wait()
             return web.Response(text="OK")
         if self.delay:
-            await asyncio.sleep(self.delay)
+            self.answering.add(hit.key)
+            try:
+                await asyncio.sleep(self.delay)
+            finally:
+                self.answering.discard(hit.key)
         self.hits.append(hit)  # counted once answered: "reached the sink"
         return web.Response(text="OK")
 
@@ -137,14 +156,20 @@ def _reset(request: web.Request, partial: bytes) -> None:
     transport.close()
 
 
-def rules_yaml(sink: FaultSink, routes: Iterable[str], sender: str = "n0") -> str:
-    """offer 1: one postback per route, each to its sink route."""
+def rules_yaml(
+    sink: FaultSink, routes: Iterable[str], sender: str = "n0", host: str = "127.0.0.1"
+) -> str:
+    """offer 1: one postback per route (ids 1, 2, ...), each to its sink route."""
     postbacks = [
         {
             "id": i + 1,
             "trigger": "conversion_done",
             "affiliate": "*",
-            "action": {"type": "ping_url", "url": sink.url(route), "headers": {"X-Sender": sender}},
+            "action": {
+                "type": "ping_url",
+                "url": sink.url(route, host),
+                "headers": {"X-Sender": sender},
+            },
         }
         for i, route in enumerate(routes)
     ]
@@ -284,7 +309,7 @@ class Traffic:
     """Trackers posting conversions round-robin to `nodes` until each is acknowledged."""
 
     session: aiohttp.ClientSession
-    nodes: list[Node]
+    nodes: list[Endpoint]
     acked: dict[str, float] = field(default_factory=dict)  # conversion id -> when acked
     refused: int = 0  # answers that were not 200 (503 while the store is down...)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -297,7 +322,7 @@ class Traffic:
         self._stop.set()
         await asyncio.gather(*self._tasks)
 
-    async def post(self, node: Node, cid: str) -> bool:
+    async def post(self, node: Endpoint, cid: str) -> bool:
         params = {"conversion_id": cid, "offer": "1", "affiliate": "7", "status": "approved"}
         try:
             async with self.session.get(f"{node.url}/webhooks/generic", params=params) as resp:
@@ -329,8 +354,8 @@ class ReadyWatch:
     """Polls /readyz of a node every 0.1 s and keeps (when, status, failing parts)."""
 
     session: aiohttp.ClientSession
-    node: Node
-    seen: list[tuple[float, int, list[str]]] = field(default_factory=list)
+    node: Endpoint
+    seen: list[tuple[float, int, dict[str, Any]]] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> ReadyWatch:
@@ -348,16 +373,27 @@ class ReadyWatch:
             try:
                 async with self.session.get(f"{self.node.url}/readyz", timeout=timeout) as resp:
                     body = await resp.json()
-                    self.seen.append((time.monotonic(), resp.status, body.get("failing", [])))
+                    self.seen.append((time.monotonic(), resp.status, body))
             except (aiohttp.ClientError, TimeoutError, ValueError):
                 pass
             await asyncio.sleep(0.1)
 
     def first_not_ready(self, since: float) -> tuple[float, list[str]] | None:
-        for t, status, failing in self.seen:
+        """Seconds from `since` to the first 503, and the parts it named."""
+        for t, status, body in self.seen:
             if t >= since and status == 503:
-                return t - since, failing
+                return t - since, body.get("failing", [])
         return None
+
+    def first_with(self, since: float, key: str) -> float | None:
+        """Seconds from `since` to the first answer whose `key` is truthy."""
+        for t, _, body in self.seen:
+            if t >= since and body.get(key):
+                return t - since
+        return None
+
+    def statuses(self, since: float, until: float) -> set[int]:
+        return {status for t, status, _ in self.seen if since <= t <= until}
 
 
 def key_of(cid: str, postback: int = 1) -> str:
@@ -368,7 +404,13 @@ async def all_delivered(
     sink: FaultSink, traffic: Traffic, postbacks: Iterable[int] = (1,), deadline: float = 30.0
 ) -> None:
     expected = {key_of(cid, pid) for cid in traffic.acked for pid in postbacks}
-    await wait_for(lambda: expected <= sink.delivered(), deadline=deadline, interval=0.1)
+    try:
+        await wait_for(lambda: expected <= sink.delivered(), deadline=deadline, interval=0.1)
+    except AssertionError as err:
+        missing = sorted(expected - sink.delivered())
+        raise AssertionError(
+            f"{len(missing)} of {len(expected)} not delivered: {missing[:5]}"
+        ) from err
 
 
 def assert_no_unexplained_duplicates(sink: FaultSink) -> None:
