@@ -126,6 +126,11 @@ class Destinations:
     def is_down(self, destination: str) -> bool:
         return self.state(destination) is not BreakerState.CLOSED
 
+    def down(self) -> list[str]:
+        """The destinations whose breaker is not closed (open, or probing), by name."""
+        closed = BreakerState.CLOSED
+        return sorted(n for n, d in self._dests.items() if d.breaker.state is not closed)
+
 
 class DestinationsCollector(Collector):
     """Per-destination metrics at scrape time: breaker state, held deliveries, time since the
@@ -145,11 +150,6 @@ class DestinationsCollector(Collector):
             "postbackd_destination_held_deliveries",
             "Deliveries this node holds for a destination while its breaker is open.",
             labels=["destination"],
-    def down(self) -> list[str]:
-        """The destinations whose breaker is not closed (open, or probing), by name."""
-        closed = BreakerState.CLOSED
-        return sorted(n for n, d in self._dests.items() if d.breaker.state is not closed)
-
         )
         since = GaugeMetricFamily(
             "postbackd_destination_seconds_since_success",
