@@ -230,9 +230,11 @@ class AccessPolicy:
                 return address  # None: a hop we cannot read, so we cannot know the client
         return address
 
-    def check(self, peer: str | None, forwarded_for: Iterable[str]) -> None:
+    def check(self, peer: str | None, forwarded_for: Iterable[str], relayed: bool = False) -> None:
+        """ForbiddenError unless the client may post; `relayed`: the request carries another
+        proxy header (`Forwarded`, `X-Real-IP`), which only matters to `loopback_only`."""
         if self.loopback_only:
-            self._check_local(peer, list(forwarded_for))
+            self._check_local(peer, list(forwarded_for), relayed)
         if not self.allow:
             return
         client = self.client_address(peer, forwarded_for)
@@ -241,10 +243,10 @@ class AccessPolicy:
         if not _within(client, self.allow):
             raise ForbiddenError(f"client address {client} is not allowed")
 
-    def _check_local(self, peer: str | None, forwarded_for: list[str]) -> None:
+    def _check_local(self, peer: str | None, forwarded_for: list[str], relayed: bool) -> None:
         address = parse_address(peer) if peer else None
-        relayed = address is not None and not _within(address, self.trusted_proxies)
-        if relayed and any(value.strip() for value in forwarded_for):
+        untrusted = address is not None and not _within(address, self.trusted_proxies)
+        if untrusted and (relayed or any(value.strip() for value in forwarded_for)):
             raise ForbiddenError(
                 "this source takes loopback clients only, and the request came through a proxy "
                 "that is not in trusted_proxies"

@@ -88,7 +88,8 @@ async def _admit(
 ) -> tuple[Conversion, Ticket | None]:
     """Address, body, credentials, rate, mapping: the conversion, or an InputError."""
     gate = source.gate
-    gate.access.check(request.remote, request.headers.getall("X-Forwarded-For", []))
+    relayed = "Forwarded" in request.headers or "X-Real-IP" in request.headers
+    gate.access.check(request.remote, request.headers.getall("X-Forwarded-For", []), relayed)
     query: dict[str, str] = {}
     parse_urlencoded(request.rel_url.raw_query_string, query)
     body = await read_body(request, limits)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -103,10 +104,22 @@ class SecretResolver:
         return ", ".join(places)
 
 
+def _special(mode: int) -> bool:
+    """A FIFO, socket or device (a directory fails to read on its own, with its own error)."""
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def _read_file(name: str, path: Path) -> str | None:
-    """The file's text without its trailing newline; None when there is no such file."""
+    """The file's text without its trailing newline; None when there is no such file. Only a
+    regular file is read: a FIFO would block the request that asks for the secret (stat first,
+    then a non-blocking open checked with fstat, as the rule loader does)."""
     try:
-        with path.open("rb") as handle:
+        if _special(os.stat(path).st_mode):
+            raise SecretError(f"secret {name} in {path} is not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        with os.fdopen(fd, "rb") as handle:
+            if _special(os.fstat(fd).st_mode):
+                raise SecretError(f"secret {name} in {path} is not a regular file")
             data = handle.read(MAX_SECRET_BYTES + 1)
     except FileNotFoundError:
         return None

@@ -13,8 +13,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from daemon.errors import RulesError
+from daemon.errors import RulesError, SecretError
 from daemon.loader import load_rules
+from daemon.secrets import SecretResolver
 from daemon.sources import load_sources
 from tests.cli_support import run_cli
 from tests.harness import wait_for
@@ -53,6 +54,14 @@ def test_a_socket_among_the_sources_is_named(tmp_path: Path) -> None:
     assert [str(i) for i in caught.value.issues] == [
         "w/sock.yaml:0: not a regular file (a socket): only regular files are read"
     ]
+
+
+def test_a_fifo_as_a_secret_file_is_refused_not_waited_on(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "tok")
+    resolver = SecretResolver(credentials_dir=None, secrets_dir=tmp_path, environ={})
+    with pytest.raises(SecretError, match=r"^secret tok in .*/tok is not a regular file$"):
+        resolver("tok")
+    assert resolver.where("tok") is None
 
 
 def test_validate_with_a_fifo_ends_with_the_error(

@@ -37,6 +37,20 @@ async def test_a_request_relayed_from_beyond_loopback_is_refused(tmp_path: Path)
         await daemon.client.close()
 
 
+@pytest.mark.parametrize("header", ["Forwarded", "X-Real-IP"])
+async def test_other_proxy_headers_count_as_relayed(tmp_path: Path, header: str) -> None:
+    daemon = await start(tmp_path)
+    try:
+        value = "for=203.0.113.9" if header == "Forwarded" else "203.0.113.9"
+        resp = await daemon.client.get(
+            "/webhooks/generic", params=CONVERSION, headers={header: value}
+        )
+        assert resp.status == 403
+        assert conversions(tmp_path) == []
+    finally:
+        await daemon.client.close()
+
+
 @pytest.mark.parametrize("peer", ["203.0.113.9", "[2001:db8::1]:4431", "10.0.0.5:1234", None])
 def test_the_built_in_generic_source_refuses_every_address_beyond_loopback(
     peer: str | None,
