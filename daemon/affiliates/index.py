@@ -84,6 +84,8 @@ class StoreIndex:
         self.secrets = secrets
         self.version = 0
         self.entries: dict[int, Entry] = {}
+        self._deleted: dict[int, int] = {}  # id -> change_seq it was deleted at (or after)
+        self._blocked: set[int] = set()  # active, but the policy or the rules say no
         self._file: Runtime | None = None
         self._policy: LoadedPolicy = DEFAULT_POLICY
         self._goals: Mapping[str, bool] = {}
@@ -132,13 +134,19 @@ class StoreIndex:
             old = self.entries.get(row.id)
             if old is not None and old.stored.change_seq > row.change_seq:
                 continue  # an older read than what we have
+            if self._deleted.get(row.id, -1) >= row.change_seq:
+                continue  # read before a delete this node already took in
             self._forget(row.id, old, touched_keys, touched_offers)
+            self._blocked.discard(row.id)
             if row.status == "deleted":
                 self.entries.pop(row.id, None)
+                self._deleted[row.id] = row.change_seq
                 drop.append(row.id)
                 continue
             entry = self._entry(row)
             self.entries[row.id] = entry
+            if entry.stored.status == "active" and entry.problem:
+                self._blocked.add(row.id)
             if entry.loaded is None:
                 drop.append(row.id)
                 continue
@@ -256,6 +264,7 @@ class StoreIndex:
         entries: dict[int, Entry] = {}
         loaded: dict[int, LoadedPostback] = {}
         self._members, self._offer_members = {}, {}
+        self._blocked = set()
         for pid, entry in self.entries.items():
             if entry.loaded is None:
                 entry = self._entry(entry.stored)
@@ -265,6 +274,8 @@ class StoreIndex:
                     lp = replace(lp, goals_enabled=goals.get(lp.offer, False))
                 entry = Entry(entry.stored, lp, self._problem(lp))
             entries[pid] = entry
+            if entry.stored.status == "active" and entry.problem:
+                self._blocked.add(pid)
             if entry.loaded is not None:
                 loaded[pid] = entry.loaded
                 self._remember(entry, set(), set())
@@ -283,7 +294,7 @@ class StoreIndex:
     def blocked(self) -> list[Entry]:
         """Active postbacks that do not fire (policy or no longer valid): the service disables
         them in the store, with the reason."""
-        return [e for e in self.entries.values() if e.stored.status == "active" and e.problem]
+        return [self.entries[pid] for pid in sorted(self._blocked) if pid in self.entries]
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "postbacks": len(self.entries)}

@@ -1,0 +1,209 @@
+"""The affiliate service's plumbing (issue 15): who may touch which postback, the checks run
+before any write, and the writes themselves, each taken in by this node at once. The public
+methods are :class:`daemon.affiliates.service.AffiliateService`'s."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from daemon.affiliates import inputs
+from daemon.affiliates.index import Entry, StoreIndex
+from daemon.affiliates.policy import destination_host, problems
+from daemon.affiliates.records import (
+    build_postback,
+    secret_names,
+    store_view,
+)
+from daemon.errors import ConflictError, ForbiddenError, InputError, NotFoundError, PolicyError
+from daemon.listing import mask
+from daemon.loader import LoadedPostback
+from daemon.reload import Reloader
+from daemon.store.affiliate_types import (
+    FIRST_STORE_ID,
+    PostbackChange,
+    QuotaExceeded,
+    StoredPostback,
+    Who,
+)
+from daemon.store.base import Store
+from daemon.visibility import Viewer, visible_to
+
+log = structlog.get_logger("postbackd.affiliates")
+
+View = dict[str, Any]
+POLICY_WHO = Who("policy", "affiliates policy (rules.d/affiliates.yaml)")
+ADMIN_DISABLED = "disabled by an admin"
+DRAFT_ID = 10**18 - 1  # the id a postback is checked under before the store gives it one
+
+
+def who(viewer: Viewer) -> Who:
+    name = getattr(viewer, "name", None)
+    if viewer.is_admin:
+        return Who(name or "admin", name or "admin")
+    ident = name or f"affiliate:{viewer.affiliate}"
+    return Who(ident, ident, viewer.affiliate)
+
+
+class ServiceCore:
+    """Everything but the public methods of AffiliateService."""
+
+    def __init__(
+        self,
+        store: Store,
+        index: StoreIndex,
+        reloader: Reloader,
+        now: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.index = index
+        self.reloader = reloader
+        self._now = now
+
+    # --- reads ------------------------------------------------------------------------------
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _moment(self) -> datetime:
+        return datetime.fromtimestamp(self._now(), UTC)
+
+    def _pid(self, id: int | str) -> int:
+        try:
+            return inputs.postback_id(id)
+        except InputError:
+            raise NotFoundError(f"no postback {str(id)[:64]}") from None
+
+    @staticmethod
+    def _sees(viewer: Viewer, stored: StoredPostback) -> bool:
+        return viewer.is_admin or stored.affiliate == viewer.affiliate
+
+    def _view(self, entry: Entry) -> View:
+        view = store_view(entry.stored, self.index.goals_enabled(entry.stored.offer))
+        if entry.problem and entry.stored.status == "active":
+            view["status_reason"] = entry.problem  # not in force although active (yet)
+        return view
+
+    def _file_postback(self, viewer: Viewer, pid: int) -> LoadedPostback:
+        lp = self.reloader.runtime.rules.postbacks.get(pid)
+        if lp is None or pid >= FIRST_STORE_ID or not visible_to(lp.postback, viewer):
+            raise NotFoundError(f"no postback {pid}")
+        return lp
+
+    def _writable(self, viewer: Viewer, id: int | str) -> Entry:
+        pid = self._pid(id)
+        entry = self.index.entries.get(pid)
+        if entry is not None and self._sees(viewer, entry.stored):
+            return entry
+        lp = self._file_postback(viewer, pid)
+        raise ConflictError(
+            f"postback {pid} lives in {lp.file}:{lp.line}: file postbacks change through git"
+        )
+
+    @staticmethod
+    def _affiliate_only(viewer: Viewer, what: str) -> str:
+        if viewer.is_admin or viewer.affiliate is None:
+            raise ForbiddenError(
+                f"only an affiliate token may {what}: ops keep their postbacks in git (rules.d/)"
+            )
+        return viewer.affiliate
+
+    def _used(self, affiliate: str) -> int:
+        return sum(1 for e in self.index.entries.values() if e.stored.affiliate == affiliate)
+
+    @staticmethod
+    def _may_enable(viewer: Viewer, entry: Entry, status: str) -> None:
+        if (
+            status == "active"
+            and not viewer.is_admin
+            and entry.stored.status_reason == ADMIN_DISABLED
+        ):
+            raise ForbiddenError("an admin disabled this postback: only an admin can enable it")
+
+    def _check(self, affiliate: str, change: PostbackChange, pid: int = DRAFT_ID) -> None:
+        """Everything but the quota, before any write: the rule-file validation, the secrets,
+        the policy. Raises InputError / PolicyError."""
+        if "action" not in change.body:
+            raise InputError("missing required key 'action'", "action")
+        now = self._moment()
+        draft = StoredPostback(
+            pid, affiliate, change.offer, change.status, None, change.body, now, now, 0
+        )
+        lp = build_postback(draft, self.index.goals_enabled(change.offer))
+        for name in sorted(secret_names(change.body["action"])):
+            if not self.index.secrets.has(affiliate, name):
+                raise PolicyError(f"affiliate secret {name} is not set: set it first", "action")
+        host = destination_host(self.index.destination_of(lp))
+        found = problems(
+            self.index.policy.policy, lp.offer, lp.postback, host, self.index.offers_with_files()
+        )
+        if found:
+            raise PolicyError("; ".join(found))
+
+    async def _create(
+        self, viewer: Viewer, affiliate: str, change: PostbackChange
+    ) -> StoredPostback:
+        limit = self.index.policy.policy.max_postbacks
+        try:
+            row = await self.store.create_affiliate_postback(
+                affiliate, change, who(viewer), self._moment(), limit
+            )
+        except QuotaExceeded as err:
+            raise PolicyError(
+                f"affiliate {affiliate} has {err.count} postbacks: the policy allows at most "
+                f"{limit} (max_postbacks)"
+            ) from err
+        self._took([row])
+        return row
+
+    async def _update(
+        self, viewer: Viewer, entry: Entry, change: PostbackChange, kind: str
+    ) -> StoredPostback:
+        row = await self.store.update_affiliate_postback(
+            entry.stored.id, entry.stored.change_seq, change, who(viewer), kind, self._moment()
+        )
+        if row is None:
+            raise ConflictError("the postback changed meanwhile: read it again")
+        self._took([row])
+        return row
+
+    def _took(self, rows: Sequence[StoredPostback]) -> None:
+        """A write of this node takes effect here at once (the sync loop reads it again)."""
+        self.index.apply(rows)
+        self.reloader.recompose()
+
+    @staticmethod
+    def _copy_body(original: View) -> dict[str, Any]:
+        ts = original["trigger_settings"]
+        body: dict[str, Any] = {"trigger": original["trigger"]}
+        if ts.get("goal") is not None:
+            body["goal"] = ts["goal"]
+        if ts.get("when") is not None:
+            body["when"] = ts["when"]
+        body["action"] = {"type": original["action"], **original["action_settings"]}
+        return body
+
+
+def reason_for(viewer: Viewer, status: str, entry: Entry) -> str | None:
+    if status == "active":
+        return None
+    if viewer.is_admin:
+        return ADMIN_DISABLED
+    if entry.stored.status == "disabled":
+        return entry.stored.status_reason
+    return None
+
+
+def secrets_of(stored: StoredPostback) -> set[str]:
+    try:
+        return secret_names(stored.body.get("action"))
+    except InputError:
+        return set()
+
+
+def masked(snapshot: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if snapshot is None:
+        return None
+    return {**snapshot, "body": mask(snapshot.get("body") or {})}

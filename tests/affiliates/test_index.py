@@ -1,0 +1,77 @@
+"""The store layer over the file index (issue 15): a change touches only its own entries, a
+snapshot taken before a change stays as it was, and a read older than a delete this node already
+took in does not bring the postback back."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from daemon.actions.base import Resources
+from daemon.affiliates.index import AffiliateSecrets, StoreIndex
+from daemon.affiliates.layers import CowMap, Layered
+from daemon.loader import load_rules
+from daemon.models import Trigger
+from daemon.reload import build_runtime
+from daemon.store.affiliate_types import FIRST_STORE_ID, StoredPostback
+from tests.affiliates.kit import rules
+from tests.harness import FakeClock, Sink, write_rules
+
+AT = datetime(2026, 12, 6, tzinfo=UTC)
+DONE = Trigger.DONE
+
+
+def row(n: int, seq: int, *, offer: str = "7", status: str = "active") -> StoredPostback:
+    body = {
+        "trigger": "conversion_done",
+        "author": {"id": "a", "name": "a", "affiliate": "42"},
+        "action": {"type": "ping_url", "url": f"https://t.test/{n}"},
+    }
+    return StoredPostback(FIRST_STORE_ID + n, "42", offer, status, None, body, AT, AT, seq)
+
+
+def test_cowmap_changes_leave_snapshots_alone() -> None:
+    first = CowMap[int, str]().evolve({i: str(i) for i in range(1000)})
+    second = first.evolve({5: "five", 2000: "new"}, drop=[7, 99999])
+    assert (first[5], len(first), 7 in first, 2000 in first) == ("5", 1000, True, False)
+    assert (second[5], len(second), 7 in second, second[2000]) == ("five", 1000, False, "new")
+    assert sorted(second) == sorted([*(i for i in range(1000) if i != 7), 2000])
+    layered = Layered({1: "a", 2: "b"}, {2: "B", 3: "C"})
+    assert (dict(layered), len(layered), layered.get(9, "x")) == ({1: "a", 2: "B", 3: "C"}, 3, "x")
+
+
+def test_a_change_touches_only_its_entries(tmp_path: Path, sink: Sink) -> None:
+    write_rules(tmp_path, rules(sink))
+    resources = Resources(http=None, secret=lambda name: "", clock=FakeClock())
+    files = build_runtime(load_rules(tmp_path), {}, resources)
+    index = StoreIndex(resources, AffiliateSecrets())
+    index.compose(files)
+    index.apply([row(1, 1), row(2, 2, offer="8")], 2)
+    before = index.compose(files)
+    assert [lp.id for lp in before.rules.active[("7", DONE)]] == [101, 102, FIRST_STORE_ID + 1]
+    assert [lp.id for lp in before.rules.active[("8", DONE)]] == [FIRST_STORE_ID + 2]
+    offer8 = before.rules.active[("8", DONE)]
+    index.apply([row(1, 3, status="disabled")])
+    after = index.compose(files)
+    assert [lp.id for lp in after.rules.active[("7", DONE)]] == [101, 102]
+    assert after.rules.active[("8", DONE)] is offer8  # untouched entry, same object
+    assert [lp.id for lp in before.rules.active[("7", DONE)]][-1] == FIRST_STORE_ID + 1
+    assert after.rules.postbacks[FIRST_STORE_ID + 1].postback.status == "disabled"
+    assert len(after.rules.postbacks) == 5
+    assert after.actions[FIRST_STORE_ID + 2] is before.actions[FIRST_STORE_ID + 2]
+
+
+def test_an_older_read_does_not_bring_back_a_deleted_postback(tmp_path: Path, sink: Sink) -> None:
+    write_rules(tmp_path, rules(sink))
+    resources = Resources(http=None, secret=lambda name: "", clock=FakeClock())
+    files = build_runtime(load_rules(tmp_path), {}, resources)
+    index = StoreIndex(resources, AffiliateSecrets())
+    index.compose(files)
+    live = row(1, 4)
+    index.apply([live])
+    index.apply([replace(live, status="deleted")])  # as the service takes its own delete in
+    index.apply([live], 4)  # a sync read that started before the delete
+    assert FIRST_STORE_ID + 1 not in index.compose(files).rules.postbacks
+    index.apply([replace(live, change_seq=9)])  # only a later version passes the guard
+    assert FIRST_STORE_ID + 1 in index.compose(files).rules.postbacks
