@@ -164,9 +164,27 @@ class Condition:
         return f"Condition({self._key})"
 
 
+# Compiled conditions by canonical text: a condition is immutable, so one text is compiled once
+# and its object shared (a big rule set repeats the same few conditions many times).
+_COMPILED: dict[str, Condition] = {}
+_COMPILED_MAX = 1 << 16
+
+
 def compile_condition(logic: Any) -> Condition:
     """Check and compile `logic`; raise ConditionError naming the problem and where it lies."""
     plain = _plain_logic(logic)
+    key = json.dumps(plain, sort_keys=True, separators=(",", ":"))
+    found = _COMPILED.get(key)
+    if found is not None:
+        return found
+    condition = _compile_plain(plain)
+    if len(_COMPILED) >= _COMPILED_MAX:
+        _COMPILED.clear()
+    _COMPILED[key] = condition
+    return condition
+
+
+def _compile_plain(plain: Any) -> Condition:
     if not isinstance(plain, dict | list):
         return Condition(plain, None)  # a scalar is a literal: JsonLogic passes it through
     try:

@@ -23,6 +23,7 @@ from daemon.gitutil import work_tree_state
 from daemon.macros import Template
 from daemon.models import Trigger
 from daemon.rules import Postback, RuleFile
+from daemon.sharing import Pool, share_parts
 from daemon.yamlfile import MAX_FILE_BYTES, YamlError, YList, YMap, line_of, load_yaml
 
 RULE_SUFFIXES = (".yaml", ".yml")
@@ -214,6 +215,7 @@ class ParseCache:
 
     def __init__(self) -> None:
         self._files: dict[str, tuple[bytes, _Parsed]] = {}
+        self._pool = Pool()  # equal parts of postbacks share one object (daemon.sharing)
 
     def parse(self, rel: str, data: bytes) -> _Parsed:
         digest = hashlib.sha256(data).digest()
@@ -221,6 +223,8 @@ class ParseCache:
         if hit is not None and hit[0] == digest:
             return hit[1]
         parsed = _parse_file(rel, data)
+        if parsed.rule_file is not None:
+            share_parts(parsed.rule_file, self._pool)
         self._files[rel] = (digest, parsed)
         return parsed
 

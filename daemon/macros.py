@@ -10,6 +10,7 @@ daemon/urltemplate.py.
 from __future__ import annotations
 
 import difflib
+import functools
 import html
 import json
 import re
@@ -118,8 +119,10 @@ def _encode(encode: Encoder, value: str, label: str) -> str:
         raise RenderError(f"{label}: {err.detail}") from err
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_template(text: str) -> Template:
-    """Parse `text`; TemplateError names the first problem and its column."""
+    """Parse `text`; TemplateError names the first problem and its column. Templates are
+    immutable: one text is parsed once and its object shared (a big rule set repeats them)."""
     return Template(text)
 
 

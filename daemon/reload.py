@@ -23,6 +23,7 @@ from daemon.actions.base import Action, Resources
 from daemon.affiliates.policy import DEFAULT_POLICY, LoadedPolicy, file_id_issues, load_policy
 from daemon.errors import Issue, RulesError
 from daemon.loader import ParseCache, RuleSet, is_ignored_name, load_rules
+from daemon.rulecache import default_parse_cache
 from daemon.sources import GENERIC, GENERIC_SOURCE, Source
 
 log = structlog.get_logger("postbackd.reload")
@@ -62,12 +63,18 @@ def build_runtime(
     did not change, see loader.ParseCache) keeps its action object."""
     before = previous.rules.postbacks if previous else {}
     actions: dict[int, Action] = {}
+    # Postbacks that share one action model (daemon.sharing) share one action object.
+    built: dict[int, Action] = {}
     for pid, lp in rules.postbacks.items():
         old = before.get(pid)
         if old is not None and old.postback is lp.postback and previous is not None:
             actions[pid] = previous.actions[pid]
         else:
-            actions[pid] = build_action(lp.postback.action, resources)
+            settings = lp.postback.action
+            action = built.get(id(settings))
+            if action is None:
+                action = built[id(settings)] = build_action(settings, resources)
+            actions[pid] = action
     return Runtime(rules, actions, {GENERIC: GENERIC_SOURCE, **sources}, policy)
 
 
@@ -114,7 +121,8 @@ class Reloader:
         self._runtime: Runtime | None = None
         self._file_runtime: Runtime | None = None  # the rule files alone (no store postbacks)
         self.overlay: Overlay | None = None
-        self._parse_cache = ParseCache()  # used by one reload at a time (the lock)
+        # Used by one reload at a time (the lock); on disk under `postbackd run` (rulecache).
+        self._parse_cache: ParseCache = default_parse_cache()
         self.status = ReloadStatus()
 
     @property

@@ -4,6 +4,7 @@ rendered with each value percent-encoded for the part of the URL it lands in.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Annotated, Final
@@ -135,7 +136,9 @@ def _url_contexts(
     return out
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_url_template(text: str) -> UrlTemplate:
+    """Immutable: one text is parsed once and its object shared (see parse_template)."""
     return UrlTemplate(text)
 
 

@@ -14,6 +14,7 @@ import click
 import structlog
 from aiohttp import web
 
+from daemon import rulecache
 from daemon.app import SERVICES, create_app, node_name
 from daemon.cli.common import config_option, settings_from
 from daemon.errors import ConfigError, RulesError, StoreError
@@ -110,6 +111,9 @@ def run(config: str | None) -> None:
     # A watchdog kill is SIGABRT: the journal then shows where the event loop was stuck.
     faulthandler.enable()
     try:
+        rulecache.configure(
+            rulecache.cache_dir(settings.state_dir, settings.store, settings.config_dir)
+        )
         factory = loop_factory(settings.event_loop)
         if settings.workers > 1:
             status = run_workers(

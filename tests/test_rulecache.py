@@ -1,0 +1,211 @@
+"""The parsed-rules cache on disk (daemon.rulecache): a second load with unchanged files parses
+nothing and gives the same rules; a changed file is parsed again; a damaged, truncated, foreign
+or stale cache file is ignored, never unpickled; sharing of equal parts between postbacks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from daemon import loader, rulecache
+from daemon.errors import RulesError
+from daemon.loader import load_rules
+from daemon.rulecache import MAGIC, PersistentParseCache, cache_dir, code_hash, decode, encode
+from tests.harness import write_rules
+
+
+def _offer(offer: int, first_id: int, url: str = "http://127.0.0.1:9/pb?c={conversion_id}") -> str:
+    return "\n".join(
+        [f"offer: {offer}", "postbacks:"]
+        + [
+            line
+            for j in range(3)
+            for line in (
+                f"  - id: {first_id + j}",
+                "    trigger: conversion_done",
+                '    affiliate: "*"',
+                f'    when: {{"==": [{{"var": "sub1"}}, "fire-{j}"]}}',
+                "    created_at: 2026-11-01T10:00:00Z",
+                "    author: {id: 1, name: Ops}",
+                f'    action: {{type: ping_url, url: "{url}"}}',
+            )
+        ]
+    )
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files actually parsed from YAML (the loader's _parse_file calls)."""
+    parsed: list[str] = []
+    real = loader._parse_file
+
+    def spy(rel: str, data: bytes) -> Any:
+        parsed.append(rel)
+        return real(rel, data)
+
+    monkeypatch.setattr(loader, "_parse_file", spy)
+    return parsed
+
+
+def _tree(root: Path) -> Path:
+    rules = root / "rules.d"
+    write_rules(rules, {"a.yaml": _offer(1, 1), "b.yaml": _offer(2, 10)})
+    return rules
+
+
+def _load(rules: Path, state: Path) -> tuple[Any, PersistentParseCache]:
+    cache = PersistentParseCache(state)
+    result = load_rules(rules, cache=cache, git=False)
+    cache.wait()
+    return result, cache
+
+
+def test_an_unchanged_tree_loads_from_the_cache(tmp_path: Path, counted: list[str]) -> None:
+    rules, state = _tree(tmp_path), tmp_path / "state"
+    first, _ = _load(rules, state)
+    assert sorted(counted) == ["a.yaml", "b.yaml"]
+    assert (state / rulecache.FILE_NAME).stat().st_mode & 0o777 == 0o600
+    counted.clear()
+    second, cache = _load(rules, state)  # a new process would start like this
+    assert counted == []
+    assert cache.loaded == 2
+    assert second.version == first.version
+    assert sorted(second.postbacks) == sorted(first.postbacks) == [1, 2, 3, 10, 11, 12]
+    for pid, lp in first.postbacks.items():
+        again = second.postbacks[pid]
+        assert again.postback == lp.postback
+        assert (again.offer, again.file, again.line) == (lp.offer, lp.file, lp.line)
+    # Compiled conditions work after the round trip.
+    condition = second.postbacks[2].postback.condition
+    assert condition is not None
+    assert condition.truthy({"sub1": "fire-1"})
+    assert not condition.truthy({"sub1": "fire-0"})
+
+
+def test_a_changed_file_is_parsed_again(tmp_path: Path, counted: list[str]) -> None:
+    rules, state = _tree(tmp_path), tmp_path / "state"
+    _load(rules, state)
+    counted.clear()
+    new_url = "http://127.0.0.1:9/changed?c={conversion_id}"
+    write_rules(rules, {"b.yaml": _offer(2, 10, new_url)})
+    second, _ = _load(rules, state)
+    assert counted == ["b.yaml"]
+    action = second.postbacks[10].postback.action
+    assert "changed" in action.url.source
+    counted.clear()
+    _load(rules, state)  # and the cache now holds the new content
+    assert counted == []
+
+
+def test_a_broken_file_is_still_an_error_from_the_cache(tmp_path: Path) -> None:
+    rules, state = _tree(tmp_path), tmp_path / "state"
+    write_rules(rules, {"c.yaml": "offer: 3\npostbacks: [{id: 1, trigger: nope}]\n"})
+    for _ in range(2):
+        with pytest.raises(RulesError) as err:
+            _load(rules, state)
+        assert any(issue.file == "c.yaml" for issue in err.value.issues)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda blob: blob[:-10],  # truncated
+        lambda blob: blob[:-1] + bytes([blob[-1] ^ 1]),  # one bit of the payload
+        lambda blob: b"junk" + blob,  # not ours
+        lambda blob: MAGIC + b"{not json\n" + blob.split(b"\n", 2)[2],  # damaged header
+        lambda blob: MAGIC + b"\x00" * 5000,  # no header end
+        lambda blob: b"",  # empty
+    ],
+)
+def test_a_damaged_cache_is_ignored_and_rewritten(
+    tmp_path: Path, counted: list[str], damage: Any
+) -> None:
+    rules, state = _tree(tmp_path), tmp_path / "state"
+    first, _ = _load(rules, state)
+    path = state / rulecache.FILE_NAME
+    path.write_bytes(damage(path.read_bytes()))
+    counted.clear()
+    with capture_logs() as logs:
+        second, cache = _load(rules, state)
+    assert sorted(counted) == ["a.yaml", "b.yaml"]  # parsed from YAML again
+    assert cache.loaded == 0
+    assert second.version == first.version
+    assert [e["event"] for e in logs if e["event"].startswith("rules_cache")] == [
+        "rules_cache_ignored"
+    ]
+    counted.clear()
+    _load(rules, state)  # the damaged file was replaced by a good one
+    assert counted == []
+
+
+def test_a_payload_that_would_run_code_is_never_unpickled(tmp_path: Path) -> None:
+    """A file whose header does not match (here: another code hash) is refused before pickle
+    sees its payload, whatever the payload holds."""
+
+    class Boom:
+        def __reduce__(self) -> Any:
+            return (pytest.fail, ("unpickled a refused payload",))
+
+    payload = pickle.dumps({"a.yaml": (b"x", Boom())})
+    header = {
+        "format": rulecache.FORMAT,
+        "python": "0.0",
+        "code": "other",
+        "length": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    blob = MAGIC + json.dumps(header).encode() + b"\n" + payload
+    assert decode(blob, code_hash()) == (None, "written by another version")
+
+
+def test_stale_code_or_format_is_ignored(tmp_path: Path) -> None:
+    blob = encode({"a.yaml": (b"d", None)}, "code-1")
+    assert decode(blob, "code-2")[0] is None
+    files, reason = decode(blob, "code-1")
+    assert files == {"a.yaml": (b"d", None)}
+    assert reason == ""
+    wrong_shape = encode({"a.yaml": "not a pair"}, "code-1")
+    assert decode(wrong_shape, "code-1") == (None, "unexpected contents")
+
+
+def test_an_unwritable_state_dir_only_loses_the_cache(tmp_path: Path) -> None:
+    rules = _tree(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with capture_logs() as logs:
+        result, _ = _load(rules, blocker / "state")
+    assert sorted(result.postbacks) == [1, 2, 3, 10, 11, 12]
+    assert "rules_cache_not_written" in [e["event"] for e in logs]
+
+
+def test_cache_dir_defaults_next_to_the_sqlite_file(tmp_path: Path) -> None:
+    assert cache_dir(None, "sqlite:///../var/p.db", tmp_path / "conf") == (
+        tmp_path / "conf" / ".." / "var" / "rules-cache"
+    )
+    assert cache_dir(None, "postgresql://u@127.0.0.1/db", tmp_path) is None
+    assert cache_dir(Path("state"), "postgresql://u@127.0.0.1/db", tmp_path) == (
+        tmp_path / "state" / "rules-cache"
+    )
+    assert cache_dir(tmp_path / "abs", "sqlite:////x.db", Path("/elsewhere")) == (
+        tmp_path / "abs" / "rules-cache"
+    )
+
+
+def test_equal_parts_are_one_object(tmp_path: Path) -> None:
+    rules = _tree(tmp_path)
+    write_rules(rules, {"c.yaml": _offer(3, 20, "http://127.0.0.1:9/other")})
+    result = load_rules(rules, git=False)
+    pbs = [lp.postback for lp in result.postbacks.values()]
+    same_url = [pb for pb in pbs if pb.id < 20]
+    assert len({id(pb.action) for pb in same_url}) == 1
+    assert len({id(pb.author) for pb in pbs}) == 1
+    assert len({id(pb.created_at) for pb in pbs}) == 1
+    assert len({id(pb.condition) for pb in pbs}) == 3  # fire-0, fire-1, fire-2
+    other = [pb for pb in pbs if pb.id >= 20]
+    assert {id(pb.action) for pb in other}.isdisjoint({id(pb.action) for pb in same_url})
