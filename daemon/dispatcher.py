@@ -189,6 +189,14 @@ class Dispatcher:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _release_held(self) -> None:
+        for dest in self.destinations.probes_due():
+            try:
+                await self.store.unhold(dest, self._dt(self._now()), limit=1)
+            except StoreError as err:
+                self.destinations.probe_not_asked(dest)
+                log.warning(
+                    "breaker_probe_unreleased", destination=dest, error=describe_store_error(err)
+                )
         for dest in sorted(self._unhold):
             try:
                 count = await self.store.unhold(dest, self._dt(self._now()))
@@ -214,23 +222,17 @@ class Dispatcher:
             await self._cancel(claim, runtime, lp)
             return
         action = runtime.actions[claim.postback_id]
-        dest = action.destination
-        ticket = self.destinations.admit(dest)
-        if ticket.verdict is Verdict.HOLD:
-            await self._hold(claim, dest)
+        sent = await self._send_in_slot(claim, lp, action)
+        if sent is None:
             return
+        ticket, job, error, started, duration = sent
+        dest = action.destination
         try:
-            sent = await self._send_in_slot(claim, lp, action)
-            if sent is None:
-                return
-            job, error, started, duration = sent
             policy = effective_policy(self.policy, lp.postback.retry)
             decision = decide(error, claim, policy, self._now(), self._rng)
             self._health(dest, ticket, decision)
         finally:
-            # A probe that ended without a result (no slot, stopping) lets the next one go;
-            # after a result this does nothing (the breaker has moved on).
-            self.destinations.abandon(dest, ticket)
+            self.destinations.abandon(dest, ticket)  # a no-op once the result is recorded
         await self._conclude(claim, runtime, lp, action, job, decision, started, duration)
 
     def _health(self, dest: str, ticket: Ticket, decision: Decision) -> None:
@@ -257,11 +259,13 @@ class Dispatcher:
 
     async def _send_in_slot(
         self, claim: Claim, lp: LoadedPostback, action: Action
-    ) -> tuple[Job, DeliveryError | None, float, float] | None:
-        """Wait (bounded) for the affiliate's fair-use slot and the destination's slot, then
-        send; None when the claim was handed back unsent (no slot in time, or stopping)."""
+    ) -> tuple[Ticket, Job, DeliveryError | None, float, float] | None:
+        """Wait (bounded) for the affiliate's fair-use slot and the destination's slot, ask the
+        destination's breaker, then send; None when the claim was handed back unsent (no slot
+        in time, stopping) or held (the breaker is open)."""
+        dest = action.destination
         affiliate = self.destinations.affiliate_slot(lp.postback.owner_affiliate)
-        destination = self.destinations.semaphore(action.destination)
+        destination = self.destinations.semaphore(dest)
         async with contextlib.AsyncExitStack() as slots:
             try:
                 async with asyncio.timeout(self.config.slot_wait):
@@ -276,10 +280,22 @@ class Dispatcher:
             if self._stopping:  # not sent yet: it waits for the next start instead of the grace
                 await self._give_back(claim, self._now())
                 return None
-            # The attempt's time starts now that it has its slot, not when it was claimed.
-            deadline = asyncio.get_running_loop().time() + self.config.attempt_bound
-            return await self._send(claim, lp, action, deadline)
+            # Asked with the slot in hand: a claim that waited in line while the breaker opened
+            # is held, not sent, so at most per_host_concurrency attempts meet a dead host.
+            ticket = self.destinations.admit(dest)
+            if ticket.verdict is Verdict.HOLD:
+                await slots.aclose()
+                await self._hold(claim, dest)
+                return None
+            try:
+                # The attempt's time starts now that it has its slot, not when it was claimed.
+                deadline = asyncio.get_running_loop().time() + self.config.attempt_bound
+                job, error, started, duration = await self._send(claim, lp, action, deadline)
+            except BaseException:
+                self.destinations.abandon(dest, ticket)  # a probe that never ended
+                raise
         # the slots are released here, before the store write: they bound sending, not commits
+        return ticket, job, error, started, duration
 
     async def _send(
         self, claim: Claim, lp: LoadedPostback, action: Action, deadline: float

@@ -32,6 +32,7 @@ class _Destination:
     semaphore: asyncio.Semaphore
     held: set[str] = field(default_factory=set)  # delivery ids this node holds for it
     last_success: float | None = None
+    probe_asked: int = -1  # the breaker epoch whose pause end already made one held due
 
 
 class Destinations:
@@ -92,6 +93,24 @@ class Destinations:
         if event is not None and event.change is Change.PROBING:
             log.info("breaker_probe", destination=destination, pause_s=event.pause)
         return ticket
+
+    def probes_due(self) -> list[str]:
+        """Destinations whose pause has ended without a probe asked for yet: one held delivery
+        of each is made due (store.unhold with limit 1) to be the probe, so a destination whose
+        whole backlog is held is probed at the end of its pause, not at the safety time."""
+        now = self._now()
+        due = []
+        for name, dest in self._dests.items():
+            breaker = dest.breaker
+            ended = breaker.state is BreakerState.OPEN and now >= breaker.until
+            if ended and dest.probe_asked != breaker.epoch:
+                dest.probe_asked = breaker.epoch
+                due.append(name)
+        return due
+
+    def probe_not_asked(self, destination: str) -> None:
+        """The store could not make a held delivery due: ask again on the next pass."""
+        self._get(destination).probe_asked = -1
 
     def held(self, destination: str, delivery_id: str) -> None:
         self._get(destination).held.add(delivery_id)

@@ -152,3 +152,36 @@ async def test_metrics_show_the_breaker_held_deliveries_and_time_since_success(
     finally:
         await daemon.client.close()
         await sink.close()
+
+
+async def test_a_wholly_held_backlog_is_probed_when_the_pause_ends(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sink = ClockSink(clock, clock.now() + 7)
+    await sink.start()
+    daemon = await start_daemon(tmp_path, rules(sink.url), clock=clock, dispatch=False)
+    destinations = daemon.services.dispatcher.destinations
+    try:
+        with capture_logs() as logs:
+            await post_many(daemon, "a", 20)
+            await run_until_idle(daemon)  # 5 fail (threshold), 15 held; nothing new arrives
+            assert destinations.state(sink.url) is BreakerState.OPEN
+            sent = len(sink.received)
+            clock.advance(4.9)
+            await run_until_idle(daemon)
+            assert len(sink.received) == sent  # still in its pause
+            clock.advance(0.2)  # the pause (5 s) has ended: one held delivery is the probe
+            await run_until_idle(daemon)
+            assert len(sink.received) == sent + 1  # it failed (503 until +7 s): 10 s more
+            clock.advance(10)
+            await run_until_idle(daemon)
+        assert destinations.state(sink.url) is BreakerState.CLOSED
+        assert [e["pause_s"] for e in logs if e["event"] == "breaker_reopened"] == [10.0]
+        [closed] = [e for e in logs if e["event"] == "breaker_closed"]
+        assert closed["backlog"] >= 14  # the 15 held less the first probe, and retries held
+        clock.advance(120)  # the failed attempts' own retries (their schedule, not the pause)
+        await run_until_idle(daemon)
+        rows = await daemon.deliveries()
+        assert {r.state for r in rows} == {DeliveryState.SUCCEEDED}
+    finally:
+        await daemon.client.close()
+        await sink.close()

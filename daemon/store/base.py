@@ -233,10 +233,11 @@ class Store(Protocol):
         across a second hold. False when the claim is no longer held."""
         ...
 
-    async def unhold(self, destination: str, now: datetime) -> int:
+    async def unhold(self, destination: str, now: datetime, limit: int | None = None) -> int:
         """The breaker of `destination` closed: every delivery of it still held (not moved
         since its hold) is due again at once, at the time it was first due (so the backlog
-        drains oldest first). Returns how many."""
+        drains oldest first). With `limit`, only that many, the oldest (its pause ended: one
+        becomes the probe). Returns how many."""
         ...
 
     async def recover(self, node: str, now: datetime) -> int:

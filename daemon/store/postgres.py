@@ -269,8 +269,8 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         args = (claim.delivery_id, claim.token, utc(until), utc(now))
         return await self._count("hold_delivery", *args) == 1
 
-    async def unhold(self, destination: str, now: datetime) -> int:
-        return await self._count("unhold_destination", destination, utc(now))
+    async def unhold(self, destination: str, now: datetime, limit: int | None = None) -> int:
+        return await self._count("unhold_destination", destination, utc(now), limit)
 
     async def recover(self, node: str, now: datetime) -> int:
         return await self._count("recover_node", node, utc(now))

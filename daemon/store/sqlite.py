@@ -357,8 +357,12 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         }
         return await self._write(lambda c: c.execute(self._q["hold_delivery"], args).rowcount == 1)
 
-    async def unhold(self, destination: str, now: datetime) -> int:
-        args = {"destination": destination, "now": to_us(now)}
+    async def unhold(self, destination: str, now: datetime, limit: int | None = None) -> int:
+        args = {
+            "destination": destination,
+            "now": to_us(now),
+            "limit": -1 if limit is None else limit,
+        }
         return await self._write(lambda c: c.execute(self._q["unhold_destination"], args).rowcount)
 
     async def recover(self, node: str, now: datetime) -> int:

@@ -108,3 +108,19 @@ async def test_a_held_retrying_delivery_keeps_its_attempts_and_state(store: Stor
     assert await store.unhold("host101.example", at(30)) == 1
     back = await claim_one(store, at(30))
     assert (back.delivery_id, back.attempts) == (delivery_id, 1)
+
+
+async def test_unhold_with_a_limit_makes_the_oldest_held_due_and_keeps_the_rest(
+    store: Store,
+) -> None:
+    ids = [(await arrive(store, conversion(f"c{i}"), at(i), postbacks=(101,)))[0] for i in range(3)]
+    for claim in reversed(await store.claim_due("n1", at(10), 10, LEASE)):
+        assert await store.hold(claim, SAFETY, at(10))
+
+    assert await store.unhold("host101.example", at(20), limit=1) == 1  # the pause ended
+
+    [probe] = await store.claim_due("n1", at(20), 10, LEASE)
+    assert probe.delivery_id == ids[0]
+    assert await store.unhold("host101.example", at(21)) == 2  # the probe succeeded
+    rest = await store.claim_due("n1", at(21), 10, LEASE)
+    assert [c.delivery_id for c in rest] == ids[1:]

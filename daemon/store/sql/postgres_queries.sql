@@ -182,10 +182,15 @@ SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
 WHERE id = $1 AND lease_token = $2 AND state = 'in_flight';
 
 -- name: unhold_destination
--- The breaker closed: the destination's held deliveries are due again when they first were.
--- ($1 destination, $2 now)
+-- The breaker closed ($3 NULL: all), or its pause ended ($3 = 1: one, to be the probe): the
+-- destination's held deliveries are due again when they first were, the oldest first.
+-- ($1 destination, $2 now, $3 limit)
 UPDATE delivery
 SET next_attempt_at = least(held_due, $2), held_due = NULL, held_until = NULL,
     updated_at = $2
-WHERE destination = $1 AND held_until IS NOT NULL
-  AND state IN ('queued', 'retrying') AND next_attempt_at = held_until;
+WHERE id IN (
+    SELECT id FROM delivery
+    WHERE destination = $1 AND held_until IS NOT NULL
+      AND state IN ('queued', 'retrying') AND next_attempt_at = held_until
+    ORDER BY held_due, id
+    LIMIT $3);

@@ -187,9 +187,14 @@ SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
 WHERE id = :id AND lease_token = :token AND state = 'in_flight';
 
 -- name: unhold_destination
--- The breaker closed: the destination's held deliveries are due again when they first were.
+-- The breaker closed (:limit -1: all), or its pause ended (:limit 1: one, to be the probe): the
+-- destination's held deliveries are due again when they first were, the oldest first.
 UPDATE delivery
 SET next_attempt_at = min(held_due, :now), held_due = NULL, held_until = NULL,
     updated_at = :now
-WHERE destination = :destination AND held_until IS NOT NULL
-  AND state IN ('queued', 'retrying') AND next_attempt_at = held_until;
+WHERE id IN (
+    SELECT id FROM delivery
+    WHERE destination = :destination AND held_until IS NOT NULL
+      AND state IN ('queued', 'retrying') AND next_attempt_at = held_until
+    ORDER BY held_due, id
+    LIMIT :limit);
