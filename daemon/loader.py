@@ -74,6 +74,11 @@ class RuleSet:
     files: tuple[str, ...]
     secrets: frozenset[str]
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Store (affiliate) postbacks by (offer, trigger, affiliate): they match their own
+    # affiliate's conversions only, so matching never looks at another's (issue 15).
+    by_affiliate: Mapping[tuple[str, Trigger, str], tuple[LoadedPostback, ...]] = field(
+        default_factory=dict
+    )
 
     @classmethod
     def empty(cls) -> RuleSet:

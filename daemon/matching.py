@@ -1,7 +1,7 @@
 """Which postbacks fire for one arrival (SPEC 7.2), through the (offer, trigger) index.
 
 The cost per conversion is the number of active postbacks of its offer and trigger, whatever the
-size of `rules.d/`.
+size of `rules.d/`; store postbacks add only those of the conversion's own affiliate.
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ def match(rules: RuleSet, conversion: Conversion, data: Mapping[str, Any]) -> li
     fired = []
     goal = conversion.fields.get("goal")
     prepared: Any = None  # converted once for every condition of this conversion
-    for lp in rules.active.get((conversion.offer, conversion.trigger), ()):
+    candidates = rules.active.get((conversion.offer, conversion.trigger), ())
+    if rules.by_affiliate:  # store postbacks of this conversion's affiliate (ids above files')
+        own = (conversion.offer, conversion.trigger, conversion.affiliate)
+        candidates += rules.by_affiliate.get(own, ())
+    for lp in candidates:
         pb = lp.postback
         if pb.affiliate != ANY_AFFILIATE and pb.affiliate != conversion.affiliate:
             continue

@@ -28,7 +28,7 @@ from daemon.store.affiliate_types import StoredPostback, StoredSecret
 
 log = structlog.get_logger("postbackd.affiliates")
 
-Key = tuple[str, Trigger]
+Key = tuple[str, Trigger, str]  # offer, trigger, affiliate
 
 
 class AffiliateSecrets:
@@ -116,7 +116,7 @@ class StoreIndex:
             file_runtime.rules,
             postbacks=Layered(file_runtime.rules.postbacks, self._loaded, disjoint=True),
             offers=Layered(file_runtime.rules.offers, self._offers),
-            active=Layered(file_runtime.rules.active, self._active),
+            by_affiliate=self._active,
         )
         actions = Layered(file_runtime.actions, self._actions, disjoint=True)
         return replace(file_runtime, rules=rules, actions=actions)
@@ -205,7 +205,7 @@ class StoreIndex:
         if old is None or old.loaded is None:
             return
         lp = old.loaded
-        key = (lp.offer, lp.postback.trigger)
+        key = (lp.offer, lp.postback.trigger, lp.postback.affiliate)
         if self._members.get(key, {}).pop(pid, None) is not None:
             keys.add(key)
         if self._offer_members.get(lp.offer, {}).pop(pid, None) is not None:
@@ -217,13 +217,14 @@ class StoreIndex:
         self._offer_members.setdefault(lp.offer, {})[lp.id] = lp
         offers.add(lp.offer)
         if entry.in_force:
-            key = (lp.offer, lp.postback.trigger)
+            key = (lp.offer, lp.postback.trigger, lp.postback.affiliate)
             self._members.setdefault(key, {})[lp.id] = lp
             keys.add(key)
 
     def _refresh(self, keys: set[Key], offers: set[str]) -> None:
-        """Redo the merged index entries of these keys: the file ones, then the store ones (store
-        ids are all above file ids, so the merged tuple stays in id order)."""
+        """Redo the index entries of these keys: the matching index of store postbacks by
+        (offer, trigger, affiliate), and every postback of an offer (the file ones, then the store
+        ones: store ids are all above file ids, so the tuple stays in id order)."""
         if self._file is None:
             return
         base = self._file.rules
@@ -235,7 +236,7 @@ class StoreIndex:
                 self._members.pop(key, None)
                 drop_active.append(key)
                 continue
-            put_active[key] = base.active.get(key, ()) + tuple(members[i] for i in sorted(members))
+            put_active[key] = tuple(members[i] for i in sorted(members))
         put_offers: dict[str, tuple[LoadedPostback, ...]] = {}
         drop_offers: list[str] = []
         for offer in offers:

@@ -49,14 +49,17 @@ def test_a_change_touches_only_its_entries(tmp_path: Path, sink: Sink) -> None:
     index.compose(files)
     index.apply([row(1, 1), row(2, 2, offer="8")], 2)
     before = index.compose(files)
-    assert [lp.id for lp in before.rules.active[("7", DONE)]] == [101, 102, FIRST_STORE_ID + 1]
-    assert [lp.id for lp in before.rules.active[("8", DONE)]] == [FIRST_STORE_ID + 2]
-    offer8 = before.rules.active[("8", DONE)]
+    assert before.rules.active is files.rules.active  # the file index is not copied
+    own7, own8 = ("7", DONE, "42"), ("8", DONE, "42")
+    assert [lp.id for lp in before.rules.by_affiliate[own7]] == [FIRST_STORE_ID + 1]
+    assert [lp.id for lp in before.rules.by_affiliate[own8]] == [FIRST_STORE_ID + 2]
+    assert [lp.id for lp in before.rules.offers["7"]] == [101, 102, FIRST_STORE_ID + 1]
+    offer8 = before.rules.by_affiliate[own8]
     index.apply([row(1, 3, status="disabled")])
     after = index.compose(files)
-    assert [lp.id for lp in after.rules.active[("7", DONE)]] == [101, 102]
-    assert after.rules.active[("8", DONE)] is offer8  # untouched entry, same object
-    assert [lp.id for lp in before.rules.active[("7", DONE)]][-1] == FIRST_STORE_ID + 1
+    assert own7 not in after.rules.by_affiliate
+    assert after.rules.by_affiliate[own8] is offer8  # untouched entry, same object
+    assert [lp.id for lp in before.rules.by_affiliate[own7]] == [FIRST_STORE_ID + 1]
     assert after.rules.postbacks[FIRST_STORE_ID + 1].postback.status == "disabled"
     assert len(after.rules.postbacks) == 5
     assert after.actions[FIRST_STORE_ID + 2] is before.actions[FIRST_STORE_ID + 2]
