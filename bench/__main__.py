@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import outage, scale, sections
+from bench import backfill, outage, scale, sections
 from bench.context import LARGE_OFFERS, Context
 from bench.http_figures import Options
 from bench.procs import Daemon
 from bench.report import Report, loadavg, machine
 
 DEFAULT_SECTIONS = ("ingest", "e2e", "rules", "scale", "pg")
-ALL_SECTIONS = (*DEFAULT_SECTIONS, "store", "outage")
+ALL_SECTIONS = (*DEFAULT_SECTIONS, "store", "outage", "backfill")
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -89,6 +89,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
             await _store_bench(ctx, pg)
         if "outage" in chosen:
             await outage.outage(ctx)  # a destination down, then back (bench/outage.py)
+        if "backfill" in chosen:
+            await backfill.backfill(ctx)  # ingest latency during a backfill (bench/backfill.py)
     finally:
         ctx.close()
     return report

@@ -15,6 +15,7 @@ from daemon.errors import InputError
 from daemon.reload import Reloader
 from daemon.store.base import AttemptRow, DeliveryRow
 from daemon.store.common import decode_cursor
+from daemon.views import delivery_json
 
 MAX_VALUE = 1024
 
@@ -64,22 +65,7 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def delivery_view(row: DeliveryRow) -> dict[str, Any]:
-    return {
-        "delivery_id": row.delivery_id,
-        "postback_id": row.postback_id,
-        "action": row.action,
-        "destination": row.destination,
-        "source": row.source,
-        "conversion_id": row.conversion_id,
-        "arrival_seq": row.arrival_seq,
-        "idempotency_key": row.idempotency_key,
-        "state": row.state.value,
-        "attempts": row.attempts,
-        "created_at": _iso(row.created_at),
-        "updated_at": _iso(row.updated_at),
-        "next_attempt_at": _iso(row.next_attempt_at),
-        "last_reason": row.last_reason,
-    }
+    return delivery_json(row)  # the one delivery object of the API and the CLI (daemon/views.py)
 
 
 def attempt_view(row: AttemptRow) -> dict[str, Any]:

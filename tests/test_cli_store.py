@@ -131,32 +131,35 @@ def detail(filled: Filled, delivery_id: str) -> DeliveryDetail:
     return found
 
 
-def test_list_shows_newest_first(filled: Filled) -> None:
+def test_list_shows_newest_first(filled: Filled, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # one line per delivery (tests/cli: the wrapping)
     result = cli(filled, "deliveries", "list")
     assert result.code == 0, result.err
     lines = result.out.splitlines()
     assert re.split(r"\s{2,}", lines[0]) == [
-        "ID", "Postback", "Action", "Conversion", "State", "Attempts", "Created At",
-        "Next Attempt", "Last Reason",
+        "ID", "Created At", "Offer", "Affiliate", "Trigger", "Postback", "Action", "Conversion",
+        "State", "Attempts", "Last Reason",
     ]  # fmt: skip
-    states = [re.split(r"\s{2,}", line)[1:5] for line in lines[1:]]
-    assert states[0] == ["103", "ping_url", "everflow:cv-1", "queued"]
-    assert sorted(s[0] + ":" + s[3] for s in states[1:]) == ["101:succeeded", "102:dead"]
+    states = [re.split(r"\s{2,}", line)[2:9] for line in lines[1:]]
+    assert states[0] == [
+        "1234", "42", "Conversion Reject", "103", "Ping Url", "everflow:cv-1", "Queued",
+    ]  # fmt: skip
+    assert sorted(s[3] + ":" + s[6] for s in states[1:]) == ["101:Succeeded", "102:Dead"]
 
 
 def test_list_filters_and_json(filled: Filled) -> None:
     dead = json.loads(cli(filled, "deliveries", "list", "--state", "dead", "--format", "json").out)
-    assert [(d["id"], d["postback"], d["last_reason"]) for d in dead] == [
+    assert [(d["delivery_id"], d["postback_id"], d["last_reason"]) for d in dead] == [
         (filled.dead, 102, "http_404")
     ]
     by_postback = json.loads(
         cli(filled, "deliveries", "list", "--postback", "101", "--format", "json").out
     )
-    assert [d["id"] for d in by_postback] == [filled.ok]
+    assert [d["delivery_id"] for d in by_postback] == [filled.ok]
     by_conversion = cli(filled, "deliveries", "list", "--conversion", "nope")
     assert by_conversion.out == "no deliveries\n"
     limited = cli(filled, "deliveries", "list", "--limit", "1")
-    assert limited.out.splitlines()[-1] == "(first 1; more with --limit or a narrower filter)"
+    assert limited.out.splitlines()[-1] == "(first 1; more with --limit or a narrower slice)"
 
 
 def test_show_prints_every_attempt(filled: Filled) -> None:
@@ -176,7 +179,7 @@ def test_show_prints_every_attempt(filled: Filled) -> None:
         "  < HTTP 404 not found",
     ]
     as_json = json.loads(cli(filled, "deliveries", "show", filled.dead, "--format", "json").out)
-    assert as_json["attempts_made"][0]["response_status"] == 404
+    assert as_json["attempts"][0]["response_status"] == 404
     unknown = cli(filled, "deliveries", "show", "nope")
     assert (unknown.code, unknown.err) == (1, "postbackd: error: unknown delivery nope\n")
 
@@ -273,7 +276,7 @@ def test_conversion_show(filled: Filled) -> None:
     assert result.code == 0, result.err
     lines = result.out.splitlines()
     assert lines[0] == "conversion everflow:cv-1: rejected (last arrival status_changed)"
-    assert "  email: lead@example.com" in lines
+    assert "  email: ***" in lines  # personal data masked unless --show-pii
     arrivals = [re.split(r"\s{2,}", line) for line in lines if re.match(r"^[123]  ", line)]
     assert [a[:3] for a in arrivals] == [
         ["1", "new", "pending"],
@@ -284,7 +287,11 @@ def test_conversion_show(filled: Filled) -> None:
 
 
 def test_conversion_show_as_a_diff_sample(filled: Filled) -> None:
-    out = cli(filled, "conversions", "show", "everflow", "cv-1", "--format", "sample").out
+    masked = cli(filled, "conversions", "show", "everflow", "cv-1", "--format", "sample").out
+    assert json.loads(masked)["email"] == "***"
+    out = cli(
+        filled, "conversions", "show", "everflow", "cv-1", "--format", "sample", "--show-pii"
+    ).out
     assert json.loads(out) == {
         "conversion_id": "cv-1",
         "offer": "1234",

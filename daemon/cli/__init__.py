@@ -17,6 +17,7 @@ from daemon.cli import (
     affiliates,
     check,
     diff,
+    log,
     replay,
     rules,
     rules_add,
@@ -54,7 +55,9 @@ def _register() -> None:
     ):
         cli.add_command(command)
     store.deliveries.add_command(replay.resend_cmd)
+    store.deliveries.add_command(log.deliveries_list)
     store.conversions.add_command(replay.replay_cmd)
+    store.conversions.add_command(log.conversions_list)
     for sub in (
         rules_add.add_cmd,
         rules_add.duplicate_cmd,

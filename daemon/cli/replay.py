@@ -5,6 +5,8 @@ does for `deliveries retry`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from datetime import UTC, datetime
 
 import click
@@ -17,6 +19,7 @@ from daemon.store.base import DeliveryRow, NewDelivery, Store, StoredArrival
 
 PAGE = 500  # arrivals read per store query
 BATCH = 200  # deliveries written per store transaction, at most
+NICE = 10  # a backfill's CPU priority, below the daemon's
 
 
 @click.command("resend")
@@ -109,6 +112,8 @@ def backfill_cmd(
         raise click.BadParameter("must be after --since", param_hint="--until")
     rule_set = load_or_exit(rules_dir_from(rules, config))
     _check_postback(rule_set, postback_id)
+    if not dry_run:
+        _lower_priority()
     tally = Tally()
 
     async def job(store: Store) -> tuple[list[NewDelivery], list[str]]:
@@ -173,6 +178,13 @@ def _report(
         + (f", {raced} queued meanwhile by someone else" if raced else "")
         + "); the daemon sends them within seconds"
     )
+
+
+def _lower_priority() -> None:
+    """A backfill is background work: it yields the CPU to the daemon (nice 10), so live
+    ingest keeps its latency on a machine it shares with it."""
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
 
 
 def _now() -> datetime:

@@ -1,6 +1,7 @@
-"""`postbackd deliveries list|show|retry` and `conversions show`: the daemon's store from the
-command line. The store is shared with the running daemon (SQLite WAL, or PostgreSQL); a retry
-makes a delivery due now and the daemon picks it up within its poll interval."""
+"""`postbackd deliveries show|retry` and `conversions show` (the lists: log.py): the daemon's
+store from the command line. The store is shared with the running daemon (SQLite WAL, or
+PostgreSQL); a retry makes a delivery due now and the daemon picks it up within its poll
+interval."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any, TypeVar
 
 import click
 
+from daemon.api_views import attempt_view
 from daemon.cli.common import config_option, settings_from
+from daemon.cli.pii import mask, mask_text, show_pii_option
 from daemon.durations import parse_duration
 from daemon.errors import ConfigError, InputError, RulesError, StoreError
 from daemon.listing import render_table
@@ -26,6 +29,7 @@ from daemon.store.base import (
     Store,
 )
 from daemon.store.factory import open_store, sqlite_path
+from daemon.views import delivery_json
 
 T = TypeVar("T")
 FORMAT = click.Choice(["table", "json"])
@@ -85,121 +89,34 @@ def deliveries() -> None:
     """Inspect and retry deliveries in the daemon's store (-c: the daemon's settings)."""
 
 
-def delivery_json(row: DeliveryRow) -> dict[str, Any]:
-    return {
-        "id": row.delivery_id,
-        "postback": row.postback_id,
-        "action": row.action,
-        "destination": row.destination,
-        "source": row.source,
-        "conversion_id": row.conversion_id,
-        "arrival_seq": row.arrival_seq,
-        "idempotency_key": row.idempotency_key,
-        "state": row.state.value,
-        "attempts": row.attempts,
-        "created_at": when(row.created_at),
-        "updated_at": when(row.updated_at),
-        "next_attempt_at": when(row.next_attempt_at) if row.next_attempt_at else None,
-        "last_reason": row.last_reason,
-    }
-
-
-LIST_COLUMNS = (
-    "ID",
-    "Postback",
-    "Action",
-    "Conversion",
-    "State",
-    "Attempts",
-    "Created At",
-    "Next Attempt",
-    "Last Reason",
-)
-
-
-@deliveries.command("list")
-@click.option("--state", type=click.Choice([s.value for s in DeliveryState]))
-@click.option("--postback", type=int, metavar="N")
-@click.option("--conversion", metavar="ID", help="The tracker's conversion id.")
-@click.option("--since", metavar="T", help="Created at or after T (ISO 8601, or 2h, 1d ago).")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
-@click.option("--format", "fmt", type=FORMAT, default="table")
-@config_option
-def list_cmd(
-    state: str | None,
-    postback: int | None,
-    conversion: str | None,
-    since: str | None,
-    limit: int,
-    fmt: str,
-    config: str | None,
-) -> None:
-    """List deliveries, newest first."""
-    flt = DeliveryFilter(
-        state=DeliveryState(state) if state else None,
-        postback_ids=[postback] if postback is not None else None,
-        conversion_id=conversion,
-        since=parse_since(since, datetime.now(UTC)) if since else None,
-    )
-    rows, more = with_store(config, lambda store: store.list_deliveries(flt, limit, None))
-    if fmt == "json":
-        click.echo(json.dumps([delivery_json(r) for r in rows], indent=2))
-        return
-    if not rows:
-        click.echo("no deliveries")
-        return
-    cells = [
-        [
-            r.delivery_id,
-            str(r.postback_id),
-            r.action,
-            f"{r.source}:{r.conversion_id}",
-            r.state.value,
-            str(r.attempts),
-            when(r.created_at),
-            when(r.next_attempt_at),
-            r.last_reason or "-",
-        ]
-        for r in rows
-    ]
-    click.echo(render_table(LIST_COLUMNS, cells))
-    if more:
-        click.echo(f"(first {limit}; more with --limit or a narrower filter)")
-
-
 @deliveries.command("show")
 @click.argument("delivery_id", metavar="ID")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@show_pii_option
 @config_option
-def show_cmd(delivery_id: str, fmt: str, config: str | None) -> None:
-    """One delivery with every attempt: request as sent (secrets ****), answer, outcome."""
-    detail = with_store(config, lambda store: store.get_delivery(delivery_id))
+def show_cmd(delivery_id: str, fmt: str, show_pii: bool, config: str | None) -> None:
+    """One delivery with every attempt: request as sent (secrets ****), answer, outcome.
+    Personal data (email, phone, IP...) shows as *** unless --show-pii."""
+
+    async def job(store: Store) -> tuple[DeliveryDetail | None, str | None]:
+        return await store.get_delivery(delivery_id), await store.resend_of(delivery_id)
+
+    detail, origin = with_store(config, job)
     if detail is None:
         raise click.ClickException(f"unknown delivery {delivery_id}")
     if fmt == "json":
-        click.echo(json.dumps(detail_json(detail), indent=2, default=str))
+        body = {**detail_json(detail), "resend_of": origin}
+        click.echo(json.dumps(mask(body, show=show_pii), indent=2, default=str))
         return
-    click.echo(detail_text(detail))
+    text = detail_text(detail) + (f"\n  a resend of delivery {origin}" if origin else "")
+    click.echo(text if show_pii else mask_text(text))
 
 
 def detail_json(detail: DeliveryDetail) -> dict[str, Any]:
-    return {
-        **delivery_json(detail.delivery),
-        "attempts_made": [
-            {
-                "started_at": when(a.started_at),
-                "duration_ms": a.duration_ms,
-                "outcome": a.outcome,
-                "reason": a.reason,
-                "rules_version": a.rules_version,
-                "node": a.node,
-                "request": a.request,
-                "response_status": a.response_status,
-                "response_excerpt": a.response_excerpt,
-            }
-            for a in detail.attempts
-        ],
-    }
+    """The API's object of one delivery (GET /api/v1/deliveries/ID)."""
+    body = delivery_json(detail.delivery)
+    body["attempts"] = [attempt_view(a) for a in detail.attempts]
+    return body
 
 
 def detail_text(detail: DeliveryDetail) -> str:
@@ -314,9 +231,13 @@ def conversions() -> None:
     default="text",
     help="sample: one line for `postbackd diff --conversions` or `explain`.",
 )
+@show_pii_option
 @config_option
-def show_conversion(source: str, conversion_id: str, fmt: str, config: str | None) -> None:
-    """A conversion: its fields, its arrivals and their deliveries."""
+def show_conversion(
+    source: str, conversion_id: str, fmt: str, show_pii: bool, config: str | None
+) -> None:
+    """A conversion: its fields, its arrivals and their deliveries. Personal data (email,
+    phone, IP...) shows as *** unless --show-pii."""
 
     async def job(store: Store) -> tuple[Any, list[DeliveryRow]]:
         row = await store.get_conversion(source, conversion_id)
@@ -327,10 +248,11 @@ def show_conversion(source: str, conversion_id: str, fmt: str, config: str | Non
     row, rows = with_store(config, job)
     if row is None:
         raise click.ClickException(f"unknown conversion {conversion_id} from source {source}")
+    fields = mask(row.fields, show=show_pii)
     last = row.arrivals[-1] if row.arrivals else None
     previous = _previous_status(row.arrivals)
     if fmt == "sample":
-        sample = {**row.fields, "source": source}
+        sample = {**fields, "source": source}
         if previous:
             sample["previous_status"] = previous
         click.echo(json.dumps(sample, separators=(", ", ": ")))
@@ -341,7 +263,7 @@ def show_conversion(source: str, conversion_id: str, fmt: str, config: str | Non
             "conversion_id": row.conversion_id,
             "status": row.status.value,
             "status_event_time": when(row.status_event_time) if row.status_event_time else None,
-            "fields": row.fields,
+            "fields": fields,
             "created_at": when(row.created_at),
             "updated_at": when(row.updated_at),
             "arrivals": [{k: _plain(v) for k, v in a.items()} for a in row.arrivals],
@@ -353,7 +275,7 @@ def show_conversion(source: str, conversion_id: str, fmt: str, config: str | Non
         f"conversion {source}:{conversion_id}: {row.status.value}"
         + (f" (last arrival {last['transition'].value})" if last else "")
     )
-    for key, value in row.fields.items():
+    for key, value in fields.items():
         click.echo(f"  {key}: {json.dumps(value) if isinstance(value, dict) else value}")
     arrivals = [
         [

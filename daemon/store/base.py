@@ -184,6 +184,42 @@ class NewDelivery:
     planned: PlannedDelivery
 
 
+@dataclass(frozen=True)
+class LogFilter:
+    """The slices of `deliveries list` and `conversions list` (issue 18); None = any. Offer,
+    affiliate and trigger are the arrival's (a delivery) or the conversion's."""
+
+    offer: str | None = None
+    affiliate: str | None = None
+    postback_id: int | None = None
+    action: str | None = None
+    trigger: str | None = None
+    state: DeliveryState | None = None  # conversions: one of its deliveries is in this state
+    status: Status | None = None  # conversions only
+    conversion_id: str | None = None
+    since: datetime | None = None  # deliveries: created at; conversions: updated at
+    until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class LoggedDelivery:
+    delivery: DeliveryRow
+    offer: str | None
+    affiliate: str | None
+    trigger: str | None
+
+
+@dataclass(frozen=True)
+class LoggedConversion:
+    source: str
+    conversion_id: str
+    status: Status
+    fields: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    deliveries: int
+
+
 class Store(Protocol):
     async def open(self) -> None:
         """Connect and run migrations."""
@@ -204,10 +240,16 @@ class Store(Protocol):
         ...
 
     async def claim_due(
-        self, node: str, now: datetime, limit: int, lease: timedelta
+        self,
+        node: str,
+        now: datetime,
+        limit: int,
+        lease: timedelta,
+        skip_affiliates: Collection[str] = (),
     ) -> list[Claim]:
         """Claim up to `limit` deliveries that are queued/retrying and due, or in flight with an
-        ended lease, oldest due first."""
+        ended lease, oldest due first; none of the postbacks of `skip_affiliates` (fair use: the
+        dispatcher's affiliates that have their share in flight)."""
         ...
 
     async def finish_attempt(
@@ -369,4 +411,18 @@ class Store(Protocol):
 
     async def resend_of(self, delivery_id: str) -> str | None:
         """The delivery that `delivery_id` resends, if it is a resend."""
+        ...
+
+    async def delivery_log(
+        self, flt: LogFilter, limit: int, cursor: str | None
+    ) -> tuple[list[LoggedDelivery], str | None]:
+        """Deliveries with their arrival's offer, affiliate and trigger, newest first, sliced
+        by `flt`; the cursor fetches the next page (None at the end; InputError if malformed)."""
+        ...
+
+    async def conversion_log(
+        self, flt: LogFilter, limit: int, cursor: str | None
+    ) -> tuple[list[LoggedConversion], str | None]:
+        """Conversions, last updated first, sliced by `flt` (postback, action and state: one of
+        its deliveries); the cursor as for delivery_log."""
         ...

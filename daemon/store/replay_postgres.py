@@ -12,16 +12,20 @@ from importlib import resources
 from typing import Any
 
 from daemon.errors import InputError
-from daemon.models import Transition
+from daemon.models import Status, Transition
+from daemon.store import rows
 from daemon.store.base import (
     DeliveryRow,
     DeliveryState,
+    LogFilter,
+    LoggedConversion,
+    LoggedDelivery,
     NewDelivery,
     PlannedDelivery,
     StoredArrival,
     idempotency_key,
 )
-from daemon.store.common import new_delivery_id, utc
+from daemon.store.common import decode_cursor, encode_cursor, new_delivery_id, utc
 from daemon.store.queries import parse_queries
 
 _Q = parse_queries(
@@ -139,3 +143,72 @@ class PostgresReplay:
         async with self._conn(transaction=False) as conn:
             found = await conn.fetchval(_Q["resend_of"], delivery_id)
         return None if found is None else str(found)
+
+    async def delivery_log(
+        self, flt: LogFilter, limit: int, cursor: str | None
+    ) -> tuple[list[LoggedDelivery], str | None]:
+        after, after_id = decode_cursor(cursor) if cursor else (None, None)
+        args = (
+            flt.state.value if flt.state else None,
+            flt.postback_id,
+            flt.action,
+            flt.conversion_id,
+            _opt(flt.since),
+            _opt(flt.until),
+            flt.offer,
+            flt.affiliate,
+            flt.trigger,
+            _opt(after),
+            after_id,
+            limit + 1,
+        )
+        async with self._conn(transaction=False) as conn:
+            found = await conn.fetch(_Q["delivery_log"], *args)
+        page = [
+            LoggedDelivery(rows.delivery_row(row, utc), row[15], row[16], row[17])
+            for row in found[:limit]
+        ]
+        last = page[-1].delivery if len(found) > limit and page else None
+        return page, encode_cursor(last.created_at, last.delivery_id) if last else None
+
+    async def conversion_log(
+        self, flt: LogFilter, limit: int, cursor: str | None
+    ) -> tuple[list[LoggedConversion], str | None]:
+        after, after_pk = decode_cursor(cursor) if cursor else (None, None)
+        if after_pk is not None and not after_pk.isdigit():
+            raise InputError("malformed cursor", "cursor")
+        args = (
+            flt.status.value if flt.status else None,
+            flt.conversion_id,
+            _opt(flt.since),
+            _opt(flt.until),
+            flt.offer,
+            flt.affiliate,
+            flt.trigger,
+            flt.postback_id,
+            flt.action,
+            flt.state.value if flt.state else None,
+            _opt(after),
+            int(after_pk) if after_pk else None,
+            limit + 1,
+        )
+        async with self._conn(transaction=False) as conn:
+            found = await conn.fetch(_Q["conversion_log"], *args)
+        page = [
+            LoggedConversion(
+                source=row[1],
+                conversion_id=row[2],
+                status=Status(row[3]),
+                fields=json.loads(row[4]),
+                created_at=utc(row[5]),
+                updated_at=utc(row[6]),
+                deliveries=int(row[7]),
+            )
+            for row in found[:limit]
+        ]
+        more = len(found) > limit and page
+        return page, encode_cursor(page[-1].updated_at, str(found[limit - 1][0])) if more else None
+
+
+def _opt(moment: datetime | None) -> datetime | None:
+    return None if moment is None else utc(moment)

@@ -11,16 +11,27 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from daemon.errors import InputError
-from daemon.models import Transition
+from daemon.models import Status, Transition
+from daemon.store import rows
 from daemon.store.base import (
     DeliveryRow,
     DeliveryState,
+    LogFilter,
+    LoggedConversion,
+    LoggedDelivery,
     NewDelivery,
     PlannedDelivery,
     StoredArrival,
     idempotency_key,
 )
-from daemon.store.common import from_us, new_delivery_id, opt_us, to_us
+from daemon.store.common import (
+    decode_cursor,
+    encode_cursor,
+    from_us,
+    new_delivery_id,
+    opt_us,
+    to_us,
+)
 from daemon.store.queries import parse_queries
 
 T = TypeVar("T")
@@ -146,3 +157,60 @@ class SQLiteReplay:
     async def resend_of(self, delivery_id: str) -> str | None:
         row = await self._read(lambda c: c.execute(_Q["resend_of"], {"id": delivery_id}).fetchone())
         return None if row is None else row[0]
+
+    async def delivery_log(
+        self, flt: LogFilter, limit: int, cursor: str | None
+    ) -> tuple[list[LoggedDelivery], str | None]:
+        after, after_id = decode_cursor(cursor) if cursor else (None, None)
+        args = {**_log_args(flt), "after_created": opt_us(after), "after_id": after_id}
+        args["limit"] = limit + 1
+        found = await self._read(lambda c: c.execute(_Q["delivery_log"], args).fetchall())
+        page = [
+            LoggedDelivery(rows.delivery_row(row, from_us), row[15], row[16], row[17])
+            for row in found[:limit]
+        ]
+        last = page[-1].delivery if len(found) > limit and page else None
+        return page, encode_cursor(last.created_at, last.delivery_id) if last else None
+
+    async def conversion_log(
+        self, flt: LogFilter, limit: int, cursor: str | None
+    ) -> tuple[list[LoggedConversion], str | None]:
+        after, after_pk = decode_cursor(cursor) if cursor else (None, None)
+        if after_pk is not None and not after_pk.isdigit():
+            raise InputError("malformed cursor", "cursor")
+        args = {
+            **_log_args(flt),
+            "status": flt.status.value if flt.status else None,
+            "after_updated": opt_us(after),
+            "after_pk": int(after_pk) if after_pk else None,
+            "limit": limit + 1,
+        }
+        found = await self._read(lambda c: c.execute(_Q["conversion_log"], args).fetchall())
+        page = [
+            LoggedConversion(
+                source=row[1],
+                conversion_id=row[2],
+                status=Status(row[3]),
+                fields=json.loads(row[4]),
+                created_at=from_us(row[5]),
+                updated_at=from_us(row[6]),
+                deliveries=row[7],
+            )
+            for row in found[:limit]
+        ]
+        more = len(found) > limit and page
+        return page, encode_cursor(page[-1].updated_at, str(found[limit - 1][0])) if more else None
+
+
+def _log_args(flt: LogFilter) -> dict[str, Any]:
+    return {
+        "state": flt.state.value if flt.state else None,
+        "postback_id": flt.postback_id,
+        "action": flt.action,
+        "conversion_id": flt.conversion_id,
+        "since": opt_us(flt.since),
+        "until": opt_us(flt.until),
+        "offer": flt.offer,
+        "affiliate": flt.affiliate,
+        "trigger": flt.trigger,
+    }

@@ -57,3 +57,46 @@ WHERE conversion_pk = :pk AND seq = :seq;
 
 -- name: resend_of
 SELECT resend_of FROM delivery WHERE id = :id;
+
+-- name: delivery_log
+-- The log of `deliveries list`: each delivery with its arrival's offer, affiliate and trigger.
+SELECT d.id, d.postback_id, d.action, d.destination, d.source, d.conversion_id, d.arrival_seq,
+       d.idempotency_key, d.state, d.attempts, d.created_at, d.updated_at, d.next_attempt_at,
+       d.last_reason, d.affiliate_owner,
+       json_extract(a.data, '$.offer'), json_extract(a.data, '$.affiliate'),
+       json_extract(a.data, '$.trigger')
+FROM delivery d
+JOIN arrival a ON a.conversion_pk = d.conversion_pk AND a.seq = d.arrival_seq
+WHERE (:state IS NULL OR d.state = :state)
+  AND (:postback_id IS NULL OR d.postback_id = :postback_id)
+  AND (:action IS NULL OR d.action = :action)
+  AND (:conversion_id IS NULL OR d.conversion_id = :conversion_id)
+  AND (:since IS NULL OR d.created_at >= :since)
+  AND (:until IS NULL OR d.created_at < :until)
+  AND (:offer IS NULL OR json_extract(a.data, '$.offer') = :offer)
+  AND (:affiliate IS NULL OR json_extract(a.data, '$.affiliate') = :affiliate)
+  AND (:trigger IS NULL OR json_extract(a.data, '$.trigger') = :trigger)
+  AND (:after_created IS NULL OR (d.created_at, d.id) < (:after_created, :after_id))
+ORDER BY d.created_at DESC, d.id DESC
+LIMIT :limit;
+
+-- name: conversion_log
+SELECT c.id, c.source, c.conversion_id, c.status, c.fields, c.created_at, c.updated_at,
+       (SELECT count(*) FROM delivery d WHERE d.conversion_pk = c.id)
+FROM conversion c
+WHERE (:status IS NULL OR c.status = :status)
+  AND (:conversion_id IS NULL OR c.conversion_id = :conversion_id)
+  AND (:since IS NULL OR c.updated_at >= :since)
+  AND (:until IS NULL OR c.updated_at < :until)
+  AND (:offer IS NULL OR json_extract(c.fields, '$.offer') = :offer)
+  AND (:affiliate IS NULL OR json_extract(c.fields, '$.affiliate') = :affiliate)
+  AND (:trigger IS NULL OR c.status = :trigger)
+  AND (:postback_id IS NULL AND :action IS NULL AND :state IS NULL OR EXISTS (
+        SELECT 1 FROM delivery d
+        WHERE d.conversion_pk = c.id
+          AND (:postback_id IS NULL OR d.postback_id = :postback_id)
+          AND (:action IS NULL OR d.action = :action)
+          AND (:state IS NULL OR d.state = :state)))
+  AND (:after_updated IS NULL OR (c.updated_at, c.id) < (:after_updated, :after_pk))
+ORDER BY c.updated_at DESC, c.id DESC
+LIMIT :limit;
