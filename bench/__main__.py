@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import backfill, outage, scale, sections
+from bench import affiliates, backfill, outage, scale, sections
 from bench.context import LARGE_OFFERS, Context
 from bench.http_figures import Options
 from bench.procs import Daemon
 from bench.report import Report, loadavg, machine
 
 DEFAULT_SECTIONS = ("ingest", "e2e", "rules", "scale", "pg")
-ALL_SECTIONS = (*DEFAULT_SECTIONS, "store", "outage", "backfill")
+ALL_SECTIONS = (*DEFAULT_SECTIONS, "store", "outage", "backfill", "affiliates")
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -91,6 +91,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
             await outage.outage(ctx)  # a destination down, then back (bench/outage.py)
         if "backfill" in chosen:
             await backfill.backfill(ctx)  # ingest latency during a backfill (bench/backfill.py)
+        if "affiliates" in chosen:
+            await affiliates.affiliates(ctx)  # store postbacks (bench/affiliates.py)
     finally:
         ctx.close()
     return report
