@@ -3,7 +3,8 @@ its unit, and the ratios measured in the same run (docs/benchmarks.md explains e
 
 python -m bench [--quick] [--only SECTION[,SECTION]] [--pg DSN | --no-pg] [--json FILE]
 
-Sections: ingest, e2e, rules, scale, pg (all by default) and store (the store-only bench of
+Sections: ingest, e2e, rules, scale, pg, affiliates (all by
+default) and store (the store-only bench of
 bench/store_ingest.py, on request). Everything runs on 127.0.0.1.
 """
 
@@ -24,8 +25,8 @@ from bench.http_figures import Options
 from bench.procs import Daemon
 from bench.report import Report, loadavg, machine
 
-DEFAULT_SECTIONS = ("ingest", "e2e", "rules", "scale", "pg")
-ALL_SECTIONS = (*DEFAULT_SECTIONS, "store", "outage", "backfill", "affiliates")
+DEFAULT_SECTIONS = ("ingest", "e2e", "rules", "scale", "pg", "affiliates")
+ALL_SECTIONS = (*DEFAULT_SECTIONS, "store", "outage", "backfill")
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
