@@ -125,3 +125,14 @@ async def test_the_start_log_warns_about_a_source_without_authentication(tmp_pat
         assert daemon.stop() == 0
     events = daemon.events("source_unauthenticated")
     assert [(e["source"], e["level"]) for e in events] == [("open", "warning")]
+
+
+def test_a_generic_file_that_opens_nothing_uses_the_settings_trusted_proxies(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "generic.yaml").write_text("response: json\n")
+    access = load_sources(tmp_path, trusted_proxies=["10.0.0.0/8"])["generic"].gate.access
+    assert access.loopback_only
+    access.check("10.1.2.3", ["127.0.0.1"])  # a local client through the trusted proxy
+    with pytest.raises(ForbiddenError):
+        access.check("10.1.2.3", ["203.0.113.9"])
