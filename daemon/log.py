@@ -6,11 +6,16 @@ so that queries in journald or a log pipeline can rely on them.
 Events: conversion_received, delivery_attempt, rules_loaded, rules_reloaded, rules_reload_failed,
 destination_down, destination_up, condition_error, daemon_started, daemon_stopping,
 daemon_stopped, store_error, retention_pruned, notify_failed, source_unauthenticated (a source
-without credentials reachable from beyond loopback, at start).
+without credentials reachable from beyond loopback, at start); affiliate postbacks (issue 15):
+affiliate_postback_created, affiliate_postback_deleted, affiliate_postback_disabled (by the
+policy), affiliate_secret_set, affiliate_changes_applied, affiliate_sync_failed,
+affiliate_sync_recovered, affiliate_sync_error, affiliate_listener_lost,
+affiliate_listener_failed.
 
 Keys: source, conversion_id, transition, previous_status, status, offer, affiliate, deliveries,
 postback_id, delivery_id, action, destination, attempt, outcome, reason, duration_ms, next_in_s,
-rules_version, files, postbacks, errors, error, listen, store, remote, http_status, node, count.
+rules_version, files, postbacks, errors, error, listen, store, remote, http_status, node, count,
+secret (a secret's name, never its value), version (of the affiliate postbacks in the store).
 """
 
 from __future__ import annotations
