@@ -9,6 +9,7 @@ a 4xx (the error style of docs/api.md: ``{"error", "field"}``) and nothing is wr
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from daemon.errors import InputError
 from daemon.visibility import Viewer
 
 MAX_BODY = 64 * 1024
+READ_TIMEOUT = 10.0
 
 ApiHandler = Callable[[web.Request, Services, Viewer], Awaitable[web.StreamResponse]]
 Endpoint = Callable[[ApiHandler], Callable[[web.Request], Awaitable[web.StreamResponse]]]
@@ -98,9 +100,7 @@ async def read_body(request: web.Request) -> Mapping[str, Any]:
         raise UnsupportedMediaType("the body must be application/json")
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise PayloadTooLarge(f"the body is larger than {MAX_BODY // 1024} KiB")
-    data = await request.content.read(MAX_BODY + 1)
-    if len(data) > MAX_BODY:
-        raise PayloadTooLarge(f"the body is larger than {MAX_BODY // 1024} KiB")
+    data = await _read_capped(request)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -116,6 +116,23 @@ async def read_body(request: web.Request) -> Mapping[str, Any]:
     if not isinstance(body, dict):
         raise InputError("the body must be a JSON object")
     return body
+
+
+async def _read_capped(request: web.Request) -> bytes:
+    """The whole body, read within READ_TIMEOUT and never more than one chunk past MAX_BODY
+    (StreamReader.read(n) may return less than n before the end: read until the end)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(READ_TIMEOUT):
+            while chunk := await request.content.read(MAX_BODY + 1 - size):
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise PayloadTooLarge(f"the body is larger than {MAX_BODY // 1024} KiB")
+                chunks.append(chunk)
+    except TimeoutError as err:
+        raise InputError(f"the body did not arrive within {READ_TIMEOUT:g} s") from err
+    return b"".join(chunks)
 
 
 def _service(services: Services) -> AffiliateService:

@@ -149,3 +149,15 @@ async def test_every_write_endpoint_answers_4xx_and_writes_nothing(
     assert await snapshot(api, daemon) == before
     assert 413 in seen
     assert 400 in seen
+
+
+async def test_a_body_near_the_limit_is_read_whole(daemon: Daemon, sink: Sink) -> None:
+    api = Api(daemon)
+    text = json.dumps(ping(sink))
+    padded = (text[:-1] + " " * (64 * 1024 - len(text)) + "}").encode()
+    assert len(padded) == 64 * 1024
+    status, body = await api("POST", "/api/v1/postbacks", AFF_A, raw=padded)
+    assert status == 201, body
+    status, body = await api("POST", "/api/v1/postbacks", AFF_A, raw=padded[:-1] + b" }")
+    assert status == 413
+    assert body == {"error": "the body is larger than 64 KiB", "field": None}
