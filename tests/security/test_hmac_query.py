@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon.auth import sign
-from tests.harness import Daemon
+from tests.harness import Daemon, FakeClock
 from tests.security.support import SIGNED, SIGNING_KEY, conversions, start
 
 STAMP = "1790000000"  # FakeClock's now
@@ -86,3 +86,28 @@ async def test_a_refused_signed_message_cannot_be_replayed_with_changes(
     assert again.status == 401
     assert (await again.json())["error"] == "webhook-id already accepted (replay)"
     assert conversions(tmp_path) == []
+
+
+async def test_a_rate_limited_signed_message_may_come_back_unchanged(tmp_path: Path) -> None:
+    clock = FakeClock()
+    source = {
+        "limited.yaml": "auth: {hmac: {secret: hook_key}}\nrate_limit: {requests: 1, per: 60s}\n"
+    }
+    daemon = await start(tmp_path, sources=source, clock=clock)
+    try:
+        ct = {"Content-Type": "application/x-www-form-urlencoded"}
+        first = b"conversion_id=L1&offer=1&affiliate=7&status=pending"
+        ok = await daemon.client.post(
+            "/webhooks/limited", data=first, headers={**signed_headers("m1", first), **ct}
+        )
+        assert ok.status == 200, await ok.text()
+        second = b"conversion_id=L2&offer=1&affiliate=7&status=pending"
+        headers = {**signed_headers("m2", second), **ct}
+        limited = await daemon.client.post("/webhooks/limited", data=second, headers=headers)
+        assert limited.status == 429
+        clock.advance(61)  # the sender retries after Retry-After: its id was freed
+        retry = await daemon.client.post("/webhooks/limited", data=second, headers=headers)
+        assert retry.status == 200, await retry.text()
+        assert conversions(tmp_path) == [("L1", "pending"), ("L2", "pending")]
+    finally:
+        await daemon.client.close()
