@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.http_figures import Options
 from bench.procs import Daemon, Proc, server
@@ -55,7 +56,21 @@ class Context:
         return self.small_rules
 
     def daemon(self, name: str, store: str, rules_dir: Path, per_host: int | None = None) -> Daemon:
-        daemon = Daemon(name, self.workdir, store, rules_dir, per_host or self.per_host)
+        return self.daemon_with(name, store, rules_dir, per_host)
+
+    def daemon_with(
+        self,
+        name: str,
+        store: str,
+        rules_dir: Path,
+        per_host: int | None = None,
+        *,
+        extra: dict[str, Any] | None = None,
+        cpus: str | None = None,
+    ) -> Daemon:
+        """A started daemon; `extra` settings, `cpus` a taskset CPU list."""
+        per_host = per_host or self.per_host
+        daemon = Daemon(name, self.workdir, store, rules_dir, per_host, extra=extra, cpus=cpus)
         self.daemons.append(daemon)
         daemon.start()
         return daemon

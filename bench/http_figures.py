@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench import wrk
 from bench.load import Outcome, closed_loop, open_loop, percentile
 from bench.procs import cpu_seconds, memory_kib, server
 from bench.report import Report
@@ -31,6 +32,9 @@ class Options:
     latency_seconds: float = 8.0
     drain_deadline: float = 60.0  # how long deliveries may take after the senders stop
     backlog: int = 1000  # most conversions acknowledged and not yet delivered (sustained)
+    wrk: str | None = None  # wrk's path: closed-loop figures with wrk (else the Python client)
+    e2e_seconds: float | None = None  # the end-to-end window with wrk (default: seconds)
+    gen_cpus: str | None = None  # taskset CPU list for wrk (None: anywhere)
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Measured:
     rate: float  # per second
     cpu_us: float  # the server processes' CPU time per request, in microseconds
     peak_kib: dict[int, int] = field(default_factory=dict)  # pid -> peak VmRSS sampled
+    delivered: float = 0.0  # end to end with wrk: delivered per second in the window
 
 
 async def hello(report: Report, workdir: Path, opts: Options) -> Measured:
@@ -76,6 +81,8 @@ async def hello(report: Report, workdir: Path, opts: Options) -> Measured:
     try:
         await proc.ready("/", 30)
         target = Target("hello", [proc.url], 1, [proc.pid])
+        if opts.wrk:
+            return await _ingest_wrk(report, target, opts, None, "bare aiohttp hello")
         _, url_for = target.urls_for(NONE)
         cpu = _cpu(target.pids)
         out = await closed_loop(url_for, opts.connections, opts.seconds, opts.warmup)
@@ -87,6 +94,45 @@ async def hello(report: Report, workdir: Path, opts: Options) -> Measured:
     return Measured(out.rate, cpu_us)
 
 
+async def _ingest_wrk(
+    report: Report,
+    target: Target,
+    opts: Options,
+    stored: Callable[[str], Awaitable[int]] | None,
+    name: str,
+) -> Measured:
+    """Closed loop with wrk: a warm-up, then the measured window (CPU and peak RSS)."""
+    assert opts.wrk is not None
+    prefix, _ = target.urls_for(NONE)
+    urls, offers = list(target.urls), target.offers
+    if opts.warmup > 0:
+        await wrk.closed(opts.wrk, urls, prefix + "w", NONE, offers,
+                         seconds=opts.warmup, connections=opts.connections,
+                         cpus=opts.gen_cpus)  # fmt: skip
+    peak: dict[int, int] = {}
+    sampler = asyncio.create_task(_sample_memory(target.pids, peak))
+    cpu = _cpu(target.pids)
+    try:
+        out = await wrk.closed(opts.wrk, urls, prefix, NONE, offers,
+                               seconds=opts.seconds, connections=opts.connections,
+                               cpus=opts.gen_cpus)  # fmt: skip
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+    used = _cpu(target.pids) - cpu
+    unit = "req/s" if stored is None else "conversions/s"
+    rate = report.add(f"{name}: ingest" if stored else name, out.rate, unit, out.errors_note())
+    what = "CPU per conversion" if stored else "CPU per request"
+    cpu_us = report.add(f"{name}: {what}", _us(used, out.requests), "µs")
+    report.add(f"{name}: p99 (wrk, {opts.connections} connections)", out.p99_ms, "ms")
+    if stored is not None:
+        count = sum([await stored(p) for p in out.prefixes])
+        if count < out.ok:
+            report.note(f"only {count} conversions stored for {out.ok} acknowledged: a bug")
+    return Measured(rate, cpu_us, peak)
+
+
 async def ingest(
     report: Report,
     target: Target,
@@ -95,6 +141,8 @@ async def ingest(
 ) -> Measured:
     """Acknowledged (durably committed) conversions per second that fire nothing; the peak
     resident size (KiB) of each node while it lasted."""
+    if opts.wrk:
+        return await _ingest_wrk(report, target, opts, stored or _none_stored, target.name)
     prefix, url_for = target.urls_for(NONE)
     peak: dict[int, int] = {}
     sampler = asyncio.create_task(_sample_memory(target.pids, peak))
@@ -176,12 +224,61 @@ class Backlog:
         self._update()
 
 
+async def _none_stored(prefix: str) -> int:
+    return 1 << 62  # no store to count in: nothing is reported missing
+
+
+async def _sustained_wrk(
+    report: Report, target: Target, sink: SinkClient, opts: Options
+) -> Measured | None:
+    """wrk posts conversions that fire one ping_url each for the window, as fast as they are
+    acknowledged (no gate: a node that delivers slower than it ingests builds a backlog, and
+    the figures show it); then until the last is delivered."""
+    assert opts.wrk is not None
+    seconds = opts.e2e_seconds or opts.seconds
+    prefix, _ = target.urls_for(FIRE)
+    cpu = _cpu(target.pids)
+    started = time.monotonic()
+    out = await wrk.closed(opts.wrk, list(target.urls), prefix,
+                           FIRE, target.offers, seconds=seconds,
+                           connections=opts.connections)  # fmt: skip
+    stop = time.monotonic()
+    heads = tuple(f"generic:{p}-" for p in out.prefixes)
+    async with aiohttp.ClientSession() as client:
+        until = time.monotonic() + opts.drain_deadline
+        while True:
+            await sink.refresh(client)
+            mine = [min(t) for k, t in sink.hits.items() if k.startswith(heads)]
+            if len(mine) >= out.ok or time.monotonic() > until:
+                break
+            await asyncio.sleep(0.2)
+    used = _cpu(target.pids) - cpu
+    name = target.name
+    report.add(f"{name}: accepted while delivering", out.rate, "conversions/s", out.errors_note())
+    in_window = sum(1 for t in mine if t <= stop)
+    delivered = report.add(f"{name}: delivered while accepting", in_window / seconds, "/s")
+    report.ratio(f"{name}: delivered / accepted (same window)", delivered, out.rate, "")
+    if len(mine) < out.ok or not mine:
+        report.note(
+            f"{out.ok - len(mine)} of {out.ok} not delivered within {opts.drain_deadline} s"
+        )
+        return None
+    whole = max(mine) - started
+    rate = out.ok / whole
+    note = f"{out.ok} accepted and delivered in {whole:.1f} s"
+    report.add(f"{name}: end to end sustained", rate, "conversions/s", note)
+    cpu_us = report.add(f"{name}: end to end CPU per conversion", _us(used, out.ok), "µs")
+    return Measured(rate, cpu_us, delivered=delivered)
+
+
 async def sustained(
     report: Report, target: Target, sink: SinkClient, opts: Options
 ) -> Measured | None:
     """Closed-loop posting of conversions that fire one ping_url each (at most opts.backlog of
     them undelivered at any time), then until the last is delivered: conversions ingested and
-    delivered per second over that whole time."""
+    delivered per second over that whole time. With wrk: see _sustained_wrk."""
+    if opts.wrk:
+        return await _sustained_wrk(report, target, sink, opts)
     prefix, url_for = target.urls_for(FIRE)
     cpu = _cpu(target.pids)
     async with aiohttp.ClientSession() as client:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,7 +127,15 @@ class Daemon(Proc):
     """`postbackd run -c SETTINGS` with its settings file written for the benchmark."""
 
     def __init__(
-        self, name: str, workdir: Path, store: str, rules_dir: Path, per_host: int | None = None
+        self,
+        name: str,
+        workdir: Path,
+        store: str,
+        rules_dir: Path,
+        per_host: int | None = None,
+        *,
+        extra: dict[str, Any] | None = None,
+        cpus: str | None = None,
     ) -> None:
         port = free_port()
         root = workdir / name
@@ -139,12 +148,16 @@ class Daemon(Proc):
             "webhooks_dir": str(root / "webhooks"),
             "outbound": {"allow_cidrs": ["127.0.0.1/32"]},  # the sink; the rest is default
             "log": {"format": "json", "level": "info"},  # as under systemd (journald)
+            "state_dir": str(root),  # its own parsed-rules cache (daemon/rulecache.py)
+            **(extra or {}),
         }
         if per_host is not None:
             settings["outbound"]["per_host_concurrency"] = per_host
         config = root / "postbackd.yaml"
         config.write_text(json.dumps(settings))  # JSON is YAML
         args = [sys.executable, "-m", "daemon", "run", "-c", str(config)]
+        if cpus and shutil.which("taskset"):
+            args = ["taskset", "-c", cpus, *args]  # every worker inherits the CPU set
         super().__init__(name, args, root / "daemon.log", port)
         self._read_to = 0
         self._events: dict[str, list[dict[str, Any]]] = {}

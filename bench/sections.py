@@ -37,8 +37,9 @@ async def ingest(ctx: Context) -> None:
     report, opts = ctx.report, ctx.opts
     report.start("ingest", "durable conversions/s vs a bare aiohttp hello server")
     fs = filesystem_of(ctx.workdir)
+    generator = "wrk -t2 (one per node)" if opts.wrk else "the Python client (wrk missing)"
     report.note(
-        f"SQLite file on {fs} ({ctx.workdir}); {opts.connections} connections, "
+        f"SQLite file on {fs} ({ctx.workdir}); {generator}, {opts.connections} connections, "
         f"{opts.warmup:g} s warm-up + {opts.seconds:g} s; {PER_OFFER} postbacks whose "
         "conditions are all false (nothing fires)"
     )
@@ -49,6 +50,9 @@ async def ingest(ctx: Context) -> None:
     target = hf.Target("postbackd SQLite", [daemon.url], 1, [daemon.pid])
     got = await hf.ingest(report, target, opts, sqlite_stored(ctx.workdir / SQLITE_DB))
     ctx.figures["ingest_sqlite"] = got.rate
+    ctx.figures["ingest_sqlite_cpu_us"] = got.cpu_us
+    if got.peak_kib:
+        ctx.figures["rss_sqlite_mib"] = max(got.peak_kib.values()) / 1024
     report.ratio("ingest SQLite / hello", got.rate, hello.rate, "postbackd acks per hello answer")
     report.ratio("CPU per request, hello / ingest SQLite", hello.cpu_us, got.cpu_us, "")
 
@@ -59,6 +63,7 @@ async def end_to_end(ctx: Context) -> None:
     daemon = await _sqlite_daemon(ctx)
     per_host = ctx.per_host or DEFAULT_PER_HOST
     rate = await _e2e(ctx, hf.Target(f"SQLite, per-host {per_host}", [daemon.url], 1, [daemon.pid]))
+    ctx.figures["e2e_delivered_sqlite"] = ctx.figures["last_delivered"]
     if rate is not None:
         ctx.figures["e2e_sqlite"] = rate
         if "ingest_sqlite" in ctx.figures:
@@ -87,6 +92,7 @@ async def _e2e(ctx: Context, target: hf.Target) -> float | None:
     sink = await ctx.start_sink()
     got = await hf.sustained(report, target, sink, opts)
     rate = None if got is None else got.rate
+    ctx.figures["last_delivered"] = 0.0 if got is None else got.delivered
     pace = opts.rate
     if rate is not None and rate < opts.rate:
         pace = max(10.0, round(rate * 0.8, -1))

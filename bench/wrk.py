@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,3 +136,66 @@ async def run_wrk(
                 max_ms=data["max_us"] / 1000,
             )
     raise RuntimeError(f"wrk printed no summary (exit {proc.returncode}): {err.decode()[-500:]}")
+
+
+@dataclass(frozen=True)
+class Closed:
+    """A closed-loop run over one or more nodes: what every wrk saw, summed."""
+
+    results: tuple[WrkResult, ...]
+    prefixes: tuple[str, ...]  # conversion ids of node i are f"{prefixes[i]}-{n}"
+
+    @property
+    def ok(self) -> int:
+        return sum(r.ok for r in self.results)
+
+    @property
+    def requests(self) -> int:
+        return sum(r.requests for r in self.results)
+
+    @property
+    def seconds(self) -> float:
+        return max(r.seconds for r in self.results)
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    @property
+    def p99_ms(self) -> float:
+        return max(r.p99_ms for r in self.results)
+
+    def errors_note(self) -> str:
+        bad = sum(r.non200 + r.socket_errors for r in self.results)
+        return f"{bad} errors" if bad else ""
+
+
+async def closed(
+    wrk: str,
+    urls: list[str],
+    prefix: str,
+    sub1: str,
+    offers: int,
+    *,
+    seconds: float,
+    connections: int,
+    cpus: str | None = None,
+) -> Closed:
+    """One wrk per node at once (connections split between them), each with its own prefix."""
+    threads = 2
+    per_node = max(threads, connections // len(urls))
+    prefixes = tuple(f"{prefix}n{i}" for i in range(len(urls)))
+    with tempfile.TemporaryDirectory(prefix="postbackd-wrk-") as tmp:
+        runs = [
+            run_wrk(
+                wrk,
+                url,
+                script(Path(tmp), p, sub1, offers, threads),
+                seconds=seconds,
+                connections=per_node,
+                threads=threads,
+                cpus=cpus,
+            )
+            for url, p in zip(urls, prefixes, strict=True)
+        ]
+        return Closed(tuple(await asyncio.gather(*runs)), prefixes)
