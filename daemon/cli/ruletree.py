@@ -134,7 +134,7 @@ def _rule_files(root: Path) -> list[Path]:
     """Exactly the files the loader reads (dangling links, FIFOs and the like are the loader's
     errors, not a traceback here)."""
     real = root.resolve()
-    return [real / p.relative_to(real) for p in rule_files(root)[0]]
+    return [root / p.relative_to(real) for p in rule_files(root)[0]]  # as `root` is written
 
 
 def read_doc(root: Path, rel: str) -> RuleDoc:

@@ -83,3 +83,20 @@ def test_a_fifo_in_the_tree_is_an_error_line_not_a_hang(tree: Path) -> None:
     code, err = add(tree)  # a blocked open would hang here (the suite's timeout ends it)
     assert code == 1
     assert "trap.yaml:0: not a regular file (a FIFO)" in err
+
+
+def test_a_relative_rules_directory_with_odd_entries_edits_fine(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    os.symlink("user@host.1234:1700000000", tree / ".#offer-1.yaml")
+    os.mkfifo(tree / ".hidden-fifo")
+    monkeypatch.chdir(tree.parent)
+    for args in (
+        ("rules", "edit", "1", "--rules", "rules.d", "--set", "status=disabled"),
+        ("rules", "enable", "1", "--rules", "rules.d"),
+        ("rules", "goals", "enable", "--offer", "1", "--rules", "rules.d"),
+        ("rules", "delete", "1", "--rules", "rules.d", "--confirm", "1"),
+    ):
+        result = run(*args)
+        assert result.code == 0, (args, result.err)
+    assert "id: 1" not in (tree / "offer-1.yaml").read_text()
