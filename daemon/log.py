@@ -59,9 +59,18 @@ def _mask_pii(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappin
 
 
 def configure_logging(
-    fmt: str = "auto", level: str = "info", mask_pii: bool = True, stream: TextIO | None = None
+    fmt: str = "auto",
+    level: str = "info",
+    mask_pii: bool = True,
+    stream: TextIO | None = None,
+    *,
+    cache: bool = False,
 ) -> None:
-    """Set up structlog once for the process (the CLI calls this; tests use capture_logs)."""
+    """Set up structlog once for the process (the CLI calls this; tests use capture_logs).
+
+    `cache` (the daemon: `postbackd run`): each module's logger is built on its first use and
+    kept, instead of once per line (a bound logger and a PrintLogger per call otherwise). Only
+    for a process that never reconfigures logging afterwards."""
     out = stream or sys.stdout
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     processors: list[Any] = [
@@ -80,5 +89,5 @@ def configure_logging(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(out),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=cache,
     )

@@ -107,7 +107,7 @@ def run(config: str | None) -> None:
     delivers the postbacks of rules_dir. SIGHUP reloads the rules; SIGTERM stops gracefully.
     """
     settings = settings_from(config)
-    configure_logging(settings.log.format, settings.log.level, settings.log.mask_pii)
+    configure_logging(settings.log.format, settings.log.level, settings.log.mask_pii, cache=True)
     # A watchdog kill is SIGABRT: the journal then shows where the event loop was stuck.
     faulthandler.enable()
     try:
