@@ -18,6 +18,7 @@ from daemon.errors import StoreError
 from daemon.migrate import migrate
 from daemon.models import Transition
 from daemon.store.base import ArrivalResult, DeliveryState
+from daemon.store.queries import load_migrations
 from daemon.store.sqlite import SQLiteStore, connect
 
 from .support import T0, Planner, arrive, conversion
@@ -146,7 +147,7 @@ async def test_migrate_applies_once_and_reopening_keeps_data(tmp_path: Path) -> 
     url = "sqlite:///data/m.db"
     (tmp_path / "data").mkdir()
 
-    assert await migrate(url, tmp_path) == ["0001_initial"]
+    assert await migrate(url, tmp_path) == [m.name for m in load_migrations("sqlite")]
     assert await migrate(url, tmp_path) == []
     store = SQLiteStore(tmp_path / "data" / "m.db")
     await store.open()
