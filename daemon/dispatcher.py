@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -112,6 +114,8 @@ class Dispatcher:
         # Destinations whose breaker closed and whose held backlog is still to be made due
         # (done before the next claim; kept when the store fails, so nothing stays held).
         self._unhold: set[str] = set()
+        # Attempts in progress per affiliate (postbacks authored for one), for fair use.
+        self._per_affiliate: Counter[str] = Counter()
         # Held while claiming and starting: stop() waits on it, so that a claim already under
         # way cannot start attempts after stop() has returned (and the session has closed).
         self._claiming = asyncio.Lock()
@@ -155,12 +159,41 @@ class Dispatcher:
                 self._dt(self._now()),
                 min(room, self.config.batch),
                 timedelta(seconds=self.config.lease),
+                skip_affiliates=self._saturated(),
             )
+            postbacks = self._runtime().rules.postbacks
             for claim in claims:
+                lp = postbacks.get(claim.postback_id)
+                affiliate = lp.postback.owner_affiliate if lp is not None else None
                 task = asyncio.create_task(self._attempt(claim), name="attempt")
                 self._tasks.add(task)
+                self._affiliate_started(affiliate)
                 task.add_done_callback(self._task_done)
+                if affiliate is not None:
+                    task.add_done_callback(functools.partial(self._affiliate_ended, affiliate))
             return len(claims)
+
+    def _saturated(self) -> list[str]:
+        """Affiliates with their fair share of claims in progress here: their deliveries are
+        not claimed until one ends, so their backlog cannot fill the node (the last claim may
+        take up to one batch more; their attempts are bounded exactly by affiliate_slot)."""
+        bound = self.destinations.per_affiliate
+        if bound is None:
+            return []
+        return [aff for aff, n in self._per_affiliate.items() if n >= bound]
+
+    def _affiliate_started(self, affiliate: str | None) -> None:
+        if affiliate is not None:
+            self._per_affiliate[affiliate] += 1
+
+    def _affiliate_ended(self, affiliate: str, _: object = None) -> None:
+        left = self._per_affiliate[affiliate] - 1
+        if left > 0:
+            self._per_affiliate[affiliate] = left
+        else:
+            del self._per_affiliate[affiliate]
+        if left == (self.destinations.per_affiliate or 0) - 1:
+            self.wake()  # no longer saturated: its deliveries may be claimed again
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         """Every attempt task's end is collected: an exception that escaped is logged."""

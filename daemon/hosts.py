@@ -78,6 +78,11 @@ class Destinations:
     def semaphore(self, destination: str) -> asyncio.Semaphore:
         return self._get(destination).semaphore
 
+    @property
+    def per_affiliate(self) -> int | None:
+        """The fair-use bound of one affiliate's attempts on this node (None: no bound)."""
+        return self._per_affiliate
+
     def affiliate_slot(self, affiliate: str | None) -> asyncio.Semaphore | None:
         """The fair-use bound of one affiliate's postbacks (None: not an affiliate's)."""
         if affiliate is None or self._per_affiliate is None:

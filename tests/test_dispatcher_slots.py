@@ -183,3 +183,41 @@ async def test_a_result_that_cannot_be_recorded_is_logged_and_left_to_the_lease(
         assert len(keys) == 1
     finally:
         await daemon.client.close()
+
+
+async def test_an_affiliates_backlog_does_not_fill_the_node(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        if request.path == "/p1":  # affiliate 7's postbacks hang at the sink
+            await gate.wait()
+        return web.Response(text="OK")
+
+    sink = await Sink().start()
+    sink.script = [slow] * 20
+    daemon = await start_daemon(
+        tmp_path,
+        rules(sink, {1: "7", 2: "8"}),
+        dispatch=False,
+        settings={"delivery": {"per_affiliate_in_flight": 2}},
+    )
+    dispatcher = daemon.services.dispatcher
+    dispatcher.config = dataclasses.replace(dispatcher.config, max_in_flight=6, batch=4)
+    try:
+        for i in range(10):  # affiliate 7's backlog, older than anything of affiliate 8
+            await daemon.post(conversion_id=f"c{i}", offer=1, affiliate=7, status="approved")
+        for i in range(2):
+            await daemon.post(conversion_id=f"d{i}", offer=1, affiliate=8, status="approved")
+        assert await dispatcher.dispatch_once() == 4  # the 4 oldest: affiliate 7's
+        assert await dispatcher.dispatch_once() == 2  # affiliate 7 has its share: 8's come
+        await wait_for(lambda: sum(r.path_qs.startswith("/p2") for r in sink.received) == 2)
+        gate.set()
+        await dispatcher.drain()
+        while await dispatcher.dispatch_once():
+            await dispatcher.drain()
+        rows = await daemon.deliveries()
+        assert len(rows) == 12
+        assert {r.state for r in rows} == {DeliveryState.SUCCEEDED}
+    finally:
+        await daemon.client.close()
+        await sink.close()

@@ -222,11 +222,17 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         )
 
     async def claim_due(
-        self, node: str, now: datetime, limit: int, lease: timedelta
+        self,
+        node: str,
+        now: datetime,
+        limit: int,
+        lease: timedelta,
+        skip_affiliates: Collection[str] = (),
     ) -> list[Claim]:
         now = utc(now)
+        skip = sorted(skip_affiliates)
         async with self._conn() as conn:
-            found = await conn.fetch(self._q["claim_due"], now, limit, node, now + lease)
+            found = await conn.fetch(self._q["claim_due"], now, limit, node, now + lease, skip)
         return [rows.claim(row, row["lease_token"], utc) for row in found]
 
     async def finish_attempt(

@@ -275,9 +275,15 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         )
 
     async def claim_due(
-        self, node: str, now: datetime, limit: int, lease: timedelta
+        self,
+        node: str,
+        now: datetime,
+        limit: int,
+        lease: timedelta,
+        skip_affiliates: Collection[str] = (),
     ) -> list[Claim]:
-        args = {"now": to_us(now), "limit": limit}
+        skip = json.dumps(sorted(skip_affiliates))
+        args = {"now": to_us(now), "limit": limit, "skip_affiliates": skip}
         lease_row = (node, to_us(now + lease), args["now"])
 
         def job(conn: sqlite3.Connection) -> list[Claim]:

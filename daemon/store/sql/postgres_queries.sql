@@ -46,6 +46,7 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', $11, $11, $11);
 WITH due AS (
     SELECT id, due_at FROM delivery
     WHERE due_at <= $1
+      AND (affiliate_owner IS NULL OR affiliate_owner <> ALL($5::text[]))  -- fair use
     ORDER BY due_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED

@@ -54,6 +54,8 @@ SELECT d.id, d.postback_id, d.source, d.conversion_id, d.arrival_seq, d.idempote
 FROM delivery d
 JOIN arrival a ON a.conversion_pk = d.conversion_pk AND a.seq = d.arrival_seq
 WHERE d.due_at <= :now
+  AND (d.affiliate_owner IS NULL
+       OR d.affiliate_owner NOT IN (SELECT value FROM json_each(:skip_affiliates)))
 ORDER BY d.due_at, d.id
 LIMIT :limit;
 
