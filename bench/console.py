@@ -44,6 +44,7 @@ def fill_store(path: Path, postbacks: int, deliveries: int) -> None:
     conn.execute("PRAGMA synchronous=OFF")
     conversions = max(1, deliveries // 10)
     states = ["succeeded"] * 18 + ["dead", "retrying"]
+    spacing = 30 * 86400 * US // max(1, deliveries)
     with conn:
         conn.executemany(
             "INSERT INTO conversion (id, source, conversion_id, status, fields, created_at,"
@@ -64,7 +65,7 @@ def fill_store(path: Path, postbacks: int, deliveries: int) -> None:
                 conv = n // 10
                 pid = (n * 7919) % postbacks + 1
                 state = states[n % len(states)]
-                created = START_US + n * 100
+                created = START_US + n * spacing  # spread over the month
                 yield (
                     hashlib.md5(str(n).encode(), usedforsecurity=False).hexdigest(),
                     conv + 1,
@@ -134,7 +135,7 @@ async def measure(tmp: Path, offers: int, deliveries: int) -> dict[str, tuple[fl
         middle = offers // 2
         filtered = "trigger=conversion_done&status=active"
         after = cursor.group(1) if cursor else ""
-        at = START_US // US + deliveries * 100 // US // 2  # halfway through the deliveries
+        at = START_US // US + 15 * 86400  # halfway through the month
         since, until = (
             datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M") for t in (at, at + 300)
         )
@@ -145,13 +146,14 @@ async def measure(tmp: Path, offers: int, deliveries: int) -> dict[str, tuple[fl
             "offers (a later page)": f"/ui/offers?after={middle}",
             "an offer's postbacks": f"/ui/offers/{middle}",
             "postbacks filtered (trigger, status)": f"/ui/offers/{middle}?{filtered}",
-            "a postback (with its recent deliveries)": f"/ui/postbacks/{pid}",
+            "a postback (with its last 24 h of deliveries)": f"/ui/postbacks/{pid}",
             "deliveries (first page)": "/ui/deliveries",
             "deliveries (second page, keyset)": f"/ui/deliveries?cursor={after}",
             "deliveries of a state (dead)": "/ui/deliveries?state=dead",
-            "deliveries of an offer": f"/ui/deliveries?offer={middle}",
-            "deliveries of a postback": f"/ui/deliveries?postback={pid}",
-            "deliveries of an action (every postback)": "/ui/deliveries?action=ping_url",
+            "deliveries of an offer (last 24 h)": f"/ui/deliveries?offer={middle}",
+            "deliveries of a postback (last 24 h, the default)": f"/ui/deliveries?postback={pid}",
+            "deliveries of a postback (all time)": f"/ui/deliveries?postback={pid}&since=",
+            "deliveries of an action (every postback, 24 h)": "/ui/deliveries?action=ping_url",
             "deliveries in a time range": f"/ui/deliveries?since={since}&until={until}",
             "a delivery": f"/ui/deliveries/{one}",
             "health (queue depth, lag)": "/ui/health",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -42,6 +42,7 @@ NOTICES = {
     "deleted": "Postback deleted.",
     "duplicated": "Postbacks copied to this offer.",
 }
+RECENT_WINDOW = timedelta(days=1)  # bounds the newest-first walk of the store's index
 RECENT = 100  # deliveries read for a postback's page and its success rate
 SHOWN = 20
 
@@ -196,7 +197,8 @@ def visible_postback(ctx: Ctx) -> LoadedPostback:
 
 async def postback(ctx: Ctx, **extra: Any) -> web.Response:
     lp = visible_postback(ctx)
-    flt = DeliveryFilter(postback_ids=frozenset({lp.id}))
+    now = datetime.fromtimestamp(ctx.services.clock.now(), UTC)
+    flt = DeliveryFilter(postback_ids=frozenset({lp.id}), since=now - RECENT_WINDOW)
     recent, _ = await ctx.services.store.list_deliveries(flt, RECENT, None)
     ok, finished, percent = success_rate(recent)
     row = table_row(lp, ctx.ui.repository_url)

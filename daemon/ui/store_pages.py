@@ -4,7 +4,7 @@ attempt and Retry, a conversion's arrivals and the deliveries each fired, and He
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -24,6 +24,7 @@ from daemon.ui.views import parse_time
 log = structlog.get_logger("postbackd.ui")
 
 PAGE_SIZE = 50
+DEFAULT_WINDOW = timedelta(days=1)  # see delivery_filter
 _DELIVERY_ID = re.compile(r"^[A-Za-z0-9]{1,64}$")
 _RETRYABLE = (DeliveryState.DEAD, DeliveryState.CANCELLED)
 _FILTERS = ("offer", "affiliate", "postback", "action", "state", "since", "until")
@@ -38,6 +39,10 @@ def add_routes(app: web.Application) -> None:
 
 
 # --- deliveries ----------------------------------------------------------------------------
+
+
+def now_of(ctx: Ctx) -> datetime:
+    return datetime.fromtimestamp(ctx.services.clock.now(), UTC)
 
 
 def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | None]:
@@ -81,6 +86,11 @@ def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | 
         except ValueError as err:
             raise InputError("unknown delivery state", "state") from err
     since = parse_time(q["since"], "since") if "since" in q else None
+    if since is None and ids is not None and "since" not in ctx.request.query:
+        # A narrow list (some postbacks) walks the store's newest-first index until it finds a
+        # page; bounded to a recent window unless the viewer asks for more (an empty From).
+        since = now_of(ctx) - DEFAULT_WINDOW
+        q["since"] = since.strftime("%Y-%m-%dT%H:%M")
     cursor = checked_cursor(q.get("cursor"))
     if cursor is None and "until" in q:
         cursor = encode_cursor(parse_time(q["until"], "until"), "0")  # created before `until`
@@ -102,6 +112,7 @@ async def deliveries(ctx: Ctx) -> web.Response:
         states=[s.value for s in DeliveryState],
         actions=action_types(),
         next_link=f"?{params({**filters, 'cursor': next_cursor})}" if next_cursor else None,
+        windowed=flt.postback_ids is not None and "since" not in ctx.request.query,
         first_link=f"?{params(filters)}" if cursor else None,
     )
 

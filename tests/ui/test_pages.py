@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon.ui.session import COOKIE
-from tests.harness import Daemon, Sink, start_daemon, wait_for
+from tests.harness import Daemon, FakeClock, Sink, start_daemon, wait_for
 from tests.ui.kit import ADMIN, AFF42, ENV, SINK_SECRET, csrf_of, rules, settings, sign_in
 
 
@@ -231,3 +231,26 @@ async def test_hostile_form_bodies_get_a_clear_4xx(daemon: Daemon) -> None:
     assert resp.status == 400
     assert (await daemon.client.get("/ui/static/..%2Fbase.py")).status == 404
     assert (await daemon.client.get("/ui/static/nothing.css")).status == 404
+
+
+async def test_narrow_delivery_lists_default_to_the_last_day(tmp_path: Path, sink: Sink) -> None:
+    clock = FakeClock()
+    d = await start_daemon(
+        tmp_path, rules(sink, sink), environ=ENV, settings=settings(session_ttl="7d"), clock=clock
+    )
+    try:
+        await d.post(conversion_id="old-1", offer=7, affiliate=42, status="approved", payout=9)
+        await wait_for(lambda: len(sink.received) >= 1)
+        rows = await d.deliveries(conversion_id="old-1")
+        delivery = next(r.delivery_id for r in rows if r.postback_id == 101)
+        await sign_in(d.client, AFF42)
+        assert delivery in await (await d.client.get("/ui/deliveries")).text()
+        clock.advance(2 * 86400)
+        page = await (await d.client.get("/ui/deliveries")).text()
+        assert delivery not in page
+        assert "Showing the last 24 hours" in page
+        assert delivery in await (await d.client.get("/ui/deliveries?since=")).text()
+        postback = await (await d.client.get("/ui/postbacks/101")).text()
+        assert "No delivery in the last 24 hours." in postback
+    finally:
+        await d.client.close()
