@@ -1,7 +1,7 @@
-"""Issue 13 items 4 and 11, as the attack: times that overflow once moved to UTC, ids in Unicode
-digits on the API's paths, CR/LF (any control character) in inbound values, payouts in digits
-Python reads but trackers never write. Each is a 4xx with a clear message, never a 5xx, and
-nothing is stored."""
+"""Issue 13 item 4, as the attack: times that overflow once moved to UTC (year 1 at +14:00,
+year 9999 at -14:00) and ids in Unicode digits on the API's paths (`'²'.isdigit()` is true, and
+int() of it raised: a 500). Each is a 4xx with a clear message, never a 5xx, and nothing is
+stored."""
 
 from __future__ import annotations
 
@@ -68,37 +68,3 @@ async def test_path_ids_in_unicode_digits_are_a_404(daemon: Daemon, path: str) -
     if path.startswith("/api/v1/deliveries/"):
         retry = await daemon.client.post(path + "/retry", headers=headers)
         assert retry.status == 404
-
-
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("click_id", "abc\r\nX-Injected: 1"),
-        ("email", "a@b.c\n"),
-        ("sub1", "x\ty"),
-        ("offer", "1\r"),
-        ("sub2", "\x85next-line"),
-        ("extra_note", "line\nbreak"),
-    ],
-)
-async def test_control_characters_in_values_are_a_400(
-    daemon: Daemon, tmp_path: Path, field: str, value: str
-) -> None:
-    resp = await daemon.client.get("/webhooks/generic", params={**BASE, field: value})
-    assert resp.status == 400
-    body = await resp.json()
-    assert body["error"] == "value contains control characters"
-    json_resp = await daemon.client.post("/webhooks/generic", json={**BASE, field: value})
-    assert json_resp.status == 400
-    assert conversions(tmp_path) == []
-
-
-@pytest.mark.parametrize("value", ["٣", "1_000", "１２", "³", "1 000", "0x10", "12,50"])
-@pytest.mark.parametrize("field", ["payout", "revenue"])
-async def test_payouts_in_anything_but_ascii_decimal_are_a_400(
-    daemon: Daemon, tmp_path: Path, field: str, value: str
-) -> None:
-    resp = await daemon.client.get("/webhooks/generic", params={**BASE, field: value})
-    assert resp.status == 400
-    assert (await resp.json())["field"] == field
-    assert conversions(tmp_path) == []
