@@ -254,3 +254,49 @@ async def test_narrow_delivery_lists_default_to_the_last_day(tmp_path: Path, sin
         assert "No delivery in the last 24 hours." in postback
     finally:
         await d.client.close()
+
+
+async def test_send_test_sends_one_real_request_after_confirmation(
+    daemon: Daemon, sink: Sink
+) -> None:
+    csrf = await sign_in(daemon.client, ADMIN)
+    form = await (await daemon.client.get("/ui/postbacks/101/send-test")).text()
+    assert "Send for real" in form
+    assert 'data-confirm="Send this postback for real now?"' in form
+    assert sink.received == []  # the confirmation page sends nothing
+    sample = '{"conversion_id": "st-1", "offer": "7", "affiliate": "42", "status": "approved", "payout": "9"}'
+    resp = await daemon.client.post(
+        "/ui/postbacks/101/send-test", data={"csrf": csrf, "conversion": sample}
+    )
+    text = await resp.text()
+    assert resp.status == 200
+    assert "Sent: HTTP 200" in text
+    assert [r.path_qs for r in sink.received] == [f"/a42?tx=st-1&k={SINK_SECRET}"]
+    assert SINK_SECRET not in text  # the page shows the request masked
+    assert "/a42?tx=st-1&amp;k=****" in text
+    assert await daemon.deliveries() == []  # recorded nowhere
+    bad = await daemon.client.post(
+        "/ui/postbacks/101/send-test", data={"csrf": csrf, "conversion": "{"}
+    )
+    assert bad.status == 400
+    assert len(sink.received) == 1
+
+
+async def test_a_conversion_shows_its_arrivals_and_what_each_fired(
+    daemon: Daemon, sink: Sink
+) -> None:
+    await daemon.post(
+        conversion_id="cv-1", offer=7, affiliate=42, status="pending", email="jane@example.com"
+    )
+    await daemon.post(conversion_id="cv-1", offer=7, affiliate=42, status="approved", payout=9)
+    await wait_for(lambda: len(sink.received) >= 1)
+    await sign_in(daemon.client, ADMIN)
+    text = await (await daemon.client.get("/ui/conversions?source=generic&id=cv-1")).text()
+    first, second = text.index("#1 New"), text.index("#2 Status Changed")
+    assert first < second
+    assert "Fired no delivery." in text[first:second]
+    assert 'href="/ui/postbacks/101"' in text[second:]
+    assert "jane@example.com" not in text
+    assert "j***@e***.com" in text
+    missing = await (await daemon.client.get("/ui/conversions?source=generic&id=nope")).text()
+    assert "No conversion nope from source generic." in missing
