@@ -19,13 +19,15 @@ def rules(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_table_has_the_platform_columns(rules: Path) -> None:
+def test_table_has_the_platform_columns(rules: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # one line per postback (tests/cli: the wrapping)
     result = run("rules", "list", "--rules", str(rules), "--offer", "1234")
     assert result.code == 0, result.err
     lines = result.out.splitlines()
     assert lines[0] == "Offer 1234 (goals on)"
     assert re.split(r"\s{2,}", lines[1]) == list(COLUMNS)
     row_102 = next(line for line in lines if line.startswith("102 "))
+    assert "Conversion Done" in row_102
     assert "affiliate 42, goal sale, when payout >= 5" in row_102
     assert "POST https://api.partner-42.example.net/conversions; headers: X-Api-Key=****" in row_102
     assert "${secret" not in result.out

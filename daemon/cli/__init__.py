@@ -22,6 +22,7 @@ from daemon.cli import (
     rules,
     rules_add,
     rules_bulk,
+    rules_show,
     run,
     send_test,
     store,
@@ -65,6 +66,7 @@ def _register() -> None:
         rules_bulk.disable_cmd,
         rules_bulk.delete_cmd,
         rules_bulk.goals,
+        rules_show.show_cmd,
         affiliates.history_cmd,
         affiliates.export_cmd,
     ):

@@ -7,11 +7,13 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import click
 from ruamel.yaml.comments import CommentedMap
 
+from daemon.catalogue import Catalogue
 from daemon.cli import affiliates
 from daemon.cli.common import config_option, load_or_exit, rules_dir_from, rules_option
 from daemon.cli.editing import (
@@ -21,7 +23,16 @@ from daemon.cli.editing import (
 )
 from daemon.cli.rulecheck import lint_plan
 from daemon.cli.ruletree import EditError, Plan, Tree, atomic_write, check, write
-from daemon.listing import COLUMNS, literal_credentials, postback_row, render_table, table_cells
+from daemon.cli.table import label, render
+from daemon.cli.validate import catalogue_of
+from daemon.listing import (
+    COLUMNS,
+    action_settings_text,
+    author_text,
+    literal_credentials,
+    postback_row,
+    trigger_settings_text,
+)
 from daemon.visibility import Viewer, visible_to
 
 FIXED_KEYS = ("id", "created_at", "author")
@@ -60,8 +71,9 @@ def list_cmd(
     config: str | None,
 ) -> None:
     """List postbacks: ID, Trigger, Trigger Settings, Action, Action Settings (secrets as
-    ****), Status, Created At, Author. Long settings are cut in the table; --format json
-    shows them whole, with each postback's offer, file and line."""
+    ****), Status, Created At, Author, with the product's labels; long cells wrap to fit the
+    terminal. With a catalogue, offers and affiliates show their names. --format json shows
+    each postback's offer, file and line too; `rules show ID` shows every setting of one."""
     try:
         who = Viewer.parse(viewer)
     except ValueError as err:
@@ -84,11 +96,14 @@ def list_cmd(
         click.echo("no postbacks")
         return
     offers = sorted({r["offer"] for r in rows}, key=lambda o: [r["offer"] for r in rows].index(o))
+    names = catalogue_of(rule_set_root(rules, config))
     for n, one in enumerate(offers):
         goals = next(lp.goals_enabled for lp in rule_set.offers[one])
-        click.echo(("\n" if n else "") + f"Offer {one} (goals {'on' if goals else 'off'})")
-        cells = [table_cells(r) for r in rows if r["offer"] == one]
-        click.echo(render_table(COLUMNS, cells))
+        name = names.offer_name(one) if names else None
+        title = f"Offer {one}" + (f" {name}" if name else "")
+        click.echo(("\n" if n else "") + f"{title} (goals {'on' if goals else 'off'})")
+        cells = [readable_cells(r, names) for r in rows if r["offer"] == one]
+        click.echo(render(COLUMNS, cells))
     affiliates.print_store_tables(stored, first=not rows)
 
 
@@ -263,3 +278,27 @@ def _edit(
     plan.notes.extend(notes or [])
     doc, _ = tree.locate(pid)
     apply(tree, plan, dry_run, f"{done} in {doc.rel}")
+
+
+def rule_set_root(rules: str | None, config: str | None) -> Path:
+    return rules_dir_from(rules, config)
+
+
+def readable_cells(row: Mapping[str, Any], names: Catalogue | None) -> list[str]:
+    """The eight columns of the list with the product's labels, whole (the table wraps them),
+    and the catalogue's names beside ids."""
+    settings = trigger_settings_text(row)
+    affiliate = row["trigger_settings"]["affiliate"]
+    name = names.affiliate_name(affiliate) if names else None
+    if name:
+        settings = settings.replace(f"affiliate {affiliate}", f"affiliate {affiliate} ({name})", 1)
+    return [
+        str(row["id"]),
+        label(row["trigger"]),
+        settings,
+        label(row["action"]),
+        action_settings_text(row["action_settings"]),
+        label(row["status"]),
+        row["created_at"] or "-",
+        author_text(row["author"]),
+    ]

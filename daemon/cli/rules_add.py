@@ -12,6 +12,7 @@ import click
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
+from daemon.cli import action_options
 from daemon.cli.common import config_option, rules_option
 from daemon.cli.editing import (
     NewItem,
@@ -41,7 +42,13 @@ from daemon.models import Trigger
 from daemon.yamlfile import MAX_FILE_BYTES, YamlError, load_yaml
 
 
-@click.command("add")
+@click.command("add", epilog=action_options.epilog())
+@click.option(
+    "--template",
+    type=click.Choice(list(action_options.models())),
+    metavar="TYPE",
+    help="Print a commented skeleton of a postback with this action type, and stop.",
+)
 @click.option("--offer", metavar="ID", help="The offer (its file gets the postback).")
 @click.option("--trigger", type=click.Choice([t.value for t in Trigger]))
 @click.option("--affiliate", metavar="ID|*", help='One affiliate, or "*" for all.')
@@ -50,8 +57,14 @@ from daemon.yamlfile import MAX_FILE_BYTES, YamlError, load_yaml
 @click.option(
     "--status", type=click.Choice(["active", "disabled"]), default=None, help="Default: active."
 )
-@click.option("--action", "action_type", metavar="TYPE", help="Default: ping_url.")
-@click.option("--method", type=click.Choice(["GET", "POST"]), help="ping_url's method.")
+@click.option(
+    "--action",
+    "action_type",
+    type=click.Choice(list(action_options.models())),
+    metavar="TYPE",
+    help="The action type (default: ping_url); its settings are the options listed below.",
+)
+@click.option("--method", help="The HTTP method (ping_url: GET or POST).")
 @click.option("--url", help="ping_url's URL (macros such as {click_id} allowed).")
 @click.option("--header", "headers", multiple=True, metavar="NAME=VALUE", help="ping_url header.")
 @click.option(
@@ -75,6 +88,7 @@ from daemon.yamlfile import MAX_FILE_BYTES, YamlError, load_yaml
 @dry_run_option
 @rules_option
 @config_option
+@action_options.options
 def add_cmd(**opts: Any) -> None:
     """Add a postback to an offer's file (a new file if the offer has none), with the next
     free id, created_at now and you as author (--author, else git config user.email/name).
@@ -86,8 +100,12 @@ def add_cmd(**opts: Any) -> None:
     postbackd rules add --offer 1234 --from - < postback.yaml
 
     Credentials go in as ${secret:NAME}, never as values. The change is validated
-    before it is written, and shown as a diff.
+    before it is written, and shown as a diff. Any action type without YAML: --action TYPE
+    and its settings (below; JSON for lists and maps), or --template TYPE for a skeleton.
     """
+    if opts["template"]:
+        click.echo(action_options.template(opts["template"]), nl=False)
+        return
     tree = open_tree(opts["rules"], opts["config"])
     item = _snippet(opts["snippet"])
     offer = _offer_of(item, opts["offer"])
@@ -160,6 +178,9 @@ def _fill(item: CommentedMap, opts: dict[str, Any]) -> None:
     for key in ("method", "url"):
         if opts[key] is not None:
             set_path(item, ["action", key], opts[key])
+    kind = str(item["action"].get("type"))
+    for key, value in action_options.chosen(opts, kind):
+        set_path(item, ["action", key], to_yaml(value))
     for header in opts["headers"]:
         name, sep, value = header.partition("=")
         if not sep or not name.strip():

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 GAP = "  "
 MIN_WIDTH = 4  # a column is narrowed no further (its words break)
+KEEP = 24  # columns this narrow are narrowed only when the long ones cannot give more
 DEFAULT_WIDTH = 120  # when the output is not a terminal and $COLUMNS is not set
 
 
@@ -37,9 +38,11 @@ def widths_for(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int
         ]
     widths = list(natural)
     room = width - len(GAP) * (len(widths) - 1)
-    # First down to each header's longest word (headers stay readable), then further.
+    # The long columns first (short ones, such as times and states, stay whole), then down
+    # to each header's longest word (headers stay readable), then further.
     words = [max(MIN_WIDTH, min(12, *(len(w) for w in h.split() or [""]))) for h in headers]
-    for floors in (words, [MIN_WIDTH] * len(widths)):
+    short = [max(f, min(n, KEEP)) for f, n in zip(words, natural, strict=True)]
+    for floors in (short, words, [MIN_WIDTH] * len(widths)):
         while sum(widths) > room:
             room_left = [i for i in range(len(widths)) if widths[i] > floors[i]]
             if not room_left:
