@@ -15,8 +15,10 @@ from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp import web
 
 from bench.context import SMALL_OFFERS, Context
+from bench.procs import free_port
 from bench.scale import MATCH_ROUNDS, _match_cpu_us, _prepared
 from daemon.actions.base import Resources
 from daemon.affiliates.index import AffiliateSecrets, StoreIndex
@@ -128,8 +130,6 @@ async def affiliates(ctx: Context) -> None:
 
 async def _api_writes(ctx: Context, rules_dir: Path) -> None:
     """POST /api/v1/postbacks from WRITERS clients for the window; creates per second."""
-    from aiohttp.test_utils import TestServer
-
     from daemon.app import create_app
     from daemon.settings import Settings
 
@@ -151,8 +151,11 @@ async def _api_writes(ctx: Context, rules_dir: Path) -> None:
     )
     # One info line per create would flood the report: warnings and errors only here.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    server = TestServer(create_app(settings, environ={}, dispatch=False, watch=False))
-    await server.start_server(host="127.0.0.1")
+    runner = web.AppRunner(create_app(settings, environ={}, dispatch=False, watch=False))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}/api/v1/postbacks"
     body = {
         "offer": 1,
         "trigger": "conversion_done",
@@ -166,7 +169,7 @@ async def _api_writes(ctx: Context, rules_dir: Path) -> None:
             async def writer() -> None:
                 nonlocal done
                 while time.monotonic() < stop:
-                    async with http.post(f"{server.make_url('/api/v1/postbacks')}", json=body) as r:
+                    async with http.post(url, json=body) as r:
                         if r.status != 201:
                             raise RuntimeError(f"create answered {r.status}: {await r.text()}")
                         done += 1
@@ -175,7 +178,7 @@ async def _api_writes(ctx: Context, rules_dir: Path) -> None:
             await asyncio.gather(*(writer() for _ in range(WRITERS)))
             elapsed = time.monotonic() - started
     finally:
-        await server.close()
+        await runner.cleanup()
         (rules_dir / "affiliates.yaml").unlink()
     ctx.report.add(
         "API writes (POST /api/v1/postbacks), SQLite",
