@@ -17,6 +17,7 @@ from daemon.cli.common import (
     rules_dir_from,
     rules_option,
 )
+from daemon.cli.pii import mask, mask_text, personal_values, show_pii_option
 from daemon.cli.ruletests import load_cases, run_case
 from daemon.errors import RulesError
 from daemon.explain import Evaluation, evaluate
@@ -34,19 +35,22 @@ FORMAT = click.Choice(["text", "json"])
     help="The status already stored (default: none, the conversion is new).",
 )
 @click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@show_pii_option
 @config_option
 def explain_cmd(
     conversion_file: str,
     rules: str | None,
     previous_status: str | None,
     fmt: str,
+    show_pii: bool,
     config: str | None,
 ) -> None:
     """Dry-run one conversion: which postbacks of its offer fire, and why the others do not.
 
     CONVERSION.json is an object of canonical fields (conversion_id, offer, affiliate, status,
     payout, click_id, ...), optionally `source` and an `extra` object. For each postback that
-    fires it prints the exact request, secrets shown as ****. Nothing is sent or stored.
+    fires it prints the exact request, secrets shown as ****, personal data (email, phone,
+    IP...) as *** unless --show-pii. Nothing is sent or stored.
     """
     conversion, source = conversion_of(read_json_object(conversion_file), conversion_file)
     rule_set = load_or_exit(rules_dir_from(rules, config))
@@ -59,7 +63,12 @@ def explain_cmd(
         previous_status=Status(previous_status) if previous_status else None,
         guard=Guard(),
     )
-    click.echo(json.dumps(_explain_json(ev), indent=2) if fmt == "json" else _explain_text(ev))
+    own = personal_values({**conversion.canonical(), "extra": dict(conversion.extra)})
+    if fmt == "json":
+        click.echo(json.dumps(mask(_explain_json(ev), show=show_pii, values=own), indent=2))
+        return
+    text = _explain_text(ev)
+    click.echo(text if show_pii else mask_text(text, own))
 
 
 def _explain_text(ev: Evaluation) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from daemon.cli.pii import mask, show_pii_option
+from daemon.cli.pii import mask, personal_values, show_pii_option
 from daemon.cli.store import parse_since, when, with_store
 from daemon.cli.table import label, render, to_csv
 from daemon.models import TRIGGER_OF_STATUS, Status, Trigger
@@ -179,7 +179,9 @@ def conversions_list(config: str | None, **opts: Any) -> None:
         return await store.conversion_log(flt, limit, None)
 
     found, more = with_store(config, job)
-    items = [mask(conversion_json(row), show=show) for row in found]
+    items = [
+        mask(conversion_json(row), show=show, values=personal_values(row.fields)) for row in found
+    ]
     if fmt == "json":
         click.echo(json.dumps(items, indent=2))
         return

@@ -1,12 +1,14 @@
 """Personal data (email, phone, IP address and the other PII fields of SPEC 14) masked in
-every command-line output unless --show-pii: by field name in a conversion's fields, and by
-shape (or by parameter name) inside request texts, URLs, bodies and response excerpts."""
+every command-line output unless --show-pii: by field name in a conversion's fields, and in
+request texts, URLs, bodies and response excerpts as the conversion's own values, by parameter
+name, and (emails and phone numbers) by shape."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import click
 
@@ -16,12 +18,6 @@ MASK = "***"
 PII_KEYS = frozenset(PII_FIELDS) | {"ip_address", "mobile", "msisdn", "tel", "telephone", "e-mail"}
 _EMAIL = re.compile(
     r"[A-Za-z0-9._%+-]+(?:@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", re.IGNORECASE
-)
-_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
-# Full (eight groups) or compressed (with ::): a time such as 12:30:45 is neither.
-_IPV6 = re.compile(
-    r"(?<![\w:])(?:(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}"
-    r"|(?=[0-9a-fA-F:]*::)[0-9a-fA-F]{0,4}(?::[0-9a-fA-F]{0,4}){2,7})(?![\w:])"
 )
 _PHONE = re.compile(r"(?:\+|%2B)\d[\d .()/-]{6,18}\d")
 _keys = "|".join(sorted((re.escape(k) for k in PII_KEYS), key=len, reverse=True))
@@ -34,26 +30,40 @@ show_pii_option = click.option(
 )
 
 
-def mask_text(text: str) -> str:
-    """The text with every email, phone number and IP address, and every value of a
-    PII-named parameter, replaced by ***."""
+def mask_text(text: str, values: Iterable[str] = ()) -> str:
+    """The text with the conversion's own personal values (`values`, as written and URL- or
+    form-encoded), every email and phone number, and every value of a PII-named parameter
+    replaced by ***. IP addresses are masked by name (ip=..., "ip": ...) and as the
+    conversion's values, not by shape: a destination host is not personal data."""
+    for value in sorted({v for v in values if len(v) >= 3}, key=len, reverse=True):
+        for form in {value, quote(value, safe=""), quote_plus(value, safe="")}:
+            text = text.replace(form, MASK)
     text = _PARAM.sub(lambda m: m.group(1) + (MASK if m.group(2) else ""), text)
     text = _JSON.sub(lambda m: f'{m.group(1)}"{MASK}"', text)
-    for pattern in (_EMAIL, _PHONE, _IPV6, _IPV4):
+    for pattern in (_EMAIL, _PHONE):
         text = pattern.sub(MASK, text)
     return text
 
 
-def mask(value: Any, key: str = "", show: bool = False) -> Any:
+def personal_values(fields: Mapping[str, Any]) -> list[str]:
+    """The values of a conversion's PII fields (extra ones with PII names included)."""
+    found = [str(v) for k, v in fields.items() if k.lower() in PII_KEYS and v]
+    extra = fields.get("extra")
+    if isinstance(extra, Mapping):
+        found += [str(v) for k, v in extra.items() if str(k).lower() in PII_KEYS and v]
+    return found
+
+
+def mask(value: Any, key: str = "", show: bool = False, values: Sequence[str] = ()) -> Any:
     """A JSON-like value with PII masked (nothing changes when `show`)."""
     if show:
         return value
     if isinstance(value, Mapping):
-        return {k: mask(v, str(k)) for k, v in value.items()}
+        return {k: mask(v, str(k), values=values) for k, v in value.items()}
     if isinstance(value, list):
-        return [mask(v, key) for v in value]
+        return [mask(v, key, values=values) for v in value]
     if isinstance(value, str):
         if key.lower() in PII_KEYS and value:
             return MASK
-        return mask_text(value)
+        return mask_text(value, values)
     return value

@@ -19,6 +19,7 @@ from daemon.cli.common import (
     rules_option,
     settings_from,
 )
+from daemon.cli.pii import mask_text, personal_values, show_pii_option
 from daemon.errors import RetryableError
 from daemon.loader import LoadedPostback
 from daemon.models import Conversion
@@ -35,13 +36,19 @@ from daemon.sendtest import SendResult, sample_conversion, send_once, would_fire
     help="A conversion JSON object (the explain format); default: a sample that matches.",
 )
 @rules_option
+@show_pii_option
 @config_option
 def send_test(
-    postback_id: int, conversion_file: str | None, rules: str | None, config: str | None
+    postback_id: int,
+    conversion_file: str | None,
+    rules: str | None,
+    show_pii: bool,
+    config: str | None,
 ) -> None:
     """Really send postback POSTBACK_ID once, through its action and the outbound guard of the
     settings, and show the request (secrets ****), the answer and the outcome. Nothing is
-    stored. Exit 0 when the attempt succeeds, 1 otherwise."""
+    stored. Personal data (email, phone, IP...) shows as *** unless --show-pii. Exit 0 when the
+    attempt succeeds, 1 otherwise."""
     settings = settings_from(config)
     rule_set = load_or_exit(rules_dir_from(rules, config))
     lp = rule_set.postbacks.get(postback_id)
@@ -58,7 +65,9 @@ def send_test(
         f"{conversion.conversion_id} ({conversion.status.value}, affiliate {conversion.affiliate})"
     )
     result = asyncio.run(send_once(settings, lp, conversion, os.environ))
-    click.echo(send_text(result))
+    own = personal_values({**conversion.canonical(), "extra": dict(conversion.extra)})
+    text = send_text(result)
+    click.echo(text if show_pii else mask_text(text, own))
     sys.exit(0 if result.ok else 1)
 
 

@@ -15,7 +15,7 @@ import click
 
 from daemon.api_views import attempt_view
 from daemon.cli.common import config_option, settings_from
-from daemon.cli.pii import mask, mask_text, show_pii_option
+from daemon.cli.pii import mask, mask_text, personal_values, show_pii_option
 from daemon.durations import parse_duration
 from daemon.errors import ConfigError, InputError, RulesError, StoreError
 from daemon.listing import render_table
@@ -98,18 +98,24 @@ def show_cmd(delivery_id: str, fmt: str, show_pii: bool, config: str | None) -> 
     """One delivery with every attempt: request as sent (secrets ****), answer, outcome.
     Personal data (email, phone, IP...) shows as *** unless --show-pii."""
 
-    async def job(store: Store) -> tuple[DeliveryDetail | None, str | None]:
-        return await store.get_delivery(delivery_id), await store.resend_of(delivery_id)
+    async def job(store: Store) -> tuple[DeliveryDetail | None, str | None, list[str]]:
+        detail = await store.get_delivery(delivery_id)
+        if detail is None:
+            return None, None, []
+        d = detail.delivery
+        conversion = await store.get_conversion(d.source, d.conversion_id)
+        own = personal_values(conversion.fields) if conversion else []
+        return detail, await store.resend_of(delivery_id), own
 
-    detail, origin = with_store(config, job)
+    detail, origin, own = with_store(config, job)
     if detail is None:
         raise click.ClickException(f"unknown delivery {delivery_id}")
     if fmt == "json":
         body = {**detail_json(detail), "resend_of": origin}
-        click.echo(json.dumps(mask(body, show=show_pii), indent=2, default=str))
+        click.echo(json.dumps(mask(body, show=show_pii, values=own), indent=2, default=str))
         return
     text = detail_text(detail) + (f"\n  a resend of delivery {origin}" if origin else "")
-    click.echo(text if show_pii else mask_text(text))
+    click.echo(text if show_pii else mask_text(text, own))
 
 
 def detail_json(detail: DeliveryDetail) -> dict[str, Any]:
@@ -248,7 +254,7 @@ def show_conversion(
     row, rows = with_store(config, job)
     if row is None:
         raise click.ClickException(f"unknown conversion {conversion_id} from source {source}")
-    fields = mask(row.fields, show=show_pii)
+    fields = mask(row.fields, show=show_pii, values=personal_values(row.fields))
     last = row.arrivals[-1] if row.arrivals else None
     previous = _previous_status(row.arrivals)
     if fmt == "sample":

@@ -7,13 +7,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from daemon.api_views import attempt_view, delivery_view
 from daemon.loader import load_rules
+from daemon.store.base import AttemptRow, DeliveryState, Store
 from tests.cli.test_backfill import T0, deliveries_of, fill, on_store
 from tests.test_cli_ops_kit import make_repo, run
 
@@ -180,3 +182,59 @@ def test_hostile_slices_are_usage_errors(config: Path, args: list[str]) -> None:
         assert r.code == 2, (command, args, r.out, r.err)
         assert "Traceback" not in r.err
         assert len(r.err.splitlines()) == 1
+
+
+def test_personal_data_is_masked_in_requests_unless_show_pii(config: Path, tmp_path: Path) -> None:
+    db = Path(config.read_text().split("sqlite:///")[1].split("\n")[0])
+
+    async def attempt_with_pii(store: Store) -> str:
+        [claim] = await store.claim_due("n1", datetime.now(UTC), 1, timedelta(seconds=30))
+        conv = await store.get_conversion(claim.source, claim.conversion_id)
+        assert conv is not None
+        email = conv.fields["email"]
+        record = AttemptRow(
+            started_at=datetime.now(UTC),
+            duration_ms=5,
+            outcome="succeeded",
+            reason=None,
+            rules_version="v",
+            node="n1",
+            request={
+                "method": "GET",
+                "url": f"https://tracker.example.com/pb?c=k1&e={quote(email, safe='')}",
+                "headers": {},
+                "body": f'{{"contact": "{email}", "ip": "198.51.100.7"}}',
+            },
+            response_status=200,
+            response_excerpt=f"ok {email}",
+        )
+        await store.finish_attempt(claim, record, DeliveryState.SUCCEEDED, None)
+        return claim.delivery_id
+
+    delivery = on_store(db, attempt_with_pii)
+    masked = run("deliveries", "show", delivery, "-c", str(config))
+    assert masked.code == 0, masked.err
+    assert "example.com/pb?c=k1&e=***" in masked.out
+    assert '"contact": "***", "ip": "***"' in masked.out
+    assert "@example.com" not in masked.out.replace("tracker.example.com", "")
+    shown = run("deliveries", "show", delivery, "-c", str(config), "--show-pii")
+    assert "%40example.com" in shown.out
+    assert "198.51.100.7" in shown.out
+    as_json = run("deliveries", "show", delivery, "-c", str(config), "--format", "json").out
+    assert "user" not in json.loads(as_json)["attempts"][0]["response_excerpt"]
+    # explain: the conversion's own values, wherever the rule puts them.
+    sample = tmp_path / "conv.json"
+    sample.write_text(
+        json.dumps(
+            {"conversion_id": "x1", "offer": "1234", "affiliate": "42", "status": "approved",
+             "payout": "7", "click_id": "k9", "email": "jane.roe@example.org",
+             "phone": "+15550001111", "ip": "203.0.113.50"}
+        )
+    )  # fmt: skip
+    rules = Path(config.read_text().split("rules_dir: ")[1].strip())
+    explained = run("explain", str(sample), "--rules", str(rules))
+    assert explained.code == 0, explained.err
+    assert "jane.roe" not in explained.out
+    assert "&e=***" in explained.out
+    plain = run("explain", str(sample), "--rules", str(rules), "--show-pii")
+    assert "jane.roe%40example.org" in plain.out
