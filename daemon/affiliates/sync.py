@@ -63,11 +63,17 @@ class AffiliateSync:
         return True
 
     async def initial(self) -> None:
-        """The first load, at start; a store that fails now is the loop's to retry."""
+        """The first load, at start, before anything else reads the index: validating every
+        store postback is done in a thread (100,000 take seconds). A store that fails now is the
+        loop's to retry."""
         try:
-            await self.refresh()
+            changes = await self.store.affiliate_changes(self.index.version)
         except StoreError as err:
             log.warning("affiliate_sync_failed", error=str(err))
+            return
+        self.index.secrets.apply(changes.secrets)
+        await asyncio.to_thread(self.index.apply, changes.postbacks, changes.version)
+        self.reloader.recompose()
 
     async def run(self, beat: Callable[[], None] | None = None) -> None:
         """Until cancelled; survives the store's failures (logged once, and once recovered).
