@@ -133,8 +133,10 @@ FROM delivery
 WHERE ($1::text IS NULL OR state = $1::text)
   AND ($2::bigint[] IS NULL OR postback_id = ANY($2::bigint[]))
   AND ($3::text IS NULL OR conversion_id = $3::text)
-  AND ($4::timestamptz IS NULL OR created_at >= $4::timestamptz)
-  AND ($5::timestamptz IS NULL OR (created_at, id) < ($5::timestamptz, $6::text))
+  -- Written as ranges (not `$4 IS NULL OR ...`) so that the created_at index bounds the
+  -- walk: a time range or a later page reads only its own rows.
+  AND created_at >= coalesce($4::timestamptz, '-infinity'::timestamptz)
+  AND (created_at, id) < (coalesce($5::timestamptz, 'infinity'::timestamptz), coalesce($6::text, ''))
 ORDER BY created_at DESC, id DESC
 LIMIT $7;
 

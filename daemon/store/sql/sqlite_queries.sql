@@ -140,8 +140,10 @@ FROM delivery
 WHERE (:state IS NULL OR state = :state)
   AND (:postback_ids IS NULL OR postback_id IN (SELECT value FROM json_each(:postback_ids)))
   AND (:conversion_id IS NULL OR conversion_id = :conversion_id)
-  AND (:since IS NULL OR created_at >= :since)
-  AND (:after_created IS NULL OR (created_at, id) < (:after_created, :after_id))
+  -- Written as ranges (not `:since IS NULL OR ...`) so that the delivery_created index bounds
+  -- the walk: a time range or a later page reads only its own rows.
+  AND created_at >= coalesce(:since, -9223372036854775808)
+  AND (created_at, id) < (coalesce(:after_created, 9223372036854775807), coalesce(:after_id, ''))
 ORDER BY created_at DESC, id DESC
 LIMIT :limit;
 
