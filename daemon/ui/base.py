@@ -67,6 +67,7 @@ class UiState:
     environ: Mapping[str, str]  # for send-test's secrets, as the daemon reads them
     # Every offer's counts for one rule set (see ops.offers).
     offers: tuple[Any, list[Any], list[tuple[int, str]]] | None = None
+    names: tuple[Any, dict[str, str]] | None = None  # offer names of one rule set
 
 
 UI = web.AppKey("ui", UiState)

@@ -12,7 +12,8 @@ from aiohttp import web
 
 from daemon.actions import BUILDERS
 from daemon.api import API
-from daemon.errors import InputError
+from daemon.catalogue import load_catalogue
+from daemon.errors import InputError, RulesError
 from daemon.explain import evaluate
 from daemon.loader import LoadedPostback, RuleSet
 from daemon.log import mask
@@ -108,8 +109,21 @@ async def offers(ctx: Ctx) -> web.Response:
 
 
 async def _offer_names(ctx: Ctx) -> dict[str, str]:
-    """Offer names where the affiliate service knows them (none otherwise)."""
-    return {}
+    """Offer names from rules.d/catalogue.yaml (none without one), read once per rule set."""
+    rules = ctx.services.reloader.runtime.rules
+    cached = ctx.ui.names
+    if cached is None or cached[0] is not rules:
+        try:
+            catalogue = load_catalogue(ctx.services.settings.rules_path)
+        except RulesError:
+            catalogue = None  # validate reports it; the console shows ids only
+        names = (
+            {}
+            if catalogue is None
+            else {offer: entry.name for offer, entry in catalogue.offers.items() if entry.name}
+        )
+        cached = ctx.ui.names = (rules, names)
+    return cached[1]
 
 
 async def _addable_offers(ctx: Ctx) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ def rules(sink: Sink, bad: Sink) -> dict[str, str]:
                 {extra}"""
 
     return {
+        "catalogue.yaml": "offers:\n  7: {name: Solar Leads}\n  8: {name: Home Insurance}\n",
         "offer-7.yaml": "offer: 7\npostbacks:"
         + pb(
             101,

@@ -43,6 +43,13 @@ async def test_every_page_renders_for_an_admin(daemon: Daemon) -> None:
         assert resp.status == 200, (path, await resp.text())
 
 
+async def test_offers_show_their_names_from_the_catalogue(daemon: Daemon) -> None:
+    await sign_in(daemon.client, ADMIN)
+    text = await (await daemon.client.get("/ui/offers")).text()
+    assert '<td data-label="Name">Solar Leads</td>' in text
+    assert '<td data-label="Name">Home Insurance</td>' in text
+
+
 async def test_every_page_renders_for_an_affiliate(daemon: Daemon) -> None:
     await sign_in(daemon.client, AFF42)
     for path in ("/ui/offers", "/ui/offers/7", "/ui/postbacks/101", "/ui/deliveries"):
