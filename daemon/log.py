@@ -10,12 +10,14 @@ without credentials reachable from beyond loopback, at start); affiliate postbac
 affiliate_postback_created, affiliate_postback_deleted, affiliate_postback_disabled (by the
 policy), affiliate_secret_set, affiliate_changes_applied, affiliate_sync_failed,
 affiliate_sync_recovered, affiliate_sync_error, affiliate_listener_lost,
-affiliate_listener_failed.
+affiliate_listener_failed; the web console (issue 16): ui_signed_in, ui_sign_in_refused,
+ui_signed_out, ui_csrf_refused, delivery_requeued.
 
 Keys: source, conversion_id, transition, previous_status, status, offer, affiliate, deliveries,
 postback_id, delivery_id, action, destination, attempt, outcome, reason, duration_ms, next_in_s,
 rules_version, files, postbacks, errors, error, listen, store, remote, http_status, node, count,
-secret (a secret's name, never its value), version (of the affiliate postbacks in the store).
+secret (a secret's name, never its value), version (of the affiliate postbacks in the store),
+role (admin or affiliate, of a console session), path (a console page).
 """
 
 from __future__ import annotations

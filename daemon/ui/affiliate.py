@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-import structlog
 from aiohttp import web
 
 from daemon.affiliates.service import AffiliateService
@@ -17,8 +16,6 @@ from daemon.ui.action_form import field_specs, prefill, settings_from_form
 from daemon.ui.base import Ctx, PageNotFound, page, query, redirect
 from daemon.ui.ops import is_store, visible_postback
 from daemon.ui.views import table_row
-
-log = structlog.get_logger("postbackd.ui")
 
 _TRIGGERS = tuple(t.value for t in Trigger)
 
@@ -111,7 +108,6 @@ async def add(ctx: Ctx) -> web.Response:
         if err.status == 404:
             raise
         return await add_form(ctx, values, _message(err), 400 if err.status < 409 else err.status)
-    log.info("ui_postback_created", postback_id=created["id"], offer=offer)
     return redirect(f"/ui/postbacks/{created['id']}?notice=created")
 
 
@@ -158,7 +154,6 @@ async def edit(ctx: Ctx) -> web.Response:
         if err.status == 404:
             raise
         return await edit_form(ctx, values, _message(err), 400 if err.status < 409 else err.status)
-    log.info("ui_postback_updated", postback_id=lp.id)
     return redirect(f"/ui/postbacks/{lp.id}?notice=updated")
 
 
@@ -172,7 +167,6 @@ async def set_status(ctx: Ctx) -> web.Response:
     if status not in ("active", "disabled"):
         raise InputError("status must be active or disabled", "status")
     await service(ctx).set_status(ctx.viewer, lp.id, status)
-    log.info("ui_postback_status", postback_id=lp.id, status=status)
     return redirect(f"/ui/postbacks/{lp.id}?notice={status}")
 
 
@@ -193,7 +187,6 @@ async def delete(ctx: Ctx) -> web.Response:
         if err.status == 404:
             raise
         return await delete_form(ctx, _message(err), err.status)
-    log.info("ui_postback_deleted", postback_id=lp.id)
     return redirect(f"/ui/offers/{quote(lp.offer, safe='')}?notice=deleted")
 
 
@@ -228,10 +221,9 @@ async def duplicate(ctx: Ctx) -> web.Response:
     if not ids:
         return await duplicate_form(ctx, "Tick at least one postback to copy.", 400)
     try:
-        made = await service(ctx).duplicate(ctx.viewer, source, offer, ids)
+        await service(ctx).duplicate(ctx.viewer, source, offer, ids)
     except InputError as err:
         if err.status == 404:
             raise
         return await duplicate_form(ctx, _message(err), err.status)
-    log.info("ui_postbacks_duplicated", offer=offer, from_offer=source, count=len(made))
     return redirect(f"/ui/offers/{quote(offer, safe='')}?notice=duplicated")
