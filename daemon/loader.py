@@ -114,7 +114,8 @@ def load_rules(
         loaded.extend(_load_file(rel, cache.parse(rel, sources[rel]), issues, offer_goals))
     cache.keep_only(sources)
     by_id = _check_ids(loaded, issues)
-    secrets = {name: lp for lp in loaded for name in _secrets_of(lp.postback)}
+    seen: dict[int, frozenset[str]] = {}  # postbacks share action objects (daemon.sharing)
+    secrets = {name: lp for lp in loaded for name in _secrets_of(lp.postback, seen)}
     if missing_secrets is not None:
         for name in missing_secrets(sorted(secrets)):
             lp = secrets[name]
@@ -379,8 +380,17 @@ def templates_in(value: Any) -> Iterator[Template]:
             yield from templates_in(item)
 
 
-def _secrets_of(postback: Postback) -> set[str]:
-    return {name for t in templates_in(postback.action) for name in t.secrets}
+def _secrets_of(
+    postback: Postback, seen: dict[int, frozenset[str]] | None = None
+) -> frozenset[str]:
+    """The secrets the postback's action names; `seen` remembers them by action object."""
+    action = postback.action
+    found = seen.get(id(action)) if seen is not None else None
+    if found is None:
+        found = frozenset(name for t in templates_in(action) for name in t.secrets)
+        if seen is not None:
+            seen[id(action)] = found
+    return found
 
 
 def _build(

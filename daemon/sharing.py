@@ -27,6 +27,10 @@ class Pool:
 
     def __init__(self) -> None:
         self._parts: dict[tuple[str, bytes], Any] = {}
+        self._sets: dict[frozenset[str], set[str]] = {}
+
+    def fields_set(self, given: set[str]) -> set[str]:
+        return self._sets.setdefault(frozenset(given), given)
 
     def share(self, kind: str, value: Any) -> Any:
         try:
@@ -59,3 +63,8 @@ def share_parts(rule_file: RuleFile, pool: Pool) -> None:
             value = fields.get(name)
             if type(value) is str and len(value) <= 64:
                 fields[name] = sys.intern(value)
+        # Which fields the file set: a set of its own per model (about 700 bytes) otherwise.
+        # Shared, never changed: pydantic writes it only when a field is assigned (frozen here)
+        # and model_copy copies it first.
+        given = postback.__pydantic_fields_set__
+        object.__setattr__(postback, "__pydantic_fields_set__", pool.fields_set(given))

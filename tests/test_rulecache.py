@@ -207,5 +207,6 @@ def test_equal_parts_are_one_object(tmp_path: Path) -> None:
     assert len({id(pb.author) for pb in pbs}) == 1
     assert len({id(pb.created_at) for pb in pbs}) == 1
     assert len({id(pb.condition) for pb in pbs}) == 3  # fire-0, fire-1, fire-2
+    assert len({id(pb.__pydantic_fields_set__) for pb in pbs}) == 1
     other = [pb for pb in pbs if pb.id >= 20]
     assert {id(pb.action) for pb in other}.isdisjoint({id(pb.action) for pb in same_url})

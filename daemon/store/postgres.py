@@ -60,6 +60,9 @@ async def _errors() -> AsyncIterator[None]:
         raise StoreError(f"postgresql: {err.__class__.__name__}: {err}") from err
 
 
+KNOWN_MAX = 100_000  # conversions remembered per node (about 15 MiB at most)
+
+
 class PostgresStore(PostgresAffiliates, PostgresReplay):
     """A Store on a PostgreSQL database that several postbackd nodes may share."""
 
@@ -80,6 +83,9 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         self._settings = {"application_name": "postbackd", **(server_settings or {})}
         self._q = load_queries("postgres")
         self._pool: Any = None
+        # Conversions this node has stored lately: their next arrival goes straight to the
+        # locking path; any other is tried as new in one round trip (arrive_new).
+        self._known: dict[tuple[str, str], None] = {}
 
     async def migrate(self) -> list[str]:
         """Apply pending migrations (under the advisory lock); the names applied."""
@@ -129,6 +135,12 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         self, source: str, conversion: Conversion, received_at: datetime, plan: Planner
     ) -> ArrivalResult:
         now = utc(received_at)
+        key = (source, conversion.conversion_id)
+        if key not in self._known:
+            fast = await self._arrive_new(source, conversion, now, plan)
+            self._remember(key)
+            if fast is not None:
+                return fast
         async with self._conn() as conn:
             pk, stored = await self._lock_or_insert(conn, source, conversion, now)
             write = prepare_arrival(source, conversion, now, stored, plan)
@@ -145,6 +157,43 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
                 await conn.execute(self._q["touch_conversion"], pk, now)
             await self._write_arrival(conn, source, conversion, pk, write, now)
             return write.result(source, conversion.conversion_id)
+
+    def _remember(self, key: tuple[str, str]) -> None:
+        known = self._known
+        known[key] = None
+        if len(known) > KNOWN_MAX:
+            del known[next(iter(known))]  # the oldest (dicts keep insertion order)
+
+    async def _arrive_new(
+        self, source: str, conversion: Conversion, now: datetime, plan: Planner
+    ) -> ArrivalResult | None:
+        """A new conversion in one round trip (arrive_new), or None when it exists already
+        (nothing written: the caller takes the locking path). The plan is made for a new
+        conversion before the statement. Only for a conversion this node has not stored lately
+        (record_arrival): when another node stored it, the locking path asks the planner again,
+        for the real transition, and only that plan is written."""
+        write = prepare_arrival(source, conversion, now, None, plan)
+        deliveries = write.deliveries
+        async with self._conn(transaction=False) as conn:
+            pk = await conn.fetchval(
+                self._q["arrive_new"],
+                source,
+                conversion.conversion_id,
+                conversion.status.value,
+                conversion.event_time,
+                rows.dumps(write.fields),
+                now,
+                write.transition.value,
+                rows.dumps(write.data),
+                rows.dumps(write.values),
+                [d.delivery_id for d in deliveries],
+                [d.planned.postback_id for d in deliveries],
+                [d.planned.action for d in deliveries],
+                [d.planned.destination for d in deliveries],
+                [d.planned.affiliate_owner for d in deliveries],
+                [d.idempotency_key for d in deliveries],
+            )
+        return None if pk is None else write.result(source, conversion.conversion_id)
 
     async def _lock_or_insert(
         self, conn: Any, source: str, conversion: Conversion, now: datetime
@@ -246,26 +295,19 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         started = utc(attempt.started_at)
         finished = started + timedelta(milliseconds=attempt.duration_ms)
         record = rows.attempt_params(attempt)
-        async with self._conn() as conn:
+        async with self._conn(transaction=False) as conn:  # one statement: atomic on its own
             n = await conn.fetchval(
-                self._q["finish_delivery"],
+                self._q["finish_and_record"],
                 claim.delivery_id,
                 claim.token,
                 state.value,
                 due,
                 attempt.reason,
                 finished,
-            )
-            if n is None:
-                return False
-            await conn.execute(
-                self._q["insert_attempt"],
-                claim.delivery_id,
-                n,
                 started,
                 *(record[k] for k in rows.ATTEMPT_PARAMS),
             )
-            return True
+        return n is not None
 
     async def release(self, claim: Claim, now: datetime) -> bool:
         args = (claim.delivery_id, claim.token, utc(now))

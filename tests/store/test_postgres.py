@@ -11,11 +11,12 @@ import pytest
 
 from daemon.errors import StoreError
 from daemon.migrate import migrate
+from daemon.models import Status, Transition
 from daemon.store.postgres import PostgresStore
 from daemon.store.queries import load_migrations
 
 from .conftest import pg_admin
-from .support import T0, arrive, conversion
+from .support import T0, Planner, arrive, at, conversion
 
 pytestmark = pytest.mark.postgres
 
@@ -96,3 +97,44 @@ async def test_an_unreachable_server_is_a_store_error() -> None:
         await store.open()
     with pytest.raises(StoreError, match="not open"):
         await store.queue_depth()
+
+
+async def test_a_conversion_another_node_stored_takes_the_locking_path(pg_dsn: str) -> None:
+    """A node tries a conversion it has not seen as new in one statement (arrive_new); when
+    another node stored it, that statement writes nothing, the planner is asked again for the
+    real transition, and only that plan is written."""
+    first, second = PostgresStore(pg_dsn), PostgresStore(pg_dsn)
+    await first.open()
+    await second.open()
+    try:
+        new = Planner(conversion(status="pending"))
+        result = await first.record_arrival("generic", new.conversion, T0, new)
+        assert new.calls == [(Transition.NEW, None)]
+        assert len(result.delivery_ids) == 2
+
+        changed = Planner(conversion(status="approved"), postbacks=(103,))
+        again = await second.record_arrival("generic", changed.conversion, at(60), changed)
+        assert changed.calls == [
+            (Transition.NEW, None),  # the one-statement try, not written
+            (Transition.STATUS_CHANGED, Status.PENDING),
+        ]
+        assert (again.transition, again.arrival_seq) == (Transition.STATUS_CHANGED, 2)
+        stored = await second.get_conversion("generic", "c1")
+        assert stored is not None
+        assert [(a["seq"], a["transition"]) for a in stored.arrivals] == [
+            (1, Transition.NEW),
+            (2, Transition.STATUS_CHANGED),
+        ]
+        keys = []
+        for delivery_id in [*result.delivery_ids, *again.delivery_ids]:
+            detail = await second.get_delivery(delivery_id)
+            assert detail is not None
+            keys.append(detail.delivery.idempotency_key)
+        assert sorted(keys) == ["generic:c1:1:101", "generic:c1:1:102", "generic:c1:2:103"]
+        # A node that stored the conversion itself goes straight to the locking path.
+        dup = Planner(conversion(status="approved"))
+        await second.record_arrival("generic", dup.conversion, at(120), dup)
+        assert dup.calls == [(Transition.DUPLICATE, Status.APPROVED)]
+    finally:
+        await first.close()
+        await second.close()

@@ -197,3 +197,49 @@ WHERE id IN (
       AND state IN ('queued', 'retrying') AND next_attempt_at = held_until
     ORDER BY held_due, id
     LIMIT $3);
+
+-- name: arrive_new
+-- A new conversion's whole arrival in one statement (one round trip, no BEGIN/COMMIT of its
+-- own: a single statement is atomic): the conversion, its first arrival and its deliveries
+-- ($10..$15: one array per column). When the conversion exists already, the INSERT does
+-- nothing, neither do the others, and the answer is no row: the caller then takes the
+-- locking path (insert_conversion, lock_conversion) in a transaction.
+WITH c AS (
+    INSERT INTO conversion
+        (source, conversion_id, status, status_event_time, fields, created_at, updated_at)
+    VALUES ($1, $2, $3, $4, $5::jsonb, $6, $6)
+    ON CONFLICT (source, conversion_id) DO NOTHING
+    RETURNING id
+), a AS (
+    INSERT INTO arrival
+        (conversion_pk, seq, transition, status, event_time, received_at, data, vals)
+    SELECT c.id, 1, $7, $3, $4, $6, $8::jsonb, $9::jsonb FROM c
+    RETURNING conversion_pk
+), d AS (
+    INSERT INTO delivery
+        (id, conversion_pk, arrival_seq, source, conversion_id, postback_id, action,
+         destination, affiliate_owner, idempotency_key, state, created_at, updated_at,
+         next_attempt_at)
+    SELECT x.id, a.conversion_pk, 1, $1, $2, x.postback_id, x.action, x.destination,
+           x.affiliate_owner, x.idempotency_key, 'queued', $6, $6, $6
+    FROM a, unnest($10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[],
+                   $15::text[])
+         AS x(id, postback_id, action, destination, affiliate_owner, idempotency_key)
+)
+SELECT conversion_pk FROM a;
+
+-- name: finish_and_record
+-- finish_delivery and insert_attempt in one statement (one round trip): the attempt's number
+-- is the count of attempts the UPDATE leaves. No row: the lease was lost, nothing written.
+WITH f AS (
+    UPDATE delivery
+    SET state = $3, attempts = attempts + 1, next_attempt_at = $4, last_reason = $5,
+        updated_at = $6, lease_owner = NULL, lease_token = NULL, lease_until = NULL
+    WHERE id = $1 AND lease_token = $2 AND state = 'in_flight'
+    RETURNING attempts
+)
+INSERT INTO attempt
+    (delivery_id, n, started_at, duration_ms, outcome, reason, rules_version, node, request,
+     response_status, response_excerpt)
+SELECT $1, f.attempts, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15 FROM f
+RETURNING n;
