@@ -280,7 +280,7 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
     ) -> list[Claim]:
         now = utc(now)
         skip = sorted(skip_affiliates)
-        async with self._conn() as conn:
+        async with self._conn(transaction=False) as conn:  # one statement: atomic on its own
             found = await conn.fetch(self._q["claim_due"], now, limit, node, now + lease, skip)
         return [rows.claim(row, row["lease_token"], utc) for row in found]
 
@@ -333,8 +333,9 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         return await self._count("requeue_matching", *_filter_args(flt), utc(now))
 
     async def _count(self, query: str, *args: Any) -> int:
-        """Run a write statement; the number of rows it changed."""
-        async with self._conn() as conn:
+        """Run one write statement (atomic on its own: no BEGIN/COMMIT round trips); the
+        number of rows it changed."""
+        async with self._conn(transaction=False) as conn:
             status: str = await conn.execute(self._q[query], *args)
         return int(status.rsplit(" ", 1)[-1])
 
