@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import functools
 import random
-import re
 import time
 import uuid
 from collections import Counter
@@ -32,13 +31,14 @@ from typing import TYPE_CHECKING
 import structlog
 
 from daemon.actions.base import Action, Job
+from daemon.attempts import Recorder, describe_error
 from daemon.breaker import Change, Ticket, Verdict
 from daemon.decisions import Decision, decide, effective_policy
 from daemon.errors import DeliveryError, OutcomeUnknownError, RetryableError, StoreError
 from daemon.hosts import Destinations
 from daemon.loader import LoadedPostback
 from daemon.retry import RetryPolicy
-from daemon.store.base import AttemptRow, Claim, DeliveryState, Store
+from daemon.store.base import Claim, Store
 
 if TYPE_CHECKING:
     from daemon.reload import Runtime
@@ -54,8 +54,6 @@ UNKNOWN_POSTBACK_GRACE = 600.0
 LEASE_USE = 0.9
 # An attempt may take at most this share of the lease; what is left of LEASE_USE is the wait.
 ATTEMPT_SHARE = 0.6
-_STORE_ERROR_MAX = 300
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
 
 
 @dataclass(frozen=True)
@@ -79,15 +77,6 @@ class DispatcherConfig:
         return self.lease * LEASE_USE - self.attempt_bound
 
 
-def describe_store_error(err: BaseException) -> str:
-    """A store error as one short line for the log: its first line (PostgreSQL's DETAIL lines
-    may quote row values), a URL's userinfo masked."""
-    lines = str(err).strip().splitlines()
-    text = _USERINFO.sub(r"\1***@", lines[0] if lines else "")
-    line = f"{type(err).__name__}: {text}" if text else type(err).__name__
-    return line[:_STORE_ERROR_MAX]
-
-
 class Dispatcher:
     def __init__(
         self,
@@ -107,7 +96,7 @@ class Dispatcher:
         self.destinations = destinations
         self.policy = policy or RetryPolicy()
         self._rng = rng or random.Random()
-        self._on_attempt = on_attempt
+        self._record = Recorder(store, config.node, now, on_attempt)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -202,7 +191,7 @@ class Dispatcher:
             return
         err = task.exception()
         if err is not None:
-            log.error("attempt_task_failed", error=describe_store_error(err), exc_info=err)
+            log.error("attempt_task_failed", error=describe_error(err), exc_info=err)
 
     async def drain(self) -> None:
         """Wait for every attempt in progress (tests and graceful stop)."""
@@ -227,15 +216,13 @@ class Dispatcher:
                 await self.store.unhold(dest, self._dt(self._now()), limit=1)
             except StoreError as err:
                 self.destinations.probe_not_asked(dest)
-                log.warning(
-                    "breaker_probe_unreleased", destination=dest, error=describe_store_error(err)
-                )
+                log.warning("breaker_probe_unreleased", destination=dest, error=describe_error(err))
         for dest in sorted(self._unhold):
             try:
                 count = await self.store.unhold(dest, self._dt(self._now()))
             except StoreError as err:
                 log.warning(
-                    "breaker_backlog_unreleased", destination=dest, error=describe_store_error(err)
+                    "breaker_backlog_unreleased", destination=dest, error=describe_error(err)
                 )
                 return  # tried again before the next claim
             self._unhold.discard(dest)
@@ -249,10 +236,10 @@ class Dispatcher:
         if lp is None and age < UNKNOWN_POSTBACK_GRACE:
             # Another node may run newer rules than this one (a sync timer apart): wait for
             # ours to catch up rather than cancel a postback we have not heard of yet.
-            await self._give_back(claim, self._now() + UNKNOWN_POSTBACK_RETRY)
+            await self._record.give_back(claim, self._now() + UNKNOWN_POSTBACK_RETRY)
             return
         if lp is None or not lp.postback.active:
-            await self._cancel(claim, runtime, lp)
+            await self._record.cancel(claim, runtime, lp)
             return
         action = runtime.actions[claim.postback_id]
         sent = await self._send_in_slot(claim, lp, action)
@@ -266,7 +253,7 @@ class Dispatcher:
             self._health(dest, ticket, decision)
         finally:
             self.destinations.abandon(dest, ticket)  # a no-op once the result is recorded
-        await self._conclude(claim, runtime, lp, action, job, decision, started, duration)
+        await self._record.finish(claim, runtime, lp, action, job, decision, started, duration)
 
     def _health(self, dest: str, ticket: Ticket, decision: Decision) -> None:
         event = self.destinations.record(dest, ticket, decision.healthy)
@@ -276,13 +263,7 @@ class Dispatcher:
 
     async def _hold(self, claim: Claim, dest: str) -> None:
         """The breaker is open: hand the claim back held, no attempt."""
-        now = self._now()
-        until = self._dt(now + self.destinations.hold_safety)
-        try:
-            held = await self.store.hold(claim, until, self._dt(now))
-        except StoreError as err:
-            self._unrecorded(claim, "held", err)
-            return
+        held = await self._record.hold(claim, self._now() + self.destinations.hold_safety)
         if held:
             self.destinations.held(dest, claim.delivery_id)
         if not self.destinations.is_down(dest):
@@ -308,10 +289,10 @@ class Dispatcher:
                             slots.callback(slot.release)
             except TimeoutError:
                 # Too long in line: hand the claim back unsent (its lease must outlast it).
-                await self._give_back(claim, self._now())
+                await self._record.give_back(claim, self._now())
                 return None
             if self._stopping:  # not sent yet: it waits for the next start instead of the grace
-                await self._give_back(claim, self._now())
+                await self._record.give_back(claim, self._now())
                 return None
             # Asked with the slot in hand: a claim that waited in line while the breaker opened
             # is held, not sent, so at most per_host_concurrency attempts meet a dead host.
@@ -370,102 +351,3 @@ class Dispatcher:
             )
             error = RetryableError("internal_error", type(err).__name__)
         return job, error, started, time.monotonic() - t0
-
-    async def _conclude(
-        self,
-        claim: Claim,
-        runtime: Runtime,
-        lp: LoadedPostback,
-        action: Action,
-        job: Job,
-        decision: Decision,
-        started: float,
-        duration: float,
-    ) -> None:
-        next_at = decision.next_at
-        row = AttemptRow(
-            started_at=self._dt(started),
-            duration_ms=int(duration * 1000),
-            outcome=decision.outcome,
-            reason=decision.reason,
-            rules_version=str(runtime.rules.version),
-            node=self.config.node,
-            request=job.record.request.as_dict() if job.record.request else None,
-            response_status=job.record.response_status,
-            response_excerpt=job.record.response_excerpt,
-        )
-        store_error: str | None = None
-        try:
-            held = await self.store.finish_attempt(
-                claim, row, decision.state, self._dt(next_at) if next_at is not None else None
-            )
-        except StoreError as err:
-            # Not recorded: the claim's lease ends and the delivery is tried again (with the
-            # same idempotency key). Said once here, with what the attempt did.
-            held, store_error = False, describe_store_error(err)
-        outcome = decision.outcome if held else "unrecorded" if store_error else "lease_lost"
-        (log.warning if store_error else log.info)(
-            "delivery_attempt",
-            conversion_id=claim.conversion_id,
-            source=claim.source,
-            postback_id=claim.postback_id,
-            delivery_id=claim.delivery_id,
-            action=lp.postback.action.type,
-            destination=action.destination,
-            attempt=claim.attempts + 1,
-            outcome=decision.outcome if store_error else outcome,
-            reason=decision.reason,
-            http_status=job.record.response_status,
-            duration_ms=row.duration_ms,
-            next_in_s=round(next_at - self._now(), 1) if next_at is not None else None,
-            rules_version=row.rules_version,
-            **({"recorded": False, "store_error": store_error} if store_error else {}),
-        )
-        if self._on_attempt is not None:
-            self._on_attempt(lp.postback.action.type, outcome, duration)
-
-    async def _give_back(self, claim: Claim, when: float) -> None:
-        """Release a claim unsent, due again at `when`; a store failure leaves it to the lease."""
-        try:
-            await self.store.release(claim, self._dt(when))
-        except StoreError as err:
-            self._unrecorded(claim, "released", err)
-
-    def _unrecorded(self, claim: Claim, outcome: str, err: StoreError) -> None:
-        log.warning(
-            "delivery_attempt",
-            conversion_id=claim.conversion_id,
-            source=claim.source,
-            postback_id=claim.postback_id,
-            delivery_id=claim.delivery_id,
-            outcome=outcome,
-            recorded=False,
-            store_error=describe_store_error(err),
-        )
-
-    async def _cancel(self, claim: Claim, runtime: Runtime, lp: LoadedPostback | None) -> None:
-        """A delivery of a removed or disabled postback ends cancelled, never sent."""
-        reason = "postback_removed" if lp is None else "postback_disabled"
-        row = AttemptRow(
-            started_at=self._dt(self._now()),
-            duration_ms=0,
-            outcome="cancelled",
-            reason=reason,
-            rules_version=str(runtime.rules.version),
-            node=self.config.node,
-        )
-        try:
-            await self.store.finish_attempt(claim, row, DeliveryState.CANCELLED, None)
-        except StoreError as err:
-            self._unrecorded(claim, "cancelled", err)
-            return
-        log.info(
-            "delivery_attempt",
-            delivery_id=claim.delivery_id,
-            postback_id=claim.postback_id,
-            conversion_id=claim.conversion_id,
-            outcome="cancelled",
-            reason=reason,
-        )
-        if self._on_attempt is not None:  # a removed postback's action type is gone with it
-            self._on_attempt(lp.postback.action.type if lp else "unknown", "cancelled", 0.0)

@@ -1,0 +1,166 @@
+"""The store side of the end of a claim, and its ``delivery_attempt`` log line: an attempt
+recorded with what follows it, a claim handed back unsent or held, a delivery cancelled. A
+result the store cannot take (StoreError) is logged with the outcome, ``recorded: false`` and
+the store error (one masked line), and left to the claim's lease: the delivery is due again
+when it ends and is sent again with the same idempotency key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import structlog
+
+from daemon.actions.base import Action, Job
+from daemon.decisions import Decision
+from daemon.errors import StoreError
+from daemon.loader import LoadedPostback
+from daemon.store.base import AttemptRow, Claim, DeliveryState, Store
+
+if TYPE_CHECKING:
+    from daemon.reload import Runtime
+
+log = structlog.get_logger("postbackd.dispatcher")
+
+_ERROR_MAX = 300
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+
+
+def describe_error(err: BaseException) -> str:
+    """An error as one short line for the log: its first line (PostgreSQL's DETAIL lines may
+    quote row values), a URL's userinfo masked."""
+    lines = str(err).strip().splitlines()
+    text = _USERINFO.sub(r"\1***@", lines[0] if lines else "")
+    line = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return line[:_ERROR_MAX]
+
+
+class Recorder:
+    """Records the ends of claims for one node; `on_attempt(action, outcome, seconds)` feeds the
+    metrics."""
+
+    def __init__(
+        self,
+        store: Store,
+        node: str,
+        now: Callable[[], float],
+        on_attempt: Callable[[str, str, float], None] | None = None,
+    ) -> None:
+        self.store = store
+        self._node = node
+        self._now = now
+        self._on_attempt = on_attempt
+
+    def _dt(self, ts: float) -> datetime:
+        return datetime.fromtimestamp(ts, UTC)
+
+    async def hold(self, claim: Claim, until: float) -> bool:
+        """Hand a claim back held (its breaker is open); False when not held (lease lost, or
+        the store failed: logged)."""
+        try:
+            return await self.store.hold(claim, self._dt(until), self._dt(self._now()))
+        except StoreError as err:
+            self.unrecorded(claim, "held", err)
+            return False
+
+    async def finish(
+        self,
+        claim: Claim,
+        runtime: Runtime,
+        lp: LoadedPostback,
+        action: Action,
+        job: Job,
+        decision: Decision,
+        started: float,
+        duration: float,
+    ) -> None:
+        next_at = decision.next_at
+        row = AttemptRow(
+            started_at=self._dt(started),
+            duration_ms=int(duration * 1000),
+            outcome=decision.outcome,
+            reason=decision.reason,
+            rules_version=str(runtime.rules.version),
+            node=self._node,
+            request=job.record.request.as_dict() if job.record.request else None,
+            response_status=job.record.response_status,
+            response_excerpt=job.record.response_excerpt,
+        )
+        store_error: str | None = None
+        try:
+            held = await self.store.finish_attempt(
+                claim, row, decision.state, self._dt(next_at) if next_at is not None else None
+            )
+        except StoreError as err:
+            # Not recorded: the claim's lease ends and the delivery is tried again (with the
+            # same idempotency key). Said once here, with what the attempt did.
+            held, store_error = False, describe_error(err)
+        outcome = decision.outcome if held else "unrecorded" if store_error else "lease_lost"
+        (log.warning if store_error else log.info)(
+            "delivery_attempt",
+            conversion_id=claim.conversion_id,
+            source=claim.source,
+            postback_id=claim.postback_id,
+            delivery_id=claim.delivery_id,
+            action=lp.postback.action.type,
+            destination=action.destination,
+            attempt=claim.attempts + 1,
+            outcome=decision.outcome if store_error else outcome,
+            reason=decision.reason,
+            http_status=job.record.response_status,
+            duration_ms=row.duration_ms,
+            next_in_s=round(next_at - self._now(), 1) if next_at is not None else None,
+            rules_version=row.rules_version,
+            **({"recorded": False, "store_error": store_error} if store_error else {}),
+        )
+        if self._on_attempt is not None:
+            self._on_attempt(lp.postback.action.type, outcome, duration)
+
+    async def give_back(self, claim: Claim, when: float) -> None:
+        """Release a claim unsent, due again at `when`; a store failure leaves it to the lease."""
+        try:
+            await self.store.release(claim, self._dt(when))
+        except StoreError as err:
+            self.unrecorded(claim, "released", err)
+
+    def unrecorded(self, claim: Claim, outcome: str, err: StoreError) -> None:
+        log.warning(
+            "delivery_attempt",
+            conversion_id=claim.conversion_id,
+            source=claim.source,
+            postback_id=claim.postback_id,
+            delivery_id=claim.delivery_id,
+            outcome=outcome,
+            recorded=False,
+            store_error=describe_error(err),
+        )
+
+    async def cancel(self, claim: Claim, runtime: Runtime, lp: LoadedPostback | None) -> None:
+        """A delivery of a removed or disabled postback ends cancelled, never sent."""
+        reason = "postback_removed" if lp is None else "postback_disabled"
+        row = AttemptRow(
+            started_at=self._dt(self._now()),
+            duration_ms=0,
+            outcome="cancelled",
+            reason=reason,
+            rules_version=str(runtime.rules.version),
+            node=self._node,
+        )
+        try:
+            await self.store.finish_attempt(claim, row, DeliveryState.CANCELLED, None)
+        except StoreError as err:
+            self.unrecorded(claim, "cancelled", err)
+            return
+        log.info(
+            "delivery_attempt",
+            delivery_id=claim.delivery_id,
+            postback_id=claim.postback_id,
+            conversion_id=claim.conversion_id,
+            outcome="cancelled",
+            reason=reason,
+        )
+        if self._on_attempt is not None:  # a removed postback's action type is gone with it
+            self._on_attempt(lp.postback.action.type if lp else "unknown", "cancelled", 0.0)
