@@ -130,3 +130,21 @@ async def test_a_bad_policy_fails_the_reload_with_file_and_line(daemon: Daemon) 
     assert "affiliates.yaml:2: max_postbacks: Input should be a valid integer" in errors
     assert any(e.startswith("affiliates.yaml:3: deny_destinations") for e in errors)
     assert "affiliates.yaml:4: unknown key 'other'" in errors
+
+
+async def test_without_a_policy_file_the_defaults_hold(daemon: Daemon, sink: Sink) -> None:
+    api = Api(daemon)
+    status, limits = await api("GET", "/api/v1/affiliate/limits", AFF_A)
+    assert (status, limits) == (
+        200,
+        {"actions": ["ping_url"], "when": False, "max_postbacks": 20, "offers": "*", "used": 0},
+    )
+    status, body = await api("POST", "/api/v1/postbacks", AFF_A, ping(sink, when={"==": [1, 1]}))
+    assert (status, body["error"]) == (422, "when: conditions are not allowed for affiliates")
+    status, body = await api("POST", "/api/v1/postbacks", AFF_A, ping(sink, offer=9))
+    assert (status, body["error"]) == (422, "offer 9 is not open to affiliate postbacks")
+    for _ in range(20):
+        await api.create(AFF_A, ping(sink))
+    status, body = await api("POST", "/api/v1/postbacks", AFF_A, ping(sink))
+    assert status == 422
+    assert "at most 20 (max_postbacks)" in body["error"]
