@@ -289,7 +289,8 @@ async def _readyz(request: web.Request) -> web.Response:
 
     services = request.app[SERVICES]
     store_error = await _store_problem(services.store)
-    failing = ["store"] if store_error is not None else []
+    writes = services.metrics.failing_writes()
+    failing = ["store"] if store_error is not None or writes else []
     loops = services.supervisor.states()
     down = services.dispatcher.destinations.down()
     failing += [name for name, state in loops.items() if state in ("failing", "stalled")]
@@ -298,7 +299,7 @@ async def _readyz(request: web.Request) -> web.Response:
     body: dict[str, Any] = {
         "status": "not ready" if failing else "ready",
         "failing": failing,
-        "store": "ok" if store_error is None else "unreachable",
+        "store": "unreachable" if store_error else "not committing" if writes else "ok",
         "loops": loops,
         # A destination that is down is not this node's fault: counted, never a 503 (taking the
         # node out of a load balancer would stop ingest and help nobody).
@@ -309,6 +310,7 @@ async def _readyz(request: web.Request) -> web.Response:
     if is_admin(request):
         body["destinations_down_names"] = down
         body["store_error"] = store_error
+        body["store_writes_failing"] = writes
         body["loop_errors"] = {
             name: {"failures": h.failures, "error": h.error}
             for name, h in services.supervisor.loops.items()

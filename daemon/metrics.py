@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from prometheus_client.registry import Collector
 from daemon.errors import StoreError
 from daemon.models import Transition
 from daemon.store.base import DeliveryState, Store
+from daemon.supervise import describe
 
 log = structlog.get_logger("postbackd.metrics")
 
@@ -125,27 +127,51 @@ class _LoopsCollector(Collector):
         yield up
 
 
+# The store operations that write: while the last call of one failed (and not longer ago than
+# WRITE_FAILURE_MEMORY), /readyz says the store does not commit, although it may still answer
+# a ping (SQLite's disk full, a write lock held past the busy timeout). The memory ends on its
+# own so that a node a load balancer took out does not stay out for want of traffic.
+WRITES = frozenset({"record_arrival", "claim_due", "finish_attempt", "release", "recover"})
+WRITE_FAILURE_MEMORY = 10.0
+
+
 class ObservedStore:
     """A store that counts each StoreError under the operation that raised it (the method's
-    name: a fixed set), then raises it on. Everything else is the wrapped store's own."""
+    name: a fixed set), then raises it on, and remembers which writes fail right now.
+    Everything else is the wrapped store's own."""
 
-    def __init__(self, store: Store, errors: Counter) -> None:
+    def __init__(
+        self, store: Store, errors: Counter, now: Callable[[], float] = time.monotonic
+    ) -> None:
         self._store = store
         self._errors = errors
+        self._now = now
+        self.failed_writes: dict[str, tuple[float, str]] = {}  # operation -> (when, error)
+
+    def failing_writes(self) -> dict[str, str]:
+        """The writes whose last call failed, lately: operation -> the error (masked)."""
+        since = self._now() - WRITE_FAILURE_MEMORY
+        return {op: error for op, (at, error) in self.failed_writes.items() if at >= since}
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._store, name)
         if name.startswith("_") or not inspect.iscoroutinefunction(attr):
             return attr
         errors = self._errors.labels(name)
+        write = name in WRITES
 
         @functools.wraps(attr)
         async def call(*args: Any, **kwargs: Any) -> Any:
             try:
-                return await attr(*args, **kwargs)
-            except StoreError:
+                result = await attr(*args, **kwargs)
+            except StoreError as err:
                 errors.inc()
+                if write:
+                    self.failed_writes[name] = (self._now(), describe(err))
                 raise
+            if write:
+                self.failed_writes.pop(name, None)
+            return result
 
         return call
 
@@ -211,6 +237,7 @@ class Metrics:
         reg.register(self._loops)
         ProcessCollector(registry=reg)
         self._refresh_lock = asyncio.Lock()
+        self.observed: ObservedStore | None = None
 
     # --- hooks ------------------------------------------------------------------------------
 
@@ -224,8 +251,13 @@ class Metrics:
 
     def observe(self, store: Store) -> Store:
         """`store`, with every StoreError counted in postbackd_store_errors_total."""
-        observed: Store = ObservedStore(store, self.store_errors)
+        self.observed = ObservedStore(store, self.store_errors)
+        observed: Store = self.observed
         return observed
+
+    def failing_writes(self) -> dict[str, str]:
+        """The observed store's writes that fail right now (see ObservedStore)."""
+        return self.observed.failing_writes() if self.observed is not None else {}
 
     def arrival(self, source: str, transition: Transition | str) -> None:
         """A committed arrival (daemon.app's `_arrival_committed`)."""

@@ -338,6 +338,8 @@ class Traffic:
         while not self._stop.is_set():
             cid = f"w{worker}-{n}"
             for attempt in range(100_000):
+                if self._stop.is_set() and attempt:
+                    break  # never acknowledged: nothing was promised
                 if await self.post(self.nodes[(worker + n + attempt) % len(self.nodes)], cid):
                     self.acked[cid] = time.monotonic()
                     break

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import subprocess
 import sys
 import time
@@ -105,17 +106,20 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 
 def fill(folder: Path) -> Path:
-    """Write a filler file until the file system has not one byte left."""
+    """Write a filler file until the file system has no byte left (a bounded number of writes:
+    the daemon frees and takes pages meanwhile)."""
     filler = folder / "filler"
     with filler.open("wb", buffering=0) as out:
-        block = b"\0" * 65536
-        while block:
+        for _ in range(10_000):
+            stat = os.statvfs(folder)
+            free = stat.f_bavail * stat.f_frsize
+            if free == 0:
+                break
             try:
-                out.write(block)
+                out.write(b"\0" * min(free, 1 << 20))
             except OSError as err:
                 if err.errno != errno.ENOSPC:
                     raise
-                block = block[: len(block) // 2]
     return filler
 
 
@@ -134,7 +138,8 @@ async def test_the_disk_full_while_conversions_and_claims_flow_then_space_freed(
                 traffic.start()
                 await wait_for(lambda: len(fault_sink.hits) >= 20, deadline=20)
                 t0 = time.monotonic()
-                filler = await asyncio.to_thread(fill, var)
+                filler = var / "filler"
+                await asyncio.to_thread(fill, var)
                 await wait_for(lambda: watch.first_not_ready(t0), deadline=REPORT_WITHIN + 2)
                 reported = watch.first_not_ready(t0)
                 assert reported is not None
@@ -147,12 +152,15 @@ async def test_the_disk_full_while_conversions_and_claims_flow_then_space_freed(
                 assert await resumed_after(fault_sink, None, t1) <= RESUME_WITHIN
                 await wait_for(lambda: traffic.count() >= acked + 20, deadline=RESUME_WITHIN)
             finally:
+                (var / "filler").unlink(missing_ok=True)  # the space comes back, whatever failed
                 await traffic.stop()
             await all_delivered(fault_sink, traffic)
             await wait_for(lambda: watch.seen and watch.seen[-1][1] == 200, deadline=10)
             await watch.stop()
         assert node.stop() == 0
     node.assert_clean_log()
-    assert node.events("loop_failing")
-    assert node.events("loop_recovered")
+    assert node.events("store_error")  # ingest said why it answered 503
+    # The dispatcher fails only if it had something to claim meanwhile; if it did, it recovered.
+    failed = [e["loop"] for e in node.events("loop_failing")]
+    assert [e["loop"] for e in node.events("loop_recovered")] == failed
     assert_no_unexplained_duplicates(fault_sink)

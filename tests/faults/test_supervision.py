@@ -173,6 +173,10 @@ class BreakableStore(SQLiteStore):
         self._check("claim_due")
         return await super().claim_due(*args, **kwargs)
 
+    async def record_arrival(self, *args: Any, **kwargs: Any) -> Any:
+        self._check("record_arrival")
+        return await super().record_arrival(*args, **kwargs)
+
 
 @dataclass
 class Running:
@@ -249,9 +253,10 @@ async def test_the_dispatcher_outlives_a_failing_store_and_says_so_once(
         running.store.broken.add("claim_due")
         await wait_for(lambda: health.failures >= 3)  # tried again and again, on the backoff
         status, body = await running.readyz()
+        # Claiming is a write: the store is named too (it answers pings, but does not commit).
         assert (status, body["failing"], body["loops"]["dispatcher"]) == (
             503,
-            ["dispatcher"],
+            ["store", "dispatcher"],
             "failing",
         )
         assert await running.metric('postbackd_loop_up{loop="dispatcher"}') == 0
@@ -362,3 +367,21 @@ def _pings(sock: socket.socket, want: int) -> Callable[[], Awaitable[bool] | boo
         return seen[0] >= want
 
     return check
+
+
+async def test_a_store_that_answers_but_does_not_commit_is_not_ready(running: Running) -> None:
+    """SQLite's disk full: reads (the ping) work, writes fail. Nothing is due, so only ingest
+    notices; /readyz says so until a write works again (or the memory of it ends)."""
+    running.store.message = "sqlite: OperationalError: database or disk is full"
+    running.store.broken.add("record_arrival")
+    assert await post(running, "refused") == 503
+    status, body = await running.readyz()
+    assert (status, body["failing"], body["store"]) == (503, ["store"], "not committing")
+    status, detail = await running.readyz(ADMIN)
+    assert detail["store_writes_failing"] == {
+        "record_arrival": "StoreError: sqlite: OperationalError: database or disk is full"
+    }
+    running.store.broken.clear()
+    assert await post(running, "accepted") == 200
+    status, body = await running.readyz()
+    assert (status, body["failing"], body["store"]) == (200, [], "ok")
