@@ -11,7 +11,8 @@ affiliate_postback_created, affiliate_postback_deleted, affiliate_postback_disab
 policy), affiliate_secret_set, affiliate_changes_applied, affiliate_sync_failed,
 affiliate_sync_recovered, affiliate_sync_error, affiliate_listener_lost,
 affiliate_listener_failed; the web console (issue 16): ui_signed_in, ui_sign_in_refused,
-ui_signed_out, ui_csrf_refused, delivery_requeued.
+ui_signed_out, ui_csrf_refused, delivery_requeued; supervision (issue 12): loop_failing,
+loop_stalled, loop_recovered, loop_ended, task_failed, watchdog_withheld, watchdog_resumed.
 
 Keys: source, conversion_id, transition, previous_status, status, offer, affiliate, deliveries,
 postback_id, delivery_id, action, destination, attempt, outcome, reason, duration_ms, next_in_s,
