@@ -29,6 +29,7 @@ from daemon.errors import InputError, SecretError, StoreError
 from daemon.matching import match
 from daemon.models import Conversion, Status, Transition, arrival_view
 from daemon.store.base import ArrivalPlan, ArrivalResult, PlannedDelivery, Store
+from daemon.supervise import Supervisor
 from daemon.webhook_input import (
     READ_TIMEOUT,
     Limits,
@@ -229,11 +230,9 @@ class HeadTimeout:
                 closed += 1
         return closed
 
-    async def run(self, server: web.Server) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.interval)
-            self.closed += self.sweep(server.connections, loop.time())
+    async def sweep_now(self, server: web.Server) -> None:
+        """One sweep of `server`'s connections (a step of the supervised loop)."""
+        self.closed += self.sweep(server.connections, asyncio.get_running_loop().time())
 
 
 class GuardedRunner(web.AppRunner):
@@ -242,18 +241,18 @@ class GuardedRunner(web.AppRunner):
     def __init__(self, app: web.Application, *, read_timeout: float = READ_TIMEOUT, **kw: Any):
         super().__init__(app, **kw)
         self.guard = HeadTimeout(read_timeout)
-        self._watch: asyncio.Task[None] | None = None
+        self.loops = Supervisor()  # the sweep runs under daemon.supervise's rule
 
     async def setup(self) -> None:
         await super().setup()
         server = self.server
         assert server is not None
         server.request_handler = self.guard.track(server.request_handler)
-        self._watch = asyncio.create_task(self.guard.run(server), name="head-timeout")
+        interval = self.guard.interval
+        self.loops.every(
+            "head-timeout", lambda: self.guard.sweep_now(server), interval, interval=30.0
+        )
 
     async def cleanup(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.wait([self._watch])
-            self._watch = None
+        await self.loops.stop()
         await super().cleanup()
