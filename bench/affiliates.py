@@ -20,6 +20,7 @@ from aiohttp import web
 from bench.context import SMALL_OFFERS, Context
 from bench.procs import free_port
 from bench.scale import MATCH_ROUNDS, _match_cpu_us, _prepared
+from bench.sections import _schema, pg_reachable
 from daemon.actions.base import Resources
 from daemon.affiliates.index import AffiliateSecrets, StoreIndex
 from daemon.loader import load_rules
@@ -126,6 +127,58 @@ async def affiliates(ctx: Context) -> None:
     report.add("one store change merged (median)", change, "ms", f"over {count * 2:,} postbacks")
     del runtime, index, runs, file_runtime
     await _api_writes(ctx, small)
+    await _propagation(ctx, small)
+
+
+async def _propagation(ctx: Context, rules_dir: Path) -> None:
+    """Two nodes on one PostgreSQL: a store postback written through node A, until node B's
+    running rule set has it (NOTIFY, with the 1 s version check behind it)."""
+    if ctx.pg_dsn is None or await pg_reachable(ctx.pg_dsn) is not None:
+        ctx.report.note("propagation between nodes: skipped (no PostgreSQL)")
+        return
+    from daemon.affiliates.wiring import attach_affiliates
+    from daemon.reload import Reloader
+    from daemon.store.affiliate_types import PostbackChange, Who
+    from daemon.store.postgres import PostgresStore
+
+    samples = []
+    async with _schema(ctx.pg_dsn) as (url, _):
+        writer, reader = PostgresStore(url, max_size=2), PostgresStore(url, max_size=2)
+        await writer.open()
+        await reader.open()
+        resources = Resources(http=None, secret=lambda name: "", clock=_Clock())
+        reloader = Reloader(rules_dir, resources)
+        _, sync = attach_affiliates(reader, reloader, resources, time.time)
+        await reloader.load_initial()
+        await sync.initial()
+        task = asyncio.create_task(sync.run())
+        try:
+            await asyncio.wait_for(sync.listening.wait(), 10)
+            body = {
+                "trigger": "conversion_done",
+                "action": {"type": "ping_url", "url": "http://127.0.0.1:9/pb"},
+            }
+            for _ in range(20):
+                started = time.perf_counter()
+                row = await writer.create_affiliate_postback(
+                    "42", PostbackChange("1", "active", body), Who("b", "b", "42"),
+                    datetime.now(UTC), None,
+                )  # fmt: skip
+                while row.id not in reloader.runtime.rules.postbacks:  # noqa: ASYNC110 - polled: the sync has no per-id event
+                    await asyncio.sleep(0.001)
+                samples.append(time.perf_counter() - started)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await writer.close()
+            await reader.close()
+    samples.sort()
+    ctx.report.add(
+        "written through node A, in node B's rule set (median)",
+        samples[len(samples) // 2] * 1000,
+        "ms",
+        f"max {samples[-1] * 1000:.0f} ms of 20; PostgreSQL NOTIFY, 1 s version check behind",
+    )
 
 
 async def _api_writes(ctx: Context, rules_dir: Path) -> None:
