@@ -3,9 +3,10 @@ its unit, and the ratios measured in the same run (docs/benchmarks.md explains e
 
 python -m bench [--quick] [--only SECTION[,SECTION]] [--pg DSN | --no-pg] [--json FILE]
 
-Sections: ingest, e2e, rules, scale, pg, affiliates (all by
-default) and store (the store-only bench of
-bench/store_ingest.py, on request). Everything runs on 127.0.0.1.
+Sections: ingest, e2e, rules, scale, pg, workers, alertmanager, affiliates (all by default) and
+store (the store-only bench of bench/store_ingest.py), outage, backfill on request. Closed-loop
+figures use wrk (bench/wrk.py; installed with apt-get when missing and root), the Python client
+only for open-loop latency. Everything runs on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import affiliates, backfill, outage, scale, sections
+from bench import affiliates, alertmanager, backfill, cores, outage, scale, sections, wrk
 from bench.context import LARGE_OFFERS, Context
 from bench.http_figures import Options
 from bench.procs import Daemon
 from bench.report import Report, loadavg, machine
 
-DEFAULT_SECTIONS = ("ingest", "e2e", "rules", "scale", "pg", "affiliates")
+DEFAULT_SECTIONS = (
+    "ingest", "e2e", "rules", "scale", "pg", "workers", "alertmanager", "affiliates",
+)  # fmt: skip
 ALL_SECTIONS = (*DEFAULT_SECTIONS, "store", "outage", "backfill")
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -48,6 +51,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"{DEFAULT_PG})")  # fmt: skip
     parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--e2e-seconds", type=float, help="the end-to-end window with wrk (default 20, quick 5)"
+    )
+    parser.add_argument(
+        "--python-generator", action="store_true", help="the Python client even if wrk is there"
+    )
     args = parser.parse_args(argv)
     chosen = [s.strip() for item in args.only for s in item.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(ALL_SECTIONS))
@@ -58,10 +67,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def options(args: argparse.Namespace) -> Options:
+    found = None
+    if not args.python_generator:
+        found, how = wrk.ensure_wrk()
+        print(f"load generator: {how}" if found else f"load generator: Python client ({how})")
     if args.quick:
         seconds = args.seconds or 2.0
-        return Options(seconds, 0.5, args.connections, args.rate, 3.0, 30.0)
-    return Options(args.seconds or 5.0, 1.0, args.connections, args.rate, 8.0, 60.0)
+        e2e = args.e2e_seconds or 5.0
+        return Options(seconds, 0.5, args.connections, args.rate, 3.0, 30.0, wrk=found,
+                       e2e_seconds=e2e)  # fmt: skip
+    return Options(args.seconds or 5.0, 1.0, args.connections, args.rate, 8.0, 60.0, wrk=found,
+                   e2e_seconds=args.e2e_seconds or 20.0)  # fmt: skip
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> Report:
@@ -86,6 +102,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
             await scale.scale(ctx, large)
         if "pg" in chosen:
             await sections.postgres(ctx)
+        if "workers" in chosen:
+            await cores.workers(ctx)  # workers 1 against 2 (bench/cores.py)
+        if "alertmanager" in chosen:
+            await alertmanager.alertmanager(ctx)  # the peer, when installed (bench/alertmanager.py)
         if "store" in chosen:
             await _store_bench(ctx, pg)
         if "outage" in chosen:
