@@ -25,6 +25,9 @@ log = structlog.get_logger("postbackd.ui")
 
 PAGE_SIZE = 50
 DEFAULT_WINDOW = timedelta(days=1)  # see delivery_filter
+MAX_IDS = 2_000  # postback ids sent to the store in one filter at most (see delivery_filter)
+SCAN_BATCH = 200
+SCAN_LIMIT = 2_000  # rows read for one page of an action's deliveries
 _DELIVERY_ID = re.compile(r"^[A-Za-z0-9]{1,64}$")
 _RETRYABLE = (DeliveryState.DEAD, DeliveryState.CANCELLED)
 _FILTERS = ("offer", "affiliate", "postback", "action", "state", "since", "until")
@@ -45,9 +48,10 @@ def now_of(ctx: Ctx) -> datetime:
     return datetime.fromtimestamp(ctx.services.clock.now(), UTC)
 
 
-def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | None]:
-    """The store filter of the page's query, within what the viewer may see, and the cursor
-    the page starts from (the `until` bound is a starting cursor: newest first)."""
+def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | None, str | None]:
+    """The store filter of the page's query, within what the viewer may see, the cursor the
+    page starts from (the `until` bound is a starting cursor: newest first), and the action
+    that rows must have when the filter could not say it with postback ids."""
     rules = ctx.services.reloader.runtime.rules
     ids: frozenset[int] | None = ctx.request.app[API].visible_ids(rules, ctx.viewer)
 
@@ -71,14 +75,17 @@ def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | 
                 if who in (lp.postback.affiliate, lp.postback.owner_affiliate)
             )
         )
+    by_row = None
     if "action" in q:
         if q["action"] not in action_types():
             raise InputError("unknown action type", "action")
-        narrow(
-            frozenset(
-                p for p, lp in rules.postbacks.items() if lp.postback.action.type == q["action"]
-            )
+        keep = frozenset(
+            p for p, lp in rules.postbacks.items() if lp.postback.action.type == q["action"]
         )
+        if ids is None and len(keep) > MAX_IDS:
+            by_row = q["action"]  # too many ids to send: read pages and keep that action's rows
+        else:
+            narrow(keep)
     state = None
     if "state" in q:
         try:
@@ -94,15 +101,38 @@ def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | 
     cursor = checked_cursor(q.get("cursor"))
     if cursor is None and "until" in q:
         cursor = encode_cursor(parse_time(q["until"], "until"), "0")  # created before `until`
-    return DeliveryFilter(state=state, postback_ids=ids, since=since), cursor
+    return DeliveryFilter(state=state, postback_ids=ids, since=since), cursor, by_row
+
+
+async def _page_of_action(
+    ctx: Ctx, flt: DeliveryFilter, cursor: str | None, action: str
+) -> tuple[list[DeliveryRow], str | None]:
+    """Up to a page of `action`'s deliveries, reading at most SCAN_LIMIT rows: a rare action
+    gives a short page whose Older link goes on from the last row read."""
+    rows: list[DeliveryRow] = []
+    read = 0
+    while read < SCAN_LIMIT:
+        batch, after = await ctx.services.store.list_deliveries(flt, SCAN_BATCH, cursor)
+        for row in batch:
+            read += 1
+            cursor = encode_cursor(row.created_at, row.delivery_id)
+            if row.action == action:
+                rows.append(row)
+                if len(rows) == PAGE_SIZE:
+                    return rows, cursor
+        if after is None:
+            return rows, None
+    return rows, cursor
 
 
 async def deliveries(ctx: Ctx) -> web.Response:
     q = query(ctx.request, (*_FILTERS, "cursor"))
-    flt, cursor = delivery_filter(ctx, q)
+    flt, cursor, action = delivery_filter(ctx, q)
     rows: list[DeliveryRow] = []
     next_cursor = None
-    if flt.postback_ids is None or flt.postback_ids:
+    if action is not None:
+        rows, next_cursor = await _page_of_action(ctx, flt, cursor, action)
+    elif flt.postback_ids is None or flt.postback_ids:
         rows, next_cursor = await ctx.services.store.list_deliveries(flt, PAGE_SIZE, cursor)
     filters = {k: q.get(k, "") for k in _FILTERS}
     return ctx.render(

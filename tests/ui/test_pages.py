@@ -3,6 +3,8 @@ attack paths: forged cookies, CSRF missing or wrong, another tenant's ids, hosti
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -307,3 +309,33 @@ async def test_a_conversion_shows_its_arrivals_and_what_each_fired(
     assert "j***@e***.com" in text
     missing = await (await daemon.client.get("/ui/conversions?source=generic&id=nope")).text()
     assert "No conversion nope from source generic." in missing
+
+
+async def test_an_action_with_too_many_postbacks_is_filtered_row_by_row(
+    daemon: Daemon, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daemon.ui import store_pages
+
+    monkeypatch.setattr(store_pages, "MAX_IDS", 1)  # every action "has too many postbacks"
+    monkeypatch.setattr(store_pages, "SCAN_BATCH", 2)
+    monkeypatch.setattr(store_pages, "SCAN_LIMIT", 4)
+    for n in range(3):
+        await daemon.post(
+            conversion_id=f"act-{n}", offer=7, affiliate=42, status="approved", payout=9
+        )
+    await wait_for(lambda: len(sink.received) >= 3)
+    every = {r.delivery_id for r in await daemon.deliveries()}
+    assert len(every) == 6  # 101 and 103 for each
+    await sign_in(daemon.client, ADMIN)
+    shown: list[set[str]] = []
+    path: str | None = "/ui/deliveries?action=ping_url"
+    while path is not None:
+        text = await (await daemon.client.get(path)).text()
+        shown.append({d for d in every if f"/ui/deliveries/{d}" in text})
+        older = re.search(r'href="(\?[^"]*cursor=[^"]*)" rel="next"', text)
+        path = "/ui/deliveries" + html.unescape(older.group(1)) if older else None
+    assert [len(page) for page in shown] == [4, 2]  # at most 4 rows read per page
+    assert set().union(*shown) == every
+    text = await (await daemon.client.get("/ui/deliveries?action=smtp")).text()
+    assert "No deliveries." in text  # no postback has it: nothing to read at all
+    assert 'rel="next"' not in text
