@@ -185,3 +185,19 @@ async def test_a_wholly_held_backlog_is_probed_when_the_pause_ends(tmp_path: Pat
     finally:
         await daemon.client.close()
         await sink.close()
+
+
+async def test_destinations_down_lists_open_and_probing_breakers(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sink = ClockSink(clock, clock.now() + 60)
+    await sink.start()
+    daemon = await start_daemon(tmp_path, rules(sink.url), clock=clock, dispatch=False)
+    destinations = daemon.services.dispatcher.destinations
+    try:
+        assert destinations.down() == []
+        await post_many(daemon, "a", 5)
+        await run_until_idle(daemon)
+        assert destinations.down() == [sink.url]
+    finally:
+        await daemon.client.close()
+        await sink.close()
