@@ -221,3 +221,25 @@ async def test_an_affiliates_backlog_does_not_fill_the_node(tmp_path: Path) -> N
     finally:
         await daemon.client.close()
         await sink.close()
+
+
+async def test_an_attempt_tasks_exception_is_collected_and_logged(
+    tmp_path: Path, sink: Sink
+) -> None:
+    daemon = await start_daemon(tmp_path, rules(sink, {1: "7"}), dispatch=False)
+    dispatcher = daemon.services.dispatcher
+    try:
+        await daemon.post(conversion_id="c1", offer=1, affiliate=7, status="approved")
+        reloader = daemon.services.reloader
+        # a runtime without the postback's action: a bug the attempt cannot survive
+        reloader._runtime = dataclasses.replace(reloader.runtime, actions={})
+        with capture_logs() as logs:
+            assert await dispatcher.dispatch_once() == 1
+            await dispatcher.drain()
+            await wait_for(lambda: any(e["event"] == "attempt_task_failed" for e in logs))
+        [line] = [e for e in logs if e["event"] == "attempt_task_failed"]
+        assert line["error"] == "KeyError: 1"
+        assert dispatcher.in_flight == 0
+        assert await only(daemon) == (DeliveryState.IN_FLIGHT, 0, None)  # left to its lease
+    finally:
+        await daemon.client.close()
