@@ -244,7 +244,8 @@ class Reloader:
                 [str(self.webhooks_dir)] if self.webhooks_dir and self.webhooks_dir.is_dir() else []
             )
             stop = asyncio.Event()
-            poller = asyncio.create_task(self._watch_symlink(target, stop))
+            identity = _identity(target)
+            poller = asyncio.create_task(self._watch_symlink(target, identity, stop))
             try:
                 async for _ in watchfiles.awatch(
                     *paths,
@@ -262,12 +263,23 @@ class Reloader:
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
-            if self.rules_dir.resolve() != target:
+            swapped = self.rules_dir.resolve()
+            if swapped != target or _identity(swapped) != identity:
+                if not swapped.is_dir():  # gone: the supervisor retries until it is back
+                    raise FileNotFoundError(f"rules_dir {swapped} is not a directory")
                 await self.reload("rules directory swapped")
 
-    async def _watch_symlink(self, target: Path, stop: asyncio.Event) -> None:
+    async def _watch_symlink(
+        self, target: Path, identity: tuple[int, int] | None, stop: asyncio.Event
+    ) -> None:
+        """Ends the watch when `rules_dir` points elsewhere (a swapped symlink) or its folder
+        was replaced or removed (an inotify watch would follow the old folder)."""
+
+        def unchanged() -> bool:
+            return self.rules_dir.resolve() == target and _identity(target) == identity
+
         try:
-            while self.rules_dir.resolve() == target:  # noqa: ASYNC110 - a swap sends no event
+            while unchanged():  # noqa: ASYNC110 - a swap sends no event
                 await asyncio.sleep(SYMLINK_POLL)
         finally:  # a failure here ends the watch too; `watch` re-raises it to its supervisor
             stop.set()
@@ -282,6 +294,15 @@ class Reloader:
             await asyncio.sleep(0.1)
             waited += 0.1
         await asyncio.sleep(QUIET_MS / 1000)
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """The folder's (device, inode), or None when it is not there."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _git_index_lock(start: Path) -> Path | None:

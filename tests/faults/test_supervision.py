@@ -385,3 +385,25 @@ async def test_a_store_that_answers_but_does_not_commit_is_not_ready(running: Ru
     assert await post(running, "accepted") == 200
     status, body = await running.readyz()
     assert (status, body["failing"], body["store"]) == (200, [], "ok")
+
+
+async def test_the_watcher_outlives_its_rules_folder_going_away(tmp_path: Path) -> None:
+    from tests.harness import start_daemon
+
+    daemon = await start_daemon(tmp_path, {"o.yaml": "offer: 1\n"}, watch=True, dispatch=False)
+    health = daemon.services.supervisor.loops["watcher"]
+    moved = tmp_path / "rules.moved"
+    try:
+        await wait_for(lambda: health.last_progress is not None)
+        with capture_logs() as logs:
+            daemon.rules_dir.rename(moved)  # a deploy that swaps folders, badly
+            await wait_for(lambda: health.failing, deadline=10)
+            resp = await daemon.client.get("/readyz")
+            assert (resp.status, (await resp.json())["failing"]) == (503, ["watcher"])
+            moved.rename(daemon.rules_dir)
+            await wait_for(lambda: not health.failing, deadline=10)
+        events = [(e["event"], e.get("loop")) for e in logs if e["event"].startswith("loop_")]
+        assert events == [("loop_failing", "watcher"), ("loop_recovered", "watcher")]
+        assert (await daemon.client.get("/readyz")).status == 200
+    finally:
+        await daemon.client.close()
