@@ -131,7 +131,9 @@ class _LoopsCollector(Collector):
 # WRITE_FAILURE_MEMORY), /readyz says the store does not commit, although it may still answer
 # a ping (SQLite's disk full, a write lock held past the busy timeout). The memory ends on its
 # own so that a node a load balancer took out does not stay out for want of traffic.
-WRITES = frozenset({"record_arrival", "claim_due", "finish_attempt", "release", "recover"})
+WRITES = frozenset(
+    {"record_arrival", "claim_due", "finish_attempt", "release", "recover", "hold", "unhold"}
+)
 WRITE_FAILURE_MEMORY = 10.0
 
 
@@ -191,7 +193,8 @@ class Metrics:
         self.deliveries = Counter(
             "postbackd_deliveries",
             "Delivery attempts by action and outcome (succeeded, retry, dead, cancelled, "
-            "lease_lost); succeeded and dead count each delivery once.",
+            "lease_lost, unrecorded: the store failed); succeeded and dead count each delivery "
+            "once.",
             ["action", "outcome"],
             registry=reg,
         )
