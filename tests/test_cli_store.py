@@ -138,13 +138,15 @@ def test_list_shows_newest_first(filled: Filled, monkeypatch: pytest.MonkeyPatch
     lines = result.out.splitlines()
     assert re.split(r"\s{2,}", lines[0]) == [
         "ID", "Created At", "Offer", "Affiliate", "Trigger", "Postback", "Action", "Conversion",
-        "State", "Attempts", "Last Reason",
+        "State",
     ]  # fmt: skip
     states = [re.split(r"\s{2,}", line)[2:9] for line in lines[1:]]
     assert states[0] == [
         "1234", "42", "Conversion Reject", "103", "Ping Url", "everflow:cv-1", "Queued",
     ]  # fmt: skip
-    assert sorted(s[3] + ":" + s[6] for s in states[1:]) == ["101:Succeeded", "102:Dead"]
+    assert sorted(s[3] + ":" + s[6] for s in states[1:]) == [
+        "101:Succeeded (1 attempt)", "102:Dead (1 attempt, http_404)",
+    ]  # fmt: skip
 
 
 def test_list_filters_and_json(filled: Filled) -> None:

@@ -168,13 +168,17 @@ def _types_with(key: str) -> list[str]:
 def chosen(opts: dict[str, Any], kind: str) -> list[tuple[str, Any]]:
     """(key, value) of every setting option given, checked against the type's model."""
     model = models().get(kind)
-    keys = {s.key for s in settings_of(model)} if model else set()
+    order = [s.key for s in settings_of(model)] if model else []
     given = []
-    for setting in all_settings().values():
+    # In the model's order, so the new rule reads like the documentation of its type.
+    for setting in sorted(
+        all_settings().values(),
+        key=lambda s: order.index(s.key) if s.key in order else len(order),
+    ):
         raw = opts.get(setting.dest)
         if raw is None or raw == ():
             continue
-        if setting.key not in keys:
+        if setting.key not in order:
             raise click.UsageError(
                 f"{setting.option}: action {kind} has no setting {setting.key!r}"
             )

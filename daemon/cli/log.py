@@ -79,7 +79,7 @@ def _text(value: str | None, hint: str) -> str | None:
 
 DELIVERY_COLUMNS = (
     "ID", "Created At", "Offer", "Affiliate", "Trigger", "Postback", "Action", "Conversion",
-    "State", "Attempts", "Last Reason",
+    "State",
 )  # fmt: skip
 DELIVERY_KEYS = (
     "delivery_id", "created_at", "offer", "affiliate", "trigger", "postback_id", "action",
@@ -96,6 +96,15 @@ def logged_json(item: LoggedDelivery) -> dict[str, Any]:
         "affiliate": item.affiliate,
         "trigger": item.trigger,
     }
+
+
+def state_text(item: dict[str, Any]) -> str:
+    """`Dead (1 attempt, http_404)`: the state, the attempts made and the last reason."""
+    attempts = int(item["attempts"])
+    parts = [f"{attempts} attempt{'' if attempts == 1 else 's'}"] if attempts else []
+    if item["last_reason"]:
+        parts.append(str(item["last_reason"]))
+    return label(str(item["state"])) + (f" ({', '.join(parts)})" if parts else "")
 
 
 @click.command("list")
@@ -121,20 +130,18 @@ def deliveries_list(config: str | None, **opts: Any) -> None:
     cells = [
         [
             i["delivery_id"],
-            when(found[n].delivery.created_at),
+            when(found[n].delivery.created_at).replace("T", " "),
             i["offer"] or "-",
             i["affiliate"] or "-",
             label(i["trigger"] or "-"),
             str(i["postback_id"]),
             label(i["action"]),
             f"{i['source']}:{i['conversion_id']}",
-            label(i["state"]),
-            str(i["attempts"]),
-            i["last_reason"] or "-",
+            state_text(i),
         ]
         for n, i in enumerate(items)
     ]
-    click.echo(render(DELIVERY_COLUMNS, cells))
+    click.echo(render(DELIVERY_COLUMNS, cells, whole=(0,)))
     if more:
         click.echo(f"(first {limit}; more with --limit or a narrower slice)")
 
@@ -202,8 +209,8 @@ def conversions_list(config: str | None, **opts: Any) -> None:
             label(i["status"]),
             str(i["payout"] or "-"),
             str(i["deliveries"]),
-            when(row.created_at),
-            when(row.updated_at),
+            when(row.created_at).replace("T", " "),
+            when(row.updated_at).replace("T", " "),
         ]
         for i, row in zip(items, found, strict=True)
     ]

@@ -9,7 +9,7 @@ import io
 import os
 import shutil
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 GAP = "  "
 MIN_WIDTH = 4  # a column is narrowed no further (its words break)
@@ -28,8 +28,14 @@ def terminal_width() -> int:
     return max(40, shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns)
 
 
-def widths_for(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> list[int]:
-    """Column widths that fit `width`: the natural ones, the widest narrowed first."""
+def widths_for(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    width: int,
+    whole: Collection[int] = (),
+) -> list[int]:
+    """Column widths that fit `width`: the natural ones, the widest narrowed first; the
+    columns of `whole` (ids, which people copy) never narrow."""
     natural = [len(h) for h in headers]
     for row in rows:
         natural = [
@@ -42,7 +48,12 @@ def widths_for(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int
     # to each header's longest word (headers stay readable), then further.
     words = [max(MIN_WIDTH, min(12, *(len(w) for w in h.split() or [""]))) for h in headers]
     short = [max(f, min(n, KEEP)) for f, n in zip(words, natural, strict=True)]
-    for floors in (short, words, [MIN_WIDTH] * len(widths)):
+    lean = [n if n <= KEEP else max(f, 12) for f, n in zip(words, natural, strict=True)]
+    phases = [short, lean, words, [MIN_WIDTH] * len(widths)]
+    for floors in phases:
+        for i in whole:
+            floors[i] = natural[i]
+    for floors in phases:
         while sum(widths) > room:
             room_left = [i for i in range(len(widths)) if widths[i] > floors[i]]
             if not room_left:
@@ -52,9 +63,15 @@ def widths_for(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int
     return widths
 
 
-def render(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int | None = None) -> str:
-    """Left-aligned columns two spaces apart, a header line first; cells wrapped to fit."""
-    widths = widths_for(headers, rows, width or terminal_width())
+def render(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    width: int | None = None,
+    whole: Collection[int] = (),
+) -> str:
+    """Left-aligned columns two spaces apart, a header line first; cells wrapped to fit
+    (except the columns of `whole`)."""
+    widths = widths_for(headers, rows, width or terminal_width(), whole)
     lines: list[str] = []
     for row in [headers, *rows]:
         cells = [_wrap(cell, w) for cell, w in zip(row, widths, strict=True)]

@@ -138,7 +138,7 @@ def validate(
         click.echo(f"{tag}: {warning}")
     if base_note:
         click.echo(f"note: {base_note}", err=True)
-    if rules is not None and not issues:
+    if rules is not None and not failed:
         click.echo(
             f"ok: {len(rules.postbacks)} postbacks for {len(rules.offers)} offers "
             f"in {len(rules.files)} files, version {rules.version}"
