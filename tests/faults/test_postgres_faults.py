@@ -33,12 +33,14 @@ from tests.harness import wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(150)]
 
 OUTAGE = 10.0  # issue 12: "stopped for 10 s"
+LEASE = 4.0  # delivery.lease: longer than the outbound timeout (2 s), as the settings require
 
 
 async def test_postgres_stopped_for_10_s_then_started(
     tmp_path: Path, pg_server: PgServer, pg_database: str, fault_sink: FaultSink
 ) -> None:
-    node = Node(tmp_path / "n0", pg_database, fault_sink)
+    # A short lease: an attempt whose result could not be recorded is sent again after it.
+    node = Node(tmp_path / "n0", pg_database, fault_sink, lease=LEASE)
     node.start()
     async with client_session() as session:
         watch = ReadyWatch(session, node)
@@ -80,7 +82,8 @@ async def test_postgres_stopped_for_10_s_then_started(
 async def test_postgres_backends_killed_again_and_again_under_load(
     tmp_path: Path, pg_server: PgServer, pg_database: str, fault_sink: FaultSink
 ) -> None:
-    node = Node(tmp_path / "n0", pg_database, fault_sink)
+    # A short lease: an attempt whose result could not be recorded is sent again after it.
+    node = Node(tmp_path / "n0", pg_database, fault_sink, lease=LEASE)
     node.start()
     killed = 0
     async with client_session() as session:
@@ -118,9 +121,6 @@ async def test_postgres_backends_killed_again_and_again_under_load(
     node.assert_clean_log()
     assert node.events("loop_recovered")
     assert_no_unexplained_duplicates(fault_sink)
-
-
-LEASE = 4.0  # delivery.lease: longer than the outbound timeout (2 s), as the settings require
 
 
 async def test_a_node_frozen_past_its_lease_loses_its_claims_to_the_other(
