@@ -22,7 +22,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from daemon.app import SERVICES, Services
 from daemon.errors import ForbiddenError, InputError, StoreError
 from daemon.ui.session import COOKIE, Session, Sessions, same
-from daemon.ui.views import FILTERS
+from daemon.ui.views import FILTERS, PostbackIndex
 from daemon.visibility import Viewer
 
 log = structlog.get_logger("postbackd.ui")
@@ -68,6 +68,7 @@ class UiState:
     # Every offer's counts for one rule set (see ops.offers).
     offers: tuple[Any, list[Any], list[tuple[int, str]]] | None = None
     names: tuple[Any, dict[str, str]] | None = None  # offer names of one rule set
+    index: PostbackIndex | None = None  # of the current rule set (store_pages)
 
 
 UI = web.AppKey("ui", UiState)

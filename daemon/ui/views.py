@@ -17,7 +17,7 @@ from daemon.listing import (
     postback_row,
     trigger_settings_text,
 )
-from daemon.loader import LoadedPostback
+from daemon.loader import LoadedPostback, RuleSet
 from daemon.store.base import DeliveryRow, DeliveryState
 
 # The platform's words where the title case of the type is not what it shows.
@@ -136,6 +136,31 @@ def offer_summaries(offers: Mapping[str, Sequence[LoadedPostback]]) -> list[Offe
         goals = any(lp.goals_enabled for lp in postbacks)
         out.append(OfferSummary(offer, active, len(postbacks) - active, goals, owned))
     return sorted(out, key=lambda s: (len(s.offer), s.offer))
+
+
+@dataclass(frozen=True)
+class PostbackIndex:
+    """The ids of one rule set's postbacks by action type and by affiliate (the one they match,
+    and the one whose user wrote them), for the delivery filters."""
+
+    rules: RuleSet
+    by_action: Mapping[str, frozenset[int]]
+    by_affiliate: Mapping[str, frozenset[int]]
+
+    @classmethod
+    def of(cls, rules: RuleSet) -> PostbackIndex:
+        actions: dict[str, set[int]] = {}
+        affiliates: dict[str, set[int]] = {}
+        for pid, lp in rules.postbacks.items():
+            pb = lp.postback
+            actions.setdefault(pb.action.type, set()).add(pid)
+            for who in {pb.affiliate, pb.owner_affiliate} - {None}:
+                affiliates.setdefault(str(who), set()).add(pid)
+        return cls(
+            rules,
+            {k: frozenset(v) for k, v in actions.items()},
+            {k: frozenset(v) for k, v in affiliates.items()},
+        )
 
 
 # --- deliveries ----------------------------------------------------------------------------------

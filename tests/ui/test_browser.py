@@ -155,6 +155,7 @@ def test_an_admin_retries_a_dead_delivery(context: Any, live: Live) -> None:
     row = live.call(lambda: wait_for(dead))
     page = context.new_page()
     sign_in(page, ADMIN, "/ui/deliveries?postback=103&state=dead")
+    screenshot(page, "deliveries")
     page.get_by_role("link", name=f"{row.delivery_id[:12]}…").click()
     page.wait_for_url(f"**/ui/deliveries/{row.delivery_id}")
     assert "HTTP 400" in page.locator("section.attempt").first.inner_text()
@@ -246,3 +247,28 @@ def test_the_390_px_layout_is_usable(browser: Any, live: Live) -> None:
     assert requested
     assert [u for u in requested if not u.startswith(live.url + "/ui/")] == []
     ctx.close()
+
+
+def test_explain_shows_whether_a_postback_fires_and_the_exact_request(
+    context: Any, live: Live
+) -> None:
+    page = context.new_page()
+    sign_in(page, ADMIN, "/ui/postbacks/101")
+    conversion = page.get_by_label("Conversion (JSON)")
+    conversion.fill(
+        '{"conversion_id": "x-1", "offer": 7, "affiliate": 42, "status": "approved", "payout": 3}'
+    )
+    page.get_by_role("button", name="Explain").click()
+    result = page.locator("#explain .result")
+    assert result.inner_text().startswith("Does not fire (arrival: New): when is false")
+    page.get_by_label("Conversion (JSON)").fill(
+        '{"conversion_id": "x-1", "offer": 7, "affiliate": 42, "status": "approved", "payout": 9}'
+    )
+    page.get_by_role("button", name="Explain").click()
+    result = page.locator("#explain .result")
+    assert result.inner_text().startswith("Fires (arrival: New)")
+    assert f"GET {live.sink.url}/a42?tx=x-1&k=****" in result.inner_text()
+    assert "Authorization: ****" in result.inner_text()
+    assert "s3cr3t" not in page.content()
+    assert live.sink_paths("/a42?tx=x-1") == []  # nothing was sent
+    screenshot(page, "postback-explain")
