@@ -21,6 +21,7 @@ from daemon.ui import affiliate, ops, store_pages
 from daemon.ui.base import (
     UI,
     Ctx,
+    PageNotFound,
     UiState,
     make_templates,
     page,
@@ -61,6 +62,7 @@ def add_ui_routes(app: web.Application, settings: Settings, environ: Mapping[str
     affiliate.add_routes(app)  # first: /ui/offers/go before /ui/offers/{offer}
     ops.add_routes(app)
     store_pages.add_routes(app)
+    app.router.add_get("/ui/{tail:.*}", page(_no_such_page))  # last: the console's own 404
 
 
 def _static_files() -> dict[str, tuple[bytes, str]]:
@@ -147,6 +149,10 @@ async def _sign_in(request: web.Request) -> web.Response:
     )
     response.del_cookie(SIGNIN_COOKIE, path="/ui/sign-in")
     return response
+
+
+async def _no_such_page(ctx: Ctx) -> web.Response:
+    raise PageNotFound()
 
 
 async def _sign_out(ctx: Ctx) -> web.Response:

@@ -46,13 +46,16 @@ SECURITY_HEADERS = {
 }
 
 
+NOT_FOUND = "There is nothing here, or nothing you may see."
+
+
 class PageNotFound(InputError):
     """A page, or an object the viewer may not see: always the same 404 page."""
 
     status = 404
 
     def __init__(self) -> None:
-        super().__init__("There is nothing here, or nothing you may see.")
+        super().__init__(NOT_FOUND)
 
 
 class TooLarge(InputError):
@@ -251,7 +254,9 @@ def page(handler: Handler, *, admin: bool = False) -> Callable[[web.Request], Aw
             title = {401: "Signed out", 403: "Not allowed", 404: "Not found"}.get(
                 err.status, "That did not work"
             )
-            return ctx.render("error.html", err.status, title=title, message=err.message)
+            # Every 404 reads the same, whoever raised it: missing and not yours look alike.
+            message = NOT_FOUND if err.status == 404 else err.message
+            return ctx.render("error.html", err.status, title=title, message=message)
         except StoreError as err:
             log.warning("store_error", error=str(err))
             return ctx.render("error.html", 503, title="Store unavailable", message=STORE_DOWN)

@@ -168,6 +168,7 @@ async def test_an_affiliate_gets_the_same_404_for_others_ids_and_403_for_admin_a
         "/ui/postbacks/102",
         "/ui/postbacks/103",
         "/ui/postbacks/104",
+        "/ui/no/such/page",
         "/ui/postbacks/1" + "0" * 30,
         f"/ui/deliveries/{other}",
         "/ui/deliveries/" + "z" * 65,
