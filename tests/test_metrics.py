@@ -180,3 +180,22 @@ def test_each_app_has_its_own_registry() -> None:
                  source="generic", transition="new") == 1  # fmt: skip
     assert value(parse(second.render().decode()), "postbackd_conversions_total",
                  source="generic", transition="new") == 0  # fmt: skip
+
+
+async def test_delivery_lag_is_the_age_of_the_oldest_waiting_delivery(
+    tmp_path: Path, sink: Sink
+) -> None:
+    from tests.harness import FakeClock
+
+    clock = FakeClock()
+    daemon = await start_daemon(tmp_path, rules(sink, sink, sink), clock=clock, dispatch=False)
+    try:
+        assert value(await scrape(daemon), "postbackd_delivery_lag_seconds") == 0
+        await daemon.post(conversion_id="L1", offer=5, affiliate=1, status="approved")
+        clock.advance(42.0)  # accepted, not delivered (no dispatcher here)
+        assert value(await scrape(daemon), "postbackd_delivery_lag_seconds") == 42.0
+        await daemon.services.dispatcher.dispatch_once()
+        await daemon.services.dispatcher.drain()
+        assert value(await scrape(daemon), "postbackd_delivery_lag_seconds") == 0
+    finally:
+        await daemon.client.close()
