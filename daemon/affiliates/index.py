@@ -254,14 +254,22 @@ class StoreIndex:
     # --- a new rule set ---------------------------------------------------------------------
 
     def _rebase(self, file_runtime: Runtime) -> None:
-        """New rule files or policy: goals_enabled and the policy are looked at again for every
-        store postback (no re-validation unless it did not validate before)."""
-        self._file = file_runtime
-        self._policy = getattr(file_runtime, "policy", DEFAULT_POLICY)
-        goals: dict[str, bool] = {}
-        for offer, lps in file_runtime.rules.offers.items():
-            goals[offer] = lps[0].goals_enabled
-        self._goals = goals
+        """New rule files: with the same policy, only the store postbacks of offers whose
+        goals_enabled (or rule file) changed are looked at again, and the per-offer lists are
+        redone over the new files; a new policy looks at every one again (no re-validation
+        unless it did not validate before)."""
+        policy: LoadedPolicy = getattr(file_runtime, "policy", DEFAULT_POLICY)
+        goals = {offer: lps[0].goals_enabled for offer, lps in file_runtime.rules.offers.items()}
+        same_policy = self._file is not None and policy.policy == self._policy.policy
+        old_goals = self._goals
+        self._file, self._policy, self._goals = file_runtime, policy, goals
+        if same_policy:
+            moved = {o for o in old_goals.keys() | goals.keys() if old_goals.get(o) != goals.get(o)}
+            self.apply(
+                [e.stored for e in self.entries.values() if e.stored.offer in moved or not e.loaded]
+            )
+            self._refresh(set(), set(self._offer_members))
+            return
         entries: dict[int, Entry] = {}
         loaded: dict[int, LoadedPostback] = {}
         self._members, self._offer_members = {}, {}

@@ -78,3 +78,26 @@ def test_an_older_read_does_not_bring_back_a_deleted_postback(tmp_path: Path, si
     assert FIRST_STORE_ID + 1 not in index.compose(files).rules.postbacks
     index.apply([replace(live, change_seq=9)])  # only a later version passes the guard
     assert FIRST_STORE_ID + 1 in index.compose(files).rules.postbacks
+
+
+def test_a_reload_redoes_only_the_offers_whose_goals_changed(tmp_path: Path, sink: Sink) -> None:
+    files_before = rules(sink)
+    write_rules(tmp_path, files_before)
+    resources = Resources(http=None, secret=lambda name: "", clock=FakeClock())
+    first = build_runtime(load_rules(tmp_path), {}, resources)
+    index = StoreIndex(resources, AffiliateSecrets())
+    index.compose(first)
+    index.apply([row(1, 1), row(2, 2, offer="8")], 2)
+    before = index.compose(first)
+    on7 = before.rules.postbacks[FIRST_STORE_ID + 1]
+    on8 = before.rules.postbacks[FIRST_STORE_ID + 2]
+    assert (on7.goals_enabled, on8.goals_enabled) == (True, False)
+    write_rules(tmp_path, {"offer-8.yaml": files_before["offer-8.yaml"].replace(
+        "offer: 8", "offer: 8\n            goals_enabled: true"
+    )})  # fmt: skip
+    second = build_runtime(load_rules(tmp_path), {}, resources, previous=first)
+    after = index.compose(second)
+    assert after.rules.postbacks[FIRST_STORE_ID + 1] is on7  # offer 7 untouched
+    assert after.rules.postbacks[FIRST_STORE_ID + 2].goals_enabled is True
+    assert [lp.id for lp in after.rules.offers["8"]] == [103, FIRST_STORE_ID + 2]
+    assert after.rules.offers["8"][0] is second.rules.offers["8"][0]  # over the new files
