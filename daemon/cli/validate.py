@@ -63,7 +63,7 @@ def validate(
 
     Lines read `file:line: postback N: message`; warnings (a secret not set on this machine, a
     condition reading a field no source provides) read `warning: ...` and are counted on the
-    last line; --strict makes them errors. With a catalogue (rules.d/catalogue.yaml), unknown
+    last line (on stderr when it fails); --strict makes them errors. With a catalogue (rules.d/catalogue.yaml), unknown
     offers, goals and affiliates are errors; ids listed in rules.d/retired-ids.yaml can never
     come back. With --base, an existing postback may not change its action type, offer,
     created_at or author since GIT_REF, and a new one must carry created_at and author. With
@@ -151,18 +151,16 @@ def validate(
         if hooks is not None and sources is not None:
             names = ", ".join(sorted(sources)) or "none"
             click.echo(f"ok: {len(sources)} sources in {hooks} ({names})")
-    for name in secrets:
+    for name in secrets:  # on failure, stdout holds only the problems (one per line)
         where = resolver.where(name)
-        if where:
+        if where and not failed:
             click.echo(f"secret {name}: found in {where}")
-        else:
+        elif not where and (strict or not failed):
             click.echo(f"{tag}: secret {name}: not set here")
     if failed:
         errors = len(issues) + (count if strict else 0)
-        click.echo(
-            f"invalid: {plural(errors, 'error')}"
-            + ("" if strict else f", {plural(count, 'warning')}")
-        )
+        summary = f"invalid: {plural(errors, 'error')}"
+        click.echo(summary + ("" if strict else f", {plural(count, 'warning')}"), err=True)
         sys.exit(1)
     postbacks = len(rules.postbacks) if rules else 0
     click.echo(f"ok: {plural(postbacks, 'postback')}, {plural(count, 'warning')}")
