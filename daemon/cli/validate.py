@@ -63,11 +63,12 @@ def validate(
 
     Lines read `file:line: postback N: message`; warnings (a secret not set on this machine, a
     condition reading a field no source provides) read `warning: ...` and are counted on the
-    last line (on stderr when it fails); --strict makes them errors. With a catalogue (rules.d/catalogue.yaml), unknown
-    offers, goals and affiliates are errors; ids listed in rules.d/retired-ids.yaml can never
-    come back. With --base, an existing postback may not change its action type, offer,
-    created_at or author since GIT_REF, and a new one must carry created_at and author. With
-    --webhooks (or -c), the sources of webhooks/ are checked too, with the same rigour.
+    last line (on stderr when it fails); --strict makes them errors. With a catalogue
+    (rules.d/catalogue.yaml), unknown offers, goals and affiliates are errors; ids listed in
+    rules.d/retired-ids.yaml can never come back. With --base, an existing postback may not
+    change its action type, offer, created_at or author since GIT_REF, and a new one must
+    carry created_at and author. With --webhooks (or -c), the sources of webhooks/ are
+    checked too, with the same rigour.
     """
     root = rules_dir_from(rules_dir, config)
     issues: list[Issue] = []
