@@ -113,6 +113,7 @@ def _on_a_terminal(args: list[str], typed: str) -> subprocess.CompletedProcess[s
         os.close(master)
 
 
+@pytest.mark.slow  # a real terminal (pty) for one part
 def test_delete_with_a_selector_asks_for_the_count(repo: Path) -> None:
     r = run("rules", "delete", "--affiliate", "42", "--rules", str(repo))
     assert r.code == 1
