@@ -21,6 +21,7 @@ H4's affiliates.yaml policy file) out of the rule files (``loader.NOT_RULE_FILES
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,6 +34,7 @@ from daemon.rules import Id
 from daemon.yamlfile import YamlError, YMap, load_yaml
 
 CATALOGUE_FILE = "catalogue.yaml"
+_EMPTY_LIST = re.compile(r"^retired:[ \t]*\[[ \t]*\][ \t]*$", re.MULTILINE)
 RETIRED_FILE = "retired-ids.yaml"
 _RETIRED_HEADER = (
     "# Ids of deleted postbacks: never used again (postbackd rules delete appends here;\n"
@@ -135,6 +137,7 @@ def load_retired(root: Path) -> dict[int, int]:
 def retire_text(current: str | None, ids: list[int], who: str, now: datetime) -> str:
     """The retired-ids file with `ids` appended (created with its header when absent)."""
     text = current if current is not None else _RETIRED_HEADER
+    text = _EMPTY_LIST.sub("retired:", text)  # `retired: []` becomes a block list
     if text and not text.endswith("\n"):
         text += "\n"
     if "retired:" not in text:

@@ -13,7 +13,7 @@ from typing import Any
 import click
 from ruamel.yaml.comments import CommentedMap
 
-from daemon.catalogue import Catalogue
+from daemon.catalogue import CATALOGUE_FILE, Catalogue
 from daemon.cli import affiliates
 from daemon.cli.common import config_option, load_or_exit, rules_dir_from, rules_option
 from daemon.cli.editing import (
@@ -129,7 +129,9 @@ def apply(
         click.echo("nothing to change")
         return
     issues = check(tree, plan)
-    findings = lint_plan(tree, plan, side) if not issues else None
+    # The catalogue's checks load the tree a second time: only when there is one to check.
+    catalogue = (tree.root / CATALOGUE_FILE).is_file() or CATALOGUE_FILE in side
+    findings = lint_plan(tree, plan, side) if not issues and catalogue else None
     if findings is not None:
         issues = findings.errors
     if issues:

@@ -196,3 +196,12 @@ def test_hostile_catalogue_and_retired_files_are_errors_not_tracebacks(repo: Pat
     r = run("validate", str(repo))
     assert r.code == 1
     assert "catalogue.yaml:1: file is larger than 1024 KiB" in r.out
+
+
+def test_delete_appends_to_an_empty_flow_list_of_retired_ids(repo: Path) -> None:
+    write_files(repo, {"retired-ids.yaml": "# kept by hand\nretired: []\n"})
+    r = run("rules", "delete", "103", "--confirm", "103", "--rules", str(repo))
+    assert r.code == 0, r.err
+    text = (repo / "retired-ids.yaml").read_text()
+    assert text.startswith("# kept by hand\nretired:\n  - 103  # deleted ")
+    assert run("validate", str(repo)).code == 0
