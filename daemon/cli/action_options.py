@@ -17,6 +17,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from daemon.actions import ActionSettingsUnion
+from daemon.cli.common import json_value
 
 # Options `rules add` already has, that serve every type (--url, --method) or mean something
 # else there (--from, --file...): a setting of that name is --action-NAME instead.
@@ -193,9 +194,11 @@ def _value(text: str) -> Any:
     """JSON when it parses as JSON (5, true, {...}, [...]), else the text."""
     if re.fullmatch(r"\s*[\[{\d\-tfn\"].*", text, re.DOTALL):
         try:
-            return json.loads(text)
-        except ValueError:
-            pass
+            return json_value(text)
+        except json.JSONDecodeError:
+            pass  # not JSON: text
+        except ValueError as err:  # JSON, but NaN or nested too deeply
+            raise click.BadParameter(str(err)) from err
     return text
 
 

@@ -55,12 +55,38 @@ def require_rules_dir(path: Path, rules: str | None, config: str | None) -> Path
     )
 
 
+MAX_JSON_DEPTH = 64  # containers nested in a value given on the command line or in a file
+
+
+def json_value(text: str) -> Any:
+    """JSON from a user (an option, a file): ValueError for anything that is not plain JSON,
+    NaN and Infinity included, and for containers nested deeper than MAX_JSON_DEPTH (checked
+    before anything recurses over the value)."""
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except RecursionError as err:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from err
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def read_json_object(path: str) -> dict[str, Any]:
     """A JSON file holding one object (a conversion for explain or send-test); one clear
     error line otherwise."""
     try:
-        obj = json.loads(Path(path).read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        obj = json_value(Path(path).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
         raise click.ClickException(f"{path}: cannot read JSON: {err}") from err
     if not isinstance(obj, dict):
         raise click.ClickException(f"{path}: must hold a JSON object")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from daemon.cli.common import json_value
 from daemon.cli.ruletests import FIXED_NOW
 from daemon.errors import InputError
 from daemon.explain import Evaluation, evaluate
@@ -83,9 +84,11 @@ def read_samples(path: Path) -> list[Sample]:
 
 def _sample(where: str, number: int, line: str) -> Sample:
     try:
-        obj = json.loads(line)
+        obj = json_value(line)
     except json.JSONDecodeError as err:
         raise SampleError(f"{where}: not JSON: {err.msg}") from err
+    except ValueError as err:
+        raise SampleError(f"{where}: not JSON: {err}") from err
     if not isinstance(obj, dict):
         raise SampleError(f"{where}: expected a JSON object")
     previous = obj.pop("previous_status", None)

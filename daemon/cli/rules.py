@@ -15,7 +15,13 @@ from ruamel.yaml.comments import CommentedMap
 
 from daemon.catalogue import CATALOGUE_FILE, Catalogue
 from daemon.cli import affiliates
-from daemon.cli.common import config_option, load_or_exit, rules_dir_from, rules_option
+from daemon.cli.common import (
+    config_option,
+    json_value,
+    load_or_exit,
+    rules_dir_from,
+    rules_option,
+)
 from daemon.cli.editing import (
     plan_edit,
     set_path,
@@ -198,14 +204,12 @@ def parse_set(text: str) -> tuple[list[str], Any]:
             param_hint="--set",
         )
     try:
-        value = json.loads(raw, parse_constant=_no_constant)
-    except ValueError:
-        value = raw
+        value = json_value(raw)
+    except json.JSONDecodeError:
+        value = raw  # not JSON: text
+    except ValueError as err:  # JSON, but NaN or nested too deeply
+        raise click.BadParameter(f"{key.strip()}: {err}", param_hint="--set") from err
     return [p.strip() for p in path], to_yaml(value)
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(name)
 
 
 @rules.command("edit")

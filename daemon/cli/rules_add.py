@@ -4,7 +4,6 @@ now and the caller as author, appended to their offer's file (the platform's "Ad
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -13,7 +12,7 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
 from daemon.cli import action_options
-from daemon.cli.common import config_option, rules_option
+from daemon.cli.common import config_option, json_value, rules_option
 from daemon.cli.editing import (
     NewItem,
     author_map,
@@ -165,7 +164,7 @@ def _fill(item: CommentedMap, opts: dict[str, Any]) -> None:
         put(item, "affiliate", id_value(opts["affiliate"]))
     if opts["when"] is not None:
         try:
-            put(item, "when", to_yaml(json.loads(opts["when"])))
+            put(item, "when", to_yaml(json_value(opts["when"])))
         except ValueError as err:
             raise click.BadParameter(f"not JSON: {err}", param_hint="--when") from err
     if "status" not in item:

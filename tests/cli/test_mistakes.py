@@ -205,3 +205,28 @@ def test_delete_appends_to_an_empty_flow_list_of_retired_ids(repo: Path) -> None
     text = (repo / "retired-ids.yaml").read_text()
     assert text.startswith("# kept by hand\nretired:\n  - 103  # deleted ")
     assert run("validate", str(repo)).code == 0
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["[" * 5000 + "]" * 5000, "[" * 70 + "]" * 70, '{"a": NaN}', "[" * 100_000],
+)
+def test_deep_or_odd_json_from_the_command_line_is_one_error_line(
+    repo: Path, tmp_path: Path, value: str
+) -> None:
+    before = (repo / "offer-1234.yaml").read_text()
+    for args in (
+        ["rules", "edit", "102", "--set", f"retry={value}"],
+        ["rules", "add", "--offer", "1234", "--trigger", "conversion_done", "--affiliate", "42",
+         "--when", value, "--url", "https://t.example/", "--author", "7:Jane Doe"],
+    ):  # fmt: skip
+        r = run(*args, "--rules", str(repo))
+        assert r.code in (1, 2), (args[:2], r.out)
+        assert "Traceback" not in r.out + r.err
+        assert len(r.err.strip().splitlines()) == 1, r.err
+    assert (repo / "offer-1234.yaml").read_text() == before
+    sample = tmp_path / "conv.json"
+    sample.write_text(value)
+    r = run("explain", str(sample), "--rules", str(repo))
+    assert r.code == 1
+    assert r.err.startswith(f"postbackd: error: {sample}: cannot read JSON: ")

@@ -107,3 +107,28 @@ def test_template_prints_an_annotated_skeleton_of_each_type(kind: str) -> None:
     for key in required:
         alias = models()[kind].model_fields[key].alias or key
         assert f"\n  {alias}: " in r.out, (kind, alias)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--port", "not-a-port"],
+        ["--host", "smtp\x00.example.com"],
+        ["--to", "[" * 5000 + "]" * 5000],
+        ["--to", "{" * 3000],
+        ["--subject", "x" * 200_000],
+        ["--security", "rot13"],
+    ],
+)
+def test_hostile_action_settings_write_nothing(repo: Path, extra: list[str]) -> None:
+    before = (repo / "offer-1234.yaml").read_text()
+    base = [
+        "rules", "add", "--rules", str(repo), "--offer", "1234", "--trigger", "conversion_done",
+        "--affiliate", "42", "--author", "7:Jane Doe", "--action", "smtp",
+        "--host", "smtp.example.com", "--action-from", "a@example.com", "--to", "b@example.com",
+        "--subject", "s",
+    ]  # fmt: skip
+    r = run(*base, *extra)
+    assert r.code in (1, 2), r.out
+    assert "Traceback" not in r.out + r.err
+    assert (repo / "offer-1234.yaml").read_text() == before
