@@ -5,6 +5,7 @@ Start-up, hot reload and `postbackd validate` all come through :func:`load_rules
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -110,9 +111,18 @@ def load_rules(
     loaded: list[LoadedPostback] = []
     offer_goals: dict[str, tuple[bool, str, int]] = {}
     cache = cache if cache is not None else ParseCache()
-    for rel in sorted(sources):
-        loaded.extend(_load_file(rel, cache.parse(rel, sources[rel]), issues, offer_goals))
+    parsed = [(rel, cache.parse(rel, sources[rel])) for rel in sorted(sources)]
     cache.keep_only(sources)
+    fingerprint = cache.fingerprint(sources)
+    last = cache.last_result(fingerprint) if not issues else None
+    if last is not None and not (missing_secrets and missing_secrets(sorted(last.secrets))):
+        # Every file is the one the last load built its set from (that set had no issue):
+        # the same set, with the git state of now. A reload of an unchanged tree builds nothing.
+        commit, dirty = work_tree_state(real_root) if git else (None, False)
+        version = RulesVersion(last.version.digest, commit, dirty)
+        return dataclasses.replace(last, version=version, loaded_at=datetime.now(UTC))
+    for rel, one in parsed:
+        loaded.extend(_load_file(rel, one, issues, offer_goals))
     by_id = _check_ids(loaded, issues)
     seen: dict[int, frozenset[str]] = {}  # postbacks share action objects (daemon.sharing)
     secrets = {name: lp for lp in loaded for name in _secrets_of(lp.postback, seen)}
@@ -122,7 +132,9 @@ def load_rules(
             issues.append(Issue(lp.file, lp.line, f"secret {name!r} does not resolve", lp.id))
     if issues:
         raise RulesError(issues)
-    return _build(by_id, sources, real_root if git else None, frozenset(secrets))
+    built = _build(by_id, sources, real_root if git else None, frozenset(secrets))
+    cache.remember(fingerprint, built)
+    return built
 
 
 def _discover(root: Path) -> tuple[list[Path], list[Issue]]:
@@ -222,6 +234,7 @@ class ParseCache:
     def __init__(self) -> None:
         self._files: dict[str, tuple[bytes, _Parsed]] = {}
         self._pool = Pool()  # equal parts of postbacks share one object (daemon.sharing)
+        self._last: tuple[tuple[tuple[str, bytes], ...], RuleSet] | None = None
 
     def parse(self, rel: str, data: bytes) -> _Parsed:
         digest = hashlib.sha256(data).digest()
@@ -238,6 +251,18 @@ class ParseCache:
         keep = set(rels)
         for rel in [r for r in self._files if r not in keep]:
             del self._files[rel]
+
+    def fingerprint(self, rels: Iterable[str]) -> tuple[tuple[str, bytes], ...]:
+        """The (path, content hash) of every file of a load (after parse of each)."""
+        return tuple((rel, self._files[rel][0]) for rel in sorted(rels))
+
+    def remember(self, fingerprint: tuple[tuple[str, bytes], ...], rules: RuleSet) -> None:
+        """The rule set built from exactly these files (a set without issues)."""
+        self._last = (fingerprint, rules)
+
+    def last_result(self, fingerprint: tuple[tuple[str, bytes], ...]) -> RuleSet | None:
+        last = self._last
+        return last[1] if last is not None and last[0] == fingerprint else None
 
 
 def _parse_file(rel: str, data: bytes) -> _Parsed:

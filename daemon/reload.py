@@ -88,12 +88,14 @@ class ReloadStatus:
     reloads_failed: int = 0
 
 
-def settle_memory() -> None:
+def settle_memory(replaced: bool = True) -> None:
     """After a load: collect once, then move everything alive (the rule set above all) out of
     the collector's sight. With 100,000 postbacks a full collection otherwise stops the event
     loop for about 1.5 s every 10-20k conversions; frozen, it takes milliseconds. Unfrozen
-    first, so the set a reload replaced is freed."""
-    gc.unfreeze()
+    first, so the set a reload replaced is freed; when the reload kept the same postbacks (an
+    unchanged tree) only what is new since the last freeze is collected and frozen."""
+    if replaced:
+        gc.unfreeze()
     gc.collect()
     gc.freeze()
 
@@ -207,6 +209,8 @@ class Reloader:
                 rules_version=str(self.runtime.rules.version),
             )
             return False
+        before = self._file_runtime
+        kept = before is not None and runtime.rules.postbacks is before.rules.postbacks
         self._file_runtime = runtime
         old = self._runtime
         self._runtime = runtime = self._composed(runtime)
@@ -226,7 +230,7 @@ class Reloader:
             if asyncio.iscoroutine(result):
                 await result
         del old
-        settle_memory()
+        settle_memory(replaced=not kept)
         return True
 
     async def watch(self, beat: Callable[[], None] | None = None) -> None:

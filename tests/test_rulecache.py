@@ -210,3 +210,28 @@ def test_equal_parts_are_one_object(tmp_path: Path) -> None:
     assert len({id(pb.__pydantic_fields_set__) for pb in pbs}) == 1
     other = [pb for pb in pbs if pb.id >= 20]
     assert {id(pb.action) for pb in other}.isdisjoint({id(pb.action) for pb in same_url})
+
+
+def test_an_unchanged_tree_gives_the_same_set_without_building_it(tmp_path: Path) -> None:
+    rules = _tree(tmp_path)
+    cache = loader.ParseCache()
+    first = load_rules(rules, cache=cache, git=False)
+    again = load_rules(rules, cache=cache, git=False)
+    assert again.postbacks is first.postbacks  # nothing rebuilt
+    assert again.version == first.version
+    assert again.loaded_at >= first.loaded_at
+    write_rules(rules, {"b.yaml": _offer(2, 10, "http://127.0.0.1:9/x")})
+    changed = load_rules(rules, cache=cache, git=False)
+    assert changed.postbacks is not first.postbacks
+    assert changed.version != first.version
+
+
+def test_the_unchanged_shortcut_still_checks_secrets(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.d"
+    write_rules(rules, {"a.yaml": _offer(1, 1, "http://127.0.0.1:9/?k=${secret:TOKEN}")})
+    cache = loader.ParseCache()
+    first = load_rules(rules, cache=cache, git=False, missing_secrets=lambda names: [])
+    assert first.secrets == frozenset({"TOKEN"})
+    with pytest.raises(RulesError) as err:
+        load_rules(rules, cache=cache, git=False, missing_secrets=lambda names: list(names))
+    assert "secret 'TOKEN' does not resolve" in str(err.value.issues[0])
