@@ -4,6 +4,8 @@ attempt and Retry, a conversion's arrivals and the deliveries each fired, and He
 from __future__ import annotations
 
 import re
+import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,7 +17,7 @@ from daemon.api_views import attempt_view, checked_cursor, rules_status_view
 from daemon.app import Services
 from daemon.errors import ConflictError, InputError, StoreError
 from daemon.store.base import DeliveryFilter, DeliveryRow, DeliveryState
-from daemon.store.common import encode_cursor
+from daemon.store.common import decode_cursor, encode_cursor
 from daemon.supervise import describe
 from daemon.ui.base import Ctx, PageNotFound, page, params, query, redirect
 from daemon.ui.ops import action_types, masked_fields
@@ -28,6 +30,8 @@ DEFAULT_WINDOW = timedelta(days=1)  # see delivery_filter
 MAX_IDS = 2_000  # postback ids sent to the store in one filter at most (see delivery_filter)
 SCAN_BATCH = 200
 SCAN_LIMIT = 2_000  # rows read for one page of an action's deliveries
+WALK_BUDGET = 0.1  # seconds of windows read for one page of a narrow all-time list
+HORIZON_SLACK = timedelta(days=30)  # deliveries outlive retention while still pending
 _DELIVERY_ID = re.compile(r"^[A-Za-z0-9]{1,64}$")
 _RETRYABLE = (DeliveryState.DEAD, DeliveryState.CANCELLED)
 _FILTERS = ("offer", "affiliate", "postback", "action", "state", "since", "until")
@@ -105,6 +109,34 @@ def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | 
     return DeliveryFilter(state=state, postback_ids=ids, since=since), cursor, by_row
 
 
+async def _walk_back(
+    ctx: Ctx, flt: DeliveryFilter, cursor: str | None
+) -> tuple[list[DeliveryRow], str | None, datetime | None]:
+    """A page of a narrow list over all time, read in windows going back (1 day, then 2, 4...)
+    so that each read walks only its window of the store's index. Stops when the page is full,
+    at the retention horizon, or after WALK_BUDGET seconds: then the page may be short, and
+    Older goes on from the last window (returned as the time searched back to)."""
+    now = now_of(ctx)
+    horizon = now - timedelta(seconds=ctx.services.settings.retention) - HORIZON_SLACK
+    upper = decode_cursor(cursor)[0] if cursor else now + timedelta(days=1)
+    rows: list[DeliveryRow] = []
+    span = timedelta(days=1)
+    started = time.monotonic()
+    while True:
+        lower = max(upper - span, horizon)
+        window = replace(flt, since=lower)
+        page, more = await ctx.services.store.list_deliveries(window, PAGE_SIZE - len(rows), cursor)
+        rows += page
+        if more is not None or len(rows) >= PAGE_SIZE:  # the page is full
+            last = rows[-1]
+            return rows, encode_cursor(last.created_at, last.delivery_id), None
+        if lower <= horizon:
+            return rows, None, None
+        upper, cursor, span = lower, encode_cursor(lower, "0"), span * 2
+        if time.monotonic() - started > WALK_BUDGET:
+            return rows, cursor, lower
+
+
 async def _page_of_action(
     ctx: Ctx, flt: DeliveryFilter, cursor: str | None, action: str
 ) -> tuple[list[DeliveryRow], str | None]:
@@ -131,20 +163,29 @@ async def deliveries(ctx: Ctx) -> web.Response:
     flt, cursor, action = delivery_filter(ctx, q)
     rows: list[DeliveryRow] = []
     next_cursor = None
+    searched_to = None
     if action is not None:
         rows, next_cursor = await _page_of_action(ctx, flt, cursor, action)
+    elif flt.postback_ids is not None and flt.since is None:
+        if flt.postback_ids:
+            rows, next_cursor, searched_to = await _walk_back(ctx, flt, cursor)
     elif flt.postback_ids is None or flt.postback_ids:
         rows, next_cursor = await ctx.services.store.list_deliveries(flt, PAGE_SIZE, cursor)
     filters = {k: q.get(k, "") for k in _FILTERS}
+    # An empty From means "all time" (not the default window): links keep it empty.
+    all_time = "&since=" if ctx.request.query.get("since") == "" else ""
     return ctx.render(
         "deliveries.html",
         rows=rows,
         filters=filters,
         states=[s.value for s in DeliveryState],
         actions=action_types(),
-        next_link=f"?{params({**filters, 'cursor': next_cursor})}" if next_cursor else None,
+        next_link=f"?{params({**filters, 'cursor': next_cursor})}{all_time}"
+        if next_cursor
+        else None,
         windowed=flt.postback_ids is not None and "since" not in ctx.request.query,
-        first_link=f"?{params(filters)}" if cursor else None,
+        searched_to=searched_to,
+        first_link=f"?{params(filters)}{all_time}" if cursor else None,
     )
 
 

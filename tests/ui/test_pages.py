@@ -340,3 +340,48 @@ async def test_an_action_with_too_many_postbacks_is_filtered_row_by_row(
     text = await (await daemon.client.get("/ui/deliveries?action=smtp")).text()
     assert "No deliveries." in text  # no postback has it: nothing to read at all
     assert 'rel="next"' not in text
+
+
+async def test_an_all_time_narrow_list_reads_windows_going_back(
+    tmp_path: Path, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daemon.ui import store_pages
+
+    clock = FakeClock()
+    d = await start_daemon(
+        tmp_path,
+        rules(sink, sink),
+        environ=ENV,
+        settings={**settings(session_ttl="30d"), "retention": "10d"},
+        clock=clock,
+    )
+    try:
+        ids = []
+        for n, days in enumerate((0, 3, 9)):  # deliveries of 101 at day 0, 3 and 12
+            clock.advance(days * 86400)
+            await d.post(conversion_id=f"w-{n}", offer=7, affiliate=42, status="approved", payout=9)
+            await wait_for(lambda n=n: len(sink.received) >= 2 * (n + 1))
+            rows = await d.deliveries(conversion_id=f"w-{n}")
+            ids.append(next(r.delivery_id for r in rows if r.postback_id == 101))
+        await sign_in(d.client, AFF42)
+
+        def shown(text: str) -> list[str]:
+            return [i for i in ids if f"/ui/deliveries/{i}" in text]
+
+        text = await (await d.client.get("/ui/deliveries?postback=101&since=")).text()
+        assert shown(text) == ids  # windows of 1, 2, 4, 8 days reach day 0
+        assert "Searched back to" not in text
+        monkeypatch.setattr(store_pages, "WALK_BUDGET", -1.0)  # one window per page
+        pages, hints = [], []
+        path: str | None = "/ui/deliveries?postback=101&since="
+        while path is not None and len(pages) < 15:  # a day per page: day 0 is 12 pages back
+            text = await (await d.client.get(path)).text()
+            pages.append(shown(text))
+            hints.append("Searched back to" in text)
+            older = re.search(r'href="(\?[^"]*cursor=[^"]*)" rel="next"', text)
+            path = "/ui/deliveries" + html.unescape(older.group(1)) if older else None
+        assert [i for page in pages for i in page] == ids[::-1]  # each once, newest first
+        assert pages[0] == [ids[2]]  # the first window: the last day
+        assert hints[0]  # a short page says how far back it searched
+    finally:
+        await d.client.close()
