@@ -59,9 +59,9 @@ MAX_JSON_DEPTH = 64  # containers nested in a value given on the command line or
 
 
 def json_value(text: str) -> Any:
-    """JSON from a user (an option, a file): ValueError for anything that is not plain JSON,
-    NaN and Infinity included, and for containers nested deeper than MAX_JSON_DEPTH (checked
-    before anything recurses over the value)."""
+    """JSON from a user (an option, a file): json.JSONDecodeError for anything that is not
+    plain JSON (NaN and Infinity included), ValueError for containers nested deeper than
+    MAX_JSON_DEPTH (checked before anything recurses over the value)."""
     try:
         value = json.loads(text, parse_constant=_no_constant)
     except RecursionError as err:
@@ -78,7 +78,7 @@ def json_value(text: str) -> Any:
 
 
 def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)  # callers may take it as text
 
 
 def read_json_object(path: str) -> dict[str, Any]:
