@@ -41,7 +41,7 @@ READY_STORE_TIMEOUT = 2.0  # /readyz answers within this even when the store han
 # Each loop's duty of progress (seconds), the base of /readyz and the watchdog. The dispatcher
 # claims at least every poll interval (1 s) when idle; a claim that blocks (a write lock held
 # past the busy timeout, a hung connection) shows within this many seconds.
-DISPATCHER_PROGRESS = 4.0
+DISPATCHER_PROGRESS = 3.0
 
 
 class SystemClock:
@@ -238,7 +238,7 @@ def _start_loops(services: Services, *, dispatch: bool, watch: bool) -> None:
         supervisor.start(
             "dispatcher",
             lambda health: services.dispatcher.run(health.beat),
-            interval=max(DISPATCHER_PROGRESS, 4 * poll),
+            interval=max(DISPATCHER_PROGRESS, 3 * poll),
         )
     if watch:
         reloader = services.reloader

@@ -111,7 +111,9 @@ class LoopHealth:
         self.error = describe(err)
         if not self.failing:
             self.failing, self.failing_since = True, now
-            log.error("loop_failing", loop=self.name, error=self.error, next_in_s=retry_in)
+            log.error(
+                "loop_failing", loop=self.name, error=self.error, next_in_s=round(retry_in, 2)
+            )
         # Failing is not wedged: the loop is alive as long as it keeps trying on schedule.
         self.due_by = None if self.interval is None else now + retry_in + self.interval
 

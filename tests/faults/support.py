@@ -398,6 +398,12 @@ class ReadyWatch:
         return {status for t, status, _ in self.seen if since <= t <= until}
 
 
+def note(what: str, seconds: float) -> float:
+    """Print a measured time (seen with `pytest -s`: the figures behind docs/operations.md)."""
+    print(f"fault-measure {what}: {seconds:.2f} s")
+    return seconds
+
+
 def key_of(cid: str, postback: int = 1) -> str:
     return f"generic:{cid}:1:{postback}"  # {source}:{conversion_id}:{arrival_seq}:{postback_id}
 

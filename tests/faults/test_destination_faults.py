@@ -32,6 +32,7 @@ from tests.faults.support import (
     all_delivered,
     assert_no_unexplained_duplicates,
     client_session,
+    note,
     resumed_after,
     rules_yaml,
 )
@@ -62,14 +63,17 @@ async def test_a_hanging_a_resetting_and_a_503_destination_recover_by_themselves
             await wait_for(lambda: watch.first_with(t0, "destinations_down"), deadline=10)
             reported = watch.first_with(t0, "destinations_down")
             assert reported is not None
-            assert reported <= REPORT_WITHIN
+            assert note("destination_faults report", reported) <= REPORT_WITHIN
             before = len(fault_sink.delivered("fine"))
             await wait_for(lambda: len(fault_sink.delivered("fine")) > before + 10, deadline=5)
             await asyncio.sleep(max(0.0, t0 + FAULT - time.monotonic()))  # the fault's length
             fault_sink.modes.clear()
             t1 = time.monotonic()
             for route in MODES:
-                assert await resumed_after(fault_sink, route, t1) <= RESUME_WITHIN, route
+                assert (
+                    note("destination_faults resume", await resumed_after(fault_sink, route, t1))
+                    <= RESUME_WITHIN
+                ), route
         finally:
             await traffic.stop()
         await all_delivered(fault_sink, traffic, postbacks=(1, 2, 3, 4), deadline=30)
@@ -149,11 +153,13 @@ async def _dns_outage(
         await wait_for(lambda: watch.first_with(t0, "destinations_down"), deadline=10)
         reported = watch.first_with(t0, "destinations_down")
         assert reported is not None
-        assert reported <= REPORT_WITHIN
+        assert note("destination_faults report", reported) <= REPORT_WITHIN
         await asyncio.sleep(max(0.0, t0 + FAULT - time.monotonic()))  # the fault's length
         resolver.names["sink.test"] = ["127.0.0.1"]
         t1 = time.monotonic()
-        assert await resumed_after(sink, "dns", t1) <= RESUME_WITHIN
+        assert (
+            note("destination_faults resume", await resumed_after(sink, "dns", t1)) <= RESUME_WITHIN
+        )
     finally:
         await traffic.stop()
     await all_delivered(sink, traffic, deadline=30)

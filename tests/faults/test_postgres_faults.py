@@ -26,6 +26,7 @@ from tests.faults.support import (
     all_delivered,
     assert_no_unexplained_duplicates,
     client_session,
+    note,
     resumed_after,
 )
 from tests.harness import wait_for
@@ -56,7 +57,7 @@ async def test_postgres_stopped_for_10_s_then_started(
             await wait_for(lambda: watch.first_not_ready(t0), deadline=REPORT_WITHIN + 2)
             reported = watch.first_not_ready(t0)
             assert reported is not None
-            assert reported[0] <= REPORT_WITHIN
+            assert note("postgres_faults report", reported[0]) <= REPORT_WITHIN
             assert "store" in reported[1]
             acked_during = traffic.count()
             await asyncio.sleep(max(0.0, t0 + OUTAGE - time.monotonic()))  # the fault lasts 10 s
@@ -65,7 +66,10 @@ async def test_postgres_stopped_for_10_s_then_started(
 
             await asyncio.to_thread(pg_server.start)
             t1 = time.monotonic()
-            assert await resumed_after(fault_sink, None, t1) <= RESUME_WITHIN
+            assert (
+                note("postgres_faults resume", await resumed_after(fault_sink, None, t1))
+                <= RESUME_WITHIN
+            )
             await wait_for(lambda: traffic.count() >= acked_during + 20, deadline=RESUME_WITHIN)
         finally:
             await traffic.stop()
@@ -108,8 +112,11 @@ async def test_postgres_backends_killed_again_and_again_under_load(
             t1 = time.monotonic()
             reported = watch.first_not_ready(t0)
             assert reported is not None
-            assert reported[0] <= REPORT_WITHIN
-            assert await resumed_after(fault_sink, None, t1) <= RESUME_WITHIN
+            assert note("postgres_faults report", reported[0]) <= REPORT_WITHIN
+            assert (
+                note("postgres_faults resume", await resumed_after(fault_sink, None, t1))
+                <= RESUME_WITHIN
+            )
             acked = traffic.count()
             await wait_for(lambda: traffic.count() >= acked + 20, deadline=RESUME_WITHIN)
         finally:
@@ -150,7 +157,10 @@ async def test_a_node_frozen_past_its_lease_loses_its_claims_to_the_other(
             fault_sink.release("a")  # the answers wait in a's socket
             a.signal(signal.SIGCONT)
             t1 = time.monotonic()
-            assert await resumed_after(fault_sink, None, t1) <= RESUME_WITHIN
+            assert (
+                note("postgres_faults resume", await resumed_after(fault_sink, None, t1))
+                <= RESUME_WITHIN
+            )
         finally:
             await traffic.stop()
         await all_delivered(fault_sink, traffic)

@@ -22,6 +22,7 @@ from tests.faults.support import (
     all_delivered,
     assert_no_unexplained_duplicates,
     client_session,
+    note,
     resumed_after,
 )
 from tests.harness import wait_for
@@ -55,7 +56,10 @@ async def test_sigterm_with_attempts_in_flight(tmp_path: Path, fault_sink: Fault
             node.start()
             await node.ready(session)
             t1 = time.monotonic()
-            assert await resumed_after(fault_sink, None, t1) <= RESUME_WITHIN
+            assert (
+                note("process_faults resume", await resumed_after(fault_sink, None, t1))
+                <= RESUME_WITHIN
+            )
         finally:
             await traffic.stop()
         await all_delivered(fault_sink, traffic)

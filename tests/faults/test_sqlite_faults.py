@@ -27,6 +27,7 @@ from tests.faults.support import (
     all_delivered,
     assert_no_unexplained_duplicates,
     client_session,
+    note,
     resumed_after,
 )
 from tests.harness import wait_for
@@ -69,10 +70,13 @@ async def test_another_process_holds_the_write_lock_past_the_busy_timeout(
             await wait_for(lambda: watch.first_not_ready(t0), deadline=REPORT_WITHIN + 2)
             reported = watch.first_not_ready(t0)
             assert reported is not None
-            assert reported[0] <= REPORT_WITHIN, reported
+            assert note("sqlite_faults report", reported[0]) <= REPORT_WITHIN, reported
             assert await holder.wait() == 0
             t1 = time.monotonic()
-            assert await resumed_after(fault_sink, None, t1) <= RESUME_WITHIN
+            assert (
+                note("sqlite_faults resume", await resumed_after(fault_sink, None, t1))
+                <= RESUME_WITHIN
+            )
             acked = traffic.count()
             await wait_for(lambda: traffic.count() >= acked + 20, deadline=RESUME_WITHIN)
         finally:
@@ -143,13 +147,16 @@ async def test_the_disk_full_while_conversions_and_claims_flow_then_space_freed(
                 await wait_for(lambda: watch.first_not_ready(t0), deadline=REPORT_WITHIN + 2)
                 reported = watch.first_not_ready(t0)
                 assert reported is not None
-                assert reported[0] <= REPORT_WITHIN, reported
+                assert note("sqlite_faults report", reported[0]) <= REPORT_WITHIN, reported
                 acked = traffic.count()
                 await wait_for(lambda: traffic.refused > 0, deadline=5)  # ingest says 503
                 await asyncio.sleep(max(0.0, t0 + 3.0 - time.monotonic()))  # full for 3 s
                 filler.unlink()
                 t1 = time.monotonic()
-                assert await resumed_after(fault_sink, None, t1) <= RESUME_WITHIN
+                assert (
+                    note("sqlite_faults resume", await resumed_after(fault_sink, None, t1))
+                    <= RESUME_WITHIN
+                )
                 await wait_for(lambda: traffic.count() >= acked + 20, deadline=RESUME_WITHIN)
             finally:
                 (var / "filler").unlink(missing_ok=True)  # the space comes back, whatever failed
