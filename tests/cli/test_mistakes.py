@@ -176,6 +176,12 @@ def test_yaml_parser_errors_name_the_postback(repo: Path) -> None:
     line = r.out.splitlines()[0]
     assert line.startswith("offer-1234.yaml:22: postback 102: "), line
     assert "duplicate" in line
+    deep = "[" * 150 + "]" * 150
+    (repo / "offer-1234.yaml").write_text(text.replace("    goal: sale\n", f"    goal: {deep}\n"))
+    r = run("validate", str(repo))
+    assert r.out.splitlines() == [
+        "offer-1234.yaml:21: postback 102: nesting deeper than 100 levels"
+    ]
 
 
 def test_hostile_catalogue_and_retired_files_are_errors_not_tracebacks(repo: Path) -> None:
