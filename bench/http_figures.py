@@ -126,6 +126,8 @@ async def _ingest_wrk(
     what = "CPU per conversion" if stored else "CPU per request"
     cpu_us = report.add(f"{name}: {what}", _us(used, out.requests), "µs")
     report.add(f"{name}: p99 (wrk, {opts.connections} connections)", out.p99_ms, "ms")
+    if peak:
+        report.add(f"{name}: peak RSS", sum(peak.values()) / 1024, "MiB", "sampled")
     if stored is not None:
         count = sum([await stored(p) for p in out.prefixes])
         if count < out.ok:
@@ -237,6 +239,8 @@ async def _sustained_wrk(
     assert opts.wrk is not None
     seconds = opts.e2e_seconds or opts.seconds
     prefix, _ = target.urls_for(FIRE)
+    peak: dict[int, int] = {}
+    sampler = asyncio.create_task(_sample_memory(target.pids, peak))
     cpu = _cpu(target.pids)
     started = time.monotonic()
     out = await wrk.closed(opts.wrk, list(target.urls), prefix,
@@ -253,8 +257,14 @@ async def _sustained_wrk(
                 break
             await asyncio.sleep(0.2)
     used = _cpu(target.pids) - cpu
+    sampler.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sampler
     name = target.name
     report.add(f"{name}: accepted while delivering", out.rate, "conversions/s", out.errors_note())
+    report.add(f"{name}: p99 while delivering (wrk)", out.p99_ms, "ms")
+    if peak:
+        report.add(f"{name}: peak RSS while delivering", sum(peak.values()) / 1024, "MiB")
     in_window = sum(1 for t in mine if t <= stop)
     delivered = report.add(f"{name}: delivered while accepting", in_window / seconds, "/s")
     report.ratio(f"{name}: delivered / accepted (same window)", delivered, out.rate, "")
