@@ -8,6 +8,11 @@ outlasts every attempt because the wait for a slot is bounded (docs/scaling.md):
 `slot_wait` in line, then at most `attempt_bound` sending, together 90 % of the lease; a claim
 that waited too long is handed back unsent.
 
+A node keeps at most a share of claims in progress per affiliate (fair use) and per
+destination (twice its per-host concurrency): the claims leave out the deliveries of those at
+their share (store.claim_due's skips), so one backlog, such as a destination's released after an
+outage, drains oldest first at its own pace and leaves the node's other claims to the rest.
+
 While a destination's breaker is open its claims are handed back held (store.hold: no attempt,
 no attempt count); when it closes, its backlog becomes due at once (store.unhold). A result that
 cannot be recorded (StoreError) is logged and left to its claim's lease; no task's exception
@@ -18,11 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import random
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,7 +38,7 @@ from daemon.attempts import Recorder, describe_error
 from daemon.breaker import Change, Ticket, Verdict
 from daemon.decisions import Decision, decide, effective_policy
 from daemon.errors import DeliveryError, OutcomeUnknownError, RetryableError, StoreError
-from daemon.hosts import Destinations
+from daemon.hosts import Destinations, Shares
 from daemon.loader import LoadedPostback
 from daemon.retry import RetryPolicy
 from daemon.store.base import Claim, Store
@@ -103,8 +106,11 @@ class Dispatcher:
         # Destinations whose breaker closed and whose held backlog is still to be made due
         # (done before the next claim; kept when the store fails, so nothing stays held).
         self._unhold: set[str] = set()
-        # Attempts in progress per affiliate (postbacks authored for one), for fair use.
-        self._per_affiliate: Counter[str] = Counter()
+        # Claims in progress here per affiliate (postbacks authored for one) and per
+        # destination: the ones at their share are skipped at claim time (fair use; a backlog
+        # draining after an outage leaves the node's slots to the other destinations).
+        self._per_affiliate = Shares(destinations.per_affiliate, self.wake)
+        self._per_destination = Shares(destinations.claim_share, self.wake)
         # Held while claiming and starting: stop() waits on it, so that a claim already under
         # way cannot start attempts after stop() has returned (and the session has closed).
         self._claiming = asyncio.Lock()
@@ -148,7 +154,8 @@ class Dispatcher:
                 self._dt(self._now()),
                 min(room, self.config.batch),
                 timedelta(seconds=self.config.lease),
-                skip_affiliates=self._saturated(),
+                skip_affiliates=self._per_affiliate.saturated(),
+                skip_destinations=self._per_destination.saturated(),
             )
             postbacks = self._runtime().rules.postbacks
             for claim in claims:
@@ -156,33 +163,13 @@ class Dispatcher:
                 affiliate = lp.postback.owner_affiliate if lp is not None else None
                 task = asyncio.create_task(self._attempt(claim), name="attempt")
                 self._tasks.add(task)
-                self._affiliate_started(affiliate)
                 task.add_done_callback(self._task_done)
-                if affiliate is not None:
-                    task.add_done_callback(functools.partial(self._affiliate_ended, affiliate))
+                # Their deliveries are not claimed again until one of these ends, so a backlog
+                # cannot fill the node (the claim that reaches a share may pass it by up to one
+                # batch; attempts are bounded exactly by the affiliate's and host's semaphores).
+                self._per_affiliate.started(affiliate, task)
+                self._per_destination.started(claim.destination, task)
             return len(claims)
-
-    def _saturated(self) -> list[str]:
-        """Affiliates with their fair share of claims in progress here: their deliveries are
-        not claimed until one ends, so their backlog cannot fill the node (the last claim may
-        take up to one batch more; their attempts are bounded exactly by affiliate_slot)."""
-        bound = self.destinations.per_affiliate
-        if bound is None:
-            return []
-        return [aff for aff, n in self._per_affiliate.items() if n >= bound]
-
-    def _affiliate_started(self, affiliate: str | None) -> None:
-        if affiliate is not None:
-            self._per_affiliate[affiliate] += 1
-
-    def _affiliate_ended(self, affiliate: str, _: object = None) -> None:
-        left = self._per_affiliate[affiliate] - 1
-        if left > 0:
-            self._per_affiliate[affiliate] = left
-        else:
-            del self._per_affiliate[affiliate]
-        if left == (self.destinations.per_affiliate or 0) - 1:
-            self.wake()  # no longer saturated: its deliveries may be claimed again
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         """Every attempt task's end is collected: an exception that escaped is logged."""

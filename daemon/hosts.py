@@ -1,6 +1,8 @@
 """Per-destination limits: bounded concurrency, and a circuit breaker (daemon.breaker) for a
-destination that keeps failing; per-affiliate fair use. This module keeps the state and says
-what happens in the log and the metrics; the dispatcher does the store side (hold, unhold).
+destination that keeps failing; per-affiliate fair use; the shares of claims in progress
+(Shares) that keep one destination's or affiliate's backlog from filling a node. This module
+keeps the state and says what happens in the log and the metrics; the dispatcher does the store
+side (claim_due's skips, hold, unhold).
 
 Log lines: ``breaker_opened`` (with the pause and the failures that opened it; the old
 ``destination_down`` name kept as an alias field-for-field), ``breaker_probe`` (one per pause),
@@ -11,6 +13,8 @@ dispatcher with the size of the backlog it made due; also ``destination_up``).
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -24,6 +28,48 @@ from daemon.settings import Settings
 log = structlog.get_logger("postbackd.hosts")
 
 _STATE_VALUE = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerState.OPEN: 2.0}
+
+# A destination's share of a node's claims in progress: its per-host concurrency sending, and as
+# many again waiting in line for a slot, so it never waits for a claim to start its next attempt
+# while the rest of the node's in-flight slots stay free for the other destinations.
+CLAIM_QUEUE_FACTOR = 2
+
+
+class Shares:
+    """Claims in progress on this node per key (an affiliate, a destination) against a bound
+    (None: no bound): the keys at their bound are skipped at claim time (store.claim_due), and
+    `on_room` is called when one drops below it, so that its deliveries are claimed again."""
+
+    def __init__(self, bound: int | None, on_room: Callable[[], None]) -> None:
+        self.bound = bound
+        self._on_room = on_room
+        self._counts: Counter[str] = Counter()
+
+    def started(self, key: str | None, task: asyncio.Future[None]) -> None:
+        """A claim of `key` in progress until `task` ends (None: counted under no key)."""
+        if key is None or self.bound is None:
+            return
+        self._counts[key] += 1
+        task.add_done_callback(functools.partial(self._ended, key))
+
+    def _ended(self, key: str, _: object = None) -> None:
+        left = self._counts[key] - 1
+        if left > 0:
+            self._counts[key] = left
+        else:
+            del self._counts[key]
+        if left == (self.bound or 0) - 1:
+            self._on_room()  # no longer at its share: its deliveries may be claimed again
+
+    def saturated(self) -> list[str]:
+        """The keys with their share in progress, sorted."""
+        bound = self.bound
+        if bound is None:
+            return []
+        return sorted(key for key, n in self._counts.items() if n >= bound)
+
+    def count(self, key: str) -> int:
+        return self._counts[key]
 
 
 @dataclass
@@ -77,6 +123,12 @@ class Destinations:
 
     def semaphore(self, destination: str) -> asyncio.Semaphore:
         return self._get(destination).semaphore
+
+    @property
+    def claim_share(self) -> int:
+        """How many claims of one destination a node keeps in progress at most (sending or in
+        line for its slots) before it claims the other destinations' deliveries only."""
+        return CLAIM_QUEUE_FACTOR * self._limit
 
     @property
     def per_affiliate(self) -> int | None:

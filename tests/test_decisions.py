@@ -27,7 +27,7 @@ RETRY, DEAD, DONE = DeliveryState.RETRYING, DeliveryState.DEAD, DeliveryState.SU
 
 def claim(attempts: int = 0, age: float = 0.0) -> Claim:
     return Claim(
-        "d1", "tok", 1, "generic", "c1", 1, "generic:c1:1:1", attempts,
+        "d1", "tok", 1, "h.example", "generic", "c1", 1, "generic:c1:1:1", attempts,
         datetime.fromtimestamp(NOW - age, UTC), {}, {},
     )  # fmt: skip
 

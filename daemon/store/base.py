@@ -89,6 +89,7 @@ class Claim:
     delivery_id: str
     token: str
     postback_id: int
+    destination: str  # as planned when the delivery was written (claim_due's skip_destinations)
     source: str
     conversion_id: str
     arrival_seq: int
@@ -246,10 +247,13 @@ class Store(Protocol):
         limit: int,
         lease: timedelta,
         skip_affiliates: Collection[str] = (),
+        skip_destinations: Collection[str] = (),
     ) -> list[Claim]:
         """Claim up to `limit` deliveries that are queued/retrying and due, or in flight with an
         ended lease, oldest due first; none of the postbacks of `skip_affiliates` (fair use: the
-        dispatcher's affiliates that have their share in flight)."""
+        dispatcher's affiliates that have their share in flight), none of the deliveries to
+        `skip_destinations` (the destinations with their share claimed on this node: a backlog
+        draining after an outage leaves the node's slots to the others)."""
         ...
 
     async def finish_attempt(

@@ -277,11 +277,12 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         limit: int,
         lease: timedelta,
         skip_affiliates: Collection[str] = (),
+        skip_destinations: Collection[str] = (),
     ) -> list[Claim]:
         now = utc(now)
-        skip = sorted(skip_affiliates)
+        skip = (sorted(skip_affiliates), sorted(skip_destinations))
         async with self._conn(transaction=False) as conn:  # one statement: atomic on its own
-            found = await conn.fetch(self._q["claim_due"], now, limit, node, now + lease, skip)
+            found = await conn.fetch(self._q["claim_due"], now, limit, node, now + lease, *skip)
         return [rows.claim(row, row["lease_token"], utc) for row in found]
 
     async def finish_attempt(

@@ -77,6 +77,7 @@ def claim(row: Mapping[str, Any], token: str, read: TimeReader) -> Claim:
         delivery_id=row["id"],
         token=token,
         postback_id=row["postback_id"],
+        destination=row["destination"],
         source=row["source"],
         conversion_id=row["conversion_id"],
         arrival_seq=row["arrival_seq"],

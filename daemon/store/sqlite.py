@@ -281,9 +281,14 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         limit: int,
         lease: timedelta,
         skip_affiliates: Collection[str] = (),
+        skip_destinations: Collection[str] = (),
     ) -> list[Claim]:
-        skip = json.dumps(sorted(skip_affiliates))
-        args = {"now": to_us(now), "limit": limit, "skip_affiliates": skip}
+        args = {
+            "now": to_us(now),
+            "limit": limit,
+            "skip_affiliates": json.dumps(sorted(skip_affiliates)),
+            "skip_destinations": json.dumps(sorted(skip_destinations)),
+        }
         lease_row = (node, to_us(now + lease), args["now"])
 
         def job(conn: sqlite3.Connection) -> list[Claim]:

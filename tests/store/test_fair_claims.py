@@ -51,3 +51,71 @@ async def test_skipping_an_affiliate_with_nothing_due_changes_nothing(store: Sto
     await arrive_owned(store, "c1", 0, {1: "7"})
     [claim] = await store.claim_due("n1", at(1), 10, LEASE, skip_affiliates=["x'); --", "8"])
     assert claim.postback_id == 1
+
+
+class RoutedPlanner(Planner):
+    """One delivery per postback id, postback N sent to destination `routes[N]`."""
+
+    routes: dict[int, str] = {}  # noqa: RUF012 - set per instance below
+
+    def __call__(
+        self, transition: Transition, previous: Status | None, effective: Conversion
+    ) -> ArrivalPlan:
+        plan = super().__call__(transition, previous, effective)
+        return ArrivalPlan(
+            plan.data,
+            plan.values,
+            [
+                PlannedDelivery(d.postback_id, d.action, self.routes[d.postback_id])
+                for d in plan.deliveries
+            ],
+        )
+
+
+async def arrive_routed(store: Store, cid: str, when: float, routes: dict[int, str]) -> None:
+    conv = conversion(cid)
+    planner = RoutedPlanner(conv, postbacks=tuple(routes))
+    planner.routes = routes
+    await store.record_arrival("generic", conv, at(when), planner)
+
+
+async def test_claims_skip_the_destinations_named_and_keep_the_rest_oldest_first(
+    store: Store,
+) -> None:
+    # destination A's backlog (released after an outage) is older than anything of B's
+    for i in range(30):
+        await arrive_routed(store, f"a{i}", i, {1: "http://a.example"})
+    for i in range(3):
+        await arrive_routed(store, f"b{i}", 100 + i, {2: "http://b.example"})
+
+    first = await store.claim_due("n1", at(200), 10, LEASE)
+    assert [c.conversion_id for c in first] == [f"a{i}" for i in range(10)]
+    assert {c.destination for c in first} == {"http://a.example"}
+    # A has its share claimed: the next claim leaves A's backlog and takes B's newer deliveries
+    skip = ["http://a.example"]
+    second = await store.claim_due("n1", at(200), 10, LEASE, skip_destinations=skip)
+    assert [(c.conversion_id, c.destination) for c in second] == [
+        (f"b{i}", "http://b.example") for i in range(3)
+    ]
+    assert await store.claim_due("n1", at(200), 10, LEASE, skip_destinations=skip) == []
+    # A no longer skipped: its backlog goes on draining where it stopped, oldest first
+    rest = await store.claim_due("n1", at(200), 100, LEASE)
+    assert [c.conversion_id for c in rest] == [f"a{i}" for i in range(10, 30)]
+
+
+async def test_destination_and_affiliate_skips_combine(store: Store) -> None:
+    await arrive_owned(store, "c1", 0, {1: "7", 2: None})  # host1.example, host2.example
+    claims = await store.claim_due(
+        "n1", at(1), 10, LEASE, skip_affiliates=["7"], skip_destinations=["host2.example"]
+    )
+    assert claims == []
+    [claim] = await store.claim_due("n1", at(1), 10, LEASE, skip_destinations=["host2.example"])
+    assert (claim.postback_id, claim.destination) == (1, "host1.example")
+
+
+async def test_hostile_destination_names_are_only_data(store: Store) -> None:
+    await arrive_routed(store, "c1", 0, {1: "http://a.example"})
+    # (no NUL: the names skipped are ones the store gave back, and PostgreSQL text has none)
+    hostile = ["x'); DELETE FROM delivery; --", "\x1b[2J\r\n", "é" * 5000, "", '"]']
+    [claim] = await store.claim_due("n1", at(1), 10, LEASE, skip_destinations=hostile)
+    assert claim.destination == "http://a.example"

@@ -47,6 +47,7 @@ WITH due AS (
     SELECT id, due_at FROM delivery
     WHERE due_at <= $1
       AND (affiliate_owner IS NULL OR affiliate_owner <> ALL($5::text[]))  -- fair use
+      AND destination <> ALL($6::text[])  -- a destination's backlog leaves room to others
     ORDER BY due_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -56,11 +57,13 @@ WITH due AS (
         lease_token = replace(gen_random_uuid()::text, '-', '')
     FROM due
     WHERE d.id = due.id
-    RETURNING d.id, d.lease_token, d.postback_id, d.source, d.conversion_id, d.conversion_pk,
-              d.arrival_seq, d.idempotency_key, d.attempts, d.created_at, due.due_at AS was_due
+    RETURNING d.id, d.lease_token, d.postback_id, d.destination, d.source, d.conversion_id,
+              d.conversion_pk, d.arrival_seq, d.idempotency_key, d.attempts, d.created_at,
+              due.due_at AS was_due
 )
-SELECT c.id, c.lease_token, c.postback_id, c.source, c.conversion_id, c.arrival_seq,
-       c.idempotency_key, c.attempts, c.created_at, a.data::text AS data, a.vals::text AS vals
+SELECT c.id, c.lease_token, c.postback_id, c.destination, c.source, c.conversion_id,
+       c.arrival_seq, c.idempotency_key, c.attempts, c.created_at, a.data::text AS data,
+       a.vals::text AS vals
 FROM claimed c
 JOIN arrival a ON a.conversion_pk = c.conversion_pk AND a.seq = c.arrival_seq
 ORDER BY c.was_due, c.id;

@@ -10,7 +10,10 @@ ALTER TABLE delivery ADD COLUMN held_until INTEGER;
 CREATE INDEX delivery_held ON delivery (destination) WHERE held_until IS NOT NULL;
 
 -- Fair use: a claim may skip the deliveries of affiliates that have their share in flight
--- (claim_due's skip_affiliates). The due index carries affiliate_owner so that skipping reads
--- only the index, not every skipped row (30,000 skipped on SQLite: 5 ms instead of 35-135 ms).
+-- (claim_due's skip_affiliates), and of destinations that have theirs (skip_destinations: a
+-- backlog draining after an outage). The due index carries affiliate_owner and destination so
+-- that skipping reads only the index, not every skipped row (30,000 skipped on SQLite: about
+-- 5-20 ms instead of 35-135 ms, on a busy 2-core machine).
 DROP INDEX delivery_due;
-CREATE INDEX delivery_due ON delivery (due_at, id, affiliate_owner) WHERE due_at IS NOT NULL;
+CREATE INDEX delivery_due ON delivery (due_at, id, affiliate_owner, destination)
+    WHERE due_at IS NOT NULL;

@@ -49,13 +49,14 @@ VALUES
     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'queued', ?11, ?11, ?11);
 
 -- name: claim_candidates
-SELECT d.id, d.postback_id, d.source, d.conversion_id, d.arrival_seq, d.idempotency_key,
-       d.attempts, d.created_at, a.data, a.vals
+SELECT d.id, d.postback_id, d.destination, d.source, d.conversion_id, d.arrival_seq,
+       d.idempotency_key, d.attempts, d.created_at, a.data, a.vals
 FROM delivery d
 JOIN arrival a ON a.conversion_pk = d.conversion_pk AND a.seq = d.arrival_seq
 WHERE d.due_at <= :now
   AND (d.affiliate_owner IS NULL
        OR d.affiliate_owner NOT IN (SELECT value FROM json_each(:skip_affiliates)))
+  AND d.destination NOT IN (SELECT value FROM json_each(:skip_destinations))
 ORDER BY d.due_at, d.id
 LIMIT :limit;
 
