@@ -1,5 +1,6 @@
 """Several cores for one node (`--only workers`): `workers: 1` against `workers: 2` (processes
-sharing the port with SO_REUSEPORT, daemon/workers.py), ingest on SQLite with wrk.
+sharing the port with SO_REUSEPORT, daemon/workers.py), ingest with wrk, on SQLite and on
+PostgreSQL (when reachable).
 
 On a machine with few cores the generator cannot be kept off the daemon's cores, so the run
 says what was pinned where (taskset): the workers get CPUs 1..N-1 when there are 3 cores or
@@ -10,10 +11,12 @@ with the generator on CPU 0 in both runs (2 workers then share a core with wrk).
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
 from bench import http_figures as hf
+from bench import sections
 from bench.context import Context, sqlite_stored, sqlite_url
 from bench.procs import Daemon
 
@@ -52,27 +55,41 @@ async def workers(ctx: Context) -> None:
     cores = os.cpu_count() or 1
     rates: dict[int, float] = {}
     for count in (1, 2):
-        daemon_cpus, gen_cpus = _plan(cores, count)
-        report.note(f"workers {count}: daemon on CPUs {daemon_cpus}, wrk on CPU {gen_cpus}")
         path = ctx.workdir / f"workers-{count}.db"
-        daemon = ctx.daemon_with(
-            f"workers-{count}",
-            sqlite_url(path),
-            await ctx.rules(large=False),
-            extra={"workers": count},
-            cpus=daemon_cpus,
-        )
-        try:
-            await _ready(daemon, count)
-            pids = [daemon.pid, *children(daemon.pid)] if count > 1 else [daemon.pid]
-            target = hf.Target(f"workers {count}", [daemon.url], 1, pids)
-            got = await hf.ingest(report, target, replace(opts, gen_cpus=gen_cpus),
+        rates[count] = await _one(ctx, f"SQLite, workers {count}", sqlite_url(path), count,
                                   sqlite_stored(path))  # fmt: skip
-            rates[count] = got.rate
-        finally:
-            daemon.stop()
     if rates.get(1) and rates.get(2):
-        report.ratio("ingest, 2 workers / 1", rates[2], rates[1], f"{cores} cores")
+        report.ratio("ingest SQLite, 2 workers / 1", rates[2], rates[1], f"{cores} cores")
+    if ctx.pg_dsn is None or await sections.pg_reachable(ctx.pg_dsn) is not None:
+        report.note("PostgreSQL: skipped (no server)")
+        return
+    for count in (1, 2):
+        async with sections._schema(ctx.pg_dsn) as (url, stored):
+            rates[count] = await _one(ctx, f"PostgreSQL, workers {count}", url, count, stored)
+    if rates.get(1) and rates.get(2):
+        report.ratio("ingest PostgreSQL, 2 workers / 1", rates[2], rates[1], f"{cores} cores")
+
+
+async def _one(
+    ctx: Context, name: str, store: str, count: int, stored: Callable[[str], Awaitable[int]]
+) -> float:
+    daemon_cpus, gen_cpus = _plan(os.cpu_count() or 1, count)
+    ctx.report.note(f"{name}: daemon on CPUs {daemon_cpus}, wrk on CPU {gen_cpus}")
+    daemon = ctx.daemon_with(
+        name.replace(", ", "-").replace(" ", "-"),
+        store,
+        await ctx.rules(large=False),
+        extra={"workers": count},
+        cpus=daemon_cpus,
+    )
+    try:
+        await _ready(daemon, count)
+        pids = [daemon.pid, *children(daemon.pid)] if count > 1 else [daemon.pid]
+        target = hf.Target(name, [daemon.url], 1, pids)
+        got = await hf.ingest(ctx.report, target, replace(ctx.opts, gen_cpus=gen_cpus), stored)
+        return got.rate
+    finally:
+        daemon.stop()
 
 
 async def _ready(daemon: Daemon, count: int) -> None:
