@@ -30,7 +30,8 @@ DEFAULT_WINDOW = timedelta(days=1)  # see delivery_filter
 MAX_IDS = 2_000  # postback ids sent to the store in one filter at most (see delivery_filter)
 SCAN_BATCH = 200
 SCAN_LIMIT = 2_000  # rows read for one page of an action's deliveries
-WALK_BUDGET = 0.1  # seconds of windows read for one page of a narrow all-time list
+WALK_BUDGET = 0.05  # seconds of windows read for one page of a narrow all-time list
+MAX_SPAN = timedelta(days=4)  # the widest window (a window is read whole once started)
 HORIZON_SLACK = timedelta(days=30)  # deliveries outlive retention while still pending
 _DELIVERY_ID = re.compile(r"^[A-Za-z0-9]{1,64}$")
 _RETRYABLE = (DeliveryState.DEAD, DeliveryState.CANCELLED)
@@ -112,10 +113,10 @@ def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | 
 async def _walk_back(
     ctx: Ctx, flt: DeliveryFilter, cursor: str | None
 ) -> tuple[list[DeliveryRow], str | None, datetime | None]:
-    """A page of a narrow list over all time, read in windows going back (1 day, then 2, 4...)
-    so that each read walks only its window of the store's index. Stops when the page is full,
-    at the retention horizon, or after WALK_BUDGET seconds: then the page may be short, and
-    Older goes on from the last window (returned as the time searched back to)."""
+    """A page of a narrow list over all time, read in windows going back (1 day, then 2, up to
+    MAX_SPAN) so that each read walks only its window of the store's index. Stops when the
+    page is full, at the retention horizon, or after WALK_BUDGET seconds: then the page may be
+    short, and Older goes on from the last window (returned as the time searched back to)."""
     now = now_of(ctx)
     horizon = now - timedelta(seconds=ctx.services.settings.retention) - HORIZON_SLACK
     upper = decode_cursor(cursor)[0] if cursor else now + timedelta(days=1)
@@ -132,7 +133,7 @@ async def _walk_back(
             return rows, encode_cursor(last.created_at, last.delivery_id), None
         if lower <= horizon:
             return rows, None, None
-        upper, cursor, span = lower, encode_cursor(lower, "0"), span * 2
+        upper, cursor, span = lower, encode_cursor(lower, "0"), min(span * 2, MAX_SPAN)
         if time.monotonic() - started > WALK_BUDGET:
             return rows, cursor, lower
 
