@@ -10,7 +10,9 @@ without credentials reachable from beyond loopback, at start); affiliate postbac
 affiliate_postback_created, affiliate_postback_deleted, affiliate_postback_disabled (by the
 policy), affiliate_secret_set, affiliate_changes_applied, affiliate_sync_failed,
 affiliate_sync_recovered, affiliate_sync_error, affiliate_listener_lost,
-affiliate_listener_failed; the web console (issue 16): ui_signed_in, ui_sign_in_refused,
+affiliate_listener_failed; library_log (a warning or error that a library such as asyncpg
+or aiohttp wrote through the standard logging module, as one masked line); the web console
+(issue 16): ui_signed_in, ui_sign_in_refused,
 ui_signed_out, ui_csrf_refused, delivery_requeued; supervision (issue 12): loop_failing,
 loop_stalled, loop_recovered, loop_ended, task_failed, watchdog_withheld, watchdog_resumed.
 
@@ -61,6 +63,54 @@ def _mask_pii(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappin
     return event
 
 
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+
+
+class _LibraryLogs(logging.Handler):
+    """The standard logging module's records (asyncpg, aiohttp, asyncio) as structlog lines:
+    one JSON line each, never a bare traceback on stdout. The message and the exception are
+    cut to one line each and a URL's userinfo is masked (a DSN may carry a password)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name, "message": _one_line(record)}
+            if record.exc_info and record.exc_info[1] is not None:
+                err = record.exc_info[1]
+                fields["error"] = f"{type(err).__name__}: {_mask_line(str(err))}"
+            logger = structlog.get_logger("postbackd.library")
+            if record.levelno >= logging.ERROR:
+                logger.error("library_log", **fields)
+            elif record.levelno >= logging.WARNING:
+                logger.warning("library_log", **fields)
+            else:
+                logger.info("library_log", **fields)
+        except Exception:  # a logging failure must never take the caller down
+            self.handleError(record)
+
+
+def _one_line(record: logging.LogRecord) -> str:
+    try:
+        text = record.getMessage()
+    except Exception:  # a library's bad format arguments
+        text = str(record.msg)
+    return _mask_line(text)
+
+
+def _mask_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return _USERINFO.sub(r"\1***@", lines[0] if lines else "")[:500]
+
+
+def route_library_logs(level: int = logging.WARNING) -> None:
+    """Send the standard logging module's records at `level` and above through structlog."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _LibraryLogs):
+            root.removeHandler(handler)
+    root.addHandler(_LibraryLogs(level))
+    root.setLevel(level)
+
+
 def configure_logging(
     fmt: str = "auto",
     level: str = "info",
@@ -94,3 +144,4 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=cache,
     )
+    route_library_logs()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import pytest
 import structlog
@@ -13,8 +14,39 @@ from daemon.log import configure_logging, mask
 
 @pytest.fixture(autouse=True)
 def _reset() -> object:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
     structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_library_warnings_become_one_masked_json_line() -> None:
+    """asyncpg logs its pool's reconnect failures through the standard logging module, with a
+    traceback: they must come out as one JSON line each, a DSN's password masked."""
+    out = io.StringIO()
+    configure_logging("json", "info", True, stream=out)
+    try:
+        raise ConnectionError("cannot reach postgresql://app:Sup3rSecret@db.internal/pb\nDETAIL")
+    except ConnectionError:
+        logging.getLogger("asyncpg.pool").warning(
+            "Failed to restore the pool connection floor", exc_info=True
+        )
+    logging.getLogger("asyncpg.pool").debug("below the level: dropped")
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert lines == [
+        {
+            "event": "library_log",
+            "level": "warning",
+            "logger": "asyncpg.pool",
+            "message": "Failed to restore the pool connection floor",
+            "error": "ConnectionError: cannot reach postgresql://***@db.internal/pb",
+            "timestamp": lines[0]["timestamp"],
+        }
+    ]
+    assert "Sup3rSecret" not in out.getvalue()
+    assert "Traceback" not in out.getvalue()
 
 
 def test_json_lines_with_pii_masked() -> None:
