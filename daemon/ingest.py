@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from daemon import fastjson
 from daemon.auth import Inbound, RateLimited, Ticket
 from daemon.errors import InputError, SecretError, StoreError
 from daemon.matching import match
@@ -145,8 +146,14 @@ async def ingest(
             ticket.release()  # the sender's retry of this message must not look like a replay
         if not isinstance(err, StoreError):
             raise
-        log.error(
-            "store_error", source=name, conversion_id=conversion.conversion_id, error=str(err)
+        # One line per refused request, at info: the outage itself is logged once, when the
+        # store starts failing and when it recovers (store_failing / store_recovered).
+        log.info(
+            "conversion_rejected",
+            source=name,
+            conversion_id=conversion.conversion_id,
+            http_status=503,
+            error="store unavailable",
         )
         return _unavailable("store unavailable, retry later", text)
     on_committed(name, result)
@@ -159,7 +166,8 @@ async def ingest(
             "conversion_id": conversion.conversion_id,
             "transition": result.transition.value,
             "deliveries": len(result.delivery_ids),
-        }
+        },
+        dumps=fastjson.dumps,  # the one answer per conversion: orjson (docs/benchmarks.md)
     )
 
 
