@@ -135,7 +135,7 @@ def backfill_cmd(
             items.extend(found)
             if dry_run:
                 continue
-            size = max(1, min(BATCH, int(rate)))  # one write a second at rates up to BATCH/s
+            size = max(1, min(BATCH, int(rate / 10)))  # ten small writes a second: no bursts
             for n in range(0, len(found), size):
                 batch = found[n : n + size]
                 added.extend(await store.add_deliveries(batch, _now()))
