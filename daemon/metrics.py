@@ -140,7 +140,9 @@ WRITE_FAILURE_MEMORY = 10.0
 class ObservedStore:
     """A store that counts each StoreError under the operation that raised it (the method's
     name: a fixed set), then raises it on, and remembers which writes fail right now.
-    Everything else is the wrapped store's own."""
+    An operation that starts failing is logged once (``store_failing``, the error masked) and
+    once when it works again (``store_recovered``): an outage is two lines, not one per
+    request. Everything else is the wrapped store's own."""
 
     def __init__(
         self, store: Store, errors: Counter, now: Callable[[], float] = time.monotonic
@@ -149,6 +151,7 @@ class ObservedStore:
         self._errors = errors
         self._now = now
         self.failed_writes: dict[str, tuple[float, str]] = {}  # operation -> (when, error)
+        self._failing: set[str] = set()  # operations whose last call failed
 
     def failing_writes(self) -> dict[str, str]:
         """The writes whose last call failed, lately: operation -> the error (masked)."""
@@ -170,9 +173,15 @@ class ObservedStore:
                 errors.inc()
                 if write:
                     self.failed_writes[name] = (self._now(), describe(err))
+                if name not in self._failing:
+                    self._failing.add(name)
+                    log.warning("store_failing", operation=name, error=describe(err))
                 raise
             if write:
                 self.failed_writes.pop(name, None)
+            if name in self._failing:
+                self._failing.discard(name)
+                log.info("store_recovered", operation=name)
             return result
 
         return call
