@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import aiohttp
@@ -203,8 +203,11 @@ class OutboundHttp:
         timeout: float | None = None,  # noqa: ASYNC109 -- a per-request deadline, not a wait
         idempotent: bool = True,
         follow_redirects: bool | None = None,
+        check: Callable[[URL], Awaitable[None]] | None = None,
     ) -> HttpResponse:
-        """Send one request (following redirects for GET unless told otherwise)."""
+        """Send one request (following redirects for GET unless told otherwise). `check`, when
+        given, is awaited before every hop (the first and each redirect) and may refuse it by
+        raising (affiliate postbacks: the policy's deny_destinations, issue 15)."""
         if self._session is None:
             raise RuntimeError("OutboundHttp.start() was not called")
         method = method.upper()
@@ -214,6 +217,8 @@ class OutboundHttp:
         target = _parse_url(url, "bad_url")
         sent = dict(headers or {})
         for hop in range(MAX_REDIRECTS + 1):
+            if check is not None:
+                await check(target)
             response = await self._send(method, target, sent, data, deadline, idempotent)
             location = response.headers.get("Location")
             if not follow or response.status not in _REDIRECT_STATUSES or not location:

@@ -18,6 +18,7 @@ import structlog
 from daemon.actions import build_action
 from daemon.actions.base import Action, Resources, SecretLookup
 from daemon.affiliates.layers import CowMap, Layered
+from daemon.affiliates.outbound import PolicyHttp
 from daemon.affiliates.policy import DEFAULT_POLICY, LoadedPolicy, destination_host, problems
 from daemon.affiliates.records import StoreLoadedPostback, build_postback
 from daemon.errors import InputError, SecretError
@@ -80,7 +81,9 @@ class StoreIndex:
     snapshot it hands out is immutable."""
 
     def __init__(self, resources: Resources, secrets: AffiliateSecrets) -> None:
-        self.resources = resources
+        # The policy's deny_destinations hold at send time too: every hop, every resolved name.
+        http = PolicyHttp(resources.http, lambda: self._policy.policy)
+        self.resources = replace(resources, http=http)
         self.secrets = secrets
         self.version = 0
         self.entries: dict[int, Entry] = {}

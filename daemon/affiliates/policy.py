@@ -15,18 +15,22 @@ the reload (which disables postbacks a new policy no longer allows) decide the s
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
+from yarl import URL
 
 from daemon.actions import BUILDERS
 from daemon.errors import Issue, RulesError
+from daemon.guard import _embedded_ipv4 as embedded_ipv4
+from daemon.guard import decode_legacy_ipv4
 from daemon.loader import LoadedPostback, pydantic_issues, read_capped
 from daemon.rules import Id, Postback
 from daemon.store.affiliate_types import FIRST_STORE_ID
@@ -36,6 +40,7 @@ POLICY_FILE = "affiliates.yaml"
 DEFAULT_ACTIONS = ("ping_url",)
 DEFAULT_MAX = 20
 MAX_LIMIT = 10_000
+_NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 
 
 def _action_type(value: Any) -> Any:
@@ -53,7 +58,10 @@ def _destination(value: Any) -> Any:
             ipaddress.ip_network(text, strict=False)
         except ValueError as err:
             raise ValueError(f"{value!r} is not a CIDR: {err}") from err
-    return text
+        return text
+    if "*" in text or "?" in text:
+        return text.rstrip(".")
+    return canonical_host(text)
 
 
 class Policy(BaseModel):
@@ -113,25 +121,60 @@ def load_policy(rules_dir: Path) -> LoadedPolicy:
 
 
 def destination_host(destination: str) -> str:
-    """The host of an action's destination (`scheme://host:port`, or a bare host)."""
-    text = destination if "://" in destination else f"//{destination}"
+    """The host of an action's destination (`scheme://host:port`, or a bare host), in the one
+    spelling :func:`canonical_host` gives it."""
+    _, sep, rest = destination.partition("://")
+    rest = (rest if sep else destination).split("/", 1)[0].rsplit("@", 1)[-1]
+    if rest.startswith("[") and "]" in rest:
+        return canonical_host(rest[1 : rest.index("]")])
+    if rest.count(":") > 1:  # an IPv6 address, written without brackets (origin() does)
+        try:
+            return canonical_host(str(ipaddress.ip_address(rest)))
+        except ValueError:
+            rest = rest.rsplit(":", 1)[0]
+    elif ":" in rest:
+        rest = rest.split(":", 1)[0]
+    return canonical_host(rest)
+
+
+def canonical_host(host: str) -> str:
+    """`host` as the outbound client connects to it, so that no spelling of a denied
+    destination passes for another (red team, issue 15): IDNA-encoded the way yarl sends it
+    (UTS 46 maps fullwidth letters and the ideographic full stop to ASCII ones), lower case,
+    without brackets or a trailing dot, and a legacy IPv4 spelling (2130706433, 0x7f.1,
+    0177.0.0.1, 127.1) decoded to the address a resolver would connect to."""
+    text = host.strip().strip("[]")
+    with contextlib.suppress(ValueError):  # not a host yarl would send to: compared as is
+        text = URL.build(scheme="http", host=text).raw_host or text
+    text = text.lower().rstrip(".")
+    if text and all(_NUMERIC_LABEL.match(label) for label in text.split(".")):
+        decoded = decode_legacy_ipv4(text)
+        if decoded is not None:
+            return str(decoded)
+    return text
+
+
+def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The address `host` is, and the IPv4 addresses it embeds (IPv4-mapped, NAT64, 6to4,
+    Teredo: the packets end there); empty for a name."""
     try:
-        host = urlsplit(text).hostname
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        host = None
-    return (host or destination).lower().rstrip(".")
+        return []
+    if isinstance(address, ipaddress.IPv6Address):
+        return [address, *(inner for _, inner in embedded_ipv4(address))]
+    return [address]
 
 
 def denied(policy: Policy, host: str) -> str | None:
-    """The deny_destinations entry that `host` matches, if any."""
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        address = None
+    """The deny_destinations entry that `host` (a name or an address, any spelling) matches,
+    if any."""
+    host = canonical_host(host)
+    addresses = _addresses(host)
     for entry in policy.deny_destinations:
         if "/" in entry:
-            if address is not None and address in ipaddress.ip_network(entry, strict=False):
+            network = ipaddress.ip_network(entry, strict=False)
+            if any(a.version == network.version and a in network for a in addresses):
                 return entry
         elif fnmatchcase(host, entry) or host == entry:
             return entry
