@@ -33,9 +33,10 @@ class Findings:
     warnings: list[Issue] = field(default_factory=list)
 
 
-def suggest(name: str, known: Iterable[str]) -> str:
-    """` (did you mean 'payout'?)`, or nothing when no known name is close."""
-    close = difflib.get_close_matches(name, sorted(set(known)), n=1, cutoff=0.5)
+def suggest(name: str, known: Iterable[str], cutoff: float = 0.5) -> str:
+    """` (did you mean 'payout'?)`, or nothing when no known name is close (short ids need a
+    low cutoff: 24 for 42; field names a higher one: not transition for reason)."""
+    close = difflib.get_close_matches(name, sorted(set(known)), n=1, cutoff=cutoff)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -75,7 +76,9 @@ def check_vars(rules: RuleSet, params: Mapping[str, str] | None = None) -> list[
             head = name.split(".", 1)[0]
             if head in KNOWN_VARS:
                 continue
-            hint = suggest(head, KNOWN_VARS)
+            hint = suggest(head, KNOWN_VARS, 0.75) or (
+                f" (a parameter a source passes through unmapped is read as 'extra.{head}')"
+            )
             if params and head in params:
                 hint = f" (a source maps parameter {head!r} to {params[head]!r}: read that)"
             found.append(

@@ -236,3 +236,24 @@ def test_deep_or_odd_json_from_the_command_line_is_one_error_line(
     r = run("explain", str(sample), "--rules", str(repo))
     assert r.code == 1
     assert r.err.startswith(f"postbackd: error: {sample}: cannot read JSON: ")
+
+
+def test_unknown_var_hints_extra_and_the_sources_mapping(repo: Path, tmp_path: Path) -> None:
+    text = (repo / "offer-1234.yaml").read_text()
+    (repo / "offer-1234.yaml").write_text(
+        text.replace('when: {">=": [{"var": "payout"}, 5]}',
+                     'when: {"and": [{"==": [{"var": "reason"}, "x"]}, {"var": "aff_sub"}]}')
+    )  # fmt: skip
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "tracker.yaml").write_text("fields: {sub1: aff_sub}\n")
+    r = run("validate", str(repo), "--webhooks", str(hooks))
+    assert r.code == 0, r.out + r.err
+    assert (
+        "warning: offer-1234.yaml:18: postback 102: when reads 'aff_sub', which no source "
+        "provides (a source maps parameter 'aff_sub' to 'sub1': read that)"
+    ) in r.out.splitlines()
+    assert (
+        "warning: offer-1234.yaml:18: postback 102: when reads 'reason', which no source "
+        "provides (a parameter a source passes through unmapped is read as 'extra.reason')"
+    ) in r.out.splitlines()
