@@ -4,9 +4,11 @@ methods are :class:`daemon.affiliates.service.AffiliateService`'s."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
@@ -21,6 +23,7 @@ from daemon.affiliates.records import (
 from daemon.errors import ConflictError, ForbiddenError, InputError, NotFoundError, PolicyError
 from daemon.listing import mask
 from daemon.loader import LoadedPostback
+from daemon.macros import MASK, Template
 from daemon.reload import Reloader
 from daemon.store.affiliate_types import (
     FIRST_STORE_ID,
@@ -174,15 +177,22 @@ class ServiceCore:
         self.index.apply(rows)
         self.reloader.recompose()
 
-    @staticmethod
-    def _copy_body(original: View) -> dict[str, Any]:
+    def _copy_body(self, original: View) -> dict[str, Any]:
+        """What a copy of `original` takes, from the postback itself: its view masks credentials,
+        and a copy made from the view would send `****` in their place (red team, issue 15)."""
+        pid = int(original["id"])
+        entry = self.index.entries.get(pid)
+        if entry is not None:
+            kept = ("trigger", "goal", "when", "action")
+            return {k: copy.deepcopy(entry.stored.body[k]) for k in kept if k in entry.stored.body}
         ts = original["trigger_settings"]
         body: dict[str, Any] = {"trigger": original["trigger"]}
         if ts.get("goal") is not None:
             body["goal"] = ts["goal"]
         if ts.get("when") is not None:
             body["when"] = ts["when"]
-        body["action"] = {"type": original["action"], **original["action_settings"]}
+        action = self.reloader.runtime.rules.postbacks[pid].postback.action
+        body["action"] = {"type": original["action"], **settings_as_written(action)}
         return body
 
 
@@ -201,6 +211,56 @@ def secrets_of(stored: StoredPostback) -> set[str]:
         return secret_names(stored.body.get("action"))
     except InputError:
         return set()
+
+
+def settings_as_written(settings: Any) -> dict[str, Any]:
+    """A file postback's action settings as written (defaults left out), unmasked: `${secret:..}`
+    references stay references (and are refused in a store postback)."""
+    data: dict[str, Any] = settings.model_dump(
+        mode="json", by_alias=True, exclude_unset=True, fallback=_source_text
+    )
+    data.pop("type", None)
+    return data
+
+
+def _source_text(value: Any) -> Any:
+    return value.source if isinstance(value, Template) else str(value)
+
+
+def restore_masked(new: Any, old: Any, key: str = "") -> Any:
+    """`new` with every value sent back exactly as a read showed it (`****` for a credential,
+    a URL with its password masked) replaced by what it stood for in `old`, at the same place:
+    a client that reads a postback, edits its URL and sends the action back keeps its
+    credentials instead of storing `****` (red team, issue 15)."""
+    if isinstance(new, Mapping) and isinstance(old, Mapping):
+        return {k: restore_masked(v, old[k], str(k)) if k in old else v for k, v in new.items()}
+    if isinstance(new, list) and isinstance(old, list) and len(new) == len(old):
+        return [restore_masked(n, o, key) for n, o in zip(new, old, strict=True)]
+    if isinstance(new, str) and isinstance(old, str) and new != old:
+        if new == mask(old, key):
+            return old
+        return _same_origin_password(new, old)
+    return new
+
+
+def _same_origin_password(new: str, old: str) -> str:
+    """A URL whose password reads `****` takes `old`'s password if it goes to the same user,
+    scheme, host and port (never to another host)."""
+    if f":{MASK}@" not in new:
+        return new
+    try:
+        n, o = urlsplit(new), urlsplit(old)
+        same = (n.scheme, n.username, n.hostname, n.port) == (
+            o.scheme,
+            o.username,
+            o.hostname,
+            o.port,
+        )
+    except ValueError:
+        return new
+    if not same or n.password != MASK or o.password is None:
+        return new
+    return urlunsplit(n._replace(netloc=o.netloc))
 
 
 def masked(snapshot: Mapping[str, Any] | None) -> dict[str, Any] | None:

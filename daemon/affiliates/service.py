@@ -70,6 +70,7 @@ from daemon.affiliates.core import (
     ServiceCore,
     masked,
     reason_for,
+    restore_masked,
     secrets_of,
     who,
 )
@@ -220,7 +221,8 @@ class AffiliateService(ServiceCore):
                 else:
                     body[key] = changes[key]
         if "action" in changes:
-            body["action"] = inputs.action_of(changes["action"])
+            action = inputs.action_of(changes["action"])
+            body["action"] = restore_masked(action, entry.stored.body.get("action") or {})
             old_type = entry.stored.body.get("action", {}).get("type")
             if body["action"]["type"] != old_type:
                 raise ConflictError(
