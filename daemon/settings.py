@@ -145,7 +145,7 @@ class Settings(_Model):
     # Performance (docs/benchmarks.md): processes sharing the listening port; the event loop;
     # where the parsed-rules cache goes (default: next to the SQLite file; none on PostgreSQL).
     workers: int = Field(default=1, ge=1, le=64)
-    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "asyncio"  # uvloop did not pay here
     state_dir: Path | None = None
     # Not a key of the file: the folder that relative paths are relative to.
     config_dir: Path = Field(default=Path("."), exclude=True)

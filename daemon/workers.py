@@ -15,8 +15,8 @@ after a restart). The parent only supervises:
   worker is ready and WATCHDOG=1 only when every worker has pinged since its last ping, so a
   worker whose loop is stuck still trips the unit's watchdog.
 
-`loop_factory` picks the event loop: uvloop when installed (``event_loop: auto``), or as
-configured.
+`loop_factory` picks the event loop: asyncio's (the default), uvloop, or uvloop when it is
+installed (``event_loop: auto``).
 """
 
 from __future__ import annotations

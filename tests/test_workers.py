@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from daemon.errors import ConfigError
 from daemon.workers import loop_factory, worker_node
 from tests.harness import Sink, wait_for, write_rules
 from tests.process_support import DaemonProcess, free_port, write_config
@@ -79,6 +80,8 @@ async def _start(tmp_path: Path, sink: Sink) -> tuple[DaemonProcess, int]:
     assert daemon.proc is not None
     pid = daemon.proc.pid
     await wait_for(lambda: len(_children(pid)) == 2, deadline=20)
+    # The first ready worker answers /readyz: wait for the other to be listening too.
+    await wait_for(lambda: len(daemon.events("daemon_started")) == 2, deadline=20)
     return daemon, port
 
 
@@ -156,7 +159,14 @@ def test_worker_nodes_and_event_loop_choice() -> None:
     assert worker_node("h:8080", None) == "h:8080"
     assert worker_node("h:8080", 3) == "h:8080/w3"
     assert loop_factory("asyncio") is None
-    factory = loop_factory("auto")  # uvloop is a dependency
+    try:
+        import uvloop  # noqa: F401 (an optional dependency)
+    except ImportError:
+        assert loop_factory("auto") is None
+        with pytest.raises(ConfigError, match="uvloop is not installed"):
+            loop_factory("uvloop")
+        return
+    factory = loop_factory("auto")
     assert factory is not None
     loop = factory()
     try:
