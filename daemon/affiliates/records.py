@@ -23,6 +23,12 @@ STORE_FILE = "(store)"  # LoadedPostback.file of a store postback
 BODY_KEYS = ("trigger", "goal", "when", "retry", "action")
 _AFFILIATE_SECRET = re.compile(r"\$\{affiliate_secret:([^}]*)\}")
 _OPS_SECRET = re.compile(r"\$\{\s*secret\s*:")
+# A macro reference as the template parser reads it (`{{` and `}}` are literal braces).
+_MACRO_REF = re.compile(r"\{\{|\}\}|\$?\{[^{}]*\}")
+# Each macro renders a conversion value of up to 1 KiB (3 KiB URL-encoded), and every attempt
+# stores what it sent: 600 `{sub1}` in a 47 KB postback made one conversion store 9 MB (red
+# team, issue 15). A postback URL uses a handful.
+MAX_MACROS = 40
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,16 @@ def secret_names(action: Any) -> set[str]:
     return found
 
 
+def macro_count(action: Any) -> int:
+    """How many macro references the action's strings hold, repeats counted."""
+    return sum(
+        1
+        for _, text in _strings(action, "action")
+        for m in _MACRO_REF.finditer(text)
+        if m.group() not in ("{{", "}}") and not m.group().startswith("$")
+    )
+
+
 def _translate(value: Any) -> Any:
     """`${affiliate_secret:NAME}` becomes `${secret:NAME}`: the action of a store postback is
     built with a resolver that knows only its own affiliate's secrets."""
@@ -77,6 +93,11 @@ def build_postback(stored: StoredPostback, goals_enabled: bool) -> StoreLoadedPo
     """The store row as a rule-file postback, validated by the loader's models; InputError
     (the loader's message, `field` its dotted key) when it is not valid."""
     secret_names(stored.body.get("action"))
+    if (count := macro_count(stored.body.get("action"))) > MAX_MACROS:
+        raise InputError(
+            f"{count} macro references: an affiliate postback may hold at most {MAX_MACROS}",
+            "action",
+        )
     item = {k: _translate(v) if k == "action" else v for k, v in stored.body.items()}
     item.update(
         id=stored.id,

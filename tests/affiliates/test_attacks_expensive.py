@@ -1,0 +1,57 @@
+"""Red team (issue 15): an affiliate making the daemon do expensive work. A template of hundreds
+of macros turned one conversion (whose sub values the affiliate controls through its clicks)
+into megabytes rendered and stored per attempt; the macros of an affiliate postback are bounded
+now. Duplicate's ids and the body are bounded already."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from daemon.affiliates.records import MAX_MACROS
+from tests.affiliates.kit import AFF_A, SETTINGS, Api, ping, rules
+from tests.harness import Daemon, Sink, start_daemon
+
+
+@pytest.fixture
+async def api(tmp_path: Path, sink: Sink) -> AsyncIterator[Api]:
+    d: Daemon = await start_daemon(tmp_path, rules(sink), settings=SETTINGS, dispatch=False)
+    yield Api(d)
+    await d.client.close()
+
+
+async def used(api: Api) -> int:
+    _, limits = await api("GET", "/api/v1/affiliate/limits", AFF_A)
+    count: int = limits["used"]
+    return count
+
+
+async def test_a_template_of_hundreds_of_macros_is_refused(api: Api, sink: Sink) -> None:
+    amplifier = ping(sink, path="big")
+    amplifier["action"]["url"] += "&a=" + "{sub1}" * 600
+    amplifier["action"]["headers"] = {f"X-H{i}": "{sub1}" * 600 for i in range(12)}
+    status, answer = await api("POST", "/api/v1/postbacks", AFF_A, amplifier)
+    assert status == 400, answer
+    assert answer["field"] == "action"
+    assert f"at most {MAX_MACROS}" in answer["error"]
+    # At the bound (the URL's own {conversion_id} counts), and one past it; literal braces and
+    # secrets are not macros.
+    at_bound = ping(sink, path="ok")
+    at_bound["action"]["url"] += "&b={{x}}" + "&s={sub1}" * (MAX_MACROS - 1)
+    made = await api.create(AFF_A, at_bound)
+    past = {"action": {**at_bound["action"], "url": at_bound["action"]["url"] + "{sub2}"}}
+    status, answer = await api("PATCH", f"/api/v1/postbacks/{made['id']}", AFF_A, past)
+    assert (status, answer["field"]) == (400, "action")
+    assert await used(api) == 1
+
+
+async def test_duplicate_with_thousands_of_ids_is_refused_before_any_work(
+    api: Api, sink: Sink
+) -> None:
+    made = await api.create(AFF_A, ping(sink))
+    body = {"from_offer": 7, "to_offer": 8, "ids": [made["id"]] * 5000}
+    status, answer = await api("POST", "/api/v1/postbacks/duplicate", AFF_A, body)
+    assert (status, answer["field"]) == (400, "ids")
+    assert await used(api) == 1
