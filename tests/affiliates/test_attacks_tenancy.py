@@ -5,6 +5,7 @@ quota under many concurrent writes, concurrent PATCH/DELETE, ids after a delete,
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,8 @@ async def test_b_never_sees_a_s_deliveries(daemon: Daemon, sink: Sink) -> None:
     await daemon.post(conversion_id="c1", offer=7, affiliate=42, status="approved")
     [row] = await daemon.deliveries(postback_ids=[mine["id"]])
     status, listed = await api("GET", "/api/v1/deliveries?limit=1", AFF_A)
-    assert status == 200 and listed["deliveries"] and listed["next_cursor"]
+    assert status == 200
+    assert listed["next_cursor"]
     for query in (f"postback={mine['id']}", "conversion=c1", "", f"cursor={listed['next_cursor']}"):
         status, body = await api("GET", f"/api/v1/deliveries?{query}", AFF_B)
         assert (status, body["deliveries"]) == (200, []), query
@@ -103,7 +105,7 @@ async def test_concurrent_patch_and_delete_leave_a_consistent_trail(
     assert (await api("GET", path, AFF_A))[0] == (404 if deleted else 200)
     # Each answered write's before is the previous one's after: nothing half-written.
     rows = history["history"]
-    for earlier, later in zip(rows, rows[1:], strict=False):
+    for earlier, later in itertools.pairwise(rows):
         assert later["before"] == earlier["after"]
 
 
