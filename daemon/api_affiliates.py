@@ -17,8 +17,8 @@ from typing import Any
 from aiohttp import web
 
 from daemon.affiliates.inputs import MAX_DEPTH, known_keys
-from daemon.affiliates.service import AffiliateService
-from daemon.api_views import parse_query
+from daemon.affiliates.service import HISTORY_PAGE, AffiliateService
+from daemon.api_views import parse_query, positive_int
 from daemon.app import Services
 from daemon.errors import InputError
 from daemon.visibility import Viewer
@@ -188,9 +188,13 @@ async def _duplicate(request: web.Request, services: Services, viewer: Viewer) -
 
 
 async def _history(request: web.Request, services: Services, viewer: Viewer) -> web.Response:
-    parse_query(request, ())
-    rows = await _service(services).history(viewer, request.match_info["id"])
-    return web.json_response({"history": rows})
+    query = parse_query(request, ("after", "limit"))
+    after = positive_int(query["after"], "after", 2**63 - 1) if "after" in query else 0
+    limit = positive_int(query["limit"], "limit", HISTORY_PAGE) if "limit" in query else None
+    page = await _service(services).history(
+        viewer, request.match_info["id"], after, limit or HISTORY_PAGE
+    )
+    return web.json_response(page)
 
 
 # --- the affiliate's own --------------------------------------------------------------------

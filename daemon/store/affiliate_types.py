@@ -78,6 +78,7 @@ class AuditRow:
     change: str  # create | update | status | delete | policy
     before: dict[str, Any] | None
     after: dict[str, Any] | None
+    seq: int = 0  # the audit row's own id: `after` of the next page of a history
 
 
 @dataclass(frozen=True)

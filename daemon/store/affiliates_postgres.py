@@ -185,9 +185,11 @@ class PostgresAffiliates:
         except _Unchanged:
             return False
 
-    async def affiliate_history(self, pid: int) -> list[AuditRow]:
+    async def affiliate_history(
+        self, pid: int, after: int = 0, limit: int | None = None
+    ) -> list[AuditRow]:
         async with self._conn(transaction=False) as conn:
-            found = await conn.fetch(_Q["history"], pid)
+            found = await conn.fetch(_Q["history"], pid, after, limit)
         return [
             AuditRow(
                 r[0],
@@ -196,6 +198,7 @@ class PostgresAffiliates:
                 r[3],
                 json.loads(r[4]) if r[4] is not None else None,
                 json.loads(r[5]) if r[5] is not None else None,
+                r[6],
             )
             for r in found
         ]

@@ -190,9 +190,12 @@ class SQLiteAffiliates:
 
         return await self._write(job)
 
-    async def affiliate_history(self, pid: int) -> list[AuditRow]:
+    async def affiliate_history(
+        self, pid: int, after: int = 0, limit: int | None = None
+    ) -> list[AuditRow]:
         def job(conn: sqlite3.Connection) -> list[AuditRow]:
-            found = conn.execute(_Q["history"], {"id": pid}).fetchall()
+            args = {"id": pid, "after": after, "limit": -1 if limit is None else limit}
+            found = conn.execute(_Q["history"], args).fetchall()
             return [
                 AuditRow(
                     r[0],
@@ -201,6 +204,7 @@ class SQLiteAffiliates:
                     r[3],
                     json.loads(r[4]) if r[4] is not None else None,
                     json.loads(r[5]) if r[5] is not None else None,
+                    r[6],
                 )
                 for r in found
             ]

@@ -370,8 +370,11 @@ class Store(Protocol):
         gone."""
         ...
 
-    async def affiliate_history(self, pid: int) -> list[AuditRow]:
-        """The audit rows of one store postback, oldest first."""
+    async def affiliate_history(
+        self, pid: int, after: int = 0, limit: int | None = None
+    ) -> list[AuditRow]:
+        """The audit rows of one store postback, oldest first: those whose `seq` is above
+        `after`, at most `limit` of them (None: all)."""
         ...
 
     async def set_affiliate_secret(

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from daemon.affiliates.records import MAX_MACROS
-from tests.affiliates.kit import AFF_A, SETTINGS, Api, ping, rules
+from daemon.affiliates.service import HISTORY_PAGE
+from tests.affiliates.kit import AFF_A, AFF_B, SETTINGS, Api, ping, rules
 from tests.harness import Daemon, Sink, start_daemon
 
 
@@ -55,3 +56,28 @@ async def test_duplicate_with_thousands_of_ids_is_refused_before_any_work(
     status, answer = await api("POST", "/api/v1/postbacks/duplicate", AFF_A, body)
     assert (status, answer["field"]) == (400, "ids")
     assert await used(api) == 1
+
+
+async def test_a_long_history_is_read_a_page_at_a_time(api: Api, sink: Sink) -> None:
+    made = await api.create(AFF_A, ping(sink))
+    path = f"/api/v1/postbacks/{made['id']}"
+    for i in range(HISTORY_PAGE + 5):  # each PATCH adds a row of up to twice the 64 KiB body
+        assert (await api("PATCH", path, AFF_A, {"goal": f"g{i}"}))[0] == 200
+    status, page = await api("GET", f"{path}/history", AFF_A)
+    assert status == 200
+    assert len(page["history"]) == HISTORY_PAGE
+    assert page["history"][0]["change"] == "create"
+    status, rest = await api("GET", f"{path}/history?after={page['next_after']}", AFF_A)
+    assert (status, rest["next_after"]) == (200, None)
+    assert [h["after"]["body"]["goal"] for h in rest["history"]] == [
+        f"g{i}" for i in range(HISTORY_PAGE - 1, HISTORY_PAGE + 5)
+    ]
+    status, small = await api("GET", f"{path}/history?limit=2", AFF_A)
+    assert [h["seq"] for h in small["history"]] == [h["seq"] for h in page["history"][:2]]
+    assert small["next_after"] == small["history"][1]["seq"]
+    for query in ("limit=0", f"limit={HISTORY_PAGE + 1}", "after=x", "after=-1", "page=2"):
+        status, answer = await api("GET", f"{path}/history?{query}", AFF_A)
+        assert status == 400, (query, answer)
+    # Paging reveals nothing of another's: B's answer is the 404 of an id that does not exist.
+    status, answer = await api("GET", f"{path}/history?after=1", AFF_B)
+    assert (status, answer["error"]) == (404, f"no postback {made['id']}")

@@ -131,3 +131,21 @@ async def test_secrets_are_per_affiliate_and_deletions_propagate(store: Store) -
     assert await store.affiliate_secret_names("42") == []
     later = await store.affiliate_changes(changes.version)
     assert [(s.name, s.value) for s in later.secrets] == [("key", None)]
+
+
+async def test_history_pages(store: Store) -> None:
+    made = await store.create_affiliate_postback("42", change(), WHO, at(0), None)
+    row = made
+    for i in range(4):
+        updated = await store.update_affiliate_postback(
+            row.id, row.change_seq, change(goal=f"g{i}"), WHO, "update", at(i + 1)
+        )
+        assert updated is not None
+        row = updated
+    every = await store.affiliate_history(made.id)
+    assert len(every) == 5
+    assert [h.seq for h in every] == sorted({h.seq for h in every})
+    first = await store.affiliate_history(made.id, 0, 2)
+    assert first == every[:2]
+    assert await store.affiliate_history(made.id, first[-1].seq, 2) == every[2:4]
+    assert await store.affiliate_history(made.id, every[-1].seq) == []

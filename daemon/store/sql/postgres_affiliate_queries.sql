@@ -53,8 +53,8 @@ SELECT affiliate, name, value, change_seq FROM affiliate_secret
 WHERE change_seq > $1 ORDER BY affiliate, name;
 
 -- name: history
-SELECT postback_id, at, who, change, before, after FROM affiliate_audit
-WHERE postback_id = $1 ORDER BY id;
+SELECT postback_id, at, who, change, before, after, id FROM affiliate_audit
+WHERE postback_id = $1 AND id > $2 ORDER BY id LIMIT $3;
 
 -- name: upsert_secret
 INSERT INTO affiliate_secret (affiliate, name, value, updated_at, change_seq)

@@ -49,8 +49,8 @@ SELECT affiliate, name, value, change_seq FROM affiliate_secret
 WHERE change_seq > :since ORDER BY affiliate, name;
 
 -- name: history
-SELECT postback_id, at, who, change, before, after FROM affiliate_audit
-WHERE postback_id = :id ORDER BY id;
+SELECT postback_id, at, who, change, before, after, id FROM affiliate_audit
+WHERE postback_id = :id AND id > :after ORDER BY id LIMIT :limit;
 
 -- name: upsert_secret
 INSERT INTO affiliate_secret (affiliate, name, value, updated_at, change_seq)
