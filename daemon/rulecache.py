@@ -1,9 +1,10 @@
 """The parsed-rules cache on disk: a start whose rule files have not changed skips YAML parsing
 and model validation (100,000 postbacks: from about 30 s to a few seconds).
 
-It is the loader's ParseCache (parsed files by path and content hash), kept in
-``{state_dir}/rules-cache/parsed.pickle`` after each load that parsed something new, and read
-back when `postbackd run` starts. The cache is an optimisation only:
+It is the loader's ParseCache (parsed files by path and content hash, and the rule set the last
+load built from them), kept in ``{state_dir}/rules-cache/parsed.pickle`` after each load that
+built a new set, and read back when `postbackd run` starts: when every file is the one the set
+was built from, the start takes that set as it is. The cache is an optimisation only:
 
 - **safe to lose**: without it (missing, unreadable, another version) the rules load from YAML
   as always, and the next load writes it again;
@@ -29,16 +30,17 @@ import pickle
 import sys
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from daemon.loader import ParseCache
+from daemon.loader import ParseCache, RuleSet
 
 log = structlog.get_logger("postbackd.rulecache")
 
-FORMAT = 1  # bump when what is pickled changes in a way the code hash would not show
+FORMAT = 2  # bump when what is pickled changes in a way the code hash would not show
 MAGIC = b"postbackd parsed-rules cache\n"
 FILE_NAME = "parsed.pickle"
 MAX_HEADER = 4096
@@ -68,13 +70,23 @@ def _header(payload: bytes, code: str) -> dict[str, Any]:
     }
 
 
-def encode(files: dict[str, Any], code: str) -> bytes:
-    payload = pickle.dumps(files, protocol=pickle.HIGHEST_PROTOCOL)
+@dataclass(frozen=True)
+class Snapshot:
+    """What the file holds: the parsed files by path, and the rule set the last successful load
+    built from exactly the files of `last[0]` (path, content hash), if any."""
+
+    files: dict[str, Any]
+    last: tuple[Any, Any] | None = None
+
+
+def encode(snapshot: Snapshot, code: str) -> bytes:
+    data = {"files": snapshot.files, "last": snapshot.last}
+    payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
     return MAGIC + json.dumps(_header(payload, code)).encode() + b"\n" + payload
 
 
-def decode(blob: bytes, code: str) -> tuple[dict[str, Any] | None, str]:
-    """The cached files, or None and why not. Unpickles only a payload whose header matches
+def decode(blob: bytes, code: str) -> tuple[Snapshot | None, str]:
+    """The cached snapshot, or None and why not. Unpickles only a payload whose header matches
     this code and whose length and SHA-256 are right."""
     if not blob.startswith(MAGIC):
         return None, "not a rules cache"
@@ -97,25 +109,30 @@ def decode(blob: bytes, code: str) -> tuple[dict[str, Any] | None, str]:
     if header.get("sha256") != hashlib.sha256(payload).hexdigest():
         return None, "checksum mismatch"
     try:
-        files = pickle.loads(payload)  # noqa: S301 (our own file, checked above)
+        data = pickle.loads(payload)  # noqa: S301 (our own file, checked above)
     except Exception as err:  # a payload that hashes right but will not load: still ignored
         return None, f"unreadable ({err.__class__.__name__})"
+    files = data.get("files") if isinstance(data, dict) else None
+    last = data.get("last") if isinstance(data, dict) else None
     if not isinstance(files, dict) or not all(
         isinstance(k, str) and isinstance(v, tuple) and len(v) == 2 for k, v in files.items()
     ):
         return None, "unexpected contents"
-    return files, ""
+    if last is not None and not (
+        isinstance(last, tuple) and len(last) == 2 and isinstance(last[1], RuleSet)
+    ):
+        return None, "unexpected contents"
+    return Snapshot(files, last), ""
 
 
 class PersistentParseCache(ParseCache):
-    """A ParseCache read from `directory` at creation and written back (in the background)
-    after a load that parsed a file it did not hold."""
+    """A ParseCache read from `directory` (at the first parse) and written back, in the
+    background, after each load that built a new set."""
 
     def __init__(self, directory: Path) -> None:
         super().__init__()
         self.path = directory / FILE_NAME
         self._code = code_hash()
-        self._dirty = False
         self._writer: threading.Thread | None = None
         self._read_done = False
         self.loaded = 0  # files read from disk at start
@@ -132,34 +149,33 @@ class PersistentParseCache(ParseCache):
         except OSError as err:
             log.warning("rules_cache_ignored", path=str(self.path), reason=err.strerror)
             return
-        files, reason = decode(blob, self._code)
-        if files is None:
+        snapshot, reason = decode(blob, self._code)
+        if snapshot is None:
             log.warning("rules_cache_ignored", path=str(self.path), reason=reason)
             return
-        self._files.update(files)
-        self.loaded = len(files)
+        self._files.update(snapshot.files)
+        self._last = snapshot.last
+        self.loaded = len(snapshot.files)
 
     def parse(self, rel: str, data: bytes) -> Any:
         self._read()
-        before = self._files.get(rel)
-        parsed = super().parse(rel, data)
-        if before is None or before[1] is not parsed:
-            self._dirty = True
-        return parsed
+        return super().parse(rel, data)
 
     def keep_only(self, rels: Iterable[str]) -> None:
         self._read()
-        count = len(self._files)
         super().keep_only(rels)
-        if self._dirty or len(self._files) != count:
-            self._dirty = False
-            self._save(dict(self._files))
 
-    def _save(self, files: dict[str, Any]) -> None:
+    def remember(self, fingerprint: tuple[tuple[str, bytes], ...], rules: RuleSet) -> None:
+        """A load built a set: write the files and that set (a start with the same files then
+        builds nothing: see loader.load_rules)."""
+        super().remember(fingerprint, rules)
+        self._save(Snapshot(dict(self._files), (fingerprint, rules)))
+
+    def _save(self, snapshot: Snapshot) -> None:
         """Write in a thread of its own: the models are immutable, the dict is a copy."""
         previous = self._writer
         self._writer = threading.Thread(
-            target=self._write, args=(files, previous), name="rules-cache", daemon=True
+            target=self._write, args=(snapshot, previous), name="rules-cache", daemon=True
         )
         self._writer.start()
 
@@ -168,13 +184,13 @@ class PersistentParseCache(ParseCache):
         if self._writer is not None:
             self._writer.join()
 
-    def _write(self, files: dict[str, Any], previous: threading.Thread | None) -> None:
+    def _write(self, snapshot: Snapshot, previous: threading.Thread | None) -> None:
         if previous is not None:
             previous.join()  # writes land in order
         tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            blob = encode(files, self._code)
+            blob = encode(snapshot, self._code)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as out:
                 out.write(blob)

@@ -16,7 +16,15 @@ from structlog.testing import capture_logs
 from daemon import loader, rulecache
 from daemon.errors import RulesError
 from daemon.loader import load_rules
-from daemon.rulecache import MAGIC, PersistentParseCache, cache_dir, code_hash, decode, encode
+from daemon.rulecache import (
+    MAGIC,
+    PersistentParseCache,
+    Snapshot,
+    cache_dir,
+    code_hash,
+    decode,
+    encode,
+)
 from tests.harness import write_rules
 
 
@@ -76,6 +84,7 @@ def test_an_unchanged_tree_loads_from_the_cache(tmp_path: Path, counted: list[st
     assert counted == []
     assert cache.loaded == 2
     assert second.version == first.version
+    assert second.loaded_at > first.loaded_at
     assert sorted(second.postbacks) == sorted(first.postbacks) == [1, 2, 3, 10, 11, 12]
     for pid, lp in first.postbacks.items():
         again = second.postbacks[pid]
@@ -152,7 +161,7 @@ def test_a_payload_that_would_run_code_is_never_unpickled(tmp_path: Path) -> Non
         def __reduce__(self) -> Any:
             return (pytest.fail, ("unpickled a refused payload",))
 
-    payload = pickle.dumps({"a.yaml": (b"x", Boom())})
+    payload = pickle.dumps({"files": {"a.yaml": (b"x", Boom())}, "last": None})
     header = {
         "format": rulecache.FORMAT,
         "python": "0.0",
@@ -165,13 +174,15 @@ def test_a_payload_that_would_run_code_is_never_unpickled(tmp_path: Path) -> Non
 
 
 def test_stale_code_or_format_is_ignored(tmp_path: Path) -> None:
-    blob = encode({"a.yaml": (b"d", None)}, "code-1")
+    blob = encode(Snapshot({"a.yaml": (b"d", None)}), "code-1")
     assert decode(blob, "code-2")[0] is None
-    files, reason = decode(blob, "code-1")
-    assert files == {"a.yaml": (b"d", None)}
+    snapshot, reason = decode(blob, "code-1")
+    assert snapshot == Snapshot({"a.yaml": (b"d", None)}, None)
     assert reason == ""
-    wrong_shape = encode({"a.yaml": "not a pair"}, "code-1")
+    wrong_shape = encode(Snapshot({"a.yaml": "not a pair"}), "code-1")
     assert decode(wrong_shape, "code-1") == (None, "unexpected contents")
+    not_a_set = encode(Snapshot({}, ((), "not a RuleSet")), "code-1")
+    assert decode(not_a_set, "code-1") == (None, "unexpected contents")
 
 
 def test_an_unwritable_state_dir_only_loses_the_cache(tmp_path: Path) -> None:
@@ -235,3 +246,26 @@ def test_the_unchanged_shortcut_still_checks_secrets(tmp_path: Path) -> None:
     with pytest.raises(RulesError) as err:
         load_rules(rules, cache=cache, git=False, missing_secrets=lambda names: list(names))
     assert "secret 'TOKEN' does not resolve" in str(err.value.issues[0])
+
+
+def test_a_start_with_unchanged_files_takes_the_cached_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rules, state = _tree(tmp_path), tmp_path / "state"
+    first, _ = _load(rules, state)
+    builds: list[int] = []
+    real = loader._build
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        builds.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "_build", spy)
+    second, _ = _load(rules, state)  # a new cache object: as after a restart
+    assert builds == []
+    assert sorted(second.active) == sorted(first.active)
+    assert second.files == first.files
+    write_rules(rules, {"a.yaml": _offer(1, 1, "http://127.0.0.1:9/changed")})
+    third, _ = _load(rules, state)
+    assert builds == [1]
+    assert "changed" in third.postbacks[1].postback.action.url.source
