@@ -56,11 +56,14 @@ def test_json_rows_are_whole_and_masked(rules: Path) -> None:
             "json": {"click_id": "{click_id}", "amount": "{payout}"},
         },
         "status": "active",
+        "status_reason": None,
         "created_at": "2026-11-02T09:30:00Z",
         "author": {"id": "12", "name": "Sam Lee", "affiliate": "42"},
+        "source": "file",
         "file": "offer-1234.yaml",
         "line": 18,
-    }
+        "updated_at": None,
+    }  # the API's object (tests/cli/test_same_json.py)
 
 
 def test_status_filter(rules: Path) -> None:

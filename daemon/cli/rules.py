@@ -13,8 +13,10 @@ from typing import Any
 import click
 from ruamel.yaml.comments import CommentedMap
 
+from daemon.affiliates.records import file_view
 from daemon.catalogue import CATALOGUE_FILE, Catalogue
 from daemon.cli import affiliates
+from daemon.cli.acting import as_option, own_postback, require_seen, viewer_of
 from daemon.cli.common import (
     config_option,
     json_value,
@@ -36,7 +38,6 @@ from daemon.listing import (
     action_settings_text,
     author_text,
     literal_credentials,
-    postback_row,
     trigger_settings_text,
 )
 from daemon.visibility import Viewer, visible_to
@@ -88,7 +89,7 @@ def list_cmd(
     if offer is not None and offer.strip() not in rule_set.offers:
         raise click.ClickException(f"unknown offer {offer}: no postback in the rules names it")
     rows = [
-        postback_row(lp)
+        file_view(lp)  # the API's object (GET /api/v1/postbacks): one JSON shape per postback
         for lp in sorted(rule_set.postbacks.values(), key=lambda lp: (lp.offer, lp.id))
         if (offer is None or lp.offer == offer.strip())
         and (status is None or lp.postback.status == status)
@@ -222,11 +223,17 @@ def parse_set(text: str) -> tuple[list[str], Any]:
     metavar="KEY=VALUE",
     help="Dotted key (action.url, retry.max_attempts, when as JSON); null removes the key.",
 )
+@as_option
 @dry_run_option
 @rules_option
 @config_option
 def edit_cmd(
-    postback_id: int, sets: tuple[str, ...], dry_run: bool, rules: str | None, config: str | None
+    postback_id: int,
+    sets: tuple[str, ...],
+    acting: str,
+    dry_run: bool,
+    rules: str | None,
+    config: str | None,
 ) -> None:
     """Change settings of postback ID in place (the platform's Configure).
 
@@ -237,8 +244,10 @@ def edit_cmd(
 
     A value is JSON when it parses as JSON (5, true, {...}), else text. The action type, id,
     created_at and author cannot change: to change the action, add a new postback and delete
-    this one.
+    this one. With --as affiliate:ID, only a postback authored for affiliate ID, and it stays
+    affiliate ID's.
     """
+    viewer = viewer_of(acting)
     changes = [parse_set(text) for text in sets]
     for path, _ in changes:
         if path[0] in FIXED_KEYS or path[:2] == ["action", "type"]:
@@ -248,12 +257,17 @@ def edit_cmd(
                 + (": add a new postback and delete this one" if path[0] == "action" else "")
             )
     tree = open_tree(rules, config)
+    try:
+        require_seen(viewer, tree, [postback_id])
+    except EditError as err:
+        raise click.ClickException(str(err)) from err
     notes: list[str] = []
 
     def change(item: CommentedMap) -> None:
         before = _action_type(item)
         for path, value in changes:
             set_path(item, path, value)
+        own_postback(viewer, item)
         if _action_type(item) != before:
             raise EditError(
                 f"the action type cannot change ({before} to {_action_type(item)}): "

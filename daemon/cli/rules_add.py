@@ -12,6 +12,7 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
 from daemon.cli import action_options
+from daemon.cli.acting import as_option, author_affiliate_for, own_postback, require_seen, viewer_of
 from daemon.cli.common import config_option, json_value, rules_option
 from daemon.cli.editing import (
     NewItem,
@@ -84,6 +85,7 @@ from daemon.yamlfile import MAX_FILE_BYTES, YamlError, load_yaml
 @click.option("--comment", metavar="TEXT", help="A comment line above the new postback.")
 @author_option
 @author_affiliate_option
+@as_option
 @dry_run_option
 @rules_option
 @config_option
@@ -98,22 +100,28 @@ def add_cmd(**opts: Any) -> None:
         --header 'X-Api-Key=${secret:partner_42_key}'
     postbackd rules add --offer 1234 --from - < postback.yaml
 
-    Credentials go in as ${secret:NAME}, never as values. The change is validated
+    Credentials go in as ${secret:NAME}, never as values. With --as affiliate:ID the
+    postback is for affiliate ID only (its affiliate and its author's). The change is validated
     before it is written, and shown as a diff. Any action type without YAML: --action TYPE
     and its settings (below; JSON for lists and maps), or --template TYPE for a skeleton.
     """
     if opts["template"]:
         click.echo(action_options.template(opts["template"]), nl=False)
         return
+    viewer = viewer_of(opts["acting"])
     tree = open_tree(opts["rules"], opts["config"])
     item = _snippet(opts["snippet"])
     offer = _offer_of(item, opts["offer"])
     _fill(item, opts)
+    if not viewer.is_admin and "affiliate" not in item:
+        put(item, "affiliate", id_value(viewer.affiliate or ""))
     for key in ("trigger", "affiliate"):
         if key not in item:
             raise click.UsageError(f"--{key} is required (or `{key}:` in --from)")
     try:
-        author = author_map(opts["author"], opts["author_affiliate"], tree.root)
+        own_postback(viewer, item)
+        affiliate = author_affiliate_for(viewer, opts["author_affiliate"])
+        author = author_map(opts["author"], affiliate, tree.root)
         pid = next_ids(tree, 1)[0]
     except EditError as err:
         raise click.ClickException(str(err)) from err
@@ -220,6 +228,7 @@ def _append(tree: Tree, offer: str, items: list[NewItem], file: str | None) -> P
 @click.option("--file", metavar="PATH", help="Rule file of B to append to.")
 @author_option
 @author_affiliate_option
+@as_option
 @dry_run_option
 @rules_option
 @config_option
@@ -230,17 +239,21 @@ def duplicate_cmd(
     file: str | None,
     author: str | None,
     author_affiliate: str | None,
+    acting: str,
     dry_run: bool,
     rules: str | None,
     config: str | None,
 ) -> None:
-    """Copy postbacks of offer A into offer B with new ids (created_at now, you as author)."""
+    """Copy postbacks of offer A into offer B with new ids (created_at now, you as author).
+    With --as affiliate:ID, only postbacks authored for that affiliate, copied as its user."""
+    viewer = viewer_of(acting)
     tree = open_tree(rules, config)
     from_offer, to_offer = from_offer.strip(), to_offer.strip()
     if not tree.files_of(from_offer):
         raise click.ClickException(f"unknown offer {from_offer}: no rule file names it")
     try:
-        who = author_map(author, author_affiliate, tree.root)
+        require_seen(viewer, tree, postback_ids)
+        who = author_map(author, author_affiliate_for(viewer, author_affiliate), tree.root)
         ids = next_ids(tree, len(postback_ids))
         items = []
         for old, new in zip(postback_ids, ids, strict=True):
@@ -251,6 +264,7 @@ def duplicate_cmd(
             put(item, "id", new)
             put(item, "created_at", timestamp(datetime.now(UTC)))
             put(item, "author", clone(who))
+            own_postback(viewer, item)
             items.append(NewItem(item, f"Copied from postback {old} of offer {from_offer}."))
     except EditError as err:
         raise click.ClickException(str(err)) from err

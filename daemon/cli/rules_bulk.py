@@ -13,6 +13,7 @@ import click
 from ruamel.yaml.comments import CommentedMap
 
 from daemon.catalogue import CATALOGUE_FILE, RETIRED_FILE
+from daemon.cli.acting import as_option, sees, viewer_of
 from daemon.cli.common import config_option, rules_option
 from daemon.cli.editing import item_of, set_path
 from daemon.cli.rulecheck import retired_text
@@ -26,16 +27,25 @@ from daemon.cli.yamlsplice import (
     shift,
     yaml_rt,
 )
+from daemon.visibility import Viewer
 
 Change = Callable[[CommentedMap], None]
 
 
-def select(tree: Tree, ids: Iterable[int], offer: str | None, affiliate: str | None) -> list[int]:
+def select(
+    tree: Tree,
+    ids: Iterable[int],
+    offer: str | None,
+    affiliate: str | None,
+    viewer: Viewer | None = None,
+) -> list[int]:
     """The ids given, plus every postback of the selectors (offer and affiliate together
-    narrow each other); an unknown id is an error."""
+    narrow each other); an unknown id is an error. With an affiliate viewer, only the
+    postbacks it may see: another id reads as unknown, selectors pass over the others."""
+    viewer = viewer or Viewer.admin()
     wanted = sorted(set(ids))
     known = tree.ids()
-    unknown = [pid for pid in wanted if pid not in known]
+    unknown = [pid for pid in wanted if pid not in known or not sees(viewer, tree, pid)]
     if unknown:
         raise click.ClickException(
             f"no postback with id {', '.join(map(str, unknown))} in {tree.root}"
@@ -52,6 +62,7 @@ def select(tree: Tree, ids: Iterable[int], offer: str | None, affiliate: str | N
         for lp in tree.current.postbacks.values()
         if (offer is None or lp.offer == offer.strip())
         and (affiliate is None or lp.postback.affiliate == affiliate.strip())
+        and sees(viewer, tree, lp.id)
     }
     return sorted(chosen | set(wanted))
 
@@ -108,14 +119,19 @@ def _status_cmd(status: str) -> Callable[..., None]:
         postback_ids: tuple[int, ...],
         offer: str | None,
         affiliate: str | None,
+        acting: str,
         dry_run: bool,
         rules: str | None,
         config: str | None,
     ) -> None:
         if not postback_ids and offer is None and affiliate is None:
             raise click.UsageError("give postback ids, --offer or --affiliate")
+        viewer = viewer_of(acting)
         tree = open_tree(rules, config)
-        pids = select(tree, postback_ids, offer, affiliate)
+        pids = select(tree, postback_ids, offer, affiliate, viewer)
+        if not pids:
+            click.echo("no postback matches; nothing to do")
+            return
         todo = [pid for pid in pids if _status(tree, pid) != status]
         verb = "enabled" if status == "active" else "disabled"
         if not todo:
@@ -161,11 +177,12 @@ def _status_command(name: str, status: str, doc: str) -> click.Command:
     command = _status_cmd(status)
     command.__doc__ = doc + (
         "\n\n\b\npostbackd rules disable 101 102\n"
-        "postbackd rules disable --offer 1234 --affiliate 42"
+        "postbackd rules disable --offer 1234 --affiliate 42\n\n"
+        "With --as affiliate:ID, only the postbacks authored for affiliate ID."
     )
     return click.command(name)(
         click.argument("postback_ids", metavar="[ID]...", nargs=-1, type=int)(
-            _with_selectors(dry_run_option(rules_option(config_option(command))))
+            _with_selectors(as_option(dry_run_option(rules_option(config_option(command)))))
         )
     )
 
@@ -190,6 +207,7 @@ disable_cmd = _status_command(
     metavar="N",
     help="The id again (one id), or the number of postbacks (several), when not on a terminal.",
 )
+@as_option
 @dry_run_option
 @rules_option
 @config_option
@@ -198,6 +216,7 @@ def delete_cmd(
     offer: str | None,
     affiliate: str | None,
     confirm: int | None,
+    acting: str,
     dry_run: bool,
     rules: str | None,
     config: str | None,
@@ -205,11 +224,13 @@ def delete_cmd(
     """Delete postbacks and the comment above each; their ids are recorded in
     retired-ids.yaml and never used again. One id: type the id to confirm. Several, or a
     selector (--offer, --affiliate): type how many. Elsewhere than a terminal pass --confirm.
-    (To pause, use `rules disable`.)"""
+    With --as affiliate:ID, only postbacks authored for affiliate ID. (To pause, use
+    `rules disable`.)"""
     if not postback_ids and offer is None and affiliate is None:
         raise click.UsageError("give postback ids, --offer or --affiliate")
+    viewer = viewer_of(acting)
     tree = open_tree(rules, config)
-    pids = select(tree, postback_ids, offer, affiliate)
+    pids = select(tree, postback_ids, offer, affiliate, viewer)
     if not pids:
         raise click.ClickException("no postback matches; nothing deleted")
     single = len(pids) == 1 and offer is None and affiliate is None

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from daemon.affiliates.records import file_view
 from daemon.cli.common import config_option, load_or_exit, rules_dir_from, rules_option
 from daemon.cli.table import label
 from daemon.cli.validate import catalogue_of
@@ -65,7 +66,7 @@ def show_cmd(postback_id: int, fmt: str, rules: str | None, config: str | None) 
         raise click.ClickException(f"no postback with id {postback_id} in {root}")
     full, written = every_setting(lp.postback.action)
     if fmt == "json":
-        row = postback_row(lp)
+        row = file_view(lp)  # the list's (and the API's) object, plus every setting
         row["retry"] = lp.postback.retry.model_dump(mode="json") if lp.postback.retry else None
         row["action_settings_all"] = full
         click.echo(json.dumps(row, indent=2, default=str))
