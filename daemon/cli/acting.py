@@ -12,9 +12,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import click
+from pydantic import TypeAdapter, ValidationError
 
 from daemon.cli.editing import item_of
 from daemon.cli.ruletree import EditError, Tree
+from daemon.rules import ANY_AFFILIATE, Id
 from daemon.visibility import Viewer
 from daemon.yamlfile import raw_text
 
@@ -34,11 +36,22 @@ class ActingError(EditError):
 
 
 def viewer_of(text: str) -> Viewer:
-    """The viewer of `--as`; a usage error for anything but admin or affiliate:ID."""
+    """The viewer of `--as`; a usage error for anything but admin or affiliate:ID, ID an id as
+    the rules write it (1 to 128 printable characters), never "*" (every affiliate)."""
+    shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
     try:
-        return Viewer.parse(text)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--as") from err
+        viewer = Viewer.parse(text)
+        if viewer.affiliate is not None:
+            TypeAdapter(Id).validate_python(viewer.affiliate)
+    except (ValueError, ValidationError) as err:
+        raise click.BadParameter(
+            f"{shown} is not admin or affiliate:ID", param_hint="--as"
+        ) from err
+    if viewer.affiliate == ANY_AFFILIATE:
+        raise click.BadParameter(
+            "affiliate:* is every affiliate, not one: name the affiliate", param_hint="--as"
+        )
+    return viewer
 
 
 def _id_text(value: Any) -> str:

@@ -40,7 +40,7 @@ from daemon.listing import (
     literal_credentials,
     trigger_settings_text,
 )
-from daemon.visibility import Viewer, visible_to
+from daemon.visibility import visible_to
 
 FIXED_KEYS = ("id", "created_at", "author")
 
@@ -81,10 +81,7 @@ def list_cmd(
     ****), Status, Created At, Author, with the product's labels; long cells wrap to fit the
     terminal. With a catalogue, offers and affiliates show their names. --format json shows
     each postback's offer, file and line too; `rules show ID` shows every setting of one."""
-    try:
-        who = Viewer.parse(viewer)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--as") from err
+    who = viewer_of(viewer)
     rule_set = load_or_exit(rules_dir_from(rules, config))
     if offer is not None and offer.strip() not in rule_set.offers:
         raise click.ClickException(f"unknown offer {offer}: no postback in the rules names it")

@@ -159,10 +159,21 @@ def test_duplicate_as_an_affiliate_copies_only_its_own_as_its_user(repo: Path) -
 
 
 def test_as_takes_admin_or_affiliate_id_only(repo: Path) -> None:
-    for bad in ("root", "affiliate:", "affiliate", ""):
-        r = run("rules", "disable", "102", "--rules", str(repo), "--as", bad)
-        assert r.code == 2, r
-        assert len(r.err.splitlines()) == 1
-        assert "--as" in r.err
+    before = texts(repo)
+    hostile = ("root", "affiliate:", "affiliate", "", "ADMIN", "affiliate:4\x1b[2J2")
+    hostile += ("affiliate:\x00", "affiliate:" + "9" * 10_000, "affiliate:42\nadmin")
+    for bad in hostile:
+        for command in (["disable", "102"], ["add", "--offer", "1234", "--url", "https://t/"]):
+            r = run("rules", *command, "--rules", str(repo), "--as", bad)
+            assert r.code == 2, (bad, r)
+            [line] = r.err.splitlines()
+            assert "--as" in line
+            assert len(line) < 200
+            assert not any(ord(c) < 32 or ord(c) == 127 for c in line), line
+    # "*" is every affiliate: an affiliate's user is one affiliate's.
+    r = run(*ADD, "--rules", str(repo), "--affiliate", "*", "--as", "affiliate:*")
+    assert r.code == 2
+    assert "affiliate:* is every affiliate, not one: name the affiliate" in r.err
+    assert texts(repo) == before
     r = run("rules", "disable", "101", "--rules", str(repo), "--as", "admin")
     assert r.code == 0, r.err
