@@ -16,6 +16,11 @@ from daemon.errors import SecretError
 
 SECRET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 ENV_PREFIX = "POSTBACKD_SECRET_"
+# An affiliate's `${affiliate_secret:NAME}` is built into the rule set as
+# `${secret:affiliate_secret.NAME}` (daemon.affiliates.records) and resolved from that
+# affiliate's secrets only. Ops secrets never answer such a name, so nothing that builds a store
+# postback with ops secrets (send-test) can send an ops secret to an affiliate (issue 15).
+AFFILIATE_PREFIX = "affiliate_secret."
 # A secret is a token or a password; anything bigger is a wrong file, not a secret.
 MAX_SECRET_BYTES = 64 * 1024
 
@@ -81,6 +86,8 @@ class SecretResolver:
         return found[0] if found else None
 
     def _find(self, name: str) -> tuple[str, str] | None:
+        if name.startswith(AFFILIATE_PREFIX):
+            raise SecretError(f"secret {name} is an affiliate's: ops secrets never resolve it")
         if not valid_secret_name(name):
             raise SecretError(
                 f"secret name {name!r} is not valid: use letters, digits, _ . - (and never ..)"

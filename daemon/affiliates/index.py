@@ -22,6 +22,7 @@ from daemon.affiliates.outbound import PolicyHttp
 from daemon.affiliates.policy import DEFAULT_POLICY, LoadedPolicy, destination_host, problems
 from daemon.affiliates.records import StoreLoadedPostback, build_postback
 from daemon.errors import InputError, SecretError
+from daemon.secrets import AFFILIATE_PREFIX
 from daemon.loader import LoadedPostback, RuleSet
 from daemon.models import Trigger
 from daemon.reload import Runtime
@@ -54,9 +55,10 @@ class AffiliateSecrets:
 
     def lookup(self, affiliate: str) -> SecretLookup:
         def resolve(name: str) -> str:
-            value = self._values.get((affiliate, name))
+            own = name.removeprefix(AFFILIATE_PREFIX)
+            value = self._values.get((affiliate, own)) if own != name else None
             if not value:
-                raise SecretError(f"affiliate secret {name} is not set")
+                raise SecretError(f"affiliate secret {own} is not set")
             return value
 
         return resolve

@@ -16,7 +16,7 @@ from daemon.errors import InputError
 from daemon.listing import iso, mask, postback_row
 from daemon.loader import LoadedPostback, pydantic_issues
 from daemon.rules import Postback, RuleFile
-from daemon.secrets import valid_secret_name
+from daemon.secrets import AFFILIATE_PREFIX, valid_secret_name
 from daemon.store.affiliate_types import StoredPostback
 
 STORE_FILE = "(store)"  # LoadedPostback.file of a store postback
@@ -78,10 +78,14 @@ def macro_count(action: Any) -> int:
 
 
 def _translate(value: Any) -> Any:
-    """`${affiliate_secret:NAME}` becomes `${secret:NAME}`: the action of a store postback is
-    built with a resolver that knows only its own affiliate's secrets."""
+    """`${affiliate_secret:NAME}` becomes `${secret:affiliate_secret.NAME}`: the action of a
+    store postback is built with a resolver that knows only its own affiliate's secrets, and
+    the prefix keeps the ops resolver from ever answering it (an admin's send-test of the
+    postback sent the ops secret NAME to the affiliate's destination; red team)."""
     if isinstance(value, str):
-        return _AFFILIATE_SECRET.sub(lambda m: "${secret:" + m.group(1) + "}", value)
+        return _AFFILIATE_SECRET.sub(
+            lambda m: "${secret:" + AFFILIATE_PREFIX + m.group(1) + "}", value
+        )
     if isinstance(value, Mapping):
         return {k: _translate(v) for k, v in value.items()}
     if isinstance(value, list):
