@@ -22,10 +22,10 @@ from daemon.affiliates.outbound import PolicyHttp
 from daemon.affiliates.policy import DEFAULT_POLICY, LoadedPolicy, destination_host, problems
 from daemon.affiliates.records import StoreLoadedPostback, build_postback
 from daemon.errors import InputError, SecretError
-from daemon.secrets import AFFILIATE_PREFIX
 from daemon.loader import LoadedPostback, RuleSet
 from daemon.models import Trigger
 from daemon.reload import Runtime
+from daemon.secrets import AFFILIATE_PREFIX
 from daemon.store.affiliate_types import StoredPostback, StoredSecret
 
 log = structlog.get_logger("postbackd.affiliates")
