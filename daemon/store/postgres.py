@@ -280,9 +280,13 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         skip_destinations: Collection[str] = (),
     ) -> list[Claim]:
         now = utc(now)
-        skip = (sorted(skip_affiliates), sorted(skip_destinations))
+        args = (now, limit, node, now + lease, sorted(skip_affiliates))
         async with self._conn(transaction=False) as conn:  # one statement: atomic on its own
-            found = await conn.fetch(self._q["claim_due"], now, limit, node, now + lease, *skip)
+            if skip_destinations:
+                query = self._q["claim_due_skipping"]
+                found = await conn.fetch(query, *args, sorted(skip_destinations))
+            else:
+                found = await conn.fetch(self._q["claim_due"], *args)
         return [rows.claim(row, row["lease_token"], utc) for row in found]
 
     async def finish_attempt(

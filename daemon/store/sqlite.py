@@ -289,12 +289,13 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             "skip_affiliates": json.dumps(sorted(skip_affiliates)),
             "skip_destinations": json.dumps(sorted(skip_destinations)),
         }
+        query = "claim_candidates_skipping" if skip_destinations else "claim_candidates"
         lease_row = (node, to_us(now + lease), args["now"])
 
         def job(conn: sqlite3.Connection) -> list[Claim]:
             conn.row_factory = sqlite3.Row
             try:
-                found = conn.execute(self._q["claim_candidates"], args).fetchall()
+                found = conn.execute(self._q[query], args).fetchall()
             finally:
                 conn.row_factory = None
             if not found:

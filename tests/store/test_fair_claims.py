@@ -119,3 +119,23 @@ async def test_hostile_destination_names_are_only_data(store: Store) -> None:
     hostile = ["x'); DELETE FROM delivery; --", "\x1b[2J\r\n", "é" * 5000, "", '"]']
     [claim] = await store.claim_due("n1", at(1), 10, LEASE, skip_destinations=hostile)
     assert claim.destination == "http://a.example"
+
+
+async def test_claims_skipping_a_destination_merge_the_others_oldest_first(store: Store) -> None:
+    routes = {"a": "http://a.example", "b": "http://b.example", "c": "http://c.example"}
+    for i in range(12):  # interleaved in time: a0 b1 c2 a3 b4 c5 ...
+        prefix = "abc"[i % 3]
+        await arrive_routed(store, f"{prefix}{i}", i, {1: routes[prefix]})
+    await arrive_routed(store, "b-later", 110, {1: routes["b"]})  # not due yet at 100
+
+    skip = [routes["a"]]
+    first = await store.claim_due("n1", at(100), 5, LEASE, skip_destinations=skip)
+    assert [c.conversion_id for c in first] == ["b1", "c2", "b4", "c5", "b7"]
+    rest = await store.claim_due("n1", at(100), 5, LEASE, skip_destinations=skip)
+    assert [c.conversion_id for c in rest] == ["c8", "b10", "c11"]
+    assert await store.claim_due("n1", at(100), 5, LEASE, skip_destinations=skip) == []
+    both = [routes["a"], routes["c"]]
+    [later] = await store.claim_due("n1", at(120), 5, LEASE, skip_destinations=both)
+    assert later.conversion_id == "b-later"
+    a_only = await store.claim_due("n1", at(120), 10, LEASE)  # the rest in flight
+    assert [c.conversion_id for c in a_only] == ["a0", "a3", "a6", "a9"]

@@ -10,10 +10,16 @@ ALTER TABLE delivery ADD COLUMN held_until timestamptz;
 CREATE INDEX delivery_held ON delivery (destination) WHERE held_until IS NOT NULL;
 
 -- Fair use: a claim may skip the deliveries of affiliates that have their share in flight
--- (claim_due's skip_affiliates), and of destinations that have theirs (skip_destinations: a
--- backlog draining after an outage). The due index carries affiliate_owner and destination so
--- that skipping reads only the index, not every skipped row (30,000 skipped on SQLite: about
--- 5-20 ms instead of 35-135 ms, on a busy 2-core machine).
+-- (claim_due's skip_affiliates). The due index carries affiliate_owner so that skipping reads
+-- only the index, not every skipped row (30,000 skipped on SQLite: 5 ms instead of 35-135 ms).
 DROP INDEX delivery_due;
-CREATE INDEX delivery_due ON delivery (due_at, id) INCLUDE (affiliate_owner, destination)
+CREATE INDEX delivery_due ON delivery (due_at, id) INCLUDE (affiliate_owner)
+    WHERE due_at IS NOT NULL;
+
+-- A claim may skip the destinations that have their share in flight (skip_destinations: a
+-- backlog made due at once when a breaker closes). Reading past such a backlog in the due
+-- index costs a scan of it per claim (30,000 rows: 15-40 ms on SQLite); instead such a claim
+-- walks the destinations with pending deliveries in this index (one seek each) and takes the
+-- oldest due of each one not skipped (0.03 ms with 30,000 skipped).
+CREATE INDEX delivery_destination_due ON delivery (destination, due_at, id)
     WHERE due_at IS NOT NULL;
