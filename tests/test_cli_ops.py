@@ -3,10 +3,7 @@ resulting YAML byte for byte (comments kept), and nothing written when a change 
 
 from __future__ import annotations
 
-import os
-import pty
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,6 +15,7 @@ from tests.test_cli_ops_kit import (
     commit,
     created_stamps,
     make_repo,
+    on_a_terminal,
     run,
     write_files,
 )
@@ -431,20 +429,7 @@ def test_an_edit_keeps_the_file_mode(rules: Path) -> None:
 
 def _delete_on_a_terminal(rules: Path, pid: str, typed: str) -> subprocess.CompletedProcess[str]:
     """`postbackd rules delete PID` with a real terminal (a pty) as stdin, typing `typed`."""
-    master, slave = pty.openpty()
-    try:
-        os.write(master, typed.encode() + b"\n")  # the terminal buffers it until read
-        return subprocess.run(
-            [sys.executable, "-m", "daemon", "rules", "delete", pid, "--rules", str(rules)],
-            stdin=slave,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    finally:
-        os.close(slave)
-        os.close(master)
+    return on_a_terminal(["rules", "delete", pid, "--rules", str(rules)], typed)
 
 
 def test_delete_on_a_terminal_asks_to_type_the_id(rules: Path) -> None:

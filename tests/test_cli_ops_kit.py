@@ -3,8 +3,11 @@ error, exit codes), and make real git repositories of rules."""
 
 from __future__ import annotations
 
+import os
+import pty
 import re
 import subprocess
+import sys
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -100,6 +103,24 @@ def run(*args: str, input: str | None = None) -> Result:
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
     return Result(code, out.getvalue().decode(), err.getvalue().decode())
+
+
+def on_a_terminal(args: list[str], typed: str) -> subprocess.CompletedProcess[str]:
+    """`postbackd ARGS` in a subprocess with a real terminal (a pty) as stdin, typing `typed`."""
+    master, slave = pty.openpty()
+    try:
+        os.write(master, typed.encode() + b"\n")  # the terminal buffers it until read
+        return subprocess.run(
+            [sys.executable, "-m", "daemon", *args],
+            stdin=slave,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(slave)
+        os.close(master)
 
 
 def git(cwd: Path, *args: str) -> str:

@@ -190,26 +190,6 @@ def plan_edit(tree: Tree, pid: int, change: Callable[[CommentedMap], None]) -> P
     return Plan({doc.rel: _join(doc, lines)}, ids=[pid], edits_existing=True)
 
 
-def plan_delete(tree: Tree, pid: int) -> Plan:
-    """Remove postback `pid` with the comments right above it; the blank lines that separated
-    it from its neighbours go with it, so the separators stay even."""
-    doc, index = tree.locate(pid)
-    span, lines = doc.spans[index], list(doc.lines)
-    start, stop = span.lead, span.end
-    if index < len(doc.spans) - 1:
-        while stop < len(lines) and not lines[stop].strip():
-            stop += 1
-    elif index > 0:
-        while start > 0 and not lines[start - 1].strip():
-            start -= 1
-    del lines[start:stop]
-    if len(doc.spans) == 1 and doc.key_line is not None:
-        key = empty_list_key(lines[doc.key_line])
-        if key is not None:  # an empty list rather than a null
-            lines[doc.key_line] = key.replace(":", ": []", 1)
-    return Plan({doc.rel: _join(doc, lines)}, ids=[pid])
-
-
 @dataclass(frozen=True)
 class NewItem:
     item: CommentedMap

@@ -4,6 +4,7 @@ now and the caller as author, appended to their offer's file (the platform's "Ad
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -40,6 +41,15 @@ from daemon.cli.ruletree import EditError, Plan, Tree, next_ids
 from daemon.cli.yamlsplice import yaml_rt
 from daemon.models import Trigger
 from daemon.yamlfile import MAX_FILE_BYTES, YamlError, load_yaml
+
+
+def new_postback_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Who makes the new postbacks (--author, --author-affiliate, --as), and where (--dry-run,
+    --rules, -c)."""
+    options = (author_option, author_affiliate_option, as_option, dry_run_option)
+    for option in reversed((*options, rules_option, config_option)):
+        command = option(command)
+    return command
 
 
 @click.command("add", epilog=action_options.epilog())
@@ -83,12 +93,7 @@ from daemon.yamlfile import MAX_FILE_BYTES, YamlError, load_yaml
 )
 @click.option("--file", metavar="PATH", help="Rule file to append to (relative to rules).")
 @click.option("--comment", metavar="TEXT", help="A comment line above the new postback.")
-@author_option
-@author_affiliate_option
-@as_option
-@dry_run_option
-@rules_option
-@config_option
+@new_postback_options
 @action_options.options
 def add_cmd(**opts: Any) -> None:
     """Add a postback to an offer's file (a new file if the offer has none), with the next
@@ -226,12 +231,7 @@ def _append(tree: Tree, offer: str, items: list[NewItem], file: str | None) -> P
 @click.option("--from-offer", required=True, metavar="A", help="The offer they belong to.")
 @click.option("--to-offer", required=True, metavar="B", help="The offer that gets the copies.")
 @click.option("--file", metavar="PATH", help="Rule file of B to append to.")
-@author_option
-@author_affiliate_option
-@as_option
-@dry_run_option
-@rules_option
-@config_option
+@new_postback_options
 def duplicate_cmd(
     postback_ids: tuple[int, ...],
     from_offer: str,

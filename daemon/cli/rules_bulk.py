@@ -67,6 +67,22 @@ def select(
     return sorted(chosen | set(wanted))
 
 
+def _chosen(
+    ids: tuple[int, ...],
+    offer: str | None,
+    affiliate: str | None,
+    acting: str,
+    rules: str | None,
+    config: str | None,
+) -> tuple[Tree, list[int]]:
+    """The tree and the postbacks a bulk command names (ids and selectors), as `--as` sees them."""
+    if not ids and offer is None and affiliate is None:
+        raise click.UsageError("give postback ids, --offer or --affiliate")
+    viewer = viewer_of(acting)
+    tree = open_tree(rules, config)
+    return tree, select(tree, ids, offer, affiliate, viewer)
+
+
 def _join(doc: RuleDoc, lines: list[str]) -> str:
     text = "".join(lines)
     return text.replace("\n", "\r\n") if doc.crlf else text
@@ -87,7 +103,7 @@ def plan_many(tree: Tree, pids: list[int], change: Change | None) -> Plan:
         lines = list(doc.lines)
         for index in sorted(indexes, reverse=True):
             span = doc.spans[index]
-            if change is None:  # as editing.plan_delete: blank separators stay even
+            if change is None:  # blank separators stay even
                 start, stop = span.lead, span.end
                 last = all(j in indexes for j in range(index + 1, len(doc.spans)))
                 if not last:
@@ -124,11 +140,7 @@ def _status_cmd(status: str) -> Callable[..., None]:
         rules: str | None,
         config: str | None,
     ) -> None:
-        if not postback_ids and offer is None and affiliate is None:
-            raise click.UsageError("give postback ids, --offer or --affiliate")
-        viewer = viewer_of(acting)
-        tree = open_tree(rules, config)
-        pids = select(tree, postback_ids, offer, affiliate, viewer)
+        tree, pids = _chosen(postback_ids, offer, affiliate, acting, rules, config)
         if not pids:
             click.echo("no postback matches; nothing to do")
             return
@@ -226,11 +238,7 @@ def delete_cmd(
     selector (--offer, --affiliate): type how many. Elsewhere than a terminal pass --confirm.
     With --as affiliate:ID, only postbacks authored for affiliate ID. (To pause, use
     `rules disable`.)"""
-    if not postback_ids and offer is None and affiliate is None:
-        raise click.UsageError("give postback ids, --offer or --affiliate")
-    viewer = viewer_of(acting)
-    tree = open_tree(rules, config)
-    pids = select(tree, postback_ids, offer, affiliate, viewer)
+    tree, pids = _chosen(postback_ids, offer, affiliate, acting, rules, config)
     if not pids:
         raise click.ClickException("no postback matches; nothing deleted")
     single = len(pids) == 1 and offer is None and affiliate is None

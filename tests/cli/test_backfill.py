@@ -7,12 +7,9 @@ during a backfill is a `make bench` figure: bench/backfill.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -28,11 +25,10 @@ from daemon.store.base import (
     Planner,
     Store,
 )
-from daemon.store.sqlite import SQLiteStore
 from tests.store.support import attempt
 from tests.test_cli_ops_kit import make_repo, run
+from tests.test_cli_store import on_store
 
-T = TypeVar("T")
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
 
 OFFER = """\
@@ -50,18 +46,6 @@ NEW_POSTBACK = [
     "--when", '{">=": [{"var": "payout"}, 5]}', "--author", "7:Jane Doe",
     "--url", "https://api.partner-42.example.net/pb?c={click_id}&p={payout}",
 ]  # fmt: skip
-
-
-def on_store(path: Path, job: Callable[[Store], Awaitable[T]]) -> T:
-    async def go() -> T:
-        store = SQLiteStore(path)
-        await store.open()
-        try:
-            return await job(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(go())
 
 
 def planner(rules: RuleSet, source: str, received: datetime) -> Planner:

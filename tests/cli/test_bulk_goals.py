@@ -4,15 +4,19 @@ commands run outside the rules repository (issue 18), through the real `postback
 from __future__ import annotations
 
 import os
-import pty
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from daemon.loader import load_rules
-from tests.test_cli_ops_kit import INSURANCE, SOLAR, make_repo, run, write_files
+from tests.test_cli_ops_kit import (
+    INSURANCE,
+    SOLAR,
+    make_repo,
+    on_a_terminal,
+    run,
+    write_files,
+)
 
 SOLAR_MORE = """\
 offer: 1234
@@ -95,24 +99,6 @@ def test_bulk_disable_and_enable_by_ids_and_selectors(repo: Path) -> None:
     assert "no postback with id 999" in unknown.err
 
 
-def _on_a_terminal(args: list[str], typed: str) -> subprocess.CompletedProcess[str]:
-    """`postbackd ARGS` with a real terminal (a pty) as stdin, typing `typed`."""
-    master, slave = pty.openpty()
-    try:
-        os.write(master, typed.encode() + b"\n")  # the terminal buffers it until read
-        return subprocess.run(
-            [sys.executable, "-m", "daemon", *args],
-            stdin=slave,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    finally:
-        os.close(slave)
-        os.close(master)
-
-
 @pytest.mark.slow  # a real terminal (pty) for one part
 def test_delete_with_a_selector_asks_for_the_count(repo: Path) -> None:
     r = run("rules", "delete", "--affiliate", "42", "--rules", str(repo))
@@ -121,7 +107,7 @@ def test_delete_with_a_selector_asks_for_the_count(repo: Path) -> None:
     wrong = run("rules", "delete", "--affiliate", "42", "--confirm", "4", "--rules", str(repo))
     assert wrong.code == 1
     assert "confirmation does not match 3; nothing deleted" in wrong.err
-    typed = _on_a_terminal(
+    typed = on_a_terminal(
         ["rules", "delete", "--offer", "1234", "--affiliate", "42", "--rules", str(repo)], "3"
     )
     assert typed.returncode == 0, typed.stderr
