@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from daemon.affiliates.records import file_view
+from daemon.cli.acting import as_option, viewer_of
 from daemon.cli.common import config_option, load_or_exit, rules_dir_from, rules_option
 from daemon.cli.table import label
 from daemon.cli.validate import catalogue_of
@@ -22,6 +23,7 @@ from daemon.listing import (
     summarise_condition,
 )
 from daemon.loader import LoadedPostback
+from daemon.visibility import visible_to
 
 
 def every_setting(settings: Any) -> tuple[dict[str, Any], set[str]]:
@@ -54,15 +56,20 @@ def _text(value: Any) -> str:
 @click.command("show")
 @click.argument("postback_id", metavar="ID", type=int)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@as_option
 @rules_option
 @config_option
-def show_cmd(postback_id: int, fmt: str, rules: str | None, config: str | None) -> None:
+def show_cmd(
+    postback_id: int, fmt: str, acting: str, rules: str | None, config: str | None
+) -> None:
     """Every setting of postback ID: trigger settings, status, origin, retry, and each setting
-    of its action, including those left at their defaults (marked so); secrets as ****."""
+    of its action, including those left at their defaults (marked so); secrets as ****.
+    With --as affiliate:ID, only a postback that affiliate's users see."""
+    viewer = viewer_of(acting)
     root = rules_dir_from(rules, config)
     rule_set = load_or_exit(root)
     lp = rule_set.postbacks.get(postback_id)
-    if lp is None:
+    if lp is None or not visible_to(lp.postback, viewer):
         raise click.ClickException(f"no postback with id {postback_id} in {root}")
     full, written = every_setting(lp.postback.action)
     if fmt == "json":

@@ -138,6 +138,16 @@ def test_enable_disable_delete_as_an_affiliate_see_only_its_own(repo: Path) -> N
     assert sorted(load_rules(repo, git=False).postbacks) == [101, 102, 201]
 
 
+def test_show_as_an_affiliate_shows_only_its_own(repo: Path) -> None:
+    rules = ["--rules", str(repo)]
+    refused(run(*as_42("rules", "show", "101", *rules)), f"no postback with id 101 in {repo}")
+    r = run("rules", "show", "102", *rules, "--as", "affiliate:77")
+    refused(r, f"no postback with id 102 in {repo}")
+    r = run(*as_42("rules", "show", "102", *rules))
+    assert r.code == 0, r.err
+    assert r.out.startswith("postback 102: offer 1234 (offer-1234.yaml:")
+
+
 def test_duplicate_as_an_affiliate_copies_only_its_own_as_its_user(repo: Path) -> None:
     before = texts(repo)
     dup = ["rules", "duplicate", "--from-offer", "1234", "--to-offer", "501", "--rules", str(repo)]
