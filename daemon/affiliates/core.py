@@ -5,7 +5,7 @@ methods are :class:`daemon.affiliates.service.AffiliateService`'s."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -22,7 +22,7 @@ from daemon.affiliates.records import (
 )
 from daemon.errors import ConflictError, ForbiddenError, InputError, NotFoundError, PolicyError
 from daemon.listing import mask
-from daemon.loader import LoadedPostback
+from daemon.loader import LoadedPostback, RuleSet
 from daemon.macros import MASK, Template
 from daemon.reload import Reloader
 from daemon.store.affiliate_types import (
@@ -65,6 +65,7 @@ class ServiceCore:
         self.index = index
         self.reloader = reloader
         self._now = now
+        self._owners: tuple[RuleSet, dict[str, list[LoadedPostback]]] | None = None
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -114,7 +115,30 @@ class ServiceCore:
         return viewer.affiliate
 
     def _used(self, affiliate: str) -> int:
-        return sum(1 for e in self.index.entries.values() if e.stored.affiliate == affiliate)
+        return self.index.count_of(affiliate)
+
+    def _visible_entries(self, viewer: Viewer) -> Iterable[Entry]:
+        if viewer.is_admin:
+            return self.index.entries.values()
+        return self.index.owned_by(viewer.affiliate or "")
+
+    def _file_postbacks(self, viewer: Viewer, offer: str | None) -> list[LoadedPostback]:
+        """The file postbacks the viewer may see (of one offer), from the rule files alone (the
+        composed set holds every store postback too); an affiliate's are computed once per rule
+        set."""
+        rules = self.index.file_rules or self.reloader.runtime.rules
+        if viewer.is_admin:
+            found = rules.offers.get(offer, ()) if offer is not None else rules.postbacks.values()
+            return [lp for lp in found if lp.id < FIRST_STORE_ID]
+        if self._owners is None or self._owners[0] is not rules:
+            owners: dict[str, list[LoadedPostback]] = {}
+            for lp in rules.postbacks.values():
+                owner = lp.postback.owner_affiliate
+                if owner is not None and lp.id < FIRST_STORE_ID:
+                    owners.setdefault(owner, []).append(lp)
+            self._owners = (rules, owners)
+        mine = self._owners[1].get(viewer.affiliate or "", [])
+        return [lp for lp in mine if offer is None or lp.offer == offer]
 
     @staticmethod
     def _may_enable(viewer: Viewer, entry: Entry, status: str) -> None:

@@ -103,20 +103,15 @@ class AffiliateService(ServiceCore):
             inputs.status(status)
         if offer is not None:
             offer = inputs.id_text(offer, "offer")
-        rules = self.reloader.runtime.rules
-        files = rules.offers.get(offer, ()) if offer is not None else rules.postbacks.values()
         out = [
             file_view(lp)
-            for lp in files
-            if lp.id < FIRST_STORE_ID
-            and visible_to(lp.postback, viewer)
-            and (status is None or lp.postback.status == status)
+            for lp in self._file_postbacks(viewer, offer)
+            if visible_to(lp.postback, viewer) and (status is None or lp.postback.status == status)
         ]
         out.extend(
             self._view(e)
-            for e in self.index.entries.values()
-            if self._sees(viewer, e.stored)
-            and (offer is None or e.stored.offer == offer)
+            for e in self._visible_entries(viewer)
+            if (offer is None or e.stored.offer == offer)
             and (status is None or e.stored.status == status)
         )
         return sorted(out, key=lambda v: int(v["id"]))
@@ -134,7 +129,7 @@ class AffiliateService(ServiceCore):
         ``[{"offer": "1234", "goals_enabled": true, "goals": ["lead", "sale"]}]`` (goals: those
         named by the offer's postbacks in the rule files)."""
         policy = self.index.policy.policy
-        rules = self.reloader.runtime.rules
+        rules = self.index.file_rules or self.reloader.runtime.rules
         out = []
         for offer, enabled in sorted(self.index.offers_with_files().items()):
             if not policy.offer_allowed(offer, (offer,)):
@@ -332,11 +327,9 @@ class AffiliateService(ServiceCore):
         NotFoundError when it is not set."""
         affiliate = self._affiliate_only(viewer, "keep secrets")
         name, _ = inputs.secret_value(name, "-")
-        users = sorted(
-            e.stored.id
-            for e in self.index.entries.values()
-            if e.stored.affiliate == affiliate and name in secrets_of(e.stored)
-        )
+        users = [
+            e.stored.id for e in self.index.owned_by(affiliate) if name in secrets_of(e.stored)
+        ]
         if users:
             raise ConflictError(f"secret {name} is used by postback(s) {users}", "name")
         if not await self.store.set_affiliate_secret(affiliate, name, None, self._moment()):
