@@ -3,10 +3,13 @@ never those of admin postbacks (no affiliate)."""
 
 from __future__ import annotations
 
-from daemon.models import Conversion, Status, Transition
-from daemon.store.base import ArrivalPlan, PlannedDelivery, Store
+import asyncio
 
-from .support import LEASE, Planner, at, conversion
+from daemon.models import Conversion, Status, Transition
+from daemon.store.base import ArrivalPlan, Claim, DeliveryState, PlannedDelivery, Store
+
+from .conftest import Backend
+from .support import LEASE, Planner, arrive, at, conversion
 
 
 class OwnedPlanner(Planner):
@@ -139,3 +142,29 @@ async def test_claims_skipping_a_destination_merge_the_others_oldest_first(store
     assert later.conversion_id == "b-later"
     a_only = await store.claim_due("n1", at(120), 10, LEASE)  # the rest in flight
     assert [c.conversion_id for c in a_only] == ["a0", "a3", "a6", "a9"]
+
+
+async def test_nodes_skipping_destinations_and_not_never_share_a_delivery(
+    backend: Backend,
+) -> None:
+    nodes = [await backend.open() for _ in range(3)]
+    for i in range(60):  # to host1.example, host2.example, host3.example
+        await arrive(nodes[0], conversion(f"c{i}"), at(i % 7), postbacks=(1, 2, 3))
+
+    async def claimer(store: Store, name: str, skip: list[str]) -> list[Claim]:
+        mine: list[Claim] = []
+        while batch := await store.claim_due(name, at(10), 7, LEASE, skip_destinations=skip):
+            assert not {c.destination for c in batch} & set(skip)
+            mine.extend(batch)
+        return mine
+
+    skips = [["host1.example"], [], ["host1.example", "host3.example"]]
+    results = await asyncio.gather(
+        *(claimer(nodes[i % 3], f"node{i}", skips[i % 3]) for i in range(9)),
+    )
+
+    claimed = [c.delivery_id for claims in results for c in claims]
+    assert len(claimed) == 180
+    assert len(set(claimed)) == 180
+    depth = await nodes[0].queue_depth()
+    assert (depth[DeliveryState.IN_FLIGHT], depth[DeliveryState.QUEUED]) == (180, 0)

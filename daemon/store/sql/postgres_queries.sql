@@ -71,30 +71,35 @@ ORDER BY c.was_due, c.id;
 -- claim_due leaving out the destinations in $6. Not by reading past their deliveries in the due
 -- index (a backlog of 30,000 made due at once would be read on every claim): the destinations
 -- with pending deliveries are walked in delivery_destination_due (one seek each), and the
--- oldest due of each one not skipped are locked and merged, oldest first (the few locked and
--- not taken are unlocked when the statement ends).
--- SKIP LOCKED: rows another node is claiming right now are left to it, never waited for;
--- a row claimed and committed meanwhile no longer passes due_at <= $1 when re-checked.
+-- oldest due of each one not skipped are merged, oldest first; twice the limit of them are
+-- candidates, of which the first `limit` not locked by another node are locked and claimed
+-- (SKIP LOCKED: never waited for; a row claimed and committed meanwhile no longer passes
+-- due_at <= $1 when re-checked). Only the rows claimed are locked.
 WITH RECURSIVE pending(name) AS (
     SELECT (SELECT min(destination) FROM delivery WHERE due_at IS NOT NULL)
     UNION ALL
     SELECT (SELECT min(destination) FROM delivery
             WHERE due_at IS NOT NULL AND destination > p.name)
     FROM pending p WHERE p.name IS NOT NULL
-), due AS (
-    SELECT x.id, x.due_at
+), candidate AS (
+    SELECT x.id
     FROM pending p
     CROSS JOIN LATERAL (
         SELECT id, due_at FROM delivery
         WHERE destination = p.name AND due_at <= $1
           AND (affiliate_owner IS NULL OR affiliate_owner <> ALL($5::text[]))  -- fair use
         ORDER BY due_at, id
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
+        LIMIT 2 * $2
     ) x
     WHERE p.name IS NOT NULL AND p.name <> ALL($6::text[])
     ORDER BY x.due_at, x.id
+    LIMIT 2 * $2
+), due AS (
+    SELECT id, due_at FROM delivery
+    WHERE id IN (SELECT id FROM candidate) AND due_at <= $1
+    ORDER BY due_at, id
     LIMIT $2
+    FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE delivery d
     SET state = 'in_flight', lease_owner = $3, lease_until = $4, updated_at = $1,
