@@ -1,5 +1,6 @@
 """Contract: claim_due leaves out the deliveries of the affiliates it is told to skip (fair use),
-never those of admin postbacks (no affiliate)."""
+never those of admin postbacks (no affiliate), and those of the destinations it is told to skip
+(a destination's backlog leaves room to the others), the rest still oldest due first."""
 
 from __future__ import annotations
 
