@@ -117,6 +117,14 @@ class ServiceCore:
     def _used(self, affiliate: str) -> int:
         return self.index.count_of(affiliate)
 
+    def visible_ids(self, viewer: Viewer) -> frozenset[int] | None:
+        """The ids of the postbacks (file and store, live) the viewer may see, and so their
+        deliveries (None: all, an admin): its own only are looked at."""
+        if viewer.is_admin:
+            return None
+        own = self.index.ids_of(viewer.affiliate or "")
+        return own.union(lp.id for lp in self._file_postbacks(viewer, None))
+
     def _visible_entries(self, viewer: Viewer) -> Iterable[Entry]:
         if viewer.is_admin:
             return self.index.entries.values()

@@ -121,6 +121,9 @@ class StoreIndex:
         """The live store postbacks of one affiliate, by id."""
         return [self.entries[pid] for pid in sorted(self._owned.get(affiliate, ()))]
 
+    def ids_of(self, affiliate: str) -> frozenset[int]:
+        return frozenset(self._owned.get(affiliate, ()))
+
     def count_of(self, affiliate: str) -> int:
         return len(self._owned.get(affiliate, ()))
 
