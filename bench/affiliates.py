@@ -188,7 +188,8 @@ async def _api_writes(ctx: Context, rules_dir: Path) -> None:
 
     token = "bench-affiliate-token"  # noqa: S105 - a throwaway token of this bench
     digest = hashlib.sha256(token.encode()).hexdigest()
-    (rules_dir / "affiliates.yaml").write_text("max_postbacks: 10000\n")
+    policy = "max_postbacks: 10000\nmax_writes_per_minute: 1000000\n"
+    (rules_dir / "affiliates.yaml").write_text(policy)
     settings = Settings.model_validate(
         {
             "store": f"sqlite:///{ctx.workdir / 'affiliates.db'}",

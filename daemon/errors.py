@@ -15,6 +15,7 @@
     │   ├── NotFoundError      no such object, or one the caller may not see (HTTP 404)
     │   ├── ConflictError      the write contradicts the object's state (HTTP 409)
     │   └── PolicyError        the affiliate policy refuses it (HTTP 422)
+    │       └── TooManyWritesError  over the policy's writes a minute (HTTP 429)
     ├── StoreError             the store cannot read or commit (HTTP 503 on ingest)
     └── DeliveryError          raised by an action during one attempt
         ├── RetryableError     try again later (optionally after `retry_after` seconds)
@@ -126,6 +127,12 @@ class PolicyError(InputError):
     """The affiliate policy (rules.d/affiliates.yaml) refuses what was asked."""
 
     status = 422
+
+
+class TooManyWritesError(PolicyError):
+    """An affiliate wrote more postback changes in the last minute than the policy allows."""
+
+    status = 429
 
 
 class StoreError(PostbackdError):

@@ -4,10 +4,14 @@ methods are :class:`daemon.affiliates.service.AffiliateService`'s."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import inspect
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
@@ -20,7 +24,14 @@ from daemon.affiliates.records import (
     secret_names,
     store_view,
 )
-from daemon.errors import ConflictError, ForbiddenError, InputError, NotFoundError, PolicyError
+from daemon.errors import (
+    ConflictError,
+    ForbiddenError,
+    InputError,
+    NotFoundError,
+    PolicyError,
+    TooManyWritesError,
+)
 from daemon.listing import mask
 from daemon.loader import LoadedPostback, RuleSet
 from daemon.macros import MASK, Template
@@ -38,6 +49,7 @@ from daemon.visibility import Viewer, visible_to
 log = structlog.get_logger("postbackd.affiliates")
 
 View = dict[str, Any]
+T = TypeVar("T")
 POLICY_WHO = Who("policy", "affiliates policy (rules.d/affiliates.yaml)")
 ADMIN_DISABLED = "disabled by an admin"
 DRAFT_ID = 10**18 - 1  # the id a postback is checked under before the store gives it one
@@ -66,6 +78,7 @@ class ServiceCore:
         self.reloader = reloader
         self._now = now
         self._owners: tuple[RuleSet, dict[str, list[LoadedPostback]]] | None = None
+        self._writes: dict[str, deque[float]] = {}  # per affiliate: its writes of the last 60 s
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -148,6 +161,46 @@ class ServiceCore:
         mine = self._owners[1].get(viewer.affiliate or "", [])
         return [lp for lp in mine if offer is None or lp.offer == offer]
 
+    def _budget(self, affiliate: str, count: int = 1) -> deque[float]:
+        """The affiliate's writes of the last minute on this node, with room for `count` more;
+        TooManyWritesError (429) when the policy's max_writes_per_minute has no room."""
+        now = self._now()
+        seen = self._writes.setdefault(affiliate, deque())
+        while seen and seen[0] <= now - 60:
+            seen.popleft()
+        limit = self.index.policy.policy.max_writes_per_minute
+        if len(seen) + count > limit:
+            wait = max(1, math.ceil(seen[0] + 60 - now)) if seen else 60
+            raise TooManyWritesError(
+                f"affiliate {affiliate} may write {limit} times a minute "
+                f"(max_writes_per_minute): try again in {wait} s"
+            )
+        return seen
+
+    async def _counted(self, affiliate: str | None, write: Awaitable[T]) -> T:
+        """Run one store write of an affiliate within its budget (admins and the policy are not
+        counted); a write that fails gives its place back."""
+        if affiliate is None:
+            return await write
+        try:
+            seen = self._budget(affiliate)
+        except TooManyWritesError:
+            if inspect.iscoroutine(write):
+                write.close()  # never awaited: it did not start
+            raise
+        at = self._now()
+        seen.append(at)
+        try:
+            result = await write
+        except BaseException:
+            with contextlib.suppress(ValueError):
+                seen.remove(at)
+            raise
+        if result is None or result is False:
+            with contextlib.suppress(ValueError):
+                seen.remove(at)
+        return result
+
     @staticmethod
     def _may_enable(viewer: Viewer, entry: Entry, status: str) -> None:
         if (
@@ -182,8 +235,11 @@ class ServiceCore:
     ) -> StoredPostback:
         limit = self.index.policy.policy.max_postbacks
         try:
-            row = await self.store.create_affiliate_postback(
-                affiliate, change, who(viewer), self._moment(), limit
+            row = await self._counted(
+                viewer.affiliate,
+                self.store.create_affiliate_postback(
+                    affiliate, change, who(viewer), self._moment(), limit
+                ),
             )
         except QuotaExceeded as err:
             raise PolicyError(
@@ -196,8 +252,11 @@ class ServiceCore:
     async def _update(
         self, viewer: Viewer, entry: Entry, change: PostbackChange, kind: str
     ) -> StoredPostback:
-        row = await self.store.update_affiliate_postback(
-            entry.stored.id, entry.stored.change_seq, change, who(viewer), kind, self._moment()
+        row = await self._counted(
+            viewer.affiliate,
+            self.store.update_affiliate_postback(
+                entry.stored.id, entry.stored.change_seq, change, who(viewer), kind, self._moment()
+            ),
         )
         if row is None:
             raise ConflictError("the postback changed meanwhile: read it again")

@@ -268,8 +268,11 @@ class AffiliateService(ServiceCore):
         if typed != entry.stored.id:
             raise InputError(f"type the postback's id ({entry.stored.id}) to confirm", "confirm")
         now = self._moment()
-        if not await self.store.delete_affiliate_postback(
-            entry.stored.id, entry.stored.change_seq, who(viewer), now
+        if not await self._counted(
+            viewer.affiliate,
+            self.store.delete_affiliate_postback(
+                entry.stored.id, entry.stored.change_seq, who(viewer), now
+            ),
         ):
             raise ConflictError("the postback changed meanwhile: read it again")
         tomb = StoredPostback(**{**entry.stored.__dict__, "status": "deleted"})
@@ -303,6 +306,7 @@ class AffiliateService(ServiceCore):
                 f"{len(changes)} copies would exceed max_postbacks "
                 f"({self.index.policy.policy.max_postbacks}); room for {max(room, 0)}"
             )
+        self._budget(affiliate, len(changes))  # all the copies, or none
         made = [await self._create(viewer, affiliate, change) for change in changes]
         return [self._view(self.index.entries[row.id]) for row in made]
 

@@ -254,6 +254,7 @@ async def test_quota_actions_offers_destinations_and_star_are_refused(api: Api, 
         "actions": ["ping_url"],
         "when": False,
         "max_postbacks": 3,
+        "max_writes_per_minute": 60,
         "offers": "*",
         "used": 3,
     }

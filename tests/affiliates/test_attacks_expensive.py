@@ -18,7 +18,8 @@ from tests.harness import Daemon, Sink, start_daemon
 
 @pytest.fixture
 async def api(tmp_path: Path, sink: Sink) -> AsyncIterator[Api]:
-    d: Daemon = await start_daemon(tmp_path, rules(sink), settings=SETTINGS, dispatch=False)
+    policy = "max_writes_per_minute: 1000\n"  # the history test writes 106 times
+    d: Daemon = await start_daemon(tmp_path, rules(sink, policy), settings=SETTINGS, dispatch=False)
     yield Api(d)
     await d.client.close()
 

@@ -137,7 +137,14 @@ async def test_without_a_policy_file_the_defaults_hold(daemon: Daemon, sink: Sin
     status, limits = await api("GET", "/api/v1/affiliate/limits", AFF_A)
     assert (status, limits) == (
         200,
-        {"actions": ["ping_url"], "when": False, "max_postbacks": 20, "offers": "*", "used": 0},
+        {
+            "actions": ["ping_url"],
+            "when": False,
+            "max_postbacks": 20,
+            "max_writes_per_minute": 60,
+            "offers": "*",
+            "used": 0,
+        },
     )
     status, body = await api("POST", "/api/v1/postbacks", AFF_A, ping(sink, when={"==": [1, 1]}))
     assert (status, body["error"]) == (422, "when: conditions are not allowed for affiliates")

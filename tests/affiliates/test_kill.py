@@ -27,7 +27,7 @@ async def test_kill_9_during_api_writes_keeps_every_acknowledged_write(
     rng = random.Random(20261206)
     port = free_port()
     config = write_config(tmp_path, port=port, api={"tokens": TOKENS})
-    for name, text in rules(sink, "max_postbacks: 10000\n").items():
+    for name, text in rules(sink, "max_postbacks: 10000\nmax_writes_per_minute: 1000000\n").items():
         (tmp_path / "rules.d" / name).write_text(text.replace("\n            ", "\n"))
     daemon = DaemonProcess(config, port)
     created: set[int] = set()
