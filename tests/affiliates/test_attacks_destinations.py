@@ -87,3 +87,30 @@ async def test_a_redirect_to_a_denied_host_is_not_followed(tmp_path: Path, sink:
         assert (row.state, row.last_reason) == (DeliveryState.DEAD, "guard_refused")
     finally:
         await daemon.client.close()
+
+
+async def test_no_macro_or_secret_can_choose_the_scheme_host_or_port(
+    tmp_path: Path, sink: Sink
+) -> None:
+    daemon = await started(tmp_path, sink, "[denied.example]")
+    try:
+        api = Api(daemon)
+        port = sink.url.rsplit(":", 1)[1]
+        for url in (
+            "http://{sub1}/x",
+            "http://a{sub1}.example/x",
+            "{sub1}/x",
+            "http{sub1}://127.0.0.1/x",
+            "http://127.0.0.1:{sub1}/x",
+            "http://u@{sub1}/x",
+            f"http://127.0.0.1:{port}@{{sub1}}/x",
+            "http://${affiliate_secret:host}/x",
+        ):
+            body = ping(sink)
+            body["action"]["url"] = url
+            status, answer = await api("POST", "/api/v1/postbacks", AFF_A, body)
+            assert status == 400, (url, answer)
+            assert answer["field"] == "action.url", url
+        assert (await api("GET", "/api/v1/affiliate/limits", AFF_A))[1]["used"] == 0
+    finally:
+        await daemon.client.close()
