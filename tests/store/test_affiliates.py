@@ -3,6 +3,8 @@ secrets, changes since a version, cancelled deliveries."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from daemon.store.affiliate_types import (
@@ -149,3 +151,20 @@ async def test_history_pages(store: Store) -> None:
     assert first == every[:2]
     assert await store.affiliate_history(made.id, first[-1].seq, 2) == every[2:4]
     assert await store.affiliate_history(made.id, every[-1].seq) == []
+
+
+async def test_the_quota_holds_under_concurrent_creates(store: Store) -> None:
+    """Red team (issue 15): 20 creates at once against a quota of 3, on every backend (on
+    PostgreSQL each on its own pooled connection): exactly 3 are made."""
+
+    async def one() -> bool:
+        try:
+            await store.create_affiliate_postback("77", change(), WHO, at(0), 3)
+        except QuotaExceeded:
+            return False
+        return True
+
+    made = await asyncio.gather(*(one() for _ in range(20)))
+    assert sum(made) == 3
+    live = [p for p in (await store.affiliate_changes(0)).postbacks if p.affiliate == "77"]
+    assert len(live) == 3
