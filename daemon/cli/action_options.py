@@ -17,7 +17,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from daemon.actions import ActionSettingsUnion
-from daemon.cli.common import json_value
+from daemon.userjson import json_value
 
 # Options `rules add` already has, that serve every type (--url, --method) or mean something
 # else there (--from, --file...): a setting of that name is --action-NAME instead.

@@ -3,7 +3,6 @@ and conversion files read with one clear error line each."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +14,7 @@ from daemon.errors import ConfigError, InputError, RulesError
 from daemon.loader import RuleSet, load_rules
 from daemon.models import Conversion, conversion_from_mapping
 from daemon.settings import Settings, config_path, load_settings
+from daemon.userjson import json_value
 
 
 def settings_from(config: str | None) -> Settings:
@@ -53,32 +53,6 @@ def require_rules_dir(path: Path, rules: str | None, config: str | None) -> Path
         "no $POSTBACKD_CONFIG); run this at the top of the rules repository, or point at it "
         "with --rules DIR or -c SETTINGS.yaml (its rules_dir)"
     )
-
-
-MAX_JSON_DEPTH = 64  # containers nested in a value given on the command line or in a file
-
-
-def json_value(text: str) -> Any:
-    """JSON from a user (an option, a file): json.JSONDecodeError for anything that is not
-    plain JSON (NaN and Infinity included), ValueError for containers nested deeper than
-    MAX_JSON_DEPTH (checked before anything recurses over the value)."""
-    try:
-        value = json.loads(text, parse_constant=_no_constant)
-    except RecursionError as err:
-        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from err
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > MAX_JSON_DEPTH:
-                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)  # callers may take it as text
 
 
 def read_json_object(path: str) -> dict[str, Any]:

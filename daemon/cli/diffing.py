@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from daemon.cli.common import json_value
 from daemon.cli.ruletests import FIXED_NOW
 from daemon.errors import InputError
 from daemon.explain import Evaluation, evaluate
 from daemon.loader import RuleSet
 from daemon.models import Conversion, Status, conversion_from_mapping
+from daemon.userjson import json_value
 
 REQUEST_PARTS = ("method", "url", "headers", "body")
 Kind = Literal["added", "removed", "changed"]

@@ -19,7 +19,6 @@ from daemon.cli import affiliates
 from daemon.cli.acting import as_option, own_postback, require_seen, viewer_of
 from daemon.cli.common import (
     config_option,
-    json_value,
     load_or_exit,
     rules_dir_from,
     rules_option,
@@ -40,6 +39,7 @@ from daemon.listing import (
     literal_credentials,
     trigger_settings_text,
 )
+from daemon.userjson import json_value
 from daemon.visibility import visible_to
 
 FIXED_KEYS = ("id", "created_at", "author")

@@ -14,7 +14,7 @@ from ruamel.yaml.error import YAMLError
 
 from daemon.cli import action_options
 from daemon.cli.acting import as_option, author_affiliate_for, own_postback, require_seen, viewer_of
-from daemon.cli.common import config_option, json_value, rules_option
+from daemon.cli.common import config_option, rules_option
 from daemon.cli.editing import (
     NewItem,
     author_map,
@@ -40,6 +40,7 @@ from daemon.cli.rules import (
 from daemon.cli.ruletree import EditError, Plan, Tree, next_ids
 from daemon.cli.yamlsplice import yaml_rt
 from daemon.models import Trigger
+from daemon.userjson import json_value
 from daemon.yamlfile import MAX_FILE_BYTES, YamlError, load_yaml
 
 

@@ -16,6 +16,7 @@ from daemon.actions import ActionSettingsUnion
 from daemon.actions.base import MASK
 from daemon.errors import InputError
 from daemon.listing import literal_credentials
+from daemon.userjson import json_value
 
 PREFIX = "a."  # form names of action fields: a.url, a.headers, ...
 
@@ -143,9 +144,11 @@ def _value(spec: FieldSpec, text: str) -> Any:
     where = f"action.{spec.name}"
     if spec.kind == "json":
         try:
-            return json.loads(text)
+            return json_value(text)
         except json.JSONDecodeError as err:
             raise InputError(f"not JSON ({err.msg}, line {err.lineno})", where) from err
+        except ValueError as err:  # nested too deep, an integer past the digit limit
+            raise InputError(f"not usable JSON ({err})", where) from err
     if spec.kind == "bool":
         if text not in ("yes", "no"):
             raise InputError("must be yes or no", where)

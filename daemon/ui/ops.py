@@ -33,6 +33,7 @@ from daemon.ui.views import (
     success_rate,
     table_row,
 )
+from daemon.userjson import json_value
 from daemon.visibility import visible_to
 
 NOTICES = {
@@ -281,9 +282,11 @@ async def explain(ctx: Ctx) -> web.Response:
 async def _conversion_of(ctx: Ctx, form: dict[str, str]) -> tuple[Conversion, str]:
     if form["conversion"].strip():
         try:
-            obj = json.loads(form["conversion"])
+            obj = json_value(form["conversion"])
         except json.JSONDecodeError as err:
             raise InputError(f"not JSON ({err.msg}, line {err.lineno})", "conversion") from err
+        except ValueError as err:  # nested too deep, an integer past the digit limit
+            raise InputError(f"not usable JSON ({err})", "conversion") from err
         if not isinstance(obj, dict):
             raise InputError("must be a JSON object", "conversion")
         return conversion_from_mapping(obj)
@@ -322,12 +325,15 @@ async def send_test(ctx: Ctx) -> web.Response:
     text = ctx.form.one("conversion")
     row = table_row(lp, ctx.ui.repository_url)
     try:
-        obj = json.loads(text)
+        obj = json_value(text)
         if not isinstance(obj, dict):
             raise InputError("must be a JSON object", "conversion")
         conversion, _ = conversion_from_mapping(obj)
     except json.JSONDecodeError as err:
         message = f"conversion: not JSON ({err.msg}, line {err.lineno})"
+        return ctx.render("send_test.html", 400, row=row, sample=text, error=message)
+    except ValueError as err:  # nested too deep, an integer past the digit limit
+        message = f"conversion: not usable JSON ({err})"
         return ctx.render("send_test.html", 400, row=row, sample=text, error=message)
     except InputError as err:
         message = f"{err.field}: {err.message}" if err.field else err.message

@@ -227,6 +227,8 @@ async def test_hostile_form_bodies_get_a_clear_4xx(daemon: Daemon) -> None:
         "[1, 2]",
         '{"offer": 7}',
         '{"conversion_id": "a\\u0001", "offer": 7, "affiliate": 1, "status": "approved"}',
+        "[" * 3000,  # deeper than the parser's recursion limit
+        '{"payout": ' + "9" * 4400 + "}",  # past Python's integer digit limit
     ):
         resp = await daemon.client.post(path, data={"csrf": csrf, "conversion": conversion})
         assert resp.status == 200  # the page again, with the error by the form
@@ -239,8 +241,37 @@ async def test_hostile_form_bodies_get_a_clear_4xx(daemon: Daemon) -> None:
     assert resp.status == 400
     resp = await daemon.client.get("/ui/offers/7?after=" + "9" * 40)
     assert resp.status == 400
+    resp = await daemon.client.post(
+        "/ui/postbacks/101/send-test", data={"csrf": csrf, "conversion": "[" * 3000}
+    )
+    assert resp.status == 400
+    assert "not usable JSON" in await resp.text()
     assert (await daemon.client.get("/ui/static/..%2Fbase.py")).status == 404
     assert (await daemon.client.get("/ui/static/nothing.css")).status == 404
+
+
+async def test_hostile_json_in_an_affiliates_action_form_is_a_clear_400(daemon: Daemon) -> None:
+    """The Add form's JSON fields (ping_url's headers) take what an affiliate types: nesting
+    past the recursion limit and integers past the digit limit are refused by the field, never
+    a 500, and nothing is created."""
+    csrf = await sign_in(daemon.client, AFF42)
+    before = await daemon.client.get("/ui/offers/7")
+    for hostile in ("[" * 3000, '{"X-A": ' + "9" * 4400 + "}"):
+        resp = await daemon.client.post(
+            "/ui/offers/7/add",
+            data={
+                "csrf": csrf,
+                "trigger": "conversion_done",
+                "action": "ping_url",
+                "a.url": "http://127.0.0.1:9/pb",
+                "a.headers": hostile,
+            },
+        )
+        text = await resp.text()
+        assert resp.status == 400, text[:300]
+        assert "not usable JSON" in text
+    after = await daemon.client.get("/ui/offers/7")
+    assert main_of(await after.text()) == main_of(await before.text())
 
 
 async def test_narrow_delivery_lists_default_to_the_last_day(tmp_path: Path, sink: Sink) -> None:
