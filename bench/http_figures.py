@@ -74,15 +74,17 @@ class Measured:
     delivered: float = 0.0  # end to end with wrk: delivered per second in the window
 
 
-async def hello(report: Report, workdir: Path, opts: Options) -> Measured:
+async def hello(
+    report: Report, workdir: Path, opts: Options, cpus: str | None = None, label: str = ""
+) -> Measured:
     """Requests per second a bare aiohttp server answers, same generator, same URLs."""
-    proc = server("hello", workdir)
+    proc = server("hello", workdir, cpus)
     proc.start()
     try:
         await proc.ready("/", 30)
         target = Target("hello", [proc.url], 1, [proc.pid])
         if opts.wrk:
-            return await _ingest_wrk(report, target, opts, None, "bare aiohttp hello")
+            return await _ingest_wrk(report, target, opts, None, f"bare aiohttp hello{label}")
         _, url_for = target.urls_for(NONE)
         cpu = _cpu(target.pids)
         out = await closed_loop(url_for, opts.connections, opts.seconds, opts.warmup)

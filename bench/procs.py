@@ -116,10 +116,12 @@ class Proc:
             self.proc.wait()
 
 
-def server(kind: str, workdir: Path) -> Proc:
-    """The hello server or the sink (bench/servers.py) as a process."""
+def server(kind: str, workdir: Path, cpus: str | None = None) -> Proc:
+    """The hello server or the sink (bench/servers.py) as a process (on `cpus`: taskset)."""
     port = free_port()
     args = [sys.executable, "-m", "bench.servers", kind, "--port", str(port)]
+    if cpus and shutil.which("taskset"):
+        args = ["taskset", "-c", cpus, *args]
     return Proc(kind, args, workdir / f"{kind}.log", port)
 
 

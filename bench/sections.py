@@ -3,6 +3,7 @@ and the same figures on PostgreSQL with one node and with three."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -55,6 +56,27 @@ async def ingest(ctx: Context) -> None:
         ctx.figures["rss_sqlite_mib"] = max(got.peak_kib.values()) / 1024
     report.ratio("ingest SQLite / hello", got.rate, hello.rate, "postbackd acks per hello answer")
     report.ratio("CPU per request, hello / ingest SQLite", hello.cpu_us, got.cpu_us, "")
+    if opts.wrk and (os.cpu_count() or 1) >= 2:
+        await _ingest_pinned(ctx)
+
+
+async def _ingest_pinned(ctx: Context) -> None:
+    """The same two figures with the server on CPU 1 and wrk on CPU 0 (taskset): the generator
+    off the server's core, and no migrations between cores (steadier figures)."""
+    report, opts = ctx.report, replace(ctx.opts, gen_cpus="0")
+    report.note("the same, pinned: the server on CPU 1, wrk on CPU 0 (taskset)")
+    hello = await hf.hello(report, ctx.workdir, opts, cpus="1", label=", pinned")
+    path = ctx.workdir / "pinned.db"
+    daemon = ctx.daemon_with("sqlite-pinned", sqlite_url(path), await ctx.rules(False), cpus="1")
+    try:
+        await daemon.ready_daemon()
+        target = hf.Target("postbackd SQLite, pinned", [daemon.url], 1, [daemon.pid])
+        got = await hf.ingest(report, target, opts, sqlite_stored(path))
+    finally:
+        daemon.stop()
+    ctx.figures["ingest_sqlite_pinned"] = got.rate
+    report.ratio("ingest SQLite / hello, pinned", got.rate, hello.rate, "")
+    report.ratio("CPU per request, hello / ingest SQLite, pinned", hello.cpu_us, got.cpu_us, "")
 
 
 async def end_to_end(ctx: Context) -> None:
