@@ -32,23 +32,26 @@ from daemon.ui.base import (
     same_origin,
     secure,
 )
-from daemon.ui.session import COOKIE, SIGNIN_COOKIE, Sessions, new_secret, same
+from daemon.ui.session import COOKIE, SIGNIN_COOKIE, Sessions, SignInBound, new_secret, same
 
 log = structlog.get_logger("postbackd.ui")
 
 _TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 MAX_TOKEN = 512
+THROTTLED = "Too many wrong tokens from this address. Wait a few minutes, then try again."
 
 
 def add_ui_routes(app: web.Application, settings: Settings, environ: Mapping[str, str]) -> None:
     """Register /ui/...; call after the API routes (the console uses the API's tokens)."""
     app[UI] = UiState(
         sessions=Sessions(settings.ui.session_ttl, lambda: app[SERVICES].clock.now()),
+        sign_ins=SignInBound(lambda: app[SERVICES].clock.now()),
         templates=make_templates(),
         repository_url=settings.ui.repository_url,
         environ=environ,
     )
     statics = _static_files()
+    app.on_response_prepare.append(_console_headers)
     app.router.add_get("/ui", _to_console)
     app.router.add_get("/ui/", _to_console)
     app.router.add_get("/ui/sign-in", _sign_in_form)
@@ -63,6 +66,13 @@ def add_ui_routes(app: web.Application, settings: Settings, environ: Mapping[str
     ops.add_routes(app)
     store_pages.add_routes(app)
     app.router.add_get("/ui/{tail:.*}", page(_no_such_page))  # last: the console's own 404
+
+
+async def _console_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer under /ui/ carries the console's headers, the router's own too (a 405 for
+    PUT, the static files' 404): no page of the console goes out without them."""
+    if request.path == "/ui" or request.path.startswith("/ui/"):
+        secure(response)
 
 
 def _static_files() -> dict[str, tuple[bytes, str]]:
@@ -127,14 +137,24 @@ async def _sign_in(request: web.Request) -> web.Response:
     if not same_origin(request) or check is None or not same(form.one("csrf"), check):
         log.warning("ui_csrf_refused", path=request.path)
         return _sign_in_page(request, target, "The form had expired. Please try again.", 403)
+    bound, client = request.app[UI].sign_ins, request.remote or "?"
+    wait = bound.wait(client)
+    if wait > 0:  # the token is not looked at: the answer says nothing about it
+        log.warning("ui_sign_in_throttled")
+        response = _sign_in_page(request, target, THROTTLED, 429)
+        response.headers["Retry-After"] = str(int(wait) + 1)
+        return response
     token = form.one("token").strip()
     try:
         if not token or len(token) > MAX_TOKEN:
             raise InputError("invalid token")
         viewer = request.app[API].tokens.authenticate(f"Bearer {token}")
     except InputError:
+        bound.failed(client)
         log.info("ui_sign_in_refused")
         return _sign_in_page(request, target, "That token is not valid.", 401)
+    # A session this browser already had ends here: signing in never leaves a second one alive.
+    request.app[UI].sessions.delete(request.cookies.get(COOKIE))
     session_id, _session = request.app[UI].sessions.create(viewer)
     log.info("ui_signed_in", role=viewer.role, affiliate=viewer.affiliate)
     response = redirect(safe_next(target))

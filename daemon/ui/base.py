@@ -21,7 +21,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from daemon.app import SERVICES, Services
 from daemon.errors import ForbiddenError, InputError, StoreError
-from daemon.ui.session import COOKIE, Session, Sessions, same
+from daemon.ui.session import COOKIE, Session, Sessions, SignInBound, same
 from daemon.ui.views import FILTERS, PostbackIndex
 from daemon.visibility import Viewer
 
@@ -65,6 +65,7 @@ class TooLarge(InputError):
 @dataclass
 class UiState:
     sessions: Sessions
+    sign_ins: SignInBound
     templates: Environment
     repository_url: str | None
     environ: Mapping[str, str]  # for send-test's secrets, as the daemon reads them

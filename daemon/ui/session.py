@@ -86,3 +86,38 @@ class Sessions:
         now = self._now()
         for key in [k for k, s in self._rows.items() if s.expires <= now]:
             del self._rows[key]
+
+
+MAX_FAILURES = 20  # wrong tokens one client may try per FAILURE_WINDOW
+FAILURE_WINDOW = 300.0
+MAX_CLIENTS = 10_000  # clients remembered at most; the oldest go first
+
+
+class SignInBound:
+    """Wrong sign-in tokens per client address: past MAX_FAILURES in FAILURE_WINDOW seconds the
+    client is refused (429) until the window, counted from its first failure, has passed. The
+    token is then not even looked at, so the answer says nothing about it."""
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self._now = now
+        self._rows: dict[str, tuple[float, int]] = {}  # client -> (first failure, failures)
+
+    def wait(self, client: str) -> float:
+        """Seconds until `client` may try again (0: now)."""
+        row = self._rows.get(client)
+        if row is None:
+            return 0.0
+        left = row[0] + FAILURE_WINDOW - self._now()
+        if left <= 0:
+            del self._rows[client]
+            return 0.0
+        return left if row[1] >= MAX_FAILURES else 0.0
+
+    def failed(self, client: str) -> None:
+        now = self._now()
+        first, count = self._rows.pop(client, (now, 0))
+        if first + FAILURE_WINDOW <= now:
+            first, count = now, 0
+        while len(self._rows) >= MAX_CLIENTS:
+            del self._rows[next(iter(self._rows))]
+        self._rows[client] = (first, count + 1)

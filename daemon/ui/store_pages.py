@@ -119,7 +119,10 @@ async def _walk_back(
     short, and Older goes on from the last window (returned as the time searched back to)."""
     now = now_of(ctx)
     horizon = now - timedelta(seconds=ctx.services.settings.retention) - HORIZON_SLACK
-    upper = decode_cursor(cursor)[0] if cursor else now + timedelta(days=1)
+    # A cursor in the far future (an `until` of year 8000) starts from tomorrow: no walk
+    # through millennia of empty windows.
+    tomorrow = now + timedelta(days=1)
+    upper = min(decode_cursor(cursor)[0], tomorrow) if cursor else tomorrow
     rows: list[DeliveryRow] = []
     span = timedelta(days=1)
     started = time.monotonic()

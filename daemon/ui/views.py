@@ -174,12 +174,21 @@ def success_rate(rows: Sequence[DeliveryRow]) -> tuple[int, int, int | None]:
     return ok, len(finished), percent
 
 
+# The times a console filter may name: a window or cursor arithmetic stays inside datetime.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
 def parse_time(text: str, field: str) -> datetime:
     """`2026-11-27`, `2026-11-27T19:02` or with seconds and a zone (UTC when none)."""
     from daemon.errors import InputError
 
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError as err:
+        # In UTC here: a zone's offset can carry year 1 or 9999 past what datetime holds.
+        moment = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError) as err:
         raise InputError("not a date or time (YYYY-MM-DD or YYYY-MM-DDTHH:MM)", field) from err
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    if not EARLIEST <= moment <= LATEST:
+        raise InputError("a time between 1970 and 9000 (UTC)", field)
+    return moment
