@@ -19,6 +19,9 @@ from daemon.visibility import Viewer
 COOKIE = "postbackd_session"
 SIGNIN_COOKIE = "postbackd_signin"  # the sign-in form's double-submit CSRF value
 MAX_SESSIONS = 10_000  # the oldest sessions go first beyond this
+# Sessions of one token at most (its oldest go first): a tenant signing in over and over
+# pushes out only its own sessions, never everyone else's.
+MAX_PER_TOKEN = 50
 _ID_BYTES = 32
 
 
@@ -31,6 +34,10 @@ def same(given: str | None, expected: str) -> bool:
     if not given or len(given) > 200:
         return False
     return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode())
+
+
+def _token_of(viewer: Viewer) -> tuple[str, str | None, str | None]:
+    return viewer.role, viewer.affiliate, viewer.name
 
 
 def _key(session_id: str) -> bytes:
@@ -47,9 +54,18 @@ class Session:
 class Sessions:
     """The signed-in sessions; `now` is the daemon's clock (tests inject a fake one)."""
 
-    def __init__(self, ttl: float, now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        now: Callable[[], float],
+        *,
+        most: int = MAX_SESSIONS,
+        per_token: int = MAX_PER_TOKEN,
+    ) -> None:
         self.ttl = ttl
         self._now = now
+        self._most = most
+        self._per_token = per_token
         self._rows: dict[bytes, Session] = {}
 
     def __len__(self) -> int:
@@ -58,8 +74,12 @@ class Sessions:
     def create(self, viewer: Viewer) -> tuple[str, Session]:
         """A new session; returns the id that goes into the cookie, and the session."""
         self._drop_expired()
-        while len(self._rows) >= MAX_SESSIONS:
-            del self._rows[next(iter(self._rows))]  # dicts keep insertion order: the oldest
+        who = _token_of(viewer)
+        same_token = [k for k, s in self._rows.items() if _token_of(s.viewer) == who]
+        for key in same_token[: max(0, len(same_token) - self._per_token + 1)]:
+            del self._rows[key]  # dicts keep insertion order: that token's oldest
+        while len(self._rows) >= self._most:
+            del self._rows[next(iter(self._rows))]  # the oldest of all
         session_id = new_secret()
         session = Session(viewer, new_secret(), self._now() + self.ttl)
         self._rows[_key(session_id)] = session

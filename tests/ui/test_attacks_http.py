@@ -15,7 +15,8 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient
 
 from daemon.store.common import decode_cursor
-from daemon.ui.session import COOKIE, FAILURE_WINDOW, MAX_FAILURES
+from daemon.ui.session import COOKIE, FAILURE_WINDOW, MAX_FAILURES, Sessions
+from daemon.visibility import Viewer
 from tests.harness import Daemon, FakeClock, Sink, start_daemon
 from tests.ui.kit import ADMIN, AFF42, ENV, csrf_of, rules, settings, sign_in
 
@@ -251,3 +252,16 @@ async def test_an_all_time_walk_from_the_far_future_starts_at_tomorrow(
         cursor = parse_qs(found.group(1).replace("&amp;", "&"))["cursor"][0]
         tomorrow = datetime.fromtimestamp(clock.now(), UTC) + timedelta(days=1)
         assert decode_cursor(cursor)[0] <= tomorrow
+
+
+def test_one_tenant_signing_in_over_and_over_evicts_only_its_own_sessions() -> None:
+    """Found: the session table dropped the oldest sessions of anyone past its bound, so an
+    affiliate signing in in a loop signed every admin out. Now one token keeps at most
+    `per_token` sessions (its own oldest go first); the global bound stays as a last resort."""
+    clock = FakeClock()
+    table = Sessions(3600, clock.now, most=100, per_token=5)
+    admin, _ = table.create(Viewer("admin", name="ops"))
+    hostile = [table.create(Viewer("affiliate", "43", name="aff43"))[0] for _ in range(500)]
+    assert table.get(admin) is not None
+    assert len(table) == 6
+    assert [table.get(s) is not None for s in hostile[-6:]] == [False] + [True] * 5

@@ -160,3 +160,25 @@ def test_an_affiliate_sees_hostile_values_as_text(browser: Any, hostile: Hostile
     _sign_in(page, AFF42)
     _visit_all(page, ["/ui/offers", "/ui/offers/7", "/ui/postbacks/101", "/ui/deliveries"])
     ctx.close()
+
+
+def test_another_origin_cannot_frame_a_confirmation(browser: Any, hostile: HostileLive) -> None:
+    """Held (clickjacking): a page of another origin (a loopback server on another port,
+    same-site, so the session cookie would go along) frames Send test; the browser refuses
+    to show it (frame-ancestors 'none', X-Frame-Options DENY): no button to trick a click on."""
+    framer = hostile.call(lambda: Sink().start())
+    target = f"{hostile.url}/ui/postbacks/103/send-test"
+    framer.script = [(200, f'<iframe src="{target}"></iframe>', {"Content-Type": "text/html"})]
+    ctx = browser.new_context(base_url=hostile.url)
+    page = ctx.new_page()
+    _sign_in(page, ADMIN)
+    page.goto("/ui/postbacks/103/send-test")
+    assert page.locator("main button[type=submit]").count() == 1  # unframed, it is there
+    page.goto(f"{framer.url}/clickjack")
+    page.wait_for_load_state("load")
+    frames = page.frames[1:]
+    assert frames, "the framing page has no frame"
+    for frame in frames:
+        assert frame.locator("button").count() == 0, frame.url
+    ctx.close()
+    hostile.call(framer.close)
