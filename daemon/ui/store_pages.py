@@ -113,12 +113,15 @@ def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | 
 async def _walk_back(
     ctx: Ctx, flt: DeliveryFilter, cursor: str | None
 ) -> tuple[list[DeliveryRow], str | None, datetime | None]:
-    """A page of a narrow list over all time, read in windows going back (1 day, then 2, up to
-    MAX_SPAN) so that each read walks only its window of the store's index. Stops when the
-    page is full, at the retention horizon, or after WALK_BUDGET seconds: then the page may be
-    short, and Older goes on from the last window (returned as the time searched back to)."""
+    """A page of a narrow list over all time (or from a From older than MAX_SPAN, then the
+    floor), read in windows going back (1 day, then 2, up to MAX_SPAN) so that each read
+    walks only its window of the store's index. Stops when the page is full, at the retention
+    horizon (or the From), or after WALK_BUDGET seconds: then the page may be short, and
+    Older goes on from the last window (returned as the time searched back to)."""
     now = now_of(ctx)
     horizon = now - timedelta(seconds=ctx.services.settings.retention) - HORIZON_SLACK
+    if flt.since is not None:  # a From far back is a floor of the walk, not one long read
+        horizon = max(horizon, flt.since)
     # A cursor in the far future (an `until` of year 8000) starts from tomorrow: no walk
     # through millennia of empty windows.
     tomorrow = now + timedelta(days=1)
@@ -170,7 +173,7 @@ async def deliveries(ctx: Ctx) -> web.Response:
     searched_to = None
     if action is not None:
         rows, next_cursor = await _page_of_action(ctx, flt, cursor, action)
-    elif flt.postback_ids is not None and flt.since is None:
+    elif flt.postback_ids is not None and (flt.since is None or flt.since < now_of(ctx) - MAX_SPAN):
         if flt.postback_ids:
             rows, next_cursor, searched_to = await _walk_back(ctx, flt, cursor)
     elif flt.postback_ids is None or flt.postback_ids:

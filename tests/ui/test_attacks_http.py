@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 from daemon.store.common import decode_cursor
 from daemon.ui.session import COOKIE, FAILURE_WINDOW, MAX_FAILURES, Sessions
 from daemon.visibility import Viewer
-from tests.harness import Daemon, FakeClock, Sink, start_daemon
+from tests.harness import Daemon, FakeClock, Sink, start_daemon, wait_for
 from tests.ui.kit import ADMIN, AFF42, ENV, csrf_of, rules, settings, sign_in
 
 
@@ -265,3 +265,38 @@ def test_one_tenant_signing_in_over_and_over_evicts_only_its_own_sessions() -> N
     assert table.get(admin) is not None
     assert len(table) == 6
     assert [table.get(s) is not None for s in hostile[-6:]] == [False] + [True] * 5
+
+
+async def test_a_from_centuries_back_is_walked_in_windows(
+    daemon: Daemon, sink: Sink, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found: a narrow list with an explicit From of 1970 (`?postback=N&since=1970-01-01`) was
+    one read down the store's whole newest-first index, past the walk's time budget (a
+    postback with no deliveries: 154 ms at 300,000 deliveries, growing with the store; the
+    budgeted walk: 60 ms). Now a From older than the widest window is the floor of the walk:
+    with no budget left, the first page is the first window and says how far it searched."""
+    from daemon.ui import store_pages
+
+    for n, days in enumerate((0, 3)):  # deliveries of 101 at day 0 and day 3
+        clock.advance(days * 86400)
+        await daemon.post(
+            conversion_id=f"f-{n}", offer=7, affiliate=42, status="approved", payout=9
+        )
+        await wait_for(lambda n=n: len(sink.received) >= n + 1)
+    ids = [
+        next(
+            r.delivery_id
+            for r in await daemon.deliveries(conversion_id=f"f-{n}")
+            if r.postback_id == 101
+        )
+        for n in range(2)
+    ]
+    await sign_in(daemon.client, ADMIN)
+    monkeypatch.setattr(store_pages, "WALK_BUDGET", -1.0)  # one window per page
+    text = await (await daemon.client.get("/ui/deliveries?postback=101&since=1970-01-01")).text()
+    assert f"/ui/deliveries/{ids[1]}" in text
+    assert f"/ui/deliveries/{ids[0]}" not in text  # three days back: a later window
+    assert "Searched back to" in text
+    older = re.search(r'href="(\?[^"]*cursor=[^"]*)" rel="next"', text)
+    assert older is not None
+    assert "since=1970-01-01" in older.group(1)  # the floor goes along
