@@ -155,10 +155,50 @@ def test_no_hostile_value_runs_script_in_any_page(browser: Any, hostile: Hostile
 
 
 def test_an_affiliate_sees_hostile_values_as_text(browser: Any, hostile: HostileLive) -> None:
+    """Its own store postback made through the API with hostile headers and body: shown on its
+    page and prefilled in Configure's inputs and textareas, as text."""
+
+    async def create() -> tuple[int, str]:
+        resp = await hostile.daemon.client.post(
+            "/api/v1/postbacks",
+            json={
+                "offer": 7,
+                "trigger": "conversion_done",
+                "action": {
+                    "type": "ping_url",
+                    "url": f"{hostile.sink.url}/h?n={quote(P, safe='')}",
+                    "method": "POST",
+                    "headers": {"X-Note": P.replace('"', "'")},
+                    "json": {P: P},
+                },
+            },
+            headers={"Authorization": f"Bearer {AFF42}"},
+        )
+        return resp.status, await resp.text()
+
+    status, text = hostile.call(create)
+    assert status == 201, text
+    pid = json.loads(text)["id"]
     ctx = browser.new_context(base_url=hostile.url)
     page = ctx.new_page()
     _sign_in(page, AFF42)
-    _visit_all(page, ["/ui/offers", "/ui/offers/7", "/ui/postbacks/101", "/ui/deliveries"])
+    _visit_all(
+        page,
+        [
+            "/ui/offers",
+            "/ui/offers/7",
+            "/ui/postbacks/101",
+            "/ui/deliveries",
+            f"/ui/postbacks/{pid}",
+            f"/ui/postbacks/{pid}/edit",
+            f"/ui/postbacks/{pid}/delete",
+        ],
+    )
+    page.goto(f"/ui/postbacks/{pid}/edit")
+    values = page.evaluate(
+        "[...document.querySelectorAll('main input, main textarea')].map(e => e.value)"
+    )
+    assert any(MARK in v for v in values), values
     ctx.close()
 
 
