@@ -203,7 +203,9 @@ class AccessPolicy:
 
     `loopback_only` (the built-in `generic` source unless its file opens it): the client must be
     a loopback address, and a request relayed by a proxy we do not trust is refused (a reverse
-    proxy on the same host would otherwise make every client look local)."""
+    proxy on the same host would otherwise make every client look local), and so is a request a
+    web browser made (it carries `Origin` or `Sec-Fetch-*`): any page a local user opens could
+    otherwise post a form to 127.0.0.1, or reach it by DNS rebinding. Trackers send neither."""
 
     allow: tuple[IPNetwork, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -230,10 +232,22 @@ class AccessPolicy:
                 return address  # None: a hop we cannot read, so we cannot know the client
         return address
 
-    def check(self, peer: str | None, forwarded_for: Iterable[str], relayed: bool = False) -> None:
+    def check(
+        self,
+        peer: str | None,
+        forwarded_for: Iterable[str],
+        relayed: bool = False,
+        from_browser: bool = False,
+    ) -> None:
         """ForbiddenError unless the client may post; `relayed`: the request carries another
-        proxy header (`Forwarded`, `X-Real-IP`), which only matters to `loopback_only`."""
+        proxy header (`Forwarded`, `X-Real-IP`), `from_browser`: a header only browsers send
+        (`Origin`, `Sec-Fetch-*`); both only matter to `loopback_only`."""
         if self.loopback_only:
+            if from_browser:
+                raise ForbiddenError(
+                    "this source takes loopback clients only, and not requests a web browser "
+                    "makes (a web page could post them)"
+                )
             self._check_local(peer, list(forwarded_for), relayed)
         if not self.allow:
             return

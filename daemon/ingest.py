@@ -91,7 +91,9 @@ async def _admit(
     """Address, body, credentials, rate, mapping: the conversion, or an InputError."""
     gate = source.gate
     relayed = "Forwarded" in request.headers or "X-Real-IP" in request.headers
-    gate.access.check(request.remote, request.headers.getall("X-Forwarded-For", []), relayed)
+    headers = request.headers
+    from_browser = "Origin" in headers or "Sec-Fetch-Site" in headers or "Sec-Fetch-Mode" in headers
+    gate.access.check(request.remote, headers.getall("X-Forwarded-For", []), relayed, from_browser)
     query: dict[str, str] = {}
     parse_urlencoded(request.rel_url.raw_query_string, query)
     body = await read_body(request, limits)

@@ -37,6 +37,31 @@ async def test_a_request_relayed_from_beyond_loopback_is_refused(tmp_path: Path)
         await daemon.client.close()
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"},
+        {"Sec-Fetch-Mode": "no-cors"},
+    ],
+)
+async def test_a_web_page_in_a_local_browser_cannot_post_to_generic(
+    tmp_path: Path, headers: dict[str, str]
+) -> None:
+    """A page the operator opens (or a DNS-rebound name) can make the browser post a form to
+    127.0.0.1:8080/webhooks/generic: the peer is loopback, but browsers mark such requests with
+    Origin / Sec-Fetch-*, which trackers never send. Refused, nothing stored."""
+    daemon = await start(tmp_path)
+    try:
+        resp = await daemon.client.post("/webhooks/generic", data=CONVERSION, headers=headers)
+        assert resp.status == 403
+        assert "web browser" in (await resp.json())["error"]
+        assert conversions(tmp_path) == []
+    finally:
+        await daemon.client.close()
+
+
 @pytest.mark.parametrize("header", ["Forwarded", "X-Real-IP"])
 async def test_other_proxy_headers_count_as_relayed(tmp_path: Path, header: str) -> None:
     daemon = await start(tmp_path)
