@@ -4,7 +4,8 @@ its unit, and the ratios measured in the same run (docs/benchmarks.md explains e
 python -m bench [--quick] [--only SECTION[,SECTION]] [--pg DSN | --no-pg] [--json FILE]
 
 Sections: ingest, e2e, rules, scale, pg, workers, alertmanager, affiliates (all by default) and
-store (the store-only bench of bench/store_ingest.py), outage, backfill on request. Closed-loop
+store (the store-only bench of bench/store_ingest.py), outage, backfill, console (page times
+with 100,000 postbacks and 1,000,000 deliveries: about 3 minutes and 1 GB) on request. Closed-loop
 figures use wrk (bench/wrk.py; installed with apt-get when missing and root), the Python client
 only for open-loop latency. Everything runs on 127.0.0.1.
 """
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import affiliates, alertmanager, backfill, cores, outage, scale, sections, wrk
+from bench import affiliates, alertmanager, backfill, console, cores, outage, scale, sections, wrk
 from bench.context import LARGE_OFFERS, Context
 from bench.http_figures import Options
 from bench.procs import Daemon
@@ -29,7 +30,7 @@ from bench.report import Report, loadavg, machine
 DEFAULT_SECTIONS = (
     "ingest", "e2e", "rules", "scale", "pg", "workers", "alertmanager", "affiliates",
 )  # fmt: skip
-ALL_SECTIONS = (*DEFAULT_SECTIONS, "store", "outage", "backfill")
+ALL_SECTIONS = (*DEFAULT_SECTIONS, "store", "outage", "backfill", "console")
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -114,6 +115,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
             await backfill.backfill(ctx)  # ingest latency during a backfill (bench/backfill.py)
         if "affiliates" in chosen:
             await affiliates.affiliates(ctx)  # store postbacks (bench/affiliates.py)
+        if "console" in chosen:
+            await console.section(ctx)  # the web console's page times (bench/console.py)
     finally:
         ctx.close()
     return report

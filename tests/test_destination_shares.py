@@ -145,7 +145,9 @@ async def test_a_released_backlog_leaves_room_for_other_destinations(tmp_path: P
             [closed] = [e for e in logs if e["event"] == "breaker_closed"]
             assert closed["backlog"] == BACKLOG - 1  # all of it was held, the probe aside
             assert len(a.order) <= 1 + PER_HOST
-            assert dispatcher.in_flight <= share + dispatcher.config.batch
+            # B's attempts may still be finishing (their records being written): count A's.
+            b_in_flight = dispatcher._per_destination.count(b.url)
+            assert dispatcher.in_flight - b_in_flight <= share + dispatcher.config.batch
             assert dispatcher._per_destination.count(a.url) <= share + dispatcher.config.batch
             a.gate.set()
             await wait_for(lambda: sum(tx[0] == "a" for tx in a.order) == BACKLOG, deadline=60)
