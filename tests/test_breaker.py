@@ -12,21 +12,31 @@ OK, BAD = True, False
 
 # Each step: (time, what, expected). `what` is "admit" (expected: the verdict), or
 # ("result", i, healthy) for the ticket of the i-th admission (expected: the change or None).
-CASES = {
+Step = tuple[float, object, object]
+
+
+def sends(now: float, n: int) -> list[Step]:
+    """`n` admissions at `now`, each let through (closed)."""
+    return [(now, "admit", S)] * n
+
+
+def opens(now: float, first: int = 0) -> list[Step]:
+    """The tickets `first` to `first + 2` fail at `now`: the third (the threshold) opens."""
+    return [
+        (now, ("result", first, BAD), None),
+        (now, ("result", first + 1, BAD), None),
+        (now, ("result", first + 2, BAD), Change.OPENED),
+    ]
+
+
+CASES: dict[str, list[Step]] = {
     "opens_after_threshold_consecutive_failures": [
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, "admit", S),
-        (1, ("result", 0, BAD), None),
-        (1, ("result", 1, BAD), None),
-        (1, ("result", 2, BAD), Change.OPENED),
+        *sends(0, 3),
+        *opens(1),
         (2, "admit", H),
     ],
     "a_success_resets_the_count": [
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, "admit", S),
+        *sends(0, 4),
         (1, ("result", 0, BAD), None),
         (1, ("result", 1, BAD), None),
         (1, ("result", 2, OK), None),
@@ -34,67 +44,40 @@ CASES = {
         (2, "admit", S),
     ],
     "in_flight_failures_do_not_count_again_once_open": [
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, "admit", S),
-        (1, ("result", 0, BAD), None),
-        (1, ("result", 1, BAD), None),
-        (1, ("result", 2, BAD), Change.OPENED),
+        *sends(0, 5),
+        *opens(1),
         (1.5, ("result", 3, BAD), None),
         (1.5, ("result", 4, BAD), None),
         (5.9, "admit", H),
         (6, "admit", P),  # the first pause (5 s), not lengthened by the in-flight failures
     ],
     "a_late_success_of_an_old_attempt_does_not_close": [
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, "admit", S),
-        (1, ("result", 0, BAD), None),
-        (1, ("result", 1, BAD), None),
-        (1, ("result", 2, BAD), Change.OPENED),
+        *sends(0, 4),
+        *opens(1),
         (2, ("result", 3, OK), None),
         (3, "admit", H),
     ],
     "one_probe_per_pause_others_held_while_it_is_out": [
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, ("result", 0, BAD), None),
-        (0, ("result", 1, BAD), None),
-        (0, ("result", 2, BAD), Change.OPENED),
+        *sends(0, 3),
+        *opens(0),
         (5, "admit", P),
         (5, "admit", H),
         (6, "admit", H),
         (100, "admit", H),
     ],
     "probe_success_closes_and_the_next_failures_count_from_zero": [
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, ("result", 0, BAD), None),
-        (0, ("result", 1, BAD), None),
-        (0, ("result", 2, BAD), Change.OPENED),
+        *sends(0, 3),
+        *opens(0),
         (5, "admit", P),
         (5.2, ("result", 3, OK), Change.CLOSED),
-        (6, "admit", S),
-        (6, "admit", S),
-        (6, "admit", S),
-        (7, ("result", 4, BAD), None),
-        (7, ("result", 5, BAD), None),
-        (7, ("result", 6, BAD), Change.OPENED),
+        *sends(6, 3),
+        *opens(7, 4),
         (11.9, "admit", H),
         (12, "admit", P),  # the first pause again, not a longer one
     ],
     "pause_grows_only_with_failed_probes_up_to_the_cap": [
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, "admit", S),
-        (0, ("result", 0, BAD), None),
-        (0, ("result", 1, BAD), None),
-        (0, ("result", 2, BAD), Change.OPENED),  # pause 5
+        *sends(0, 3),
+        *opens(0),  # pause 5
         (5, "admit", P),
         (5, ("result", 3, BAD), Change.REOPENED),  # pause 10
         (14.9, "admit", H),
@@ -115,7 +98,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("steps", CASES.values(), ids=CASES.keys())
-def test_breaker(steps: list[tuple[float, object, object]]) -> None:
+def test_breaker(steps: list[Step]) -> None:
     breaker = Breaker(POLICY)
     tickets = []
     for n, (now, what, expected) in enumerate(steps):
