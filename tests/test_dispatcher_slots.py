@@ -40,6 +40,28 @@ async def only(daemon: Daemon) -> tuple[DeliveryState, int, str | None]:
     return row.state, row.attempts, row.last_reason
 
 
+async def gated_two_affiliates(tmp_path: Path, answers: int) -> tuple[asyncio.Event, Sink, Daemon]:
+    """A daemon with postback 1 for affiliate 7 and postback 2 for affiliate 8, two in flight
+    per affiliate, and its own sink whose first `answers` answers to /p1 (affiliate 7's) hang
+    until the gate is set; the caller closes the sink."""
+    gate = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        if request.path == "/p1":  # affiliate 7's postbacks hang at the sink
+            await gate.wait()
+        return web.Response(text="OK")
+
+    sink = await Sink().start()
+    sink.script = [slow] * answers
+    daemon = await start_daemon(
+        tmp_path,
+        rules(sink, {1: "7", 2: "8"}),
+        dispatch=False,
+        settings={"delivery": {"per_affiliate_in_flight": 2}},
+    )
+    return gate, sink, daemon
+
+
 async def test_the_time_in_line_for_a_slot_is_not_the_attempts_time(
     tmp_path: Path, sink: Sink
 ) -> None:
@@ -87,21 +109,7 @@ async def test_a_claim_too_long_in_line_is_handed_back_unsent(tmp_path: Path, si
 
 
 async def test_one_affiliates_flood_does_not_take_the_others_slots(tmp_path: Path) -> None:
-    gate = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.StreamResponse:
-        if request.path == "/p1":  # affiliate 7's postbacks hang at the sink
-            await gate.wait()
-        return web.Response(text="OK")
-
-    sink = await Sink().start()
-    sink.script = [slow] * 6
-    daemon = await start_daemon(
-        tmp_path,
-        rules(sink, {1: "7", 2: "8"}),
-        dispatch=False,
-        settings={"delivery": {"per_affiliate_in_flight": 2}},
-    )
+    gate, sink, daemon = await gated_two_affiliates(tmp_path, answers=6)
     dispatcher = daemon.services.dispatcher
     try:
         for i in range(3):  # postback 1 is affiliate 7's, postback 2 affiliate 8's
@@ -186,21 +194,7 @@ async def test_a_result_that_cannot_be_recorded_is_logged_and_left_to_the_lease(
 
 
 async def test_an_affiliates_backlog_does_not_fill_the_node(tmp_path: Path) -> None:
-    gate = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.StreamResponse:
-        if request.path == "/p1":  # affiliate 7's postbacks hang at the sink
-            await gate.wait()
-        return web.Response(text="OK")
-
-    sink = await Sink().start()
-    sink.script = [slow] * 20
-    daemon = await start_daemon(
-        tmp_path,
-        rules(sink, {1: "7", 2: "8"}),
-        dispatch=False,
-        settings={"delivery": {"per_affiliate_in_flight": 2}},
-    )
+    gate, sink, daemon = await gated_two_affiliates(tmp_path, answers=20)
     dispatcher = daemon.services.dispatcher
     dispatcher.config = dataclasses.replace(dispatcher.config, max_in_flight=6, batch=4)
     try:
