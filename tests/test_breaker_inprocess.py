@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
@@ -47,6 +49,23 @@ postbacks:
     }
 
 
+@contextlib.asynccontextmanager
+async def clock_daemon(
+    tmp_path: Path, down_for: float
+) -> AsyncIterator[tuple[FakeClock, ClockSink, Daemon]]:
+    """An injected clock, a ClockSink that answers 503 for `down_for` seconds of it, and a
+    daemon (not dispatching by itself) sending there; both closed on the way out."""
+    clock = FakeClock()
+    sink = ClockSink(clock, clock.now() + down_for)
+    await sink.start()
+    daemon = await start_daemon(tmp_path, rules(sink.url), clock=clock, dispatch=False)
+    try:
+        yield clock, sink, daemon
+    finally:
+        await daemon.client.close()
+        await sink.close()
+
+
 async def post_many(daemon: Daemon, prefix: str, n: int) -> None:
     await asyncio.gather(
         *(
@@ -68,16 +87,12 @@ async def run_until_idle(daemon: Daemon) -> None:
 async def test_503_for_two_minutes_one_probe_per_pause_growing_only_with_failed_probes(
     tmp_path: Path,
 ) -> None:
-    clock = FakeClock()
-    start = clock.now()
-    sink = ClockSink(clock, start + OUTAGE)
-    await sink.start()
-    daemon = await start_daemon(tmp_path, rules(sink.url), clock=clock, dispatch=False)
-    dest = sink.url
-    destinations = daemon.services.dispatcher.destinations
-    opened_at: float | None = None
-    posted_while_open: list[str] = []
-    try:
+    async with clock_daemon(tmp_path, down_for=OUTAGE) as (clock, sink, daemon):
+        start = clock.now()
+        dest = sink.url
+        destinations = daemon.services.dispatcher.destinations
+        opened_at: float | None = None
+        posted_while_open: list[str] = []
         with capture_logs() as logs:
             await post_many(daemon, "a", 30)  # concurrent load before the outage shows
             step = 0
@@ -119,9 +134,6 @@ async def test_503_for_two_minutes_one_probe_per_pause_growing_only_with_failed_
         once = [cid for cid in posted_while_open if by_cid[cid].attempts == 1]
         assert len(posted_while_open) - len(once) <= len(events["breaker_probe"])
         assert len(posted_while_open) >= 20
-    finally:
-        await daemon.client.close()
-        await sink.close()
 
 
 _NAMES = ("breaker_opened", "breaker_reopened", "breaker_probe", "breaker_closed")
@@ -130,11 +142,7 @@ _NAMES = ("breaker_opened", "breaker_reopened", "breaker_probe", "breaker_closed
 async def test_metrics_show_the_breaker_held_deliveries_and_time_since_success(
     tmp_path: Path,
 ) -> None:
-    clock = FakeClock()
-    sink = ClockSink(clock, clock.now() + 60)
-    await sink.start()
-    daemon = await start_daemon(tmp_path, rules(sink.url), clock=clock, dispatch=False)
-    try:
+    async with clock_daemon(tmp_path, down_for=60) as (clock, sink, daemon):
         await post_many(daemon, "a", 5)
         await run_until_idle(daemon)  # 5 x 503: open
         await post_many(daemon, "b", 3)
@@ -149,18 +157,11 @@ async def test_metrics_show_the_breaker_held_deliveries_and_time_since_success(
         rows = await daemon.deliveries()
         held = [r for r in rows if r.conversion_id.startswith("b")]
         assert {(r.state, r.attempts) for r in held} == {(DeliveryState.QUEUED, 0)}
-    finally:
-        await daemon.client.close()
-        await sink.close()
 
 
 async def test_a_wholly_held_backlog_is_probed_when_the_pause_ends(tmp_path: Path) -> None:
-    clock = FakeClock()
-    sink = ClockSink(clock, clock.now() + 7)
-    await sink.start()
-    daemon = await start_daemon(tmp_path, rules(sink.url), clock=clock, dispatch=False)
-    destinations = daemon.services.dispatcher.destinations
-    try:
+    async with clock_daemon(tmp_path, down_for=7) as (clock, sink, daemon):
+        destinations = daemon.services.dispatcher.destinations
         with capture_logs() as logs:
             await post_many(daemon, "a", 20)
             await run_until_idle(daemon)  # 5 fail (threshold), 15 held; nothing new arrives
@@ -182,22 +183,12 @@ async def test_a_wholly_held_backlog_is_probed_when_the_pause_ends(tmp_path: Pat
         await run_until_idle(daemon)
         rows = await daemon.deliveries()
         assert {r.state for r in rows} == {DeliveryState.SUCCEEDED}
-    finally:
-        await daemon.client.close()
-        await sink.close()
 
 
 async def test_destinations_down_lists_open_and_probing_breakers(tmp_path: Path) -> None:
-    clock = FakeClock()
-    sink = ClockSink(clock, clock.now() + 60)
-    await sink.start()
-    daemon = await start_daemon(tmp_path, rules(sink.url), clock=clock, dispatch=False)
-    destinations = daemon.services.dispatcher.destinations
-    try:
+    async with clock_daemon(tmp_path, down_for=60) as (_, sink, daemon):
+        destinations = daemon.services.dispatcher.destinations
         assert destinations.down() == []
         await post_many(daemon, "a", 5)
         await run_until_idle(daemon)
         assert destinations.down() == [sink.url]
-    finally:
-        await daemon.client.close()
-        await sink.close()
