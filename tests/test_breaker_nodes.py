@@ -19,6 +19,7 @@ from daemon.settings import Settings
 from daemon.store.base import DeliveryState
 from tests.harness import LOOPBACK, Daemon, FakeClock, Received, Sink, write_rules
 from tests.store.conftest import pg_schema
+from tests.test_breaker_inprocess import rules
 
 pytestmark = pytest.mark.postgres
 
@@ -33,19 +34,6 @@ class SwitchSink(Sink):
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.received.append(Received(request.method, request.path_qs, {}, b""))
         return web.Response(status=503 if self.down else 200)
-
-
-def rules(url: str) -> dict[str, str]:
-    return {
-        "o.yaml": f"""
-offer: 1
-postbacks:
-  - id: 1
-    trigger: conversion_done
-    affiliate: "*"
-    action: {{type: ping_url, url: "{url}/pb?tx={{conversion_id}}"}}
-"""
-    }
 
 
 async def node(root: Path, name: str, dsn: str, sink: Sink, clock: FakeClock) -> Daemon:
