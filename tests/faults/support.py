@@ -384,6 +384,37 @@ class ReadyWatch:
     def statuses(self, since: float, until: float) -> set[int]:
         return {status for t, status, _ in self.seen if since <= t <= until}
 
+    async def reported_not_ready(self, since: float, what: str) -> list[str]:
+        """Wait for the first 503 after `since` and assert it came within REPORT_WITHIN (its
+        time noted as `what`); returns the parts it named."""
+        await wait_for(lambda: self.first_not_ready(since), deadline=REPORT_WITHIN + 2)
+        reported = self.first_not_ready(since)
+        assert reported is not None
+        assert note(what, reported[0]) <= REPORT_WITHIN, reported
+        return reported[1]
+
+    async def stop_once_ready(self) -> None:
+        """Wait (10 s at most) until the last answer seen is 200, then stop polling."""
+        await wait_for(lambda: self.seen and self.seen[-1][1] == 200, deadline=10)
+        await self.stop()
+
+
+async def flowing(
+    session: aiohttp.ClientSession,
+    node: Node,
+    watch: ReadyWatch,
+    traffic: Traffic,
+    sink: FaultSink,
+    hits: int = 20,
+    workers: int = 3,
+) -> None:
+    """The node ready, its /readyz watched, and conversions flowing until the sink has had
+    `hits` requests: where every fault test starts."""
+    await node.ready(session)
+    watch.start()
+    traffic.start(workers=workers)
+    await wait_for(lambda: len(sink.hits) >= hits, deadline=20)
+
 
 def note(what: str, seconds: float) -> float:
     """Print a measured time (seen with `pytest -s`: the figures behind docs/operations.md)."""

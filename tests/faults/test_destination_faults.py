@@ -32,6 +32,7 @@ from tests.faults.support import (
     all_delivered,
     assert_no_unexplained_duplicates,
     client_session,
+    flowing,
     note,
     resumed_after,
     rules_yaml,
@@ -54,10 +55,7 @@ async def test_a_hanging_a_resetting_and_a_503_destination_recover_by_themselves
         watch = ReadyWatch(session, node)
         traffic = Traffic(session, [node])
         try:
-            await node.ready(session)
-            watch.start()
-            traffic.start()
-            await wait_for(lambda: len(fault_sink.hits) >= 40, deadline=20)
+            await flowing(session, node, watch, traffic, fault_sink, hits=40)
             t0 = time.monotonic()
             fault_sink.modes.update(MODES)
             await wait_for(lambda: watch.first_with(t0, "destinations_down"), deadline=10)

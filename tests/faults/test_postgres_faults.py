@@ -26,6 +26,7 @@ from tests.faults.support import (
     all_delivered,
     assert_no_unexplained_duplicates,
     client_session,
+    flowing,
     note,
     resumed_after,
 )
@@ -47,18 +48,12 @@ async def test_postgres_stopped_for_10_s_then_started(
         watch = ReadyWatch(session, node)
         traffic = Traffic(session, [node])
         try:
-            await node.ready(session)
-            watch.start()
-            traffic.start()
-            await wait_for(lambda: len(fault_sink.hits) >= 20, deadline=20)
+            await flowing(session, node, watch, traffic, fault_sink)
 
             t0 = time.monotonic()
             await asyncio.to_thread(pg_server.stop)
-            await wait_for(lambda: watch.first_not_ready(t0), deadline=REPORT_WITHIN + 2)
-            reported = watch.first_not_ready(t0)
-            assert reported is not None
-            assert note("postgres_faults report", reported[0]) <= REPORT_WITHIN
-            assert "store" in reported[1]
+            failing = await watch.reported_not_ready(t0, "postgres_faults report")
+            assert "store" in failing
             acked_during = traffic.count()
             await asyncio.sleep(max(0.0, t0 + OUTAGE - time.monotonic()))  # the fault lasts 10 s
             assert traffic.count() == acked_during  # nothing acknowledged without the store
@@ -74,8 +69,7 @@ async def test_postgres_stopped_for_10_s_then_started(
         finally:
             await traffic.stop()
         await all_delivered(fault_sink, traffic)
-        await wait_for(lambda: watch.seen and watch.seen[-1][1] == 200, deadline=10)
-        await watch.stop()
+        await watch.stop_once_ready()
     assert node.stop() == 0
     node.assert_clean_log()
     assert [e["loop"] for e in node.events("loop_failing")] == ["dispatcher"]
@@ -94,10 +88,7 @@ async def test_postgres_backends_killed_again_and_again_under_load(
         watch = ReadyWatch(session, node)
         traffic = Traffic(session, [node])
         try:
-            await node.ready(session)
-            watch.start()
-            traffic.start(workers=4)
-            await wait_for(lambda: len(fault_sink.hits) >= 20, deadline=20)
+            await flowing(session, node, watch, traffic, fault_sink, workers=4)
             killer = await asyncpg.connect(pg_server.admin_dsn)
             t0 = time.monotonic()
             try:

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from tests.faults.support import (
-    REPORT_WITHIN,
     RESUME_WITHIN,
     FaultSink,
     Node,
@@ -27,6 +26,7 @@ from tests.faults.support import (
     all_delivered,
     assert_no_unexplained_duplicates,
     client_session,
+    flowing,
     note,
     resumed_after,
 )
@@ -56,10 +56,7 @@ async def test_another_process_holds_the_write_lock_past_the_busy_timeout(
         watch = ReadyWatch(session, node)
         traffic = Traffic(session, [node])
         try:
-            await node.ready(session)
-            watch.start()
-            traffic.start()
-            await wait_for(lambda: len(fault_sink.hits) >= 20, deadline=20)
+            await flowing(session, node, watch, traffic, fault_sink)
             holder = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", HOLD_LOCK, str(db), str(LOCK_HELD),
                 stdout=subprocess.PIPE,
@@ -67,10 +64,7 @@ async def test_another_process_holds_the_write_lock_past_the_busy_timeout(
             assert holder.stdout is not None
             assert await holder.stdout.readline() == b"locked\n"
             t0 = time.monotonic()
-            await wait_for(lambda: watch.first_not_ready(t0), deadline=REPORT_WITHIN + 2)
-            reported = watch.first_not_ready(t0)
-            assert reported is not None
-            assert note("sqlite_faults report", reported[0]) <= REPORT_WITHIN, reported
+            await watch.reported_not_ready(t0, "sqlite_faults report")
             assert await holder.wait() == 0
             t1 = time.monotonic()
             assert (
@@ -82,8 +76,7 @@ async def test_another_process_holds_the_write_lock_past_the_busy_timeout(
         finally:
             await traffic.stop()
         await all_delivered(fault_sink, traffic)
-        await wait_for(lambda: watch.seen and watch.seen[-1][1] == 200, deadline=10)
-        await watch.stop()
+        await watch.stop_once_ready()
     assert node.stop() == 0
     node.assert_clean_log()
     # The claim waits on the lock: the dispatcher is stalled (or failing, once a wait ends in
@@ -137,17 +130,11 @@ async def test_the_disk_full_while_conversions_and_claims_flow_then_space_freed(
             watch = ReadyWatch(session, node)
             traffic = Traffic(session, [node])
             try:
-                await node.ready(session)
-                watch.start()
-                traffic.start()
-                await wait_for(lambda: len(fault_sink.hits) >= 20, deadline=20)
+                await flowing(session, node, watch, traffic, fault_sink)
                 t0 = time.monotonic()
                 filler = var / "filler"
                 await asyncio.to_thread(fill, var)
-                await wait_for(lambda: watch.first_not_ready(t0), deadline=REPORT_WITHIN + 2)
-                reported = watch.first_not_ready(t0)
-                assert reported is not None
-                assert note("sqlite_faults report", reported[0]) <= REPORT_WITHIN, reported
+                await watch.reported_not_ready(t0, "sqlite_faults report")
                 acked = traffic.count()
                 await wait_for(lambda: traffic.refused > 0, deadline=5)  # ingest says 503
                 await asyncio.sleep(max(0.0, t0 + 3.0 - time.monotonic()))  # full for 3 s
@@ -162,8 +149,7 @@ async def test_the_disk_full_while_conversions_and_claims_flow_then_space_freed(
                 (var / "filler").unlink(missing_ok=True)  # the space comes back, whatever failed
                 await traffic.stop()
             await all_delivered(fault_sink, traffic)
-            await wait_for(lambda: watch.seen and watch.seen[-1][1] == 200, deadline=10)
-            await watch.stop()
+            await watch.stop_once_ready()
         assert node.stop() == 0
     node.assert_clean_log()
     # The outage is logged once when the arrivals start failing and once when they recover;
