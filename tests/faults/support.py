@@ -460,6 +460,14 @@ async def resumed_after(sink: FaultSink, route: str | None, since: float) -> flo
     return found
 
 
+async def assert_resumed(
+    sink: FaultSink, what: str, since: float, route: str | None = None
+) -> None:
+    """Assert that deliveries (to `route`, or any) resumed within RESUME_WITHIN of `since` (the
+    fault's end), the time noted as `what`."""
+    assert note(what, await resumed_after(sink, route, since)) <= RESUME_WITHIN, route
+
+
 @asynccontextmanager
 async def client_session() -> AsyncIterator[aiohttp.ClientSession]:
     timeout = aiohttp.ClientTimeout(total=10)

@@ -24,17 +24,16 @@ from daemon.settings import Settings
 from tests.faults.support import (
     OUTBOUND_TIMEOUT,
     REPORT_WITHIN,
-    RESUME_WITHIN,
     FaultSink,
     Node,
     ReadyWatch,
     Traffic,
     all_delivered,
     assert_no_unexplained_duplicates,
+    assert_resumed,
     client_session,
     flowing,
     note,
-    resumed_after,
     rules_yaml,
 )
 from tests.harness import LOOPBACK, StubResolver, wait_for
@@ -68,10 +67,7 @@ async def test_a_hanging_a_resetting_and_a_503_destination_recover_by_themselves
             fault_sink.modes.clear()
             t1 = time.monotonic()
             for route in MODES:
-                assert (
-                    note("destination_faults resume", await resumed_after(fault_sink, route, t1))
-                    <= RESUME_WITHIN
-                ), route
+                await assert_resumed(fault_sink, "destination_faults resume", t1, route)
         finally:
             await traffic.stop()
         await all_delivered(fault_sink, traffic, postbacks=(1, 2, 3, 4), deadline=30)
@@ -155,9 +151,7 @@ async def _dns_outage(
         await asyncio.sleep(max(0.0, t0 + FAULT - time.monotonic()))  # the fault's length
         resolver.names["sink.test"] = ["127.0.0.1"]
         t1 = time.monotonic()
-        assert (
-            note("destination_faults resume", await resumed_after(sink, "dns", t1)) <= RESUME_WITHIN
-        )
+        await assert_resumed(sink, "destination_faults resume", t1, "dns")
     finally:
         await traffic.stop()
     await all_delivered(sink, traffic, deadline=30)

@@ -25,10 +25,10 @@ from tests.faults.support import (
     Traffic,
     all_delivered,
     assert_no_unexplained_duplicates,
+    assert_resumed,
     client_session,
     flowing,
     note,
-    resumed_after,
 )
 from tests.harness import wait_for
 
@@ -61,10 +61,7 @@ async def test_postgres_stopped_for_10_s_then_started(
 
             await asyncio.to_thread(pg_server.start)
             t1 = time.monotonic()
-            assert (
-                note("postgres_faults resume", await resumed_after(fault_sink, None, t1))
-                <= RESUME_WITHIN
-            )
+            await assert_resumed(fault_sink, "postgres_faults resume", t1)
             await wait_for(lambda: traffic.count() >= acked_during + 20, deadline=RESUME_WITHIN)
         finally:
             await traffic.stop()
@@ -104,10 +101,7 @@ async def test_postgres_backends_killed_again_and_again_under_load(
             reported = watch.first_not_ready(t0)
             assert reported is not None
             assert note("postgres_faults report", reported[0]) <= REPORT_WITHIN
-            assert (
-                note("postgres_faults resume", await resumed_after(fault_sink, None, t1))
-                <= RESUME_WITHIN
-            )
+            await assert_resumed(fault_sink, "postgres_faults resume", t1)
             acked = traffic.count()
             await wait_for(lambda: traffic.count() >= acked + 20, deadline=RESUME_WITHIN)
         finally:
@@ -148,10 +142,7 @@ async def test_a_node_frozen_past_its_lease_loses_its_claims_to_the_other(
             fault_sink.release("a")  # the answers wait in a's socket
             a.signal(signal.SIGCONT)
             t1 = time.monotonic()
-            assert (
-                note("postgres_faults resume", await resumed_after(fault_sink, None, t1))
-                <= RESUME_WITHIN
-            )
+            await assert_resumed(fault_sink, "postgres_faults resume", t1)
         finally:
             await traffic.stop()
         await all_delivered(fault_sink, traffic)

@@ -25,10 +25,9 @@ from tests.faults.support import (
     Traffic,
     all_delivered,
     assert_no_unexplained_duplicates,
+    assert_resumed,
     client_session,
     flowing,
-    note,
-    resumed_after,
 )
 from tests.harness import wait_for
 
@@ -67,10 +66,7 @@ async def test_another_process_holds_the_write_lock_past_the_busy_timeout(
             await watch.reported_not_ready(t0, "sqlite_faults report")
             assert await holder.wait() == 0
             t1 = time.monotonic()
-            assert (
-                note("sqlite_faults resume", await resumed_after(fault_sink, None, t1))
-                <= RESUME_WITHIN
-            )
+            await assert_resumed(fault_sink, "sqlite_faults resume", t1)
             acked = traffic.count()
             await wait_for(lambda: traffic.count() >= acked + 20, deadline=RESUME_WITHIN)
         finally:
@@ -140,10 +136,7 @@ async def test_the_disk_full_while_conversions_and_claims_flow_then_space_freed(
                 await asyncio.sleep(max(0.0, t0 + 3.0 - time.monotonic()))  # full for 3 s
                 filler.unlink()
                 t1 = time.monotonic()
-                assert (
-                    note("sqlite_faults resume", await resumed_after(fault_sink, None, t1))
-                    <= RESUME_WITHIN
-                )
+                await assert_resumed(fault_sink, "sqlite_faults resume", t1)
                 await wait_for(lambda: traffic.count() >= acked + 20, deadline=RESUME_WITHIN)
             finally:
                 (var / "filler").unlink(missing_ok=True)  # the space comes back, whatever failed
