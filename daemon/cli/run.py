@@ -23,6 +23,7 @@ from daemon.log import configure_logging
 from daemon.notify import Notifier
 from daemon.settings import Settings
 from daemon.sources import exposure_warnings
+from daemon.store.factory import make_store, open_store
 from daemon.supervise import spawn
 from daemon.workers import LoopFactory, loop_factory, run_loop, run_workers, worker_node
 
@@ -116,6 +117,10 @@ def run(config: str | None) -> None:
         )
         factory = loop_factory(settings.event_loop)
         if settings.workers > 1:
+            # Migrate once, here, before the workers start: N processes creating and migrating
+            # one new SQLite file at the same moment can meet SQLite's "database is locked"
+            # answer, which does not wait for the busy timeout.
+            asyncio.run(_migrate_before_workers(settings))
             status = run_workers(
                 settings.workers, lambda i: _run_worker(settings, factory, i), os.environ
             )
@@ -130,6 +135,11 @@ def run(config: str | None) -> None:
     except ConfigError as err:
         raise click.ClickException(str(err)) from err
     sys.exit(0)
+
+
+async def _migrate_before_workers(settings: Settings) -> None:
+    open_store(settings.store, config_dir=settings.config_dir, create_dirs=True)  # its folder
+    await make_store(settings.store, config_dir=settings.config_dir).migrate()
 
 
 def _run_worker(settings: Settings, factory: LoopFactory | None, index: int) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -62,7 +63,7 @@ def connect(path: Path, busy_timeout: float, *, readonly: bool = False) -> sqlit
         path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
     )
     try:
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        mode = _journal_wal(conn, busy_timeout)
         if mode != "wal":
             raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL is required")
         conn.execute("PRAGMA synchronous=FULL")
@@ -73,6 +74,20 @@ def connect(path: Path, busy_timeout: float, *, readonly: bool = False) -> sqlit
         conn.close()
         raise
     return conn
+
+
+def _journal_wal(conn: sqlite3.Connection, busy_timeout: float) -> str:
+    """Switch to WAL (a no-op once the file is in WAL). While another process opens the same new
+    file and switches it too (worker processes starting together), SQLite can answer "database is
+    locked" at once, without waiting for the busy timeout: retry until the timeout instead."""
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
