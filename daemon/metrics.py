@@ -162,6 +162,13 @@ class ObservedStore:
         attr = getattr(self._store, name)
         if name.startswith("_") or not inspect.iscoroutinefunction(attr):
             return attr
+        call = self._wrap(name, attr)
+        # Kept on the instance, so later lookups of `name` find it without coming back here:
+        # the store's methods are fixed, and this sits on every store call of the hot path.
+        setattr(self, name, call)
+        return call
+
+    def _wrap(self, name: str, attr: Callable[..., Any]) -> Callable[..., Any]:
         errors = self._errors.labels(name)
         write = name in WRITES
 
