@@ -12,7 +12,7 @@ from importlib import resources
 from typing import Any
 
 from daemon.errors import InputError
-from daemon.models import Status, Transition
+from daemon.models import Transition
 from daemon.store import rows
 from daemon.store.base import (
     DeliveryRow,
@@ -25,7 +25,7 @@ from daemon.store.base import (
     StoredArrival,
     idempotency_key,
 )
-from daemon.store.common import decode_cursor, encode_cursor, new_delivery_id, utc
+from daemon.store.common import decode_cursor, new_delivery_id, utc
 from daemon.store.queries import parse_queries
 
 _Q = parse_queries(
@@ -164,12 +164,7 @@ class PostgresReplay:
         )
         async with self._conn(transaction=False) as conn:
             found = await conn.fetch(_Q["delivery_log"], *args)
-        page = [
-            LoggedDelivery(rows.delivery_row(row, utc), row[15], row[16], row[17])
-            for row in found[:limit]
-        ]
-        last = page[-1].delivery if len(found) > limit and page else None
-        return page, encode_cursor(last.created_at, last.delivery_id) if last else None
+        return rows.delivery_log_page(found, limit, utc)
 
     async def conversion_log(
         self, flt: LogFilter, limit: int, cursor: str | None
@@ -194,20 +189,7 @@ class PostgresReplay:
         )
         async with self._conn(transaction=False) as conn:
             found = await conn.fetch(_Q["conversion_log"], *args)
-        page = [
-            LoggedConversion(
-                source=row[1],
-                conversion_id=row[2],
-                status=Status(row[3]),
-                fields=json.loads(row[4]),
-                created_at=utc(row[5]),
-                updated_at=utc(row[6]),
-                deliveries=int(row[7]),
-            )
-            for row in found[:limit]
-        ]
-        more = len(found) > limit and page
-        return page, encode_cursor(page[-1].updated_at, str(found[limit - 1][0])) if more else None
+        return rows.conversion_log_page(found, limit, utc)
 
 
 def _opt(moment: datetime | None) -> datetime | None:

@@ -11,7 +11,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from daemon.errors import InputError
-from daemon.models import Status, Transition
+from daemon.models import Transition
 from daemon.store import rows
 from daemon.store.base import (
     DeliveryRow,
@@ -26,7 +26,6 @@ from daemon.store.base import (
 )
 from daemon.store.common import (
     decode_cursor,
-    encode_cursor,
     from_us,
     new_delivery_id,
     opt_us,
@@ -165,12 +164,7 @@ class SQLiteReplay:
         args = {**_log_args(flt), "after_created": opt_us(after), "after_id": after_id}
         args["limit"] = limit + 1
         found = await self._read(lambda c: c.execute(_Q["delivery_log"], args).fetchall())
-        page = [
-            LoggedDelivery(rows.delivery_row(row, from_us), row[15], row[16], row[17])
-            for row in found[:limit]
-        ]
-        last = page[-1].delivery if len(found) > limit and page else None
-        return page, encode_cursor(last.created_at, last.delivery_id) if last else None
+        return rows.delivery_log_page(found, limit, from_us)
 
     async def conversion_log(
         self, flt: LogFilter, limit: int, cursor: str | None
@@ -186,20 +180,7 @@ class SQLiteReplay:
             "limit": limit + 1,
         }
         found = await self._read(lambda c: c.execute(_Q["conversion_log"], args).fetchall())
-        page = [
-            LoggedConversion(
-                source=row[1],
-                conversion_id=row[2],
-                status=Status(row[3]),
-                fields=json.loads(row[4]),
-                created_at=from_us(row[5]),
-                updated_at=from_us(row[6]),
-                deliveries=row[7],
-            )
-            for row in found[:limit]
-        ]
-        more = len(found) > limit and page
-        return page, encode_cursor(page[-1].updated_at, str(found[limit - 1][0])) if more else None
+        return rows.conversion_log_page(found, limit, from_us)
 
 
 def _log_args(flt: LogFilter) -> dict[str, Any]:

@@ -9,7 +9,15 @@ from typing import Any
 
 from daemon import fastjson
 from daemon.models import Status, Transition
-from daemon.store.base import AttemptRow, Claim, DeliveryRow, DeliveryState
+from daemon.store.base import (
+    AttemptRow,
+    Claim,
+    DeliveryRow,
+    DeliveryState,
+    LoggedConversion,
+    LoggedDelivery,
+)
+from daemon.store.common import encode_cursor
 
 # How one backend reads a stored time (SQLite: integer microseconds; PostgreSQL: datetime).
 TimeReader = Callable[[Any], datetime]
@@ -53,6 +61,39 @@ def delivery_row(row: Sequence[Any], read: TimeReader) -> DeliveryRow:
         last_reason=row[13],
         affiliate_owner=row[14],
     )
+
+
+def delivery_log_page(
+    found: Sequence[Sequence[Any]], limit: int, read: TimeReader
+) -> tuple[list[LoggedDelivery], str | None]:
+    """The page of a delivery_log query fetched with `limit + 1` rows, and the cursor of the
+    next page (None when this one is the last)."""
+    page = [
+        LoggedDelivery(delivery_row(row, read), row[15], row[16], row[17]) for row in found[:limit]
+    ]
+    last = page[-1].delivery if len(found) > limit and page else None
+    return page, encode_cursor(last.created_at, last.delivery_id) if last else None
+
+
+def conversion_log_page(
+    found: Sequence[Sequence[Any]], limit: int, read: TimeReader
+) -> tuple[list[LoggedConversion], str | None]:
+    """The page of a conversion_log query fetched with `limit + 1` rows, and the cursor of the
+    next page (None when this one is the last)."""
+    page = [
+        LoggedConversion(
+            source=row[1],
+            conversion_id=row[2],
+            status=Status(row[3]),
+            fields=json.loads(row[4]),
+            created_at=read(row[5]),
+            updated_at=read(row[6]),
+            deliveries=int(row[7]),
+        )
+        for row in found[:limit]
+    ]
+    more = len(found) > limit and page
+    return page, encode_cursor(page[-1].updated_at, str(found[limit - 1][0])) if more else None
 
 
 def attempt_row(row: Sequence[Any], read: TimeReader) -> AttemptRow:
