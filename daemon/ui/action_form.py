@@ -143,12 +143,7 @@ def settings_from_form(action_type: str, values: Mapping[str, str]) -> dict[str,
 def _value(spec: FieldSpec, text: str) -> Any:
     where = f"action.{spec.name}"
     if spec.kind == "json":
-        try:
-            return json_value(text)
-        except json.JSONDecodeError as err:
-            raise InputError(f"not JSON ({err.msg}, line {err.lineno})", where) from err
-        except ValueError as err:  # nested too deep, an integer past the digit limit
-            raise InputError(f"not usable JSON ({err})", where) from err
+        return json_input(text, where)
     if spec.kind == "bool":
         if text not in ("yes", "no"):
             raise InputError("must be yes or no", where)
@@ -160,3 +155,13 @@ def _value(spec: FieldSpec, text: str) -> Any:
     if spec.kind == "choice" and text not in spec.options:
         raise InputError(f"must be one of {', '.join(spec.options)}", where)
     return text
+
+
+def json_input(text: str, where: str) -> Any:
+    """JSON typed into a form field (daemon.userjson's rules), or InputError naming `where`."""
+    try:
+        return json_value(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"not JSON ({err.msg}, line {err.lineno})", where) from err
+    except ValueError as err:  # nested too deep, an integer past the digit limit
+        raise InputError(f"not usable JSON ({err})", where) from err

@@ -20,6 +20,7 @@ from daemon.log import mask
 from daemon.models import PII_FIELDS, Conversion, Status, Trigger, conversion_from_mapping
 from daemon.sendtest import sample_conversion, send_once
 from daemon.store.base import DeliveryFilter
+from daemon.ui.action_form import json_input
 from daemon.ui.base import Ctx, PageNotFound, page, params, query
 from daemon.ui.views import (
     PAGE_SIZE,
@@ -33,7 +34,6 @@ from daemon.ui.views import (
     success_rate,
     table_row,
 )
-from daemon.userjson import json_value
 from daemon.visibility import visible_to
 
 NOTICES = {
@@ -281,15 +281,7 @@ async def explain(ctx: Ctx) -> web.Response:
 
 async def _conversion_of(ctx: Ctx, form: dict[str, str]) -> tuple[Conversion, str]:
     if form["conversion"].strip():
-        try:
-            obj = json_value(form["conversion"])
-        except json.JSONDecodeError as err:
-            raise InputError(f"not JSON ({err.msg}, line {err.lineno})", "conversion") from err
-        except ValueError as err:  # nested too deep, an integer past the digit limit
-            raise InputError(f"not usable JSON ({err})", "conversion") from err
-        if not isinstance(obj, dict):
-            raise InputError("must be a JSON object", "conversion")
-        return conversion_from_mapping(obj)
+        return _pasted_conversion(form["conversion"])
     source, cid = form["source"].strip(), form["conversion_id"].strip()
     if not source or not cid:
         raise InputError("paste a conversion, or give a stored one's source and id")
@@ -298,6 +290,15 @@ async def _conversion_of(ctx: Ctx, form: dict[str, str]) -> tuple[Conversion, st
         raise InputError(f"no stored conversion {cid} from {source}", "conversion_id")
     conversion, _ = conversion_from_mapping(stored.fields)
     return conversion, source
+
+
+def _pasted_conversion(text: str) -> tuple[Conversion, str]:
+    """A conversion pasted as a JSON object; InputError names its field ("conversion" for
+    the JSON itself)."""
+    obj = json_input(text, "conversion")
+    if not isinstance(obj, dict):
+        raise InputError("must be a JSON object", "conversion")
+    return conversion_from_mapping(obj)
 
 
 def masked_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -325,16 +326,7 @@ async def send_test(ctx: Ctx) -> web.Response:
     text = ctx.form.one("conversion")
     row = table_row(lp, ctx.ui.repository_url)
     try:
-        obj = json_value(text)
-        if not isinstance(obj, dict):
-            raise InputError("must be a JSON object", "conversion")
-        conversion, _ = conversion_from_mapping(obj)
-    except json.JSONDecodeError as err:
-        message = f"conversion: not JSON ({err.msg}, line {err.lineno})"
-        return ctx.render("send_test.html", 400, row=row, sample=text, error=message)
-    except ValueError as err:  # nested too deep, an integer past the digit limit
-        message = f"conversion: not usable JSON ({err})"
-        return ctx.render("send_test.html", 400, row=row, sample=text, error=message)
+        conversion, _ = _pasted_conversion(text)
     except InputError as err:
         message = f"{err.field}: {err.message}" if err.field else err.message
         return ctx.render("send_test.html", 400, row=row, sample=text, error=message)
