@@ -22,6 +22,7 @@ from daemon.api_views import parse_query, positive_int
 from daemon.app import Services
 from daemon.errors import InputError
 from daemon.visibility import Viewer
+from daemon.webhook_input import PayloadTooLarge, UnsupportedMediaType
 
 MAX_BODY = 64 * 1024
 MAX_DIGITS = 30
@@ -29,14 +30,6 @@ READ_TIMEOUT = 10.0
 
 ApiHandler = Callable[[web.Request, Services, Viewer], Awaitable[web.StreamResponse]]
 Endpoint = Callable[[ApiHandler], Callable[[web.Request], Awaitable[web.StreamResponse]]]
-
-
-class PayloadTooLarge(InputError):
-    status = 413
-
-
-class UnsupportedMediaType(InputError):
-    status = 415
 
 
 def add_affiliate_routes(app: web.Application, endpoint: Endpoint) -> None:
