@@ -22,10 +22,7 @@ _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
 def dumps(value: Any) -> str:
     """Compact JSON text, non-ASCII kept as is."""
-    try:
-        return orjson.dumps(value, option=_OPTIONS).decode()
-    except (TypeError, orjson.JSONEncodeError):
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return dumps_with(value)
 
 
 def dumps_with(value: Any, default: Callable[[Any], Any] | None = None, **_: Any) -> str:
