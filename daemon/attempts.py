@@ -7,7 +7,6 @@ when it ends and is sent again with the same idempotency key.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from daemon.actions.base import Action, Job
 from daemon.decisions import Decision
 from daemon.errors import StoreError
 from daemon.loader import LoadedPostback
+from daemon.log import masked_first_line
 from daemon.store.base import AttemptRow, Claim, DeliveryState, Store
 
 if TYPE_CHECKING:
@@ -26,14 +26,12 @@ if TYPE_CHECKING:
 log = structlog.get_logger("postbackd.dispatcher")
 
 _ERROR_MAX = 300
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
 
 
 def describe_error(err: BaseException) -> str:
     """An error as one short line for the log: its first line (PostgreSQL's DETAIL lines may
     quote row values), a URL's userinfo masked."""
-    lines = str(err).strip().splitlines()
-    text = _USERINFO.sub(r"\1***@", lines[0] if lines else "")
+    text = masked_first_line(str(err))
     line = f"{type(err).__name__}: {text}" if text else type(err).__name__
     return line[:_ERROR_MAX]
 

@@ -64,7 +64,20 @@ def _mask_pii(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappin
     return event
 
 
+# scheme://user:password@host -> scheme://***@host: a store URL or a destination may carry them.
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+
+
+def mask_userinfo(text: str) -> str:
+    """`text` with every URL's userinfo replaced by ***."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def masked_first_line(text: str) -> str:
+    """`text`'s first line (later ones, such as PostgreSQL's DETAIL, may quote row values), a
+    URL's userinfo masked."""
+    lines = text.strip().splitlines()
+    return mask_userinfo(lines[0] if lines else "")
 
 
 class _LibraryLogs(logging.Handler):
@@ -98,8 +111,7 @@ def _one_line(record: logging.LogRecord) -> str:
 
 
 def _mask_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return _USERINFO.sub(r"\1***@", lines[0] if lines else "")[:500]
+    return masked_first_line(text)[:500]
 
 
 def route_library_logs(level: int = logging.WARNING) -> None:

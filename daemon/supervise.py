@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -27,18 +26,17 @@ from typing import Any
 
 import structlog
 
+from daemon.log import mask_userinfo
+
 log = structlog.get_logger("postbackd.supervise")
 
 MONITOR_INTERVAL = 1.0  # seconds between looks for stalled loops
 MAX_ERROR = 300  # characters of an error kept for logs and the admin view of /readyz
-# scheme://user:password@host -> scheme://***@host: a store URL or a destination may carry them.
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
 
 
 def describe(err: BaseException) -> str:
     """The error as one masked line: its type and message, never a URL's userinfo."""
-    text = " ".join(str(err).split())
-    text = _USERINFO.sub(r"\1***@", text)
+    text = mask_userinfo(" ".join(str(err).split()))
     line = f"{type(err).__name__}: {text}" if text else type(err).__name__
     return line if len(line) <= MAX_ERROR else line[: MAX_ERROR - 3] + "..."
 
