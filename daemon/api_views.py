@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -15,7 +14,7 @@ from daemon.errors import InputError
 from daemon.reload import Reloader
 from daemon.store.base import AttemptRow, DeliveryRow
 from daemon.store.common import decode_cursor
-from daemon.views import delivery_json
+from daemon.views import delivery_json, iso
 
 MAX_VALUE = 1024
 
@@ -60,10 +59,6 @@ def checked_cursor(text: str | None) -> str | None:
 # --- views ----------------------------------------------------------------------------------
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment is not None else None
-
-
 def delivery_view(row: DeliveryRow) -> dict[str, Any]:
     return delivery_json(row)  # the one delivery object of the API and the CLI (daemon/views.py)
 
@@ -71,7 +66,7 @@ def delivery_view(row: DeliveryRow) -> dict[str, Any]:
 def attempt_view(row: AttemptRow) -> dict[str, Any]:
     """An attempt as recorded; its request was masked before it was stored."""
     return {
-        "started_at": _iso(row.started_at),
+        "started_at": iso(row.started_at),
         "duration_ms": row.duration_ms,
         "outcome": row.outcome,
         "reason": row.reason,
@@ -88,8 +83,8 @@ def rules_status_view(reloader: Reloader) -> dict[str, Any]:
     rules = reloader.runtime.rules
     return {
         "version": str(rules.version),
-        "loaded_at": _iso(status.loaded_at),
-        "last_attempt_at": _iso(status.last_attempt_at),
+        "loaded_at": iso(status.loaded_at),
+        "last_attempt_at": iso(status.last_attempt_at),
         "last_reload_ok": status.ok,
         "last_error": list(status.last_error),
         "files": list(rules.files),
