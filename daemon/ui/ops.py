@@ -30,6 +30,7 @@ from daemon.ui.views import (
     label,
     offer_summaries,
     page_of,
+    postback_id,
     pretty,
     success_rate,
     table_row,
@@ -155,9 +156,10 @@ def _after(q: dict[str, str]) -> int | None:
     text = q.get("after")
     if text is None:
         return None
-    if not (text.isascii() and text.isdigit() and len(text) < 19):
+    after = postback_id(text)
+    if after is None:
         raise InputError("after must be a postback id", "after")
-    return int(text)
+    return after
 
 
 async def offer_postbacks(ctx: Ctx) -> web.Response:
@@ -203,7 +205,7 @@ def visible_postback(ctx: Ctx) -> LoadedPostback:
     """The postback of the URL, if this viewer may see it; the 404 page otherwise (the same
     for a missing id, a malformed one and another affiliate's or an admin's)."""
     text = ctx.request.match_info["id"]
-    pid = int(text) if text.isascii() and text.isdigit() and len(text) < 19 else None
+    pid = postback_id(text)
     lp = ctx.services.reloader.runtime.rules.postbacks.get(pid) if pid is not None else None
     if lp is None or not visible_to(lp.postback, ctx.viewer):
         raise PageNotFound()

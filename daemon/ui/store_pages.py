@@ -21,7 +21,7 @@ from daemon.store.common import decode_cursor, encode_cursor
 from daemon.supervise import describe
 from daemon.ui.base import Ctx, PageNotFound, page, params, query, redirect
 from daemon.ui.ops import action_types, masked_fields
-from daemon.ui.views import PostbackIndex, parse_time
+from daemon.ui.views import PostbackIndex, parse_time, postback_id
 
 log = structlog.get_logger("postbackd.ui")
 
@@ -75,10 +75,10 @@ def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | 
         ids = keep if ids is None else ids & keep
 
     if "postback" in q:
-        text = q["postback"].strip()
-        if not (text.isascii() and text.isdigit() and len(text) < 19):
+        pid = postback_id(q["postback"].strip())
+        if pid is None:
             raise InputError("postback must be a postback id", "postback")
-        narrow(frozenset({int(text)}))
+        narrow(frozenset({pid}))
     if "offer" in q:
         narrow(frozenset(lp.id for lp in rules.offers.get(q["offer"].strip(), ())))
     if "affiliate" in q:

@@ -65,6 +65,12 @@ FILTERS: dict[str, Callable[..., Any]] = {"label": label, "when": when, "pretty"
 # --- the postback table ------------------------------------------------------------------------
 
 
+def postback_id(text: str) -> int | None:
+    """A postback id as the console takes one from a URL or a query (ASCII digits, fewer than
+    19 of them: it fits the store's 64-bit ids); None for anything else."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 19 else None
+
+
 @dataclass(frozen=True)
 class PostbackFilter:
     status: str | None = None
