@@ -117,19 +117,6 @@ FROM claimed c
 JOIN arrival a ON a.conversion_pk = c.conversion_pk AND a.seq = c.arrival_seq
 ORDER BY c.was_due, c.id;
 
--- name: finish_delivery
-UPDATE delivery
-SET state = $3, attempts = attempts + 1, next_attempt_at = $4, last_reason = $5,
-    updated_at = $6, lease_owner = NULL, lease_token = NULL, lease_until = NULL
-WHERE id = $1 AND lease_token = $2 AND state = 'in_flight'
-RETURNING attempts;
-
--- name: insert_attempt
-INSERT INTO attempt
-    (delivery_id, n, started_at, duration_ms, outcome, reason, rules_version, node, request,
-     response_status, response_excerpt)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11);
-
 -- name: release_delivery
 UPDATE delivery
 SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
@@ -281,8 +268,8 @@ WITH c AS (
 SELECT conversion_pk FROM a;
 
 -- name: finish_and_record
--- finish_delivery and insert_attempt in one statement (one round trip): the attempt's number
--- is the count of attempts the UPDATE leaves. No row: the lease was lost, nothing written.
+-- The delivery finished (lease released) and its attempt recorded in one statement (one round
+-- trip): the attempt's number is the count of attempts the UPDATE leaves. No row: the lease was lost, nothing written.
 WITH f AS (
     UPDATE delivery
     SET state = $3, attempts = attempts + 1, next_attempt_at = $4, last_reason = $5,
