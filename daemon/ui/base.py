@@ -12,6 +12,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -117,6 +118,11 @@ class Ctx:
     @property
     def ui(self) -> UiState:
         return self.request.app[UI]
+
+    @property
+    def now(self) -> datetime:
+        """The services' clock, as a UTC datetime."""
+        return datetime.fromtimestamp(self.services.clock.now(), UTC)
 
     def render(self, template: str, status: int = 200, **context: Any) -> web.Response:
         return render(self.request, template, status, session=self.session, **context)

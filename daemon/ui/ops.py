@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -214,7 +214,7 @@ def visible_postback(ctx: Ctx) -> LoadedPostback:
 
 async def postback(ctx: Ctx, **extra: Any) -> web.Response:
     lp = visible_postback(ctx)
-    now = datetime.fromtimestamp(ctx.services.clock.now(), UTC)
+    now = ctx.now
     flt = DeliveryFilter(postback_ids=frozenset({lp.id}), since=now - RECENT_WINDOW)
     recent, _ = await ctx.services.store.list_deliveries(flt, RECENT, None)
     ok, finished, percent = success_rate(recent)
@@ -255,7 +255,7 @@ async def explain(ctx: Ctx) -> web.Response:
     except InputError as err:
         message = f"{err.field}: {err.message}" if err.field else err.message
         return await postback(ctx, explain_form=form, explain_error=message)
-    now = datetime.fromtimestamp(ctx.services.clock.now(), UTC)
+    now = ctx.now
     result = evaluate(
         ctx.services.reloader.runtime.rules,
         conversion,
@@ -316,7 +316,7 @@ def masked_fields(fields: dict[str, Any]) -> dict[str, Any]:
 
 async def send_test_form(ctx: Ctx) -> web.Response:
     lp = visible_postback(ctx)
-    now = datetime.fromtimestamp(ctx.services.clock.now(), UTC)
+    now = ctx.now
     sample = pretty(sample_conversion(lp, now))
     return ctx.render("send_test.html", row=table_row(lp, ctx.ui.repository_url), sample=sample)
 

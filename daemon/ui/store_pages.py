@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -47,10 +47,6 @@ def add_routes(app: web.Application) -> None:
 
 
 # --- deliveries ----------------------------------------------------------------------------
-
-
-def now_of(ctx: Ctx) -> datetime:
-    return datetime.fromtimestamp(ctx.services.clock.now(), UTC)
 
 
 def postback_index(ctx: Ctx) -> PostbackIndex:
@@ -102,7 +98,7 @@ def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | 
     if since is None and ids is not None and "since" not in ctx.request.query:
         # A narrow list (some postbacks) walks the store's newest-first index until it finds a
         # page; bounded to a recent window unless the viewer asks for more (an empty From).
-        since = now_of(ctx) - DEFAULT_WINDOW
+        since = ctx.now - DEFAULT_WINDOW
         q["since"] = since.strftime("%Y-%m-%dT%H:%M")
     cursor = checked_cursor(q.get("cursor"))
     if cursor is None and "until" in q:
@@ -118,7 +114,7 @@ async def _walk_back(
     walks only its window of the store's index. Stops when the page is full, at the retention
     horizon (or the From), or after WALK_BUDGET seconds: then the page may be short, and
     Older goes on from the last window (returned as the time searched back to)."""
-    now = now_of(ctx)
+    now = ctx.now
     horizon = now - timedelta(seconds=ctx.services.settings.retention) - HORIZON_SLACK
     if flt.since is not None:  # a From far back is a floor of the walk, not one long read
         horizon = max(horizon, flt.since)
@@ -173,7 +169,7 @@ async def deliveries(ctx: Ctx) -> web.Response:
     searched_to = None
     if action is not None:
         rows, next_cursor = await _page_of_action(ctx, flt, cursor, action)
-    elif flt.postback_ids is not None and (flt.since is None or flt.since < now_of(ctx) - MAX_SPAN):
+    elif flt.postback_ids is not None and (flt.since is None or flt.since < ctx.now - MAX_SPAN):
         if flt.postback_ids:
             rows, next_cursor, searched_to = await _walk_back(ctx, flt, cursor)
     elif flt.postback_ids is None or flt.postback_ids:
@@ -230,7 +226,7 @@ async def retry(ctx: Ctx) -> web.Response:
             f"delivery {row.delivery_id} is {row.state.value}: only dead or "
             "cancelled deliveries can be retried"
         )
-    now = datetime.fromtimestamp(ctx.services.clock.now(), UTC)
+    now = ctx.now
     if await ctx.services.store.requeue([row.delivery_id], now) == 0:
         raise ConflictError(f"delivery {row.delivery_id} changed state meanwhile")
     ctx.services.dispatcher.wake()
@@ -275,8 +271,7 @@ async def health(ctx: Ctx) -> web.Response:
         await services.store.ping()
         depth = await services.store.queue_depth()
         store["depth"] = {state.value: depth.get(state, 0) for state in DeliveryState}
-        now = datetime.fromtimestamp(services.clock.now(), UTC)
-        store["lag"] = round(await services.store.delivery_lag(now), 1)
+        store["lag"] = round(await services.store.delivery_lag(ctx.now), 1)
     except StoreError as err:
         store = {"ok": False, "error": describe(err), "depth": {}, "lag": None}
     return ctx.render(
