@@ -56,7 +56,7 @@ DRAFT_ID = 10**18 - 1  # the id a postback is checked under before the store giv
 
 
 def who(viewer: Viewer) -> Who:
-    name = getattr(viewer, "name", None)
+    name = viewer.name
     if viewer.is_admin:
         return Who(name or "admin", name or "admin")
     ident = name or f"affiliate:{viewer.affiliate}"
@@ -79,8 +79,6 @@ class ServiceCore:
         self._now = now
         self._owners: tuple[RuleSet, dict[str, list[LoadedPostback]]] | None = None
         self._writes: dict[str, deque[float]] = {}  # per affiliate: its writes of the last 60 s
-
-    # --- reads ------------------------------------------------------------------------------
 
     # --- helpers ----------------------------------------------------------------------------
 
