@@ -350,14 +350,7 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         record = (
             claim.delivery_id,
             to_us(attempt.started_at),
-            params["duration_ms"],
-            params["outcome"],
-            params["reason"],
-            params["rules_version"],
-            params["node"],
-            params["request"],
-            params["response_status"],
-            params["response_excerpt"],
+            *(params[k] for k in rows.ATTEMPT_PARAMS),
         )
         q = self._q
 
