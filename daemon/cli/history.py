@@ -7,7 +7,7 @@ import io
 import tarfile
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from daemon.errors import Issue
@@ -30,15 +30,24 @@ def checkout_at(rules_dir: Path, ref: str) -> Iterator[Path]:
         yield Path(tmp) / rel
 
 
+@contextmanager
+def base_at(rules_dir: Path, ref: str) -> Iterator[tuple[RuleSet, Path]]:
+    """The rule set at `ref` and the checkout it was read from, for the files beside the rules
+    (RulesError if it does not load, GitError if git cannot)."""
+    with ExitStack() as stack:
+        try:
+            base_dir = stack.enter_context(checkout_at(rules_dir, ref))
+            # An empty set when the rules directory did not exist yet.
+            rules = load_rules(base_dir, git=False) if base_dir.is_dir() else RuleSet.empty()
+        except ValueError as err:
+            raise GitError(f"{ref}: {err}") from err
+        yield rules, base_dir
+
+
 def load_base(rules_dir: Path, ref: str) -> RuleSet:
     """Load the rule set at `ref` (RulesError if it does not load, GitError if git cannot)."""
-    try:
-        with checkout_at(rules_dir, ref) as base_dir:
-            if not base_dir.is_dir():
-                return RuleSet.empty()  # the rules directory did not exist yet
-            return load_rules(base_dir, git=False)
-    except ValueError as err:
-        raise GitError(f"{ref}: {err}") from err
+    with base_at(rules_dir, ref) as (rules, _):
+        return rules
 
 
 def compare(current: RuleSet, base: RuleSet, ref: str) -> list[Issue]:

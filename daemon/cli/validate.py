@@ -15,7 +15,7 @@ import click
 from daemon.affiliates.policy import file_id_issues, load_policy
 from daemon.catalogue import Catalogue, load_catalogue, load_retired
 from daemon.cli.common import config_option, rules_dir_from, settings_from
-from daemon.cli.history import checkout_at, compare, load_base, new_without_origin
+from daemon.cli.history import base_at, compare, new_without_origin
 from daemon.errors import Issue, RulesError
 from daemon.gitutil import GitError
 from daemon.loader import RuleSet, load_rules
@@ -88,10 +88,9 @@ def validate(
     base_retired: dict[int, int] = {}
     if base and rules is not None:
         try:
-            base_rules = load_base(root, base)
-            issues.extend(compare(rules, base_rules, base))
-            issues.extend(new_without_origin(rules, base_rules, base))
-            with checkout_at(root, base) as base_dir:
+            with base_at(root, base) as (base_rules, base_dir):  # one archive for both
+                issues.extend(compare(rules, base_rules, base))
+                issues.extend(new_without_origin(rules, base_rules, base))
                 base_retired = load_retired(base_dir) if base_dir.is_dir() else {}
         except GitError as err:
             raise click.ClickException(f"--base {base}: {err}") from err
