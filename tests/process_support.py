@@ -45,6 +45,20 @@ def write_config(root: Path, *, port: int, store: str | None = None, **extra: An
     return path
 
 
+def log_events(log: Path, name: str) -> list[dict[str, Any]]:
+    """The JSON lines of the daemon's log `log` whose event is `name`, in order."""
+    out = []
+    for line in log.read_text("utf-8", "replace").splitlines():
+        if line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == name:
+                out.append(event)
+    return out
+
+
 class DaemonProcess:
     """Start, kill and restart `postbackd run -c CONFIG`; stdout collected to a log file."""
 
@@ -109,13 +123,4 @@ class DaemonProcess:
             raise
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text("utf-8", "replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if event.get("event") == name:
-                    out.append(event)
-        return out
+        return log_events(self.log, name)

@@ -30,7 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.harness import wait_for
-from tests.process_support import free_port
+from tests.process_support import free_port, log_events
 
 RESUME_WITHIN = 15.0  # seconds after a fault's end (issue 12)
 REPORT_WITHIN = 5.0  # seconds after a fault's start
@@ -263,16 +263,7 @@ class Node:
         return self.proc.returncode
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text("utf-8", "replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if event.get("event") == name:
-                    out.append(event)
-        return out
+        return log_events(self.log, name)
 
     def assert_clean_log(self) -> None:
         """No exception nobody handled, and every line is one JSON object: what libraries
