@@ -13,7 +13,7 @@ import unicodedata
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import structlog
@@ -22,11 +22,13 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from daemon.app import SERVICES, Services
 from daemon.errors import ForbiddenError, InputError, StoreError
+from daemon.loader import RuleSet
 from daemon.ui.session import COOKIE, Session, Sessions, SignInBound, same
-from daemon.ui.views import FILTERS, PostbackIndex
+from daemon.ui.views import FILTERS
 from daemon.visibility import Viewer
 
 log = structlog.get_logger("postbackd.ui")
+T = TypeVar("T")
 
 MAX_FORM = 64 * 1024  # bytes of one form body
 MAX_FIELDS = 500
@@ -70,10 +72,17 @@ class UiState:
     templates: Environment
     repository_url: str | None
     environ: Mapping[str, str]  # for send-test's secrets, as the daemon reads them
-    # Every offer's counts for one rule set (see ops.offers).
-    offers: tuple[Any, list[Any], list[tuple[int, str]]] | None = None
-    names: tuple[Any, dict[str, str]] | None = None  # offer names of one rule set
-    index: PostbackIndex | None = None  # of the current rule set (store_pages)
+    # What pages derive from one rule set (offer counts, offer names, the postback index), by
+    # name, with the rule set it was derived from (see per_rules).
+    derived: dict[str, tuple[RuleSet, Any]] = field(default_factory=dict)
+
+    def per_rules(self, name: str, rules: RuleSet, build: Callable[[], T]) -> T:
+        """`build()` for `rules`, computed again only when the rule set changes."""
+        cached = self.derived.get(name)
+        if cached is None or cached[0] is not rules:
+            cached = self.derived[name] = (rules, build())
+        value: T = cached[1]
+        return value
 
 
 UI = web.AppKey("ui", UiState)

@@ -68,11 +68,14 @@ def action_types() -> tuple[str, ...]:
 
 def _all_summaries(ctx: Ctx, rules: RuleSet) -> tuple[list[OfferSummary], list[tuple[int, str]]]:
     """Every offer's counts, computed once per rule set (100,000 postbacks: one pass)."""
-    cached = ctx.ui.offers
-    if cached is None or cached[0] is not rules:
-        found = offer_summaries(rules.offers)
-        cached = ctx.ui.offers = (rules, found, [(len(s.offer), s.offer) for s in found])
-    return cached[1], cached[2]
+    return ctx.ui.per_rules("offers", rules, lambda: _with_keys(offer_summaries(rules.offers)))
+
+
+def _with_keys(
+    summaries: list[OfferSummary],
+) -> tuple[list[OfferSummary], list[tuple[int, str]]]:
+    """The summaries and their sort keys, for finding where a page starts (bisect)."""
+    return summaries, [(len(s.offer), s.offer) for s in summaries]
 
 
 def visible_postbacks(ctx: Ctx) -> dict[int, LoadedPostback] | None:
@@ -94,8 +97,7 @@ async def offers(ctx: Ctx) -> web.Response:
         grouped: dict[str, list[LoadedPostback]] = {}
         for lp in sorted(mine.values(), key=lambda lp: lp.id):
             grouped.setdefault(lp.offer, []).append(lp)
-        summaries = offer_summaries(grouped)
-        keys = [(len(s.offer), s.offer) for s in summaries]
+        summaries, keys = _with_keys(offer_summaries(grouped))
     start = bisect.bisect_right(keys, (len(q["after"]), q["after"])) if "after" in q else 0
     shown = summaries[start : start + PAGE_SIZE]
     more = start + PAGE_SIZE < len(summaries)
@@ -112,20 +114,18 @@ async def offers(ctx: Ctx) -> web.Response:
 
 async def _offer_names(ctx: Ctx) -> dict[str, str]:
     """Offer names from rules.d/catalogue.yaml (none without one), read once per rule set."""
-    rules = ctx.services.reloader.runtime.rules
-    cached = ctx.ui.names
-    if cached is None or cached[0] is not rules:
+    rules_path = ctx.services.settings.rules_path
+
+    def read() -> dict[str, str]:
         try:
-            catalogue = load_catalogue(ctx.services.settings.rules_path)
+            catalogue = load_catalogue(rules_path)
         except RulesError:
-            catalogue = None  # validate reports it; the console shows ids only
-        names = (
-            {}
-            if catalogue is None
-            else {offer: entry.name for offer, entry in catalogue.offers.items() if entry.name}
-        )
-        cached = ctx.ui.names = (rules, names)
-    return cached[1]
+            return {}  # validate reports it; the console shows ids only
+        if catalogue is None:
+            return {}
+        return {offer: entry.name for offer, entry in catalogue.offers.items() if entry.name}
+
+    return ctx.ui.per_rules("names", ctx.services.reloader.runtime.rules, read)
 
 
 async def _addable_offers(ctx: Ctx) -> list[dict[str, Any]]:

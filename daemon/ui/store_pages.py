@@ -53,10 +53,7 @@ def postback_index(ctx: Ctx) -> PostbackIndex:
     """Postback ids by action and by affiliate, built once per rule set (a pass over 100,000
     postbacks costs a few hundred ms; a filter then costs nothing)."""
     rules = ctx.services.reloader.runtime.rules
-    cached = ctx.ui.index
-    if cached is None or cached.rules is not rules:
-        cached = ctx.ui.index = PostbackIndex.of(rules)
-    return cached
+    return ctx.ui.per_rules("index", rules, lambda: PostbackIndex.of(rules))
 
 
 def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | None, str | None]:
