@@ -4,7 +4,6 @@ arrival number is not taken by a webhook meanwhile."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
@@ -12,7 +11,6 @@ from importlib import resources
 from typing import Any
 
 from daemon.errors import InputError
-from daemon.models import Transition
 from daemon.store import rows
 from daemon.store.base import (
     DeliveryRow,
@@ -36,17 +34,7 @@ _Q = parse_queries(
 
 
 def _arrival(row: Sequence[Any]) -> StoredArrival:
-    return StoredArrival(
-        conversion_pk=row[0],
-        seq=row[1],
-        source=row[2],
-        conversion_id=row[3],
-        transition=Transition(row[4]),
-        received_at=utc(row[5]),
-        data=json.loads(row[6]),
-        values=json.loads(row[7]),
-        postback_ids=frozenset(int(p) for p in row[8] or ()),
-    )
+    return rows.stored_arrival(row, utc, (int(p) for p in row[8] or ()))
 
 
 async def _insert(conn: Any, d: NewDelivery, now: datetime, resend_of: str | None) -> str:

@@ -11,7 +11,6 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from daemon.errors import InputError
-from daemon.models import Transition
 from daemon.store import rows
 from daemon.store.base import (
     DeliveryRow,
@@ -40,17 +39,7 @@ _Q = parse_queries(
 
 
 def _arrival(row: Sequence[Any]) -> StoredArrival:
-    return StoredArrival(
-        conversion_pk=row[0],
-        seq=row[1],
-        source=row[2],
-        conversion_id=row[3],
-        transition=Transition(row[4]),
-        received_at=from_us(row[5]),
-        data=json.loads(row[6]),
-        values=json.loads(row[7]),
-        postback_ids=frozenset(json.loads(row[8]) if row[8] else ()),
-    )
+    return rows.stored_arrival(row, from_us, json.loads(row[8]) if row[8] else ())
 
 
 def _insert(conn: sqlite3.Connection, d: NewDelivery, now: int, resend_of: str | None) -> str:

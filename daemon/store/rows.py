@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +16,7 @@ from daemon.store.base import (
     DeliveryState,
     LoggedConversion,
     LoggedDelivery,
+    StoredArrival,
 )
 from daemon.store.common import encode_cursor
 
@@ -60,6 +61,24 @@ def delivery_row(row: Sequence[Any], read: TimeReader) -> DeliveryRow:
         next_attempt_at=_opt(read, row[12]),
         last_reason=row[13],
         affiliate_owner=row[14],
+    )
+
+
+def stored_arrival(
+    row: Sequence[Any], read: TimeReader, postback_ids: Iterable[int]
+) -> StoredArrival:
+    """A StoredArrival from a row of arrivals_between or latest_arrival; `postback_ids` is its
+    last column as the backend decodes it (SQLite: JSON text; PostgreSQL: an array)."""
+    return StoredArrival(
+        conversion_pk=row[0],
+        seq=row[1],
+        source=row[2],
+        conversion_id=row[3],
+        transition=Transition(row[4]),
+        received_at=read(row[5]),
+        data=json.loads(row[6]),
+        values=json.loads(row[7]),
+        postback_ids=frozenset(postback_ids),
     )
 
 
