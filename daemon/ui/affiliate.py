@@ -13,7 +13,7 @@ from daemon.affiliates.service import AffiliateService
 from daemon.errors import InputError
 from daemon.models import Trigger
 from daemon.ui.action_form import field_specs, prefill, settings_from_form
-from daemon.ui.base import Ctx, PageNotFound, page, query, redirect
+from daemon.ui.base import Ctx, PageNotFound, field_message, page, query, redirect
 from daemon.ui.ops import is_store, visible_postback
 from daemon.ui.views import table_row
 
@@ -45,10 +45,6 @@ def _offer(ctx: Ctx) -> str:
     if not offer or len(offer) > 128:
         raise PageNotFound()
     return offer
-
-
-def _message(err: InputError) -> str:
-    return f"{err.field}: {err.message}" if err.field else err.message
 
 
 async def go_to_offer(ctx: Ctx) -> web.Response:
@@ -107,7 +103,9 @@ async def add(ctx: Ctx) -> web.Response:
     except InputError as err:
         if err.status == 404:
             raise
-        return await add_form(ctx, values, _message(err), 400 if err.status < 409 else err.status)
+        return await add_form(
+            ctx, values, field_message(err), 400 if err.status < 409 else err.status
+        )
     return redirect(f"/ui/postbacks/{created['id']}?notice=created")
 
 
@@ -153,7 +151,9 @@ async def edit(ctx: Ctx) -> web.Response:
     except InputError as err:
         if err.status == 404:
             raise
-        return await edit_form(ctx, values, _message(err), 400 if err.status < 409 else err.status)
+        return await edit_form(
+            ctx, values, field_message(err), 400 if err.status < 409 else err.status
+        )
     return redirect(f"/ui/postbacks/{lp.id}?notice=updated")
 
 
@@ -186,7 +186,7 @@ async def delete(ctx: Ctx) -> web.Response:
     except InputError as err:
         if err.status == 404:
             raise
-        return await delete_form(ctx, _message(err), err.status)
+        return await delete_form(ctx, field_message(err), err.status)
     return redirect(f"/ui/offers/{quote(lp.offer, safe='')}?notice=deleted")
 
 
@@ -225,5 +225,5 @@ async def duplicate(ctx: Ctx) -> web.Response:
     except InputError as err:
         if err.status == 404:
             raise
-        return await duplicate_form(ctx, _message(err), err.status)
+        return await duplicate_form(ctx, field_message(err), err.status)
     return redirect(f"/ui/offers/{quote(offer, safe='')}?notice=duplicated")

@@ -65,6 +65,11 @@ class TooLarge(InputError):
     status = 413
 
 
+def field_message(err: InputError) -> str:
+    """An input error as a form shows it above the form: `field: message`."""
+    return f"{err.field}: {err.message}" if err.field else err.message
+
+
 @dataclass
 class UiState:
     sessions: Sessions

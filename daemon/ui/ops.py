@@ -21,7 +21,7 @@ from daemon.models import PII_FIELDS, Conversion, Status, Trigger, conversion_fr
 from daemon.sendtest import sample_conversion, send_once
 from daemon.store.base import DeliveryFilter
 from daemon.ui.action_form import json_input
-from daemon.ui.base import Ctx, PageNotFound, page, params, query
+from daemon.ui.base import Ctx, PageNotFound, field_message, page, params, query
 from daemon.ui.views import (
     PAGE_SIZE,
     TABLE_COLUMNS,
@@ -253,8 +253,7 @@ async def explain(ctx: Ctx) -> web.Response:
     except ValueError as err:
         raise InputError("previous must be a conversion status", "previous") from err
     except InputError as err:
-        message = f"{err.field}: {err.message}" if err.field else err.message
-        return await postback(ctx, explain_form=form, explain_error=message)
+        return await postback(ctx, explain_form=form, explain_error=field_message(err))
     now = ctx.now
     result = evaluate(
         ctx.services.reloader.runtime.rules,
@@ -330,7 +329,7 @@ async def send_test(ctx: Ctx) -> web.Response:
     try:
         conversion, _ = _pasted_conversion(text)
     except InputError as err:
-        message = f"{err.field}: {err.message}" if err.field else err.message
+        message = field_message(err)
         return ctx.render("send_test.html", 400, row=row, sample=text, error=message)
     services = ctx.services
     result = await send_once(
