@@ -216,3 +216,14 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         return from_us(int(micros)), delivery_id
     except (OverflowError, ValueError, OSError) as err:  # a time past what datetime holds
         raise InputError("malformed cursor", "cursor") from err
+
+
+def decode_conversion_cursor(cursor: str | None) -> tuple[datetime | None, int | None]:
+    """The (updated_at, conversion pk) after which the next conversion_log page starts (Nones
+    without a cursor); InputError when malformed."""
+    if not cursor:
+        return None, None
+    after, pk = decode_cursor(cursor)
+    if not pk.isdigit():
+        raise InputError("malformed cursor", "cursor")
+    return after, int(pk)

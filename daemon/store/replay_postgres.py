@@ -23,7 +23,7 @@ from daemon.store.base import (
     StoredArrival,
     idempotency_key,
 )
-from daemon.store.common import decode_cursor, new_delivery_id, utc
+from daemon.store.common import decode_conversion_cursor, decode_cursor, new_delivery_id, utc
 from daemon.store.queries import parse_queries
 
 _Q = parse_queries(
@@ -157,9 +157,7 @@ class PostgresReplay:
     async def conversion_log(
         self, flt: LogFilter, limit: int, cursor: str | None
     ) -> tuple[list[LoggedConversion], str | None]:
-        after, after_pk = decode_cursor(cursor) if cursor else (None, None)
-        if after_pk is not None and not after_pk.isdigit():
-            raise InputError("malformed cursor", "cursor")
+        after, after_pk = decode_conversion_cursor(cursor)
         args = (
             flt.status.value if flt.status else None,
             flt.conversion_id,
@@ -172,7 +170,7 @@ class PostgresReplay:
             flt.action,
             flt.state.value if flt.state else None,
             _opt(after),
-            int(after_pk) if after_pk else None,
+            after_pk,
             limit + 1,
         )
         async with self._conn(transaction=False) as conn:

@@ -24,6 +24,7 @@ from daemon.store.base import (
     idempotency_key,
 )
 from daemon.store.common import (
+    decode_conversion_cursor,
     decode_cursor,
     from_us,
     new_delivery_id,
@@ -158,14 +159,12 @@ class SQLiteReplay:
     async def conversion_log(
         self, flt: LogFilter, limit: int, cursor: str | None
     ) -> tuple[list[LoggedConversion], str | None]:
-        after, after_pk = decode_cursor(cursor) if cursor else (None, None)
-        if after_pk is not None and not after_pk.isdigit():
-            raise InputError("malformed cursor", "cursor")
+        after, after_pk = decode_conversion_cursor(cursor)
         args = {
             **_log_args(flt),
             "status": flt.status.value if flt.status else None,
             "after_updated": opt_us(after),
-            "after_pk": int(after_pk) if after_pk else None,
+            "after_pk": after_pk,
             "limit": limit + 1,
         }
         found = await self._read(lambda c: c.execute(_Q["conversion_log"], args).fetchall())
