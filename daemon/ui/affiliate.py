@@ -14,8 +14,8 @@ from daemon.errors import InputError
 from daemon.models import Trigger
 from daemon.ui.action_form import field_specs, prefill, settings_from_form
 from daemon.ui.base import Ctx, PageNotFound, field_message, page, query, redirect
-from daemon.ui.ops import is_store, visible_postback
-from daemon.ui.views import table_row
+from daemon.ui.ops import visible_postback
+from daemon.ui.views import is_store, table_row
 
 _TRIGGERS = tuple(t.value for t in Trigger)
 

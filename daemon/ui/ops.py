@@ -27,6 +27,7 @@ from daemon.ui.views import (
     TABLE_COLUMNS,
     OfferSummary,
     PostbackFilter,
+    is_store,
     label,
     offer_summaries,
     page_of,
@@ -190,11 +191,6 @@ async def offer_postbacks(ctx: Ctx) -> web.Response:
 
 
 # --- one postback ------------------------------------------------------------------------------
-
-
-def is_store(lp: LoadedPostback) -> bool:
-    """A postback kept in the store (managed in the console) rather than in a rule file."""
-    return getattr(lp, "stored", None) is not None
 
 
 def _notice(ctx: Ctx) -> str | None:

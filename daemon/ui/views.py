@@ -95,11 +95,16 @@ def table_row(lp: LoadedPostback, repository_url: str | None) -> dict[str, Any]:
     row["action_text"] = action_settings_text(row["action_settings"])
     row["author_text"] = author_text(row["author"])
     row["owner"] = lp.postback.owner_affiliate
-    if getattr(lp, "stored", None) is not None:  # kept in the store, not in a rule file
+    if is_store(lp):
         row["file"] = row["line"] = None
     row["where"] = f"{lp.file}:{lp.line}"
     row["repo_link"] = repo_link(repository_url, lp.file, lp.line)
     return row
+
+
+def is_store(lp: LoadedPostback) -> bool:
+    """A postback kept in the store (managed in the console) rather than in a rule file."""
+    return getattr(lp, "stored", None) is not None
 
 
 def repo_link(repository_url: str | None, file: str, line: int) -> str | None:
