@@ -9,7 +9,6 @@ change sends NOTIFY postbackd_affiliates (delivered at commit).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
@@ -30,6 +29,7 @@ from daemon.store.affiliate_types import (
     StoredSecret,
     Who,
 )
+from daemon.store.common import utc
 from daemon.store.queries import parse_queries
 
 log = structlog.get_logger("postbackd.store")
@@ -46,17 +46,7 @@ class _Unchanged(Exception):
 
 
 def _postback(row: Sequence[Any]) -> StoredPostback:
-    return StoredPostback(
-        id=row[0],
-        affiliate=row[1],
-        offer=row[2],
-        status=row[3],
-        status_reason=row[4],
-        body=json.loads(row[5]),
-        created_at=row[6],
-        updated_at=row[7],
-        change_seq=row[8],
-    )
+    return rows.stored_postback(row, utc)
 
 
 async def _bump(conn: Any) -> int:
@@ -190,18 +180,7 @@ class PostgresAffiliates:
     ) -> list[AuditRow]:
         async with self._conn(transaction=False) as conn:
             found = await conn.fetch(_Q["history"], pid, after, limit)
-        return [
-            AuditRow(
-                r[0],
-                r[1],
-                json.loads(r[2]),
-                r[3],
-                json.loads(r[4]) if r[4] is not None else None,
-                json.loads(r[5]) if r[5] is not None else None,
-                r[6],
-            )
-            for r in found
-        ]
+        return [rows.audit_row(r, utc) for r in found]
 
     async def set_affiliate_secret(
         self, affiliate: str, name: str, value: str | None, now: datetime

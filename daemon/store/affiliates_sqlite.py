@@ -3,7 +3,6 @@ mixin. Every write is one job of the group-commit writer (its own savepoint): al
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -32,17 +31,7 @@ _Q = parse_queries(
 
 
 def _postback(row: Sequence[Any]) -> StoredPostback:
-    return StoredPostback(
-        id=row[0],
-        affiliate=row[1],
-        offer=row[2],
-        status=row[3],
-        status_reason=row[4],
-        body=json.loads(row[5]),
-        created_at=from_us(row[6]),
-        updated_at=from_us(row[7]),
-        change_seq=row[8],
-    )
+    return rows.stored_postback(row, from_us)
 
 
 def _next_seq(conn: sqlite3.Connection) -> int:
@@ -196,18 +185,7 @@ class SQLiteAffiliates:
         def job(conn: sqlite3.Connection) -> list[AuditRow]:
             args = {"id": pid, "after": after, "limit": -1 if limit is None else limit}
             found = conn.execute(_Q["history"], args).fetchall()
-            return [
-                AuditRow(
-                    r[0],
-                    from_us(r[1]),
-                    json.loads(r[2]),
-                    r[3],
-                    json.loads(r[4]) if r[4] is not None else None,
-                    json.loads(r[5]) if r[5] is not None else None,
-                    r[6],
-                )
-                for r in found
-            ]
+            return [rows.audit_row(r, from_us) for r in found]
 
         return await self._read(job)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from daemon import fastjson
 from daemon.models import Status, Transition
+from daemon.store.affiliate_types import AuditRow, StoredPostback
 from daemon.store.base import (
     AttemptRow,
     Claim,
@@ -79,6 +80,34 @@ def stored_arrival(
         data=json.loads(row[6]),
         values=json.loads(row[7]),
         postback_ids=frozenset(postback_ids),
+    )
+
+
+def stored_postback(row: Sequence[Any], read: TimeReader) -> StoredPostback:
+    """A store postback from a row of the affiliate queries' postback columns."""
+    return StoredPostback(
+        id=row[0],
+        affiliate=row[1],
+        offer=row[2],
+        status=row[3],
+        status_reason=row[4],
+        body=json.loads(row[5]),
+        created_at=read(row[6]),
+        updated_at=read(row[7]),
+        change_seq=row[8],
+    )
+
+
+def audit_row(row: Sequence[Any], read: TimeReader) -> AuditRow:
+    """One audit row of a store postback's history."""
+    return AuditRow(
+        row[0],
+        read(row[1]),
+        json.loads(row[2]),
+        row[3],
+        json.loads(row[4]) if row[4] is not None else None,
+        json.loads(row[5]) if row[5] is not None else None,
+        row[6],
     )
 
 
