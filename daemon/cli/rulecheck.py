@@ -9,34 +9,36 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
-from daemon.catalogue import RETIRED_FILE, load_catalogue, load_retired, retire_text
-from daemon.cli.ruletree import Plan, Tree, copy_rule_files
+from daemon.catalogue import CATALOGUE_FILE, RETIRED_FILE, load_catalogue, load_retired, retire_text
+from daemon.cli.ruletree import Plan, Tree
 from daemon.errors import RulesError
 from daemon.gitutil import GitError, git
-from daemon.loader import load_rules
+from daemon.loader import RuleSet, read_capped
 from daemon.rulelint import Findings, lint
 
 
-def lint_plan(tree: Tree, plan: Plan, side: Mapping[str, str] | None = None) -> Findings:
-    """Errors and warnings of the rules with the plan (and the side files: catalogue, retired
-    ids) applied, for the postbacks it touches (a mistake elsewhere is validate's to report,
-    not a reason to refuse this edit)."""
+def lint_plan(
+    tree: Tree, plan: Plan, rules: RuleSet, side: Mapping[str, str] | None = None
+) -> Findings:
+    """Errors and warnings of `rules` (the rules with the plan applied, as check() loaded
+    them) against the catalogue and retired ids with the side files applied, for the postbacks
+    the plan touches (a mistake elsewhere is validate's to report, not a reason to refuse this
+    edit)."""
+    side = side or {}
+    real = tree.root.resolve()
     with tempfile.TemporaryDirectory(prefix="postbackd-lint-") as tmp:
-        copy = Path(tmp) / "rules"
-        copy_rule_files(tree.root, copy)  # the loader's files only: odd entries are no crash
-        for rel, text in {**plan.texts, **(side or {})}.items():
-            target = copy / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(text.encode("utf-8"))
+        copy = Path(tmp)
+        for name in (CATALOGUE_FILE, RETIRED_FILE):
+            data = side[name].encode("utf-8") if name in side else None
+            if data is None and (real / name).exists():
+                data = read_capped(real / name, name, [])  # copied as copy_rule_files would
+            if data is not None:
+                (copy / name).write_bytes(data)
         try:
             catalogue = load_catalogue(copy)
             retired = load_retired(copy)
         except RulesError as err:
             return Findings(list(err.issues), [])
-        try:
-            rules = load_rules(copy, git=False)
-        except RulesError:
-            return Findings()  # check() reports why
     found = lint(rules, catalogue=catalogue, retired=retired)
     touched = set(plan.ids)
     return Findings(

@@ -132,10 +132,12 @@ def apply(
     if all(text == _text(tree, rel) for rel, text in plan.texts.items()) and not side:
         click.echo("nothing to change")
         return
-    issues = check(tree, plan)
-    # The catalogue's checks load the tree a second time: only when there is one to check.
+    issues, new = check(tree, plan)
+    # The catalogue's checks, on the rule set check() loaded: only when there is one to check.
     catalogue = (tree.root / CATALOGUE_FILE).is_file() or CATALOGUE_FILE in side
-    findings = lint_plan(tree, plan, side) if not issues and catalogue else None
+    findings = None
+    if new is not None and not issues and catalogue:
+        findings = lint_plan(tree, plan, new, side)
     if findings is not None:
         issues = findings.errors
     if issues:

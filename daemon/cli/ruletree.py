@@ -213,9 +213,10 @@ def next_ids(tree: Tree, count: int) -> list[int]:
 # --- checking and writing -----------------------------------------------------------------
 
 
-def check(tree: Tree, plan: Plan) -> list[Issue]:
+def check(tree: Tree, plan: Plan) -> tuple[list[Issue], RuleSet | None]:
     """Load a temporary copy of the tree with the plan applied, as `postbackd validate` would;
-    for an edit, also what may not change for an existing id (as `validate --base` would)."""
+    for an edit, also what may not change for an existing id (as `validate --base` would).
+    The issues, and the rule set the copy loaded (None when it did not load)."""
     with tempfile.TemporaryDirectory(prefix="postbackd-edit-") as tmp:
         copy = Path(tmp) / "rules"
         issues = copy_rule_files(tree.root, copy)
@@ -226,15 +227,15 @@ def check(tree: Tree, plan: Plan) -> list[Issue]:
         try:
             new = load_rules(copy, git=False)
         except RulesError as err:
-            return issues + err.issues
+            return issues + err.issues, None
         if issues:
-            return issues
+            return issues, new
     unloaded = sorted(set(plan.texts) - set(new.files))
     if unloaded:
-        return [Issue(rel, 0, "postbackd would not load this file") for rel in unloaded]
+        return [Issue(rel, 0, "postbackd would not load this file") for rel in unloaded], new
     if not plan.edits_existing or tree.current is None:
-        return []
-    return compare(new, tree.current, "the current files")
+        return [], new
+    return compare(new, tree.current, "the current files"), new
 
 
 def copy_rule_files(root: Path, copy: Path, also: Iterable[str] = NOT_RULE_FILES) -> list[Issue]:
