@@ -5,6 +5,8 @@ never those of admin postbacks (no affiliate), and those of the destinations it 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from daemon.models import Conversion, Status, Transition
 from daemon.store.base import ArrivalPlan, Claim, DeliveryState, PlannedDelivery, Store
@@ -13,29 +15,27 @@ from .conftest import Backend
 from .support import LEASE, Planner, arrive, at, conversion
 
 
-class OwnedPlanner(Planner):
-    """One delivery per postback id, postback N authored for affiliate `owners[N]`."""
+@dataclass
+class ShapedPlanner(Planner):
+    """The support planner's deliveries, each passed through `shape` (its author or its
+    destination set per postback id)."""
 
-    owners: dict[int, str | None] = {}  # noqa: RUF012 - set per instance below
+    shape: Callable[[PlannedDelivery], PlannedDelivery] = lambda d: d
 
     def __call__(
         self, transition: Transition, previous: Status | None, effective: Conversion
     ) -> ArrivalPlan:
         plan = super().__call__(transition, previous, effective)
-        return ArrivalPlan(
-            plan.data,
-            plan.values,
-            [
-                PlannedDelivery(d.postback_id, d.action, d.destination, self.owners[d.postback_id])
-                for d in plan.deliveries
-            ],
-        )
+        return ArrivalPlan(plan.data, plan.values, [self.shape(d) for d in plan.deliveries])
 
 
 async def arrive_owned(store: Store, cid: str, when: float, owners: dict[int, str | None]) -> None:
     conv = conversion(cid)
-    planner = OwnedPlanner(conv, postbacks=tuple(owners))
-    planner.owners = owners
+
+    def shape(d: PlannedDelivery) -> PlannedDelivery:
+        return replace(d, affiliate_owner=owners[d.postback_id])
+
+    planner = ShapedPlanner(conv, postbacks=tuple(owners), shape=shape)
     await store.record_arrival("generic", conv, at(when), planner)
 
 
@@ -57,29 +57,13 @@ async def test_skipping_an_affiliate_with_nothing_due_changes_nothing(store: Sto
     assert claim.postback_id == 1
 
 
-class RoutedPlanner(Planner):
-    """One delivery per postback id, postback N sent to destination `routes[N]`."""
-
-    routes: dict[int, str] = {}  # noqa: RUF012 - set per instance below
-
-    def __call__(
-        self, transition: Transition, previous: Status | None, effective: Conversion
-    ) -> ArrivalPlan:
-        plan = super().__call__(transition, previous, effective)
-        return ArrivalPlan(
-            plan.data,
-            plan.values,
-            [
-                PlannedDelivery(d.postback_id, d.action, self.routes[d.postback_id])
-                for d in plan.deliveries
-            ],
-        )
-
-
 async def arrive_routed(store: Store, cid: str, when: float, routes: dict[int, str]) -> None:
     conv = conversion(cid)
-    planner = RoutedPlanner(conv, postbacks=tuple(routes))
-    planner.routes = routes
+
+    def shape(d: PlannedDelivery) -> PlannedDelivery:
+        return PlannedDelivery(d.postback_id, d.action, routes[d.postback_id])
+
+    planner = ShapedPlanner(conv, postbacks=tuple(routes), shape=shape)
     await store.record_arrival("generic", conv, at(when), planner)
 
 
