@@ -29,13 +29,13 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
 
 from daemon.errors import Issue, RulesError
+from daemon.loader import CATALOGUE_FILE as CATALOGUE_FILE  # its file names: the loader's
+from daemon.loader import RETIRED_FILE as RETIRED_FILE
 from daemon.loader import pydantic_issues, read_capped
 from daemon.rules import Id
 from daemon.yamlfile import YamlError, YMap, load_yaml
 
-CATALOGUE_FILE = "catalogue.yaml"
 _EMPTY_LIST = re.compile(r"^retired:[ \t]*\[[ \t]*\][ \t]*$", re.MULTILINE)
-RETIRED_FILE = "retired-ids.yaml"
 _RETIRED_HEADER = (
     "# Ids of deleted postbacks: never used again (postbackd rules delete appends here;\n"
     "# postbackd validate refuses a rule that uses one, and an entry that disappears).\n"

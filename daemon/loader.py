@@ -30,8 +30,11 @@ from daemon.yamlfile import MAX_FILE_BYTES, YamlError, YList, YMap, line_of, loa
 RULE_SUFFIXES = (".yaml", ".yml")
 TESTS_DIR = "tests"
 # Files at the top of rules.d/ that are kept with the rules but are not rule files: the
-# catalogue and the retired ids (daemon/catalogue.py) and the affiliates policy file.
-NOT_RULE_FILES = frozenset({"catalogue.yaml", "retired-ids.yaml", "affiliates.yaml"})
+# catalogue and the retired ids (read by daemon/catalogue.py, which imports their names from
+# here) and the affiliates policy file (daemon/affiliates/policy.py).
+CATALOGUE_FILE = "catalogue.yaml"
+RETIRED_FILE = "retired-ids.yaml"
+NOT_RULE_FILES = frozenset({CATALOGUE_FILE, RETIRED_FILE, "affiliates.yaml"})
 _BACKUP_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".bak", ".orig", ".rej", ".tmp", ".part")
 
 
