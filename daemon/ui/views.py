@@ -154,7 +154,6 @@ class PostbackIndex:
     """The ids of one rule set's postbacks by action type and by affiliate (the one they match,
     and the one whose user wrote them), for the delivery filters."""
 
-    rules: RuleSet
     by_action: Mapping[str, frozenset[int]]
     by_affiliate: Mapping[str, frozenset[int]]
 
@@ -168,7 +167,6 @@ class PostbackIndex:
             for who in {pb.affiliate, pb.owner_affiliate} - {None}:
                 affiliates.setdefault(str(who), set()).add(pid)
         return cls(
-            rules,
             {k: frozenset(v) for k, v in actions.items()},
             {k: frozenset(v) for k, v in affiliates.items()},
         )
