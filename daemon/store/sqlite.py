@@ -305,7 +305,7 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             "skip_destinations": json.dumps(sorted(skip_destinations)),
         }
         query = "claim_candidates_skipping" if skip_destinations else "claim_candidates"
-        lease_row = (node, to_us(now + lease), args["now"])
+        until, at = to_us(now + lease), args["now"]
 
         def job(conn: sqlite3.Connection) -> list[Claim]:
             conn.row_factory = sqlite3.Row
@@ -316,11 +316,10 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             if not found:
                 return []
             tokens = [new_token() for _ in found]
-            node_, until, at = lease_row
             conn.executemany(
                 self._q["claim_one"],
                 [
-                    (node_, token, until, at, row["id"])
+                    (node, token, until, at, row["id"])
                     for row, token in zip(found, tokens, strict=True)
                 ],
             )
