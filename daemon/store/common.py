@@ -218,6 +218,16 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise InputError("malformed cursor", "cursor") from err
 
 
+def check_resendable(delivery_id: str, state: str) -> None:
+    """InputError unless the delivery to resend succeeded (a dead or cancelled one is retried)."""
+    if state != DeliveryState.SUCCEEDED.value:
+        raise InputError(
+            f"delivery {delivery_id} is {state}: only a succeeded delivery can be "
+            "resent (retry a dead or cancelled one)",
+            "state",
+        )
+
+
 def decode_conversion_cursor(cursor: str | None) -> tuple[datetime | None, int | None]:
     """The (updated_at, conversion pk) after which the next conversion_log page starts (Nones
     without a cursor); InputError when malformed."""

@@ -10,20 +10,23 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
-from daemon.errors import InputError
 from daemon.store import rows
 from daemon.store.base import (
     DeliveryRow,
-    DeliveryState,
     LogFilter,
     LoggedConversion,
     LoggedDelivery,
     NewDelivery,
-    PlannedDelivery,
     StoredArrival,
     idempotency_key,
 )
-from daemon.store.common import decode_conversion_cursor, decode_cursor, new_delivery_id, utc
+from daemon.store.common import (
+    check_resendable,
+    decode_conversion_cursor,
+    decode_cursor,
+    new_delivery_id,
+    utc,
+)
 from daemon.store.queries import parse_queries
 
 _Q = parse_queries(
@@ -96,36 +99,13 @@ class PostgresReplay:
             row = await conn.fetchrow(_Q["resend_source"], delivery_id)
             if row is None:
                 return None
-            if row[1] != DeliveryState.SUCCEEDED.value:
-                raise InputError(
-                    f"delivery {delivery_id} is {row[1]}: only a succeeded delivery can be "
-                    "resent (retry a dead or cancelled one)",
-                    "state",
-                )
+            check_resendable(delivery_id, row[1])
             pk, seq = row[2], row[3]
             new_seq = int(await conn.fetchval(_Q["last_seq"], pk)) + 1
             await conn.execute(_Q["copy_arrival"], pk, seq, new_seq, at, row[0])
-            planned = PlannedDelivery(row[6], row[7], row[8], row[9])
-            new_id = await _insert(
-                conn, NewDelivery(pk, new_seq, row[4], row[5], planned), at, row[0]
-            )
-        return DeliveryRow(
-            delivery_id=new_id,
-            postback_id=row[6],
-            action=row[7],
-            destination=row[8],
-            source=row[4],
-            conversion_id=row[5],
-            arrival_seq=new_seq,
-            idempotency_key=idempotency_key(row[4], row[5], new_seq, row[6]),
-            state=DeliveryState.QUEUED,
-            attempts=0,
-            created_at=at,
-            updated_at=at,
-            next_attempt_at=at,
-            last_reason=None,
-            affiliate_owner=row[9],
-        )
+            new = rows.resend_new(row, new_seq)
+            new_id = await _insert(conn, new, at, row[0])
+        return rows.resent_row(new, new_id, at)
 
     async def resend_of(self, delivery_id: str) -> str | None:
         async with self._conn(transaction=False) as conn:

@@ -10,20 +10,18 @@ from datetime import datetime
 from importlib import resources
 from typing import Any, TypeVar
 
-from daemon.errors import InputError
 from daemon.store import rows
 from daemon.store.base import (
     DeliveryRow,
-    DeliveryState,
     LogFilter,
     LoggedConversion,
     LoggedDelivery,
     NewDelivery,
-    PlannedDelivery,
     StoredArrival,
     idempotency_key,
 )
 from daemon.store.common import (
+    check_resendable,
     decode_conversion_cursor,
     decode_cursor,
     from_us,
@@ -110,36 +108,13 @@ class SQLiteReplay:
             row = conn.execute(_Q["resend_source"], {"id": delivery_id}).fetchone()
             if row is None:
                 return None
-            if row[1] != DeliveryState.SUCCEEDED.value:
-                raise InputError(
-                    f"delivery {delivery_id} is {row[1]}: only a succeeded delivery can be "
-                    "resent (retry a dead or cancelled one)",
-                    "state",
-                )
+            check_resendable(delivery_id, row[1])
             pk, seq = row[2], row[3]
             new_seq = conn.execute(_Q["last_seq"], {"pk": pk}).fetchone()[0] + 1
             copy = {"pk": pk, "seq": seq, "new_seq": new_seq, "now": at, "resend_of": row[0]}
             conn.execute(_Q["copy_arrival"], copy)
-            planned = PlannedDelivery(row[6], row[7], row[8], row[9])
-            new = NewDelivery(pk, new_seq, row[4], row[5], planned)
-            new_id = _insert(conn, new, at, row[0])
-            return DeliveryRow(
-                delivery_id=new_id,
-                postback_id=row[6],
-                action=row[7],
-                destination=row[8],
-                source=row[4],
-                conversion_id=row[5],
-                arrival_seq=new_seq,
-                idempotency_key=idempotency_key(row[4], row[5], new_seq, row[6]),
-                state=DeliveryState.QUEUED,
-                attempts=0,
-                created_at=from_us(at),
-                updated_at=from_us(at),
-                next_attempt_at=from_us(at),
-                last_reason=None,
-                affiliate_owner=row[9],
-            )
+            new = rows.resend_new(row, new_seq)
+            return rows.resent_row(new, _insert(conn, new, at, row[0]), from_us(at))
 
         return await self._write(job)
 

@@ -17,7 +17,10 @@ from daemon.store.base import (
     DeliveryState,
     LoggedConversion,
     LoggedDelivery,
+    NewDelivery,
+    PlannedDelivery,
     StoredArrival,
+    idempotency_key,
 )
 from daemon.store.common import encode_cursor
 
@@ -108,6 +111,37 @@ def audit_row(row: Sequence[Any], read: TimeReader) -> AuditRow:
         json.loads(row[4]) if row[4] is not None else None,
         json.loads(row[5]) if row[5] is not None else None,
         row[6],
+    )
+
+
+def resend_new(row: Sequence[Any], new_seq: int) -> NewDelivery:
+    """The delivery a resend adds, from its source's resend_source row, on the arrival's copy
+    `new_seq`."""
+    return NewDelivery(
+        row[2], new_seq, row[4], row[5], PlannedDelivery(row[6], row[7], row[8], row[9])
+    )
+
+
+def resent_row(new: NewDelivery, delivery_id: str, at: datetime) -> DeliveryRow:
+    """The queued DeliveryRow of a resend's `new` delivery, stored as `delivery_id` at `at`."""
+    return DeliveryRow(
+        delivery_id=delivery_id,
+        postback_id=new.planned.postback_id,
+        action=new.planned.action,
+        destination=new.planned.destination,
+        source=new.source,
+        conversion_id=new.conversion_id,
+        arrival_seq=new.seq,
+        idempotency_key=idempotency_key(
+            new.source, new.conversion_id, new.seq, new.planned.postback_id
+        ),
+        state=DeliveryState.QUEUED,
+        attempts=0,
+        created_at=at,
+        updated_at=at,
+        next_attempt_at=at,
+        last_reason=None,
+        affiliate_owner=new.planned.affiliate_owner,
     )
 
 
