@@ -210,7 +210,8 @@ def encode_cursor(created_at: datetime, delivery_id: str) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     """The (created_at, id) after which the next page starts; InputError when malformed."""
     micros, _, delivery_id = cursor.partition("_")
-    if not (micros.isdigit() and len(micros) < 20 and delivery_id.isalnum()):
+    # ASCII only: str.isdigit/isalnum accept '²' or 'é', which int() or the ids never hold.
+    if not (cursor.isascii() and micros.isdigit() and len(micros) < 20 and delivery_id.isalnum()):
         raise InputError("malformed cursor", "cursor")
     try:
         return from_us(int(micros)), delivery_id

@@ -83,5 +83,6 @@ async def test_conversion_log_filters_by_fields_and_by_deliveries(store: Store) 
     rest, end = await store.conversion_log(LogFilter(), 2, cursor)
     assert [r.conversion_id for r in page + rest] == ["c1", "c3", "c2"]
     assert end is None
-    with pytest.raises(InputError):
-        await store.conversion_log(LogFilter(), 2, "1_abc")
+    for bad in ("1_abc", "1700000000000000_1²", "1700000000000000_١"):
+        with pytest.raises(InputError):  # not a bare ValueError from int(): a 4xx, never a 5xx
+            await store.conversion_log(LogFilter(), 2, bad)
