@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from daemon.affiliates.core import ServiceCore
-from daemon.api import API
 from daemon.store.affiliate_types import FIRST_STORE_ID, StoredPostback
 from tests.affiliates.kit import ADMIN, AFF_A, SETTINGS, Api, ping, rules
 from tests.harness import Sink, start_daemon
@@ -64,14 +63,22 @@ async def test_an_affiliates_calls_never_walk_the_others_postbacks(
         assert (await api("GET", "/api/v1/affiliate/limits", AFF_A))[1]["used"] == 2
         assert (await api("GET", "/api/v1/affiliate/offers", AFF_A))[0] == 200
         assert len(looked) <= len(mine), len(looked)
-        # Deliveries: the visible ids come from the owner index, not from a walk of the whole
-        # rule set again after each store write (the walk fills the API's `owners` cache).
+        # Deliveries: the visible ids come from the service's owner index, not from a walk of
+        # the whole rule set again after each store write (the API no longer has such a walk).
+        asked: list[Any] = []
+        owner_index = service.visible_ids
+
+        def spied(viewer: Any) -> frozenset[int] | None:
+            asked.append(viewer)
+            return owner_index(viewer)
+
+        monkeypatch.setattr(service, "visible_ids", spied)
         await daemon.post(conversion_id="c1", offer=7, affiliate=42, status="approved")
         patched = await api("PATCH", f"/api/v1/postbacks/{mine[1]}", AFF_A, {"goal": "lead"})
         assert patched[0] == 200
         status, seen = await api("GET", "/api/v1/deliveries", AFF_A)
         assert sorted(d["postback_id"] for d in seen["deliveries"]) == mine
-        assert daemon.client.app[API].owners is None
+        assert asked, "the deliveries list did not ask the owner index"
         # The owner index follows deletes and reloads; an admin still sees every one.
         assert (await api("DELETE", f"/api/v1/postbacks/{mine[0]}", AFF_A, {"confirm": mine[0]}))[0]
         assert (await api("POST", "/api/v1/reload", ADMIN))[0] == 200
