@@ -16,12 +16,35 @@ import aiohttp
 
 from tests.harness import wait_for
 
+# Ports for the daemons that tests start and restart. Not bind(0): that picks from the kernel's
+# ephemeral range, where every outbound connection of every test also takes its local port, so a
+# port found free and closed could be taken by a client socket before the daemon (or its restart)
+# binds it ("address already in use"). These come from below that range, a block per xdist
+# worker, in turn; a port some other program holds is skipped.
+_PORT_BASE = 20_000
+_PORT_BLOCK = 1_000
+_next_port = [0]
+
+
+def _worker_index(name: str | None) -> int:
+    """gw0 -> 0, gw1 -> 1 ...; 0 outside xdist."""
+    digits = (name or "").removeprefix("gw")
+    return int(digits) % 10 if digits.isdigit() else 0
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A loopback port no other test process is handed and that is free now."""
+    base = _PORT_BASE + _worker_index(os.environ.get("PYTEST_XDIST_WORKER")) * _PORT_BLOCK
+    for _ in range(_PORT_BLOCK):
+        port = base + _next_port[0] % _PORT_BLOCK
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
         return port
+    raise RuntimeError(f"no free port in {base}-{base + _PORT_BLOCK - 1}")
 
 
 def write_config(root: Path, *, port: int, store: str | None = None, **extra: Any) -> Path:

@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections import defaultdict
@@ -32,6 +31,7 @@ import pytest
 from aiohttp import web
 
 from tests.harness import wait_for
+from tests.process_support import free_port
 from tests.store.conftest import pg_schema
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(120)]
@@ -40,13 +40,6 @@ OUTBOUND_TIMEOUT = 3.0
 LEASE = 6.0  # delivery.lease: longer than OUTBOUND_TIMEOUT, as the settings require
 NODES = 3
 KILLS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
