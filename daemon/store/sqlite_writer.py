@@ -6,6 +6,12 @@ once; only then does each caller's future resolve. With ``synchronous=FULL`` the
 one COMMIT is shared by every request of the batch, which is what keeps durability cheap.
 A job that raises is rolled back to its savepoint and fails alone; a COMMIT that fails fails
 the whole batch with StoreError.
+
+Processes that share the file (``workers: N``) hand the write lock to each other through a
+``flock`` on ``<database>-writelock`` (daemon/store/sqlite_lock.py), taken before ``BEGIN
+IMMEDIATE`` and dropped after ``COMMIT``/``ROLLBACK``: a waiting writer wakes as soon as the
+other commits instead of sleeping in SQLite's busy handler. The wait for it and SQLite's own
+wait share one bound, the connection's busy timeout.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ import contextvars
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from daemon.errors import StoreError
+from daemon.store.sqlite_lock import LockFile
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], T]
@@ -73,8 +81,12 @@ class GroupCommitWriter:
         *,
         max_batch: int = 512,
         on_commit: CommitHook | None = None,
+        handoff: bool = True,
     ) -> None:
         self._connect = connect
+        self._handoff = handoff
+        self._lock: LockFile | None = None
+        self._busy_ms = 0  # the connection's busy timeout
         self._max_batch = max_batch
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[_Pending[Any] | object] = queue.SimpleQueue()
@@ -125,6 +137,15 @@ class GroupCommitWriter:
         except (sqlite3.Error, OSError) as err:
             ready.put(err)
             return
+        try:
+            self._busy_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+            if self._handoff:
+                database = str(conn.execute("PRAGMA database_list").fetchone()[2])
+                self._lock = LockFile.open(database)
+        except sqlite3.Error as err:
+            conn.close()
+            ready.put(err)
+            return
         ready.put(None)
         try:
             while True:
@@ -135,6 +156,13 @@ class GroupCommitWriter:
                     break
         finally:
             conn.close()
+            if self._lock is not None:
+                self._lock.close()
+
+    @property
+    def lock(self) -> LockFile | None:
+        """The hand-off lock between processes (None: in-memory, off, or unavailable)."""
+        return self._lock
 
     def _take(self) -> tuple[list[_Pending[Any]], bool]:
         batch: list[_Pending[Any]] = []
@@ -152,16 +180,27 @@ class GroupCommitWriter:
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Pending[Any]]) -> None:
         outcomes: list[tuple[Any, BaseException | None]] = []
+        lock = self._lock
+        held = False
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            if lock is None:
+                conn.execute("BEGIN IMMEDIATE")
+            else:
+                held = self._begin_handed_off(conn, lock)
             for pending in batch:
                 outcomes.append(self._run_job(conn, pending))
             conn.execute("COMMIT")
         except Exception as err:  # BEGIN, SAVEPOINT or COMMIT failed: the batch is lost
             self._rollback(conn)
             outcomes = [(None, _batch_error(err)) for _ in batch]
+            committed = False
         else:
             self.commits += 1
+            committed = True
+        if held:
+            assert lock is not None
+            lock.release()
+        if committed:
             self._commit_hook(len(batch))
         # One wake-up per event loop, not per request: waking a loop costs a syscall.
         by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
@@ -172,6 +211,33 @@ class GroupCommitWriter:
                 loop.call_soon_threadsafe(_settle, results)
             except RuntimeError:  # that event loop is closed: nobody is waiting
                 continue
+
+    def _begin_handed_off(self, conn: sqlite3.Connection, lock: LockFile) -> bool:
+        """BEGIN IMMEDIATE after taking the hand-off lock; whether the lock is held (a wait
+        that reached the busy timeout goes on without it). SQLite's own wait gets what is left
+        of the busy timeout, so the two waits together stay within it."""
+        start = time.monotonic()
+        held = lock.acquire(self._busy_ms / 1000)
+        waited_ms = int((time.monotonic() - start) * 1000)
+        if waited_ms < 1:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                if held:
+                    lock.release()
+                raise
+            return held
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {max(self._busy_ms - waited_ms, 0)}")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+        except BaseException:
+            if held:
+                lock.release()
+            raise
+        return held
 
     def _commit_hook(self, size: int) -> None:
         if self._on_commit is None:
