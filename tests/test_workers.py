@@ -5,9 +5,11 @@ Real processes, a real SQLite file, a real sink on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
+import stat
 from pathlib import Path
 
 import aiohttp
@@ -111,6 +113,13 @@ async def test_two_workers_share_the_port_and_both_deliver(tmp_path: Path) -> No
         assert started == {f"{base}/w0", f"{base}/w1"}
         # Both dispatchers delivered (a worker wakes its own dispatcher after each commit).
         assert nodes == started
+        # Both writers hand SQLite's write lock over through the lock file beside the database
+        # (daemon/store/sqlite_lock.py): each worker holds it open.
+        lock_file = tmp_path / "var" / "postbackd.db-writelock"
+        assert stat.S_IMODE(lock_file.stat().st_mode) == 0o600
+        for worker in workers:
+            assert str(lock_file) in _open_files(worker)
+        assert not daemon.events("sqlite_write_lock_unavailable")
     finally:
         assert daemon.stop() == 0
         await sink.close()
@@ -133,6 +142,14 @@ async def test_a_worker_that_dies_stops_the_node(tmp_path: Path) -> None:
     finally:
         daemon.stop()
         await sink.close()
+
+
+def _open_files(pid: int) -> set[str]:
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(fd))
+    return found
 
 
 def _query(db: Path, sql: str) -> list[tuple[object, ...]]:
