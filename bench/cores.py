@@ -10,13 +10,14 @@ with the generator on CPU 0 in both runs (2 workers then share a core with wrk).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
+from bench import handoff, sections
 from bench import http_figures as hf
-from bench import sections
 from bench.context import Context, sqlite_stored, sqlite_url
 from bench.procs import Daemon
 
@@ -52,6 +53,7 @@ async def workers(ctx: Context) -> None:
     if opts.wrk is None:
         report.note("skipped: wrk is not available")
         return
+    await _handoff(ctx)
     cores = os.cpu_count() or 1
     rates: dict[int, float] = {}
     for count in (1, 2):
@@ -68,6 +70,35 @@ async def workers(ctx: Context) -> None:
             rates[count] = await _one(ctx, f"PostgreSQL, workers {count}", url, count, stored)
     if rates.get(1) and rates.get(2):
         report.ratio("ingest PostgreSQL, 2 workers / 1", rates[2], rates[1], f"{cores} cores")
+
+
+async def _handoff(ctx: Context) -> None:
+    """Two writer processes on one file, with and without the flock hand-off, alternating."""
+    report, seconds = ctx.report, ctx.opts.seconds
+    rounds = 1 if seconds < 5 else 3
+    report.note(
+        f"SQLite write hand-off: 2 processes x {handoff.CALLERS} callers inserting, no HTTP, "
+        f"{rounds} round(s) of {seconds:g} s each way, alternating"
+    )
+    path = ctx.workdir / "handoff.db"
+    got: dict[bool, list[handoff.Result]] = {False: [], True: []}
+    for _ in range(rounds):
+        for on in (False, True):
+            got[on].append(await asyncio.to_thread(handoff.measure, path, on, seconds))
+    for on in (False, True):
+        name = "flock hand-off" if on else "busy handler only"
+        runs = got[on]
+        best = max(runs, key=lambda r: r.writes)
+        report.add(f"{name}: writes", best.writes, "/s", "best round")
+        report.add(f"{name}: commits", best.commits, "/s", "same round")
+        report.add(f"{name}: wait p99", max(r.p99_ms for r in runs), "ms", "worst round")
+        report.add(f"{name}: smaller share", min(r.share for r in runs), "", "0.5 is even")
+    report.ratio(
+        "SQLite 2 writers, hand-off / busy handler",
+        max(r.writes for r in got[True]),
+        max(r.writes for r in got[False]),
+        "writes/s, best rounds",
+    )
 
 
 async def _one(
