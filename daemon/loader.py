@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -104,26 +105,31 @@ def load_rules(
     if not root.is_dir():
         raise RulesError([Issue(str(root), 0, "rules directory does not exist")])
     real_root = root.resolve()
-    paths, issues = _discover(real_root)
+    found, issues = _discover(real_root)
+    cache = cache if cache is not None else ParseCache()
+    cache.use_root(real_root)
+    last = cache.unchanged(found) if not issues else None
+    if last is not None and not (missing_secrets and missing_secrets(sorted(last.secrets))):
+        # Every file has the stat it had when the last set was built from it: not read again.
+        return _again(last, real_root, git)
+    started = time.time_ns()  # before any file is read (see ParseCache.record_stats)
     sources: dict[str, bytes] = {}
-    for path in paths:
-        rel = path.relative_to(real_root).as_posix()
-        data = read_capped(path, rel, issues)
-        if data is not None:
-            sources[rel] = data
+    stats: dict[str, FileStat] = {}
+    for rel, path in found:
+        got = _read_file(path, rel, issues)
+        if got is not None:
+            sources[rel], stats[rel] = got
     loaded: list[LoadedPostback] = []
     offer_goals: dict[str, tuple[bool, str, int]] = {}
-    cache = cache if cache is not None else ParseCache()
     parsed = [(rel, cache.parse(rel, sources[rel])) for rel in sorted(sources)]
     cache.keep_only(sources)
+    cache.record_stats(stats, started)
     fingerprint = cache.fingerprint(sources)
     last = cache.last_result(fingerprint) if not issues else None
     if last is not None and not (missing_secrets and missing_secrets(sorted(last.secrets))):
         # Every file is the one the last load built its set from (that set had no issue):
         # the same set, with the git state of now. A reload of an unchanged tree builds nothing.
-        commit, dirty = work_tree_state(real_root) if git else (None, False)
-        version = RulesVersion(last.version.digest, commit, dirty)
-        return dataclasses.replace(last, version=version, loaded_at=datetime.now(UTC))
+        return _again(last, real_root, git)
     for rel, one in parsed:
         loaded.extend(_load_file(rel, one, issues, offer_goals))
     by_id = _check_ids(loaded, issues)
@@ -140,38 +146,64 @@ def load_rules(
     return built
 
 
-def _discover(root: Path) -> tuple[list[Path], list[Issue]]:
-    found: list[Path] = []
+def _again(last: RuleSet, root: Path, git: bool) -> RuleSet:
+    """The set built last time from these very files, with the git state of now."""
+    commit, dirty = work_tree_state(root) if git else (None, False)
+    version = RulesVersion(last.version.digest, commit, dirty)
+    return dataclasses.replace(last, version=version, loaded_at=datetime.now(UTC))
+
+
+def _discover(root: Path) -> tuple[list[tuple[str, str]], list[Issue]]:
+    """The rule files below `root` (a resolved folder) as (path relative to root, path), in the
+    order of a sorted walk that follows symlinked folders, and the problems of the layout.
+    os.scandir: the kind of each entry and whether it is a symlink come with the listing."""
+    found: list[tuple[str, str]] = []
     issues: list[Issue] = []
     seen_dirs: set[Path] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = Path(dirpath)
-        real = here.resolve()
+    top = str(root)
+    pending: list[tuple[str, str]] = [(top, "")]  # (folder, its path relative to root + "/")
+    while pending:
+        here, prefix = pending.pop()
+        real = Path(here).resolve()
         if real in seen_dirs:
-            dirnames[:] = []
             continue
         seen_dirs.add(real)
-        keep = []
-        for name in sorted(dirnames):
-            if is_ignored_name(name) or (here == root and name == TESTS_DIR):
+        try:
+            with os.scandir(here) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError:
+            continue  # as os.walk: a folder that cannot be listed is skipped
+        folders: list[tuple[str, str]] = []
+        for entry in entries:
+            name = entry.name
+            try:
+                is_dir = entry.is_dir()  # follows a symlink, as os.walk(followlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if is_ignored_name(name) or (not prefix and name == TESTS_DIR):
+                    continue
+                path = Path(entry.path)
+                if not _inside(path.resolve(), root):
+                    issues.append(_outside(path, root))
+                    continue
+                folders.append((entry.path, f"{prefix}{name}/"))
                 continue
-            if not _inside((here / name).resolve(), root):
-                issues.append(_outside(here / name, root))
-                continue
-            keep.append(name)
-        dirnames[:] = keep
-        for name in sorted(filenames):
-            path = here / name
             if is_ignored_name(name) or not name.endswith(RULE_SUFFIXES):
                 continue
-            if here == root and name in NOT_RULE_FILES:
+            if not prefix and name in NOT_RULE_FILES:
                 continue
             # A file that is not a symlink is where its folder is, and the folder was checked
             # (resolving each of 10,000 files was most of a reload of an unchanged tree).
-            if os.path.islink(path) and not _inside(path.resolve(), root):
-                issues.append(_outside(path, root))
+            try:
+                link = entry.is_symlink()
+            except OSError:
+                link = False
+            if link and not _inside(Path(entry.path).resolve(), root):
+                issues.append(_outside(Path(entry.path), root))
                 continue
-            found.append(path)
+            found.append((f"{prefix}{name}", entry.path))
+        pending.extend(reversed(folders))  # depth first, in name order, as os.walk
     return found, issues
 
 
@@ -186,7 +218,9 @@ def _outside(path: Path, root: Path) -> Issue:
 def rule_files(root: Path) -> tuple[list[Path], list[Issue]]:
     """The files :func:`load_rules` reads below `root`, and the problems of the tree's layout
     (the rules editor writes only where the loader reads: one predicate for both)."""
-    return _discover(root.resolve())
+    real = root.resolve()
+    found, issues = _discover(real)
+    return [Path(path) for _, path in found], issues
 
 
 def _special(mode: int) -> str | None:
@@ -203,12 +237,29 @@ def read_capped(path: Path, rel: str, issues: list[Issue]) -> bytes | None:
     over 1 MiB: no more than one byte past the limit is read). A FIFO, socket or device is
     never opened (stat first), and the open itself cannot block (O_NONBLOCK, then fstat: the
     name may have been swapped in between)."""
+    got = _read_file(path, rel, issues)
+    return None if got is None else got[0]
+
+
+# What says that a file is the one read before: (device, inode, size, mtime, ctime), the last
+# two in nanoseconds. The ctime changes on every write, rename over the name or chmod, and
+# cannot be set back by a program (the mtime can: touch -d, cp -p, tar, git keep old ones).
+FileStat = tuple[int, int, int, int, int]
+
+
+def file_stat(st: os.stat_result) -> FileStat:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _read_file(path: str | Path, rel: str, issues: list[Issue]) -> tuple[bytes, FileStat] | None:
+    """read_capped, and the stat of the file that was read (of the open file itself)."""
     try:
         problem = _special(os.stat(path).st_mode)
         if problem is None:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
             with os.fdopen(fd, "rb") as fh:
-                problem = _special(os.fstat(fd).st_mode)
+                st = os.fstat(fd)
+                problem = _special(st.st_mode)
                 data = fh.read(MAX_FILE_BYTES + 1) if problem is None else b""
     except OSError as err:
         issues.append(Issue(rel, 0, f"cannot read: {err.strerror or err}"))
@@ -219,7 +270,7 @@ def read_capped(path: Path, rel: str, issues: list[Issue]) -> bytes | None:
     if len(data) > MAX_FILE_BYTES:
         issues.append(Issue(rel, 1, f"file is larger than {MAX_FILE_BYTES // 1024} KiB"))
         return None
-    return data
+    return data, file_stat(st)
 
 
 @dataclass(frozen=True)
@@ -232,14 +283,34 @@ class _Parsed:
     lines: tuple[int, ...] = ()
 
 
+# A stat is trusted only for a file last changed this long before it was read: a write within
+# the time stamps' granularity (a clock tick of a few ms on ext4, 1-2 s on some file systems)
+# after the read could leave size, mtime and ctime as they were (git's "racily clean" case).
+RACY_NS = 3_000_000_000
+
+
 class ParseCache:
     """Parsed files by path and content, kept between reloads: a reload parses only the files
-    that changed (the models are immutable, so the unchanged ones are reused as they are)."""
+    that changed (the models are immutable, so the unchanged ones are reused as they are).
+
+    It also remembers, in memory only, the stat of each file when it was read (FileStat): a
+    reload whose every file still has the stat it had when the last set was built from it, in
+    the same listing, takes that set without reading a file (:meth:`unchanged`). The content
+    hash stays the truth: any other stat, and the file is read and hashed again. A start never
+    trusts a stat (they are not kept on disk): it reads and hashes every file."""
 
     def __init__(self) -> None:
         self._files: dict[str, tuple[bytes, _Parsed]] = {}
         self._pool = Pool()  # equal parts of postbacks share one object (daemon.sharing)
         self._last: tuple[tuple[tuple[str, bytes], ...], RuleSet] | None = None
+        self._stats: dict[str, tuple[FileStat, bytes]] = {}  # path -> (stat, content hash)
+        self._root: Path | None = None
+
+    def use_root(self, root: Path) -> None:
+        """The (resolved) rules folder of this load: another one forgets every stat."""
+        if root != self._root:
+            self._stats.clear()
+            self._root = root
 
     def parse(self, rel: str, data: bytes) -> _Parsed:
         digest = hashlib.sha256(data).digest()
@@ -256,6 +327,43 @@ class ParseCache:
         keep = set(rels)
         for rel in [r for r in self._files if r not in keep]:
             del self._files[rel]
+        for rel in [r for r in self._stats if r not in keep]:
+            del self._stats[rel]
+
+    def record_stats(self, stats: Mapping[str, FileStat], started_ns: int) -> None:
+        """The stat of each file as it was read (after parse: its content hash is known).
+        A file changed less than RACY_NS before `started_ns` (taken before any read) is not
+        trusted: it is read again next time, until it has been quiet for that long."""
+        limit = started_ns - RACY_NS
+        for rel, stat in stats.items():
+            hit = self._files.get(rel)
+            if hit is not None and max(stat[3], stat[4]) < limit:
+                self._stats[rel] = (stat, hit[0])
+            else:
+                self._stats.pop(rel, None)
+
+    def unchanged(self, found: Iterable[tuple[str, str]]) -> RuleSet | None:
+        """The last set, if `found` (relative path, path) are exactly the files it was built
+        from and each still has the stat recorded when its content (hash) was read; else None
+        (the caller reads and hashes every file)."""
+        last = self._last
+        if last is None:
+            return None
+        fingerprint, rules = last
+        files = list(found)
+        if len(files) != len(fingerprint):
+            return None
+        for (rel, path), (want_rel, want_digest) in zip(sorted(files), fingerprint, strict=True):
+            known = self._stats.get(rel)
+            if rel != want_rel or known is None or known[1] != want_digest:
+                return None
+            try:
+                st = os.stat(path)  # a symlink: its target's (a new target is another inode)
+            except OSError:
+                return None
+            if file_stat(st) != known[0]:
+                return None
+        return rules
 
     def fingerprint(self, rels: Iterable[str]) -> tuple[tuple[str, bytes], ...]:
         """The (path, content hash) of every file of a load (after parse of each)."""

@@ -61,6 +61,9 @@ def build_runtime(
 ) -> Runtime:
     """The runtime of a rule set; a postback whose model is the very one of `previous` (its file
     did not change, see loader.ParseCache) keeps its action object."""
+    if previous is not None and rules.postbacks is previous.rules.postbacks:
+        # The very set of postbacks (a reload of unchanged files): the very actions.
+        return Runtime(rules, previous.actions, {GENERIC: GENERIC_SOURCE, **sources}, policy)
     before = previous.rules.postbacks if previous else {}
     actions: dict[int, Action] = {}
     # Postbacks that share one action model (daemon.sharing) share one action object.
@@ -148,7 +151,9 @@ class Reloader:
             policy = load_policy(self.rules_dir)
         except RulesError as err:
             issues.extend(err.issues)
-        if rules is not None:
+        previous = self._file_runtime
+        if rules is not None and not (previous and rules.postbacks is previous.rules.postbacks):
+            # (the very postbacks of the running set passed this check when it was loaded)
             issues.extend(file_id_issues(rules.postbacks.values()))
         try:
             sources = self._load_sources()
@@ -156,9 +161,7 @@ class Reloader:
             issues.extend(err.issues)
         if rules is None or sources is None or issues:
             raise RulesError(issues)
-        return build_runtime(
-            rules, sources, self.resources, previous=self._file_runtime, policy=policy
-        )
+        return build_runtime(rules, sources, self.resources, previous=previous, policy=policy)
 
     def _composed(self, file_runtime: Runtime) -> Runtime:
         return self.overlay.compose(file_runtime) if self.overlay else file_runtime

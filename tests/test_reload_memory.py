@@ -54,3 +54,19 @@ async def test_a_reload_parses_only_changed_files_and_keeps_unchanged_actions(
     finally:
         await daemon.client.close()
         gc.unfreeze()
+
+
+async def test_a_reload_of_an_unchanged_tree_keeps_the_running_set(tmp_path: Path) -> None:
+    daemon = await start_daemon(tmp_path, {"a.yaml": RULE % 1}, dispatch=False)
+    try:
+        before = daemon.services.reloader.runtime
+        assert await daemon.services.reloader.reload("test")
+        after = daemon.services.reloader.runtime
+        assert after is not before  # swapped, with the version and load time of now
+        assert after.rules.postbacks[1] is before.rules.postbacks[1]
+        assert after.actions[1] is before.actions[1]
+        assert after.rules.version.digest == before.rules.version.digest
+        assert daemon.services.reloader.status.reloads_ok == 1
+    finally:
+        await daemon.client.close()
+        gc.unfreeze()
