@@ -39,6 +39,7 @@ waiter unlocks at once. The uncontended path is one non-blocking ``flock`` call 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -71,6 +72,7 @@ class LockFile:
         self._pending = False  # the waiter thread is in a blocking flock
         self._request = threading.Condition(self._mutex)
         self._closed = False
+        self._broken = False  # a flock call failed: the lock is no longer used
         self._waiter: threading.Thread | None = None
         self.contended = 0  # acquisitions that had to wait, for tests and benchmarks
         self.timeouts = 0  # waits that ended at their bound
@@ -85,23 +87,28 @@ class LockFile:
         try:
             fd = _open(path, database)
         except OSError as err:
-            log.warning(
-                "sqlite_write_lock_unavailable",
-                path=str(path),
-                error=f"{err.__class__.__name__}: {os.strerror(err.errno) if err.errno else err}",
-                effect="processes sharing this database wait in SQLite's busy handler",
-            )
+            _unavailable(path, err)
             return None
         return cls(fd, path)
 
     def acquire(self, timeout: float) -> bool:
-        """Take the lock within `timeout` seconds; False if it stayed held that long."""
+        """Take the lock within `timeout` seconds; False if it stayed held that long (or the
+        lock file failed: then at once)."""
         with self._mutex:
+            if self._broken:
+                return False
             if self._pending:  # an earlier wait timed out: its request still stands
                 self._wanted = True
-            elif self._try():
-                return True
             else:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pass
+                except OSError as err:
+                    self._disable(err)
+                    return False
+                else:
+                    return True
                 self._wanted = True
                 self._pending = True
                 self._granted.clear()
@@ -110,16 +117,20 @@ class LockFile:
         self.contended += 1
         got = self._granted.wait(timeout)
         with self._mutex:
-            if got or self._granted.is_set():
-                self._granted.clear()
-                self._wanted = False
-                return True
-            self._wanted = False  # the waiter unlocks at once if it is granted later
-            self.timeouts += 1
-            return False
+            self._wanted = False  # if granted later, the waiter unlocks at once
+            granted = got or self._granted.is_set()
+            self._granted.clear()
+            if not granted:
+                self.timeouts += 1
+            # A waiter whose flock failed sets `granted` to wake us; the lock is then disabled.
+            return granted and not self._broken
 
     def release(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError as err:
+            with self._mutex:
+                self._disable(err)
 
     def close(self) -> None:
         """Stop the waiter thread and close the file (which drops a lock still held)."""
@@ -131,14 +142,17 @@ class LockFile:
             return
         if waiter is not None:
             waiter.join()
-        os.close(self._fd)
+        self._close_fd()
 
-    def _try(self) -> bool:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
+    def _close_fd(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    def _disable(self, err: OSError) -> None:
+        """A flock call failed: from now on the writer goes without (one warning line)."""
+        if not self._broken:
+            self._broken = True
+            _unavailable(self.path, err)
 
     def _start_waiter(self) -> None:
         if self._waiter is None:
@@ -154,16 +168,33 @@ class LockFile:
                     self._request.wait()
                 if self._closed and not self._pending:
                     return
-            fcntl.flock(self._fd, fcntl.LOCK_EX)  # blocking; releases the GIL
+            error: OSError | None = None
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)  # blocking; releases the GIL
+            except OSError as err:
+                error = err
             with self._mutex:
                 self._pending = False
                 if self._closed:
-                    os.close(self._fd)  # drops the lock
+                    self._close_fd()  # drops the lock
+                    return
+                if error is not None:
+                    self._disable(error)
+                    self._granted.set()  # wakes the caller, which finds the lock disabled
                     return
                 if self._wanted:
                     self._granted.set()
                 else:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def _unavailable(path: Path, err: OSError) -> None:
+    log.warning(
+        "sqlite_write_lock_unavailable",
+        path=str(path),
+        error=f"{err.__class__.__name__}: {os.strerror(err.errno) if err.errno else err}",
+        effect="processes sharing this database wait in SQLite's busy handler",
+    )
 
 
 def _open(path: Path, database: str) -> int:

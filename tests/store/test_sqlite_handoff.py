@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import resource
 import signal
 import sqlite3
 import stat
@@ -279,6 +280,25 @@ async def test_a_lock_file_that_cannot_be_opened_means_one_warning_and_sqlites_w
     assert warnings[0]["log_level"] == "warning"
     assert warnings[0]["path"] == str(tmp_path / f"shared.db{SUFFIX}")
     assert _rows(db) == [("plain", 0), ("plain", 0)]
+
+
+async def test_a_failing_flock_disables_the_hand_off_with_one_warning(tmp_path: Path) -> None:
+    db = tmp_path / "shared.db"
+    _setup(db)
+    async with _writer(db, 5.0) as writer:
+        lock = writer.lock
+        assert lock is not None
+        # The descriptor goes bad under the writer (flock answers EBADF), as an NFS mount that
+        # cannot lock (ENOLCK) would.
+        os.close(lock._fd)
+        lock._fd = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # never a valid descriptor
+        with capture_logs() as logs:
+            await writer.submit(_insert("first"))
+            await writer.submit(_insert("second"))
+    warnings = [entry for entry in logs if entry["event"] == "sqlite_write_lock_unavailable"]
+    assert len(warnings) == 1
+    assert "EBADF" in warnings[0]["error"] or "Bad file descriptor" in warnings[0]["error"]
+    assert _rows(db) == [("first", 0), ("second", 0)]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own the lock file like the db")
