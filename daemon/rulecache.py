@@ -31,16 +31,17 @@ import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from daemon.loader import ParseCache, RuleSet
+from daemon.loader import ParseCache, RuleSet, RulesVersion, rebuild_set
 
 log = structlog.get_logger("postbackd.rulecache")
 
-FORMAT = 2  # bump when what is pickled changes in a way the code hash would not show
+FORMAT = 3  # bump when what is pickled changes in a way the code hash would not show
 MAGIC = b"postbackd parsed-rules cache\n"
 FILE_NAME = "parsed.pickle"
 MAX_HEADER = 4096
@@ -80,9 +81,23 @@ class Snapshot:
 
 
 def encode(snapshot: Snapshot, code: str) -> bytes:
-    data = {"files": snapshot.files, "last": snapshot.last}
+    return b"".join(_encoded(snapshot, code))
+
+
+def _encoded(snapshot: Snapshot, code: str) -> tuple[bytes, bytes]:
+    """The file's header (magic and JSON line) and its payload, written one after the other.
+
+    The last set is kept as its fingerprint, version, secrets and load time only: its
+    postbacks are those of the parsed files, and decode() builds its mappings again
+    (loader.rebuild_set). Pickled as well, they were a second copy of every postback, and the
+    objects pickle builds and keeps to the end of a load were holes in memory after it."""
+    last = snapshot.last
+    if last is not None:
+        fingerprint, rules = last
+        last = (fingerprint, (rules.version, rules.secrets, rules.loaded_at))
+    data = {"files": snapshot.files, "last": last}
     payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
-    return MAGIC + json.dumps(_header(payload, code)).encode() + b"\n" + payload
+    return MAGIC + json.dumps(_header(payload, code)).encode() + b"\n", payload
 
 
 def decode(blob: bytes, code: str) -> tuple[Snapshot | None, str]:
@@ -97,7 +112,7 @@ def decode(blob: bytes, code: str) -> tuple[Snapshot | None, str]:
         header = json.loads(blob[len(MAGIC) : end])
     except ValueError:
         return None, "damaged header"
-    payload = blob[end + 1 :]
+    payload = memoryview(blob)[end + 1 :]  # not a copy (12 MiB with 100,000 postbacks)
     if not isinstance(header, dict):
         return None, "damaged header"
     if header.get("format") != FORMAT or header.get("python") != sys.version.split()[0]:
@@ -118,11 +133,22 @@ def decode(blob: bytes, code: str) -> tuple[Snapshot | None, str]:
         isinstance(k, str) and isinstance(v, tuple) and len(v) == 2 for k, v in files.items()
     ):
         return None, "unexpected contents"
-    if last is not None and not (
-        isinstance(last, tuple) and len(last) == 2 and isinstance(last[1], RuleSet)
+    if last is None:
+        return Snapshot(files), ""
+    if not (
+        isinstance(last, tuple)
+        and len(last) == 2
+        and isinstance(last[0], tuple)
+        and isinstance(last[1], tuple)
+        and len(last[1]) == 3
+        and isinstance(last[1][0], RulesVersion)
+        and isinstance(last[1][1], frozenset)
+        and isinstance(last[1][2], datetime)
     ):
         return None, "unexpected contents"
-    return Snapshot(files, last), ""
+    fingerprint, (version, secrets, loaded_at) = last
+    rules = rebuild_set(files, fingerprint, version, secrets, loaded_at)
+    return Snapshot(files, None if rules is None else (fingerprint, rules)), ""
 
 
 class PersistentParseCache(ParseCache):
@@ -190,10 +216,12 @@ class PersistentParseCache(ParseCache):
         tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            blob = encode(snapshot, self._code)
+            parts = _encoded(snapshot, self._code)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as out:
-                out.write(blob)
+                for part in parts:
+                    out.write(part)
+            del parts
             os.replace(tmp, self.path)
         except (OSError, pickle.PicklingError, TypeError, AttributeError) as err:
             # Safe to lose: the next start parses the YAML.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,15 @@ def test_stale_code_or_format_is_ignored(tmp_path: Path) -> None:
     assert reason == ""
     wrong_shape = encode(Snapshot({"a.yaml": "not a pair"}), "code-1")
     assert decode(wrong_shape, "code-1") == (None, "unexpected contents")
-    not_a_set = encode(Snapshot({}, ((), "not a RuleSet")), "code-1")
+    payload = pickle.dumps({"files": {}, "last": ((), "not a set's version")})
+    header = {
+        "format": rulecache.FORMAT,
+        "python": sys.version.split()[0],
+        "code": "code-1",
+        "length": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    not_a_set = MAGIC + json.dumps(header).encode() + b"\n" + payload
     assert decode(not_a_set, "code-1") == (None, "unexpected contents")
 
 
@@ -269,3 +278,90 @@ def test_a_start_with_unchanged_files_takes_the_cached_set(
     third, _ = _load(rules, state)
     assert builds == [1]
     assert "changed" in third.postbacks[1].postback.action.url.source
+
+
+def _shape(rules: Any) -> Any:
+    """Everything a reader of a rule set sees: each postback as the API and explain read it
+    (its model dumped, offer, goals, file, line), the offers and the matching index by id, the
+    files, the version and the secrets."""
+    return (
+        [
+            (pid, lp.postback.model_dump(mode="json"), lp.offer, lp.goals_enabled, lp.file, lp.line)
+            for pid, lp in rules.postbacks.items()
+        ],
+        {offer: [lp.id for lp in lps] for offer, lps in rules.offers.items()},
+        {key: [lp.id for lp in lps] for key, lps in rules.active.items()},
+        rules.files,
+        rules.version.digest,
+        rules.secrets,
+    )
+
+
+def test_a_set_from_the_cache_is_the_set_from_yaml(tmp_path: Path, counted: list[str]) -> None:
+    """The cache keeps each file's postbacks as flat field values (RuleFile.__reduce__) and the
+    last set as its fingerprint (rebuilt from the parsed files): what comes back is what YAML
+    gives, with its parts still shared, and models that compare, dump and copy as before."""
+    rules, state = _tree(tmp_path), tmp_path / "state"
+    secret_url = "http://127.0.0.1:9/pb?k=${secret:TOKEN}"
+    write_rules(
+        rules,
+        {
+            "c.yaml": _offer(3, 20, secret_url),
+            "d.yaml": "offer: 3\ngoals_enabled: false\npostbacks:\n"
+            "  - {id: 30, trigger: conversion_reject, affiliate: '7', goal: g1, status: disabled,"
+            " retry: {max_attempts: 3}, action: {type: ping_url, url: 'http://127.0.0.1:9/d'}}\n",
+            "empty.yaml": "",
+        },
+    )
+    fresh = load_rules(rules, git=False)
+    _load(rules, state)
+    counted.clear()
+    cached, cache = _load(rules, state)
+    assert counted == []
+    assert cache.loaded == 5
+    assert _shape(cached) == _shape(fresh)
+    for pid, lp in cached.postbacks.items():
+        again = fresh.postbacks[pid]
+        assert lp.postback == again.postback
+        assert lp.postback.__pydantic_fields_set__ == again.postback.__pydantic_fields_set__
+        assert lp.postback.model_copy(update={"status": "disabled"}).status == "disabled"
+        assert lp.postback.active == again.postback.active
+    # the set's postbacks are the parsed files' own models (one copy of each)
+    parsed = {
+        id(pb)
+        for _, (_, one) in cache._files.items()
+        if one.rule_file
+        for pb in one.rule_file.postbacks
+    }
+    assert {id(lp.postback) for lp in cached.postbacks.values()} <= parsed
+    pbs = [lp.postback for lp in cached.postbacks.values()]
+    assert len({id(pb.action) for pb in pbs if pb.id < 20}) == 1  # still shared across files
+    assert len({id(pb.author) for pb in pbs if pb.author is not None}) == 1
+    assert len({id(pb.condition) for pb in pbs if pb.condition is not None}) == 3
+    assert cached.postbacks[30].postback.retry is not None
+    assert cached.postbacks[30].postback.retry.max_attempts == 3
+
+
+def test_a_rule_file_with_private_state_pickles_as_pydantic_does() -> None:
+    from daemon.rules import RuleFile
+
+    rule_file = RuleFile.model_validate(
+        {
+            "offer": 1,
+            "postbacks": [
+                {
+                    "id": 1,
+                    "trigger": "conversion_done",
+                    "affiliate": "*",
+                    "action": {"type": "ping_url", "url": "http://127.0.0.1:9/"},
+                }
+            ],
+        }
+    )
+    plain = pickle.loads(pickle.dumps(rule_file))  # noqa: S301 (made here)
+    assert plain == rule_file
+    assert plain.postbacks[0].id == 1
+    object.__setattr__(rule_file, "__pydantic_private__", {"x": 1})
+    again = pickle.loads(pickle.dumps(rule_file))  # noqa: S301 (made here)
+    assert again.__pydantic_private__ == {"x": 1}
+    assert again == rule_file
