@@ -190,6 +190,9 @@ def parse_address(text: str) -> IPAddress | None:
     return address
 
 
+ACCESS_CACHE_SIZE = 4096  # access decisions each policy keeps (AccessPolicy.check)
+ACCESS_CACHE_HOPS = 256  # X-Forwarded-For characters beyond which a decision is not kept
+
 LOOPBACK: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
     ipaddress.ip_network("::1/128"),
@@ -210,6 +213,13 @@ class AccessPolicy:
     allow: tuple[IPNetwork, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = ()
     loopback_only: bool = False
+    # Decisions already made: (peer, X-Forwarded-For values, relayed, from_browser) -> None
+    # (the client may post) or the refusal's message. A decision depends on nothing else, and a
+    # policy never changes (a reload builds a new one, with an empty cache). Bounded: emptied
+    # when full, and long X-Forwarded-For values are decided every time, never kept.
+    _decisions: dict[tuple[str | None, tuple[str, ...], bool, bool], str | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @property
     def open_beyond_loopback(self) -> bool:
@@ -242,13 +252,40 @@ class AccessPolicy:
         """ForbiddenError unless the client may post; `relayed`: the request carries another
         proxy header (`Forwarded`, `X-Real-IP`), `from_browser`: a header only browsers send
         (`Origin`, `Sec-Fetch-*`); both only matter to `loopback_only`."""
+        hops = tuple(forwarded_for)
+        key = (peer, hops, relayed, from_browser)
+        decisions = self._decisions
+        if key in decisions:
+            refusal = decisions[key]
+        else:
+            refusal = self._decide(peer, hops, relayed, from_browser)
+            if sum(map(len, hops)) <= ACCESS_CACHE_HOPS:
+                if len(decisions) >= ACCESS_CACHE_SIZE:
+                    decisions.clear()
+                decisions[key] = refusal
+        if refusal is not None:
+            raise ForbiddenError(refusal)
+
+    def _decide(
+        self, peer: str | None, forwarded_for: tuple[str, ...], relayed: bool, from_browser: bool
+    ) -> str | None:
+        """None when the client may post, else why not (check's ForbiddenError message)."""
+        try:
+            self._check(peer, forwarded_for, relayed, from_browser)
+        except ForbiddenError as err:
+            return err.message
+        return None
+
+    def _check(
+        self, peer: str | None, forwarded_for: tuple[str, ...], relayed: bool, from_browser: bool
+    ) -> None:
         if self.loopback_only:
             if from_browser:
                 raise ForbiddenError(
                     "this source takes loopback clients only, and not requests a web browser "
                     "makes (a web page could post them)"
                 )
-            self._check_local(peer, list(forwarded_for), relayed)
+            self._check_local(peer, forwarded_for, relayed)
         if not self.allow:
             return
         client = self.client_address(peer, forwarded_for)
@@ -257,7 +294,7 @@ class AccessPolicy:
         if not _within(client, self.allow):
             raise ForbiddenError(f"client address {client} is not allowed")
 
-    def _check_local(self, peer: str | None, forwarded_for: list[str], relayed: bool) -> None:
+    def _check_local(self, peer: str | None, forwarded_for: tuple[str, ...], relayed: bool) -> None:
         address = parse_address(peer) if peer else None
         untrusted = address is not None and not _within(address, self.trusted_proxies)
         if untrusted and (relayed or any(value.strip() for value in forwarded_for)):

@@ -153,7 +153,17 @@ class Condition:
     def truthy(self, data: Any) -> bool:
         """Whether the condition holds for `data`; any failure means False. Never raises."""
         try:
-            return is_truthy(self(data))
+            rule = self._rule
+            if rule is not None and type(data) is Prepared:  # matching's case: __call__ inlined
+                try:
+                    result = rule.evaluate_data(data._handle)
+                except dl.DataLogicError as err:
+                    raise ConditionEvalError(err.error_type, err.operator) from err
+            else:
+                result = self(data)
+            if type(result) is bool:
+                return result
+            return is_truthy(result)
         except ConditionEvalError as err:
             _log.warning("condition_error", error_type=err.error_type, operator=err.operator)
         except Exception as err:  # the contract is "never raises": a bug must not stop matching
@@ -297,6 +307,7 @@ def _plain_logic(logic: Any) -> Any:
 
 
 _SIMPLE: Final = frozenset({str, int, bool, type(None)})
+_STR: Final = frozenset({str})
 
 
 def _plain_data(data: Any) -> Any:
@@ -314,17 +325,21 @@ def _plain_data(data: Any) -> Any:
         if isinstance(value, dict):
             members = {name: item for name, item in value.items() if item is not None}
             parent[key] = members
-            for name, item in members.items():
-                if type(name) is not str:
-                    raise ConditionEvalError("DataNotJSON")
-                if type(item) not in _SIMPLE:
-                    stack.append((item, members, name, level + 1))
+            if not _STR.issuperset(map(type, members)):  # the key types, checked in C
+                raise ConditionEvalError("DataNotJSON")
+            stack += [
+                (item, members, name, level + 1)
+                for name, item in members.items()
+                if type(item) not in _SIMPLE
+            ]
         else:
             items = list(value)
             parent[key] = items
-            for index, item in enumerate(items):
-                if type(item) not in _SIMPLE:
-                    stack.append((item, items, index, level + 1))
+            stack += [
+                (item, items, index, level + 1)
+                for index, item in enumerate(items)
+                if type(item) not in _SIMPLE
+            ]
     return root[0]
 
 

@@ -31,16 +31,18 @@ def match(rules: RuleSet, conversion: Conversion, data: Mapping[str, Any]) -> li
     if rules.by_affiliate:  # store postbacks of this conversion's affiliate (ids above files')
         own = (conversion.offer, conversion.trigger, conversion.affiliate)
         candidates += rules.by_affiliate.get(own, ())
+    affiliate = conversion.affiliate
     for lp in candidates:
         pb = lp.postback
-        if pb.affiliate != ANY_AFFILIATE and pb.affiliate != conversion.affiliate:
+        if pb.affiliate != ANY_AFFILIATE and pb.affiliate != affiliate:
             continue
         if lp.goals_enabled and pb.goal is not None and pb.goal != goal:
             continue
-        if pb.condition is not None:
+        condition = pb.condition
+        if condition is not None:
             if prepared is None:
                 prepared = _prepare(data)
-            if prepared is _UNUSABLE or not pb.condition.truthy(prepared):
+            if prepared is _UNUSABLE or not condition.truthy(prepared):
                 continue
         fired.append(lp)
     return fired

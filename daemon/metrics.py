@@ -257,6 +257,11 @@ class Metrics:
         ProcessCollector(registry=reg)
         self._refresh_lock = asyncio.Lock()
         self.observed: ObservedStore | None = None
+        # The labelled children of the per-request counters, looked up once per label values
+        # (labels() validates and locks on every call). Bounded: routes are the app's patterns,
+        # codes are HTTP's, sources are the loaded ones, transitions four.
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._arrivals: dict[tuple[str, str], Any] = {}
 
     # --- hooks ------------------------------------------------------------------------------
 
@@ -280,7 +285,11 @@ class Metrics:
 
     def arrival(self, source: str, transition: Transition | str) -> None:
         """A committed arrival (daemon.app's `_arrival_committed`)."""
-        self.conversions.labels(source, str(transition)).inc()
+        key = (source, str(transition))
+        child = self._arrivals.get(key)
+        if child is None:
+            child = self._arrivals[key] = self.conversions.labels(*key)
+        child.inc()
 
     def attempt(self, action: str, outcome: str, duration: float) -> None:
         """The dispatcher's `on_attempt` hook; a cancellation sent nothing and is not timed."""
@@ -303,7 +312,11 @@ class Metrics:
             code = 499  # the client went away first (nginx's code for it); not a server error
             raise
         finally:
-            self.http_requests.labels(_route(request), str(code)).inc()
+            key = (_route(request), code)
+            child = self._requests.get(key)
+            if child is None:
+                child = self._requests[key] = self.http_requests.labels(key[0], str(code))
+            child.inc()
 
     # --- scraping ---------------------------------------------------------------------------
 

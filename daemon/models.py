@@ -33,6 +33,7 @@ class Transition(StrEnum):
     STALE = "stale"
 
 
+STATUS_OF: Mapping[str, Status] = {status.value: status for status in Status}
 TRIGGER_OF_STATUS: Mapping[Status, Trigger] = {
     Status.PENDING: Trigger.PENDING,
     Status.APPROVED: Trigger.DONE,
@@ -75,6 +76,8 @@ CANONICAL_FIELDS: tuple[str, ...] = (
     *SUB_FIELDS,
     *LEAD_FIELDS,
 )
+_CANONICAL = frozenset(CANONICAL_FIELDS)
+_REQUIRED = frozenset(REQUIRED_FIELDS)
 # What a rule may read besides the canonical fields (SPEC 5).
 CONTEXT_FIELDS = ("source", "transition", "previous_status", "trigger", "received_at")
 # Fields logged only masked while log.mask_pii is on (SPEC 14).
@@ -93,11 +96,20 @@ _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 _UNIX_TIME = re.compile(r"[0-9]{1,12}(?:\.[0-9]+)?")
 
 
+def plain_value(value: str) -> bool:
+    """Whether check_value would take `value`, decided cheaply for the common case; False says
+    only that the full check must run. str.isprintable() is false for every control character
+    (Unicode category Cc: C0, DEL and C1) and every lone surrogate (Cs), among others."""
+    return len(value) <= MAX_VALUE_LENGTH and value.isprintable()
+
+
 def check_value(name: str, value: str) -> str:
     """Refuse what no tracker legitimately sends: over-long values, control characters (CR, LF
     and tab included), lone surrogates."""
     if len(value) > MAX_VALUE_LENGTH:
         raise InputError(f"value longer than {MAX_VALUE_LENGTH} characters", name)
+    if value.isprintable():  # neither control characters nor surrogates (see plain_value)
+        return value
     if _CONTROL.search(value):
         raise InputError("value contains control characters", name)
     try:
@@ -162,29 +174,25 @@ class Conversion:
     def parse(cls, params: Mapping[str, str], extra: Mapping[str, str] | None = None) -> Conversion:
         """Build from canonical name -> string value; raise InputError naming the bad field."""
         for name, value in params.items():
-            check_value(name, value)
+            if not plain_value(value):
+                check_value(name, value)
         for name, value in (extra or {}).items():
-            check_value(f"extra.{name}", value)
+            if not plain_value(value):
+                check_value(f"extra.{name}", value)
         for name in REQUIRED_FIELDS:
             if not params.get(name, "").strip():
                 raise InputError("required field missing", name)
-        try:
-            status = Status(params["status"].strip().lower())
-        except ValueError as err:
-            raise InputError("unknown status value", "status") from err
+        status = STATUS_OF.get(params["status"].strip().lower())  # Status(...), without the call
+        if status is None:
+            raise InputError("unknown status value", "status")
         currency = params.get("currency", "")
         if currency and not _CURRENCY.match(currency):
             raise InputError("not an ISO 4217 currency code", "currency")
         decimals = {n: parse_decimal(n, params[n]) for n in DECIMAL_FIELDS if params.get(n)}
         event_time = parse_event_time(params["event_time"]) if params.get("event_time") else None
-        rest = {
-            k: v
-            for k, v in params.items()
-            if k in CANONICAL_FIELDS and k not in REQUIRED_FIELDS and v != ""
-        }
-        unknown = sorted(set(params) - set(CANONICAL_FIELDS))
-        if unknown:
-            raise InputError("not a canonical field", unknown[0])
+        if not _CANONICAL.issuperset(params):
+            raise InputError("not a canonical field", min(set(params) - _CANONICAL))
+        rest = {k: v for k, v in params.items() if k not in _REQUIRED and v != ""}
         return cls(
             conversion_id=params["conversion_id"].strip(),
             offer=params["offer"].strip(),
@@ -245,7 +253,7 @@ def rule_data(
     received_at: datetime,
 ) -> dict[str, Any]:
     """The mapping that conditions see (JSON values: payout and revenue are numbers)."""
-    data: dict[str, Any] = {name: None for name in CANONICAL_FIELDS}
+    data: dict[str, Any] = dict.fromkeys(CANONICAL_FIELDS)
     data.update(conversion.canonical())
     for name in DECIMAL_FIELDS:
         value = getattr(conversion, name)
@@ -280,11 +288,9 @@ def arrival_view(
 
 def macro_values(data: Mapping[str, Any], conversion: Conversion) -> dict[str, str]:
     """The strings that macros render: canonical fields exactly as sent, context as text."""
-    values: dict[str, str] = {}
-    for name, value in data.items():
-        if name == "extra" or value is None:
-            continue
-        values[name] = str(value)
+    values = {
+        name: str(value) for name, value in data.items() if value is not None and name != "extra"
+    }
     values.update(conversion.canonical())
     for name, value in conversion.extra.items():
         values[f"extra.{name}"] = value

@@ -12,6 +12,7 @@ import ipaddress
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -30,7 +31,7 @@ from daemon.auth import (
 )
 from daemon.errors import InputError, Issue, RulesError, SecretError
 from daemon.loader import is_ignored_name, read_capped
-from daemon.models import CANONICAL_FIELDS, Conversion, Status
+from daemon.models import CANONICAL_FIELDS, STATUS_OF, Conversion
 from daemon.secrets import SecretResolver
 from daemon.source_files import (
     SOURCE_NAME,
@@ -61,19 +62,35 @@ class Source:
     public: bool = False  # its file says it takes conversions without credentials on purpose
     file: str = ""  # where it was read from (`webhooks/x.yaml`), for warnings; "" built in
 
-    def to_conversion(self, params: Mapping[str, str]) -> Conversion:
-        """Canonical conversion from inbound parameters; InputError names the inbound field."""
+    @cached_property
+    def _mapping(self) -> tuple[dict[str, tuple[tuple[int, str], ...]], frozenset[str]]:
+        """Inbound parameter -> the canonical fields it fills, each with its place in
+        CANONICAL_FIELDS; and the parameters that never land in `extra` (those mapped, even
+        when empty, and credentials). Worked out once per loaded source, not per request."""
         consumed = self.gate.consumed
-        canonical: dict[str, str] = dict(self.defaults)
-        used: set[str] = set(consumed)  # mapped parameters never land in `extra`, even empty
-        for name in CANONICAL_FIELDS:
+        targets: dict[str, list[tuple[int, str]]] = {}
+        for place, name in enumerate(CANONICAL_FIELDS):
             param = self.fields.get(name, name)
             if param is None or param in consumed:
                 continue
-            used.add(param)
-            value = params.get(param, "")
-            if value != "":
-                canonical[name] = value
+            targets.setdefault(param, []).append((place, name))
+        used = frozenset(consumed).union(targets)
+        return {param: tuple(found) for param, found in targets.items()}, used
+
+    def to_conversion(self, params: Mapping[str, str]) -> Conversion:
+        """Canonical conversion from inbound parameters; InputError names the inbound field."""
+        targets, used = self._mapping
+        canonical: dict[str, str] = dict(self.defaults)
+        # The canonical fields given a value, filled in CANONICAL_FIELDS order (the order of
+        # the stored fields), walking the parameters sent rather than every canonical name.
+        found = sorted(
+            (place, name, value)
+            for param, value in params.items()
+            if value != "" and param in targets
+            for place, name in targets[param]
+        )
+        for _, name, value in found:
+            canonical[name] = value
         if "status" in canonical:
             canonical["status"] = self._status(canonical["status"])
         extra = {k: v for k, v in params.items() if k not in used}
@@ -90,7 +107,7 @@ class Source:
         mapped = self.status_map.get(key)
         if mapped is not None:
             return mapped
-        if key in Status.__members__.values():
+        if key in STATUS_OF:
             return key
         raise InputError("unknown status value", self._inbound("status"))
 

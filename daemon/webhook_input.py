@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from daemon.errors import InputError
-from daemon.models import check_value
+from daemon.models import check_value, plain_value
 
 MAX_BODY = 64 * 1024
 MAX_PARAMS = 200
@@ -57,13 +57,15 @@ def _add(params: dict[str, str], name: str, value: str) -> None:
         raise InputError("a parameter has an empty name")
     if len(name) > MAX_NAME:
         raise InputError(f"parameter name longer than {MAX_NAME} characters", _safe(name))
-    try:
-        check_value("", name)
-    except InputError as err:
-        raise InputError(
-            f"parameter name {err.message.removeprefix('value ')}", _safe(name)
-        ) from err
-    check_value(_safe(name), value)
+    if not plain_value(name):  # the full checks only where the cheap one cannot tell
+        try:
+            check_value("", name)
+        except InputError as err:
+            raise InputError(
+                f"parameter name {err.message.removeprefix('value ')}", _safe(name)
+            ) from err
+    if not plain_value(value):
+        check_value(_safe(name), value)
     if name in params:
         if params[name] != value:
             raise InputError("parameter given twice with different values", _safe(name))
@@ -73,10 +75,15 @@ def _add(params: dict[str, str], name: str, value: str) -> None:
     params[name] = value
 
 
-def _unquote(text: str, field: str | None) -> str:
+def _unquote(text: str, name: str | None) -> str:
+    """`text` percent- and plus-decoded; an error names the parameter `name` (None: the name
+    itself is being decoded)."""
+    if "%" not in text and "+" not in text:
+        return text  # what unquote_plus returns for it, without the call
     try:
         return unquote_plus(text, errors="strict")
     except UnicodeDecodeError as err:
+        field = None if name is None else _safe(name)  # made only for the error
         raise InputError("not valid UTF-8 (or a lone surrogate)", field) from err
 
 
@@ -86,7 +93,7 @@ def parse_urlencoded(text: str, params: dict[str, str]) -> None:
         if part:
             raw_name, _, raw_value = part.partition("=")
             name = _unquote(raw_name, None)
-            _add(params, name, _unquote(raw_value, _safe(name)))
+            _add(params, name, _unquote(raw_value, name))
 
 
 class _Object(list[tuple[str, Any]]):

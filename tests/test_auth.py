@@ -360,6 +360,80 @@ def test_a_client_that_cannot_be_placed_is_refused() -> None:
         policy.check("127.0.0.1", [])  # the proxy itself is not an allowed client
 
 
+def test_access_decisions_are_kept_per_request_shape_never_across_addresses() -> None:
+    import ipaddress
+
+    net = ipaddress.ip_network
+    policy = AccessPolicy(allow=(net("198.51.100.0/24"),), trusted_proxies=(net("127.0.0.0/8"),))
+    for _ in range(2):  # the second round is answered from the policy's kept decisions
+        policy.check("198.51.100.2", [])
+        with pytest.raises(ForbiddenError, match=r"client address 203.0.113.9 is not allowed"):
+            policy.check("203.0.113.9", [])
+        # the same proxy, a different X-Forwarded-For: decided on its own
+        policy.check("127.0.0.1", ["198.51.100.1"])
+        with pytest.raises(ForbiddenError, match=r"client address 203.0.113.1 is not allowed"):
+            policy.check("127.0.0.1", ["203.0.113.1"])
+        with pytest.raises(ForbiddenError, match=r"client address 203.0.113.1 is not allowed"):
+            policy.check("127.0.0.1", ["198.51.100.1", "203.0.113.1"])  # two header lines
+        with pytest.raises(ForbiddenError, match="cannot be determined"):
+            policy.check("127.0.0.1", ["198.51.100.1, garbage"])
+    local = AccessPolicy(loopback_only=True)
+    for _ in range(2):
+        local.check("127.0.0.1", [])
+        with pytest.raises(ForbiddenError, match="not requests a web browser makes"):
+            local.check("127.0.0.1", [], from_browser=True)
+        with pytest.raises(ForbiddenError, match="through a proxy that is not in trusted"):
+            local.check("127.0.0.1", [], relayed=True)
+        with pytest.raises(ForbiddenError, match="loopback clients only"):
+            local.check("198.51.100.2", [])
+    # a policy changed by a reload is another object: nothing decided before carries over
+    import dataclasses
+
+    changed = dataclasses.replace(policy, allow=(net("203.0.113.0/24"),))
+    with pytest.raises(ForbiddenError, match=r"client address 198.51.100.2 is not allowed"):
+        changed.check("198.51.100.2", [])
+    changed.check("203.0.113.9", [])
+    policy.check("198.51.100.2", [])  # the old policy still decides as it did
+
+
+def test_access_decisions_kept_are_bounded() -> None:
+    import ipaddress
+
+    from daemon.auth import ACCESS_CACHE_HOPS, ACCESS_CACHE_SIZE
+
+    policy = AccessPolicy(
+        allow=(ipaddress.ip_network("10.0.0.0/8"),),
+        trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),),
+    )
+    for n in range(ACCESS_CACHE_SIZE + 10):
+        policy.check(f"10.0.{n // 256}.{n % 256}", [])
+        assert len(policy._decisions) <= ACCESS_CACHE_SIZE
+    policy._decisions.clear()
+    long_chain = ", ".join(["10.1.1.1"] * (ACCESS_CACHE_HOPS // 8 + 1))
+    assert len(long_chain) > ACCESS_CACHE_HOPS
+    policy.check("127.0.0.1", [long_chain])  # decided, not kept: a header could be 8 KiB
+    assert policy._decisions == {}
+    with pytest.raises(ForbiddenError, match=r"client address 192.0.2.1 is not allowed"):
+        policy.check("127.0.0.1", [long_chain + ", 192.0.2.1"])
+
+
+async def test_allow_ips_changed_by_a_reload_apply_at_once(tmp_path: Path) -> None:
+    daemon = await start(tmp_path, {"s.yaml": "allow_ips: [198.51.100.0/24]\n"})
+    try:
+        found = await get(daemon, "s", conversion_id="P1")
+        assert found[:2] == (403, err("client address 127.0.0.1 is not allowed"))
+        (tmp_path / "webhooks" / "s.yaml").write_text("allow_ips: [127.0.0.1/32]\n")
+        assert await daemon.services.reloader.reload("test")
+        assert (await get(daemon, "s", conversion_id="P2"))[0] == 200
+        (tmp_path / "webhooks" / "s.yaml").write_text("allow_ips: [198.51.100.0/24]\n")
+        assert await daemon.services.reloader.reload("test")
+        found = await get(daemon, "s", conversion_id="P3")
+        assert found[:2] == (403, err("client address 127.0.0.1 is not allowed"))
+        assert stored(tmp_path) == (1, 1)
+    finally:
+        await daemon.client.close()
+
+
 # --- rate limits ------------------------------------------------------------------------------
 
 

@@ -67,6 +67,7 @@ def test_official_case(logic: Any, data: Any, expected: Any) -> None:
     assert json_equal(condition(data), expected)
     assert json_equal(condition(prepare_data(data)), expected)
     assert condition.truthy(data) is is_truthy(expected)
+    assert condition.truthy(prepare_data(data)) is is_truthy(expected)  # matching's path
 
 
 # --- truthiness -----------------------------------------------------------------------------
@@ -252,6 +253,9 @@ def test_run_time_error_is_false_logged_once_and_never_raises() -> None:
             "log_level": "warning",
         }
     ]
+    with capture_logs() as prepared_logs:  # the same through matching's path (prepared data)
+        assert condition.truthy(prepare_data({"extra": {"score": secret_value}})) is False
+    assert prepared_logs == logs
     with pytest.raises(ConditionEvalError) as err:
         condition({"extra": {"score": secret_value}})
     assert err.value.error_type == "Thrown"
