@@ -5,10 +5,13 @@ Start-up, hot reload and `postbackd validate` all come through :func:`load_rules
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -134,6 +137,49 @@ def load_rules(
         # Every file is the one the last load built its set from (that set had no issue):
         # the same set, with the git state of now. A reload of an unchanged tree builds nothing.
         return _again(last, real_root, git)
+    git_root = real_root if git else None
+    with collector_paused():
+        return _build_set(parsed, issues, missing_secrets, git_root, digest.hexdigest(), cache)
+
+
+_pause_lock = threading.Lock()
+_pauses = 0  # loads running now
+_was_enabled = False
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a rule set is built or read from the parsed-rules
+    cache: that makes hundreds of thousands of objects, none of them garbage, and the
+    collections they set off walked every one of them again and again (half the CPU of a start
+    from the cache with 100,000 postbacks). Only for those steps (about a second at most), not
+    for YAML parsing, which may take minutes while the daemon serves. Process-wide, so
+    counted: the last one to end turns it back on. A reload ends with a collection of its own
+    (daemon.reload.settle_memory)."""
+    global _pauses, _was_enabled
+    with _pause_lock:
+        if _pauses == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _pauses -= 1
+            if _pauses == 0 and _was_enabled:
+                gc.enable()
+
+
+def _build_set(
+    parsed: list[tuple[str, _Parsed]],
+    issues: list[Issue],
+    missing_secrets: Callable[[Iterable[str]], list[str]] | None,
+    git_root: Path | None,
+    version: str,
+    cache: ParseCache,
+) -> RuleSet:
+    """The set of these parsed files, or RulesError with every problem of them."""
     loaded: list[LoadedPostback] = []
     offer_goals: dict[str, tuple[bool, str, int]] = {}
     for rel, one in parsed:
@@ -148,8 +194,8 @@ def load_rules(
     if issues:
         raise RulesError(issues)
     files = tuple(rel for rel, _ in parsed)
-    built = _build(by_id, files, digest.hexdigest(), real_root if git else None, frozenset(secrets))
-    cache.remember(fingerprint, built)
+    built = _build(by_id, files, version, git_root, frozenset(secrets))
+    cache.remember(cache.fingerprint(files), built)
     return built
 
 

@@ -365,3 +365,26 @@ def test_a_rule_file_with_private_state_pickles_as_pydantic_does() -> None:
     again = pickle.loads(pickle.dumps(rule_file))  # noqa: S301 (made here)
     assert again.__pydantic_private__ == {"x": 1}
     assert again == rule_file
+
+
+def test_the_collector_is_on_again_after_a_load(tmp_path: Path) -> None:
+    """Loads pause the cyclic collector while they build (loader.collector_paused): it is on
+    again after a load, a failed one and a read of the cache, and stays off if it was off."""
+    import gc
+
+    rules, state = _tree(tmp_path), tmp_path / "state"
+    assert gc.isenabled()
+    _load(rules, state)
+    _load(rules, state)  # from the cache
+    assert gc.isenabled()
+    write_rules(rules, {"c.yaml": "offer: 3\npostbacks: [{id: 1, trigger: nope}]\n"})
+    with pytest.raises(RulesError):
+        load_rules(rules, git=False)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with loader.collector_paused(), loader.collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
