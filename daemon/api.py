@@ -162,6 +162,7 @@ def add_api_routes(app: web.Application, settings: Settings, environ: Mapping[st
     app.router.add_post("/api/v1/reload", _endpoint(_reload, admin=True))
     app.router.add_get("/api/v1/rules/status", _endpoint(_rules_status))
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/metrics/dispatcher", _dispatcher_metrics)
 
 
 def _error(err: InputError) -> web.Response:
@@ -279,7 +280,7 @@ async def _retry(request: web.Request, services: Services, viewer: Viewer) -> we
     now = datetime.fromtimestamp(services.clock.now(), UTC)
     if await services.store.requeue([row.delivery_id], now) == 0:
         raise Conflict(f"delivery {row.delivery_id} changed state meanwhile")
-    services.dispatcher.wake()
+    services.wake_dispatcher()
     log.info("delivery_requeued", delivery_id=row.delivery_id, postback_id=row.postback_id)
     return web.json_response({"status": "queued", "delivery_id": row.delivery_id})
 
@@ -315,3 +316,23 @@ async def _metrics(request: web.Request) -> web.StreamResponse:
     now = datetime.fromtimestamp(services.clock.now(), UTC)
     await services.metrics.refresh(services.store, now)
     return web.Response(body=services.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _dispatcher_metrics(request: web.Request) -> web.StreamResponse:
+    """The dispatch process's metrics (`dispatcher_process: true`, daemon/dispatchproc.py):
+    attempts, their durations, the breakers, its loops; the same access rule as /metrics. 404
+    without a dispatch process (the dispatcher's metrics are then in /metrics), 503 when it
+    does not answer."""
+    services = request.app[SERVICES]
+    if not services.settings.api.metrics_public:
+        try:
+            _viewer(request, admin=True)
+        except InputError as err:
+            return _error(err)
+    if services.link is None:
+        body = {"error": "no dispatch process (dispatcher_process: false): see /metrics"}
+        return web.json_response(body, status=404)
+    text, problem = await services.link.metrics()
+    if text is None:
+        return web.json_response({"error": f"the dispatch process: {problem}"}, status=503)
+    return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -18,11 +19,12 @@ from daemon.affiliates.service import AffiliateService
 from daemon.affiliates.wiring import attach_affiliates
 from daemon.auth import GateState
 from daemon.dispatcher import Dispatcher, DispatcherConfig
+from daemon.dispatchproc import DispatcherLink, WakeReceiver
 from daemon.errors import StoreError
 from daemon.guard import Guard
 from daemon.hosts import Destinations, DestinationsCollector
 from daemon.ingest import ingest
-from daemon.metrics import Metrics
+from daemon.metrics import CONTENT_TYPE, Metrics
 from daemon.outbound import OutboundHttp, Resolver
 from daemon.reload import Reloader, Runtime
 from daemon.retention import INTERVAL as RETENTION_INTERVAL
@@ -62,6 +64,17 @@ class Services:
     metrics: Metrics = field(default_factory=Metrics)
     supervisor: Supervisor = field(default_factory=Supervisor)
     affiliates: AffiliateService | None = None  # postbacks as a viewer sees them (issue 15)
+    # Set in a serving process when the dispatcher runs in a process of its own
+    # (`dispatcher_process: true`, daemon/dispatchproc.py): `dispatcher` then never runs here,
+    # and its state (loops, breakers, metrics) is the dispatch process's, asked through this.
+    link: DispatcherLink | None = None
+
+    def wake_dispatcher(self) -> None:
+        """Deliveries were made due: the dispatcher that serves this node claims them now."""
+        if self.link is not None:
+            self.link.wake()
+        else:
+            self.dispatcher.wake()
 
 
 SERVICES = web.AppKey("services", Services)
@@ -85,9 +98,11 @@ def create_app(
     watch: bool = True,
     node: str | None = None,
     overrides: Mapping[str, str] | None = None,
+    link: DispatcherLink | None = None,
 ) -> web.Application:
     """Build the app; its services start with the runner (cleanup_ctx) and stop with it.
-    `overrides` goes to Resources.overrides (tests only: pinned service hosts)."""
+    `overrides` goes to Resources.overrides (tests only: pinned service hosts). `link`: the
+    dispatch process of `dispatcher_process: true` (this process then dispatches nothing)."""
     from daemon.api import add_api_routes  # here: daemon.api imports SERVICES from this module
 
     metrics = Metrics()
@@ -107,6 +122,7 @@ def create_app(
             node or node_name(settings),
             overrides or {},
             metrics,
+            _Role(link=link),
         )
     )
     app.router.add_route("GET", "/webhooks/{source}", _webhook)
@@ -118,6 +134,52 @@ def create_app(
 
     add_ui_routes(app, settings, environ)
     return app
+
+
+def create_dispatch_app(
+    settings: Settings,
+    *,
+    environ: Mapping[str, str],
+    folder: Path,
+    notifier: Any = None,
+    node: str | None = None,
+) -> web.Application:
+    """The dispatch process of `dispatcher_process: true` (daemon/dispatchproc.py): the same
+    services as a node's, with the dispatcher and the watcher and without retention; served on
+    its private Unix socket only: GET /state (its readiness) and GET /metrics (its registry)."""
+    metrics = Metrics()
+    app = web.Application()
+    clock = SystemClock()
+    app.cleanup_ctx.append(
+        lambda app: _services(
+            app,
+            settings,
+            environ,
+            None,
+            None,
+            clock,
+            notifier,
+            True,
+            True,
+            node or node_name(settings),
+            {},
+            metrics,
+            _Role(wake_folder=folder),
+        )
+    )
+    app.router.add_get("/state", _dispatch_state)
+    app.router.add_get("/metrics", _dispatch_metrics)
+    return app
+
+
+@dataclass(frozen=True)
+class _Role:
+    """Which part of a node this process is: all of it (the default), a serving process whose
+    dispatcher is elsewhere (`link`), or the dispatch process (`wake_folder`: where its wake-up
+    socket goes)."""
+
+    link: DispatcherLink | None = None
+    wake_folder: Path | None = None
 
 
 async def _services(
@@ -133,7 +195,10 @@ async def _services(
     node: str,
     overrides: Mapping[str, str],
     metrics: Metrics,
+    role: _Role,
 ) -> AsyncIterator[None]:
+    if role.link is not None:
+        dispatch = False  # the dispatch process claims and sends; this one only serves
     if store is None:
         from daemon.store.factory import open_store
 
@@ -194,7 +259,10 @@ async def _services(
     metrics.watch_rules(reloader)
     affiliates, affiliate_sync = attach_affiliates(store, reloader, resources, clock.now)
     destinations = Destinations.from_settings(settings, clock.now)
-    metrics.registry.register(DestinationsCollector(destinations))
+    if role.link is None:
+        # A serving process's breakers never see an attempt: its metrics show none rather than
+        # every destination closed (the dispatch process's are at /metrics/dispatcher).
+        metrics.registry.register(DestinationsCollector(destinations))
     dispatcher = Dispatcher(
         store,
         lambda: reloader.runtime,
@@ -208,30 +276,40 @@ async def _services(
         settings, store, http, reloader, dispatcher, clock, node, notifier, metrics, supervisor
     )
     services.affiliates = affiliates
+    services.link = role.link
     app[SERVICES] = services
     metrics.watch_loops(supervisor)
+    receiver = None
     try:
         await reloader.load_initial()
         await affiliate_sync.initial()  # the store postbacks, before the first request
         recovered = await store.recover(node, datetime.fromtimestamp(clock.now(), UTC))
         if recovered:
             log.info("deliveries_recovered", count=recovered, node=node)
-        _start_loops(services, dispatch=dispatch, watch=watch)
+        if role.wake_folder is not None:
+            receiver = WakeReceiver(role.wake_folder, dispatcher.wake)
+            receiver.start()
+        _start_loops(services, dispatch=dispatch, watch=watch, retention=role.wake_folder is None)
         supervisor.start(
             "affiliate-sync", lambda health: affiliate_sync.run(health.beat), interval=30.0
         )
         yield
     finally:
+        if receiver is not None:
+            receiver.close()
         await dispatcher.stop(grace=20.0)
         await supervisor.stop()
+        if role.link is not None:
+            await role.link.close()
         if notifier is not None:
             notifier.gate = None
         await http.close()
         await store.close()
 
 
-def _start_loops(services: Services, *, dispatch: bool, watch: bool) -> None:
-    """Every background loop of the daemon, each under the one rule of daemon.supervise."""
+def _start_loops(services: Services, *, dispatch: bool, watch: bool, retention: bool) -> None:
+    """Every background loop of the daemon, each under the one rule of daemon.supervise.
+    Retention runs in the serving processes only (the dispatch process has no need of it)."""
     supervisor, settings = services.supervisor, services.settings
     if dispatch:
         poll = services.dispatcher.config.poll_interval
@@ -243,14 +321,15 @@ def _start_loops(services: Services, *, dispatch: bool, watch: bool) -> None:
     if watch:
         reloader = services.reloader
         supervisor.start("watcher", lambda health: reloader.watch(health.beat), interval=None)
-    retention = Retention(services.store, settings.retention, services.clock.now)
-    supervisor.every(
-        "retention",
-        retention.prune_once,
-        RETENTION_INTERVAL,
-        interval=RETENTION_STEP_LIMIT,
-        backoff=Backoff(first=5.0, cap=300.0),
-    )
+    if retention:
+        pruner = Retention(services.store, settings.retention, services.clock.now)
+        supervisor.every(
+            "retention",
+            pruner.prune_once,
+            RETENTION_INTERVAL,
+            interval=RETENTION_STEP_LIMIT,
+            backoff=Backoff(first=5.0, cap=300.0),
+        )
     if services.notifier is not None:
         # The watchdog is fed only while no loop is wedged (daemon.notify).
         services.notifier.gate = lambda: [
@@ -274,7 +353,7 @@ def _arrival_committed(services: Services, source: str, result: ArrivalResult) -
     """After the store committed an arrival: count it, and wake the dispatcher."""
     services.metrics.arrival(source, result.transition)
     if result.delivery_ids:
-        services.dispatcher.wake()
+        services.wake_dispatcher()
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -284,10 +363,57 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     """503 while the store cannot be reached or a supervised loop fails or has stalled, with
     the failing parts named. Without an admin token: states only (no error text, no file
-    names, no URL); with one, the details too (issue 13 item 10)."""
+    names, no URL); with one, the details too (issue 13 item 10). With a dispatch process
+    (`dispatcher_process: true`), its own readiness is part of this one: asked within
+    daemon.dispatchproc.STATE_TIMEOUT, and `dispatcher_process` is failing when it is not
+    ready or does not answer."""
     from daemon.api import is_admin  # here: daemon.api imports SERVICES from this module
 
     services = request.app[SERVICES]
+    admin = is_admin(request)
+    link = services.link
+    if link is None:
+        body = await readiness(services, admin=admin)
+    else:
+        body, (remote, problem) = await asyncio.gather(
+            readiness(services, admin=admin), link.state()
+        )
+        _with_dispatch_process(body, remote, problem, admin=admin)
+    return web.json_response(body, status=503 if body["failing"] else 200)
+
+
+def _with_dispatch_process(
+    body: dict[str, Any], remote: dict[str, Any] | None, problem: str | None, *, admin: bool
+) -> None:
+    """A serving process's readiness `body` with the dispatch process's state in it."""
+    if remote is None:
+        body["failing"].append("dispatcher_process")
+        body["dispatcher_process"] = {"status": "unreachable"}
+        body["destinations_down"] = None  # not known here: never 0 as if all were well
+        if admin:
+            body["dispatcher_process_error"] = problem
+    else:
+        if remote.get("failing"):
+            body["failing"].append("dispatcher_process")
+        body["dispatcher_process"] = {
+            "status": remote.get("status"),
+            "failing": remote.get("failing"),
+            "store": remote.get("store"),
+            "loops": remote.get("loops"),
+            "node": remote.get("node"),
+            "in_flight": remote.get("in_flight"),
+        }
+        body["destinations_down"] = remote.get("destinations_down")
+        if admin:
+            body["destinations_down_names"] = remote.get("destinations_down_names")
+            body["dispatcher_process"]["loop_errors"] = remote.get("loop_errors")
+            body["dispatcher_process"]["store_error"] = remote.get("store_error")
+    body["status"] = "not ready" if body["failing"] else "ready"
+
+
+async def readiness(services: Services, *, admin: bool) -> dict[str, Any]:
+    """This process's readiness (the body of /readyz, and the dispatch process's /state):
+    `failing` names what is down; `admin` adds the details."""
     store_error = await _store_problem(services.store)
     writes = services.metrics.failing_writes()
     failing = ["store"] if store_error is not None or writes else []
@@ -307,7 +433,7 @@ async def _readyz(request: web.Request) -> web.Response:
         "rules_version": str(runtime.rules.version),
         "last_reload_ok": status.ok,
     }
-    if is_admin(request):
+    if admin:
         body["destinations_down_names"] = down
         body["store_error"] = store_error
         body["store_writes_failing"] = writes
@@ -318,7 +444,35 @@ async def _readyz(request: web.Request) -> web.Response:
         }
         body["rules_loaded_at"] = status.loaded_at.isoformat() if status.loaded_at else None
         body["last_reload_errors"] = status.last_error
-    return web.json_response(body, status=503 if failing else 200)
+    return body
+
+
+async def _dispatch_state(request: web.Request) -> web.Response:
+    """The dispatch process's readiness, with every detail: its socket is private to the
+    unit (a folder of mode 0700), and the serving process decides what its caller sees."""
+    services = request.app[SERVICES]
+    body = await readiness(services, admin=True)
+    body["node"] = services.node
+    body["in_flight"] = services.dispatcher.in_flight
+    now = services.supervisor.now()
+    body["loop_details"] = [
+        {
+            "name": name,
+            "state": health.state,
+            "since_progress": None if health.last_progress is None else now - health.last_progress,
+            "failures": health.failures,
+            "error": health.error if health.failing else None,
+        }
+        for name, health in sorted(services.supervisor.loops.items())
+    ]
+    return web.json_response(body)
+
+
+async def _dispatch_metrics(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    now = datetime.fromtimestamp(services.clock.now(), UTC)
+    await services.metrics.refresh(services.store, now)
+    return web.Response(body=services.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _store_problem(store: Store) -> str | None:

@@ -145,6 +145,9 @@ class Settings(_Model):
     # Performance (docs/benchmarks.md): processes sharing the listening port; the event loop;
     # where the parsed-rules cache goes (default: next to the SQLite file; none on PostgreSQL).
     workers: int = Field(default=1, ge=1, le=64)
+    # The dispatcher in a process of its own beside the serving one(s) (daemon/dispatchproc.py):
+    # its own event loop and GIL, so ingest cannot starve delivery. Off: each process dispatches.
+    dispatcher_process: StrictBool = False
     event_loop: Literal["auto", "asyncio", "uvloop"] = "asyncio"  # uvloop did not pay here
     state_dir: Path | None = None
     # Not a key of the file: the folder that relative paths are relative to.
@@ -240,9 +243,9 @@ def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
 
 
 def _env_value(key: str, text: str) -> Any:
-    if key in ("outbound", "inbound", "api", "delivery", "log", "ui"):
+    if key in ("outbound", "inbound", "api", "delivery", "log", "ui", "dispatcher_process"):
         try:
-            return load_yaml(text)  # e.g. POSTBACKD_LOG='{level: debug}'
+            return load_yaml(text)  # e.g. POSTBACKD_LOG='{level: debug}', or true
         except YamlError as err:
             raise ConfigError(f"{ENV_PREFIX}{key.upper()}: {err.message}") from err
     return text

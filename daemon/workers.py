@@ -15,6 +15,12 @@ after a restart). The parent only supervises:
   worker is ready and WATCHDOG=1 only when every worker has pinged since its last ping, so a
   worker whose loop is stuck still trips the unit's watchdog.
 
+With ``dispatcher_process: true`` (daemon/dispatchproc.py) the parent also forks one dispatch
+process, supervised like a worker (its death stops the unit with exit 1; READY waits for it; the
+watchdog waits for its pings; signals are passed to it); the serving processes then run no
+dispatcher. The parent's private folder holds the relay sockets and the dispatch process's two
+sockets (wake-up and state); it is removed when the parent exits.
+
 `loop_factory` picks the event loop: asyncio's (the default), uvloop, or uvloop when it is
 installed (``event_loop: auto``).
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import select
 import signal
@@ -70,9 +77,12 @@ def worker_node(base: str, index: int | None) -> str:
     return base if index is None else f"{base}/w{index}"
 
 
+DISPATCHER = -1  # the index of the dispatch process among the parent's children
+
+
 @dataclass
 class _Worker:
-    index: int
+    index: int  # DISPATCHER for the dispatch process
     pid: int
     relay: socket.socket
     ready: bool = False
@@ -91,7 +101,9 @@ class _Relay:
     def update(self, workers: list[_Worker]) -> None:
         ready = all(w.ready for w in workers)
         if ready and not self.all_ready:
-            self.notifier.ready(f"{len(workers)} workers ready")
+            serving = sum(1 for w in workers if w.index != DISPATCHER)
+            extra = " and the dispatch process" if serving < len(workers) else ""
+            self.notifier.ready(f"{serving} workers{extra} ready")
         self.all_ready = ready
         interval = self.notifier.watchdog_interval
         if interval is not None and all(w.pinged for w in workers):
@@ -110,16 +122,28 @@ def _child_environ(environ: Mapping[str, str], relay_path: str, notifier: Notifi
         os.environ.pop("WATCHDOG_USEC", None)
 
 
-def run_workers(count: int, serve_one: Callable[[int], int], environ: Mapping[str, str]) -> int:
-    """Fork `count` workers, each running serve_one(index) (its exit status); supervise them
-    until they have all exited. The parent's exit status."""
+def run_workers(
+    count: int,
+    serve_one: Callable[[int, Path], int],
+    environ: Mapping[str, str],
+    dispatcher: Callable[[Path], int] | None = None,
+) -> int:
+    """Fork `count` workers, each running serve_one(index, folder) (its exit status), and with
+    `dispatcher` one dispatch process running dispatcher(folder); `folder` is the parent's
+    private one (mode 0700). Supervise them until they have all exited. The parent's exit
+    status."""
     notifier = Notifier.from_environ(environ)
     relay = _Relay(notifier)
     workers: list[_Worker] = []
     stopping = False
     with tempfile.TemporaryDirectory(prefix="postbackd-notify-") as tmp:
-        for index in range(count):
-            path = str(Path(tmp) / f"w{index}.sock")
+        folder = Path(tmp)
+        roles: list[tuple[int, Callable[[], int]]] = []
+        if dispatcher is not None:
+            roles.append((DISPATCHER, functools.partial(dispatcher, folder)))
+        roles += [(i, functools.partial(serve_one, i, folder)) for i in range(count)]
+        for index, main in roles:
+            path = str(folder / (f"w{index}.sock" if index != DISPATCHER else "d.sock"))
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             sock.bind(path)
             sock.setblocking(False)
@@ -131,11 +155,14 @@ def run_workers(count: int, serve_one: Callable[[int], int], environ: Mapping[st
                         other.relay.close()
                     sock.close()
                     _child_environ(environ, path, notifier)
-                    status = serve_one(index)
+                    status = main()
                 finally:
                     os._exit(status)
             workers.append(_Worker(index, pid, sock))
-        log.info("workers_started", count=count, pids=[w.pid for w in workers])
+        serving = [w.pid for w in workers if w.index != DISPATCHER]
+        log.info("workers_started", count=count, pids=serving)
+        if dispatcher is not None:
+            log.info("dispatcher_process_started", pid=workers[0].pid)
 
         def forward(signum: int, _frame: object) -> None:
             nonlocal stopping
@@ -158,7 +185,10 @@ def run_workers(count: int, serve_one: Callable[[int], int], environ: Mapping[st
                     if done:
                         w.exit_status = os.waitstatus_to_exitcode(status)
                         if not stopping:
-                            log.error("worker_exited", worker=w.index, status=w.exit_status)
+                            if w.index == DISPATCHER:
+                                log.error("dispatcher_process_exited", status=w.exit_status)
+                            else:
+                                log.error("worker_exited", worker=w.index, status=w.exit_status)
                             failed = stopping = True
                             forward(signal.SIGTERM, None)
             if stopping and stop_deadline is None:

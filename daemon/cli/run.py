@@ -8,6 +8,8 @@ import faulthandler
 import os
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -15,8 +17,9 @@ import structlog
 from aiohttp import web
 
 from daemon import rulecache
-from daemon.app import SERVICES, create_app, node_name
+from daemon.app import SERVICES, Services, create_app, create_dispatch_app, node_name
 from daemon.cli.common import config_option, settings_from
+from daemon.dispatchproc import CONTROL_SOCKET, DispatcherLink
 from daemon.errors import ConfigError, RulesError, StoreError
 from daemon.ingest import GuardedRunner
 from daemon.log import configure_logging
@@ -34,24 +37,86 @@ log = structlog.get_logger("postbackd")
 STOP_GRACE = 5.0
 
 
-async def serve(settings: Settings, worker: int | None = None) -> None:
+async def serve(
+    settings: Settings, worker: int | None = None, dispatch_folder: Path | None = None
+) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the rules. `worker`: this process's index
-    when several share the port (daemon.workers), else None."""
+    when several share the port (daemon.workers), else None. `dispatch_folder`: where the
+    dispatch process's sockets are (`dispatcher_process: true`), else None (this process
+    dispatches)."""
     notifier = Notifier.from_environ(os.environ)
     # The pings start first, so they never depend on how long the store and the rules take to
     # come up; they come from this loop, so a blocked loop still stops them.
     watchdog = asyncio.create_task(notifier.run_watchdog(), name="watchdog")
     try:
-        await _serve(settings, notifier, worker)
+        await _serve(settings, notifier, worker, dispatch_folder)
     finally:
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog
 
 
-async def _serve(settings: Settings, notifier: Notifier, worker: int | None) -> None:
+async def serve_dispatcher(settings: Settings, folder: Path) -> None:
+    """The dispatch process of `dispatcher_process: true` (daemon/dispatchproc.py): the
+    dispatcher, the watcher and the store, with its state and metrics on a Unix socket in
+    `folder` and no public listener. SIGTERM lets attempts in flight finish (the dispatcher's
+    grace); SIGHUP reloads the rules."""
+    notifier = Notifier.from_environ(os.environ)
+    watchdog = asyncio.create_task(notifier.run_watchdog(), name="watchdog")
+    try:
+        await _serve_dispatcher(settings, notifier, folder)
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+
+
+async def _serve_dispatcher(settings: Settings, notifier: Notifier, folder: Path) -> None:
+    # The node name of a single-process node: a switch to `dispatcher_process: true` takes
+    # that node's claims back at once at the first start (store.recover).
+    app = create_dispatch_app(
+        settings, environ=os.environ, folder=folder, notifier=notifier, node=node_name(settings)
+    )
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()  # opens the store, loads the rules, starts the dispatcher
+    services = app[SERVICES]
+    try:
+        await web.UnixSite(runner, str(folder / CONTROL_SOCKET)).start()
+    except OSError as err:
+        await runner.cleanup()
+        raise click.ClickException(f"dispatch process: cannot listen: {err.strerror}") from err
+    stop = _signals(services)
+    notifier.ready("dispatching")
+    rules_version = str(services.reloader.runtime.rules.version)
+    log.info("dispatcher_started", node=services.node, rules_version=rules_version)
+    await stop.wait()
+    notifier.stopping()
+    log.info("dispatcher_stopping", node=services.node)
+    await runner.cleanup()  # finish attempts in flight within the grace, release the rest
+    log.info("dispatcher_stopped", node=services.node)
+
+
+def _signals(services: Services) -> asyncio.Event:
+    """SIGTERM and SIGINT set the returned event; SIGHUP reloads the rules."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def on_hup() -> None:
+        spawn(services.reloader.reload("SIGHUP"), "reload", reloads)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    return stop
+
+
+async def _serve(
+    settings: Settings, notifier: Notifier, worker: int | None, dispatch_folder: Path | None
+) -> None:
     node = worker_node(node_name(settings), worker)
-    app = create_app(settings, environ=os.environ, notifier=notifier, node=node)
+    link = DispatcherLink(dispatch_folder) if dispatch_folder is not None else None
+    app = create_app(settings, environ=os.environ, notifier=notifier, node=node, link=link)
     runner = GuardedRunner(  # aiohttp has no request-head timeout of its own (slow clients)
         app,
         read_timeout=settings.inbound.read_timeout,
@@ -73,16 +138,7 @@ async def _serve(settings: Settings, notifier: Notifier, worker: int | None) -> 
     except OSError as err:
         await runner.cleanup()
         raise click.ClickException(f"cannot listen on {settings.listen}: {err.strerror}") from err
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[Any]] = set()
-
-    def on_hup() -> None:
-        spawn(services.reloader.reload("SIGHUP"), "reload", reloads)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    stop = _signals(services)
     notifier.ready(f"listening on {settings.listen}")
     log.info(
         "daemon_started",
@@ -116,13 +172,19 @@ def run(config: str | None) -> None:
             rulecache.cache_dir(settings.state_dir, settings.store, settings.config_dir)
         )
         factory = loop_factory(settings.event_loop)
-        if settings.workers > 1:
+        if settings.workers > 1 or settings.dispatcher_process:
             # Migrate once, here, before the workers start: N processes creating and migrating
             # one new SQLite file at the same moment can meet SQLite's "database is locked"
             # answer, which does not wait for the busy timeout.
             asyncio.run(_migrate_before_workers(settings))
+            split = settings.dispatcher_process
             status = run_workers(
-                settings.workers, lambda i: _run_worker(settings, factory, i), os.environ
+                settings.workers,
+                lambda i, folder: _run_worker(settings, factory, i, folder if split else None),
+                os.environ,
+                dispatcher=(lambda folder: _run_dispatcher(settings, factory, folder))
+                if split
+                else None,
             )
             sys.exit(status)
         run_loop(lambda: serve(settings), factory)
@@ -142,10 +204,26 @@ async def _migrate_before_workers(settings: Settings) -> None:
     await make_store(settings.store, config_dir=settings.config_dir).migrate()
 
 
-def _run_worker(settings: Settings, factory: LoopFactory | None, index: int) -> int:
+def _run_worker(
+    settings: Settings, factory: LoopFactory | None, index: int, dispatch_folder: Path | None
+) -> int:
     """One worker process of `workers: N` (forked by daemon.workers): its exit status."""
+    return _child_status(
+        settings, lambda: run_loop(lambda: serve(settings, index, dispatch_folder), factory)
+    )
+
+
+def _run_dispatcher(settings: Settings, factory: LoopFactory | None, folder: Path) -> int:
+    """The dispatch process of `dispatcher_process: true` (forked by daemon.workers)."""
+    return _child_status(
+        settings, lambda: run_loop(lambda: serve_dispatcher(settings, folder), factory)
+    )
+
+
+def _child_status(settings: Settings, main: Callable[[], None]) -> int:
+    """Run a child process's `main`; its exit status, with its error on stderr."""
     try:
-        run_loop(lambda: serve(settings, index), factory)
+        main()
     except RulesError as err:
         for issue in err.issues:
             click.echo(str(issue), err=True)

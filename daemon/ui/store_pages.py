@@ -15,6 +15,7 @@ from aiohttp import web
 from daemon.api import API
 from daemon.api_views import attempt_view, checked_cursor, rules_status_view
 from daemon.app import Services
+from daemon.dispatchproc import DispatcherLink
 from daemon.errors import ConflictError, InputError, StoreError
 from daemon.store.base import DeliveryFilter, DeliveryRow, DeliveryState
 from daemon.store.common import decode_cursor, encode_cursor
@@ -226,7 +227,7 @@ async def retry(ctx: Ctx) -> web.Response:
     now = ctx.now
     if await ctx.services.store.requeue([row.delivery_id], now) == 0:
         raise ConflictError(f"delivery {row.delivery_id} changed state meanwhile")
-    ctx.services.dispatcher.wake()
+    ctx.services.wake_dispatcher()
     log.info("delivery_requeued", delivery_id=row.delivery_id, postback_id=row.postback_id)
     return redirect(f"/ui/deliveries/{row.delivery_id}?notice=queued")
 
@@ -271,13 +272,45 @@ async def health(ctx: Ctx) -> web.Response:
         store["lag"] = round(await services.store.delivery_lag(ctx.now), 1)
     except StoreError as err:
         store = {"ok": False, "error": describe(err), "depth": {}, "lag": None}
+    loops = _loops(services)
+    if services.link is not None:
+        loops += await _dispatch_process_loops(services.link)
     return ctx.render(
         "health.html",
         rules=status,
         store=store,
-        loops=_loops(services),
+        loops=loops,
         node=services.node,
     )
+
+
+async def _dispatch_process_loops(link: DispatcherLink) -> list[dict[str, Any]]:
+    """The loops of the dispatch process (`dispatcher_process: true`), as rows of this page;
+    one "unreachable" row when it does not answer (its dispatcher's state is not known)."""
+    remote, problem = await link.state()
+    if remote is None:
+        return [
+            {
+                "name": "dispatch process",
+                "state": "unreachable",
+                "last_progress": "-",
+                "failures": "-",
+                "error": problem,
+            }
+        ]
+    rows = []
+    for loop in remote.get("loop_details") or []:
+        since = loop.get("since_progress")
+        rows.append(
+            {
+                "name": f"{loop.get('name')} (dispatch process)",
+                "state": loop.get("state"),
+                "last_progress": "-" if since is None else f"{since:.1f} s ago",
+                "failures": loop.get("failures"),
+                "error": loop.get("error"),
+            }
+        )
+    return rows
 
 
 def _loops(services: Services) -> list[dict[str, Any]]:
