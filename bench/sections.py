@@ -105,6 +105,48 @@ async def end_to_end(ctx: Context) -> None:
         raised.stop()
         if rate is not None:
             ctx.figures["e2e_sqlite_raised"] = rate
+    await _e2e_dispatcher_process(ctx, per_host)
+
+
+async def _e2e_dispatcher_process(ctx: Context, per_host: int) -> None:
+    """The same figures with `dispatcher_process: true` (daemon/dispatchproc.py): the
+    dispatcher in a process of its own; CPU and memory are those of all the node's processes."""
+    from bench.cores import children  # here: bench.cores imports this module
+
+    report = ctx.report
+    report.note(
+        "the same with dispatcher_process: true (a serving process and a dispatch process on "
+        "one SQLite file; CPU per conversion of all the node's processes):"
+    )
+    path = ctx.workdir / "dispatcher-process.db"
+    daemon = ctx.daemon_with(
+        "sqlite-dispatcher-process",
+        sqlite_url(path),
+        await ctx.rules(False),
+        per_host,
+        extra={"dispatcher_process": True},
+    )
+    try:
+        await daemon.ready_daemon()  # /readyz is 200 once the dispatch process answers too
+        pids = [daemon.pid, *children(daemon.pid)]
+        name = f"SQLite, dispatcher_process, per-host {per_host}"
+        rate = await _e2e(ctx, hf.Target(name, [daemon.url], 1, pids))
+    finally:
+        daemon.stop()
+    ctx.figures["e2e_delivered_sqlite_dispatcher_process"] = ctx.figures["last_delivered"]
+    if rate is not None:
+        ctx.figures["e2e_sqlite_dispatcher_process"] = rate
+        shipped = ctx.figures.get("e2e_sqlite")
+        if shipped:
+            report.ratio("e2e SQLite, dispatcher_process / one process", rate, shipped, "")
+    shipped_delivered = ctx.figures.get("e2e_delivered_sqlite")
+    if shipped_delivered:
+        report.ratio(
+            "delivered while accepting, dispatcher_process / one process",
+            ctx.figures["last_delivered"],
+            shipped_delivered,
+            "",
+        )
 
 
 async def _e2e(ctx: Context, target: hf.Target) -> float | None:
