@@ -391,6 +391,7 @@ def _with_dispatch_process(
         body["dispatcher_process"] = {"status": "unreachable"}
         body["destinations_down"] = None  # not known here: never 0 as if all were well
         if admin:
+            body["destinations_down_names"] = None
             body["dispatcher_process_error"] = problem
     else:
         if remote.get("failing"):

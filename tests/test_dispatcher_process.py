@@ -24,6 +24,7 @@ from daemon.dispatchproc import WakeReceiver, WakeSender
 from tests.harness import Sink, wait_for, write_rules
 from tests.process_support import DaemonProcess, free_port, write_config
 from tests.store.conftest import pg_schema
+from tests.ui.kit import csrf_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -110,6 +111,21 @@ async def _get(daemon: DaemonProcess, path: str, admin: bool = False) -> tuple[i
         return resp.status, await resp.text()
 
 
+async def _health_page(daemon: DaemonProcess) -> str:
+    """The console's health page, signed in with the admin token (a real browser's steps)."""
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
+    headers = {"Origin": daemon.url}
+    async with aiohttp.ClientSession(cookie_jar=jar, headers=headers) as session:
+        async with session.get(f"{daemon.url}/ui/sign-in") as resp:
+            check = csrf_of(await resp.text())
+        form = {"csrf": check, "token": ADMIN, "next": "/ui/health"}
+        async with session.post(f"{daemon.url}/ui/sign-in", data=form) as resp:
+            assert resp.status == 200, await resp.text()
+        async with session.get(f"{daemon.url}/ui/health") as resp:
+            assert resp.status == 200
+            return await resp.text()
+
+
 def _keys(sink: Sink) -> set[str]:
     queries = [parse_qs(urlsplit(r.path_qs).query) for r in sink.received]
     return {q["k"][0] for q in queries if "k" in q}
@@ -158,6 +174,9 @@ async def test_deliveries_state_metrics_and_reload_on_sqlite(tmp_path: Path) -> 
         assert remote["loops"]["dispatcher"] == "up"
         assert "dispatcher" not in body["loops"]  # this process dispatches nothing
         assert body["destinations_down"] == 0
+        # The console's health page lists the dispatch process's loops.
+        page = await _health_page(daemon)
+        assert "dispatcher (dispatch process)" in page
         # Its metrics, proxied: attempts, durations and the dispatcher's loop.
         status, text = await _get(daemon, "/metrics/dispatcher")
         assert status == 200
@@ -218,8 +237,12 @@ async def test_readyz_is_503_while_the_dispatch_process_does_not_answer(tmp_path
             assert body["destinations_down"] is None  # unknown, not "none down"
             status, body = await _get(daemon, "/readyz", admin=True)
             assert "no answer" in body["dispatcher_process_error"]
+            assert body["destinations_down_names"] is None
             status, _ = await _get(daemon, "/metrics/dispatcher")
             assert status == 503
+            page = await _health_page(daemon)
+            assert "dispatch process" in page
+            assert "Unreachable" in page
         finally:
             os.kill(pid, signal.SIGCONT)
         status, body = await _get(daemon, "/readyz")
