@@ -8,10 +8,11 @@ outlasts every attempt because the wait for a slot is bounded (docs/scaling.md):
 `slot_wait` in line, then at most `attempt_bound` sending, together 90 % of the lease; a claim
 that waited too long is handed back unsent.
 
-A node keeps at most a share of claims in progress per affiliate (fair use) and per
-destination (twice its per-host concurrency): the claims leave out the deliveries of those at
-their share (store.claim_due's skips), so one backlog, such as a destination's released after an
-outage, drains oldest first at its own pace and leaves the node's other claims to the rest.
+A node keeps at most a share of claims in progress (claimed and not yet sent) per affiliate
+(fair use) and per destination (twice its per-host concurrency): the claims leave out the
+deliveries of those at their share (store.claim_due's skips), so one backlog, such as a
+destination's released after an outage, drains oldest first at its own pace and leaves the
+node's other claims to the rest.
 
 While a destination's breaker is open its claims are handed back held (store.hold: no attempt,
 no attempt count); when it closes, its backlog becomes due at once (store.unhold). A result that
@@ -25,7 +26,6 @@ import asyncio
 import contextlib
 import random
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -161,14 +161,19 @@ class Dispatcher:
             for claim in claims:
                 lp = postbacks.get(claim.postback_id)
                 affiliate = lp.postback.owner_affiliate if lp is not None else None
-                task = asyncio.create_task(self._attempt(claim), name="attempt")
+                # Their deliveries are not claimed again until one of these has sent, so a
+                # backlog cannot fill the node (the claim that reaches a share may pass it by up
+                # to one batch; attempts are bounded exactly by the affiliate's and host's
+                # slots). Ended when the send ends, or else when the task does.
+                shares = (
+                    self._per_affiliate.take(affiliate),
+                    self._per_destination.take(claim.destination),
+                )
+                task = asyncio.create_task(self._attempt(claim, shares), name="attempt")
                 self._tasks.add(task)
                 task.add_done_callback(self._task_done)
-                # Their deliveries are not claimed again until one of these ends, so a backlog
-                # cannot fill the node (the claim that reaches a share may pass it by up to one
-                # batch; attempts are bounded exactly by the affiliate's and host's semaphores).
-                self._per_affiliate.started(affiliate, task)
-                self._per_destination.started(claim.destination, task)
+                for end in shares:
+                    task.add_done_callback(end)
             return len(claims)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -216,7 +221,7 @@ class Dispatcher:
             log.info("breaker_closed", destination=dest, backlog=count)
             log.info("destination_up", destination=dest)
 
-    async def _attempt(self, claim: Claim) -> None:
+    async def _attempt(self, claim: Claim, shares: tuple[Callable[..., None], ...] = ()) -> None:
         runtime = self._runtime()
         lp = runtime.rules.postbacks.get(claim.postback_id)
         age = self._now() - claim.created_at.timestamp()
@@ -230,6 +235,8 @@ class Dispatcher:
             return
         action = runtime.actions[claim.postback_id]
         sent = await self._send_in_slot(claim, lp, action)
+        for end in shares:  # sent (or handed back): no longer in line for a slot
+            end()
         if sent is None:
             return
         ticket, job, error, started, duration = sent
@@ -309,8 +316,7 @@ class Dispatcher:
             claim.idempotency_key,
             claim.values,
             claim.data,
-            now=self._now(),
-            rand=str(uuid.uuid4()),
+            now=self._now(),  # rand: drawn for this attempt if a template reads it
         )
         started, t0 = self._now(), time.monotonic()
         error: DeliveryError | None = None

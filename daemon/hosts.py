@@ -13,7 +13,6 @@ dispatcher with the size of the backlog it made due; also ``destination_up``).
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,24 +34,45 @@ _STATE_VALUE = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerSt
 CLAIM_QUEUE_FACTOR = 2
 
 
+def _nothing(*_: object) -> None:
+    return None
+
+
 class Shares:
     """Claims in progress on this node per key (an affiliate, a destination) against a bound
     (None: no bound): the keys at their bound are skipped at claim time (store.claim_due), and
-    `on_room` is called when one drops below it, so that its deliveries are claimed again."""
+    `on_room` is called when one drops below it, so that its deliveries are claimed again.
+
+    A claim is in progress from its claim until its send ends (the slot is released): the
+    writing of its result that follows needs no slot, and counting it would keep claims from
+    the destination's idle slots for as long as the store takes to commit."""
 
     def __init__(self, bound: int | None, on_room: Callable[[], None]) -> None:
         self.bound = bound
         self._on_room = on_room
         self._counts: Counter[str] = Counter()
 
-    def started(self, key: str | None, task: asyncio.Future[None]) -> None:
-        """A claim of `key` in progress until `task` ends (None: counted under no key)."""
+    def take(self, key: str | None) -> Callable[..., None]:
+        """Count one claim of `key` (None: counted under no key) until the function returned is
+        called (the first call counts; later ones, with any arguments, do nothing)."""
         if key is None or self.bound is None:
-            return
+            return _nothing
         self._counts[key] += 1
-        task.add_done_callback(functools.partial(self._ended, key))
+        ended = False
 
-    def _ended(self, key: str, _: object = None) -> None:
+        def end(*_: object) -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self._ended(key)
+
+        return end
+
+    def started(self, key: str | None, task: asyncio.Future[None]) -> None:
+        """A claim of `key` in progress until `task` ends."""
+        task.add_done_callback(self.take(key))
+
+    def _ended(self, key: str) -> None:
         left = self._counts[key] - 1
         if left > 0:
             self._counts[key] = left

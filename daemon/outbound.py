@@ -10,12 +10,16 @@ strings and header values may carry secrets.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import re
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
+import aiohttp.tracing
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.connector import Connection
 from yarl import URL
 
 from daemon.errors import (
@@ -56,22 +60,38 @@ class SystemResolver:
 
 
 class _Progress:
-    """How far one request got, told by aiohttp's tracing signals: a deadline that expires
-    before a connection exists means the request was never sent, whatever aiohttp raises."""
+    """How far one request got: a deadline that expires before a connection exists means the
+    request was never sent, whatever aiohttp raises."""
+
+    __slots__ = ("connected",)
 
     def __init__(self) -> None:
         self.connected = False
 
 
-async def _on_connected(session: aiohttp.ClientSession, ctx: Any, params: object) -> None:
-    ctx.trace_request_ctx.connected = True
+# The progress of the request the current task is making (set around each hop by
+# OutboundHttp._send; every attempt is a task of its own, so requests do not share it).
+_PROGRESS: contextvars.ContextVar[_Progress | None] = contextvars.ContextVar(
+    "outbound_progress", default=None
+)
 
 
-def _trace_config() -> aiohttp.TraceConfig:
-    config = aiohttp.TraceConfig()
-    config.on_connection_create_end.append(_on_connected)
-    config.on_connection_reuseconn.append(_on_connected)
-    return config
+class _Connector(aiohttp.TCPConnector):
+    """The connector, telling the current request's progress once it holds a connection (a new
+    one or one from the pool). This replaces aiohttp tracing (TraceConfig), which for the same
+    two facts builds trace objects and awaits a dozen signals on every request."""
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[aiohttp.tracing.Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 -- aiohttp's signature
+    ) -> Connection:
+        conn = await super().connect(req, traces, timeout)
+        progress = _PROGRESS.get()
+        if progress is not None:
+            progress.connected = True
+        return conn
 
 
 class _DnsFailed(Exception):
@@ -142,7 +162,7 @@ class OutboundHttp:
     async def start(self) -> None:
         if self._session is not None:
             return
-        connector = aiohttp.TCPConnector(
+        connector = _Connector(
             resolver=_GuardedResolver(self._resolver, self._guard),
             keepalive_timeout=_KEEPALIVE_SECONDS,
         )
@@ -151,7 +171,6 @@ class OutboundHttp:
             trust_env=False,  # proxy variables and .netrc are ignored (SPEC 10)
             cookie_jar=aiohttp.DummyCookieJar(),  # no cookie travels between destinations
             headers={"User-Agent": self._user_agent},
-            trace_configs=[_trace_config()],
         )
 
     async def close(self) -> None:
@@ -252,8 +271,8 @@ class OutboundHttp:
         timeout = aiohttp.ClientTimeout(
             total=remaining, sock_connect=min(self._connect_timeout, remaining)
         )
-        secrets = _secret_parts(target, headers)
         progress = _Progress()
+        token = _PROGRESS.set(progress)
         try:
             self._guard.check_host(target.raw_host or "")
             async with self._session.request(
@@ -263,7 +282,6 @@ class OutboundHttp:
                 data=data,
                 allow_redirects=False,
                 timeout=timeout,
-                trace_request_ctx=progress,
             ) as resp:
                 body = await _read_capped(resp)
                 return HttpResponse(resp.status, resp.headers, body, str(resp.url))
@@ -273,12 +291,14 @@ class OutboundHttp:
             raise RetryableError("dns_failed", origin, unwell=True) from err
         except (aiohttp.ClientError, OSError) as err:
             failure = classify_failure(err, origin, idempotent, sent=progress.connected)
-            raise failure from _safe_cause(err, secrets)
+            raise failure from _safe_cause(err, _secret_parts(target, headers))
         except ValueError as err:
             # aiohttp refuses e.g. a header value with CR/LF; its message may quote the value.
             raise PermanentError("bad_request", f"{type(err).__name__}: {origin}") from (
-                _safe_cause(err, secrets)
+                _safe_cause(err, _secret_parts(target, headers))
             )
+        finally:
+            _PROGRESS.reset(token)
 
 
 async def _open_socket(ip: str, port: int, timeout: float) -> socket.socket:  # noqa: ASYNC109
@@ -326,9 +346,8 @@ def _parse_url(text: str, reason: str, *, base: URL | None = None) -> URL:
     return url
 
 
-_URI_CHARS = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:/?#[]@!$&'()*+,;=%"
-)
+# The characters of a valid URI (RFC 3986: unreserved, reserved and %).
+_URI = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
 
 
 def _as_sent(normal: URL, raw: URL) -> URL:
@@ -343,7 +362,7 @@ def _as_sent(normal: URL, raw: URL) -> URL:
 
 
 def _is_uri(text: str) -> bool:
-    return all(c in _URI_CHARS for c in text)
+    return _URI.fullmatch(text) is not None
 
 
 def _plausible_host(host: str) -> bool:

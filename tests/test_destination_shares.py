@@ -145,10 +145,10 @@ async def test_a_released_backlog_leaves_room_for_other_destinations(tmp_path: P
             [closed] = [e for e in logs if e["event"] == "breaker_closed"]
             assert closed["backlog"] == BACKLOG - 1  # all of it was held, the probe aside
             assert len(a.order) <= 1 + PER_HOST
-            # B's attempts may still be finishing (their records being written): count A's.
-            b_in_flight = dispatcher._per_destination.count(b.url)
-            assert dispatcher.in_flight - b_in_flight <= share + dispatcher.config.batch
+            # B's attempts may still be finishing (their records being written); once they
+            # have, what is left in flight is A's, within its share.
             assert dispatcher._per_destination.count(a.url) <= share + dispatcher.config.batch
+            await wait_for(lambda: dispatcher.in_flight <= share + dispatcher.config.batch)
             a.gate.set()
             await wait_for(lambda: sum(tx[0] == "a" for tx in a.order) == BACKLOG, deadline=60)
             clock.advance(3600)  # the outage's failed attempts retry on their own schedule
@@ -199,3 +199,15 @@ async def test_shares_without_a_bound_never_skip() -> None:
     shares.started("7", task)
     assert shares.saturated() == []
     task.cancel()
+
+
+async def test_a_share_taken_ends_once_whatever_calls_it() -> None:
+    calls: list[int] = []
+    shares = Shares(1, lambda: calls.append(1))
+    end = shares.take("http://a.example")
+    assert shares.saturated() == ["http://a.example"]
+    end()
+    end("a task")  # the task's done callback after the explicit end: nothing more
+    assert shares.count("http://a.example") == 0
+    assert calls == [1]
+    assert shares.take(None)() is None  # no key: nothing counted

@@ -237,3 +237,63 @@ async def test_an_attempt_tasks_exception_is_collected_and_logged(
         assert await only(daemon) == (DeliveryState.IN_FLIGHT, 0, None)  # left to its lease
     finally:
         await daemon.client.close()
+
+
+class GatedFinish(SQLiteStore):
+    """A real SQLite store whose finish_attempt waits for `gate` (a slow commit)."""
+
+    gate: asyncio.Event
+
+    async def finish_attempt(
+        self,
+        claim: Claim,
+        attempt: AttemptRow,
+        state: DeliveryState,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        await self.gate.wait()
+        return await super().finish_attempt(claim, attempt, state, next_attempt_at)
+
+
+async def test_a_claim_leaves_its_destinations_share_once_sent_not_once_recorded(
+    tmp_path: Path, sink: Sink
+) -> None:
+    """The share bounds claims in line for a slot or sending; one whose result is still being
+    written takes no slot, so the destination's next deliveries may be claimed meanwhile."""
+    store = GatedFinish(tmp_path / "p.db")
+    store.gate = asyncio.Event()
+    write_rules(tmp_path / "rules.d", rules(sink, {1: "7"}))
+    (tmp_path / "webhooks").mkdir()
+    settings = Settings.model_validate(
+        {
+            "rules_dir": str(tmp_path / "rules.d"),
+            "webhooks_dir": str(tmp_path / "webhooks"),
+            "outbound": {"allow_cidrs": LOOPBACK, "timeout": 5, "per_host_concurrency": 1},
+            "config_dir": tmp_path,
+        }
+    )
+    app = create_app(settings, environ={}, store=store, dispatch=False, watch=False)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    daemon = Daemon(client, tmp_path / "rules.d", settings)
+    dispatcher = daemon.services.dispatcher
+    shares = dispatcher._per_destination
+    try:
+        for i in range(3):
+            await daemon.post(conversion_id=f"c{i}", offer=1, affiliate=7, status="approved")
+        dispatcher.config = dataclasses.replace(dispatcher.config, batch=2)
+        assert await dispatcher.dispatch_once() == 2  # the share (2 x 1) is taken
+        assert shares.saturated() == [sink.url]
+        assert await dispatcher.dispatch_once() == 0
+        await wait_for(lambda: len(sink.received) == 2)  # both sent, neither recorded
+        await wait_for(lambda: shares.count(sink.url) == 0)
+        assert dispatcher.in_flight == 2
+        assert await dispatcher.dispatch_once() == 1  # the third is claimed meanwhile
+        store.gate.set()
+        await dispatcher.drain()
+        rows = await daemon.deliveries()
+        assert [r.state for r in rows] == [DeliveryState.SUCCEEDED] * 3
+        assert shares.count(sink.url) == 0
+    finally:
+        store.gate.set()
+        await daemon.client.close()

@@ -65,6 +65,7 @@ class Fake:
                 "query": request.query_string,
                 "headers": dict(request.headers),
                 "body": body,
+                "peer": request.transport.get_extra_info("peername") if request.transport else None,
             }
         )
         parts = request.path.strip("/").split("/")
@@ -381,6 +382,20 @@ async def test_read_timeout_after_sending(
     else:
         assert type(info.value) is error
         assert info.value.detail == f"timeout: http://127.0.0.1:{fake.port}"
+
+
+async def test_read_timeout_on_a_pooled_connection_is_an_unknown_outcome(
+    http: OutboundHttp, fake: Fake
+) -> None:
+    # The second request reuses the first one's connection (no new connection is made): it
+    # was sent all the same, so a non-idempotent request that times out has an unknown outcome.
+    await http.request("GET", fake.url("/ok"))
+    with pytest.raises(OutcomeUnknownError) as info:
+        await http.request("POST", fake.url("/hang"), data=b"sms", timeout=0.5, idempotent=False)
+    assert fake.received.is_set()
+    assert info.value.detail == f"timeout: http://127.0.0.1:{fake.port}"
+    [first, second] = [r["peer"] for r in fake.requests]
+    assert first == second  # one connection: the pooled one was reused
 
 
 @pytest.mark.parametrize("idempotent", [False, True])

@@ -21,9 +21,10 @@ around one request through the shared HTTP client.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, TypeVar, overload
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
@@ -184,6 +185,53 @@ class AttemptRecord:
         self.response_excerpt = redactor.redact(text[:EXCERPT_LIMIT])
 
 
+_T = TypeVar("_T")
+
+
+class AttemptValues(Mapping[str, str]):
+    """An attempt's macro values whose `rand` (a new UUID for each attempt) is drawn when it is
+    first read, then kept for the attempt: most templates never use it, and drawing one reads
+    the system's random source on every attempt."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self._values = values  # `rand` among them once drawn
+
+    def _rand(self) -> str:
+        value = self._values["rand"] = str(uuid.uuid4())
+        return value
+
+    def __getitem__(self, key: str) -> str:
+        value = self._values.get(key)
+        if value is not None:
+            return value
+        if key == "rand":
+            return self._rand()
+        raise KeyError(key)
+
+    @overload
+    def get(self, key: str, /) -> str | None: ...
+    @overload
+    def get(self, key: str, /, default: str | _T) -> str | _T: ...
+    def get(self, key: str, /, default: object = None) -> object:
+        value = self._values.get(key)
+        if value is not None:
+            return value
+        return self._rand() if key == "rand" else default
+
+    def __contains__(self, key: object) -> bool:
+        return key == "rand" or key in self._values
+
+    def __iter__(self) -> Iterator[str]:
+        if "rand" not in self._values:
+            self._rand()  # every value is asked for
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values) + ("rand" not in self._values)
+
+
 @dataclass
 class Job:
     """One attempt of one delivery, as an action sees it."""
@@ -206,9 +254,10 @@ class Job:
         data: Mapping[str, Any],
         *,
         now: float,
-        rand: str,
+        rand: str | None = None,
     ) -> Job:
-        """The job of one attempt: the arrival's macro values plus the per-attempt ones."""
+        """The job of one attempt: the arrival's macro values plus the per-attempt ones; `rand`
+        None: a new UUID, drawn if a template reads it (AttemptValues)."""
         from daemon.models import attempt_values
 
         full = attempt_values(
@@ -217,9 +266,12 @@ class Job:
             delivery_id=delivery_id,
             idempotency_key=idempotency_key,
             now=now,
-            rand=rand,
+            rand=rand or "",
         )
-        return cls(postback_id, delivery_id, idempotency_key, full, data)
+        if rand is not None:
+            return cls(postback_id, delivery_id, idempotency_key, full, data)
+        del full["rand"]
+        return cls(postback_id, delivery_id, idempotency_key, AttemptValues(full), data)
 
 
 class SecretLookup(Protocol):
