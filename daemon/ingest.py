@@ -166,7 +166,7 @@ async def ingest(
         {
             "status": "accepted",
             "conversion_id": conversion.conversion_id,
-            "transition": result.transition.value,
+            "transition": result.transition._value_,  # .value without its descriptor
             "deliveries": len(result.delivery_ids),
         },
         dumps=fastjson.dumps,  # the one answer per conversion: orjson (docs/benchmarks.md)
@@ -187,9 +187,9 @@ def _log_received(conversion: Conversion, source: str, result: ArrivalResult, ru
         conversion_id=conversion.conversion_id,
         offer=conversion.offer,
         affiliate=conversion.affiliate,
-        status=conversion.status.value,
-        transition=result.transition.value,
-        previous_status=result.previous_status.value if result.previous_status else None,
+        status=conversion.status._value_,  # ._value_: .value without its descriptor
+        transition=result.transition._value_,
+        previous_status=result.previous_status._value_ if result.previous_status else None,
         deliveries=len(result.delivery_ids),
         rules_version=str(runtime.rules.version),
         email=fields.get("email"),

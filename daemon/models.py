@@ -215,7 +215,7 @@ class Conversion:
             "conversion_id": self.conversion_id,
             "offer": self.offer,
             "affiliate": self.affiliate,
-            "status": self.status.value,
+            "status": self.status._value_,  # .value without its descriptor (hot path)
         }
         out.update(self.fields)
         return out
@@ -260,9 +260,10 @@ def rule_data(
         data[name] = _number(value) if value is not None else None
     data["extra"] = dict(conversion.extra)
     data["source"] = source
-    data["transition"] = transition.value
-    data["previous_status"] = previous_status.value if previous_status else None
-    data["trigger"] = conversion.trigger.value
+    # ._value_: an Enum member's value without the .value descriptor (once per request each)
+    data["transition"] = transition._value_
+    data["previous_status"] = previous_status._value_ if previous_status else None
+    data["trigger"] = TRIGGER_OF_STATUS[conversion.status]._value_
     data["received_at"] = received_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
     return data
 

@@ -83,12 +83,13 @@ class Source:
         canonical: dict[str, str] = dict(self.defaults)
         # The canonical fields given a value, filled in CANONICAL_FIELDS order (the order of
         # the stored fields), walking the parameters sent rather than every canonical name.
-        found = sorted(
+        found = [
             (place, name, value)
             for param, value in params.items()
             if value != "" and param in targets
             for place, name in targets[param]
-        )
+        ]
+        found.sort()  # places are unique: names and values are never compared
         for _, name, value in found:
             canonical[name] = value
         if "status" in canonical:

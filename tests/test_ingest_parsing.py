@@ -217,3 +217,43 @@ def test_to_conversion_decides_as_before(source: Source, params: dict[str, str])
         if new[0] == "ok":  # the same fields in the same order (the stored row's order)
             assert list(new[1].fields.items()) == list(old[1].fields.items())
             assert list(new[1].extra.items()) == list(old[1].extra.items())
+
+
+def test_to_us_reads_utc_and_other_zones_alike() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from daemon.store.common import EPOCH, from_us, to_us
+
+    moment = datetime(2026, 12, 6, 19, 50, 1, 123456, tzinfo=UTC)
+    expected = (moment - EPOCH) // timedelta(microseconds=1)
+    assert to_us(moment) == expected == 1796586601123456
+    assert to_us(moment.astimezone(timezone(timedelta(hours=-7, minutes=-30)))) == expected
+    assert from_us(expected) == moment
+    with pytest.raises(ValueError, match="naive datetime"):
+        to_us(moment.replace(tzinfo=None))
+
+
+def test_rule_data_context_values_are_plain_strings() -> None:
+    from datetime import UTC, datetime
+
+    from daemon.models import Transition, arrival_view
+
+    conversion = Conversion.parse(
+        {"conversion_id": "c", "offer": "1", "affiliate": "2", "status": "rejected"}
+    )
+    data, values = arrival_view(
+        conversion,
+        source="s",
+        transition=Transition.STATUS_CHANGED,
+        previous_status=Status.PENDING,
+        received_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    context = {k: data[k] for k in ("transition", "previous_status", "trigger", "status")}
+    assert context == {
+        "transition": "status_changed",
+        "previous_status": "pending",
+        "trigger": "conversion_reject",
+        "status": "rejected",
+    }
+    assert all(type(v) is str for v in context.values())  # not Enum members
+    assert all(type(v) is str for v in values.values())

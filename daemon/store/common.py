@@ -19,6 +19,7 @@ from daemon.store.base import (
 )
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 # States a delivery may be moved to by finish_attempt, and those that wait for a next attempt.
 FINISH_STATES = frozenset(DeliveryState) - {DeliveryState.IN_FLIGHT}
 WAITING_STATES = frozenset({DeliveryState.QUEUED, DeliveryState.RETRYING})
@@ -34,7 +35,9 @@ def utc(moment: datetime) -> datetime:
 
 def to_us(moment: datetime) -> int:
     """Microseconds since the epoch: exact, sortable, how SQLite keeps times."""
-    return (utc(moment) - EPOCH) // timedelta(microseconds=1)
+    if moment.tzinfo is UTC:  # the common case (every clock reading): nothing to convert
+        return (moment - EPOCH) // _MICROSECOND
+    return (utc(moment) - EPOCH) // _MICROSECOND
 
 
 def from_us(value: int) -> datetime:

@@ -191,7 +191,7 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         new_row = (
             source,
             cid,
-            conversion.status.value,
+            conversion.status._value_,  # .value without its descriptor (per request)
             opt_us(conversion.event_time),
             rows.dumps(conversion_fields(conversion)),
             now,
@@ -213,7 +213,7 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             self._write_arrival(conn, source, conversion, pk, write, now)
             return write.result(source, cid)
 
-        return await self._write(job)
+        return await self._writer.submit(job)  # _write's own, without its coroutine layer
 
     def _stored(
         self, conn: sqlite3.Connection, source: str, conversion_id: str
@@ -258,8 +258,8 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             (
                 pk,
                 seq,
-                write.transition.value,
-                conversion.status.value,
+                write.transition._value_,  # .value without its descriptor
+                conversion.status._value_,
                 opt_us(conversion.event_time),
                 now,
                 rows.dumps(write.data),
