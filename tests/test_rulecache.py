@@ -340,6 +340,31 @@ def test_a_set_from_the_cache_is_the_set_from_yaml(tmp_path: Path, counted: list
     assert len({id(pb.condition) for pb in pbs if pb.condition is not None}) == 3
     assert cached.postbacks[30].postback.retry is not None
     assert cached.postbacks[30].postback.retry.max_attempts == 3
+    # matching and explain give the same answers from either set
+    from datetime import UTC, datetime
+
+    from daemon.matching import explain, match
+    from daemon.models import Conversion, Transition, rule_data
+
+    for offer, sub1 in (("1", "fire-1"), ("2", "fire-0"), ("3", "none")):
+        conv = Conversion.parse(
+            {"conversion_id": "c", "offer": offer, "affiliate": "7", "status": "approved",
+             "sub1": sub1}
+        )  # fmt: skip
+        data = rule_data(
+            conv, source="generic", transition=Transition.NEW, previous_status=None,
+            received_at=datetime.now(UTC),
+        )  # fmt: skip
+        assert [lp.id for lp in match(cached, conv, data)] == [
+            lp.id for lp in match(fresh, conv, data)
+        ]
+        verdicts = [
+            (v.postback.id, v.fires, v.reason) for v in explain(cached, conv, data, conv.trigger)
+        ]
+        assert verdicts == [
+            (v.postback.id, v.fires, v.reason) for v in explain(fresh, conv, data, conv.trigger)
+        ]
+        assert verdicts  # every offer of the tree has postbacks
 
 
 def test_a_rule_file_with_private_state_pickles_as_pydantic_does() -> None:
