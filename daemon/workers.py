@@ -142,6 +142,11 @@ def run_workers(
         if dispatcher is not None:
             roles.append((DISPATCHER, functools.partial(dispatcher, folder)))
         roles += [(i, functools.partial(serve_one, i, folder)) for i in range(count)]
+        # SIGHUP's default action ends a process. Ignored from here until the parent's `forward`
+        # below and each child's own handler (installed when its loop starts) take it over: a
+        # reload asked during the start is then not a dead worker (and a stopped unit); a child
+        # loads the rules as they are when it starts anyway.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for index, main in roles:
             path = str(folder / (f"w{index}.sock" if index != DISPATCHER else "d.sock"))
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

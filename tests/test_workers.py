@@ -10,6 +10,8 @@ import os
 import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +21,8 @@ from daemon.errors import ConfigError
 from daemon.workers import loop_factory, worker_node
 from tests.harness import Sink, wait_for, write_rules
 from tests.process_support import DaemonProcess, free_port, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -190,3 +194,27 @@ def test_worker_nodes_and_event_loop_choice() -> None:
         assert "uvloop" in type(loop).__module__
     finally:
         loop.close()
+
+
+def test_a_sighup_during_the_workers_start_is_not_a_dead_worker(tmp_path: Path) -> None:
+    """From the fork until a worker's loop installs its handler, SIGHUP is ignored: its default
+    action would end the worker (and so the unit). Each child here sends itself a SIGHUP before
+    it has any handler, then writes down that it lived on and what SIGHUP was set to."""
+    script = tmp_path / "start.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from daemon.workers import run_workers\n"
+        "def serve(index, folder):\n"
+        "    state = signal.getsignal(signal.SIGHUP)\n"
+        "    os.kill(os.getpid(), signal.SIGHUP)\n"
+        f"    Path({str(tmp_path)!r}, f'child-{{index}}').write_text(str(state))\n"
+        "    return 0\n"
+        "def dispatcher(folder):\n"
+        "    return serve('d', folder)\n"
+        "sys.exit(run_workers(2, serve, {}, dispatcher=dispatcher))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, timeout=60, check=False)
+    found = {p.name: p.read_text() for p in tmp_path.glob("child-*")}
+    assert found == {name: str(signal.SIG_IGN) for name in ("child-0", "child-1", "child-d")}
