@@ -183,7 +183,7 @@ def _build_set(
     loaded: list[LoadedPostback] = []
     offer_goals: dict[str, tuple[bool, str, int]] = {}
     for rel, one in parsed:
-        loaded.extend(_load_file(rel, one, issues, offer_goals))
+        loaded.extend(_load_file(rel, one, issues, offer_goals, cache))
     by_id = _check_ids(loaded, issues)
     seen: dict[int, frozenset[str]] = {}  # postbacks share action objects (daemon.sharing)
     secrets = {name: lp for lp in loaded for name in _secrets_of(lp.postback, seen)}
@@ -358,6 +358,9 @@ class ParseCache:
         self._last: tuple[tuple[tuple[str, bytes], ...], RuleSet] | None = None
         self._stats: dict[str, tuple[FileStat, bytes]] = {}  # path -> (stat, content hash)
         self._root: Path | None = None
+        # The LoadedPostbacks made from each file's parse: a reload that builds a new set
+        # makes new ones for the files that changed only (fewer objects made and freed).
+        self._loaded: dict[str, tuple[_Parsed, tuple[LoadedPostback, ...]]] = {}
 
     def use_root(self, root: Path) -> None:
         """The (resolved) rules folder of this load: another one forgets every stat."""
@@ -382,6 +385,25 @@ class ParseCache:
             del self._files[rel]
         for rel in [r for r in self._stats if r not in keep]:
             del self._stats[rel]
+        for rel in [r for r in self._loaded if r not in keep]:
+            del self._loaded[rel]
+
+    def loaded_of(self, rel: str, parsed: _Parsed) -> tuple[LoadedPostback, ...]:
+        """The postbacks of one parsed file as the set holds them (the same objects as long as
+        the file's parse is the same)."""
+        hit = self._loaded.get(rel)
+        if hit is not None and hit[0] is parsed:
+            return hit[1]
+        rule_file = parsed.rule_file
+        made: tuple[LoadedPostback, ...] = ()
+        if rule_file is not None:
+            offer, goals = rule_file.offer, rule_file.goals_enabled
+            made = tuple(
+                LoadedPostback(pb, offer, goals, rel, parsed.lines[i])
+                for i, pb in enumerate(rule_file.postbacks)
+            )
+        self._loaded[rel] = (parsed, made)
+        return made
 
     def record_stats(self, stats: Mapping[str, FileStat], started_ns: int) -> None:
         """The stat of each file as it was read (after parse: its content hash is known).
@@ -476,11 +498,12 @@ def _load_file(
     parsed: _Parsed,
     issues: list[Issue],
     offer_goals: dict[str, tuple[bool, str, int]],
-) -> list[LoadedPostback]:
+    cache: ParseCache,
+) -> tuple[LoadedPostback, ...]:
     issues.extend(parsed.issues)
     rule_file = parsed.rule_file
     if rule_file is None:
-        return []
+        return ()
     goals = (rule_file.goals_enabled, rel, parsed.goals_line)
     first = offer_goals.setdefault(rule_file.offer, goals)
     if first[0] != goals[0]:
@@ -492,10 +515,7 @@ def _load_file(
                 f"{str(goals[0]).lower()} here but {str(first[0]).lower()} in {first[1]}",
             )
         )
-    return [
-        LoadedPostback(pb, rule_file.offer, rule_file.goals_enabled, rel, parsed.lines[i])
-        for i, pb in enumerate(rule_file.postbacks)
-    ]
+    return cache.loaded_of(rel, parsed)
 
 
 def _postback_id(raw: Any, loc: tuple[Any, ...]) -> int | None:

@@ -413,3 +413,16 @@ def test_the_collector_is_on_again_after_a_load(tmp_path: Path) -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_changed_file_makes_new_loaded_postbacks_for_itself_only(tmp_path: Path) -> None:
+    rules, cache = _tree(tmp_path), loader.ParseCache()
+    first = load_rules(rules, cache=cache, git=False)
+    write_rules(rules, {"b.yaml": _offer(2, 10, "http://127.0.0.1:9/x")})
+    changed = load_rules(rules, cache=cache, git=False)
+    assert changed.postbacks is not first.postbacks
+    assert all(changed.postbacks[pid] is first.postbacks[pid] for pid in (1, 2, 3))  # a.yaml
+    assert changed.postbacks[10] is not first.postbacks[10]
+    assert changed.postbacks[10].postback.action.url.source.endswith("/x")
+    assert (changed.postbacks[11].file, changed.postbacks[11].line) == ("b.yaml", 10)
+    assert changed.offers["1"] == first.offers["1"]
