@@ -115,6 +115,20 @@ def load_rules(
     if last is not None and not (missing_secrets and missing_secrets(sorted(last.secrets))):
         # Every file has the stat it had when the last set was built from it: not read again.
         return _again(last, real_root, git)
+    with collector_paused():  # (YAML parsing runs with it: ParseCache.parse)
+        return _read_and_build(found, issues, missing_secrets, git, real_root, cache)
+
+
+def _read_and_build(
+    found: list[tuple[str, str]],
+    issues: list[Issue],
+    missing_secrets: Callable[[Iterable[str]], list[str]] | None,
+    git: bool,
+    real_root: Path,
+    cache: ParseCache,
+) -> RuleSet:
+    """Every file read and hashed, parsed where it changed, and the set: the last one when
+    every file is the one it was built from."""
     started = time.time_ns()  # before any file is read (see ParseCache.record_stats)
     stats: dict[str, FileStat] = {}
     parsed: list[tuple[str, _Parsed]] = []
@@ -138,8 +152,7 @@ def load_rules(
         # the same set, with the git state of now. A reload of an unchanged tree builds nothing.
         return _again(last, real_root, git)
     git_root = real_root if git else None
-    with collector_paused():
-        return _build_set(parsed, issues, missing_secrets, git_root, digest.hexdigest(), cache)
+    return _build_set(parsed, issues, missing_secrets, git_root, digest.hexdigest(), cache)
 
 
 _pause_lock = threading.Lock()
@@ -149,11 +162,11 @@ _was_enabled = False
 
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
-    """The cyclic garbage collector off while a rule set is built or read from the parsed-rules
-    cache: that makes hundreds of thousands of objects, none of them garbage, and the
-    collections they set off walked every one of them again and again (half the CPU of a start
-    from the cache with 100,000 postbacks). Only for those steps (about a second at most), not
-    for YAML parsing, which may take minutes while the daemon serves. Process-wide, so
+    """The cyclic garbage collector off while rules are read and a set is built, or the
+    parsed-rules cache is read: that makes hundreds of thousands of objects, none of them
+    garbage, and the collections they set off walked every one of them again and again (half
+    the CPU of a start from the cache with 100,000 postbacks). Not while YAML is parsed
+    (_collector_running), which may take minutes while the daemon serves. Process-wide, so
     counted: the last one to end turns it back on. A reload ends with a collection of its own
     (daemon.reload.settle_memory)."""
     global _pauses, _was_enabled
@@ -169,6 +182,21 @@ def collector_paused() -> Iterator[None]:
             _pauses -= 1
             if _pauses == 0 and _was_enabled:
                 gc.enable()
+
+
+@contextlib.contextmanager
+def _collector_running() -> Iterator[None]:
+    """The collector on for a while inside a pause that turned it off."""
+    with _pause_lock:
+        resumed = _pauses > 0 and _was_enabled and not gc.isenabled()
+        if resumed:
+            gc.enable()
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            if resumed and _pauses > 0:
+                gc.disable()
 
 
 def _build_set(
@@ -373,9 +401,10 @@ class ParseCache:
         hit = self._files.get(rel)
         if hit is not None and hit[0] == digest:
             return hit[1]
-        parsed = _parse_file(rel, data)
-        if parsed.rule_file is not None:
-            share_parts(parsed.rule_file, self._pool)
+        with _collector_running():  # YAML may take minutes: no pause for it
+            parsed = _parse_file(rel, data)
+            if parsed.rule_file is not None:
+                share_parts(parsed.rule_file, self._pool)
         self._files[rel] = (digest, parsed)
         return parsed
 

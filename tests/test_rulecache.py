@@ -415,6 +415,31 @@ def test_the_collector_is_on_again_after_a_load(tmp_path: Path) -> None:
         gc.enable()
 
 
+def test_the_collector_runs_while_yaml_is_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paused while files are read and the set is built, on while YAML is parsed (that may take
+    minutes while the daemon serves requests)."""
+    import gc
+
+    seen: dict[str, list[bool]] = {"parse": [], "build": []}
+    parse, check = loader._parse_file, loader._check_ids
+
+    def spy_parse(rel: str, data: bytes) -> Any:
+        seen["parse"].append(gc.isenabled())
+        return parse(rel, data)
+
+    def spy_check(*args: Any) -> Any:
+        seen["build"].append(gc.isenabled())
+        return check(*args)
+
+    monkeypatch.setattr(loader, "_parse_file", spy_parse)
+    monkeypatch.setattr(loader, "_check_ids", spy_check)
+    load_rules(_tree(tmp_path), git=False)
+    assert seen == {"parse": [True, True], "build": [False]}
+    assert gc.isenabled()
+
+
 def test_a_changed_file_makes_new_loaded_postbacks_for_itself_only(tmp_path: Path) -> None:
     rules, cache = _tree(tmp_path), loader.ParseCache()
     first = load_rules(rules, cache=cache, git=False)
