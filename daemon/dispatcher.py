@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import functools
 import random
 import time
 from collections.abc import Callable
@@ -38,7 +40,7 @@ from daemon.attempts import Recorder, describe_error
 from daemon.breaker import Change, Ticket, Verdict
 from daemon.decisions import Decision, decide, effective_policy
 from daemon.errors import DeliveryError, OutcomeUnknownError, RetryableError, StoreError
-from daemon.hosts import Destinations, Shares
+from daemon.hosts import Destinations, InLineTooLong, Shares
 from daemon.loader import LoadedPostback
 from daemon.retry import RetryPolicy
 from daemon.store.base import Claim, Store
@@ -47,6 +49,16 @@ if TYPE_CHECKING:
     from daemon.reload import Runtime
 
 log = structlog.get_logger("postbackd.dispatcher")
+
+
+class _Unsent(enum.Enum):
+    """Why a send that had its slot did not go: stopping, or the breaker holds it."""
+
+    STOPPING = "stopping"
+    HOLD = "hold"
+
+
+_STOPPING, _HOLD = _Unsent.STOPPING, _Unsent.HOLD
 
 # A delivery of a postback this node does not know is put back for this long, for as long as
 # the delivery is younger than the grace; then it is cancelled as removed.
@@ -131,12 +143,16 @@ class Dispatcher:
         A StoreError from the claim ends this call: the supervisor (daemon.supervise) logs it
         once and calls run again after its backoff, so the dispatcher outlives any outage."""
         while not self._stopping:
+            # Cleared before the claim, not after it: a wake-up that comes while the claim is
+            # under way (an attempt ended, its destination's share has room again) is kept, and
+            # claims again at once. Cleared after, it was lost, and the destination's next
+            # claim waited for the poll interval with its slots idle.
+            self._wake.clear()
             started = await self.dispatch_once()
             if beat is not None:
                 beat()
             if started:
                 continue
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.poll_interval):
                     await self._wake.wait()
@@ -239,14 +255,7 @@ class Dispatcher:
             end()
         if sent is None:
             return
-        ticket, job, error, started, duration = sent
-        dest = action.destination
-        try:
-            policy = effective_policy(self.policy, lp.postback.retry)
-            decision = decide(error, claim, policy, self._now(), self._rng)
-            self._health(dest, ticket, decision)
-        finally:
-            self.destinations.abandon(dest, ticket)  # a no-op once the result is recorded
+        job, decision, started, duration = sent
         await self._record.finish(claim, runtime, lp, action, job, decision, started, duration)
 
     def _health(self, dest: str, ticket: Ticket, decision: Decision) -> None:
@@ -267,43 +276,70 @@ class Dispatcher:
 
     async def _send_in_slot(
         self, claim: Claim, lp: LoadedPostback, action: Action
-    ) -> tuple[Ticket, Job, DeliveryError | None, float, float] | None:
+    ) -> tuple[Job, Decision, float, float] | None:
         """Wait (bounded) for the affiliate's fair-use slot and the destination's slot, ask the
-        destination's breaker, then send; None when the claim was handed back unsent (no slot
-        in time, stopping) or held (the breaker is open)."""
+        destination's breaker, then send and decide what follows; None when the claim was
+        handed back unsent (no slot in time, stopping) or held (the breaker is open)."""
         dest = action.destination
         affiliate = self.destinations.affiliate_slot(lp.postback.owner_affiliate)
-        destination = self.destinations.semaphore(dest)
+        loop = asyncio.get_running_loop()
+        in_line_until = loop.time() + self.config.slot_wait
         async with contextlib.AsyncExitStack() as slots:
             try:
-                async with asyncio.timeout(self.config.slot_wait):
-                    for slot in (affiliate, destination):
-                        if slot is not None:
-                            await slot.acquire()
-                            slots.callback(slot.release)
-            except TimeoutError:
+                if affiliate is not None:
+                    async with asyncio.timeout_at(in_line_until):
+                        await affiliate.acquire()
+                    slots.callback(affiliate.release)
+                # The send runs in one of the destination's slots (a lane's runner task),
+                # started as soon as a slot's previous send ends.
+                sent = await self.destinations.lane(dest).run(
+                    functools.partial(self._in_slot, claim, lp, action), in_line_until
+                )
+            except (TimeoutError, InLineTooLong):
                 # Too long in line: hand the claim back unsent (its lease must outlast it).
                 await self._record.give_back(claim, self._now())
                 return None
-            if self._stopping:  # not sent yet: it waits for the next start instead of the grace
-                await self._record.give_back(claim, self._now())
-                return None
-            # Asked with the slot in hand: a claim that waited in line while the breaker opened
-            # is held, not sent, so at most per_host_concurrency attempts meet a dead host.
-            ticket = self.destinations.admit(dest)
-            if ticket.verdict is Verdict.HOLD:
-                await slots.aclose()
-                await self._hold(claim, dest)
-                return None
-            try:
-                # The attempt's time starts now that it has its slot, not when it was claimed.
-                deadline = asyncio.get_running_loop().time() + self.config.attempt_bound
-                job, error, started, duration = await self._send(claim, lp, action, deadline)
-            except BaseException:
-                self.destinations.abandon(dest, ticket)  # a probe that never ended
-                raise
         # the slots are released here, before the store write: they bound sending, not commits
-        return ticket, job, error, started, duration
+        if sent is _STOPPING:  # not sent: it waits for the next start instead of the grace
+            await self._record.give_back(claim, self._now())
+            return None
+        if sent is _HOLD:
+            await self._hold(claim, dest)
+            return None
+        assert not isinstance(sent, _Unsent)
+        return sent
+
+    async def _in_slot(
+        self, claim: Claim, lp: LoadedPostback, action: Action
+    ) -> tuple[Job, Decision, float, float] | _Unsent:
+        """What runs in the destination's slot: the breaker's verdict, the send, and what its
+        result says of the destination's health, told to the breaker before the slot goes to
+        the next send in line (which the breaker may then hold)."""
+        if self._stopping:
+            return _STOPPING
+        dest = action.destination
+        # Asked with the slot in hand: a claim that waited in line while the breaker opened
+        # is held, not sent, so at most per_host_concurrency attempts meet a dead host.
+        ticket = self.destinations.admit(dest)
+        if ticket.verdict is Verdict.HOLD:
+            return _HOLD
+        try:
+            # The attempt's time starts now that it has its slot, not when it was claimed.
+            deadline = asyncio.get_running_loop().time() + self.config.attempt_bound
+            job, error, started, duration = await self._send(claim, lp, action, deadline)
+            policy = effective_policy(self.policy, lp.postback.retry)
+            decision = decide(error, claim, policy, self._now(), self._rng)
+            self._health(dest, ticket, decision)
+            if not decision.healthy:
+                # The slot waits one turn of the event loop before its next send, as a woken
+                # waiter would: the other attempts whose answers came in the same turn tell the
+                # breaker first, so once they open it the next send in line is held, and at most
+                # per_host_concurrency attempts meet a dead host.
+                await asyncio.sleep(0)
+        finally:
+            # A probe that never ended is given up (a no-op once its result is recorded).
+            self.destinations.abandon(dest, ticket)
+        return job, decision, started, duration
 
     async def _send(
         self, claim: Claim, lp: LoadedPostback, action: Action, deadline: float

@@ -1,4 +1,5 @@
-"""Per-destination limits: bounded concurrency, and a circuit breaker (daemon.breaker) for a
+"""Per-destination limits: bounded concurrency (Lane: per_host_concurrency sends at once, each
+slot handed straight to the next send in line), and a circuit breaker (daemon.breaker) for a
 destination that keeps failing; per-affiliate fair use; the shares of claims in progress
 (Shares) that keep one destination's or affiliate's backlog from filling a node. This module
 keeps the state and says what happens in the log and the metrics; the dispatcher does the store
@@ -13,9 +14,10 @@ dispatcher with the size of the backlog it made due; also ``destination_up``).
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -92,10 +94,121 @@ class Shares:
         return self._counts[key]
 
 
+T = TypeVar("T")
+
+
+class InLineTooLong(Exception):
+    """A send still in line for its destination's slot at its deadline (withdrawn, not sent)."""
+
+
+class Turn(Generic[T]):
+    """One send in a Lane: in line, then running in one of the lane's runners, then over."""
+
+    __slots__ = ("ended", "result", "runner", "send", "state")
+
+    def __init__(self, send: Callable[[], Awaitable[T]], result: asyncio.Future[T]) -> None:
+        self.send = send
+        self.result = result
+        self.state = _IN_LINE
+        self.runner: asyncio.Task[None] | None = None  # while running
+        self.ended: asyncio.Future[None] | None = None  # a cancelled running send: its end
+
+
+_IN_LINE, _RUNNING, _OVER = 0, 1, 2
+
+
+class Lane:
+    """A destination's slots: at most `limit` sends at once, run in order of arrival.
+
+    Each send runs in one of at most `limit` runner tasks, and a runner whose send ends starts
+    the next one in line at once, in the same turn of the event loop. A semaphore would wake
+    the next waiting task instead, which runs a turn later: the slot stays idle meanwhile, and
+    under ingest load a turn lasts tens of milliseconds, as long as a loopback request."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._line: deque[Turn[Any]] = deque()
+        self._runners: set[asyncio.Task[None]] = set()
+        self._running = 0  # runners started and not yet ended (the task set lags a turn)
+        self.sending = 0  # sends running now, at most `limit`
+
+    async def run(self, send: Callable[[], Awaitable[T]], line_deadline: float) -> T:
+        """Run `send` in a slot and return its result (or raise its exception); InLineTooLong
+        when it has not started by `line_deadline` (loop time). Cancelled while it runs, the
+        send is cancelled too, and this raises once the send has ended."""
+        loop = asyncio.get_running_loop()
+        turn: Turn[T] = Turn(send, loop.create_future())
+        self._line.append(turn)
+        if self._running < self.limit:
+            self._running += 1
+            runner = loop.create_task(self._run(), name="lane")
+            self._runners.add(runner)
+            runner.add_done_callback(self._runners.discard)
+        expiry = loop.call_at(line_deadline, self._expire, turn)
+        try:
+            return await turn.result
+        except asyncio.CancelledError:
+            ended = self._cancel(turn)
+            if ended is not None:
+                await asyncio.shield(ended)
+            raise
+        finally:
+            expiry.cancel()
+
+    def _expire(self, turn: Turn[Any]) -> None:
+        if turn.state == _IN_LINE:
+            turn.state = _OVER
+            turn.result.set_exception(InLineTooLong())
+
+    def _cancel(self, turn: Turn[Any]) -> asyncio.Future[None] | None:
+        """Take a turn out of line, or cancel its running send: then the future that is done
+        when the send has ended."""
+        if turn.state == _IN_LINE:
+            turn.state = _OVER
+            return None
+        if turn.state == _RUNNING and turn.runner is not None:
+            if turn.ended is None:
+                turn.ended = asyncio.get_running_loop().create_future()
+                turn.runner.cancel()
+            return turn.ended
+        return None
+
+    async def _run(self) -> None:
+        runner = asyncio.current_task()
+        assert runner is not None
+        try:
+            while self._line:
+                turn = self._line.popleft()
+                if turn.state != _IN_LINE:
+                    continue  # withdrawn
+                turn.state, turn.runner = _RUNNING, runner
+                self.sending += 1
+                try:
+                    value = await turn.send()
+                except asyncio.CancelledError:
+                    if turn.ended is None:  # the runner's own cancellation (loop shutdown)
+                        turn.result.cancel()
+                        raise
+                    runner.uncancel()  # this send's, asked by its waiter: go on with the line
+                except BaseException as err:
+                    if not turn.result.done():
+                        turn.result.set_exception(err)
+                else:
+                    if not turn.result.done():
+                        turn.result.set_result(value)
+                finally:
+                    self.sending -= 1
+                    turn.state, turn.runner = _OVER, None
+                    if turn.ended is not None and not turn.ended.done():
+                        turn.ended.set_result(None)
+        finally:
+            self._running -= 1
+
+
 @dataclass
 class _Destination:
     breaker: Breaker
-    semaphore: asyncio.Semaphore
+    lane: Lane
     held: set[str] = field(default_factory=set)  # delivery ids this node holds for it
     last_success: float | None = None
     probe_asked: int = -1  # the breaker epoch whose pause end already made one held due
@@ -136,13 +249,12 @@ class Destinations:
     def _get(self, destination: str) -> _Destination:
         dest = self._dests.get(destination)
         if dest is None:
-            dest = self._dests[destination] = _Destination(
-                Breaker(self.policy), asyncio.Semaphore(self._limit)
-            )
+            dest = self._dests[destination] = _Destination(Breaker(self.policy), Lane(self._limit))
         return dest
 
-    def semaphore(self, destination: str) -> asyncio.Semaphore:
-        return self._get(destination).semaphore
+    def lane(self, destination: str) -> Lane:
+        """The destination's slots (per_host_concurrency sends at once)."""
+        return self._get(destination).lane
 
     @property
     def claim_share(self) -> int:

@@ -5,8 +5,10 @@ cannot be recorded is logged and left to the lease."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from datetime import datetime
+from collections.abc import Collection
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from aiohttp import web
@@ -16,6 +18,7 @@ from structlog.testing import capture_logs
 from daemon.app import create_app
 from daemon.breaker import BreakerState
 from daemon.errors import StoreError
+from daemon.hosts import Lane
 from daemon.settings import Settings
 from daemon.store.base import AttemptRow, Claim, DeliveryState
 from daemon.store.sqlite import SQLiteStore
@@ -33,6 +36,15 @@ def rules(sink: Sink, authors: dict[int, str]) -> dict[str, str]:
     action: {{type: ping_url, url: "{sink.url}/p{pid}?tx={{conversion_id}}"}}
 """
     return {"o.yaml": body}
+
+
+async def take_slots(lane: Lane, n: int) -> tuple[asyncio.Event, list[asyncio.Task[bool]]]:
+    """n sends that hold their slots of `lane` until the event is set."""
+    gate = asyncio.Event()
+    until = asyncio.get_running_loop().time() + 3600
+    taken = [asyncio.create_task(lane.run(gate.wait, until)) for _ in range(n)]
+    await wait_for(lambda: lane.sending == n)
+    return gate, taken
 
 
 async def only(daemon: Daemon) -> tuple[DeliveryState, int, str | None]:
@@ -68,15 +80,15 @@ async def test_the_time_in_line_for_a_slot_is_not_the_attempts_time(
     daemon = await start_daemon(tmp_path, rules(sink, {1: "7"}), dispatch=False)
     dispatcher = daemon.services.dispatcher
     dispatcher.config = dataclasses.replace(dispatcher.config, attempt_timeout=0.3)
-    slot = dispatcher.destinations.semaphore(sink.url)
+    lane = dispatcher.destinations.lane(sink.url)
     try:
         await daemon.post(conversion_id="c1", offer=1, affiliate=7, status="approved")
-        for _ in range(8):  # every slot of the destination is taken (per_host_concurrency 8)
-            await slot.acquire()
+        # every slot of the destination is taken (per_host_concurrency 8)
+        gate, taken = await take_slots(lane, 8)
         assert await dispatcher.dispatch_once() == 1
         await asyncio.sleep(1.0)  # the scenario: in line for three attempt bounds
-        for _ in range(8):
-            slot.release()
+        gate.set()
+        await asyncio.gather(*taken)
         await dispatcher.drain()
         assert await only(daemon) == (DeliveryState.SUCCEEDED, 1, None)
         assert len(sink.received) == 1
@@ -90,17 +102,17 @@ async def test_a_claim_too_long_in_line_is_handed_back_unsent(tmp_path: Path, si
     dispatcher = daemon.services.dispatcher
     # slot_wait = 0.9 * 1.5 - 0.6 * 1.5 = 0.45 s; the lease is still never outlived
     dispatcher.config = dataclasses.replace(dispatcher.config, lease=1.5)
-    slot = dispatcher.destinations.semaphore(sink.url)
+    lane = dispatcher.destinations.lane(sink.url)
     try:
         await daemon.post(conversion_id="c1", offer=1, affiliate=7, status="approved")
-        for _ in range(8):
-            await slot.acquire()
+        gate, taken = await take_slots(lane, 8)
         assert await dispatcher.dispatch_once() == 1
         await dispatcher.drain()  # ends by itself: the wait is bounded
         assert await only(daemon) == (DeliveryState.QUEUED, 0, None)
         assert sink.received == []
-        for _ in range(8):
-            slot.release()
+        gate.set()
+        await asyncio.gather(*taken)
+        assert lane.sending == 0
         assert await dispatcher.dispatch_once() == 1
         await dispatcher.drain()
         assert await only(daemon) == (DeliveryState.SUCCEEDED, 1, None)
@@ -296,4 +308,64 @@ async def test_a_claim_leaves_its_destinations_share_once_sent_not_once_recorded
         assert shares.count(sink.url) == 0
     finally:
         store.gate.set()
+        await daemon.client.close()
+
+
+class GatedClaims(SQLiteStore):
+    """A real SQLite store whose first claim waits for `gate` (a claim that takes a while)."""
+
+    gate: asyncio.Event
+    claims = 0
+
+    async def claim_due(
+        self,
+        node: str,
+        now: datetime,
+        limit: int,
+        lease: timedelta,
+        skip_affiliates: Collection[str] = (),
+        skip_destinations: Collection[str] = (),
+    ) -> list[Claim]:
+        self.claims += 1
+        if self.claims == 1:
+            await self.gate.wait()
+        return await super().claim_due(node, now, limit, lease, skip_affiliates, skip_destinations)
+
+
+async def test_a_wake_up_during_a_claim_is_not_lost(tmp_path: Path, sink: Sink) -> None:
+    """A conversion arrives (its wake-up) while a claim that finds nothing is under way: the
+    dispatcher claims again at once, not after its poll interval (an hour here)."""
+    store = GatedClaims(tmp_path / "p.db")
+    store.gate = asyncio.Event()
+    write_rules(tmp_path / "rules.d", rules(sink, {1: "7"}))
+    (tmp_path / "webhooks").mkdir()
+    settings = Settings.model_validate(
+        {
+            "rules_dir": str(tmp_path / "rules.d"),
+            "webhooks_dir": str(tmp_path / "webhooks"),
+            "outbound": {"allow_cidrs": LOOPBACK, "timeout": 5},
+            "config_dir": tmp_path,
+        }
+    )
+    app = create_app(settings, environ={}, store=store, dispatch=False, watch=False)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    daemon = Daemon(client, tmp_path / "rules.d", settings)
+    dispatcher = daemon.services.dispatcher
+    dispatcher.config = dataclasses.replace(dispatcher.config, poll_interval=3600)
+    runner = asyncio.create_task(dispatcher.run())
+    try:
+        await wait_for(lambda: store.claims == 1)  # the first claim is under way, nothing due
+        await daemon.post(conversion_id="c1", offer=1, affiliate=7, status="approved")
+        dispatcher.wake()  # as ingest does for a new delivery
+        store.gate.set()  # the first claim ends, empty
+        await wait_for(lambda: len(sink.received) == 1)
+        await dispatcher.drain()
+        assert await only(daemon) == (DeliveryState.SUCCEEDED, 1, None)
+    finally:
+        store.gate.set()
+        await dispatcher.stop(5)
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
         await daemon.client.close()
