@@ -154,7 +154,10 @@ def configure_logging(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write() per line (the line and its newline together): processes that share
+        # stdout (`workers`, the dispatch process) never glue each other's lines, as print()'s
+        # two writes did under PYTHONUNBUFFERED=1 (the systemd unit).
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=cache,
     )
     route_library_logs()

@@ -111,3 +111,36 @@ def test_console_format() -> None:
 )
 def test_mask_forms(key: str, value: str | None, masked: str | None) -> None:
     assert mask(key, value) == masked
+
+
+class _Writes(io.StringIO):
+    """A stream that keeps each write() call apart, as an unbuffered stdout passes each one to
+    the pipe or socket that other processes write to as well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_each_line_is_one_write_with_its_newline(cache: bool) -> None:
+    """Processes sharing stdout (workers, the dispatch process) cannot glue two lines together:
+    a line and its newline go out in one write, flushed at once."""
+    out = _Writes()
+    configure_logging("json", "info", True, stream=out, cache=cache)
+    log = structlog.get_logger("t")
+    log.info("first", n=1)
+    log.warning("second", email="a@example.com")
+    assert len(out.calls) == 2
+    assert all(call.endswith("\n") and call.count("\n") == 1 for call in out.calls)
+    assert [json.loads(call)["event"] for call in out.calls] == ["first", "second"]
+    assert out.flushes >= 2
