@@ -165,6 +165,11 @@ class OutboundHttp:
         connector = _Connector(
             resolver=_GuardedResolver(self._resolver, self._guard),
             keepalive_timeout=_KEEPALIVE_SECONDS,
+            # No pool-wide cap: aiohttp's default (100 connections in use) would hold sends
+            # past the 100th in line inside the attempt, with their slot held and their time
+            # running, as if their destination were slow. The dispatcher's own bounds
+            # (per-host lanes, attempts in flight) are the limits.
+            limit=0,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

@@ -28,7 +28,7 @@ from daemon.errors import (
 from daemon.guard import Guard
 from daemon.httpstatus import HttpResponse, classify_status, parse_retry_after
 from daemon.outbound import BODY_CAP, OutboundHttp, SystemResolver
-from tests.harness import StubResolver
+from tests.harness import StubResolver, wait_for
 
 LOOPBACK = ["127.0.0.1/32", "::1/128"]
 NOW = 1_700_000_000.0
@@ -646,3 +646,20 @@ def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
 def test_response_text_uses_the_charset(content_type: str, body: bytes, text: str) -> None:
     response = HttpResponse(200, CIMultiDict({"Content-Type": content_type}), body, "http://x/")
     assert response.text() == text
+
+
+async def test_no_pool_wide_cap_holds_sends_back(http: OutboundHttp, fake: Fake) -> None:
+    """More requests at once than aiohttp's default pool limit (100) all reach the destination
+    together: the dispatcher's per-host lanes and attempts in flight are the only bounds, so no
+    send waits for a connection inside its attempt as if the destination were slow."""
+    count = 120
+    sends = [
+        asyncio.create_task(http.request("GET", fake.url(f"/hang/{i}"), timeout=30))
+        for i in range(count)
+    ]
+    try:
+        await wait_for(lambda: len(fake.requests) >= count, deadline=20.0, interval=0.02)
+    finally:
+        fake.release.set()
+        await asyncio.gather(*sends, return_exceptions=True)
+    assert len(fake.requests) == count
