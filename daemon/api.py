@@ -306,13 +306,22 @@ async def _rules_status(request: web.Request, services: Services, viewer: Viewer
     return web.json_response(body)
 
 
+def _metrics_refused(request: web.Request) -> web.Response | None:
+    """/metrics and /metrics/dispatcher: open unless `api.metrics_public` is false, then for an
+    admin token only; the refusal, or None."""
+    if request.app[SERVICES].settings.api.metrics_public:
+        return None
+    try:
+        _viewer(request, admin=True)
+    except InputError as err:
+        return _error(err)
+    return None
+
+
 async def _metrics(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
-    if not services.settings.api.metrics_public:
-        try:
-            _viewer(request, admin=True)
-        except InputError as err:
-            return _error(err)
+    if (refused := _metrics_refused(request)) is not None:
+        return refused
     now = datetime.fromtimestamp(services.clock.now(), UTC)
     await services.metrics.refresh(services.store, now)
     return web.Response(body=services.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
@@ -324,11 +333,8 @@ async def _dispatcher_metrics(request: web.Request) -> web.StreamResponse:
     without a dispatch process (the dispatcher's metrics are then in /metrics), 503 when it
     does not answer."""
     services = request.app[SERVICES]
-    if not services.settings.api.metrics_public:
-        try:
-            _viewer(request, admin=True)
-        except InputError as err:
-            return _error(err)
+    if (refused := _metrics_refused(request)) is not None:
+        return refused
     if services.link is None:
         body = {"error": "no dispatch process (dispatcher_process: false): see /metrics"}
         return web.json_response(body, status=404)

@@ -147,3 +147,32 @@ class DaemonProcess:
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return log_events(self.log, name)
+
+
+def children(pid: int) -> list[int]:
+    """The process ids whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def ping_rules(sink_url: str, postback: int = 7) -> str:
+    """One offer with one ping_url postback to `sink_url` (a rule file's text)."""
+    return f"""
+offer: 1
+postbacks:
+  - id: {postback}
+    trigger: conversion_done
+    affiliate: "*"
+    status: active
+    created_at: 2026-11-01T10:00:00Z
+    author: {{id: 1, name: Test}}
+    action: {{type: ping_url, url: "{sink_url}/pb?k={{idempotency_key}}"}}
+"""

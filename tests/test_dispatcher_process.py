@@ -22,40 +22,19 @@ from aiohttp import web
 
 from daemon.dispatchproc import WakeReceiver, WakeSender
 from tests.harness import Sink, wait_for, write_rules
-from tests.process_support import DaemonProcess, free_port, write_config
+from tests.process_support import (
+    DaemonProcess,
+    children,
+    free_port,
+    ping_rules,
+    write_config,
+)
 from tests.store.conftest import pg_schema
 from tests.ui.kit import csrf_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 ADMIN = "admin-token-for-the-dispatch-process-tests"
-
-
-def _rules(sink_url: str, postback: int = 7) -> str:
-    return f"""
-offer: 1
-postbacks:
-  - id: {postback}
-    trigger: conversion_done
-    affiliate: "*"
-    status: active
-    created_at: 2026-11-01T10:00:00Z
-    author: {{id: 1, name: Test}}
-    action: {{type: ping_url, url: "{sink_url}/pb?k={{idempotency_key}}"}}
-"""
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 async def _start(
@@ -71,7 +50,7 @@ async def _start(
         dispatcher_process=True,
         api={"tokens": tokens},
     )
-    write_rules(tmp_path / "rules.d", {"offer-1.yaml": _rules(sink.url)})
+    write_rules(tmp_path / "rules.d", {"offer-1.yaml": ping_rules(sink.url)})
     daemon = DaemonProcess(config, port)
     daemon.start()
     await daemon.ready(deadline=30)
@@ -87,7 +66,7 @@ def _dispatch_pid(daemon: DaemonProcess) -> int:
     (started,) = daemon.events("dispatcher_process_started")[-1:]
     pid = int(started["pid"])
     assert daemon.proc is not None
-    assert pid in _children(daemon.proc.pid)
+    assert pid in children(daemon.proc.pid)
     return pid
 
 
@@ -188,7 +167,7 @@ async def test_deliveries_state_metrics_and_reload_on_sqlite(tmp_path: Path) -> 
         assert 'loop="dispatcher"' not in text
         # SIGHUP to the parent reaches the dispatch process: it reloads, and delivers to a
         # postback that only the new rules have.
-        write_rules(tmp_path / "rules.d", {"offer-1.yaml": _rules(sink.url, postback=8)})
+        write_rules(tmp_path / "rules.d", {"offer-1.yaml": ping_rules(sink.url, postback=8)})
         daemon.signal(signal.SIGHUP)
         # Both processes log it (counted in the raw text: two processes share the log stream).
         await wait_for(lambda: daemon.log.read_text().count('"reason":"SIGHUP"') == 2, deadline=20)
@@ -271,7 +250,7 @@ async def test_a_dispatch_process_that_dies_stops_the_unit_and_loses_nothing(
         assert daemon.proc is not None
         assert await asyncio.to_thread(daemon.proc.wait, 30) == 1
         assert daemon.events("dispatcher_process_exited")
-        assert not _children(daemon.proc.pid)
+        assert not children(daemon.proc.pid)
         delivered = len(_keys(sink))
         assert delivered < 40  # some were left to the restarted unit
         # Restarted (systemd's Restart=): the dispatch process takes its claims back at once.
@@ -315,7 +294,7 @@ async def test_two_workers_and_a_dispatch_process(tmp_path: Path) -> None:
     daemon = await _start(tmp_path, sink, workers=2)
     try:
         assert daemon.proc is not None
-        assert len(_children(daemon.proc.pid)) == 3
+        assert len(children(daemon.proc.pid)) == 3
         await _post(daemon, range(20))
         await wait_for(lambda: len(_keys(sink)) == 20, deadline=30)
         db = tmp_path / "var" / "postbackd.db"

@@ -20,38 +20,17 @@ import pytest
 from daemon.errors import ConfigError
 from daemon.workers import loop_factory, worker_node
 from tests.harness import Sink, wait_for, write_rules
-from tests.process_support import DaemonProcess, free_port, write_config
+from tests.process_support import (
+    DaemonProcess,
+    children,
+    free_port,
+    ping_rules,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
-
-
-def _rules(sink_url: str) -> str:
-    return f"""
-offer: 1
-postbacks:
-  - id: 7
-    trigger: conversion_done
-    affiliate: "*"
-    status: active
-    created_at: 2026-11-01T10:00:00Z
-    author: {{id: 1, name: Test}}
-    action: {{type: ping_url, url: "{sink_url}/pb?k={{idempotency_key}}"}}
-"""
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def _listening_inodes(port: int) -> set[str]:
@@ -79,13 +58,13 @@ def _socket_inodes(pid: int) -> set[str]:
 async def _start(tmp_path: Path, sink: Sink) -> tuple[DaemonProcess, int]:
     port = free_port()
     config = write_config(tmp_path, port=port, workers=2)
-    write_rules(tmp_path / "rules.d", {"offer-1.yaml": _rules(sink.url)})
+    write_rules(tmp_path / "rules.d", {"offer-1.yaml": ping_rules(sink.url)})
     daemon = DaemonProcess(config, port)
     daemon.start()
     await daemon.ready()
     assert daemon.proc is not None
     pid = daemon.proc.pid
-    await wait_for(lambda: len(_children(pid)) == 2, deadline=20)
+    await wait_for(lambda: len(children(pid)) == 2, deadline=20)
     # The first ready worker answers /readyz: wait for the other to be listening too.
     await wait_for(lambda: len(daemon.events("daemon_started")) == 2, deadline=20)
     return daemon, port
@@ -96,7 +75,7 @@ async def test_two_workers_share_the_port_and_both_deliver(tmp_path: Path) -> No
     daemon, port = await _start(tmp_path, sink)
     try:
         assert daemon.proc is not None
-        workers = _children(daemon.proc.pid)
+        workers = children(daemon.proc.pid)
         listening = _listening_inodes(port)
         # Each worker holds a listening socket of its own on the port.
         owners = [w for w in workers if _socket_inodes(w) & listening]
@@ -128,7 +107,7 @@ async def test_two_workers_share_the_port_and_both_deliver(tmp_path: Path) -> No
         assert daemon.stop() == 0
         await sink.close()
     assert daemon.proc.poll() == 0
-    assert not _children(daemon.proc.pid)
+    assert not children(daemon.proc.pid)
 
 
 async def test_a_worker_that_dies_stops_the_node(tmp_path: Path) -> None:
@@ -136,7 +115,7 @@ async def test_a_worker_that_dies_stops_the_node(tmp_path: Path) -> None:
     daemon, _ = await _start(tmp_path, sink)
     try:
         assert daemon.proc is not None
-        first, second = _children(daemon.proc.pid)
+        first, second = children(daemon.proc.pid)
         os.kill(first, signal.SIGKILL)
         # The parent stops the other worker and exits 1 (systemd restarts the whole unit).
         returncode = await asyncio.to_thread(daemon.proc.wait, 30)
