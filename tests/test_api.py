@@ -366,6 +366,10 @@ async def test_metrics_need_an_admin_token_when_not_public(tmp_path: Path, sink:
         assert status == 200
         assert headers["Content-Type"].startswith("text/plain; version=")
         assert "postbackd_postbacks_loaded" in text
+        # The dispatch process's metrics path keeps the same rule (this node has none: 404).
+        assert (await call(d, "/metrics/dispatcher", None))[0] == 401
+        assert (await call(d, "/metrics/dispatcher", AFF42))[0] == 403
+        assert (await call(d, "/metrics/dispatcher", ADMIN))[0] == 404
         assert (await call(d, "/healthz", None))[0] == 200
     finally:
         await d.client.close()
