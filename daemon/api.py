@@ -29,7 +29,7 @@ from daemon.api_views import (
     positive_int,
     rules_status_view,
 )
-from daemon.app import SERVICES, Services
+from daemon.app import SERVICES, Services, metrics_response
 from daemon.errors import (
     AuthError,
     ConfigError,
@@ -319,12 +319,9 @@ def _metrics_refused(request: web.Request) -> web.Response | None:
 
 
 async def _metrics(request: web.Request) -> web.StreamResponse:
-    services = request.app[SERVICES]
     if (refused := _metrics_refused(request)) is not None:
         return refused
-    now = datetime.fromtimestamp(services.clock.now(), UTC)
-    await services.metrics.refresh(services.store, now)
-    return web.Response(body=services.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    return await metrics_response(request.app[SERVICES])
 
 
 async def _dispatcher_metrics(request: web.Request) -> web.StreamResponse:

@@ -481,11 +481,16 @@ async def _dispatch_state(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
-async def _dispatch_metrics(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+async def metrics_response(services: Services) -> web.Response:
+    """This process's metrics, with what is read from the store at scrape time refreshed (the
+    body of /metrics, and the dispatch process's /metrics)."""
     now = datetime.fromtimestamp(services.clock.now(), UTC)
     await services.metrics.refresh(services.store, now)
     return web.Response(body=services.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _dispatch_metrics(request: web.Request) -> web.Response:
+    return await metrics_response(request.app[SERVICES])
 
 
 async def _store_problem(store: Store) -> str | None:

@@ -88,9 +88,7 @@ class WakeReceiver:
         while True:
             try:
                 self._sock.recv(64)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
+            except OSError:  # drained (BlockingIOError), or the socket failed: wake anyway
                 break
         self._wake()
 
@@ -122,30 +120,31 @@ class DispatcherLink:
 
     async def state(self) -> tuple[dict[str, Any] | None, str | None]:
         """(the dispatch process's state, None), or (None, why it could not be had)."""
+        raw, problem = await self._get("/state", STATE_TIMEOUT)
+        if raw is None:
+            return None, problem
         try:
-            async with asyncio.timeout(STATE_TIMEOUT):
-                async with self._client().get(f"{_BASE}/state") as resp:
-                    if resp.status != 200:
-                        return None, f"answered {resp.status}"
-                    body = json.loads(await resp.read())
-        except TimeoutError:
-            return None, f"no answer within {STATE_TIMEOUT:g} s"
-        except (aiohttp.ClientError, OSError, ValueError) as err:
+            body = json.loads(raw)
+        except ValueError as err:
             return None, f"unreachable ({err.__class__.__name__})"
         if not isinstance(body, dict):
             return None, "malformed answer"
         return body, None
 
     async def metrics(self) -> tuple[bytes | None, str | None]:
-        """(the dispatch process's metrics text, its content type or None) or (None, why)."""
+        """(the dispatch process's metrics text, None), or (None, why it could not be had)."""
+        return await self._get("/metrics", METRICS_TIMEOUT)
+
+    async def _get(self, path: str, within: float) -> tuple[bytes | None, str | None]:
+        """The body of a 200 answer to GET `path` within `within` seconds, or (None, why not)."""
         try:
-            async with asyncio.timeout(METRICS_TIMEOUT):
-                async with self._client().get(f"{_BASE}/metrics") as resp:
+            async with asyncio.timeout(within):
+                async with self._client().get(f"{_BASE}{path}") as resp:
                     if resp.status != 200:
                         return None, f"answered {resp.status}"
                     return await resp.read(), None
         except TimeoutError:
-            return None, f"no answer within {METRICS_TIMEOUT:g} s"
+            return None, f"no answer within {within:g} s"
         except (aiohttp.ClientError, OSError) as err:
             return None, f"unreachable ({err.__class__.__name__})"
 

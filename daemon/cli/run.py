@@ -8,7 +8,7 @@ import faulthandler
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +44,7 @@ async def serve(
     when several share the port (daemon.workers), else None. `dispatch_folder`: where the
     dispatch process's sockets are (`dispatcher_process: true`), else None (this process
     dispatches)."""
-    notifier = Notifier.from_environ(os.environ)
-    # The pings start first, so they never depend on how long the store and the rules take to
-    # come up; they come from this loop, so a blocked loop still stops them.
-    watchdog = asyncio.create_task(notifier.run_watchdog(), name="watchdog")
-    try:
-        await _serve(settings, notifier, worker, dispatch_folder)
-    finally:
-        watchdog.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watchdog
+    await _watched(lambda notifier: _serve(settings, notifier, worker, dispatch_folder))
 
 
 async def serve_dispatcher(settings: Settings, folder: Path) -> None:
@@ -61,10 +52,17 @@ async def serve_dispatcher(settings: Settings, folder: Path) -> None:
     dispatcher, the watcher and the store, with its state and metrics on a Unix socket in
     `folder` and no public listener. SIGTERM lets attempts in flight finish (the dispatcher's
     grace); SIGHUP reloads the rules."""
+    await _watched(lambda notifier: _serve_dispatcher(settings, notifier, folder))
+
+
+async def _watched(main: Callable[[Notifier], Awaitable[None]]) -> None:
+    """Run `main(notifier)` with systemd's watchdog pinged from this loop. The pings start
+    first, so they never depend on how long the store and the rules take to come up; they come
+    from this loop, so a blocked loop still stops them."""
     notifier = Notifier.from_environ(os.environ)
     watchdog = asyncio.create_task(notifier.run_watchdog(), name="watchdog")
     try:
-        await _serve_dispatcher(settings, notifier, folder)
+        await main(notifier)
     finally:
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
