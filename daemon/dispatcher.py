@@ -237,7 +237,7 @@ class Dispatcher:
             log.info("breaker_closed", destination=dest, backlog=count)
             log.info("destination_up", destination=dest)
 
-    async def _attempt(self, claim: Claim, shares: tuple[Callable[..., None], ...] = ()) -> None:
+    async def _attempt(self, claim: Claim, shares: tuple[Callable[..., None], ...]) -> None:
         runtime = self._runtime()
         lp = runtime.rules.postbacks.get(claim.postback_id)
         age = self._now() - claim.created_at.timestamp()

@@ -70,10 +70,6 @@ class Shares:
 
         return end
 
-    def started(self, key: str | None, task: asyncio.Future[None]) -> None:
-        """A claim of `key` in progress until `task` ends."""
-        task.add_done_callback(self.take(key))
-
     def _ended(self, key: str) -> None:
         left = self._counts[key] - 1
         if left > 0:

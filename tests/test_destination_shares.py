@@ -184,8 +184,8 @@ async def test_shares_count_claims_until_their_tasks_end_and_call_when_room_free
     gate = asyncio.Event()
     tasks = [asyncio.create_task(gate.wait()) for _ in range(3)]
     for task in tasks:
-        shares.started("http://a.example", task)
-    shares.started(None, asyncio.create_task(gate.wait()))  # no key: not counted
+        task.add_done_callback(shares.take("http://a.example"))
+    asyncio.create_task(gate.wait()).add_done_callback(shares.take(None))  # no key: not counted
     assert shares.saturated() == ["http://a.example"]
     assert shares.count("http://a.example") == 3
     gate.set()
@@ -198,7 +198,7 @@ async def test_shares_count_claims_until_their_tasks_end_and_call_when_room_free
 async def test_shares_without_a_bound_never_skip() -> None:
     shares = Shares(None, lambda: None)
     task = asyncio.create_task(asyncio.Event().wait())
-    shares.started("7", task)
+    task.add_done_callback(shares.take("7"))
     assert shares.saturated() == []
     task.cancel()
 
