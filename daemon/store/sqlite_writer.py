@@ -219,20 +219,15 @@ class GroupCommitWriter:
         start = time.monotonic()
         held = lock.acquire(self._busy_ms / 1000)
         waited_ms = int((time.monotonic() - start) * 1000)
-        if waited_ms < 1:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except BaseException:
-                if held:
-                    lock.release()
-                raise
-            return held
         try:
-            conn.execute(f"PRAGMA busy_timeout = {max(self._busy_ms - waited_ms, 0)}")
-            try:
+            if waited_ms < 1:
                 conn.execute("BEGIN IMMEDIATE")
-            finally:
-                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            else:
+                conn.execute(f"PRAGMA busy_timeout = {max(self._busy_ms - waited_ms, 0)}")
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                finally:
+                    conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
         except BaseException:
             if held:
                 lock.release()
