@@ -96,19 +96,15 @@ _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 _UNIX_TIME = re.compile(r"[0-9]{1,12}(?:\.[0-9]+)?")
 
 
-def plain_value(value: str) -> bool:
-    """Whether check_value would take `value`, decided cheaply for the common case; False says
-    only that the full check must run. str.isprintable() is false for every control character
-    (Unicode category Cc: C0, DEL and C1) and every lone surrogate (Cs), among others."""
-    return len(value) <= MAX_VALUE_LENGTH and value.isprintable()
-
-
 def check_value(name: str, value: str) -> str:
     """Refuse what no tracker legitimately sends: over-long values, control characters (CR, LF
     and tab included), lone surrogates."""
     if len(value) > MAX_VALUE_LENGTH:
         raise InputError(f"value longer than {MAX_VALUE_LENGTH} characters", name)
-    if value.isprintable():  # neither control characters nor surrogates (see plain_value)
+    # The common case, decided cheaply: str.isprintable() is false for every control character
+    # (Unicode category Cc: C0, DEL and C1) and every lone surrogate (Cs), among others, so a
+    # printable value needs neither check below.
+    if value.isprintable():
         return value
     if _CONTROL.search(value):
         raise InputError("value contains control characters", name)
@@ -174,11 +170,9 @@ class Conversion:
     def parse(cls, params: Mapping[str, str], extra: Mapping[str, str] | None = None) -> Conversion:
         """Build from canonical name -> string value; raise InputError naming the bad field."""
         for name, value in params.items():
-            if not plain_value(value):
-                check_value(name, value)
+            check_value(name, value)
         for name, value in (extra or {}).items():
-            if not plain_value(value):
-                check_value(f"extra.{name}", value)
+            check_value(f"extra.{name}", value)
         for name in REQUIRED_FIELDS:
             if not params.get(name, "").strip():
                 raise InputError("required field missing", name)

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from daemon.errors import InputError
-from daemon.models import check_value, plain_value
+from daemon.models import check_value
 
 MAX_BODY = 64 * 1024
 MAX_PARAMS = 200
@@ -57,15 +57,16 @@ def _add(params: dict[str, str], name: str, value: str) -> None:
         raise InputError("a parameter has an empty name")
     if len(name) > MAX_NAME:
         raise InputError(f"parameter name longer than {MAX_NAME} characters", _safe(name))
-    if not plain_value(name):  # the full checks only where the cheap one cannot tell
-        try:
-            check_value("", name)
-        except InputError as err:
-            raise InputError(
-                f"parameter name {err.message.removeprefix('value ')}", _safe(name)
-            ) from err
-    if not plain_value(value):
-        check_value(_safe(name), value)
+    try:
+        check_value("", name)
+    except InputError as err:
+        raise InputError(
+            f"parameter name {err.message.removeprefix('value ')}", _safe(name)
+        ) from err
+    try:
+        check_value("", value)
+    except InputError as err:  # the name escaped only for an error, not for every parameter
+        raise InputError(err.message, _safe(name)) from err
     if name in params:
         if params[name] != value:
             raise InputError("parameter given twice with different values", _safe(name))
