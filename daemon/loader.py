@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from stat import S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
-from typing import Any
+from typing import Any, TypeGuard
 
 from pydantic import BaseModel, ValidationError
 
@@ -112,7 +112,7 @@ def load_rules(
     cache = cache if cache is not None else ParseCache()
     cache.use_root(real_root)
     last = cache.unchanged(found) if not issues else None
-    if last is not None and not (missing_secrets and missing_secrets(sorted(last.secrets))):
+    if _reusable(last, missing_secrets):
         # Every file has the stat it had when the last set was built from it: not read again.
         return _again(last, real_root, git)
     with collector_paused():  # (YAML parsing runs with it: ParseCache.parse)
@@ -147,7 +147,7 @@ def _read_and_build(
     cache.record_stats(stats, started)
     fingerprint = cache.fingerprint(stats)
     last = cache.last_result(fingerprint) if not issues else None
-    if last is not None and not (missing_secrets and missing_secrets(sorted(last.secrets))):
+    if _reusable(last, missing_secrets):
         # Every file is the one the last load built its set from (that set had no issue):
         # the same set, with the git state of now. A reload of an unchanged tree builds nothing.
         return _again(last, real_root, git)
@@ -225,6 +225,13 @@ def _build_set(
     built = _build(by_id, files, version, git_root, frozenset(secrets))
     cache.remember(cache.fingerprint(files), built)
     return built
+
+
+def _reusable(
+    last: RuleSet | None, missing_secrets: Callable[[Iterable[str]], list[str]] | None
+) -> TypeGuard[RuleSet]:
+    """Whether the last set may be taken again: there is one, and its secrets still resolve."""
+    return last is not None and not (missing_secrets and missing_secrets(sorted(last.secrets)))
 
 
 def _again(last: RuleSet, root: Path, git: bool) -> RuleSet:
@@ -423,14 +430,7 @@ class ParseCache:
         hit = self._loaded.get(rel)
         if hit is not None and hit[0] is parsed:
             return hit[1]
-        rule_file = parsed.rule_file
-        made: tuple[LoadedPostback, ...] = ()
-        if rule_file is not None:
-            offer, goals = rule_file.offer, rule_file.goals_enabled
-            made = tuple(
-                LoadedPostback(pb, offer, goals, rel, parsed.lines[i])
-                for i, pb in enumerate(rule_file.postbacks)
-            )
+        made = _postbacks_of(rel, parsed)
         self._loaded[rel] = (parsed, made)
         return made
 
@@ -520,6 +520,18 @@ def postback_at_line(data: bytes, line: int) -> int | None:
 
 def _indent(text: bytes) -> int:
     return len(text) - len(text.lstrip())
+
+
+def _postbacks_of(rel: str, parsed: _Parsed) -> tuple[LoadedPostback, ...]:
+    """The postbacks of one parsed file, each with its offer, goals switch, file and line."""
+    rule_file = parsed.rule_file
+    if rule_file is None:
+        return ()
+    offer, goals = rule_file.offer, rule_file.goals_enabled
+    return tuple(
+        LoadedPostback(pb, offer, goals, rel, parsed.lines[i])
+        for i, pb in enumerate(rule_file.postbacks)
+    )
 
 
 def _load_file(
@@ -691,13 +703,7 @@ def rebuild_set(
         hit = files.get(rel)
         if hit is None or hit[0] != digest or hit[1].issues:
             return None
-        rule_file = hit[1].rule_file
-        if rule_file is not None:
-            offer, goals, lines = rule_file.offer, rule_file.goals_enabled, hit[1].lines
-            loaded.extend(
-                LoadedPostback(pb, offer, goals, rel, lines[i])
-                for i, pb in enumerate(rule_file.postbacks)
-            )
+        loaded.extend(_postbacks_of(rel, hit[1]))
     loaded.sort(key=lambda lp: lp.postback.id)
     postbacks, offers, active = _index(loaded)
     if len(postbacks) != len(loaded):
