@@ -467,8 +467,16 @@ async def _dispatch_state(request: web.Request) -> web.Response:
     body = await readiness(services, admin=True)
     body["node"] = services.node
     body["in_flight"] = services.dispatcher.in_flight
+    body["loop_details"] = loop_details(services)
+    return web.json_response(body)
+
+
+def loop_details(services: Services) -> list[dict[str, Any]]:
+    """Every supervised loop of this process, by name: its state, seconds since its last
+    progress (None: none yet), failures in a row and its last error (the console's health
+    page, here and from the dispatch process's /state)."""
     now = services.supervisor.now()
-    body["loop_details"] = [
+    return [
         {
             "name": name,
             "state": health.state,
@@ -478,7 +486,6 @@ async def _dispatch_state(request: web.Request) -> web.Response:
         }
         for name, health in sorted(services.supervisor.loops.items())
     ]
-    return web.json_response(body)
 
 
 async def metrics_response(services: Services) -> web.Response:

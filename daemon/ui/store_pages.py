@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,7 +15,7 @@ from aiohttp import web
 
 from daemon.api import API
 from daemon.api_views import attempt_view, checked_cursor, rules_status_view
-from daemon.app import Services
+from daemon.app import Services, loop_details
 from daemon.dispatchproc import DispatcherLink
 from daemon.errors import ConflictError, InputError, StoreError
 from daemon.store.base import DeliveryFilter, DeliveryRow, DeliveryState
@@ -298,34 +299,21 @@ async def _dispatch_process_loops(link: DispatcherLink) -> list[dict[str, Any]]:
                 "error": problem,
             }
         ]
-    rows = []
-    for loop in remote.get("loop_details") or []:
-        since = loop.get("since_progress")
-        rows.append(
-            {
-                "name": f"{loop.get('name')} (dispatch process)",
-                "state": loop.get("state"),
-                "last_progress": "-" if since is None else f"{since:.1f} s ago",
-                "failures": loop.get("failures"),
-                "error": loop.get("error"),
-            }
-        )
-    return rows
+    return [_loop_row(loop, " (dispatch process)") for loop in remote.get("loop_details") or []]
 
 
 def _loops(services: Services) -> list[dict[str, Any]]:
     """Every supervised background loop: its state, failures in a row and last error."""
-    now = services.supervisor.now()
-    rows = []
-    for name, health in sorted(services.supervisor.loops.items()):
-        since = health.last_progress
-        rows.append(
-            {
-                "name": name,
-                "state": health.state,
-                "last_progress": f"{now - since:.1f} s ago" if since is not None else "-",
-                "failures": health.failures,
-                "error": health.error if health.failing else None,
-            }
-        )
-    return rows
+    return [_loop_row(loop) for loop in loop_details(services)]
+
+
+def _loop_row(loop: Mapping[str, Any], suffix: str = "") -> dict[str, Any]:
+    """One loop of daemon.app.loop_details as a row of the health page."""
+    since = loop.get("since_progress")
+    return {
+        "name": f"{loop.get('name')}{suffix}",
+        "state": loop.get("state"),
+        "last_progress": "-" if since is None else f"{since:.1f} s ago",
+        "failures": loop.get("failures"),
+        "error": loop.get("error"),
+    }
