@@ -1,11 +1,16 @@
 """Group commit for SQLite: one thread runs every write, many requests to a transaction.
 
 Each write is a job (a function of the connection). The writer thread takes every job that is
-waiting, runs each in its own SAVEPOINT inside one ``BEGIN IMMEDIATE`` transaction, and COMMITs
+waiting, runs them one after the other inside one ``BEGIN IMMEDIATE`` transaction, and COMMITs
 once; only then does each caller's future resolve. With ``synchronous=FULL`` the fsync of that
 one COMMIT is shared by every request of the batch, which is what keeps durability cheap.
-A job that raises is rolled back to its savepoint and fails alone; a COMMIT that fails fails
-the whole batch with StoreError.
+
+A job that raises fails alone. The jobs run without a savepoint each (two statements and two
+GIL hand-offs per job saved): when one raises, the whole batch is rolled back to the savepoint
+taken after BEGIN and run again, each job in its own SAVEPOINT, so the failing one is rolled back
+to its savepoint and the others commit. A job must therefore be safe to run twice in one batch:
+a function of the connection and its captured arguments (what it returns comes from the run that
+commits). A COMMIT that fails fails the whole batch with StoreError.
 
 Processes that share the file (``workers: N``) hand the write lock to each other through a
 ``flock`` on ``<database>-writelock`` (daemon/store/sqlite_lock.py), taken before ``BEGIN
@@ -93,6 +98,7 @@ class GroupCommitWriter:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.commits = 0  # transactions committed, for tests and metrics
+        self.reruns = 0  # batches run again with a savepoint per job (one of their jobs raised)
 
     def start(self) -> None:
         """Open the connection in the writer thread; raise StoreError if that fails."""
@@ -187,8 +193,14 @@ class GroupCommitWriter:
                 conn.execute("BEGIN IMMEDIATE")
             else:
                 held = self._begin_handed_off(conn, lock)
-            for pending in batch:
-                outcomes.append(self._run_job(conn, pending))
+            conn.execute("SAVEPOINT batch")
+            outcomes, failure = self._run_jobs(conn, batch)
+            if failure is not None:  # a job raised: every job again, each in its own savepoint
+                if not conn.in_transaction:
+                    raise failure  # it took the transaction with it (SQLITE_FULL, I/O errors)
+                self.reruns += 1
+                conn.execute("ROLLBACK TO batch")
+                outcomes = [self._run_job(conn, pending) for pending in batch]
             conn.execute("COMMIT")
         except Exception as err:  # BEGIN, SAVEPOINT or COMMIT failed: the batch is lost
             self._rollback(conn)
@@ -240,6 +252,21 @@ class GroupCommitWriter:
         # An observer must not stop the writer thread.
         with contextlib.suppress(Exception):
             self._on_commit(size)
+
+    @staticmethod
+    def _run_jobs(
+        conn: sqlite3.Connection, batch: list[_Pending[Any]]
+    ) -> tuple[list[tuple[Any, BaseException | None]], Exception | None]:
+        """Every job of the batch without savepoints: their outcomes, or the error of the first
+        that raised (what the jobs before it wrote is still in the transaction)."""
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        append = outcomes.append
+        try:
+            for pending in batch:
+                append((pending.context.run(pending.job, conn), None))
+        except Exception as err:
+            return outcomes, err
+        return outcomes, None
 
     @staticmethod
     def _run_job(
