@@ -5,11 +5,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import structlog
 
-from daemon.log import configure_logging, mask
+from daemon import fastjson
+from daemon.log import _JsonLine, _mask_pii, _Stamp, configure_logging, mask
 
 
 @pytest.fixture(autouse=True)
@@ -144,3 +148,116 @@ def test_each_line_is_one_write_with_its_newline(cache: bool) -> None:
     assert all(call.endswith("\n") and call.count("\n") == 1 for call in out.calls)
     assert [json.loads(call)["event"] for call in out.calls] == ["first", "second"]
     assert out.flushes >= 2
+
+
+def _old_chain(mask_pii: bool) -> list[Any]:
+    """The JSON processors as they were, one per step (the reference for _JsonLine)."""
+    chain: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if mask_pii:
+        chain.append(_mask_pii)
+    chain.append(structlog.processors.format_exc_info)
+    chain.append(structlog.processors.JSONRenderer(fastjson.dumps_with))
+    return chain
+
+
+def _line(processors: list[Any], method: str, event: dict[str, Any]) -> str:
+    out: Any = dict(event)
+    for proc in processors:
+        out = proc(None, method, out)
+    assert isinstance(out, str)
+    return out
+
+
+def _without_time(line: str) -> tuple[list[tuple[str, Any]], str]:
+    pairs = json.loads(line, object_pairs_hook=list)
+    stamps = [v for k, v in pairs if k == "timestamp"]
+    assert len(stamps) == 1
+    return [(k, v) for k, v in pairs if k != "timestamp"], stamps[0]
+
+
+ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z")
+
+
+@pytest.mark.parametrize("mask_pii", [True, False])
+@pytest.mark.parametrize("method", ["info", "warning", "warn", "error", "exception", "debug"])
+def test_json_line_is_the_processor_chain_in_one(mask_pii: bool, method: str) -> None:
+    """_JsonLine writes what the chain of structlog processors wrote: the same keys in the same
+    order with the same values (PII masked or not, the level's name mapped, an exception
+    rendered, bound context variables merged), the timestamp in the same form."""
+    try:
+        raise ValueError("boom")
+    except ValueError as err:
+        failure = err
+    events: list[dict[str, Any]] = [
+        {"event": "conversion_received", "source": "s", "email": "jane@example.com",
+         "phone": "+1 555 123 4567", "ip": "203.0.113.7", "previous_status": None,
+         "first_name": "", "deliveries": 2},
+        {"event": "x", "exc_info": failure, "error": "e"},
+        {"event": "x", "exc_info": (ValueError, failure, failure.__traceback__)},
+        {"event": "x", "obj": object(), "when": datetime(2026, 1, 2, tzinfo=UTC)},
+        {"event": "x", "big": 2**70, "ip": "2001:db8::1"},
+    ]  # fmt: skip
+    fused = [_JsonLine(mask_pii)]
+    for event in events:
+        new_pairs, new_stamp = _without_time(_line(fused, method, event))
+        old_pairs, old_stamp = _without_time(_line(_old_chain(mask_pii), method, event))
+        assert new_pairs == old_pairs
+        assert ISO_Z.fullmatch(new_stamp)
+        assert ISO_Z.fullmatch(old_stamp)
+    structlog.contextvars.bind_contextvars(request_id="r1", source="bound")
+    try:
+        event = {"event": "x", "source": "given"}  # a key given wins over a bound one
+        new_pairs, _ = _without_time(_line(fused, method, event))
+        old_pairs, _ = _without_time(_line(_old_chain(mask_pii), method, event))
+        assert new_pairs == old_pairs
+        assert ("request_id", "r1") in new_pairs
+        assert ("source", "given") in new_pairs
+    finally:
+        structlog.contextvars.clear_contextvars()
+
+
+@pytest.mark.parametrize(
+    "ns",
+    [
+        0,
+        1_780_000_000_000_000_000,  # a whole second: no fraction, as isoformat()
+        1_780_000_000_000_001_000,  # one microsecond
+        1_780_000_000_999_999_999,  # rounded down, as datetime.now()
+        1_780_000_001_000_000_500,  # the next second, under a microsecond past it
+        253_402_300_799_999_999_000,  # the last microsecond of year 9999
+    ],
+)
+def test_stamp_is_isoformat_of_the_utc_time(ns: int) -> None:
+    stamp = _Stamp(lambda: ns)
+    expected = datetime(1970, 1, 1) + timedelta(microseconds=ns // 1000)
+    assert stamp() == expected.isoformat() + "Z"
+    assert stamp() == expected.isoformat() + "Z"  # the second's text, kept, is the same
+
+
+def test_stamp_follows_the_clock_across_seconds() -> None:
+    """The text kept for a second is never given to another second."""
+    clock = iter([5_000_000_000, 5_999_999_000, 6_000_000_000, 5_500_000_000, 86_400_000_001_000])
+    stamp = _Stamp(lambda: next(clock))
+    assert [stamp() for _ in range(5)] == [
+        "1970-01-01T00:00:05Z",
+        "1970-01-01T00:00:05.999999Z",
+        "1970-01-01T00:00:06Z",
+        "1970-01-01T00:00:05.500000Z",  # a clock stepped back
+        "1970-01-02T00:00:00.000001Z",
+    ]
+
+
+def test_json_lines_stamp_now() -> None:
+    """The daemon's lines carry the time they were written (UTC)."""
+    out = io.StringIO()
+    configure_logging("json", "info", True, stream=out)
+    before = datetime.now(UTC).replace(tzinfo=None)
+    structlog.get_logger().info("x")
+    after = datetime.now(UTC).replace(tzinfo=None)
+    stamp = json.loads(out.getvalue())["timestamp"]
+    assert ISO_Z.fullmatch(stamp)
+    assert before <= datetime.fromisoformat(stamp.removesuffix("Z")) <= after
