@@ -80,6 +80,9 @@ _TEREDO = IPv6Network("2001::/32")
 
 # A host made only of numeric labels (decimal, octal or 0x-hex): what inet_aton would decode.
 _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$", re.IGNORECASE)
+# How many URL hosts a guard remembers its verdict on (check_host); past that the memory starts
+# over, so hosts taken from redirects cannot grow it without bound.
+HOST_VERDICTS = 4096
 
 
 class Guard:
@@ -93,6 +96,10 @@ class Guard:
             except ValueError as err:
                 raise ValueError(f"outbound.allow_cidrs: bad CIDR {cidr!r}: {err}") from err
         self._allow = tuple(nets)
+        # check_host's verdict per host string: True or False (an IP literal or a name), or
+        # the refusal. Its rule (allow_cidrs) is fixed for the guard's life: a reload that
+        # changes it builds a new guard, with an empty memory.
+        self._hosts: dict[str, bool | str] = {}
 
     def check(self, ip: str) -> None:
         """Return if `ip` may be contacted; raise GuardRefusedError naming its class if not."""
@@ -118,7 +125,24 @@ class Guard:
         addresses the resolver checks). Legacy numeric spellings (127.1, 0x7f.1, 2130706433,
         0177.0.0.1, 127.0.0.1.) are refused outright: resolvers decode them differently, so
         what we would check might not be what gets connected to.
+
+        The verdict on each host string is remembered (it depends on nothing else): a request
+        to the same destination is not parsed and checked again on every hop.
         """
+        verdict = self._hosts.get(host)
+        if verdict is None:
+            try:
+                verdict = self._check_host(host)
+            except GuardRefusedError as err:
+                verdict = err.detail
+            if len(self._hosts) >= HOST_VERDICTS:
+                self._hosts.clear()
+            self._hosts[host] = verdict
+        if isinstance(verdict, str):
+            raise GuardRefusedError(verdict)
+        return verdict
+
+    def _check_host(self, host: str) -> bool:
         if ":" in host:
             self.check(host)
             return True

@@ -183,6 +183,48 @@ def test_check_host_literals_and_names(host: str, literal: bool | None) -> None:
         assert Guard().check_host(host) is literal
 
 
+def test_check_host_remembers_each_verdict_without_changing_it() -> None:
+    # Every host of the corpus and the odd spellings, asked twice of one guard: the verdict
+    # remembered from the first ask (an IP literal, a name, or the refusal) is the same.
+    guard = Guard(["10.0.0.0/8"])
+    hosts = [ip for ip, _ in CORPUS] + [h for h, _ in ODD_HOSTS] + ["example.com", "10.1.2.3"]
+    for host in hosts:
+        first: bool | str
+        try:
+            first = guard.check_host(host)
+        except GuardRefusedError as err:
+            first = err.detail
+        for _ in range(2):
+            try:
+                again: bool | str = guard.check_host(host)
+            except GuardRefusedError as err:
+                again = err.detail
+            assert again == first, host
+    assert guard.check_host("10.1.2.3") is True
+
+
+def test_a_guard_with_other_rules_does_not_take_anothers_verdicts() -> None:
+    # A reload that changes allow_cidrs builds a new guard: what the old one remembered
+    # (allowed, here) must not leak into the new one (refused), nor back.
+    opened = Guard(["127.0.0.0/8"])
+    closed = Guard()
+    assert opened.check_host("127.0.0.1") is True
+    with pytest.raises(GuardRefusedError, match="loopback address"):
+        closed.check_host("127.0.0.1")
+    assert opened.check_host("127.0.0.1") is True
+
+
+def test_the_guards_memory_of_hosts_is_bounded() -> None:
+    import daemon.guard as guard_module
+
+    guard = Guard()
+    for i in range(guard_module.HOST_VERDICTS + 10):
+        assert guard.check_host(f"h{i}.example") is False
+    assert len(guard._hosts) <= guard_module.HOST_VERDICTS
+    with pytest.raises(GuardRefusedError, match="loopback address"):
+        guard.check_host("127.0.0.1")
+
+
 @pytest.mark.parametrize(
     ("text", "decoded"),
     [
