@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from daemon.actions.base import Action, Job
+from daemon.actions.base import Action, Job, is_bounded
 from daemon.attempts import Recorder, describe_error
 from daemon.breaker import Change, Ticket, Verdict
 from daemon.decisions import Decision, decide, effective_policy
@@ -346,6 +346,9 @@ class Dispatcher:
     ) -> tuple[Job, DeliveryError | None, float, float]:
         """One attempt of the action: the job (with its record), the error if any, when it
         started and how long it took."""
+        # A bounded action ends by the job's deadline by itself (its requests carry it): no
+        # timer here. Any other is cut by this one at the deadline.
+        bounded = is_bounded(action)
         job = Job.for_attempt(
             claim.postback_id,
             claim.delivery_id,
@@ -353,12 +356,16 @@ class Dispatcher:
             claim.values,
             claim.data,
             now=self._now(),  # rand: drawn for this attempt if a template reads it
+            deadline=deadline if bounded else None,
         )
         started, t0 = self._now(), time.monotonic()
         error: DeliveryError | None = None
         try:
-            async with asyncio.timeout_at(deadline):
+            if bounded:
                 await action.send(job)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    await action.send(job)
         except DeliveryError as err:
             error = err
         except TimeoutError:

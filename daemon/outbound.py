@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
+import math
 import re
 import socket
 from collections.abc import Awaitable, Callable, Mapping
@@ -228,22 +230,27 @@ class OutboundHttp:
         idempotent: bool = True,
         follow_redirects: bool | None = None,
         check: Callable[[URL], Awaitable[None]] | None = None,
+        deadline: float | None = None,
     ) -> HttpResponse:
         """Send one request (following redirects for GET unless told otherwise). `check`, when
         given, is awaited before every hop (the first and each redirect) and may refuse it by
-        raising (affiliate postbacks: the policy's deny_destinations, issue 15)."""
+        raising (affiliate postbacks: the policy's deny_destinations, issue 15). Every hop ends
+        within `timeout` of the call, and by `deadline` (event loop time) when that comes
+        first (the attempt's bound, daemon.dispatcher); `check` is not bounded here."""
         if self._session is None:
             raise RuntimeError("OutboundHttp.start() was not called")
         method = method.upper()
         follow = method == "GET" if follow_redirects is None else follow_redirects
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self._timeout if timeout is None else timeout)
+        until = loop.time() + (self._timeout if timeout is None else timeout)
+        if deadline is not None and deadline < until:
+            until = deadline
         target = _parse_url(url, "bad_url")
         sent = dict(headers or {})
         for hop in range(MAX_REDIRECTS + 1):
             if check is not None:
                 await check(target)
-            response = await self._send(method, target, sent, data, deadline, idempotent)
+            response = await self._send(method, target, sent, data, until, idempotent)
             location = response.headers.get("Location")
             if not follow or response.status not in _REDIRECT_STATUSES or not location:
                 return response
@@ -273,8 +280,12 @@ class OutboundHttp:
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:  # spent on earlier hops; this one was never sent
             raise RetryableError("timeout", origin)
+        # Exact: by default aiohttp rounds a deadline of 5 s or more up to the next whole
+        # second, past the attempt's bound.
         timeout = aiohttp.ClientTimeout(
-            total=remaining, sock_connect=min(self._connect_timeout, remaining)
+            total=remaining,
+            sock_connect=min(self._connect_timeout, remaining),
+            ceil_threshold=math.inf,
         )
         progress = _Progress()
         token = _PROGRESS.set(progress)
@@ -332,6 +343,49 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
 
 
 def _parse_url(text: str, reason: str, *, base: URL | None = None) -> URL:
+    if base is None and _is_uri(text) and not text.endswith(("?", "#")) and "?#" not in text:
+        # The usual case, a rendered URL (a valid URI, without a query or fragment marker that
+        # has nothing after it): the authority is checked and normalised once per distinct
+        # `scheme://authority` (_checked_origin), and the rest is sent byte for byte, as
+        # _as_sent makes it.
+        start = text.find("://") + 3
+        found = _AUTHORITY_END.search(text, start) if start > 2 else None
+        if found is not None and text[found.start()] == "/":
+            end = found.start()
+            checked = _checked_origin(text[:end])
+            if checked is None:
+                return _parse_url_in_full(text, reason)  # raises: the full parse says why
+            scheme, authority = checked
+            rest, _, fragment = text[end:].partition("#")
+            path, _, query = rest.partition("?")
+            return URL.build(
+                scheme=scheme,
+                authority=authority,
+                path=path,
+                query_string=query,
+                fragment=fragment,
+                encoded=True,
+            )
+    return _parse_url_in_full(text, reason, base=base)
+
+
+# Where the authority of an absolute URI ends.
+_AUTHORITY_END = re.compile(r"[/?#]")
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_origin(head: str) -> tuple[str, str] | None:
+    """The scheme and authority as _parse_url sends them (normalised by yarl: lower case,
+    IDNA) of the head `scheme://authority` of a URI that passes _parse_url's checks; None when
+    it does not."""
+    try:
+        url = _parse_url_in_full(head + "/", "bad_url")
+    except PermanentError:
+        return None
+    return url.scheme, url.raw_authority
+
+
+def _parse_url_in_full(text: str, reason: str, *, base: URL | None = None) -> URL:
     try:
         # A URL that is already a valid URI (ours are: macros render percent-encoded) is sent
         # byte for byte; yarl would otherwise decode %2F, %3F and %40 in the query.

@@ -33,11 +33,15 @@ _FIXED_PART = "a macro cannot set the URL's scheme, host or port"
 class UrlTemplate(Template):
     """An http(s) URL template whose scheme, userinfo, host and port are literal text."""
 
-    __slots__ = ("_host", "_netloc", "_port", "_scheme")
+    __slots__ = ("_fixed", "_host", "_netloc", "_port", "_scheme")
     _scheme: str
     _netloc: str
     _host: str
     _port: int
+    # The literal `scheme://authority` and the `/`, `?` or `#` that ends it ("" when the URL
+    # ends with its authority): a rendered URL that starts with it has the template's scheme,
+    # host and port, so render_url proves it without parsing the rendered URL.
+    _fixed: str
 
     def __init__(self, source: str) -> None:
         # The authority is checked before the macros, so `https://{x}/` says what is wrong.
@@ -52,6 +56,7 @@ class UrlTemplate(Template):
         set_(self, "_netloc", netloc)
         set_(self, "_host", split.hostname or "")
         set_(self, "_port", port if port is not None else _DEFAULT_PORTS[scheme])
+        set_(self, "_fixed", source[: authority_end + 1] if authority_end < len(head) else "")
 
     @property
     def scheme(self) -> str:
@@ -72,6 +77,12 @@ class UrlTemplate(Template):
         """The URL with each value percent-encoded for the part it lands in; RenderError if the
         result's scheme, host or port is not the template's (which encoding should prevent)."""
         url = self._render(values, _URL_ENCODERS, secret)
+        fixed = self._fixed
+        if fixed and url.startswith(fixed):
+            # urlsplit would find this same scheme and netloc: the netloc is literal text that
+            # ends at a literal delimiter and holds nothing urlsplit strips or rejects
+            # (_check_authority).
+            return url
         try:
             split = urlsplit(url)
         except ValueError as err:

@@ -384,6 +384,26 @@ async def test_read_timeout_after_sending(
         assert info.value.detail == f"timeout: http://127.0.0.1:{fake.port}"
 
 
+async def test_a_deadline_before_the_timeout_ends_the_request(
+    http: OutboundHttp, fake: Fake
+) -> None:
+    # The attempt's bound (daemon.dispatcher) comes first: the request ends by it, sent or not.
+    until = asyncio.get_running_loop().time() + 0.3
+    with pytest.raises(RetryableError) as info:
+        await http.request("GET", fake.url("/hang"), timeout=60.0, deadline=until)
+    assert fake.received.is_set()
+    assert not fake.release.is_set()  # ended by the deadline, not by an answer
+    assert info.value.reason == "timeout"
+
+
+async def test_a_deadline_already_past_sends_nothing(http: OutboundHttp, fake: Fake) -> None:
+    until = asyncio.get_running_loop().time() - 1.0
+    with pytest.raises(RetryableError) as info:
+        await http.request("GET", fake.url("/ok"), deadline=until)
+    assert info.value.reason == "timeout"
+    assert fake.requests == []
+
+
 async def test_read_timeout_on_a_pooled_connection_is_an_unknown_outcome(
     http: OutboundHttp, fake: Fake
 ) -> None:

@@ -122,6 +122,8 @@ class Redactor:
             self._short = None
 
     def redact(self, text: str) -> str:
+        if not self._values:  # no secret was handed out for this attempt: nothing to mask
+            return text
         for value in sorted(self._values, key=len, reverse=True):
             if len(value) >= WHOLE_ONLY_BELOW:
                 text = text.replace(value, MASK)
@@ -138,9 +140,22 @@ class Redactor:
         return self._short
 
     def headers(self, headers: Mapping[str, str]) -> dict[str, str]:
-        return {
-            k: MASK if SENSITIVE_HEADERS.match(k) else self.redact(v) for k, v in headers.items()
-        }
+        return {k: MASK if _sensitive(k) else self.redact(v) for k, v in headers.items()}
+
+
+# Whether a header name is SENSITIVE_HEADERS, per name (a few distinct names: the rules' and
+# the actions' own; bounded all the same).
+_SENSITIVE: dict[str, bool] = {}
+
+
+def _sensitive(name: str) -> bool:
+    found = _SENSITIVE.get(name)
+    if found is None:
+        found = SENSITIVE_HEADERS.match(name) is not None
+        if len(_SENSITIVE) >= 1024:
+            _SENSITIVE.clear()
+        _SENSITIVE[name] = found
+    return found
 
 
 @dataclass
@@ -243,6 +258,9 @@ class Job:
     data: Mapping[str, Any]  # the conversion data of SPEC 5 (JSON values)
     record: AttemptRecord = field(default_factory=AttemptRecord)
     redactor: Redactor = field(default_factory=Redactor)
+    # The event loop time by which the attempt must end, given (by the dispatcher) only to an
+    # action that is `bounded` (see is_bounded): send_http's requests then end by it.
+    deadline: float | None = None
 
     @classmethod
     def for_attempt(
@@ -255,6 +273,7 @@ class Job:
         *,
         now: float,
         rand: str | None = None,
+        deadline: float | None = None,
     ) -> Job:
         """The job of one attempt: the arrival's macro values plus the per-attempt ones; `rand`
         None: a new UUID, drawn if a template reads it (AttemptValues)."""
@@ -269,9 +288,19 @@ class Job:
             rand=rand or "",
         )
         if rand is not None:
-            return cls(postback_id, delivery_id, idempotency_key, full, data)
+            return cls(postback_id, delivery_id, idempotency_key, full, data, deadline=deadline)
         del full["rand"]
-        return cls(postback_id, delivery_id, idempotency_key, AttemptValues(full), data)
+        values = AttemptValues(full)
+        return cls(postback_id, delivery_id, idempotency_key, values, data, deadline=deadline)
+
+
+def is_bounded(action: object) -> bool:
+    """Whether `action` ends every send by its job's deadline by itself: its `bounded`
+    attribute is True when all its send awaits is send_http through the shared client itself
+    (whose requests end by `job.deadline`), so the dispatcher needs no timer of its own around
+    it. Any other action (SMTP, several requests, a wrapped client that awaits more) is bounded
+    by the dispatcher's timer."""
+    return getattr(action, "bounded", False) is True
 
 
 class SecretLookup(Protocol):
@@ -365,14 +394,28 @@ async def send_http(
     and its answer after."""
     job.record.set_request(job.redactor, method, shown_url or url, headers, body)
     resources = action.resources
-    response: HttpResponse = await resources.http.request(
-        method,
-        url,
-        headers=headers,
-        data=body,
-        timeout=action.settings.timeout or resources.timeout,
-        idempotent=action.idempotent,
-        follow_redirects=follow_redirects,
-    )
+    timeout = action.settings.timeout or resources.timeout
+    response: HttpResponse
+    if job.deadline is None:
+        response = await resources.http.request(
+            method,
+            url,
+            headers=headers,
+            data=body,
+            timeout=timeout,
+            idempotent=action.idempotent,
+            follow_redirects=follow_redirects,
+        )
+    else:  # a bounded action's (is_bounded): its client is OutboundHttp, which takes it
+        response = await resources.http.request(
+            method,
+            url,
+            headers=headers,
+            data=body,
+            timeout=timeout,
+            idempotent=action.idempotent,
+            follow_redirects=follow_redirects,
+            deadline=job.deadline,
+        )
     job.record.set_response(job.redactor, response.status, response.body)
     return response

@@ -30,6 +30,7 @@ from daemon.macros import (
     render_form,
     render_json,
 )
+from daemon.outbound import OutboundHttp
 from daemon.urltemplate import UrlTemplateStr
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
@@ -105,10 +106,16 @@ class PingUrl:
         self.settings = settings
         self.resources = resources
         self._expect = compile_expect(settings.expect) if settings.expect else None
+        self._destination = origin(settings.url)  # the settings are immutable
+        # Its send awaits one send_http and nothing else: through the shared client itself,
+        # that ends by the job's deadline, and the dispatcher keeps no timer of its own around
+        # it (daemon.actions.base.is_bounded). Through a wrapper (an affiliate's PolicyHttp,
+        # which may also resolve names before each hop) it does not: the dispatcher's timer.
+        self.bounded = type(resources.http) is OutboundHttp
 
     @property
     def destination(self) -> str:
-        return origin(self.settings.url)
+        return self._destination
 
     def _render(
         self, job: Job, secret: Callable[[str], str] | None
