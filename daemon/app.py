@@ -75,6 +75,12 @@ class Services:
         """The webhook's read limits (settings do not change while the process runs)."""
         return Limits(read_timeout=self.settings.inbound.read_timeout)
 
+    def arrival_committed(self, source: str, result: ArrivalResult) -> None:
+        """After the store committed an arrival: count it, and wake the dispatcher."""
+        self.metrics.arrival(source, result.transition)
+        if result.delivery_ids:
+            self.wake_dispatcher()
+
     def wake_dispatcher(self) -> None:
         """Deliveries were made due: the dispatcher that serves this node claims them now."""
         if self.link is not None:
@@ -356,16 +362,9 @@ async def _webhook(request: web.Request) -> web.Response:
         runtime=services.reloader.runtime,
         store=services.store,
         now=services.clock.now,
-        on_committed=lambda source, result: _arrival_committed(services, source, result),
+        on_committed=services.arrival_committed,
         limits=services.limits,
     )
-
-
-def _arrival_committed(services: Services, source: str, result: ArrivalResult) -> None:
-    """After the store committed an arrival: count it, and wake the dispatcher."""
-    services.metrics.arrival(source, result.transition)
-    if result.delivery_ids:
-        services.wake_dispatcher()
 
 
 async def _healthz(request: web.Request) -> web.Response:

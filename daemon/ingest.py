@@ -85,23 +85,29 @@ def error_response(err: InputError, text: bool = False) -> web.Response:
     return resp
 
 
-async def _admit(
-    request: web.Request, source: Any, limits: Limits, now: Callable[[], float]
-) -> tuple[Conversion, Ticket | None]:
-    """Address, body, credentials, rate, mapping: the conversion, or an InputError."""
-    gate = source.gate
-    relayed = "Forwarded" in request.headers or "X-Real-IP" in request.headers
+def _check_address(request: web.Request, source: Any) -> None:
+    """The client address (403): the first check, before a byte of the body is read."""
     headers = request.headers
+    relayed = "Forwarded" in headers or "X-Real-IP" in headers
     from_browser = "Origin" in headers or "Sec-Fetch-Site" in headers or "Sec-Fetch-Mode" in headers
-    gate.access.check(request.remote, headers.getall("X-Forwarded-For", []), relayed, from_browser)
+    source.gate.access.check(
+        request.remote, headers.getall("X-Forwarded-For", ()), relayed, from_browser
+    )
+
+
+def _admit(
+    request: web.Request, source: Any, body: bytes, now: Callable[[], float]
+) -> tuple[Conversion, Ticket | None]:
+    """Credentials, rate, mapping (the address and the body were checked before): the
+    conversion, or an InputError."""
+    gate = source.gate
     query: dict[str, str] = {}
     parse_urlencoded(request.rel_url.raw_query_string, query)
-    body = await read_body(request, limits)
     # Without credentials or a rate limit, Gate.authenticate and Gate.throttle do nothing: the
     # Inbound and the clock readings they would take are skipped.
     ticket = None
     if gate.credentials is not None:
-        ticket = gate.authenticate(Inbound(headers, query, body), now())
+        ticket = gate.authenticate(Inbound(request.headers, query, body), now())
     if gate.rate_limit is not None:
         try:
             gate.throttle(source.name, now())
@@ -131,7 +137,11 @@ async def ingest(
         return web.json_response({"error": "unknown source", "field": None}, status=404)
     text = source.response == "text"
     try:
-        conversion, ticket = await _admit(request, source, limits or Limits(), now)
+        # Address (403), body (413, 415, 408), credentials (401), rate (429), mapping (400), in
+        # this order; a GET has no body to read (no coroutine made for it).
+        _check_address(request, source)
+        body = await read_body(request, limits or Limits()) if request.method == "POST" else b""
+        conversion, ticket = _admit(request, source, body, now)
     except InputError as err:
         log.info(
             "conversion_rejected",
@@ -184,6 +194,25 @@ def _unavailable(message: str, text: bool) -> web.Response:
     return web.json_response({"error": message, "field": None}, status=503)
 
 
+class _VersionText:
+    """`str(version)` of the running rules, made once per rule set rather than per conversion
+    (RulesVersion.__str__ slices and formats). RulesVersion is frozen, and the one kept is
+    referenced here, so the same object always has the same text."""
+
+    def __init__(self) -> None:
+        self._last: tuple[object, str] = (None, "")  # one attribute: read and written whole
+
+    def __call__(self, version: object) -> str:
+        known, text = self._last
+        if version is not known:
+            text = str(version)
+            self._last = (version, text)
+        return text
+
+
+_version_text = _VersionText()
+
+
 def _log_received(conversion: Conversion, source: str, result: ArrivalResult, runtime: Any) -> None:
     fields: Mapping[str, str] = conversion.fields
     log.info(
@@ -196,7 +225,7 @@ def _log_received(conversion: Conversion, source: str, result: ArrivalResult, ru
         transition=result.transition._value_,
         previous_status=result.previous_status._value_ if result.previous_status else None,
         deliveries=len(result.delivery_ids),
-        rules_version=str(runtime.rules.version),
+        rules_version=_version_text(runtime.rules.version),
         email=fields.get("email"),
         phone=fields.get("phone"),
         ip=fields.get("ip"),
