@@ -284,21 +284,23 @@ class Dispatcher:
         affiliate = self.destinations.affiliate_slot(lp.postback.owner_affiliate)
         loop = asyncio.get_running_loop()
         in_line_until = loop.time() + self.config.slot_wait
-        async with contextlib.AsyncExitStack() as slots:
-            try:
-                if affiliate is not None:
-                    async with asyncio.timeout_at(in_line_until):
-                        await affiliate.acquire()
-                    slots.callback(affiliate.release)
-                # The send runs in one of the destination's slots (a lane's runner task),
-                # started as soon as a slot's previous send ends.
-                sent = await self.destinations.lane(dest).run(
-                    functools.partial(self._in_slot, claim, lp, action), in_line_until
-                )
-            except (TimeoutError, InLineTooLong):
-                # Too long in line: hand the claim back unsent (its lease must outlast it).
-                await self._record.give_back(claim, self._now())
-                return None
+        # The send runs in one of the destination's slots (a lane's runner task), started as
+        # soon as a slot's previous send ends.
+        send = functools.partial(self._in_slot, claim, lp, action)
+        try:
+            if affiliate is None:
+                sent = await self.destinations.lane(dest).run(send, in_line_until)
+            else:
+                async with asyncio.timeout_at(in_line_until):
+                    await affiliate.acquire()
+                try:
+                    sent = await self.destinations.lane(dest).run(send, in_line_until)
+                finally:
+                    affiliate.release()
+        except (TimeoutError, InLineTooLong):
+            # Too long in line: hand the claim back unsent (its lease must outlast it).
+            await self._record.give_back(claim, self._now())
+            return None
         # the slots are released here, before the store write: they bound sending, not commits
         if sent is _STOPPING:  # not sent: it waits for the next start instead of the grace
             await self._record.give_back(claim, self._now())

@@ -14,6 +14,7 @@ dispatcher with the size of the backlog it made due; also ``destination_up``).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -100,11 +101,14 @@ class InLineTooLong(Exception):
 class Turn(Generic[T]):
     """One send in a Lane: in line, then running in one of the lane's runners, then over."""
 
-    __slots__ = ("ended", "result", "runner", "send", "state")
+    __slots__ = ("deadline", "ended", "result", "runner", "send", "state")
 
-    def __init__(self, send: Callable[[], Awaitable[T]], result: asyncio.Future[T]) -> None:
+    def __init__(
+        self, send: Callable[[], Awaitable[T]], result: asyncio.Future[T], deadline: float
+    ) -> None:
         self.send = send
         self.result = result
+        self.deadline = deadline  # loop time: withdrawn if still in line then
         self.state = _IN_LINE
         self.runner: asyncio.Task[None] | None = None  # while running
         self.ended: asyncio.Future[None] | None = None  # a cancelled running send: its end
@@ -119,7 +123,11 @@ class Lane:
     Each send runs in one of at most `limit` runner tasks, and a runner whose send ends starts
     the next one in line at once, in the same turn of the event loop. A semaphore would wake
     the next waiting task instead, which runs a turn later: the slot stays idle meanwhile, and
-    under ingest load a turn lasts tens of milliseconds, as long as a loopback request."""
+    under ingest load a turn lasts tens of milliseconds, as long as a loopback request.
+
+    The deadlines in line are watched by one timer per lane, set for the earliest (not one per
+    send: nearly every send starts long before its deadline, and each timer set and cancelled
+    costs the event loop's heap its work)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -127,20 +135,23 @@ class Lane:
         self._runners: set[asyncio.Task[None]] = set()
         self._running = 0  # runners started and not yet ended (the task set lags a turn)
         self.sending = 0  # sends running now, at most `limit`
+        self._watch: asyncio.TimerHandle | None = None  # at _watch_at: _expire_due
+        self._watch_at = math.inf
 
     async def run(self, send: Callable[[], Awaitable[T]], line_deadline: float) -> T:
         """Run `send` in a slot and return its result (or raise its exception); InLineTooLong
         when it has not started by `line_deadline` (loop time). Cancelled while it runs, the
         send is cancelled too, and this raises once the send has ended."""
         loop = asyncio.get_running_loop()
-        turn: Turn[T] = Turn(send, loop.create_future())
+        turn: Turn[T] = Turn(send, loop.create_future(), line_deadline)
         self._line.append(turn)
         if self._running < self.limit:
             self._running += 1
             runner = loop.create_task(self._run(), name="lane")
             self._runners.add(runner)
             runner.add_done_callback(self._runners.discard)
-        expiry = loop.call_at(line_deadline, self._expire, turn)
+        if line_deadline < self._watch_at:
+            self._watch_until(loop, line_deadline)
         try:
             return await turn.result
         except asyncio.CancelledError:
@@ -148,13 +159,28 @@ class Lane:
             if ended is not None:
                 await asyncio.shield(ended)
             raise
-        finally:
-            expiry.cancel()
 
-    def _expire(self, turn: Turn[Any]) -> None:
-        if turn.state == _IN_LINE:
-            turn.state = _OVER
-            turn.result.set_exception(InLineTooLong())
+    def _watch_until(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch_at = when
+        self._watch = loop.call_at(when, self._expire_due, loop)
+
+    def _expire_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Withdraw every send still in line at its deadline; watch for the next deadline."""
+        self._watch, self._watch_at = None, math.inf
+        now = loop.time()
+        following = math.inf
+        for turn in self._line:
+            if turn.state != _IN_LINE or turn.result.done():  # done: its waiter was cancelled
+                continue
+            if turn.deadline <= now:
+                turn.state = _OVER
+                turn.result.set_exception(InLineTooLong())
+            elif turn.deadline < following:
+                following = turn.deadline
+        if following < math.inf:
+            self._watch_until(loop, following)
 
     def _cancel(self, turn: Turn[Any]) -> asyncio.Future[None] | None:
         """Take a turn out of line, or cancel its running send: then the future that is done

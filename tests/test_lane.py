@@ -136,3 +136,66 @@ async def test_cancelling_a_waiter_cancels_its_send_and_waits_for_its_cleanup() 
     assert await nxt == "after"
     assert never == []
     assert lane.sending == 0
+
+
+async def test_each_send_in_line_is_withdrawn_at_its_own_deadline_in_any_order() -> None:
+    # One timer watches the lane's line: a later arrival with an earlier deadline is withdrawn
+    # at that deadline too, and the sends whose deadlines are far still run when a slot frees.
+    lane = Lane(1)
+    gate = asyncio.Event()
+    ran: list[str] = []
+    now = asyncio.get_running_loop().time()
+
+    async def send(name: str) -> str:
+        ran.append(name)
+        return name
+
+    holder = asyncio.create_task(lane.run(gate.wait, far()))
+    await wait_for(lambda: lane.sending == 1)
+    late = asyncio.create_task(lane.run(lambda: send("late"), now + 0.2))
+    kept = asyncio.create_task(lane.run(lambda: send("kept"), far()))
+    early = asyncio.create_task(lane.run(lambda: send("early"), now + 0.05))
+    with pytest.raises(InLineTooLong):
+        await early
+    assert not late.done()  # its own deadline has not come
+    with pytest.raises(InLineTooLong):
+        await late
+    assert not kept.done()
+    gate.set()
+    assert await holder is True
+    assert await kept == "kept"
+    assert ran == ["kept"]
+
+
+async def test_a_send_that_started_in_time_is_not_withdrawn_at_its_deadline() -> None:
+    lane = Lane(1)
+    gate = asyncio.Event()
+    until = asyncio.get_running_loop().time() + 0.05
+    running = asyncio.create_task(lane.run(gate.wait, until))
+    await wait_for(lambda: lane.sending == 1)
+    # a second send in line keeps the lane's watch armed past the first one's deadline
+    waiting = asyncio.create_task(lane.run(gate.wait, until + 0.05))
+    with pytest.raises(InLineTooLong):
+        await waiting
+    assert not running.done()  # past its deadline, but it was running: not withdrawn
+    gate.set()
+    assert await running is True
+
+
+async def test_a_cancelled_waiter_in_line_does_not_break_the_watch() -> None:
+    lane = Lane(1)
+    gate = asyncio.Event()
+    now = asyncio.get_running_loop().time()
+    holder = asyncio.create_task(lane.run(gate.wait, far()))
+    await wait_for(lambda: lane.sending == 1)
+    cancelled = asyncio.create_task(lane.run(gate.wait, now + 0.05))
+    other = asyncio.create_task(lane.run(gate.wait, now + 0.05))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(InLineTooLong):
+        await other
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    gate.set()
+    assert await holder is True
+    assert await lane.run(gate.wait, far()) is True  # the lane goes on
