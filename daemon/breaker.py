@@ -80,11 +80,15 @@ class Breaker:
         self.failures = 0  # consecutive unwell results while closed
         self.pause = 0.0  # the current pause (0 while closed)
         self.until = 0.0  # while open: when the probe may go
+        self._send = Ticket(Verdict.SEND, 0)  # every SEND of this epoch (tickets are immutable)
 
     def admit(self, now: float) -> tuple[Ticket, Event | None]:
         """The verdict for one attempt that is about to start."""
         if self.state is BreakerState.CLOSED:
-            return Ticket(Verdict.SEND, self.epoch), None
+            send = self._send
+            if send.epoch != self.epoch:
+                send = self._send = Ticket(Verdict.SEND, self.epoch)
+            return send, None
         if self.state is BreakerState.OPEN and now >= self.until:
             self._move(BreakerState.HALF_OPEN)
             return Ticket(Verdict.PROBE, self.epoch), Event(Change.PROBING, self.pause)

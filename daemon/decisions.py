@@ -28,6 +28,10 @@ class Decision:
     healthy: bool  # the destination answered as a healthy host would (for its breaker)
 
 
+# Every success decides the same (a Decision is immutable: one object serves them all).
+_SUCCEEDED = Decision(DeliveryState.SUCCEEDED, "succeeded", None, None, True)
+
+
 def effective_policy(policy: RetryPolicy, override: RetryOverride | None) -> RetryPolicy:
     """The daemon's schedule with a postback's own `retry:` limits, if it has any."""
     if override is None:
@@ -45,7 +49,7 @@ def decide(
     """What follows one attempt of `claim` that ended with `error` (None: it succeeded) at
     `now`, under `policy` (already with the postback's override, see effective_policy)."""
     if error is None:
-        return Decision(DeliveryState.SUCCEEDED, "succeeded", None, None, True)
+        return _SUCCEEDED
     healthy = not error.unwell
     if isinstance(error, RetryableError):
         age = now - claim.created_at.timestamp()

@@ -80,12 +80,13 @@ class DispatcherConfig:
     poll_interval: float = 1.0
     attempt_timeout: float = 130.0  # a last-resort bound around an action's own timeouts
 
-    @property
+    # Computed once per config (frozen: dataclasses.replace makes a new one, with its own).
+    @functools.cached_property
     def attempt_bound(self) -> float:
         """How long an attempt may take from the moment it has its slot."""
         return min(self.attempt_timeout, self.lease * ATTEMPT_SHARE)
 
-    @property
+    @functools.cached_property
     def slot_wait(self) -> float:
         """How long a claim may wait in line for its slots; with attempt_bound, 90 % of the
         lease, so an attempt always ends before its claim does (no other node can start it)."""
@@ -351,16 +352,17 @@ class Dispatcher:
         # A bounded action ends by the job's deadline by itself (its requests carry it): no
         # timer here. Any other is cut by this one at the deadline.
         bounded = is_bounded(action)
+        started = self._now()  # the attempt's start, and its {timestamp}
         job = Job.for_attempt(
             claim.postback_id,
             claim.delivery_id,
             claim.idempotency_key,
             claim.values,
             claim.data,
-            now=self._now(),  # rand: drawn for this attempt if a template reads it
+            now=started,  # rand: drawn for this attempt if a template reads it
             deadline=deadline if bounded else None,
         )
-        started, t0 = self._now(), time.monotonic()
+        t0 = time.monotonic()
         error: DeliveryError | None = None
         try:
             if bounded:

@@ -76,7 +76,10 @@ class Template:
             if kind == _LITERAL:
                 out.append(text)
             elif kind == _MACRO:
-                out.append(_encode(encoders[context], values.get(text, ""), f"{{{text}}}"))
+                try:  # the label is made only for an error (_encode's, written inline)
+                    out.append(encoders[context](values.get(text, "")))
+                except RenderError as err:
+                    raise RenderError(f"{{{text}}}: {err.detail}") from err
             elif secret is None:
                 out.append(MASK)  # never encoded: `****` must read as a mask wherever it lands
             else:

@@ -333,12 +333,15 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
     chunks: list[bytes] = []
     size = 0
     # What is left unread is dropped with the connection when the response is released.
+    content = resp.content
     while size < BODY_CAP:
-        chunk = await resp.content.read(BODY_CAP - size)
+        chunk = await content.read(BODY_CAP - size)
         if not chunk:
             break
         chunks.append(chunk)
         size += len(chunk)
+        if content.at_eof() and content.exception() is None:
+            break  # all of it: the next read would only say so (b"")
     return b"".join(chunks)
 
 
