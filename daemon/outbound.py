@@ -251,8 +251,10 @@ class OutboundHttp:
             if check is not None:
                 await check(target)
             response = await self._send(method, target, sent, data, until, idempotent)
+            if not follow or response.status not in _REDIRECT_STATUSES:
+                return response
             location = response.headers.get("Location")
-            if not follow or response.status not in _REDIRECT_STATUSES or not location:
+            if not location:
                 return response
             if hop == MAX_REDIRECTS:
                 raise PermanentError("too_many_redirects", _origin(target))
@@ -276,10 +278,9 @@ class OutboundHttp:
         idempotent: bool,
     ) -> HttpResponse:
         assert self._session is not None
-        origin = _origin(target)
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:  # spent on earlier hops; this one was never sent
-            raise RetryableError("timeout", origin)
+            raise RetryableError("timeout", _origin(target))
         # Exact: by default aiohttp rounds a deadline of 5 s or more up to the next whole
         # second, past the attempt's bound.
         timeout = aiohttp.ClientTimeout(
@@ -301,16 +302,18 @@ class OutboundHttp:
             ) as resp:
                 body = await _read_capped(resp)
                 return HttpResponse(resp.status, resp.headers, body, str(resp.url))
+        # The errors name the origin only (made here: a request that works never needs it).
         except GuardRefusedError as err:
-            raise GuardRefusedError(f"{err.detail}: {origin}") from err
+            raise GuardRefusedError(f"{err.detail}: {_origin(target)}") from err
         except _DnsFailed as err:
-            raise RetryableError("dns_failed", origin, unwell=True) from err
+            raise RetryableError("dns_failed", _origin(target), unwell=True) from err
         except (aiohttp.ClientError, OSError) as err:
+            origin = _origin(target)
             failure = classify_failure(err, origin, idempotent, sent=progress.connected)
             raise failure from _safe_cause(err, _secret_parts(target, headers))
         except ValueError as err:
             # aiohttp refuses e.g. a header value with CR/LF; its message may quote the value.
-            raise PermanentError("bad_request", f"{type(err).__name__}: {origin}") from (
+            raise PermanentError("bad_request", f"{type(err).__name__}: {_origin(target)}") from (
                 _safe_cause(err, _secret_parts(target, headers))
             )
         finally:

@@ -31,6 +31,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 from daemon.errors import RetryableError, SecretError
 from daemon.macros import MASK as MASK  # re-exported: records mask with the same ****
 from daemon.macros import Template, TemplateStr, encoded_forms
+from daemon.models import attempt_values
 from daemon.urltemplate import UrlTemplate, UrlTemplateStr
 
 if TYPE_CHECKING:
@@ -277,8 +278,6 @@ class Job:
     ) -> Job:
         """The job of one attempt: the arrival's macro values plus the per-attempt ones; `rand`
         None: a new UUID, drawn if a template reads it (AttemptValues)."""
-        from daemon.models import attempt_values
-
         full = attempt_values(
             values,
             postback_id=postback_id,
