@@ -3,10 +3,16 @@ recorded with what follows it, a claim handed back unsent or held, a delivery ca
 result the store cannot take (StoreError) is logged with the outcome, ``recorded: false`` and
 the store error (one masked line), and left to the claim's lease: the delivery is due again
 when it ends and is sent again with the same idempotency key.
+
+Attempts' results are written together: the results that end in one turn of the event loop,
+or while the last write of results is in flight, are one store call (``finish_attempts``: one
+writer job on SQLite, one statement on PostgreSQL), the group-commit shape, with no timer (a
+lone result is written at once). Each keeps its own outcome, log line and metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -18,7 +24,7 @@ from daemon.decisions import Decision
 from daemon.errors import StoreError
 from daemon.loader import LoadedPostback
 from daemon.log import masked_first_line
-from daemon.store.base import AttemptRow, Claim, DeliveryState, Store
+from daemon.store.base import AttemptRow, Claim, DeliveryState, Finish, FinishResult, Store
 
 if TYPE_CHECKING:
     from daemon.reload import Runtime
@@ -51,6 +57,9 @@ class Recorder:
         self._node = node
         self._now = now
         self._on_attempt = on_attempt
+        # Results waiting for the write of results in flight (its task: None when none is).
+        self._results: list[tuple[Finish, asyncio.Future[FinishResult]]] = []
+        self._writing: asyncio.Task[None] | None = None
 
     def _dt(self, ts: float) -> datetime:
         return datetime.fromtimestamp(ts, UTC)
@@ -89,9 +98,8 @@ class Recorder:
         )
         store_error: str | None = None
         try:
-            held = await self.store.finish_attempt(
-                claim, row, decision.state, self._dt(next_at) if next_at is not None else None
-            )
+            due = self._dt(next_at) if next_at is not None else None
+            held = await self._finish(Finish(claim, row, decision.state, due))
         except StoreError as err:
             # Not recorded: the claim's lease ends and the delivery is tried again (with the
             # same idempotency key). Said once here, with what the attempt did.
@@ -116,6 +124,53 @@ class Recorder:
         )
         if self._on_attempt is not None:
             self._on_attempt(lp.postback.action.type, outcome, duration)
+
+    async def _finish(self, item: Finish) -> bool:
+        """The store's finish_attempt for `item`, written with the other results that end in
+        this turn of the event loop or while the write before is in flight."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[FinishResult] = loop.create_future()
+        self._results.append((item, future))
+        if self._writing is None:  # its first step runs after this turn's other callbacks
+            self._writing = loop.create_task(self._write_results(), name="attempt-results")
+        result = await future
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def _write_results(self) -> None:
+        """Write what has gathered, then what gathered meanwhile, until nothing waits. The
+        writes go on even if their callers stop waiting (cancelled), as one store call of their
+        own did; graceful stop waits for the callers, so every result is written (or logged
+        unrecorded) before the store closes."""
+        batch: list[tuple[Finish, asyncio.Future[FinishResult]]] = []
+        try:
+            while self._results:
+                batch, self._results = self._results, []
+                results: list[FinishResult]
+                try:
+                    if len(batch) == 1:
+                        f = batch[0][0]
+                        results = [
+                            await self.store.finish_attempt(
+                                f.claim, f.attempt, f.state, f.next_attempt_at
+                            )
+                        ]
+                    else:
+                        results = await self.store.finish_attempts([f for f, _ in batch])
+                except Exception as err:  # the write as a whole: every item's outcome
+                    results = [err] * len(batch)
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+                batch = []
+        except BaseException:  # cancelled (the loop is closing): nobody is left waiting
+            for _, future in batch + self._results:
+                future.cancel()
+            self._results = []
+            raise
+        finally:
+            self._writing = None
 
     async def give_back(self, claim: Claim, when: float) -> None:
         """Release a claim unsent, due again at `when`; a store failure leaves it to the lease."""

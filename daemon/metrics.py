@@ -11,7 +11,7 @@ import asyncio
 import functools
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from daemon.errors import StoreError
 from daemon.models import Transition
-from daemon.store.base import DeliveryState, Store
+from daemon.store.base import DeliveryState, Finish, FinishResult, Store
 from daemon.supervise import describe
 
 log = structlog.get_logger("postbackd.metrics")
@@ -177,21 +177,48 @@ class ObservedStore:
             try:
                 result = await attr(*args, **kwargs)
             except StoreError as err:
-                errors.inc()
-                if write:
-                    self.failed_writes[name] = (self._now(), describe(err))
-                if name not in self._failing:
-                    self._failing.add(name)
-                    log.warning("store_failing", operation=name, error=describe(err))
+                self._failed(name, errors, err)
                 raise
             if write:
                 self.failed_writes.pop(name, None)
             if name in self._failing:
-                self._failing.discard(name)
-                log.info("store_recovered", operation=name)
+                self._worked(name)
             return result
 
         return call
+
+    async def finish_attempts(self, finishes: Sequence[Finish]) -> list[FinishResult]:
+        """Counted as the finish_attempt of each item (the operation the metric and the log
+        name): a write that fails as a whole counts once per item, as each item's own
+        finish_attempt did; an item that failed alone counts once."""
+        name = "finish_attempt"
+        errors = self._errors.labels(name)
+        try:
+            results = await self._store.finish_attempts(finishes)
+        except StoreError as err:
+            self._failed(name, errors, err, len(finishes))
+            raise
+        failed = [r for r in results if isinstance(r, StoreError)]
+        if failed:
+            self._failed(name, errors, failed[-1], len(failed))
+        else:
+            self.failed_writes.pop(name, None)
+            if name in self._failing:
+                self._worked(name)
+        return results
+
+    def _failed(self, name: str, errors: Any, err: StoreError, count: int = 1) -> None:
+        errors.inc(count)
+        if name in WRITES:
+            self.failed_writes[name] = (self._now(), describe(err))
+        if name not in self._failing:
+            self._failing.add(name)
+            log.warning("store_failing", operation=name, error=describe(err))
+
+    def _worked(self, name: str) -> None:
+        """`name` failed last time and works again."""
+        self._failing.discard(name)
+        log.info("store_recovered", operation=name)
 
 
 class Metrics:

@@ -113,6 +113,21 @@ class AttemptRow:
     response_excerpt: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """One attempt's result for :meth:`Store.finish_attempts` (finish_attempt's arguments)."""
+
+    claim: Claim
+    attempt: AttemptRow
+    state: DeliveryState
+    next_attempt_at: datetime | None
+
+
+# One item's outcome in finish_attempts: True (recorded), False (the claim is no longer held,
+# nothing written), or the exception that item alone raised (nothing of it written).
+FinishResult = bool | Exception
+
+
 @dataclass(frozen=True)
 class DeliveryRow:
     delivery_id: str
@@ -265,6 +280,14 @@ class Store(Protocol):
     ) -> bool:
         """Record the attempt and move the delivery to `state`; False (and nothing written) when
         the claim is no longer held."""
+        ...
+
+    async def finish_attempts(self, finishes: Sequence[Finish]) -> list[FinishResult]:
+        """:meth:`finish_attempt` for several claims in one write (one transaction, one round
+        trip where the backend can): each item's own outcome, in order. An item that fails
+        (its StoreError, or the ValueError of an impossible state) fails alone: the others are
+        written as if it were not there. Raises StoreError when the write as a whole failed
+        (nothing of it written)."""
         ...
 
     async def release(self, claim: Claim, now: datetime) -> bool:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,6 +24,8 @@ from daemon.store.base import (
     DeliveryFilter,
     DeliveryRow,
     DeliveryState,
+    Finish,
+    FinishResult,
     Planner,
 )
 from daemon.store.common import (
@@ -313,6 +316,58 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
                 *(record[k] for k in rows.ATTEMPT_PARAMS),
             )
         return n is not None
+
+    async def finish_attempts(self, finishes: Sequence[Finish]) -> list[FinishResult]:
+        """Every item in one statement (finish_many: one round trip, atomic). When it fails
+        for a reason of the database's (a row of it refused, a deadlock with another node's
+        statement), nothing was written and each item is written again on its own, so that
+        one item's failure stays its own."""
+        results: list[FinishResult | None] = []
+        items: list[tuple[int, Finish, datetime | None]] = []
+        for i, item in enumerate(finishes):
+            try:
+                due = check_finish(item.state, item.next_attempt_at)
+            except ValueError as err:  # an impossible state: this item's own failure
+                results.append(err)
+                continue
+            results.append(None)
+            items.append((i, item, due))
+        if not items:
+            return [False if r is None else r for r in results]
+        columns: tuple[list[Any], ...] = tuple([] for _ in range(15))
+        for _, item, due in items:
+            claim, attempt = item.claim, item.attempt
+            started = utc(attempt.started_at)
+            record = rows.attempt_params(attempt)
+            values = (
+                claim.delivery_id,
+                claim.token,
+                item.state.value,
+                due,
+                attempt.reason,
+                started + timedelta(milliseconds=attempt.duration_ms),
+                started,
+                *(record[k] for k in rows.ATTEMPT_PARAMS),
+            )
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+        found: list[Any] | None = None
+        async with self._conn(transaction=False) as conn:  # one statement: atomic
+            with contextlib.suppress(asyncpg.PostgresError):  # written again apart, below
+                found = await conn.fetch(self._q["finish_many"], *columns)
+        if found is None:
+            for i, item, _ in items:
+                try:
+                    results[i] = await self.finish_attempt(
+                        item.claim, item.attempt, item.state, item.next_attempt_at
+                    )
+                except StoreError as err:
+                    results[i] = err
+            return [False if r is None else r for r in results]
+        held = {row[0] for row in found}  # the items' numbers, from 1
+        for k, (i, _, _) in enumerate(items, 1):
+            results[i] = k in held
+        return [False if r is None else r for r in results]
 
     async def release(self, claim: Claim, now: datetime) -> bool:
         args = (claim.delivery_id, claim.token, utc(now))

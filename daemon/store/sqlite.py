@@ -7,7 +7,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -26,6 +26,8 @@ from daemon.store.base import (
     DeliveryFilter,
     DeliveryRow,
     DeliveryState,
+    Finish,
+    FinishResult,
     Planner,
 )
 from daemon.store.common import (
@@ -336,11 +338,48 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         state: DeliveryState,
         next_attempt_at: datetime | None,
     ) -> bool:
-        due = check_finish(state, next_attempt_at)
+        params = self._finish_params(Finish(claim, attempt, state, next_attempt_at))
+        finish_one = self._finish_one
+        return await self._write(lambda conn: finish_one(conn, *params))
+
+    async def finish_attempts(self, finishes: Sequence[Finish]) -> list[FinishResult]:
+        """Every item in one writer job: one savepoint, one wake-up of the writer and one of
+        the event loop for all of them. An item that fails undoes the job (its savepoint) and
+        the items are run again in one job, each in a savepoint of its own."""
+        results: list[FinishResult | None] = []
+        todo: list[tuple[int, tuple[tuple[Any, ...], tuple[Any, ...]]]] = []
+        for i, item in enumerate(finishes):
+            try:
+                todo.append((i, self._finish_params(item)))
+            except ValueError as err:  # an impossible state: this item's own failure
+                results.append(err)
+                continue
+            results.append(None)
+        if todo:
+            finish_one = self._finish_one
+
+            def together(conn: sqlite3.Connection) -> list[bool]:
+                try:
+                    return [finish_one(conn, *params) for _, params in todo]
+                except sqlite3.Error as err:
+                    raise _ItemFailed from err
+
+            try:
+                done: list[FinishResult] = list(await self._write(together))
+            except _ItemFailed:  # nothing written: each item again, on its own
+                done = await self._write(lambda conn: [self._apart(conn, p) for _, p in todo])
+            for (i, _), result in zip(todo, done, strict=True):
+                results[i] = result
+        return [False if r is None else r for r in results]  # None: cannot remain
+
+    def _finish_params(self, item: Finish) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """finish_delivery's and insert_attempt's parameters (ValueError: impossible state)."""
+        claim, attempt = item.claim, item.attempt
+        due = check_finish(item.state, item.next_attempt_at)
         finish = (
             claim.delivery_id,
             claim.token,
-            state.value,
+            item.state.value,
             opt_us(due),
             attempt.reason,
             to_us(attempt.started_at + timedelta(milliseconds=attempt.duration_ms)),
@@ -351,15 +390,29 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             to_us(attempt.started_at),
             *(params[k] for k in rows.ATTEMPT_PARAMS),
         )
-        q = self._q
+        return finish, record
 
-        def job(conn: sqlite3.Connection) -> bool:
-            if conn.execute(q["finish_delivery"], finish).rowcount != 1:
-                return False
-            conn.execute(q["insert_attempt"], record)
-            return True
+    def _finish_one(
+        self, conn: sqlite3.Connection, finish: tuple[Any, ...], record: tuple[Any, ...]
+    ) -> bool:
+        if conn.execute(self._q["finish_delivery"], finish).rowcount != 1:
+            return False
+        conn.execute(self._q["insert_attempt"], record)
+        return True
 
-        return await self._write(job)
+    def _apart(
+        self, conn: sqlite3.Connection, params: tuple[tuple[Any, ...], tuple[Any, ...]]
+    ) -> FinishResult:
+        """One item of finish_attempts in its own savepoint: its failure undoes it alone."""
+        conn.execute("SAVEPOINT finish")
+        try:
+            done = self._finish_one(conn, *params)
+        except sqlite3.Error as err:
+            conn.execute("ROLLBACK TO finish")
+            conn.execute("RELEASE finish")
+            return store_error(err)
+        conn.execute("RELEASE finish")
+        return done
 
     async def release(self, claim: Claim, now: datetime) -> bool:
         args = {"id": claim.delivery_id, "token": claim.token, "now": to_us(now)}
@@ -466,6 +519,10 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             total += deleted
             if deleted < PRUNE_BATCH:
                 return total
+
+
+class _ItemFailed(Exception):
+    """An item of finish_attempts failed: its job is undone, the items run again apart."""
 
 
 def _filter_args(flt: DeliveryFilter) -> dict[str, Any]:

@@ -282,3 +282,35 @@ INSERT INTO attempt
      response_status, response_excerpt)
 SELECT $1, f.attempts, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15 FROM f
 RETURNING n;
+
+-- name: finish_many
+-- finish_and_record for several claims in one statement (one round trip): the items come as
+-- parallel arrays ($1 ids, $2 tokens, $3 states, $4 next attempts, $5 reasons, $6 finish times,
+-- then the attempts' columns), numbered 1, 2, ... in order; the numbers of the items whose
+-- claim was held (finished and recorded) come back. The statement is atomic: when it fails,
+-- nothing of it is written.
+WITH i AS (
+    SELECT *
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[],
+                $6::timestamptz[], $7::timestamptz[], $8::integer[], $9::text[], $10::text[],
+                $11::text[], $12::text[], $13::text[], $14::integer[], $15::text[])
+         WITH ORDINALITY
+         AS i(id, token, state, due, last_reason, finished, started, duration_ms, outcome,
+              reason, rules_version, node, request, response_status, response_excerpt, k)
+), f AS (
+    UPDATE delivery d
+    SET state = i.state, attempts = d.attempts + 1, next_attempt_at = i.due,
+        last_reason = i.last_reason, updated_at = i.finished,
+        lease_owner = NULL, lease_token = NULL, lease_until = NULL
+    FROM i
+    WHERE d.id = i.id AND d.lease_token = i.token AND d.state = 'in_flight'
+    RETURNING i.k, d.attempts
+), recorded AS (
+    INSERT INTO attempt
+        (delivery_id, n, started_at, duration_ms, outcome, reason, rules_version, node, request,
+         response_status, response_excerpt)
+    SELECT i.id, f.attempts, i.started, i.duration_ms, i.outcome, i.reason, i.rules_version,
+           i.node, i.request::jsonb, i.response_status, i.response_excerpt
+    FROM f JOIN i ON i.k = f.k
+)
+SELECT k FROM f;
