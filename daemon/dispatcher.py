@@ -188,19 +188,23 @@ class Dispatcher:
                 )
                 task = asyncio.create_task(self._attempt(claim, shares), name="attempt")
                 self._tasks.add(task)
-                task.add_done_callback(self._task_done)
-                for end in shares:
-                    task.add_done_callback(end)
+                # one callback (one handle on the loop) for the task's end and its shares'
+                task.add_done_callback(functools.partial(self._task_done, shares))
             return len(claims)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        """Every attempt task's end is collected: an exception that escaped is logged."""
+    def _task_done(self, shares: tuple[Callable[..., None], ...], task: asyncio.Task[None]) -> None:
+        """Every attempt task's end is collected: an exception that escaped is logged; its
+        shares end (if the send did not end them already: a second end does nothing)."""
         self._tasks.discard(task)
-        if task.cancelled():
-            return
-        err = task.exception()
-        if err is not None:
-            log.error("attempt_task_failed", error=describe_error(err), exc_info=err)
+        try:
+            if task.cancelled():
+                return
+            err = task.exception()
+            if err is not None:
+                log.error("attempt_task_failed", error=describe_error(err), exc_info=err)
+        finally:
+            for end in shares:
+                end()
 
     async def drain(self) -> None:
         """Wait for every attempt in progress (tests and graceful stop)."""

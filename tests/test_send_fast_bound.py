@@ -21,7 +21,7 @@ from daemon.errors import OutcomeUnknownError
 from daemon.guard import Guard
 from daemon.outbound import OutboundHttp
 from daemon.store.base import Claim, DeliveryState
-from tests.harness import LOOPBACK, FakeClock, Sink, start_daemon
+from tests.harness import LOOPBACK, FakeClock, Sink, start_daemon, wait_for
 
 
 def rule(sink: Sink) -> dict[str, str]:
@@ -134,3 +134,36 @@ async def test_only_the_shared_client_itself_makes_a_ping_url_bounded() -> None:
 async def test_a_bounded_job_carries_its_deadline_to_the_request(bounded: bool) -> None:
     job = Job.for_attempt(1, "d", "k", {}, {}, now=0.0, deadline=12.5 if bounded else None)
     assert job.deadline == (12.5 if bounded else None)
+
+
+async def test_an_attempt_cancelled_mid_send_still_ends_its_claim_shares(
+    tmp_path: Path, sink: Sink
+) -> None:
+    # The send never ends by itself: stop() cancels it, and only the task's end callback can
+    # give the destination's and the affiliate's shares back.
+    gate = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse:
+        await gate.wait()
+        return web.Response(text="late")
+
+    sink.script = [hang]
+    daemon = await start_daemon(
+        tmp_path,
+        rule(sink),
+        dispatch=False,
+        settings={"delivery": {"per_affiliate_in_flight": 2}},
+    )
+    dispatcher = daemon.services.dispatcher
+    try:
+        await daemon.post(conversion_id="c1", offer=1, affiliate=7, status="approved")
+        assert await dispatcher.dispatch_once() == 1
+        await wait_for(lambda: len(sink.received) == 1)
+        assert dispatcher._per_destination.count(sink.url) == 1
+        await dispatcher.stop(grace=0.0)
+        assert dispatcher.in_flight == 0
+        assert dispatcher._per_destination.count(sink.url) == 0
+        assert dispatcher._per_affiliate.saturated() == []
+    finally:
+        gate.set()
+        await daemon.client.close()
