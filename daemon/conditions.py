@@ -96,6 +96,11 @@ class Prepared:
     def __init__(self, handle: dl.DataHandle) -> None:
         self._handle = handle
 
+    @property
+    def handle(self) -> dl.DataHandle:
+        """The engine's data, for Condition.evaluate."""
+        return self._handle
+
 
 def prepare_data(data: Any) -> Prepared:
     """Check `data` (JSON types, depth) and convert it once for the engine.
@@ -117,11 +122,17 @@ def prepare_data(data: Any) -> Prepared:
 class Condition:
     """A compiled `when`: call it for the JsonLogic result, or `truthy` for rule matching."""
 
-    __slots__ = ("_key", "_rule", "logic")
+    __slots__ = ("_key", "_rule", "evaluate", "logic")
 
     def __init__(self, logic: Any, rule: dl.Rule | None) -> None:
         self.logic = logic  # the checked logic in plain JSON types
         self._rule = rule  # None for a literal
+        # The engine's evaluation of prepared data (Prepared.handle), called directly by
+        # matching, once per candidate postback; None for a literal. It raises what the engine
+        # raises: `truthy` is the call that turns a failure into False and its log line.
+        self.evaluate: Callable[[dl.DataHandle], Any] | None = (
+            None if rule is None else rule.evaluate_data
+        )
         # Canonical text: equality must tell `true` from `1`, which == on Python values does not.
         self._key = json.dumps(logic, sort_keys=True, separators=(",", ":"))
 

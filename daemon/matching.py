@@ -13,10 +13,10 @@ from typing import Any
 
 import structlog
 
-from daemon.conditions import compile_condition, prepare_data
+from daemon.conditions import compile_condition, is_truthy, prepare_data
 from daemon.errors import ConditionError, ConditionEvalError
 from daemon.loader import LoadedPostback, RuleSet
-from daemon.models import Conversion, Trigger
+from daemon.models import Conversion, RuleData, Trigger
 from daemon.rules import ANY_AFFILIATE
 
 log = structlog.get_logger("postbackd.matching")
@@ -27,6 +27,7 @@ def match(rules: RuleSet, conversion: Conversion, data: Mapping[str, Any]) -> li
     fired = []
     goal = conversion.fields.get("goal")
     prepared: Any = None  # converted once for every condition of this conversion
+    handle: Any = None  # prepared's engine data
     candidates = rules.active.get((conversion.offer, conversion.trigger), ())
     if rules.by_affiliate:  # store postbacks of this conversion's affiliate (ids above files')
         own = (conversion.offer, conversion.trigger, conversion.affiliate)
@@ -38,12 +39,28 @@ def match(rules: RuleSet, conversion: Conversion, data: Mapping[str, Any]) -> li
             continue
         if lp.goals_enabled and pb.goal is not None and pb.goal != goal:
             continue
-        condition = pb.condition
+        condition = pb.when  # (Postback.condition, without its property call)
         if condition is not None:
             if prepared is None:
                 prepared = _prepare(data)
-            if prepared is _UNUSABLE or not condition.truthy(prepared):
+                handle = None if prepared is _UNUSABLE else prepared.handle
+            if prepared is _UNUSABLE:
                 continue
+            evaluate = condition.evaluate
+            if evaluate is None:  # a literal
+                if not condition.truthy(prepared):
+                    continue
+            else:
+                # Condition.truthy inlined: the engine called directly. A failure is left to
+                # truthy, which evaluates again (the same data, the same error: evaluation is
+                # pure) and logs it as it always did.
+                try:
+                    result = evaluate(handle)
+                    holds = result if type(result) is bool else is_truthy(result)
+                except Exception:
+                    holds = condition.truthy(prepared)
+                if not holds:
+                    continue
         fired.append(lp)
     return fired
 
@@ -52,8 +69,10 @@ _UNUSABLE = object()
 
 
 def _prepare(data: Mapping[str, Any]) -> Any:
+    # Rule data carries its members that are not null (what prepare_data would keep of it).
+    present = data.present if type(data) is RuleData else None
     try:
-        return prepare_data(data)
+        return prepare_data(data if present is None else present)
     except ConditionEvalError as err:  # data no condition may read: none of them fires
         log.warning("condition_error", error_type=err.error_type, operator=None)
         return _UNUSABLE

@@ -77,6 +77,7 @@ CANONICAL_FIELDS: tuple[str, ...] = (
     *LEAD_FIELDS,
 )
 _CANONICAL = frozenset(CANONICAL_FIELDS)
+_STR = frozenset({str})
 _REQUIRED = frozenset(REQUIRED_FIELDS)
 # What a rule may read besides the canonical fields (SPEC 5).
 CONTEXT_FIELDS = ("source", "transition", "previous_status", "trigger", "received_at")
@@ -238,6 +239,22 @@ def _number(value: Decimal) -> int | float:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
+class RuleData(dict[str, Any]):
+    """The mapping rule_data makes. `present` holds its members that are not null, in its order,
+    made while it is built: what conditions are given (daemon.matching) and what the macro
+    values start from, without a walk over every canonical name. None for a conversion outside
+    that shortcut (built by hand with fields that are not canonical strings). Not to be changed
+    once built."""
+
+    __slots__ = ("present",)
+    present: dict[str, Any] | None
+
+
+_DATA = dict.fromkeys(CANONICAL_FIELDS)  # copied per arrival: dict.fromkeys costs ten times more
+_POSITION = {name: index for index, name in enumerate(CANONICAL_FIELDS)}
+_OPTIONAL = _CANONICAL - _REQUIRED
+
+
 def rule_data(
     conversion: Conversion,
     *,
@@ -247,18 +264,62 @@ def rule_data(
     received_at: datetime,
 ) -> dict[str, Any]:
     """The mapping that conditions see (JSON values: payout and revenue are numbers)."""
-    data: dict[str, Any] = dict.fromkeys(CANONICAL_FIELDS)
-    data.update(conversion.canonical())
-    for name in DECIMAL_FIELDS:
-        value = getattr(conversion, name)
-        data[name] = _number(value) if value is not None else None
-    data["extra"] = dict(conversion.extra)
+    data = RuleData(_DATA)
+    fields = conversion.fields
+    # conversion.canonical() written into data directly (the same updates, in the same order,
+    # without the dict it builds); ._value_: an Enum member's value without the descriptor
+    conversion_id, offer, affiliate = (
+        conversion.conversion_id,
+        conversion.offer,
+        conversion.affiliate,
+    )
+    status = conversion.status._value_
+    data["conversion_id"] = conversion_id
+    data["offer"] = offer
+    data["affiliate"] = affiliate
+    data["status"] = status
+    data.update(fields)
+    payout, revenue = conversion.payout, conversion.revenue
+    data["payout"] = None if payout is None else _number(payout)
+    data["revenue"] = None if revenue is None else _number(revenue)
+    extra = data["extra"] = dict(conversion.extra)
     data["source"] = source
-    # ._value_: an Enum member's value without the .value descriptor (once per request each)
-    data["transition"] = transition._value_
-    data["previous_status"] = previous_status._value_ if previous_status else None
-    data["trigger"] = TRIGGER_OF_STATUS[conversion.status]._value_
-    data["received_at"] = received_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    data["transition"] = happened = transition._value_
+    data["previous_status"] = previous = previous_status._value_ if previous_status else None
+    data["trigger"] = trigger = TRIGGER_OF_STATUS[conversion.status]._value_
+    data["received_at"] = received = received_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    data.present = None
+    if (
+        _OPTIONAL.issuperset(fields)
+        and _STR.issuperset(map(type, fields.values()))  # (so none of them is null)
+        and ("payout" in fields) is (payout is not None)
+        and ("revenue" in fields) is (revenue is not None)
+        and conversion_id is not None
+        and offer is not None
+        and affiliate is not None
+        and source is not None
+    ):
+        # The fields sent, in canonical order: goal is the only one before status.
+        names = sorted(fields, key=_POSITION.__getitem__)
+        present: dict[str, Any] = {
+            "conversion_id": conversion_id,
+            "offer": offer,
+            "affiliate": affiliate,
+        }
+        if names and names[0] == "goal":
+            present["goal"] = fields["goal"]
+            del names[0]
+        present["status"] = status
+        for name in names:
+            present[name] = data[name]  # (payout and revenue as numbers)
+        present["extra"] = extra
+        present["source"] = source
+        present["transition"] = happened
+        if previous is not None:
+            present["previous_status"] = previous
+        present["trigger"] = trigger
+        present["received_at"] = received
+        data.present = present
     return data
 
 
@@ -278,7 +339,27 @@ def arrival_view(
         previous_status=previous_status,
         received_at=received_at,
     )
-    return data, macro_values(data, conversion)
+    return data, _view_values(data, conversion)
+
+
+def _view_values(data: dict[str, Any], conversion: Conversion) -> dict[str, str]:
+    """macro_values(data, conversion) for the `data` rule_data made of `conversion`, from its
+    members that are not null (RuleData.present): with a source that is a str they are already
+    the strings macro_values makes, in its order, except payout and revenue, which get the text
+    sent back."""
+    present = data.present if type(data) is RuleData else None
+    if present is None or type(data["source"]) is not str:
+        return macro_values(data, conversion)
+    values: dict[str, Any] = present.copy()
+    del values["extra"]
+    fields = conversion.fields
+    if "payout" in fields:
+        values["payout"] = fields["payout"]
+    if "revenue" in fields:
+        values["revenue"] = fields["revenue"]
+    for name, value in conversion.extra.items():
+        values[f"extra.{name}"] = value
+    return values
 
 
 def macro_values(data: Mapping[str, Any], conversion: Conversion) -> dict[str, str]:
