@@ -133,7 +133,7 @@ class Lane:
         self.limit = limit
         self._line: deque[Turn[Any]] = deque()
         self._runners: set[asyncio.Task[None]] = set()
-        self._running = 0  # runners started and not yet ended (the task set lags a turn)
+        self._running = 0  # runners started and not yet ended
         self.sending = 0  # sends running now, at most `limit`
         self._watch: asyncio.TimerHandle | None = None  # at _watch_at: _expire_due
         self._watch_at = math.inf
@@ -147,9 +147,8 @@ class Lane:
         self._line.append(turn)
         if self._running < self.limit:
             self._running += 1
-            runner = loop.create_task(self._run(), name="lane")
-            self._runners.add(runner)
-            runner.add_done_callback(self._runners.discard)
+            # kept here while it runs (the loop holds tasks weakly); it drops itself at its end
+            self._runners.add(loop.create_task(self._run(), name="lane"))
         if line_deadline < self._watch_at:
             self._watch_until(loop, line_deadline)
         try:
@@ -225,6 +224,7 @@ class Lane:
                         turn.ended.set_result(None)
         finally:
             self._running -= 1
+            self._runners.discard(runner)  # no done callback: one handle less per runner
 
 
 @dataclass

@@ -199,3 +199,19 @@ async def test_a_cancelled_waiter_in_line_does_not_break_the_watch() -> None:
     gate.set()
     assert await holder is True
     assert await lane.run(gate.wait, far()) is True  # the lane goes on
+
+
+async def test_runners_are_let_go_when_the_line_is_empty() -> None:
+    # A runner drops its own reference at its end (no done callback): none is kept after.
+    lane = Lane(4)
+
+    async def send(n: int) -> int:
+        await asyncio.sleep(0)
+        return n
+
+    assert await asyncio.gather(*(lane.run(lambda n=n: send(n), far()) for n in range(10))) == list(
+        range(10)
+    )
+    await wait_for(lambda: lane._running == 0)
+    assert lane._runners == set()
+    assert await lane.run(lambda: send(99), far()) == 99  # and new ones start as before
