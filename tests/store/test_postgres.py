@@ -138,3 +138,35 @@ async def test_a_conversion_another_node_stored_takes_the_locking_path(pg_dsn: s
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_store_call_is_one_round_trip_and_its_connection_goes_back_as_it_is(
+    pg_dsn: str,
+) -> None:
+    """No reset query on a connection's way back to the pool (asyncpg's default: one more
+    round trip per store call); a transaction that failed half-way is still rolled back, so
+    the next call on the same connection neither sees nor waits for what it wrote."""
+    store = PostgresStore(pg_dsn, min_size=1, max_size=1)
+    await store.open()
+    try:
+        await arrive(store, conversion("c0"))
+        [holder] = store._pool._holders
+        protocol = holder._con._protocol
+        before = protocol.queries_count
+        for i in range(1, 6):
+            await store.record_arrival(
+                "generic", conversion(f"c{i}"), T0, Planner(conversion(f"c{i}"))
+            )
+        assert protocol.queries_count - before == 5  # one statement each, nothing more
+
+        failing = Planner(conversion("c1", "approved"), fail=RuntimeError("planner bug"))
+        with pytest.raises(RuntimeError, match="planner bug"):
+            await store.record_arrival("generic", conversion("c1", "approved"), at(1), failing)
+        again = conversion("c1", "approved")
+        result = await store.record_arrival("generic", again, at(2), Planner(again))
+        assert result.transition is Transition.STATUS_CHANGED
+        stored = await store.get_conversion("generic", "c1")
+        assert stored is not None
+        assert [a["seq"] for a in stored.arrivals] == [1, 2]  # the failed one left nothing
+    finally:
+        await store.close()
