@@ -21,8 +21,12 @@ _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON text, non-ASCII kept as is."""
-    return dumps_with(value)
+    """Compact JSON text, non-ASCII kept as is. (dumps_with without a default, written out:
+    the store encodes two or three values per arrival through here.)"""
+    try:
+        return orjson.dumps(value, option=_OPTIONS).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def dumps_with(value: Any, default: Callable[[Any], Any] | None = None, **_: Any) -> str:

@@ -5,6 +5,7 @@ that break the fast path's premise."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -282,3 +283,28 @@ def test_match_fires_and_logs_exactly_what_it_did(
     assert got == want
     assert logs == want_logs
     assert len(WHENS) + 1 in got  # the postback without a condition always fires
+
+
+# --- the store's JSON text -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": "é😀", "b": None, "c": [1, 2.5, True], "d": {"x": "1"}},
+        {"big": 2**70},  # past 64 bits: the standard encoder's text
+        {1: "int key"},  # keys that are not strings: the standard encoder's text
+        "plain",
+    ],
+)
+def test_store_json_is_the_standard_encoders_text(value: Any) -> None:
+    assert fastjson.dumps(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    assert fastjson.dumps(value) == fastjson.dumps_with(value)
+
+
+@pytest.mark.parametrize("value", [{"when": datetime(2026, 1, 1, tzinfo=UTC)}, {"s": {1, 2}}])
+def test_store_json_refuses_what_the_standard_encoder_refuses(value: Any) -> None:
+    with pytest.raises(TypeError):
+        json.dumps(value)
+    with pytest.raises(TypeError):
+        fastjson.dumps(value)
