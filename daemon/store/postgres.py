@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -139,6 +138,22 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             async with conn.transaction():
                 yield conn
 
+    async def _statement(self, method: str, query: str, *args: Any) -> Any:
+        """One statement on a pool connection, atomic on its own (no BEGIN/COMMIT): `method`
+        is the connection's (fetch, fetchval, execute). What _conn(transaction=False) does,
+        without its two generator-based context managers: this is every hot path's call."""
+        pool = self._pool
+        if pool is None:
+            raise StoreError("the store is not open")
+        try:
+            conn = await pool.acquire()
+            try:
+                return await getattr(conn, method)(query, *args)
+            finally:
+                await pool.release(conn)
+        except _FAILURES as err:
+            raise StoreError(f"postgresql: {err.__class__.__name__}: {err}") from err
+
     async def ping(self) -> None:
         async with self._conn(transaction=False) as conn:
             await conn.fetchval("SELECT 1")
@@ -186,25 +201,25 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         for the real transition, and only that plan is written."""
         write = prepare_arrival(source, conversion, now, None, plan)
         deliveries = write.deliveries
-        async with self._conn(transaction=False) as conn:
-            pk = await conn.fetchval(
-                self._q["arrive_new"],
-                source,
-                conversion.conversion_id,
-                conversion.status.value,
-                conversion.event_time,
-                rows.dumps(write.fields),
-                now,
-                write.transition.value,
-                rows.dumps(write.data),
-                rows.dumps(write.values),
-                [d.delivery_id for d in deliveries],
-                [d.planned.postback_id for d in deliveries],
-                [d.planned.action for d in deliveries],
-                [d.planned.destination for d in deliveries],
-                [d.planned.affiliate_owner for d in deliveries],
-                [d.idempotency_key for d in deliveries],
-            )
+        pk = await self._statement(
+            "fetchval",
+            self._q["arrive_new"],
+            source,
+            conversion.conversion_id,
+            conversion.status.value,
+            conversion.event_time,
+            rows.dumps(write.fields),
+            now,
+            write.transition.value,
+            rows.dumps(write.data),
+            rows.dumps(write.values),
+            [d.delivery_id for d in deliveries],
+            [d.planned.postback_id for d in deliveries],
+            [d.planned.action for d in deliveries],
+            [d.planned.destination for d in deliveries],
+            [d.planned.affiliate_owner for d in deliveries],
+            [d.idempotency_key for d in deliveries],
+        )
         return None if pk is None else write.result(source, conversion.conversion_id)
 
     async def _lock_or_insert(
@@ -293,12 +308,11 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
     ) -> list[Claim]:
         now = utc(now)
         args = (now, limit, node, now + lease, sorted(skip_affiliates))
-        async with self._conn(transaction=False) as conn:  # one statement: atomic on its own
-            if skip_destinations:
-                query = self._q["claim_due_skipping"]
-                found = await conn.fetch(query, *args, sorted(skip_destinations))
-            else:
-                found = await conn.fetch(self._q["claim_due"], *args)
+        if skip_destinations:
+            query = self._q["claim_due_skipping"]
+            found = await self._statement("fetch", query, *args, sorted(skip_destinations))
+        else:
+            found = await self._statement("fetch", self._q["claim_due"], *args)
         return [rows.claim(row, row["lease_token"], utc) for row in found]
 
     async def finish_attempt(
@@ -312,18 +326,18 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         started = utc(attempt.started_at)
         finished = started + timedelta(milliseconds=attempt.duration_ms)
         record = rows.attempt_params(attempt)
-        async with self._conn(transaction=False) as conn:  # one statement: atomic on its own
-            n = await conn.fetchval(
-                self._q["finish_and_record"],
-                claim.delivery_id,
-                claim.token,
-                state.value,
-                due,
-                attempt.reason,
-                finished,
-                started,
-                *(record[k] for k in rows.ATTEMPT_PARAMS),
-            )
+        n = await self._statement(
+            "fetchval",
+            self._q["finish_and_record"],
+            claim.delivery_id,
+            claim.token,
+            state.value,
+            due,
+            attempt.reason,
+            finished,
+            started,
+            *(record[k] for k in rows.ATTEMPT_PARAMS),
+        )
         return n is not None
 
     async def finish_attempts(self, finishes: Sequence[Finish]) -> list[FinishResult]:
@@ -360,10 +374,12 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             )
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
-        found: list[Any] | None = None
-        async with self._conn(transaction=False) as conn:  # one statement: atomic
-            with contextlib.suppress(asyncpg.PostgresError):  # written again apart, below
-                found = await conn.fetch(self._q["finish_many"], *columns)
+        try:
+            found = await self._statement("fetch", self._q["finish_many"], *columns)
+        except StoreError as err:
+            if not isinstance(err.__cause__, asyncpg.PostgresError):
+                raise
+            found = None  # refused as a whole, nothing written: each item again, apart
         if found is None:
             for i, item, _ in items:
                 try:
@@ -404,8 +420,7 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
     async def _count(self, query: str, *args: Any) -> int:
         """Run one write statement (atomic on its own: no BEGIN/COMMIT round trips); the
         number of rows it changed."""
-        async with self._conn(transaction=False) as conn:
-            status: str = await conn.execute(self._q[query], *args)
+        status: str = await self._statement("execute", self._q[query], *args)
         return int(status.rsplit(" ", 1)[-1])
 
     async def get_delivery(self, delivery_id: str) -> DeliveryDetail | None:
