@@ -137,6 +137,8 @@ class Lane:
         self.sending = 0  # sends running now, at most `limit`
         self._watch: asyncio.TimerHandle | None = None  # at _watch_at: _expire_due
         self._watch_at = math.inf
+        # the loop of the watch: a lane used on another loop (tests) sets its own there
+        self._watch_loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self, send: Callable[[], Awaitable[T]], line_deadline: float) -> T:
         """Run `send` in a slot and return its result (or raise its exception); InLineTooLong
@@ -149,7 +151,7 @@ class Lane:
             self._running += 1
             # kept here while it runs (the loop holds tasks weakly); it drops itself at its end
             self._runners.add(loop.create_task(self._run(), name="lane"))
-        if line_deadline < self._watch_at:
+        if line_deadline < self._watch_at or loop is not self._watch_loop:
             self._watch_until(loop, line_deadline)
         try:
             return await turn.result
@@ -162,7 +164,7 @@ class Lane:
     def _watch_until(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._watch is not None:
             self._watch.cancel()
-        self._watch_at = when
+        self._watch_at, self._watch_loop = when, loop
         self._watch = loop.call_at(when, self._expire_due, loop)
 
     def _expire_due(self, loop: asyncio.AbstractEventLoop) -> None:

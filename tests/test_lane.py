@@ -215,3 +215,26 @@ async def test_runners_are_let_go_when_the_line_is_empty() -> None:
     await wait_for(lambda: lane._running == 0)
     assert lane._runners == set()
     assert await lane.run(lambda: send(99), far()) == 99  # and new ones start as before
+
+
+def test_a_lane_used_on_a_new_loop_watches_its_deadlines_on_that_loop() -> None:
+    lane = Lane(1)
+
+    async def on_first_loop() -> None:
+        # leaves the lane's watch armed on this loop, which then closes
+        until = asyncio.get_running_loop().time() + 0.3
+        assert await lane.run(lambda: asyncio.sleep(0), until) is None
+
+    async def on_second_loop() -> None:
+        gate = asyncio.Event()
+        holder = asyncio.create_task(lane.run(gate.wait, far()))
+        await wait_for(lambda: lane.sending == 1)
+        later = asyncio.get_running_loop().time() + 0.35  # after the first loop's watch
+        async with asyncio.timeout(10):  # a deadline never watched would hang here
+            with pytest.raises(InLineTooLong):
+                await lane.run(gate.wait, later)
+        gate.set()
+        assert await holder is True
+
+    asyncio.run(on_first_loop())
+    asyncio.run(on_second_loop())
