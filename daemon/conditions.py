@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
+from math import isfinite
 from types import MappingProxyType
 from typing import Any, Final, final
 
@@ -109,7 +110,7 @@ def prepare_data(data: Any) -> Prepared:
     jsonlogic.com does) and `var` still reads them as null. Raises ConditionEvalError
     (`error_type` "DataNotJSON" or "DataTooDeep") for data the engine must not see.
     """
-    plain = _plain_data(data)
+    plain = data if _copied_as_is(data) else _plain_data(data)
     try:
         # A str handed to the engine is JSON text, so a string datum goes in encoded.
         handle = dl.DataHandle(json.dumps(plain) if isinstance(plain, str) else plain)
@@ -290,7 +291,7 @@ def _plain_logic(logic: Any) -> Any:
     stack: list[tuple[Any, Any, Any, int, _Path]] = [(logic, root, 0, 1, None)]
     while stack:
         value, parent, key, level, path = stack.pop()
-        if not isinstance(value, dict | list):
+        if not isinstance(value, _CONTAINERS):
             parent[key] = _plain_scalar(value, path)
             continue
         if level > MAX_DEPTH:
@@ -319,6 +320,34 @@ def _plain_logic(logic: Any) -> Any:
 
 _SIMPLE: Final = frozenset({str, int, bool, type(None)})
 _STR: Final = frozenset({str})
+_FLAT: Final = frozenset({str, int, bool})
+_SHALLOW: Final = frozenset({str, int, bool, float, dict})
+_CONTAINERS: Final = (dict, list)  # (not `dict | list`: that builds a union at each test)
+
+
+def _copied_as_is(data: Any) -> bool:
+    """Whether _plain_data would return a copy equal to `data` in every member and type, so the
+    engine may take `data` itself: an object with string keys and no null member whose values
+    are strings, ints, bools, finite floats, or objects of strings by string keys (rule data as
+    matching prepares it, daemon.models.RuleData.present). Decided in C but for the floats and
+    objects, without the walk."""
+    if type(data) is not dict or not _STR.issuperset(map(type, data)):
+        return False
+    kinds = set(map(type, data.values()))
+    if kinds <= _FLAT:
+        return True
+    if not kinds <= _SHALLOW:
+        return False
+    for value in data.values():
+        kind = type(value)
+        if kind is float:
+            if not isfinite(value):
+                return False
+        elif kind is dict and not (
+            _STR.issuperset(map(type, value)) and _STR.issuperset(map(type, value.values()))
+        ):
+            return False
+    return True
 
 
 def _plain_data(data: Any) -> Any:
@@ -328,7 +357,7 @@ def _plain_data(data: Any) -> Any:
     stack: list[tuple[Any, Any, Any, int]] = [(data, root, 0, 1)]
     while stack:
         value, parent, key, level = stack.pop()
-        if not isinstance(value, dict | list):
+        if not isinstance(value, _CONTAINERS):
             parent[key] = _data_scalar(value)
             continue
         if level > MAX_DATA_DEPTH:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from daemon import fastjson
-from daemon.conditions import Prepared, _plain_data
+from daemon.conditions import Prepared, _copied_as_is, _plain_data, prepare_data
 from daemon.errors import ConditionEvalError
 from daemon.loader import RuleSet, load_rules
 from daemon.matching import match
@@ -308,3 +308,103 @@ def test_store_json_refuses_what_the_standard_encoder_refuses(value: Any) -> Non
         json.dumps(value)
     with pytest.raises(TypeError):
         fastjson.dumps(value)
+
+
+# --- prepared data: what the walk would copy as it is goes to the engine without it ---------
+
+
+def typed(value: Any) -> Any:
+    """`value` with the type of every member spelled out (1 == 1.0 == True otherwise)."""
+    if isinstance(value, dict):
+        return ("dict", [(typed(k), typed(v)) for k, v in value.items()])
+    if isinstance(value, list):
+        return ("list", [typed(v) for v in value])
+    return (type(value).__name__, repr(value))
+
+
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**65), 2**65)
+    | st.text(max_size=3)
+    | st.floats(allow_nan=True, allow_infinity=True)
+)
+JSONISH = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=2) | st.integers(0, 2), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+KEYS = st.text(max_size=4) | st.integers(0, 3)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.dictionaries(KEYS, JSONISH, max_size=8),
+        st.dictionaries(
+            st.text(max_size=4),
+            st.text(max_size=3)
+            | st.integers(-(2**65), 2**65)
+            | st.floats()
+            | st.dictionaries(st.text(max_size=2), st.text(max_size=2) | st.none(), max_size=2),
+            max_size=8,
+        ),
+    )
+)
+def test_data_taken_as_it_is_is_what_the_walk_copies(data: dict[Any, Any]) -> None:
+    if _copied_as_is(data):
+        assert typed(_plain_data(data)) == typed(data)
+        assert None not in data.values()
+
+
+def test_rule_data_is_taken_as_it_is_and_evaluates_as_the_walked_copy(
+    mixed_rules: RuleSet,
+) -> None:
+    conversion = Conversion.parse(
+        {
+            "conversion_id": "c",
+            "offer": "9",
+            "affiliate": "1",
+            "status": "approved",
+            "payout": "12.50",
+            "sub1": "fire-0",
+        },
+        {"tag": "x"},
+    )
+    data = rule_data(
+        conversion,
+        source="generic",
+        transition=Transition.NEW,
+        previous_status=None,
+        received_at=RECEIVED,
+    )
+    assert isinstance(data, RuleData)
+    assert data.present is not None
+    assert _copied_as_is(data.present)
+    assert not _copied_as_is(dict(data))  # its nulls are dropped by the walk
+    fast = prepare_data(data.present)
+    walked = Prepared(dl.DataHandle(_plain_data(dict(data))))
+    for lp in mixed_rules.postbacks.values():
+        condition = lp.postback.condition
+        if condition is not None:
+            assert condition.truthy(fast) is condition.truthy(walked), condition
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"p": float("nan")},
+        {"p": float("inf")},
+        {"e": {"k": None}},
+        {"e": {"k": 1}},
+        {"e": {1: "v"}},
+        {1: "v"},
+        {"n": None},
+        {"l": []},
+    ],
+)
+def test_data_the_walk_changes_or_refuses_is_walked(data: dict[Any, Any]) -> None:
+    assert not _copied_as_is(data)
