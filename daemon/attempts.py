@@ -4,10 +4,12 @@ result the store cannot take (StoreError) is logged with the outcome, ``recorded
 the store error (one masked line), and left to the claim's lease: the delivery is due again
 when it ends and is sent again with the same idempotency key.
 
-Attempts' results are written together: the results that end in one turn of the event loop,
-or while the last write of results is in flight, are one store call (``finish_attempts``: one
-writer job on SQLite, one statement on PostgreSQL), the group-commit shape, with no timer (a
-lone result is written at once). Each keeps its own outcome, log line and metrics.
+On a store whose ``batches_results`` is true (PostgreSQL: a round trip per store call),
+attempts' results are written together: the results that end in one turn of the event loop, or
+while the last write of results is in flight, are one store call (``finish_attempts``: one
+statement), the group-commit shape, with no timer (a lone result is written at once). Each
+keeps its own outcome, log line and metrics. Other stores get one ``finish_attempt`` per result
+(SQLite's writer commits those that end together in one transaction already).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Recorder:
         self._node = node
         self._now = now
         self._on_attempt = on_attempt
+        self._batch = bool(getattr(store, "batches_results", False))
         # Results waiting for the write of results in flight (its task: None when none is).
         self._results: list[tuple[Finish, asyncio.Future[FinishResult]]] = []
         self._writing: asyncio.Task[None] | None = None
@@ -99,7 +102,10 @@ class Recorder:
         store_error: str | None = None
         try:
             due = self._dt(next_at) if next_at is not None else None
-            held = await self._finish(Finish(claim, row, decision.state, due))
+            if self._batch:
+                held = await self._finish(Finish(claim, row, decision.state, due))
+            else:
+                held = await self.store.finish_attempt(claim, row, decision.state, due)
         except StoreError as err:
             # Not recorded: the claim's lease ends and the delivery is tried again (with the
             # same idempotency key). Said once here, with what the attempt did.

@@ -21,6 +21,7 @@ from daemon.decisions import Decision
 from daemon.errors import StoreError
 from daemon.metrics import Metrics
 from daemon.store.base import AttemptRow, Claim, DeliveryState, Finish, FinishResult
+from daemon.store.postgres import PostgresStore
 from daemon.store.sqlite import SQLiteStore
 from tests.harness import wait_for
 from tests.store.support import LEASE, T0, arrive, at, conversion
@@ -30,7 +31,10 @@ NOW = T0.timestamp() + 5
 
 class Counted(SQLiteStore):
     """A real SQLite store that notes each finish call's items, fails them while `failing`, and
-    holds them at `gate` when one is set (a slow commit)."""
+    holds them at `gate` when one is set (a slow commit); its results are gathered, as
+    PostgreSQL's are (SQLite's own finish_attempts, a real write, does the writing)."""
+
+    batches_results = True
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -146,6 +150,31 @@ async def test_results_that_end_together_are_one_write(store: Counted) -> None:
         503,
         250,
     )
+
+
+async def test_a_store_that_does_not_batch_gets_one_finish_attempt_per_result(
+    tmp_path: Path,
+) -> None:
+    store = Counted(tmp_path / "one.db")
+    store.batches_results = False
+    await store.open()
+    try:
+        found = await claims(store, 3)
+        seen: list[tuple[str, str, float]] = []
+        with capture_logs() as logs:
+            await asyncio.gather(*(finish(recorder(store, seen), c) for c in found))
+        assert store.calls == [[c.delivery_id] for c in found]
+        assert [e["outcome"] for e in attempt_lines(logs)] == ["succeeded"] * 3
+        assert [s[1] for s in seen] == ["succeeded"] * 3
+        assert await states(store, found) == [(DeliveryState.SUCCEEDED, 1)] * 3
+    finally:
+        await store.close()
+
+
+def test_which_stores_gather_results() -> None:
+    assert PostgresStore("postgresql://127.0.0.1/x").batches_results is True
+    assert SQLiteStore(Path("x.db")).batches_results is False
+    assert Metrics().observe(Counted(Path("x.db"))).batches_results is True  # seen through
 
 
 async def test_a_lone_result_is_written_at_once_by_itself(store: Counted) -> None:
