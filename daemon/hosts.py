@@ -24,7 +24,7 @@ import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from daemon.breaker import Breaker, BreakerPolicy, BreakerState, Change, Event, Ticket
+from daemon.breaker import Breaker, BreakerPolicy, BreakerState, Change, Event, Ticket, Verdict
 from daemon.settings import Settings
 
 log = structlog.get_logger("postbackd.hosts")
@@ -349,6 +349,8 @@ class Destinations:
         return event
 
     def abandon(self, destination: str, ticket: Ticket) -> None:
+        if ticket.verdict is not Verdict.PROBE:
+            return  # only a probe can be abandoned (Breaker.abandon): no clock read for a send
         self._get(destination).breaker.abandon(ticket, self._now())
 
     def state(self, destination: str) -> BreakerState:
