@@ -345,10 +345,11 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         return n is not None
 
     async def finish_attempts(self, finishes: Sequence[Finish]) -> list[FinishResult]:
-        """Every item in one statement (finish_many: one round trip, atomic). When it fails
-        for a reason of the database's (a row of it refused, a deadlock with another node's
-        statement), nothing was written and each item is written again on its own, so that
-        one item's failure stays its own."""
+        """Every item in one statement (finish_many: one round trip, atomic). When the server
+        refuses it (a row of it refused, a deadlock with another node's statement), nothing was
+        written and each item is written again on its own, so that one item's failure stays its
+        own. When the connection or the server fails, whether it committed is not known: the
+        StoreError is every item's (each left to its lease, as one statement each would be)."""
         results: list[FinishResult | None] = []
         items: list[tuple[int, Finish, datetime | None]] = []
         for i, item in enumerate(finishes):
@@ -381,8 +382,9 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         try:
             found = await self._statement("fetch", self._q["finish_many"], *columns)
         except StoreError as err:
-            if not isinstance(err.__cause__, asyncpg.PostgresError):
-                raise
+            cause = err.__cause__
+            if not isinstance(cause, asyncpg.PostgresError) or not _refused(cause):
+                raise  # the connection or the server: whether it committed is not known
             found = None  # refused as a whole, nothing written: each item again, apart
         if found is None:
             for i, item, _ in items:
@@ -485,6 +487,15 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             total += deleted
             if deleted < PRUNE_BATCH:
                 return total
+
+
+# SQLSTATE classes of a statement the server refused, nothing of it written: a value (22), a
+# constraint (23), a deadlock or serialization failure (40).
+_REFUSED_CLASSES = frozenset({"22", "23", "40"})
+
+
+def _refused(err: asyncpg.PostgresError) -> bool:
+    return str(getattr(err, "sqlstate", "") or "")[:2] in _REFUSED_CLASSES
 
 
 def _filter_args(flt: DeliveryFilter) -> tuple[Any, ...]:

@@ -10,9 +10,11 @@ from datetime import timedelta
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
+from daemon.errors import StoreError
 from daemon.store.base import DeliveryState, Finish, Store
 from daemon.store.postgres import PostgresStore
 from daemon.store.sqlite import SQLiteStore
+from tests.store.conftest import Backend
 from tests.store.support import LEASE, arrive, at, attempt, conversion
 
 
@@ -165,6 +167,18 @@ async def test_a_row_the_database_refuses_fails_that_item_alone(store: Store) ->
             DeliveryState.SUCCEEDED,
             [items[i].attempt],
         )
+
+
+async def test_a_write_that_fails_as_a_whole_raises(backend: Backend) -> None:
+    store = await backend.open()
+    items = await claims(store, 2)
+    await store.close()
+    try:
+        with pytest.raises(StoreError, match="not open"):
+            await store.finish_attempts(items)
+    finally:
+        await store.open()
+    assert await store.finish_attempts(items) == [True, True]  # nothing was written
 
 
 async def test_nothing_to_write(store: Store) -> None:
