@@ -14,16 +14,20 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
+from daemon.app import create_app
 from daemon.attempts import Recorder
 from daemon.decisions import Decision
 from daemon.errors import StoreError
 from daemon.metrics import Metrics
+from daemon.settings import Settings
 from daemon.store.base import AttemptRow, Claim, DeliveryState, Finish, FinishResult
 from daemon.store.postgres import PostgresStore
 from daemon.store.sqlite import SQLiteStore
-from tests.harness import wait_for
+from tests.harness import LOOPBACK, Daemon, Sink, wait_for, write_rules
 from tests.store.support import LEASE, T0, arrive, at, conversion
 
 NOW = T0.timestamp() + 5
@@ -323,3 +327,62 @@ async def test_an_impossible_state_fails_its_caller_alone(store: Counted) -> Non
         (DeliveryState.IN_FLIGHT, 0),
         (DeliveryState.SUCCEEDED, 1),
     ]
+
+
+async def test_graceful_stop_writes_the_gathered_results_before_it_returns(
+    tmp_path: Path,
+) -> None:
+    """The dispatcher's stop waits for its attempts, and each waits for its result's write:
+    results gathered behind a write in flight are in the store when stop returns."""
+    gate = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await gate.wait()
+        return web.Response(text="OK")
+
+    sink = await Sink().start()
+    sink.script = [slow] * 5
+    store = Counted(tmp_path / "p.db")
+    write_rules(
+        tmp_path / "rules.d",
+        {
+            "o.yaml": "offer: 1\npostbacks:\n  - id: 1\n    trigger: conversion_done\n"
+            "    affiliate: 7\n    author: {id: 1, name: User 1, affiliate: 7}\n"
+            f'    action: {{type: ping_url, url: "{sink.url}/p1?tx={{conversion_id}}"}}\n'
+        },
+    )
+    (tmp_path / "webhooks").mkdir()
+    settings = Settings.model_validate(
+        {
+            "rules_dir": str(tmp_path / "rules.d"),
+            "webhooks_dir": str(tmp_path / "webhooks"),
+            "outbound": {"allow_cidrs": LOOPBACK, "timeout": 5},
+            "config_dir": tmp_path,
+        }
+    )
+    app = create_app(settings, environ={}, store=store, dispatch=False, watch=False)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    daemon = Daemon(client, tmp_path / "rules.d", settings)
+    dispatcher = daemon.services.dispatcher
+    try:
+        for i in range(5):
+            await daemon.post(conversion_id=f"c{i}", offer=1, affiliate=7, status="approved")
+        assert await dispatcher.dispatch_once() == 5
+        await wait_for(lambda: len(sink.received) == 5)
+        store.gate = asyncio.Event()  # the first write of results waits: the rest gather
+        recorder = dispatcher._record
+        with capture_logs() as logs:
+            stopping = asyncio.create_task(dispatcher.stop(30.0))
+            gate.set()
+            await wait_for(lambda: sum(map(len, store.calls)) + len(recorder._results) == 5)
+            store.gate.set()
+            await stopping
+            rows = await daemon.deliveries()
+        assert [(r.state, r.attempts) for r in rows] == [(DeliveryState.SUCCEEDED, 1)] * 5
+        assert sorted(len(c) for c in store.calls)[-1] > 1  # some of them written together
+        assert sum(len(c) for c in store.calls) == 5
+        assert [e["outcome"] for e in attempt_lines(logs)] == ["succeeded"] * 5
+    finally:
+        await client.close()
+        await sink.close()
