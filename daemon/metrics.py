@@ -311,7 +311,7 @@ class Metrics:
         return self.observed.failing_writes() if self.observed is not None else {}
 
     def arrival(self, source: str, transition: Transition | str) -> None:
-        """A committed arrival (daemon.app's `_arrival_committed`)."""
+        """A committed arrival (daemon.app's `Services.arrival_committed`)."""
         key = (source, str(transition))
         child = self._arrivals.get(key)
         if child is None:

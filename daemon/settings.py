@@ -148,7 +148,7 @@ class Settings(_Model):
     # The dispatcher in a process of its own beside the serving one(s) (daemon/dispatchproc.py):
     # its own event loop and GIL, so ingest cannot starve delivery. Off: each process dispatches.
     dispatcher_process: StrictBool = False
-    event_loop: Literal["auto", "asyncio", "uvloop"] = "asyncio"  # uvloop did not pay here
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"  # uvloop when installed (it is)
     state_dir: Path | None = None
     # Not a key of the file: the folder that relative paths are relative to.
     config_dir: Path = Field(default=Path("."), exclude=True)
