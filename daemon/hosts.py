@@ -35,6 +35,8 @@ _STATE_VALUE = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerSt
 # many again waiting in line for a slot, so it never waits for a claim to start its next attempt
 # while the rest of the node's in-flight slots stay free for the other destinations.
 CLAIM_QUEUE_FACTOR = 2
+# The weight of the newest send in a destination's moving average of send times.
+SEND_TIME_WEIGHT = 0.1
 
 
 def _nothing(*_: object) -> None:
@@ -80,12 +82,18 @@ class Shares:
         if left == (self.bound or 0) - 1:
             self._on_room()  # no longer at its share: its deliveries may be claimed again
 
-    def saturated(self) -> list[str]:
-        """The keys with their share in progress, sorted."""
+    def saturated(self, allowance: Callable[[str], int] | None = None) -> list[str]:
+        """The keys with their share in progress, sorted. `allowance(key)`, when given, is how
+        many of a key's claims are expected to have been sent by the time a claim made now comes
+        back: those do not count against its share (a destination that sends faster than the
+        store answers a claim is not skipped, so its slots do not run dry while the claim is
+        under way)."""
         bound = self.bound
         if bound is None:
             return []
-        return sorted(key for key, n in self._counts.items() if n >= bound)
+        if allowance is None:
+            return sorted(key for key, n in self._counts.items() if n >= bound)
+        return sorted(key for key, n in self._counts.items() if n - allowance(key) >= bound)
 
     def count(self, key: str) -> int:
         return self._counts[key]
@@ -236,6 +244,7 @@ class _Destination:
     held: set[str] = field(default_factory=set)  # delivery ids this node holds for it
     last_success: float | None = None
     probe_asked: int = -1  # the breaker epoch whose pause end already made one held due
+    send_s: float | None = None  # how long its sends take (moving average), for claim_allowance
 
 
 class Destinations:
@@ -347,6 +356,23 @@ class Destinations:
         elif event.change is Change.CLOSED:
             dest.held.clear()
         return event
+
+    def sent(self, destination: str, seconds: float) -> None:
+        """How long one send to `destination` took (from its slot to its answer)."""
+        dest = self._get(destination)
+        last = dest.send_s
+        dest.send_s = seconds if last is None else last + SEND_TIME_WEIGHT * (seconds - last)
+
+    def claim_allowance(self, destination: str, claim_s: float, most: int) -> int:
+        """How many of `destination`'s claims in progress its slots will have sent by the time
+        a claim that takes `claim_s` comes back (at most `most`): its per-host concurrency
+        times as many sends as fit in that time, by its sends' moving average. 0 before its
+        first send, and about 0 for a slow destination, whose share stays as it is."""
+        dest = self._dests.get(destination)
+        if dest is None or dest.send_s is None or claim_s <= 0:
+            return 0
+        fits = claim_s / max(dest.send_s, 1e-4)
+        return min(most, int(self._limit * fits))
 
     def abandon(self, destination: str, ticket: Ticket) -> None:
         if ticket.verdict is not Verdict.PROBE:
