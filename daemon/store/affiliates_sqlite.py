@@ -1,5 +1,6 @@
 """Affiliate postbacks in the SQLite store (issue 15): the methods SQLiteStore takes from this
-mixin. Every write is one job of the group-commit writer (its own savepoint): all or nothing."""
+mixin. Every write is one job of the group-commit writer: all or nothing
+(daemon/store/sqlite_writer.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SQLite specifics: pragmas, group commit, savepoints per request, lock timeouts, kill -9."""
+"""SQLite specifics: pragmas, group commit, a failing request alone rolled back, lock timeouts, kill -9."""
 
 from __future__ import annotations
 
