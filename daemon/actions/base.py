@@ -394,27 +394,18 @@ async def send_http(
     job.record.set_request(job.redactor, method, shown_url or url, headers, body)
     resources = action.resources
     timeout = action.settings.timeout or resources.timeout
-    response: HttpResponse
-    if job.deadline is None:
-        response = await resources.http.request(
-            method,
-            url,
-            headers=headers,
-            data=body,
-            timeout=timeout,
-            idempotent=action.idempotent,
-            follow_redirects=follow_redirects,
-        )
-    else:  # a bounded action's (is_bounded): its client is OutboundHttp, which takes it
-        response = await resources.http.request(
-            method,
-            url,
-            headers=headers,
-            data=body,
-            timeout=timeout,
-            idempotent=action.idempotent,
-            follow_redirects=follow_redirects,
-            deadline=job.deadline,
-        )
+    # A bounded action's job carries the attempt's deadline (is_bounded): its client is
+    # OutboundHttp, which takes it; any other client is called without it.
+    bound: dict[str, Any] = {} if job.deadline is None else {"deadline": job.deadline}
+    response: HttpResponse = await resources.http.request(
+        method,
+        url,
+        headers=headers,
+        data=body,
+        timeout=timeout,
+        idempotent=action.idempotent,
+        follow_redirects=follow_redirects,
+        **bound,
+    )
     job.record.set_response(job.redactor, response.status, response.body)
     return response
