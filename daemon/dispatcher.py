@@ -40,7 +40,7 @@ from daemon.attempts import Recorder, describe_error
 from daemon.breaker import Change, Ticket, Verdict
 from daemon.decisions import Decision, decide, effective_policy
 from daemon.errors import DeliveryError, OutcomeUnknownError, RetryableError, StoreError
-from daemon.hosts import Destinations, InLineTooLong, Shares
+from daemon.hosts import Destinations, InLineTooLong, Shares, moving_average
 from daemon.loader import LoadedPostback
 from daemon.retry import RetryPolicy
 from daemon.store.base import Claim, Store
@@ -63,9 +63,9 @@ _STOPPING, _HOLD = _Unsent.STOPPING, _Unsent.HOLD
 # A delivery of a postback this node does not know is put back for this long, for as long as
 # the delivery is younger than the grace; then it is cancelled as removed.
 UNKNOWN_POSTBACK_RETRY = 30.0
+UNKNOWN_POSTBACK_GRACE = 600.0
 # The weight of the newest claim in the moving average of how long claims take.
 CLAIM_TIME_WEIGHT = 0.2
-UNKNOWN_POSTBACK_GRACE = 600.0
 # The share of the lease that waiting for slots plus sending may take; the rest is the margin
 # for recording the result before another node may claim the delivery.
 LEASE_USE = 0.9
@@ -184,9 +184,7 @@ class Dispatcher:
                     functools.partial(self._claim_allowance, batch)
                 ),
             )
-            took = loop.time() - asked
-            last = self._claim_s
-            self._claim_s = took if last is None else last + CLAIM_TIME_WEIGHT * (took - last)
+            self._claim_s = moving_average(self._claim_s, loop.time() - asked, CLAIM_TIME_WEIGHT)
             postbacks = self._runtime().rules.postbacks
             for claim in claims:
                 lp = postbacks.get(claim.postback_id)

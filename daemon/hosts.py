@@ -39,6 +39,12 @@ CLAIM_QUEUE_FACTOR = 2
 SEND_TIME_WEIGHT = 0.1
 
 
+def moving_average(last: float | None, new: float, weight: float) -> float:
+    """An exponentially weighted moving average: `new` alone for the first value, else `last`
+    moved towards `new` by `weight` (0 to 1) of the difference."""
+    return new if last is None else last + weight * (new - last)
+
+
 def _nothing(*_: object) -> None:
     return None
 
@@ -360,8 +366,7 @@ class Destinations:
     def sent(self, destination: str, seconds: float) -> None:
         """How long one send to `destination` took (from its slot to its answer)."""
         dest = self._get(destination)
-        last = dest.send_s
-        dest.send_s = seconds if last is None else last + SEND_TIME_WEIGHT * (seconds - last)
+        dest.send_s = moving_average(dest.send_s, seconds, SEND_TIME_WEIGHT)
 
     def claim_allowance(self, destination: str, claim_s: float, most: int) -> int:
         """How many of `destination`'s claims in progress its slots will have sent by the time

@@ -327,21 +327,8 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         next_attempt_at: datetime | None,
     ) -> bool:
         due = check_finish(state, next_attempt_at)
-        started = utc(attempt.started_at)
-        finished = started + timedelta(milliseconds=attempt.duration_ms)
-        record = rows.attempt_params(attempt)
-        n = await self._statement(
-            "fetchval",
-            self._q["finish_and_record"],
-            claim.delivery_id,
-            claim.token,
-            state.value,
-            due,
-            attempt.reason,
-            finished,
-            started,
-            *(record[k] for k in rows.ATTEMPT_PARAMS),
-        )
+        values = _finish_values(Finish(claim, attempt, state, next_attempt_at), due)
+        n = await self._statement("fetchval", self._q["finish_and_record"], *values)
         return n is not None
 
     async def finish_attempts(self, finishes: Sequence[Finish]) -> list[FinishResult]:
@@ -364,20 +351,7 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             return [False if r is None else r for r in results]
         columns: tuple[list[Any], ...] = tuple([] for _ in range(15))
         for _, item, due in items:
-            claim, attempt = item.claim, item.attempt
-            started = utc(attempt.started_at)
-            record = rows.attempt_params(attempt)
-            values = (
-                claim.delivery_id,
-                claim.token,
-                item.state.value,
-                due,
-                attempt.reason,
-                started + timedelta(milliseconds=attempt.duration_ms),
-                started,
-                *(record[k] for k in rows.ATTEMPT_PARAMS),
-            )
-            for column, value in zip(columns, values, strict=True):
+            for column, value in zip(columns, _finish_values(item, due), strict=True):
                 column.append(value)
         try:
             found = await self._statement("fetch", self._q["finish_many"], *columns)
@@ -487,6 +461,24 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             total += deleted
             if deleted < PRUNE_BATCH:
                 return total
+
+
+def _finish_values(item: Finish, due: datetime | None) -> tuple[Any, ...]:
+    """finish_and_record's parameters for one result (finish_many takes each as a column):
+    the delivery's new state, then the attempt's row."""
+    claim, attempt = item.claim, item.attempt
+    started = utc(attempt.started_at)
+    record = rows.attempt_params(attempt)
+    return (
+        claim.delivery_id,
+        claim.token,
+        item.state.value,
+        due,
+        attempt.reason,
+        started + timedelta(milliseconds=attempt.duration_ms),
+        started,
+        *(record[k] for k in rows.ATTEMPT_PARAMS),
+    )
 
 
 # SQLSTATE classes of a statement the server refused, nothing of it written: a value (22), a

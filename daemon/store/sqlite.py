@@ -349,9 +349,9 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         return await self._write(lambda conn: finish_one(conn, *params))
 
     async def finish_attempts(self, finishes: Sequence[Finish]) -> list[FinishResult]:
-        """Every item in one writer job: one savepoint, one wake-up of the writer and one of
-        the event loop for all of them. An item that fails undoes the job (its savepoint) and
-        the items are run again in one job, each in a savepoint of its own."""
+        """Every item in one writer job: one wake-up of the writer and one of the event loop
+        for all of them. An item that fails undoes the job (the writer rolls its batch back)
+        and the items are run again in one job, each in a savepoint of its own."""
         results: list[FinishResult | None] = []
         todo: list[tuple[int, tuple[tuple[Any, ...], tuple[Any, ...]]]] = []
         for i, item in enumerate(finishes):
