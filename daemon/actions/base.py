@@ -20,6 +20,7 @@ around one request through the shared HTTP client.
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -144,19 +145,12 @@ class Redactor:
         return {k: MASK if _sensitive(k) else self.redact(v) for k, v in headers.items()}
 
 
-# Whether a header name is SENSITIVE_HEADERS, per name (a few distinct names: the rules' and
-# the actions' own; bounded all the same).
-_SENSITIVE: dict[str, bool] = {}
-
-
+# Remembered per name (a few distinct names: the rules' and the actions' own; bounded all the
+# same).
+@functools.lru_cache(maxsize=1024)
 def _sensitive(name: str) -> bool:
-    found = _SENSITIVE.get(name)
-    if found is None:
-        found = SENSITIVE_HEADERS.match(name) is not None
-        if len(_SENSITIVE) >= 1024:
-            _SENSITIVE.clear()
-        _SENSITIVE[name] = found
-    return found
+    """Whether a header name is one of SENSITIVE_HEADERS."""
+    return SENSITIVE_HEADERS.match(name) is not None
 
 
 @dataclass
