@@ -106,8 +106,7 @@ class _JsonLine:
         structlog.processors.add_log_level(logger, method_name, event)
         event["timestamp"] = self._stamp()
         if self._mask_pii:
-            for key in PII_FIELDS.intersection(event):
-                event[key] = mask(key, event[key])
+            _mask_pii(logger, method_name, event)
         if "exc_info" in event:  # format_exc_info does nothing without it
             structlog.processors.format_exc_info(logger, method_name, event)
         return self._render(logger, method_name, event)
