@@ -292,16 +292,22 @@ class OutboundHttp:
         token = _PROGRESS.set(progress)
         try:
             self._guard.check_host(target.raw_host or "")
-            async with self._session.request(
+            # Awaited, not entered: aiohttp's context manager takes four coroutines (two to
+            # enter, two to leave) for what the finally below does, release and wait for close.
+            resp = await self._session.request(
                 method,
                 target,
                 headers=headers,
                 data=data,
                 allow_redirects=False,
                 timeout=timeout,
-            ) as resp:
+            )
+            try:
                 body = await _read_capped(resp)
                 return HttpResponse(resp.status, resp.headers, body, str(resp.url))
+            finally:
+                resp.release()
+                await resp.wait_for_close()
         # The errors name the origin only (made here: a request that works never needs it).
         except GuardRefusedError as err:
             raise GuardRefusedError(f"{err.detail}: {_origin(target)}") from err
@@ -333,10 +339,13 @@ async def _open_socket(ip: str, port: int, timeout: float) -> socket.socket:  # 
 
 
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
     # What is left unread is dropped with the connection when the response is released.
     content = resp.content
+    first = await content.read(BODY_CAP)
+    if not first or (content.at_eof() and content.exception() is None):
+        return first  # the usual small body, all in one read (the loop below would say so)
+    chunks = [first]
+    size = len(first)
     while size < BODY_CAP:
         chunk = await content.read(BODY_CAP - size)
         if not chunk:
@@ -349,34 +358,44 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
 
 
 def _parse_url(text: str, reason: str, *, base: URL | None = None) -> URL:
-    if base is None and _is_uri(text) and not text.endswith(("?", "#")) and "?#" not in text:
-        # The usual case, a rendered URL (a valid URI, without a query or fragment marker that
-        # has nothing after it): the authority is checked and normalised once per distinct
-        # `scheme://authority` (_checked_origin), and the rest is sent byte for byte, as
-        # _as_sent makes it.
-        start = text.find("://") + 3
-        found = _AUTHORITY_END.search(text, start) if start > 2 else None
-        if found is not None and text[found.start()] == "/":
-            end = found.start()
-            checked = _checked_origin(text[:end])
+    if base is None and not text.endswith(("?", "#")) and "?#" not in text:
+        # The usual case, a rendered URL: a valid URI (_RENDERED) without a query or fragment
+        # marker that has nothing after it. Its authority is checked and normalised once per
+        # distinct `scheme://authority` (_checked_origin), and the rest is sent byte for byte,
+        # as _as_sent makes it.
+        found = _RENDERED.fullmatch(text)
+        if found is not None:
+            head, path, query, fragment = found.groups()
+            checked = _checked_origin(head)
             if checked is None:
                 return _parse_url_in_full(text, reason)  # raises: the full parse says why
             scheme, authority = checked
-            rest, _, fragment = text[end:].partition("#")
-            path, _, query = rest.partition("?")
             return URL.build(
                 scheme=scheme,
                 authority=authority,
                 path=path,
-                query_string=query,
-                fragment=fragment,
+                query_string=query or "",
+                fragment=fragment or "",
                 encoded=True,
             )
     return _parse_url_in_full(text, reason, base=base)
 
 
-# Where the authority of an absolute URI ends.
-_AUTHORITY_END = re.compile(r"[/?#]")
+# The characters of a valid URI (RFC 3986: unreserved, reserved and %), and those of its
+# parts: the authority ends at the first / ? or #, the path at the first ? or #, the query at
+# the first #.
+_URI_CHARS = r"A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%"
+_AUTHORITY_CHARS = _URI_CHARS.replace("/?#", "")
+_PATH_CHARS = _URI_CHARS.replace("?#", "")
+_QUERY_CHARS = _URI_CHARS.replace("#", "")
+# A valid URI whose authority is followed by a path (`scheme://authority/path?query#fragment`),
+# its parts in groups: what _parse_url takes without a full parse. Any other text takes the
+# full parse, which gives the same URL or error (a scheme that is not letters, digits, + . -
+# is not http or https; nor is one whose `://` is not the first).
+_RENDERED = re.compile(
+    rf"([A-Za-z][A-Za-z0-9+.\-]*://[{_AUTHORITY_CHARS}]*)(/[{_PATH_CHARS}]*)"
+    rf"(?:\?([{_QUERY_CHARS}]*))?(?:#([{_URI_CHARS}]*))?"
+)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -411,8 +430,7 @@ def _parse_url_in_full(text: str, reason: str, *, base: URL | None = None) -> UR
     return url
 
 
-# The characters of a valid URI (RFC 3986: unreserved, reserved and %).
-_URI = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
+_URI = re.compile(f"[{_URI_CHARS}]*")
 
 
 def _as_sent(normal: URL, raw: URL) -> URL:

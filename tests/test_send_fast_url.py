@@ -50,6 +50,21 @@ URLS = [
     "http://h:8080",
     "http://1.2.3.4.5/x",
     "http://0x7f.1/x",
+    # where the fast match (outbound._RENDERED) could part from the full parse
+    "http://h?x=1://a/b",
+    "http://h#f://a/b",
+    "http://h/p?a?b#c#d",
+    "http://h/p#a?b",
+    "http://h/p#a?#b",
+    "http://h/a#b/c?",
+    "1http://h/x",
+    "ht-tp://h/x",
+    "h+t.t-p://h/x",
+    "://h/x",
+    "http:/h/x",
+    "http:h/x",
+    "Http://H/X?Y#Z",
+    "http://h:8080/p?q=%41%2f#%2F",
 ]
 
 
