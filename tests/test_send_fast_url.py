@@ -65,6 +65,12 @@ URLS = [
     "http:h/x",
     "Http://H/X?Y#Z",
     "http://h:8080/p?q=%41%2f#%2F",
+    # no `//` after the scheme, a `://` further on (the fast path before _RENDERED split these
+    # at that `://` and sent another URL than the full parse makes)
+    "http:80:///:///",
+    "https:a:///_",
+    "http:80://://a:",
+    "https:443HTTPS#://%2F://u:p@+",
 ]
 
 
