@@ -420,7 +420,9 @@ def _parse_url_in_full(text: str, reason: str, *, base: URL | None = None) -> UR
         if base is not None:
             url = base.join(url)
         port = url.port
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, IndexError):
+        # IndexError: yarl's own slip on an empty host after user info in brackets
+        # (`http://[x]@/`), which a destination's Location can carry.
         raise PermanentError(reason) from None  # the parser's message quotes the whole URL
     if url.scheme not in ("http", "https"):
         raise PermanentError(reason, f"scheme {url.scheme[:16]!r} is not http or https")

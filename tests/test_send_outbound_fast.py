@@ -101,3 +101,13 @@ async def test_a_body_in_several_reads_is_read_whole_and_the_connection_reused()
         assert (await http.request("GET", f"{base}/parts")).body == b"one,two,three"
         assert (await http.request("GET", f"{base}/ok")).body == b"OK"
         assert server.accepted == 1  # each response released its connection to the pool
+
+
+@pytest.mark.parametrize("reason", ["bad_url", "bad_redirect"])
+def test_a_url_that_trips_the_parser_is_refused_not_raised(reason: str) -> None:
+    # yarl raises IndexError (not ValueError) on this one; from a redirect's Location it
+    # would otherwise end the attempt as an internal error, retried.
+    base = URL("http://h/") if reason == "bad_redirect" else None
+    with pytest.raises(PermanentError) as caught:
+        _parse_url("http://[x]@/", reason, base=base)
+    assert caught.value.reason == reason
