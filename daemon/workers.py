@@ -43,6 +43,7 @@ from typing import Any
 
 import structlog
 
+from daemon import logout
 from daemon.errors import ConfigError
 from daemon.notify import Notifier
 
@@ -68,9 +69,13 @@ def loop_factory(choice: str) -> LoopFactory | None:
 
 
 def run_loop(main: Callable[[], Coroutine[Any, Any, None]], factory: LoopFactory | None) -> None:
-    """Run the coroutine `main()` returns on a new loop made by `factory` (asyncio's if None)."""
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main())
+    """Run the coroutine `main()` returns on a new loop made by `factory` (asyncio's if None);
+    then write the log lines its last turn kept (daemon.logout)."""
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
+    finally:
+        logout.flush_all()
 
 
 def worker_node(base: str, index: int | None) -> str:

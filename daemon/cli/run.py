@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 import click
 import structlog
@@ -23,6 +23,7 @@ from daemon.dispatchproc import CONTROL_SOCKET, DispatcherLink
 from daemon.errors import ConfigError, RulesError, StoreError
 from daemon.ingest import GuardedRunner
 from daemon.log import configure_logging
+from daemon.logout import TurnFlushed
 from daemon.notify import Notifier
 from daemon.settings import Settings
 from daemon.sources import exposure_warnings
@@ -162,7 +163,15 @@ def run(config: str | None) -> None:
     delivers the postbacks of rules_dir. SIGHUP reloads the rules; SIGTERM stops gracefully.
     """
     settings = settings_from(config)
-    configure_logging(settings.log.format, settings.log.level, settings.log.mask_pii, cache=True)
+    # The lines of one turn of the event loop in one write (daemon.logout): a write per line
+    # was a system call, and a turn of the GIL to the SQLite writer, per webhook and delivery.
+    configure_logging(
+        settings.log.format,
+        settings.log.level,
+        settings.log.mask_pii,
+        stream=cast(TextIO, TurnFlushed(sys.stdout)),  # what WriteLogger uses of a stream
+        cache=True,
+    )
     # A watchdog kill is SIGABRT: the journal then shows where the event loop was stuck.
     faulthandler.enable()
     try:

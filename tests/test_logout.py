@@ -1,0 +1,219 @@
+"""daemon.logout.TurnFlushed: the log lines of one event-loop turn written together, whole
+lines only, at most PIPE_BUF bytes per write; at once off the loop; none lost at exit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
+
+import pytest
+
+from daemon.logout import CHUNK, TurnFlushed, _chunks
+
+
+@contextmanager
+def pipe() -> Iterator[tuple[TextIO, int]]:
+    """A text stream over a pipe's write end, and its non-blocking read end."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    out = os.fdopen(write_fd, "w", encoding="utf-8")
+    try:
+        yield out, read_fd
+    finally:
+        out.close()
+        os.close(read_fd)
+
+
+def drain(fd: int) -> bytes:
+    got = b""
+    while True:
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return got
+        if not data:
+            return got
+        got += data
+
+
+def log(stream: TurnFlushed, line: str) -> None:
+    """What structlog's WriteLogger does for one line."""
+    stream.write(line + "\n")
+    stream.flush()
+
+
+async def test_lines_of_one_turn_are_written_when_the_turn_ends() -> None:
+    with pipe() as (out, read_fd):
+        stream = TurnFlushed(out)
+        log(stream, '{"event":"a"}')
+        log(stream, '{"event":"b"}')
+        assert drain(read_fd) == b""  # kept: the turn is not over
+        await asyncio.sleep(0)  # the loop runs its next callbacks
+        await asyncio.sleep(0)
+        assert drain(read_fd) == b'{"event":"a"}\n{"event":"b"}\n'
+        log(stream, '{"event":"c"}')
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert drain(read_fd) == b'{"event":"c"}\n'
+
+
+def test_off_a_loop_a_line_is_written_at_once() -> None:
+    with pipe() as (out, read_fd):
+        stream = TurnFlushed(out)
+        log(stream, "one")
+        assert drain(read_fd) == b"one\n"
+
+
+async def test_a_line_from_another_thread_is_written_at_once_after_those_kept() -> None:
+    with pipe() as (out, read_fd):
+        stream = TurnFlushed(out)
+        log(stream, "kept on the loop")
+        thread = threading.Thread(target=log, args=(stream, "from a thread"))
+        thread.start()
+        thread.join()
+        assert drain(read_fd) == b"kept on the loop\nfrom a thread\n"
+
+
+def test_a_loop_that_stopped_before_its_turn_ended_does_not_keep_the_next_loops_lines() -> None:
+    with pipe() as (out, read_fd):
+        stream = TurnFlushed(out)
+
+        async def log_and_stop() -> None:
+            log(stream, "first")
+            asyncio.get_running_loop().stop()
+
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(log_and_stop())
+        loop.run_forever()  # stops before the write's callback runs
+        loop.close()
+        assert task.done()
+        stream.flush_now()  # as run_loop does when its loop ends
+        assert drain(read_fd) == b"first\n"
+
+        async def second() -> None:
+            log(stream, "second")
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+
+        asyncio.run(second())
+        assert drain(read_fd) == b"second\n"
+
+
+def test_pieces_are_whole_lines_of_at_most_pipe_buf_bytes() -> None:
+    lines = [f'{{"n":{i},"pad":"{"x" * (i % 700)}"}}\n' for i in range(200)]
+    pieces = _chunks(lines)
+    assert b"".join(pieces) == "".join(lines).encode()
+    for piece in pieces:
+        assert len(piece) <= CHUNK
+        assert piece.endswith(b"\n")
+    long_line = "y" * (CHUNK * 2) + "\n"
+    pieces = _chunks(["a\n", long_line, "b\n"])
+    assert pieces == [b"a\n", long_line.encode(), b"b\n"]  # a longer line alone, whole
+
+
+def test_non_ascii_and_unencodable_text_never_raise() -> None:
+    with pipe() as (out, read_fd):
+        stream = TurnFlushed(out)
+        log(stream, "caf\u00e9 \ud800")  # a lone surrogate
+        assert drain(read_fd) == "caf\u00e9 ".encode() + b"\\ud800\n"
+
+
+def test_a_closed_stdout_loses_the_lines_and_raises_nothing() -> None:
+    read_fd, write_fd = os.pipe()
+    out = os.fdopen(write_fd, "w")
+    stream = TurnFlushed(out)
+    os.close(read_fd)  # the reader is gone: EPIPE (SIGPIPE is ignored by Python)
+    log(stream, "nobody reads this")
+    out.close()
+    log(stream, "closed")
+
+
+def test_a_stream_without_a_file_descriptor_gets_the_lines_too() -> None:
+    import io
+
+    buffer = io.StringIO()
+    stream = TurnFlushed(buffer)
+    log(stream, "in memory")
+    assert buffer.getvalue() == "in memory\n"
+
+
+SCRIPT = """
+import asyncio, os, sys
+sys.path.insert(0, {root!r})
+from daemon.logout import TurnFlushed
+stream = TurnFlushed(sys.stdout)
+async def main():
+    stream.write("kept at the end\\n")
+    stream.flush()
+    {ending}
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "asyncio.get_running_loop().stop()",  # the loop ends before the turn does; exit
+        "raise SystemExit(3)",
+    ],
+)
+def test_lines_kept_when_the_process_ends_are_written(ending: str) -> None:
+    root = str(Path(__file__).resolve().parent.parent)
+    code = SCRIPT.format(root=root, ending=ending)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert "kept at the end\n" in done.stdout, done.stderr
+
+
+def test_lines_kept_before_a_fork_are_written_once() -> None:
+    root = str(Path(__file__).resolve().parent.parent)
+    code = f"""
+import asyncio, os, sys
+sys.path.insert(0, {root!r})
+from daemon.logout import TurnFlushed
+stream = TurnFlushed(sys.stdout)
+async def main():
+    stream.write("before the fork\\n")
+    stream.flush()
+    pid = os.fork()
+    if pid == 0:  # a worker: it writes what it kept when its loop ends (run_loop)
+        stream.flush_now()
+        os._exit(0)
+    os.waitpid(pid, 0)
+asyncio.run(main())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.count("before the fork\n") == 1, (done.stdout, done.stderr)
+
+
+def test_run_loop_writes_what_its_last_turn_kept() -> None:
+    """A worker ends with os._exit (no atexit): run_loop writes the lines itself."""
+    root = str(Path(__file__).resolve().parent.parent)
+    code = f"""
+import asyncio, os, sys
+sys.path.insert(0, {root!r})
+from daemon.logout import TurnFlushed
+from daemon.workers import run_loop
+stream = TurnFlushed(sys.stdout)
+async def main():
+    stream.write("the last line\\n")
+    stream.flush()
+try:
+    run_loop(main, None)
+finally:
+    os._exit(0)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout == "the last line\n", (done.stdout, done.stderr)
