@@ -94,6 +94,8 @@ _CURRENCY = re.compile(r"^[A-Za-z]{3}$")
 # Payout and revenue as trackers write them: ASCII digits only (`٣` and `1_000` are not
 # numbers here, though Python's Decimal reads them), an optional fraction and exponent.
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# The amounts trackers send, which pass every check of parse_decimal.
+_PLAIN_DECIMAL = re.compile(r"[0-9]{1,18}(?:\.[0-9]{0,18})?")
 _UNIX_TIME = re.compile(r"[0-9]{1,12}(?:\.[0-9]+)?")
 
 
@@ -118,6 +120,10 @@ def check_value(name: str, value: str) -> str:
 
 def parse_decimal(name: str, value: str) -> Decimal:
     text = value.strip(" ")
+    if _PLAIN_DECIMAL.fullmatch(text):
+        # At most 18 ASCII digits either side of an optional point (12.50): a finite
+        # Decimal, not negative, whose float is finite; every check below would pass.
+        return Decimal(text)
     try:
         number = Decimal(text)
     except InvalidOperation as err:
@@ -170,10 +176,14 @@ class Conversion:
     @classmethod
     def parse(cls, params: Mapping[str, str], extra: Mapping[str, str] | None = None) -> Conversion:
         """Build from canonical name -> string value; raise InputError naming the bad field."""
+        # check_value's common case (short and printable: it passes) decided here, without a
+        # call per value; any other value goes through it and is refused as before.
         for name, value in params.items():
-            check_value(name, value)
+            if len(value) > MAX_VALUE_LENGTH or not value.isprintable():
+                check_value(name, value)
         for name, value in (extra or {}).items():
-            check_value(f"extra.{name}", value)
+            if len(value) > MAX_VALUE_LENGTH or not value.isprintable():
+                check_value(f"extra.{name}", value)
         for name in REQUIRED_FIELDS:
             if not params.get(name, "").strip():
                 raise InputError("required field missing", name)
@@ -183,7 +193,10 @@ class Conversion:
         currency = params.get("currency", "")
         if currency and not _CURRENCY.match(currency):
             raise InputError("not an ISO 4217 currency code", "currency")
-        decimals = {n: parse_decimal(n, params[n]) for n in DECIMAL_FIELDS if params.get(n)}
+        text = params.get("payout")  # DECIMAL_FIELDS, in their order
+        payout = parse_decimal("payout", text) if text else None
+        text = params.get("revenue")
+        revenue = parse_decimal("revenue", text) if text else None
         event_time = parse_event_time(params["event_time"]) if params.get("event_time") else None
         if not _CANONICAL.issuperset(params):
             raise InputError("not a canonical field", min(set(params) - _CANONICAL))
@@ -195,8 +208,8 @@ class Conversion:
             status=status,
             fields=rest,
             extra=dict(extra or {}),
-            payout=decimals.get("payout"),
-            revenue=decimals.get("revenue"),
+            payout=payout,
+            revenue=revenue,
             event_time=event_time,
         )
 

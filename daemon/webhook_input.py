@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from daemon.errors import InputError
-from daemon.models import check_value
+from daemon.models import MAX_VALUE_LENGTH, check_value
 
 MAX_BODY = 64 * 1024
 MAX_PARAMS = 200
@@ -90,11 +90,31 @@ def _unquote(text: str, name: str | None) -> str:
 
 def parse_urlencoded(text: str, params: dict[str, str]) -> None:
     """`a=1&b=2` into `params`, strictly: invalid UTF-8 after percent-decoding is an error."""
+    # A text without `%` or `+` decodes to itself, part by part (_unquote's own shortcut,
+    # decided once for the whole text).
+    plain = "%" not in text and "+" not in text
     for part in text.split("&"):
         if part:
-            raw_name, _, raw_value = part.partition("=")
-            name = _unquote(raw_name, None)
-            _add(params, name, _unquote(raw_value, name))
+            name, _, value = part.partition("=")
+            if not plain:
+                name = _unquote(name, None)
+                value = _unquote(value, name)
+            # _add's common case decided here, without its calls: a new parameter with a
+            # short printable name and value passes every check of _add and check_value
+            # (isprintable() is false for every control character and lone surrogate); any
+            # other goes through _add, which refuses it as before.
+            if (
+                name
+                and len(name) <= MAX_NAME
+                and len(value) <= MAX_VALUE_LENGTH
+                and name.isprintable()
+                and value.isprintable()
+                and name not in params
+                and len(params) < MAX_PARAMS
+            ):
+                params[name] = value
+            else:
+                _add(params, name, value)
 
 
 class _Object(list[tuple[str, Any]]):
