@@ -62,7 +62,9 @@ def mask(key: str, value: Any) -> Any:
 
 def _mask_pii(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in PII_FIELDS.intersection(event):
-        event[key] = mask(key, event[key])
+        value = event[key]
+        if value is not None and value != "":  # mask() returns those as they are
+            event[key] = mask(key, value)
     return event
 
 
@@ -96,20 +98,87 @@ class _JsonLine:
     def __init__(self, mask_pii: bool) -> None:
         self._mask_pii = mask_pii
         self._stamp = _Stamp()
-        self._render = structlog.processors.JSONRenderer(fastjson.dumps_with)
+        # JSONRenderer(fastjson.dumps_with) calls dumps_with(event, **these): its `default`.
+        self._dumps_kw = structlog.processors.JSONRenderer(fastjson.dumps_with)._dumps_kw
         # structlog's own record of the context variables it made (None: merge every time).
         self._bound = getattr(structlog.contextvars, "_CONTEXT_VARS", None)
 
     def __call__(self, logger: Any, method_name: str, event: MutableMapping[str, Any]) -> Any:
         if self._bound is None or self._bound:
             structlog.contextvars.merge_contextvars(logger, method_name, event)
-        structlog.processors.add_log_level(logger, method_name, event)
+        # add_log_level: the method's name, mapped as structlog's map_method_name maps it
+        event["level"] = _LEVEL_NAMES.get(method_name, method_name)
         event["timestamp"] = self._stamp()
         if self._mask_pii:
             _mask_pii(logger, method_name, event)
         if "exc_info" in event:  # format_exc_info does nothing without it
             structlog.processors.format_exc_info(logger, method_name, event)
-        return self._render(logger, method_name, event)
+        return fastjson.dumps_with(event, **self._dumps_kw)  # what the JSONRenderer returned
+
+
+# structlog's map_method_name (add_log_level): the names it changes; any other is kept.
+_LEVEL_NAMES = {"warn": "warning", "exception": "error"}
+
+
+def _direct_method(name: str, through: Callable[..., Any]) -> Callable[..., Any]:
+    """The bound logger's method `name` (a level that is logged): what structlog's filtering
+    method does through _maybe_interpolate, _proxy_to_logger and _process_event, in one call
+    (the event dict built and run through the processors the same way, DropEvent a line not
+    written). An event with positional arguments to interpolate goes `through` structlog's."""
+
+    def meth(self: Any, event: Any, *args: Any, **kw: Any) -> Any:
+        if args:
+            return through(self, event, *args, **kw)
+        context = self._context
+        if context:
+            event_dict: Any = context.copy()
+            event_dict.update(kw)
+        else:
+            event_dict = kw  # (a dict of this call's own)
+        if event is not None:
+            event_dict["event"] = event
+        logger = self._logger
+        try:
+            for proc in self._processors:
+                event_dict = proc(logger, name, event_dict)
+        except structlog.DropEvent:
+            return None
+        if isinstance(event_dict, str | bytes | bytearray):
+            return getattr(logger, name)(event_dict)
+        if isinstance(event_dict, tuple):
+            return getattr(logger, name)(*event_dict[0], **event_dict[1])
+        if isinstance(event_dict, dict):
+            return getattr(logger, name)(**event_dict)
+        raise ValueError(
+            "Last processor didn't return an appropriate value.  Valid return values are a "
+            "dict, a tuple of (args, kwargs), bytes, or a str."
+        )
+
+    meth.__name__ = name
+    return meth
+
+
+def _wrapper_class(level: int) -> type[Any]:
+    """structlog.make_filtering_bound_logger(level), its logged levels' methods direct (one
+    call per line instead of four: the lines, and what the processors see, are the same)."""
+    base = structlog.make_filtering_bound_logger(level)
+    methods: dict[str, Any] = {}
+    for name, aliases in _LEVEL_ALIASES.items():
+        if structlog.processors.NAME_TO_LEVEL[name] >= level:
+            methods[name] = _direct_method(name, getattr(base, name))
+            for alias in aliases:
+                methods[alias] = methods[name]
+    return type(base.__name__, (base,), methods)
+
+
+# The level methods of structlog's filtering loggers, and their aliases (msg is info, ...).
+_LEVEL_ALIASES = {
+    "debug": (),
+    "info": ("msg",),
+    "warning": ("warn",),
+    "error": (),
+    "critical": ("fatal",),
+}
 
 
 # scheme://user:password@host -> scheme://***@host: a store URL or a destination may carry them.
@@ -202,7 +271,7 @@ def configure_logging(
         processors.append(structlog.dev.ConsoleRenderer(colors=out.isatty()))
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        wrapper_class=_wrapper_class(logging.getLevelName(level.upper())),
         # One write() per line (the line and its newline together): processes that share
         # stdout (`workers`, the dispatch process) never glue each other's lines, as print()'s
         # two writes did under PYTHONUNBUFFERED=1 (the systemd unit).
