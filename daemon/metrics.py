@@ -285,10 +285,12 @@ class Metrics:
         self._refresh_lock = asyncio.Lock()
         self.observed: ObservedStore | None = None
         # The labelled children of the per-request counters, looked up once per label values
-        # (labels() validates and locks on every call). Bounded: routes are the app's patterns,
-        # codes are HTTP's, sources are the loaded ones, transitions four.
-        self._requests: dict[tuple[str, int], Any] = {}
-        self._arrivals: dict[tuple[str, str], Any] = {}
+        # (labels() validates and locks on every call), each kept as its value's inc: what the
+        # child's inc() calls once it has checked that the child is observable (a labelled
+        # child always is) and that the amount is not negative (1). Bounded: routes are the
+        # app's patterns, codes are HTTP's, sources are the loaded ones, transitions four.
+        self._requests: dict[tuple[str, int], Callable[[float], None]] = {}
+        self._arrivals: dict[tuple[str, str], Callable[[float], None]] = {}
 
     # --- hooks ------------------------------------------------------------------------------
 
@@ -313,10 +315,10 @@ class Metrics:
     def arrival(self, source: str, transition: Transition | str) -> None:
         """A committed arrival (daemon.app's `Services.arrival_committed`)."""
         key = (source, str(transition))
-        child = self._arrivals.get(key)
-        if child is None:
-            child = self._arrivals[key] = self.conversions.labels(*key)
-        child.inc()
+        inc = self._arrivals.get(key)
+        if inc is None:
+            inc = self._arrivals[key] = _inc_of(self.conversions.labels(*key))
+        inc(1)
 
     def attempt(self, action: str, outcome: str, duration: float) -> None:
         """The dispatcher's `on_attempt` hook; a cancellation sent nothing and is not timed."""
@@ -340,10 +342,10 @@ class Metrics:
             raise
         finally:
             key = (_route(request), code)
-            child = self._requests.get(key)
-            if child is None:
-                child = self._requests[key] = self.http_requests.labels(key[0], str(code))
-            child.inc()
+            inc = self._requests.get(key)
+            if inc is None:
+                inc = self._requests[key] = _inc_of(self.http_requests.labels(key[0], str(code)))
+            inc(1)
 
     # --- scraping ---------------------------------------------------------------------------
 
@@ -367,6 +369,14 @@ class Metrics:
     def render(self) -> bytes:
         """The registry in the Prometheus text format (see CONTENT_TYPE)."""
         return generate_latest(self.registry)
+
+
+def _inc_of(child: Counter) -> Callable[[float], None]:
+    """What `child.inc(1)` comes to for a labelled child (observable, a positive amount): its
+    value's inc. A counter without that attribute keeps its own inc."""
+    value = getattr(child, "_value", None)
+    inc: Callable[[float], None] = getattr(value, "inc", None) or child.inc
+    return inc
 
 
 def _route(request: web.Request) -> str:
