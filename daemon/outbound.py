@@ -151,6 +151,9 @@ class OutboundHttp:
         self._connect_timeout = connect_timeout
         self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
+        # The session's event loop, kept by start(): asyncio.get_running_loop() costs a getpid()
+        # system call on CPython 3.11, twice a request.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def guard(self) -> Guard:
@@ -173,6 +176,7 @@ class OutboundHttp:
             # (per-host lanes, attempts in flight) are the limits.
             limit=0,
         )
+        self._loop = asyncio.get_running_loop()
         self._session = aiohttp.ClientSession(
             connector=connector,
             trust_env=False,  # proxy variables and .netrc are ignored (SPEC 10)
@@ -237,11 +241,11 @@ class OutboundHttp:
         raising (affiliate postbacks: the policy's deny_destinations, issue 15). Every hop ends
         within `timeout` of the call, and by `deadline` (event loop time) when that comes
         first (the attempt's bound, daemon.dispatcher); `check` is not bounded here."""
-        if self._session is None:
+        loop = self._loop
+        if self._session is None or loop is None:
             raise RuntimeError("OutboundHttp.start() was not called")
         method = method.upper()
         follow = method == "GET" if follow_redirects is None else follow_redirects
-        loop = asyncio.get_running_loop()
         until = loop.time() + (self._timeout if timeout is None else timeout)
         if deadline is not None and deadline < until:
             until = deadline
@@ -278,7 +282,8 @@ class OutboundHttp:
         idempotent: bool,
     ) -> HttpResponse:
         assert self._session is not None
-        remaining = deadline - asyncio.get_running_loop().time()
+        assert self._loop is not None
+        remaining = deadline - self._loop.time()
         if remaining <= 0:  # spent on earlier hops; this one was never sent
             raise RetryableError("timeout", _origin(target))
         # Exact: by default aiohttp rounds a deadline of 5 s or more up to the next whole

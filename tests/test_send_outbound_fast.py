@@ -111,3 +111,25 @@ def test_a_url_that_trips_the_parser_is_refused_not_raised(reason: str) -> None:
     with pytest.raises(PermanentError) as caught:
         _parse_url("http://[x]@/", reason, base=base)
     assert caught.value.reason == reason
+
+
+def test_the_client_keeps_the_loop_it_was_started_in_and_a_restart_takes_the_new_one() -> None:
+    # The deadline of every request is read on that loop's clock (without asking asyncio for
+    # the running loop, a system call, on each request).
+    http = OutboundHttp(guard=Guard(["127.0.0.1/32"]))
+    loops = []
+
+    async def run() -> None:
+        async with _KeepAlive() as server:
+            await http.start()
+            try:
+                loops.append((http._loop, asyncio.get_running_loop()))
+                got = await http.request("GET", f"http://127.0.0.1:{server.port}/ok", timeout=5)
+                assert got.body == b"OK"
+            finally:
+                await http.close()
+
+    asyncio.run(run())
+    asyncio.run(run())
+    assert [kept is running for kept, running in loops] == [True, True]
+    assert loops[0][1] is not loops[1][1]

@@ -107,6 +107,8 @@ class PingUrl:
         self.resources = resources
         self._expect = compile_expect(settings.expect) if settings.expect else None
         self._destination = origin(settings.url)  # the settings are immutable
+        # The headers to render (none for most rules: then no comprehension runs).
+        self._headers = tuple(settings.headers.items())
         # Its send awaits one send_http and nothing else: through the shared client itself,
         # that ends by the job's deadline, and the dispatcher keeps no timer of its own around
         # it (daemon.actions.base.is_bounded). Through a wrapper (an affiliate's PolicyHttp,
@@ -121,11 +123,16 @@ class PingUrl:
         self, job: Job, secret: Callable[[str], str] | None
     ) -> tuple[str, dict[str, str], bytes | None]:
         s = self.settings
-        url = s.url.render_url(job.values, secret=secret)
-        headers = {
-            name: t.render(job.values, encode=encode_header, secret=secret)
-            for name, t in s.headers.items()
-        }
+        values = job.values
+        url = s.url.render_url(values, secret=secret)
+        headers = (
+            {
+                name: t.render(values, encode=encode_header, secret=secret)
+                for name, t in self._headers
+            }
+            if self._headers
+            else {}
+        )
         if s.idempotency_header:
             headers["Idempotency-Key"] = job.idempotency_key
         body: bytes | None = None
