@@ -159,6 +159,9 @@ def parse_event_time(value: str) -> datetime:
     return parsed
 
 
+_new_object = object.__new__
+
+
 @dataclass(frozen=True)
 class Conversion:
     """One conversion as a tracker reported it, in canonical fields."""
@@ -201,7 +204,11 @@ class Conversion:
         if not _CANONICAL.issuperset(params):
             raise InputError("not a canonical field", min(set(params) - _CANONICAL))
         rest = {k: v for k, v in params.items() if k not in _REQUIRED and v != ""}
-        return cls(
+        # What the dataclass's __init__ makes (every field set, in its order), without its
+        # object.__setattr__ call per field, which a frozen dataclass pays (half the cost of
+        # this method); __post_init__ there is none.
+        conversion = _new_object(cls)
+        conversion.__dict__.update(
             conversion_id=params["conversion_id"].strip(),
             offer=params["offer"].strip(),
             affiliate=params["affiliate"].strip(),
@@ -212,6 +219,7 @@ class Conversion:
             revenue=revenue,
             event_time=event_time,
         )
+        return conversion
 
     @property
     def trigger(self) -> Trigger:

@@ -1,6 +1,6 @@
 """The webhook's parsing shortcuts decide exactly as the code they shortcut: parse_decimal's
-plain-amount path, Conversion.parse without a check_value call per short printable value and
-without the dict of decimals. Each is compared with the form it replaced (kept here as the
+plain-amount path, Conversion.parse without a check_value call per short printable value,
+without the dict of decimals and without the dataclass's __init__ (the same object). Each is compared with the form it replaced (kept here as the
 reference), on generated inputs."""
 
 from __future__ import annotations
@@ -88,8 +88,11 @@ def outcome(call: Any, *args: Any) -> Any:
         return ("error", err.message, err.field)
     if isinstance(result, Decimal):  # the same number written the same way (12.50, not 12.5)
         return ("ok", str(result), result.as_tuple())
-    if isinstance(result, Conversion):  # dict order too: the stored fields keep it
-        return ("ok", result, list(result.fields.items()), list(result.extra.items()))
+    if isinstance(result, Conversion):  # every attribute, in order (dicts' order too)
+        attributes = [
+            (k, list(v.items()) if isinstance(v, dict) else v) for k, v in vars(result).items()
+        ]
+        return ("ok", result, attributes)
     return ("ok", result)
 
 
