@@ -28,6 +28,7 @@ from daemon.cli import (
     store,
     validate,
 )
+from daemon.log import configure_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,6 +39,9 @@ def cli() -> None:
     Trackers post conversions to /webhooks/{source}; on every new conversion and status change
     the rules in rules.d/ decide which postbacks fire, and each is delivered at least once.
     """
+    # A command's output is stdout's alone (JSON for scripts): its log lines, warnings and up,
+    # go to stderr. `run` sets the daemon's own logging from its settings.
+    configure_logging("auto", "warning", stream=sys.stderr)
 
 
 def _register() -> None:
