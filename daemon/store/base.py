@@ -280,7 +280,7 @@ class Store(Protocol):
 
         With a `lease`, the store may write some of the deliveries already claimed under it
         (ArrivalResult.claims): the caller then owes them an attempt, as for claim_due's, and
-        they need no claim of their own (both stores take them; a store may take none)."""
+        they need no claim of their own. A store may take none (PostgreSQL does not yet)."""
         ...
 
     async def claim_due(

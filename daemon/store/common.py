@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -14,9 +12,7 @@ from daemon.errors import InputError
 from daemon.models import Conversion, Status, Transition, decide_transition
 from daemon.store.base import (
     ArrivalResult,
-    Claim,
     DeliveryState,
-    Lease,
     PlannedDelivery,
     Planner,
     idempotency_key,
@@ -117,60 +113,6 @@ class ArrivalWrite:
             arrival_seq=self.seq,
             delivery_ids=[d.delivery_id for d in self.deliveries],
         )
-
-
-def lease_split(
-    deliveries: Sequence[NewDelivery], lease: Lease | None
-) -> tuple[list[NewDelivery], list[tuple[NewDelivery, str]]]:
-    """Of an arrival's deliveries, those `lease` leaves queued, and those it takes, each with
-    its claim token: at most lease.limit of them, none to a destination of
-    lease.skip_destinations or of an affiliate of lease.skip_affiliates."""
-    if lease is None or lease.limit <= 0:
-        return list(deliveries), []
-    queued: list[NewDelivery] = []
-    taken: list[tuple[NewDelivery, str]] = []
-    skip_dest, skip_aff = lease.skip_destinations, lease.skip_affiliates
-    for d in deliveries:
-        planned = d.planned
-        if (
-            len(taken) >= lease.limit
-            or planned.destination in skip_dest
-            or (planned.affiliate_owner is not None and planned.affiliate_owner in skip_aff)
-        ):
-            queued.append(d)
-        else:
-            taken.append((d, new_token()))
-    return queued, taken
-
-
-def leased_claims(
-    taken: Sequence[tuple[NewDelivery, str]],
-    source: str,
-    conversion_id: str,
-    seq: int,
-    created_at: datetime,
-    data: str,
-    values: str,
-) -> list[Claim]:
-    """The claims of the deliveries a lease took, as claim_due would give them back: the
-    arrival's data and values decoded from the JSON text stored, a copy for each."""
-    return [
-        Claim(
-            delivery_id=d.delivery_id,
-            token=token,
-            postback_id=d.planned.postback_id,
-            destination=d.planned.destination,
-            source=source,
-            conversion_id=conversion_id,
-            arrival_seq=seq,
-            idempotency_key=d.idempotency_key,
-            attempts=0,
-            created_at=created_at,
-            data=json.loads(data),
-            values=json.loads(values),
-        )
-        for d, token in taken
-    ]
 
 
 def conversion_fields(conversion: Conversion) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -37,8 +36,6 @@ from daemon.store.common import (
     conversion_fields,
     decode_cursor,
     encode_cursor,
-    lease_split,
-    leased_claims,
     prepare_arrival,
     utc,
 )
@@ -174,10 +171,12 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         plan: Planner,
         lease: Lease | None = None,
     ) -> ArrivalResult:
+        # `lease` is not taken here yet: every delivery is written queued, for claim_due
+        # (Store.record_arrival allows a store to take none).
         now = utc(received_at)
         key = (source, conversion.conversion_id)
         if key not in self._known:
-            fast = await self._arrive_new(source, conversion, now, plan, lease)
+            fast = await self._arrive_new(source, conversion, now, plan)
             self._remember(key)
             if fast is not None:
                 return fast
@@ -195,7 +194,8 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
                 )
             elif write.update is ConversionUpdate.TOUCH:
                 await conn.execute(self._q["touch_conversion"], pk, now)
-            return await self._write_arrival(conn, source, conversion, pk, write, now, lease)
+            await self._write_arrival(conn, source, conversion, pk, write, now)
+            return write.result(source, conversion.conversion_id)
 
     def _remember(self, key: tuple[str, str]) -> None:
         known = self._known
@@ -204,12 +204,7 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             del known[next(iter(known))]  # the oldest (dicts keep insertion order)
 
     async def _arrive_new(
-        self,
-        source: str,
-        conversion: Conversion,
-        now: datetime,
-        plan: Planner,
-        lease: Lease | None,
+        self, source: str, conversion: Conversion, now: datetime, plan: Planner
     ) -> ArrivalResult | None:
         """A new conversion in one round trip (arrive_new), or None when it exists already
         (nothing written: the caller takes the locking path). The plan is made for a new
@@ -217,11 +212,7 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         (record_arrival): when another node stored it, the locking path asks the planner again,
         for the real transition, and only that plan is written."""
         write = prepare_arrival(source, conversion, now, None, plan)
-        queued, taken = lease_split(write.deliveries, lease)
-        # The leased ones first (in_flight, with their tokens), then the queued ones (no token).
-        deliveries = [d for d, _ in taken] + queued
-        tokens = [token for _, token in taken] + [None] * len(queued)
-        data, values = rows.dumps(write.data), rows.dumps(write.values)
+        deliveries = write.deliveries
         pk = await self._statement(
             "fetchval",
             self._q["arrive_new"],
@@ -232,25 +223,16 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             rows.dumps(write.fields),
             now,
             write.transition.value,
-            data,
-            values,
+            rows.dumps(write.data),
+            rows.dumps(write.values),
             [d.delivery_id for d in deliveries],
             [d.planned.postback_id for d in deliveries],
             [d.planned.action for d in deliveries],
             [d.planned.destination for d in deliveries],
             [d.planned.affiliate_owner for d in deliveries],
             [d.idempotency_key for d in deliveries],
-            tokens,
-            lease.node if taken and lease is not None else None,
-            utc(lease.until) if taken and lease is not None else None,
         )
-        if pk is None:
-            return None
-        result = write.result(source, conversion.conversion_id)
-        if not taken:
-            return result
-        cid = conversion.conversion_id
-        return replace(result, claims=leased_claims(taken, source, cid, 1, now, data, values))
+        return None if pk is None else write.result(source, conversion.conversion_id)
 
     async def _lock_or_insert(
         self, conn: Any, source: str, conversion: Conversion, now: datetime
@@ -293,9 +275,7 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         pk: int,
         write: ArrivalWrite,
         now: datetime,
-        lease: Lease | None,
-    ) -> ArrivalResult:
-        data, values = rows.dumps(write.data), rows.dumps(write.values)
+    ) -> None:
         await conn.execute(
             self._q["insert_arrival"],
             pk,
@@ -304,62 +284,30 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             conversion.status.value,
             conversion.event_time,
             now,
-            data,
-            values,
+            rows.dumps(write.data),
+            rows.dumps(write.values),
         )
-        result = write.result(source, conversion.conversion_id)
         if not write.deliveries:
-            return result
-        cid = conversion.conversion_id
-        queued, taken = lease_split(write.deliveries, lease)
-        if queued:
-            await conn.executemany(
-                self._q["insert_delivery"],
-                [
-                    (
-                        d.delivery_id,
-                        pk,
-                        write.seq,
-                        source,
-                        cid,
-                        d.planned.postback_id,
-                        d.planned.action,
-                        d.planned.destination,
-                        d.planned.affiliate_owner,
-                        d.idempotency_key,
-                        now,
-                    )
-                    for d in queued
-                ],
-            )
-        if not taken:
-            return result
-        assert lease is not None  # lease_split takes nothing without one
-        until = utc(lease.until)
+            return
         await conn.executemany(
-            self._q["insert_delivery_leased"],
+            self._q["insert_delivery"],
             [
                 (
                     d.delivery_id,
                     pk,
                     write.seq,
                     source,
-                    cid,
+                    conversion.conversion_id,
                     d.planned.postback_id,
                     d.planned.action,
                     d.planned.destination,
                     d.planned.affiliate_owner,
                     d.idempotency_key,
                     now,
-                    lease.node,
-                    token,
-                    until,
                 )
-                for d, token in taken
+                for d in write.deliveries
             ],
         )
-        claims = leased_claims(taken, source, cid, write.seq, now, data, values)
-        return replace(result, claims=claims)
 
     async def claim_due(
         self,

@@ -42,8 +42,6 @@ from daemon.store.common import (
     decode_cursor,
     encode_cursor,
     from_us,
-    lease_split,
-    leased_claims,
     new_token,
     opt_from_us,
     opt_us,
@@ -333,8 +331,21 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         values: str,
     ) -> tuple[list[NewDelivery], list[Claim]]:
         """The deliveries `lease` takes, written claimed (as claim_due's claim_one leaves
-        them), and their claims; the others, to be written queued."""
-        queued, taken = lease_split(write.deliveries, lease)
+        them); the others, to be written queued. The claims carry the arrival's data as
+        claim_due would read it back (decoded from the same JSON text)."""
+        queued: list[NewDelivery] = []
+        taken: list[tuple[NewDelivery, str]] = []
+        skip_dest, skip_aff = lease.skip_destinations, lease.skip_affiliates
+        for d in write.deliveries:
+            planned = d.planned
+            if (
+                len(taken) >= lease.limit
+                or planned.destination in skip_dest
+                or (planned.affiliate_owner is not None and planned.affiliate_owner in skip_aff)
+            ):
+                queued.append(d)
+            else:
+                taken.append((d, new_token()))
         if not taken:
             return queued, []
         seq, until = write.seq, to_us(lease.until)
@@ -360,7 +371,27 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
                 for d, token in taken
             ],
         )
-        return queued, leased_claims(taken, source, cid, seq, from_us(now), data, values)
+        created = from_us(now)
+        claim_data, claim_values = json.loads(data), json.loads(values)
+        claims = [
+            Claim(
+                delivery_id=d.delivery_id,
+                token=token,
+                postback_id=d.planned.postback_id,
+                destination=d.planned.destination,
+                source=source,
+                conversion_id=cid,
+                arrival_seq=seq,
+                idempotency_key=d.idempotency_key,
+                attempts=0,
+                created_at=created,
+                # one decoded copy per claim, as claim_due gives each its own
+                data=claim_data if i == 0 else json.loads(data),
+                values=claim_values if i == 0 else json.loads(values),
+            )
+            for i, (d, token) in enumerate(taken)
+        ]
+        return queued, claims
 
     async def claim_due(
         self,

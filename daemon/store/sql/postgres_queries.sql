@@ -40,15 +40,6 @@ INSERT INTO delivery
      affiliate_owner, idempotency_key, state, created_at, updated_at, next_attempt_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', $11, $11, $11);
 
--- name: insert_delivery_leased
--- insert_delivery's row written claimed by $12 with token $13 until $14, as claim_due leaves
--- a claimed row (record_arrival's lease)
-INSERT INTO delivery
-    (id, conversion_pk, arrival_seq, source, conversion_id, postback_id, action, destination,
-     affiliate_owner, idempotency_key, state, created_at, updated_at, next_attempt_at,
-     lease_owner, lease_token, lease_until)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'in_flight', $11, $11, $11, $12, $13, $14);
-
 -- name: claim_due
 -- SKIP LOCKED: rows another node is claiming right now are left to it, never waited for;
 -- a row claimed and committed meanwhile no longer passes due_at <= $1 when re-checked.
@@ -249,10 +240,9 @@ WHERE id IN (
 -- name: arrive_new
 -- A new conversion's whole arrival in one statement (one round trip, no BEGIN/COMMIT of its
 -- own: a single statement is atomic): the conversion, its first arrival and its deliveries
--- ($10..$16: one array per column). A delivery with a token ($16) is written claimed by the
--- node $17 until $18 (record_arrival's lease), the others queued. When the conversion exists
--- already, the INSERT does nothing, neither do the others, and the answer is no row: the
--- caller then takes the locking path (insert_conversion, lock_conversion) in a transaction.
+-- ($10..$15: one array per column). When the conversion exists already, the INSERT does
+-- nothing, neither do the others, and the answer is no row: the caller then takes the
+-- locking path (insert_conversion, lock_conversion) in a transaction.
 WITH c AS (
     INSERT INTO conversion
         (source, conversion_id, status, status_event_time, fields, created_at, updated_at)
@@ -268,15 +258,12 @@ WITH c AS (
     INSERT INTO delivery
         (id, conversion_pk, arrival_seq, source, conversion_id, postback_id, action,
          destination, affiliate_owner, idempotency_key, state, created_at, updated_at,
-         next_attempt_at, lease_owner, lease_token, lease_until)
+         next_attempt_at)
     SELECT x.id, a.conversion_pk, 1, $1, $2, x.postback_id, x.action, x.destination,
-           x.affiliate_owner, x.idempotency_key,
-           CASE WHEN x.token IS NULL THEN 'queued' ELSE 'in_flight' END, $6, $6, $6,
-           CASE WHEN x.token IS NULL THEN NULL ELSE $17::text END, x.token,
-           CASE WHEN x.token IS NULL THEN NULL ELSE $18::timestamptz END
+           x.affiliate_owner, x.idempotency_key, 'queued', $6, $6, $6
     FROM a, unnest($10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[],
-                   $15::text[], $16::text[])
-         AS x(id, postback_id, action, destination, affiliate_owner, idempotency_key, token)
+                   $15::text[])
+         AS x(id, postback_id, action, destination, affiliate_owner, idempotency_key)
 )
 SELECT conversion_pk FROM a;
 
