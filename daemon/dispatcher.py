@@ -221,10 +221,13 @@ class Dispatcher:
             until=self._dt(self._now() + self.config.lease),
             limit=batch,
             skip_destinations=self._per_destination.saturated(
-                functools.partial(self._claim_allowance, batch), past=batch
+                functools.partial(self._lease_allowance, batch)
             ),
             skip_affiliates=self._per_affiliate.saturated(),
         )
+
+    def _lease_allowance(self, batch: int, destination: str) -> int:
+        return self._claim_allowance(batch, destination) + batch
 
     def settle_lease(self, lease: Lease, claims: Sequence[Claim]) -> None:
         """The arrival offered `lease` has ended: start an attempt for each delivery it wrote

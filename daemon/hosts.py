@@ -88,24 +88,18 @@ class Shares:
         if left == (self.bound or 0) - 1:
             self._on_room()  # no longer at its share: its deliveries may be claimed again
 
-    def saturated(self, allowance: Callable[[str], int] | None = None, past: int = 0) -> list[str]:
-        """The keys with their share in progress (`past` more: their share passed by that
-        many), sorted. `allowance(key)`, when given, is how many of a key's claims are expected
-        to have been sent by the time a claim made now comes back: those do not count against
-        its share (a destination that sends faster than the store answers a claim is not
-        skipped, so its slots do not run dry while the claim is under way). It is asked only of
-        the keys at their share without it."""
+    def saturated(self, allowance: Callable[[str], int] | None = None) -> list[str]:
+        """The keys with their share in progress, sorted. `allowance(key)`, when given, is how
+        many of a key's claims are expected to have been sent by the time a claim made now comes
+        back: those do not count against its share (a destination that sends faster than the
+        store answers a claim is not skipped, so its slots do not run dry while the claim is
+        under way)."""
         bound = self.bound
         if bound is None:
             return []
-        floor = bound + past
         if allowance is None:
-            return sorted(key for key, n in self._counts.items() if n >= floor)
-        return sorted(
-            key
-            for key, n in self._counts.items()
-            if n >= floor and n - past - allowance(key) >= bound
-        )
+            return sorted(key for key, n in self._counts.items() if n >= bound)
+        return sorted(key for key, n in self._counts.items() if n - allowance(key) >= bound)
 
     def count(self, key: str) -> int:
         return self._counts[key]

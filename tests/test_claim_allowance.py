@@ -68,27 +68,6 @@ def test_saturated_counts_only_what_the_allowance_leaves() -> None:
     assert woken == []  # room is still called only when a count drops below the share
 
 
-def test_saturated_past_a_share_and_the_allowance_asked_only_of_keys_at_it() -> None:
-    """A lease skips a destination only past its share and a batch (Dispatcher.lease)."""
-    shares = Shares(SHARE, lambda: None)
-    for key, count in (("under", SHARE - 1), ("at", SHARE), ("past", SHARE + 4)):
-        for _ in range(count):
-            shares.take(key)
-    asked: list[str] = []
-
-    def allowance(key: str) -> int:
-        asked.append(key)
-        return 0
-
-    assert shares.saturated(allowance) == ["at", "past"]
-    assert sorted(asked) == ["at", "past"]  # never of a key under its share
-    asked.clear()
-    assert shares.saturated(allowance, past=4) == ["past"]
-    assert asked == ["past"]
-    assert shares.saturated(past=5) == []
-    assert shares.saturated(lambda key: 1, past=4) == []  # 20 - 4 - 1 < 16
-
-
 async def test_the_dispatcher_keeps_claiming_a_fast_destination_whose_share_is_full() -> None:
     """Through the dispatcher's own helper: with the claims' round trip known, a destination
     whose sends are fast is left out of the skips even with more than its share in progress."""
