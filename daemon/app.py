@@ -75,17 +75,10 @@ class Services:
         """The webhook's read limits (settings do not change while the process runs)."""
         return Limits(read_timeout=self.settings.inbound.read_timeout)
 
-    @property
-    def leases(self) -> Dispatcher | None:
-        """The dispatcher that takes a webhook's deliveries at once (Dispatcher.lease): this
-        process's, unless it runs in a process of its own."""
-        return None if self.link is not None else self.dispatcher
-
     def arrival_committed(self, source: str, result: ArrivalResult) -> None:
-        """After the store committed an arrival: count it, and wake the dispatcher for the
-        deliveries it wrote queued (those it wrote claimed have started: Dispatcher.lease)."""
+        """After the store committed an arrival: count it, and wake the dispatcher."""
         self.metrics.arrival(source, result.transition)
-        if len(result.delivery_ids) > len(result.claims):
+        if result.delivery_ids:
             self.wake_dispatcher()
 
     def wake_dispatcher(self) -> None:
@@ -371,7 +364,6 @@ async def _webhook(request: web.Request) -> web.Response:
         now=services.clock.now,
         on_committed=services.arrival_committed,
         limits=services.limits,
-        leases=services.leases,
     )
 
 

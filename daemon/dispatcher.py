@@ -28,7 +28,7 @@ import enum
 import functools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -43,7 +43,7 @@ from daemon.errors import DeliveryError, OutcomeUnknownError, RetryableError, St
 from daemon.hosts import Destinations, InLineTooLong, Shares, moving_average
 from daemon.loader import LoadedPostback
 from daemon.retry import RetryPolicy
-from daemon.store.base import Claim, Lease, Store
+from daemon.store.base import Claim, Store
 
 if TYPE_CHECKING:
     from daemon.reload import Runtime
@@ -132,12 +132,6 @@ class Dispatcher:
         # How long claims take (moving average): what a fast destination's slots can send
         # while one is under way (_claim_allowance).
         self._claim_s: float | None = None
-        # Whether run() has started and stop() not yet: only then does lease() offer to take
-        # new arrivals' deliveries (a node that does not dispatch here takes none).
-        self._running = False
-        # Deliveries offered by lease() to arrivals not yet committed (their limits), counted
-        # against max_in_flight until settle_lease() says what each took.
-        self._offered = 0
 
     def wake(self) -> None:
         self._wake.set()
@@ -154,7 +148,6 @@ class Dispatcher:
 
         A StoreError from the claim ends this call: the supervisor (daemon.supervise) logs it
         once and calls run again after its backoff, so the dispatcher outlives any outage."""
-        self._running = not self._stopping
         while not self._stopping:
             # Cleared before the claim, not after it: a wake-up that comes while the claim is
             # under way (an attempt ended, its destination's share has room again) is kept, and
@@ -175,7 +168,7 @@ class Dispatcher:
         each; returns how many were started."""
         async with self._claiming:
             await self._release_held()
-            room = self.config.max_in_flight - len(self._tasks) - self._offered
+            room = self.config.max_in_flight - len(self._tasks)
             if room <= 0 or self._stopping:
                 return 0
             batch = min(room, self.config.batch)
@@ -192,79 +185,23 @@ class Dispatcher:
                 ),
             )
             self._claim_s = moving_average(self._claim_s, loop.time() - asked, CLAIM_TIME_WEIGHT)
-            self._start(claims)
+            postbacks = self._runtime().rules.postbacks
+            for claim in claims:
+                lp = postbacks.get(claim.postback_id)
+                affiliate = lp.postback.owner_affiliate if lp is not None else None
+                # Their deliveries are not claimed again until one of these has sent, so a
+                # backlog cannot fill the node (the claim that reaches a share may pass it by up
+                # to one batch; attempts are bounded exactly by the affiliate's and host's
+                # slots). Ended when the send ends, or else when the task does.
+                shares = (
+                    self._per_affiliate.take(affiliate),
+                    self._per_destination.take(claim.destination),
+                )
+                task = asyncio.create_task(self._attempt(claim, shares), name="attempt")
+                self._tasks.add(task)
+                # one callback (one handle on the loop) for the task's end and its shares'
+                task.add_done_callback(functools.partial(self._task_done, shares))
             return len(claims)
-
-    def lease(self) -> Lease | None:
-        """An offer to take a new arrival's deliveries at once (Store.record_arrival's lease):
-        the store writes them claimed by this node in the arrival's own transaction, and
-        settle_lease() starts their attempts once it has committed. That spares each of them a
-        claim (a writer job that reads it back, decodes its data and updates it) and the
-        claim's wait. None when stopping, not running here, or without room; each offer
-        counts as one delivery in flight until it is settled (every offer must be).
-
-        Within a claim's bounds: an offer takes at most a batch, and no delivery of an
-        affiliate at its share nor to a destination that a claim could not have brought to
-        where it is: its share passed by one batch (a claim made just before it reached its
-        share takes up to a batch). Under load a destination's share fills with the deliveries
-        of the last commit; skipping it for offers as claims do would send most of them through
-        a claim anyway."""
-        if not self._running or self._stopping:
-            return None
-        room = self.config.max_in_flight - len(self._tasks) - self._offered
-        if room <= 0:
-            return None
-        batch = min(room, self.config.batch)
-        self._offered += 1
-        return Lease(
-            node=self.config.node,
-            until=self._dt(self._now() + self.config.lease),
-            limit=batch,
-            skip_destinations=self._per_destination.saturated(
-                functools.partial(self._lease_allowance, batch)
-            ),
-            skip_affiliates=self._per_affiliate.saturated(),
-        )
-
-    def _lease_allowance(self, batch: int, destination: str) -> int:
-        return self._claim_allowance(batch, destination) + batch
-
-    def settle_lease(self, lease: Lease, claims: Sequence[Claim]) -> None:
-        """The arrival offered `lease` has ended: start an attempt for each delivery it wrote
-        claimed (`claims`; none when it failed), as for a claim. When stop() has begun
-        meanwhile they are handed back due now instead (nothing may start after stop), so that
-        they wait for no lease."""
-        self._offered = max(self._offered - 1, 0)
-        if not claims:
-            return
-        if self._stopping:
-            task = asyncio.create_task(self._give_back(claims), name="give-back")
-            self._tasks.add(task)
-            task.add_done_callback(functools.partial(self._task_done, ()))
-            return
-        self._start(claims)
-
-    async def _give_back(self, claims: Sequence[Claim]) -> None:
-        for claim in claims:
-            await self._record.give_back(claim, self._now())
-
-    def _start(self, claims: Sequence[Claim]) -> None:
-        postbacks = self._runtime().rules.postbacks
-        for claim in claims:
-            lp = postbacks.get(claim.postback_id)
-            affiliate = lp.postback.owner_affiliate if lp is not None else None
-            # Their deliveries are not claimed again until one of these has sent, so a
-            # backlog cannot fill the node (the claim that reaches a share may pass it by up
-            # to one batch; attempts are bounded exactly by the affiliate's and host's
-            # slots). Ended when the send ends, or else when the task does.
-            shares = (
-                self._per_affiliate.take(affiliate),
-                self._per_destination.take(claim.destination),
-            )
-            task = asyncio.create_task(self._attempt(claim, shares), name="attempt")
-            self._tasks.add(task)
-            # one callback (one handle on the loop) for the task's end and its shares'
-            task.add_done_callback(functools.partial(self._task_done, shares))
 
     def _claim_allowance(self, batch: int, destination: str) -> int:
         """How many of a destination's claims in progress are not counted against its share
@@ -299,7 +236,6 @@ class Dispatcher:
     async def stop(self, grace: float) -> None:
         """Stop claiming; let attempts finish within `grace` seconds, release the rest."""
         self._stopping = True
-        self._running = False
         self.wake()
         async with self._claiming:  # a claim under way starts its attempts, then none starts
             pass

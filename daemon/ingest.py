@@ -16,9 +16,9 @@ previous request, or it is closed (slow clients cannot hold the server).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -29,14 +29,7 @@ from daemon.auth import Inbound, RateLimited, Ticket
 from daemon.errors import InputError, SecretError, StoreError
 from daemon.matching import match
 from daemon.models import Conversion, Status, Transition, arrival_view
-from daemon.store.base import (
-    ArrivalPlan,
-    ArrivalResult,
-    Claim,
-    Lease,
-    PlannedDelivery,
-    Store,
-)
+from daemon.store.base import ArrivalPlan, ArrivalResult, PlannedDelivery, Store
 from daemon.supervise import Supervisor
 from daemon.webhook_input import (
     READ_TIMEOUT,
@@ -128,14 +121,6 @@ def _admit(
     return source.to_conversion(query), ticket
 
 
-class Leases(Protocol):
-    """What the webhook asks of the node's dispatcher (daemon.dispatcher.Dispatcher)."""
-
-    def lease(self) -> Lease | None: ...
-
-    def settle_lease(self, lease: Lease, claims: Sequence[Claim]) -> None: ...
-
-
 async def ingest(
     request: web.Request,
     *,
@@ -144,11 +129,8 @@ async def ingest(
     now: Callable[[], float],
     on_committed: Callable[[str, ArrivalResult], None],
     limits: Limits | None = None,
-    leases: Leases | None = None,
 ) -> web.Response:
-    """Handle one webhook end to end. `leases`, when given, is the dispatcher of this node: it
-    offers to take the arrival's deliveries at once (Store.record_arrival's lease), and is
-    told what the arrival took, or that it failed, before `on_committed`."""
+    """Handle one webhook end to end."""
     name = request.match_info["source"]
     source = runtime.sources.get(name)
     if source is None:
@@ -175,14 +157,8 @@ async def ingest(
     received_at = datetime.fromtimestamp(now(), UTC)
     planner = make_planner(runtime, name, conversion, received_at)
     try:
-        offer = leases.lease() if leases is not None else None
-        result = await store.record_arrival(name, conversion, received_at, planner, offer)
+        result = await store.record_arrival(name, conversion, received_at, planner)
     except BaseException as err:
-        if leases is not None and offer is not None:
-            # Failed, or cancelled: aiohttp cancels a handler only when the server shuts down,
-            # and a commit that still happened left its deliveries claimed by this node, which
-            # its next start takes back at once (Store.recover); another node, at their lease.
-            leases.settle_lease(offer, ())
         if ticket is not None:
             ticket.release()  # the sender's retry of this message must not look like a replay
         if not isinstance(err, StoreError):
@@ -197,8 +173,6 @@ async def ingest(
             error="store unavailable",
         )
         return _unavailable("store unavailable, retry later", text)
-    if leases is not None and offer is not None:
-        leases.settle_lease(offer, result.claims)
     on_committed(name, result)
     _log_received(conversion, name, result, runtime)
     if text:

@@ -72,22 +72,6 @@ class ArrivalPlan:
 Planner = Callable[[Transition, Status | None, Conversion], ArrivalPlan]
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """An offer of this node's dispatcher to send an arrival's deliveries at once (see
-    Store.record_arrival): up to `limit` of them are written already claimed, leased to `node`
-    until `until`, in the arrival's own transaction, and come back as claims; none to a
-    destination of `skip_destinations` or of an affiliate of `skip_affiliates` (those at their
-    share on this node, as claim_due skips them). The others are written queued, for
-    claim_due."""
-
-    node: str
-    until: datetime
-    limit: int
-    skip_destinations: Collection[str] = ()
-    skip_affiliates: Collection[str] = ()
-
-
 @dataclass(frozen=True)
 class ArrivalResult:
     source: str
@@ -96,9 +80,6 @@ class ArrivalResult:
     previous_status: Status | None
     arrival_seq: int
     delivery_ids: list[str]
-    # The deliveries written claimed under the caller's Lease (record_arrival), in the order
-    # of delivery_ids; the others of delivery_ids are queued.
-    claims: Sequence[Claim] = ()
 
 
 @dataclass(frozen=True)
@@ -267,20 +248,11 @@ class Store(Protocol):
         ...
 
     async def record_arrival(
-        self,
-        source: str,
-        conversion: Conversion,
-        received_at: datetime,
-        plan: Planner,
-        lease: Lease | None = None,
+        self, source: str, conversion: Conversion, received_at: datetime, plan: Planner
     ) -> ArrivalResult:
         """In one durable transaction: decide the transition against the stored conversion,
         record the arrival, update the conversion, write the deliveries that `plan` returns
-        (none for duplicate and stale). Raises StoreError when it cannot commit.
-
-        With a `lease`, the store may write some of the deliveries already claimed under it
-        (ArrivalResult.claims): the caller then owes them an attempt, as for claim_due's, and
-        they need no claim of their own. A store may take none (PostgreSQL does not yet)."""
+        (none for duplicate and stale). Raises StoreError when it cannot commit."""
         ...
 
     async def claim_due(

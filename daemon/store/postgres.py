@@ -25,7 +25,6 @@ from daemon.store.base import (
     DeliveryState,
     Finish,
     FinishResult,
-    Lease,
     Planner,
 )
 from daemon.store.common import (
@@ -164,15 +163,8 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             await conn.fetchval("SELECT 1")
 
     async def record_arrival(
-        self,
-        source: str,
-        conversion: Conversion,
-        received_at: datetime,
-        plan: Planner,
-        lease: Lease | None = None,
+        self, source: str, conversion: Conversion, received_at: datetime, plan: Planner
     ) -> ArrivalResult:
-        # `lease` is not taken here yet: every delivery is written queued, for claim_due
-        # (Store.record_arrival allows a store to take none).
         now = utc(received_at)
         key = (source, conversion.conversion_id)
         if key not in self._known:

@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,13 +28,11 @@ from daemon.store.base import (
     DeliveryState,
     Finish,
     FinishResult,
-    Lease,
     Planner,
 )
 from daemon.store.common import (
     ArrivalWrite,
     ConversionUpdate,
-    NewDelivery,
     StoredConversion,
     check_finish,
     conversion_fields,
@@ -193,12 +190,7 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         await self._read(lambda conn: conn.execute(self._q["ping"]).fetchone())
 
     async def record_arrival(
-        self,
-        source: str,
-        conversion: Conversion,
-        received_at: datetime,
-        plan: Planner,
-        lease: Lease | None = None,
+        self, source: str, conversion: Conversion, received_at: datetime, plan: Planner
     ) -> ArrivalResult:
         now = to_us(received_at)
         cid = conversion.conversion_id
@@ -226,7 +218,8 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             write = prepare_arrival(source, conversion, received_at, stored, plan)
             if stored is not None:
                 self._update_conversion(conn, stored.pk, write, now)
-            return self._write_arrival(conn, source, conversion, pk, write, now, lease)
+            self._write_arrival(conn, source, conversion, pk, write, now)
+            return write.result(source, cid)
 
         return await self._writer.submit(job)  # _write's own, without its coroutine layer
 
@@ -266,11 +259,8 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         pk: int,
         write: ArrivalWrite,
         now: int,
-        lease: Lease | None,
-    ) -> ArrivalResult:
+    ) -> None:
         seq = write.seq
-        data = rows.dumps(write.data)
-        values = rows.dumps(write.values)
         conn.execute(
             self._q["insert_arrival"],
             (
@@ -280,77 +270,15 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
                 conversion.status._value_,
                 opt_us(conversion.event_time),
                 now,
-                data,
-                values,
+                rows.dumps(write.data),
+                rows.dumps(write.values),
             ),
         )
-        result = write.result(source, conversion.conversion_id)
         if not write.deliveries:
-            return result
+            return
         cid = conversion.conversion_id
-        queued = write.deliveries
-        claims: list[Claim] = []
-        if lease is not None and lease.limit > 0:
-            queued, claims = self._insert_leased(
-                conn, pk, source, cid, write, now, lease, data, values
-            )
-        if queued:
-            conn.executemany(
-                self._q["insert_delivery"],
-                [
-                    (
-                        d.delivery_id,
-                        pk,
-                        seq,
-                        source,
-                        cid,
-                        d.planned.postback_id,
-                        d.planned.action,
-                        d.planned.destination,
-                        d.planned.affiliate_owner,
-                        d.idempotency_key,
-                        now,
-                    )
-                    for d in queued
-                ],
-            )
-        if claims:
-            return replace(result, claims=claims)
-        return result
-
-    def _insert_leased(
-        self,
-        conn: sqlite3.Connection,
-        pk: int,
-        source: str,
-        cid: str,
-        write: ArrivalWrite,
-        now: int,
-        lease: Lease,
-        data: str,
-        values: str,
-    ) -> tuple[list[NewDelivery], list[Claim]]:
-        """The deliveries `lease` takes, written claimed (as claim_due's claim_one leaves
-        them); the others, to be written queued. The claims carry the arrival's data as
-        claim_due would read it back (decoded from the same JSON text)."""
-        queued: list[NewDelivery] = []
-        taken: list[tuple[NewDelivery, str]] = []
-        skip_dest, skip_aff = lease.skip_destinations, lease.skip_affiliates
-        for d in write.deliveries:
-            planned = d.planned
-            if (
-                len(taken) >= lease.limit
-                or planned.destination in skip_dest
-                or (planned.affiliate_owner is not None and planned.affiliate_owner in skip_aff)
-            ):
-                queued.append(d)
-            else:
-                taken.append((d, new_token()))
-        if not taken:
-            return queued, []
-        seq, until = write.seq, to_us(lease.until)
         conn.executemany(
-            self._q["insert_delivery_leased"],
+            self._q["insert_delivery"],
             [
                 (
                     d.delivery_id,
@@ -364,34 +292,10 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
                     d.planned.affiliate_owner,
                     d.idempotency_key,
                     now,
-                    lease.node,
-                    token,
-                    until,
                 )
-                for d, token in taken
+                for d in write.deliveries
             ],
         )
-        created = from_us(now)
-        claim_data, claim_values = json.loads(data), json.loads(values)
-        claims = [
-            Claim(
-                delivery_id=d.delivery_id,
-                token=token,
-                postback_id=d.planned.postback_id,
-                destination=d.planned.destination,
-                source=source,
-                conversion_id=cid,
-                arrival_seq=seq,
-                idempotency_key=d.idempotency_key,
-                attempts=0,
-                created_at=created,
-                # one decoded copy per claim, as claim_due gives each its own
-                data=claim_data if i == 0 else json.loads(data),
-                values=claim_values if i == 0 else json.loads(values),
-            )
-            for i, (d, token) in enumerate(taken)
-        ]
-        return queued, claims
 
     async def claim_due(
         self,

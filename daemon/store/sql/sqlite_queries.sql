@@ -48,17 +48,6 @@ INSERT INTO delivery
 VALUES
     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'queued', ?11, ?11, ?11);
 
--- name: insert_delivery_leased
--- insert_delivery's row written claimed, as claim_one leaves a claimed row (record_arrival's
--- lease): (id, pk, seq, source, conversion_id, postback_id, action, destination,
---  affiliate_owner, idempotency_key, now, node, token, until)
-INSERT INTO delivery
-    (id, conversion_pk, arrival_seq, source, conversion_id, postback_id, action, destination,
-     affiliate_owner, idempotency_key, state, created_at, updated_at, next_attempt_at,
-     lease_owner, lease_token, lease_until)
-VALUES
-    (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'in_flight', ?11, ?11, ?11, ?12, ?13, ?14);
-
 -- name: claim_candidates
 SELECT d.id, d.postback_id, d.destination, d.source, d.conversion_id, d.arrival_seq,
        d.idempotency_key, d.attempts, d.created_at, a.data, a.vals
