@@ -25,6 +25,8 @@ from collections.abc import Callable, Collection, Mapping
 
 import structlog
 
+from daemon import logout
+
 _LOGGER = "postbackd.notify"
 
 # A send waits at most this long when systemd's queue is full. Dropping READY=1 would make the
@@ -151,6 +153,9 @@ class Notifier:
     def _send(self, lines: list[str]) -> None:
         if self._address is None:
             return
+        # What was logged before a change of state reaches the journal before it (the lines of
+        # an event-loop turn are otherwise written when the turn ends: daemon.logout).
+        logout.flush_all()
         datagram = "\n".join(lines).encode("utf-8", "replace")
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

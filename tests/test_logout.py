@@ -217,3 +217,21 @@ finally:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.stdout == "the last line\n", (done.stdout, done.stderr)
+
+
+async def test_lines_kept_are_written_before_systemd_hears_of_a_change(tmp_path: Path) -> None:
+    """READY=1 (or RELOADING, STOPPING) never reaches systemd before the lines logged before
+    it: the notifier writes what the log keeps first."""
+    import socket
+
+    from daemon.notify import Notifier
+
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd, pipe() as (out, read_fd):
+        systemd.bind(address)
+        stream = TurnFlushed(out)
+        log(stream, '{"event":"rules_reloaded"}')
+        assert drain(read_fd) == b""  # kept until the turn ends
+        Notifier(address).ready("listening")
+        assert drain(read_fd) == b'{"event":"rules_reloaded"}\n'  # written before the send
+        assert systemd.recv(4096).startswith(b"READY=1")
