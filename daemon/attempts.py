@@ -60,6 +60,10 @@ class Recorder:
         self._now = now
         self._on_attempt = on_attempt
         self._batch = bool(getattr(store, "batches_results", False))
+        # The text of the last rules version seen (str() of a RulesVersion formats it each
+        # time; it changes only with a reload): every attempt's row and log line carry it.
+        self._version: object = None
+        self._version_text = ""
         # Results waiting for the write of results in flight (its task: None when none is).
         self._results: list[tuple[Finish, asyncio.Future[FinishResult]]] = []
         self._writing: asyncio.Task[None] | None = None
@@ -88,16 +92,22 @@ class Recorder:
         duration: float,
     ) -> None:
         next_at = decision.next_at
+        record = job.record
+        request = record.request
+        version = runtime.rules.version
+        if version is not self._version:
+            self._version_text, self._version = str(version), version
+        # AttemptRow's fields in their order (positional: a third cheaper than by keyword)
         row = AttemptRow(
-            started_at=self._dt(started),
-            duration_ms=int(duration * 1000),
-            outcome=decision.outcome,
-            reason=decision.reason,
-            rules_version=str(runtime.rules.version),
-            node=self._node,
-            request=job.record.request.as_dict() if job.record.request else None,
-            response_status=job.record.response_status,
-            response_excerpt=job.record.response_excerpt,
+            datetime.fromtimestamp(started, UTC),  # started_at
+            int(duration * 1000),  # duration_ms
+            decision.outcome,
+            decision.reason,
+            self._version_text,  # rules_version
+            self._node,
+            request.as_dict() if request is not None else None,
+            record.response_status,
+            record.response_excerpt,
         )
         store_error: str | None = None
         try:
@@ -110,26 +120,47 @@ class Recorder:
             # Not recorded: the claim's lease ends and the delivery is tried again (with the
             # same idempotency key). Said once here, with what the attempt did.
             held, store_error = False, describe_error(err)
-        outcome = decision.outcome if held else "unrecorded" if store_error else "lease_lost"
-        (log.warning if store_error else log.info)(
-            "delivery_attempt",
-            conversion_id=claim.conversion_id,
-            source=claim.source,
-            postback_id=claim.postback_id,
-            delivery_id=claim.delivery_id,
-            action=lp.postback.action.type,
-            destination=action.destination,
-            attempt=claim.attempts + 1,
-            outcome=decision.outcome if store_error else outcome,
-            reason=decision.reason,
-            http_status=job.record.response_status,
-            duration_ms=row.duration_ms,
-            next_in_s=round(next_at - self._now(), 1) if next_at is not None else None,
-            rules_version=row.rules_version,
-            **({"recorded": False, "store_error": store_error} if store_error else {}),
-        )
+        action_type = lp.postback.action.type
+        next_in_s = round(next_at - self._now(), 1) if next_at is not None else None
+        if store_error is None:
+            log.info(
+                "delivery_attempt",
+                conversion_id=claim.conversion_id,
+                source=claim.source,
+                postback_id=claim.postback_id,
+                delivery_id=claim.delivery_id,
+                action=action_type,
+                destination=action.destination,
+                attempt=claim.attempts + 1,
+                outcome=decision.outcome if held else "lease_lost",
+                reason=decision.reason,
+                http_status=record.response_status,
+                duration_ms=row.duration_ms,
+                next_in_s=next_in_s,
+                rules_version=row.rules_version,
+            )
+        else:
+            log.warning(
+                "delivery_attempt",
+                conversion_id=claim.conversion_id,
+                source=claim.source,
+                postback_id=claim.postback_id,
+                delivery_id=claim.delivery_id,
+                action=action_type,
+                destination=action.destination,
+                attempt=claim.attempts + 1,
+                outcome=decision.outcome,
+                reason=decision.reason,
+                http_status=record.response_status,
+                duration_ms=row.duration_ms,
+                next_in_s=next_in_s,
+                rules_version=row.rules_version,
+                recorded=False,
+                store_error=store_error,
+            )
         if self._on_attempt is not None:
-            self._on_attempt(lp.postback.action.type, outcome, duration)
+            outcome = decision.outcome if held else "unrecorded" if store_error else "lease_lost"
+            self._on_attempt(action_type, outcome, duration)
 
     async def _finish(self, item: Finish) -> bool:
         """The store's finish_attempt for `item`, written with the other results that end in
