@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import structlog
 
 from tests.harness import Sink, connect_tripwire
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_a_new_process_has_it() -> Iterator[None]:
+    """Every test ends with structlog as a new process has it (its defaults): a command run
+    in-process sets its own logging (warnings and up, on stderr), which must not outlive the
+    test, or the next one's capture_logs() would miss its info lines."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture
