@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TextIO, cast
 
 import click
 
@@ -41,7 +42,21 @@ def cli() -> None:
     """
     # A command's output is stdout's alone (JSON for scripts): its log lines, warnings and up,
     # go to stderr. `run` sets the daemon's own logging from its settings.
-    configure_logging("auto", "warning", stream=sys.stderr)
+    configure_logging("auto", "warning", stream=cast(TextIO, _Stderr()))
+
+
+class _Stderr:
+    """sys.stderr as it is when a line is written (not when logging was set up: a caller that
+    swaps it, as click's test runner does, may close the one it swapped in)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 def _register() -> None:

@@ -30,3 +30,20 @@ def test_a_commands_log_lines_go_to_stderr_from_warning_up() -> None:
     assert "probe_warning" in result.err
     assert "probe_info" not in result.err
     assert "probe_debug" not in result.err
+
+
+def test_lines_logged_after_a_command_go_to_the_stderr_of_their_time() -> None:
+    """The command's runner swapped stderr and closed it afterwards: a line logged later (an
+    in-process daemon's, in the tests) goes to the stderr in place then, not to the closed one."""
+    import io
+    import sys
+
+    result = run("validate", "--help")
+    assert result.code == 0
+    err = io.StringIO()
+    saved, sys.stderr = sys.stderr, err
+    try:
+        structlog.get_logger("postbackd.later").warning("after_the_command")
+    finally:
+        sys.stderr = saved
+    assert "after_the_command" in err.getvalue()
