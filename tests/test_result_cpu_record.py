@@ -17,6 +17,7 @@ from daemon.actions.base import RequestRecord
 from daemon.attempts import Recorder
 from daemon.decisions import Decision
 from daemon.errors import StoreError
+from daemon.httpstatus import HttpResponse
 from daemon.loader import RulesVersion
 from daemon.store.base import AttemptRow, Claim, DeliveryState
 from daemon.store.sqlite import SQLiteStore
@@ -177,3 +178,13 @@ async def test_a_reloads_new_rules_version_is_the_next_attempts(store: SQLiteSto
     texts = ["abababababab", "efefefefefef+git.121212121212", "abababababab"]
     assert [e["rules_version"] for e in logs] == texts
     assert [(await stored(store, c))[0].rules_version for c in found] == texts
+
+
+def test_a_response_is_an_immutable_value() -> None:
+    response = HttpResponse(200, {"Content-Type": "text/plain; charset=latin-1"}, b"caf\xe9", "u")
+    assert (response.status, response.body, response.url) == (200, b"caf\xe9", "u")
+    assert response.text() == "café"
+    assert response == HttpResponse(200, {"Content-Type": "text/plain; charset=latin-1"},
+                                     b"caf\xe9", "u")  # fmt: skip
+    with pytest.raises(AttributeError):
+        response.status = 500  # type: ignore[misc]
