@@ -291,6 +291,8 @@ class Metrics:
         # app's patterns, codes are HTTP's, sources are the loaded ones, transitions four.
         self._requests: dict[tuple[str, int], Callable[[float], None]] = {}
         self._arrivals: dict[tuple[str, str], Callable[[float], None]] = {}
+        self._attempts: dict[tuple[str, str], Callable[[float], None]] = {}
+        self._durations: dict[str, Histogram] = {}
 
     # --- hooks ------------------------------------------------------------------------------
 
@@ -321,10 +323,18 @@ class Metrics:
         inc(1)
 
     def attempt(self, action: str, outcome: str, duration: float) -> None:
-        """The dispatcher's `on_attempt` hook; a cancellation sent nothing and is not timed."""
-        self.deliveries.labels(action, outcome).inc()
+        """The dispatcher's `on_attempt` hook; a cancellation sent nothing and is not timed.
+        The labelled children are kept, as arrival's (action types x outcomes: a few)."""
+        key = (action, outcome)
+        inc = self._attempts.get(key)
+        if inc is None:
+            inc = self._attempts[key] = _inc_of(self.deliveries.labels(action, outcome))
+        inc(1)
         if outcome != "cancelled":
-            self.attempt_duration.labels(action).observe(duration)
+            timer = self._durations.get(action)
+            if timer is None:
+                timer = self._durations[action] = self.attempt_duration.labels(action)
+            timer.observe(duration)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

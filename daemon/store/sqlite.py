@@ -380,21 +380,29 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
 
     def _finish_params(self, item: Finish) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """finish_delivery's and insert_attempt's parameters (ValueError: impossible state)."""
-        claim, attempt = item.claim, item.attempt
+        claim, a = item.claim, item.attempt
         due = check_finish(item.state, item.next_attempt_at)
+        started = to_us(a.started_at)
         finish = (
             claim.delivery_id,
             claim.token,
             item.state.value,
             opt_us(due),
-            attempt.reason,
-            to_us(attempt.started_at + timedelta(milliseconds=attempt.duration_ms)),
+            a.reason,
+            started + a.duration_ms * 1000,  # its end (whole milliseconds: exact)
         )
-        params = rows.attempt_params(attempt)
+        # insert_attempt's ?1..?10, in rows.ATTEMPT_PARAMS's order after the two first
         record = (
             claim.delivery_id,
-            to_us(attempt.started_at),
-            *(params[k] for k in rows.ATTEMPT_PARAMS),
+            started,
+            a.duration_ms,
+            a.outcome,
+            a.reason,
+            a.rules_version,
+            a.node,
+            rows.dumps(dict(a.request)) if a.request is not None else None,
+            a.response_status,
+            a.response_excerpt,
         )
         return finish, record
 
