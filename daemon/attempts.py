@@ -121,45 +121,28 @@ class Recorder:
             # same idempotency key). Said once here, with what the attempt did.
             held, store_error = False, describe_error(err)
         action_type = lp.postback.action.type
-        next_in_s = round(next_at - self._now(), 1) if next_at is not None else None
-        if store_error is None:
-            log.info(
-                "delivery_attempt",
-                conversion_id=claim.conversion_id,
-                source=claim.source,
-                postback_id=claim.postback_id,
-                delivery_id=claim.delivery_id,
-                action=action_type,
-                destination=action.destination,
-                attempt=claim.attempts + 1,
-                outcome=decision.outcome if held else "lease_lost",
-                reason=decision.reason,
-                http_status=record.response_status,
-                duration_ms=row.duration_ms,
-                next_in_s=next_in_s,
-                rules_version=row.rules_version,
-            )
-        else:
-            log.warning(
-                "delivery_attempt",
-                conversion_id=claim.conversion_id,
-                source=claim.source,
-                postback_id=claim.postback_id,
-                delivery_id=claim.delivery_id,
-                action=action_type,
-                destination=action.destination,
-                attempt=claim.attempts + 1,
-                outcome=decision.outcome,
-                reason=decision.reason,
-                http_status=record.response_status,
-                duration_ms=row.duration_ms,
-                next_in_s=next_in_s,
-                rules_version=row.rules_version,
-                recorded=False,
-                store_error=store_error,
-            )
+        outcome = decision.outcome if held else "unrecorded" if store_error else "lease_lost"
+        # One call for both levels; the store error's keys only when there is one (a merge of
+        # an empty dict costs about 0.5 us a line, 0.1 % of a delivery).
+        unrecorded = {"recorded": False, "store_error": store_error} if store_error else {}
+        (log.warning if store_error else log.info)(
+            "delivery_attempt",
+            conversion_id=claim.conversion_id,
+            source=claim.source,
+            postback_id=claim.postback_id,
+            delivery_id=claim.delivery_id,
+            action=action_type,
+            destination=action.destination,
+            attempt=claim.attempts + 1,
+            outcome=decision.outcome if store_error else outcome,
+            reason=decision.reason,
+            http_status=record.response_status,
+            duration_ms=row.duration_ms,
+            next_in_s=round(next_at - self._now(), 1) if next_at is not None else None,
+            rules_version=row.rules_version,
+            **unrecorded,
+        )
         if self._on_attempt is not None:
-            outcome = decision.outcome if held else "unrecorded" if store_error else "lease_lost"
             self._on_attempt(action_type, outcome, duration)
 
     async def _finish(self, item: Finish) -> bool:
