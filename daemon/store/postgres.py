@@ -468,7 +468,6 @@ def _finish_values(item: Finish, due: datetime | None) -> tuple[Any, ...]:
     the delivery's new state, then the attempt's row."""
     claim, attempt = item.claim, item.attempt
     started = utc(attempt.started_at)
-    record = rows.attempt_params(attempt)
     return (
         claim.delivery_id,
         claim.token,
@@ -477,7 +476,7 @@ def _finish_values(item: Finish, due: datetime | None) -> tuple[Any, ...]:
         attempt.reason,
         started + timedelta(milliseconds=attempt.duration_ms),
         started,
-        *(record[k] for k in rows.ATTEMPT_PARAMS),
+        *rows.attempt_values(attempt),
     )
 
 

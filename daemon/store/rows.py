@@ -232,21 +232,17 @@ def depth(rows: Sequence[Sequence[Any]]) -> dict[DeliveryState, int]:
     return counts
 
 
-ATTEMPT_PARAMS = (
-    "duration_ms", "outcome", "reason", "rules_version", "node", "request", "response_status",
-    "response_excerpt",
-)  # fmt: skip
-
-
-def attempt_params(attempt: AttemptRow) -> dict[str, Any]:
-    """The attempt's columns other than times (each backend converts those itself)."""
-    return {
-        "duration_ms": attempt.duration_ms,
-        "outcome": attempt.outcome,
-        "reason": attempt.reason,
-        "rules_version": attempt.rules_version,
-        "node": attempt.node,
-        "request": dumps(dict(attempt.request)) if attempt.request is not None else None,
-        "response_status": attempt.response_status,
-        "response_excerpt": attempt.response_excerpt,
-    }
+def attempt_values(attempt: AttemptRow) -> tuple[Any, ...]:
+    """The attempt's columns other than times (each backend converts those itself), in the
+    insert statements' order: duration_ms, outcome, reason, rules_version, node, request,
+    response_status, response_excerpt."""
+    return (
+        attempt.duration_ms,
+        attempt.outcome,
+        attempt.reason,
+        attempt.rules_version,
+        attempt.node,
+        dumps(dict(attempt.request)) if attempt.request is not None else None,
+        attempt.response_status,
+        attempt.response_excerpt,
+    )

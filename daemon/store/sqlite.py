@@ -391,20 +391,7 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             a.reason,
             started + a.duration_ms * 1000,  # its end (whole milliseconds: exact)
         )
-        # insert_attempt's ?1..?10, in rows.ATTEMPT_PARAMS's order after the two first
-        record = (
-            claim.delivery_id,
-            started,
-            a.duration_ms,
-            a.outcome,
-            a.reason,
-            a.rules_version,
-            a.node,
-            rows.dumps(dict(a.request)) if a.request is not None else None,
-            a.response_status,
-            a.response_excerpt,
-        )
-        return finish, record
+        return finish, (claim.delivery_id, started, *rows.attempt_values(a))
 
     def _finish_one(
         self, conn: sqlite3.Connection, finish: tuple[Any, ...], record: tuple[Any, ...]

@@ -1,5 +1,5 @@
-"""SQLite's finish parameters, built directly, are the statement's columns in the order
-rows.ATTEMPT_PARAMS names them (PostgreSQL's order): one test keeps the two in step."""
+"""SQLite's finish parameters: finish_delivery's (?1..?6) and insert_attempt's (?1..?10), each
+column in its place."""
 
 from __future__ import annotations
 
@@ -61,8 +61,19 @@ def test_finish_params_are_the_columns_in_their_order(
     )
     store = SQLiteStore(tmp_path / "p.db")
     finish, record = store._finish_params(Finish(CLAIM, attempt, state, next_at))
-    params = rows.attempt_params(attempt)
-    assert record == ("d1", to_us(started), *(params[k] for k in rows.ATTEMPT_PARAMS))
+    request = rows.dumps(request_) if request_ is not None else None
+    assert record == (
+        "d1",
+        to_us(started),
+        1234,
+        attempt.outcome,
+        attempt.reason,
+        "v1",
+        "n1",
+        request,
+        200,
+        "OK",
+    )
     end = to_us(started + timedelta(milliseconds=attempt.duration_ms))
     due = to_us(next_at) if next_at is not None else None
     assert finish == ("d1", "t1", state.value, due, attempt.reason, end)
