@@ -27,7 +27,7 @@ import threading
 import weakref
 from typing import TextIO
 
-# Every stream made (the daemon makes one, in daemon.log.configure_logging): flush_all().
+# Every stream alive (the daemon makes one, in daemon.cli.run): flush_all() writes what they keep.
 _STREAMS: weakref.WeakSet[TurnFlushed] = weakref.WeakSet()
 
 # The most one write() carries: POSIX makes a pipe write of at most PIPE_BUF bytes atomic.
@@ -44,13 +44,10 @@ class TurnFlushed:
         except (AttributeError, OSError, ValueError):  # a StringIO, a closed or odd stream
             self._fd = None
         self._lines: list[str] = []
-        self._size = 0
         # The loop whose next turn writes what is kept (None: no write is pending on a loop).
         self._pending_on: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         _STREAMS.add(self)
-        atexit.register(self.flush_now)
-        os.register_at_fork(before=self.flush_now)
 
     def isatty(self) -> bool:
         return self._out.isatty()
@@ -61,7 +58,6 @@ class TurnFlushed:
     def write(self, text: str) -> int:
         with self._lock:
             self._lines.append(text)
-            self._size += len(text)
         return len(text)
 
     def flush(self) -> None:
@@ -83,7 +79,7 @@ class TurnFlushed:
     def flush_now(self) -> None:
         """Write every line kept (whole lines, at most CHUNK bytes per write when it can)."""
         with self._lock:
-            lines, self._lines, self._size = self._lines, [], 0
+            lines, self._lines = self._lines, []
         if not lines:
             return
         try:
@@ -101,9 +97,14 @@ class TurnFlushed:
 
 
 def flush_all() -> None:
-    """Write what every stream keeps (an event loop has ended: its next turn never comes)."""
+    """Write what every stream keeps (an event loop has ended: its next turn never comes; the
+    process forks or exits)."""
     for stream in list(_STREAMS):
         stream.flush_now()
+
+
+atexit.register(flush_all)
+os.register_at_fork(before=flush_all)
 
 
 def _chunks(lines: list[str]) -> list[bytes]:

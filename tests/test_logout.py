@@ -173,6 +173,29 @@ def test_lines_kept_when_the_process_ends_are_written(ending: str) -> None:
     assert "kept at the end\n" in done.stdout, done.stderr
 
 
+def test_lines_kept_by_a_loop_left_unclosed_are_written_at_exit() -> None:
+    """The loop stops before its turn ends and is never run or closed again (no Runner to run
+    the last callbacks): the process's exit writes what it kept."""
+    root = str(Path(__file__).resolve().parent.parent)
+    code = f"""
+import asyncio, sys
+sys.path.insert(0, {root!r})
+from daemon.logout import TurnFlushed
+stream = TurnFlushed(sys.stdout)
+loop = asyncio.new_event_loop()
+async def main():
+    stream.write("kept at exit\\n")
+    stream.flush()
+    loop.stop()
+task = loop.create_task(main())
+loop.run_forever()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout == "kept at exit\n", (done.stdout, done.stderr)
+
+
 def test_lines_kept_before_a_fork_are_written_once() -> None:
     root = str(Path(__file__).resolve().parent.parent)
     code = f"""
