@@ -99,7 +99,7 @@ class Recorder:
             self._version_text, self._version = str(version), version
         # AttemptRow's fields in their order (positional: a third cheaper than by keyword)
         row = AttemptRow(
-            datetime.fromtimestamp(started, UTC),  # started_at
+            self._dt(started),  # started_at
             int(duration * 1000),  # duration_ms
             decision.outcome,
             decision.reason,
