@@ -8,6 +8,7 @@ and checked again, so every spelling of 127.0.0.1 meets the same rule.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -80,8 +81,8 @@ _TEREDO = IPv6Network("2001::/32")
 
 # A host made only of numeric labels (decimal, octal or 0x-hex): what inet_aton would decode.
 _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$", re.IGNORECASE)
-# How many URL hosts a guard remembers its verdict on (check_host); past that the memory starts
-# over, so hosts taken from redirects cannot grow it without bound.
+# How many URL hosts a guard remembers its verdict on (check_host); past that the least recently
+# used are forgotten, so hosts taken from redirects cannot grow it without bound.
 HOST_VERDICTS = 4096
 
 
@@ -98,8 +99,8 @@ class Guard:
         self._allow = tuple(nets)
         # check_host's verdict per host string: True or False (an IP literal or a name), or
         # the refusal. Its rule (allow_cidrs) is fixed for the guard's life: a reload that
-        # changes it builds a new guard, with an empty memory.
-        self._hosts: dict[str, bool | str] = {}
+        # changes it builds a new guard, with an empty memory (one cache per guard).
+        self._verdict = functools.lru_cache(maxsize=HOST_VERDICTS)(self._verdict_of)
 
     def check(self, ip: str) -> None:
         """Return if `ip` may be contacted; raise GuardRefusedError naming its class if not."""
@@ -129,18 +130,16 @@ class Guard:
         The verdict on each host string is remembered (it depends on nothing else): a request
         to the same destination is not parsed and checked again on every hop.
         """
-        verdict = self._hosts.get(host)
-        if verdict is None:
-            try:
-                verdict = self._check_host(host)
-            except GuardRefusedError as err:
-                verdict = err.detail
-            if len(self._hosts) >= HOST_VERDICTS:
-                self._hosts.clear()
-            self._hosts[host] = verdict
+        verdict = self._verdict(host)
         if isinstance(verdict, str):
             raise GuardRefusedError(verdict)
         return verdict
+
+    def _verdict_of(self, host: str) -> bool | str:
+        try:
+            return self._check_host(host)
+        except GuardRefusedError as err:
+            return err.detail
 
     def _check_host(self, host: str) -> bool:
         if ":" in host:

@@ -220,7 +220,7 @@ def test_the_guards_memory_of_hosts_is_bounded() -> None:
     guard = Guard()
     for i in range(guard_module.HOST_VERDICTS + 10):
         assert guard.check_host(f"h{i}.example") is False
-    assert len(guard._hosts) <= guard_module.HOST_VERDICTS
+    assert guard._verdict.cache_info().currsize <= guard_module.HOST_VERDICTS
     with pytest.raises(GuardRefusedError, match="loopback address"):
         guard.check_host("127.0.0.1")
 
