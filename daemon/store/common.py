@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from daemon.errors import InputError
 from daemon.models import Conversion, Status, Transition, decide_transition
 from daemon.store.base import (
     ArrivalResult,
     DeliveryState,
+    Finish,
+    FinishResult,
     PlannedDelivery,
     Planner,
     idempotency_key,
@@ -193,6 +196,30 @@ def prepare_arrival(
         status_event_time=event_time,
         fields=fields,
     )
+
+
+P = TypeVar("P")
+
+
+class FinishItems(Generic[P]):
+    """The items of one finish_attempts call: each one's parameters (`prepare(item)`), or its
+    own ValueError (an impossible state), which is then its result; `results` in the items'
+    order, None where the store has yet to say."""
+
+    def __init__(self, finishes: Sequence[Finish], prepare: Callable[[Finish], P]) -> None:
+        self.results: list[FinishResult | None] = []
+        self.todo: list[tuple[int, P]] = []  # (the item's place, its parameters)
+        for i, item in enumerate(finishes):
+            try:
+                self.todo.append((i, prepare(item)))
+            except ValueError as err:  # this item's own failure
+                self.results.append(err)
+                continue
+            self.results.append(None)
+
+    def outcome(self) -> list[FinishResult]:
+        """The results (an item the store said nothing of: not held)."""
+        return [False if r is None else r for r in self.results]
 
 
 def check_finish(state: DeliveryState, next_attempt_at: datetime | None) -> datetime | None:

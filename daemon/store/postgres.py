@@ -30,6 +30,7 @@ from daemon.store.base import (
 from daemon.store.common import (
     ArrivalWrite,
     ConversionUpdate,
+    FinishItems,
     StoredConversion,
     check_finish,
     conversion_fields,
@@ -337,20 +338,13 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         written and each item is written again on its own, so that one item's failure stays its
         own. When the connection or the server fails, whether it committed is not known: the
         StoreError is every item's (each left to its lease, as one statement each would be)."""
-        results: list[FinishResult | None] = []
-        items: list[tuple[int, Finish, datetime | None]] = []
-        for i, item in enumerate(finishes):
-            try:
-                due = check_finish(item.state, item.next_attempt_at)
-            except ValueError as err:  # an impossible state: this item's own failure
-                results.append(err)
-                continue
-            results.append(None)
-            items.append((i, item, due))
-        if not items:
-            return [False if r is None else r for r in results]
+        items = FinishItems(
+            finishes, lambda item: (item, check_finish(item.state, item.next_attempt_at))
+        )
+        if not items.todo:
+            return items.outcome()
         columns: tuple[list[Any], ...] = tuple([] for _ in range(15))
-        for _, item, due in items:
+        for _, (item, due) in items.todo:
             for column, value in zip(columns, _finish_values(item, due), strict=True):
                 column.append(value)
         try:
@@ -361,18 +355,18 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
                 raise  # the connection or the server: whether it committed is not known
             found = None  # refused as a whole, nothing written: each item again, apart
         if found is None:
-            for i, item, _ in items:
+            for i, (item, _) in items.todo:
                 try:
-                    results[i] = await self.finish_attempt(
+                    items.results[i] = await self.finish_attempt(
                         item.claim, item.attempt, item.state, item.next_attempt_at
                     )
                 except StoreError as err:
-                    results[i] = err
-            return [False if r is None else r for r in results]
+                    items.results[i] = err
+            return items.outcome()
         held = {row[0] for row in found}  # the items' numbers, from 1
-        for k, (i, _, _) in enumerate(items, 1):
-            results[i] = k in held
-        return [False if r is None else r for r in results]
+        for k, (i, _) in enumerate(items.todo, 1):
+            items.results[i] = k in held
+        return items.outcome()
 
     async def release(self, claim: Claim, now: datetime) -> bool:
         args = (claim.delivery_id, claim.token, utc(now))

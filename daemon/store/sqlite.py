@@ -33,6 +33,7 @@ from daemon.store.base import (
 from daemon.store.common import (
     ArrivalWrite,
     ConversionUpdate,
+    FinishItems,
     StoredConversion,
     check_finish,
     conversion_fields,
@@ -352,15 +353,8 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         """Every item in one writer job: one wake-up of the writer and one of the event loop
         for all of them. An item that fails undoes the job (the writer rolls its batch back)
         and the items are run again in one job, each in a savepoint of its own."""
-        results: list[FinishResult | None] = []
-        todo: list[tuple[int, tuple[tuple[Any, ...], tuple[Any, ...]]]] = []
-        for i, item in enumerate(finishes):
-            try:
-                todo.append((i, self._finish_params(item)))
-            except ValueError as err:  # an impossible state: this item's own failure
-                results.append(err)
-                continue
-            results.append(None)
+        items = FinishItems(finishes, self._finish_params)
+        todo = items.todo
         if todo:
             finish_one = self._finish_one
 
@@ -375,8 +369,8 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             except _ItemFailed:  # nothing written: each item again, on its own
                 done = await self._write(lambda conn: [self._apart(conn, p) for _, p in todo])
             for (i, _), result in zip(todo, done, strict=True):
-                results[i] = result
-        return [False if r is None else r for r in results]  # None: cannot remain
+                items.results[i] = result
+        return items.outcome()
 
     def _finish_params(self, item: Finish) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """finish_delivery's and insert_attempt's parameters (ValueError: impossible state)."""
