@@ -21,7 +21,8 @@ from daemon.httpstatus import HttpResponse
 from daemon.loader import RulesVersion
 from daemon.store.base import AttemptRow, Claim, DeliveryState
 from daemon.store.sqlite import SQLiteStore
-from tests.store.support import LEASE, T0, arrive, at, conversion
+from tests.store.support import T0
+from tests.test_results_batch import claims
 
 NOW = T0.timestamp() + 5
 SUCCEEDED = Decision(DeliveryState.SUCCEEDED, "succeeded", None, None, True)
@@ -39,16 +40,6 @@ async def store(tmp_path: Path) -> Any:
     await s.open()
     yield s
     await s.close()
-
-
-async def claims(store: SQLiteStore, n: int) -> list[Claim]:
-    for i in range(n):
-        await arrive(store, conversion(f"c{i}"), postbacks=(101,))
-    found = await store.claim_due("n1", at(1), n, LEASE)
-    assert len(found) == n
-    # by conversion: deliveries made in one millisecond are claimed in the order of their
-    # ids' random part
-    return sorted(found, key=lambda claim: claim.conversion_id)
 
 
 def runtime(version: RulesVersion) -> Any:
