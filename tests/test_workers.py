@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sqlite3
@@ -18,7 +19,7 @@ import aiohttp
 import pytest
 
 from daemon.errors import ConfigError
-from daemon.workers import loop_factory, worker_node
+from daemon.workers import GC_THRESHOLDS, loop_factory, run_loop, worker_node
 from tests.harness import Sink, wait_for, write_rules
 from tests.process_support import (
     DaemonProcess,
@@ -197,3 +198,25 @@ def test_a_sighup_during_the_workers_start_is_not_a_dead_worker(tmp_path: Path) 
     subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, timeout=60, check=False)
     found = {p.name: p.read_text() for p in tmp_path.glob("child-*")}
     assert found == {name: str(signal.SIG_IGN) for name in ("child-0", "child-1", "child-d")}
+
+
+def test_the_loop_runs_with_the_daemons_collector_thresholds_and_puts_them_back() -> None:
+    """Every process of `postbackd run` (one, a worker, the dispatch process) serves through
+    run_loop: its young generation is GC_THRESHOLDS' while the loop runs (issue 17)."""
+    before = gc.get_threshold()
+    assert before != GC_THRESHOLDS
+    seen: list[tuple[int, ...]] = []
+
+    async def main() -> None:
+        seen.append(gc.get_threshold())
+
+    run_loop(main, None)
+    assert seen == [GC_THRESHOLDS]
+    assert gc.get_threshold() == before
+
+    async def failing() -> None:
+        raise RuntimeError("the loop ends")
+
+    with pytest.raises(RuntimeError):
+        run_loop(failing, None)
+    assert gc.get_threshold() == before
