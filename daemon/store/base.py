@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from daemon.models import Conversion, Status, Transition
 from daemon.store.affiliate_types import (
@@ -82,9 +82,9 @@ class ArrivalResult:
     delivery_ids: list[str]
 
 
-@dataclass(frozen=True)
-class Claim:
-    """A delivery claimed for one attempt."""
+class Claim(NamedTuple):
+    """A delivery claimed for one attempt. (A NamedTuple, not a frozen dataclass: one is made
+    per delivery and a frozen dataclass's __init__ sets each field through object.__setattr__.)"""
 
     delivery_id: str
     token: str
@@ -100,8 +100,9 @@ class Claim:
     values: dict[str, str]
 
 
-@dataclass(frozen=True)
-class AttemptRow:
+class AttemptRow(NamedTuple):
+    """One attempt's record (a NamedTuple, as Claim: one is made per attempt)."""
+
     started_at: datetime
     duration_ms: int
     outcome: str  # succeeded | retry | dead | cancelled | released

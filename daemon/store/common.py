@@ -61,10 +61,6 @@ def new_delivery_id(at: datetime) -> str:
     return f"{millis:012x}{secrets.token_hex(10)}"
 
 
-def new_token() -> str:
-    return secrets.token_hex(16)
-
-
 class ConversionUpdate(Enum):
     """What an arrival writes on its conversion row."""
 

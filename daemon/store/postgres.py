@@ -318,7 +318,7 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             found = await self._statement("fetch", query, *args, sorted(skip_destinations))
         else:
             found = await self._statement("fetch", self._q["claim_due"], *args)
-        return [rows.claim(row, row["lease_token"], utc) for row in found]
+        return [rows.claim(row, utc) for row in found]
 
     async def finish_attempt(
         self,

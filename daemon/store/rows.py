@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -40,7 +40,9 @@ def dumps(value: Any) -> str:
 
 def loads_json(value: Any) -> Any:
     """JSON columns: text in SQLite, already decoded by the asyncpg codec in PostgreSQL."""
-    return json.loads(value) if isinstance(value, str | bytes) else value
+    if isinstance(value, str):
+        return fastjson.loads(value)
+    return json.loads(value) if isinstance(value, bytes) else value
 
 
 def _opt(read: TimeReader, value: Any) -> datetime | None:
@@ -195,20 +197,22 @@ def attempt_row(row: Sequence[Any], read: TimeReader) -> AttemptRow:
     )
 
 
-def claim(row: Mapping[str, Any], token: str, read: TimeReader) -> Claim:
+def claim(row: Sequence[Any], read: TimeReader) -> Claim:
+    """A Claim from a row in its fields' order, lease token second (both stores' claim
+    queries select them so): built by position, the one place a claim is made."""
     return Claim(
-        delivery_id=row["id"],
-        token=token,
-        postback_id=row["postback_id"],
-        destination=row["destination"],
-        source=row["source"],
-        conversion_id=row["conversion_id"],
-        arrival_seq=row["arrival_seq"],
-        idempotency_key=row["idempotency_key"],
-        attempts=row["attempts"],
-        created_at=read(row["created_at"]),
-        data=loads_json(row["data"]),
-        values=loads_json(row["vals"]),
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        row[5],
+        row[6],
+        row[7],
+        row[8],
+        read(row[9]),
+        loads_json(row[10]),
+        loads_json(row[11]),
     )
 
 

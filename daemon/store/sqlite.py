@@ -40,7 +40,6 @@ from daemon.store.common import (
     decode_cursor,
     encode_cursor,
     from_us,
-    new_token,
     opt_from_us,
     opt_us,
     prepare_arrival,
@@ -317,24 +316,13 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         until, at = to_us(now + lease), args["now"]
 
         def job(conn: sqlite3.Connection) -> list[Claim]:
-            conn.row_factory = sqlite3.Row
-            try:
-                found = conn.execute(self._q[query], args).fetchall()
-            finally:
-                conn.row_factory = None
+            found = conn.execute(self._q[query], args).fetchall()
             if not found:
                 return []
-            tokens = [new_token() for _ in found]
             conn.executemany(
-                self._q["claim_one"],
-                [
-                    (node, token, until, at, row["id"])
-                    for row, token in zip(found, tokens, strict=True)
-                ],
+                self._q["claim_one"], [(node, row[1], until, at, row[0]) for row in found]
             )
-            return [
-                rows.claim(row, token, from_us) for row, token in zip(found, tokens, strict=True)
-            ]
+            return [rows.claim(row, from_us) for row in found]
 
         return await self._write(job)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import timedelta
 
 import pytest
@@ -25,6 +26,24 @@ async def test_claims_oldest_due_first_up_to_the_limit(store: Store) -> None:
     assert third == []
 
 
+async def test_every_claim_has_a_token_of_its_own(store: Store) -> None:
+    """The token fences a claim against its own expired lease: the deliveries of one claim,
+    and the same delivery claimed again, never share one. Both stores make it in their claim
+    statement."""
+    ids = [(await arrive(store, conversion(f"c{i}"), at(i), postbacks=(101,)))[0] for i in range(6)]
+    claims = await store.claim_due("n1", at(10), 6, LEASE)
+    assert sorted(c.delivery_id for c in claims) == sorted(ids)
+    tokens = {c.token for c in claims}
+    assert len(tokens) == 6
+    for claim in claims:
+        assert await store.release(claim, at(11))
+    again = await store.claim_due("n1", at(12), 6, LEASE)
+    assert len(again) == 6
+    assert not tokens & {c.token for c in again}
+    for claim in claims:  # the old tokens no longer finish anything
+        assert not await finish(store, claim, DeliveryState.SUCCEEDED, at(13))
+
+
 async def test_claim_carries_the_arrival_data(store: Store) -> None:
     conv = conversion(click_id="abc", payout="2.5", extra={"foo": "bar"})
     [delivery_id] = await arrive(store, conv, postbacks=(101,))
@@ -40,7 +59,7 @@ async def test_claim_carries_the_arrival_data(store: Store) -> None:
     assert claim.data["transition"] == "new"
     assert claim.values["click_id"] == "abc"
     assert claim.values["extra.foo"] == "bar"
-    assert len(claim.token) >= 16
+    assert re.fullmatch("[0-9a-f]{32}", claim.token)
     detail = await store.get_delivery(delivery_id)
     assert detail is not None
     assert detail.delivery.state is DeliveryState.IN_FLIGHT

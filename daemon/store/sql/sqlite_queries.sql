@@ -49,8 +49,11 @@ VALUES
     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'queued', ?11, ?11, ?11);
 
 -- name: claim_candidates
-SELECT d.id, d.postback_id, d.destination, d.source, d.conversion_id, d.arrival_seq,
-       d.idempotency_key, d.attempts, d.created_at, a.data, a.vals
+-- In the order of Claim's fields (daemon.store.rows.claim); the lease token is made here, as
+-- PostgreSQL's claim_due makes it (32 hex digits: a fencing token, not a secret).
+SELECT d.id, lower(hex(randomblob(16))) AS lease_token, d.postback_id, d.destination,
+       d.source, d.conversion_id, d.arrival_seq, d.idempotency_key, d.attempts, d.created_at,
+       a.data, a.vals
 FROM delivery d
 JOIN arrival a ON a.conversion_pk = d.conversion_pk AND a.seq = d.arrival_seq
 WHERE d.due_at <= :now
@@ -71,8 +74,9 @@ WITH RECURSIVE pending(name) AS (
             WHERE due_at IS NOT NULL AND destination > pending.name)
     FROM pending WHERE pending.name IS NOT NULL
 )
-SELECT d.id, d.postback_id, d.destination, d.source, d.conversion_id, d.arrival_seq,
-       d.idempotency_key, d.attempts, d.created_at, a.data, a.vals
+SELECT d.id, lower(hex(randomblob(16))) AS lease_token, d.postback_id, d.destination,
+       d.source, d.conversion_id, d.arrival_seq, d.idempotency_key, d.attempts, d.created_at,
+       a.data, a.vals
 FROM pending p
 JOIN delivery d ON d.id IN (
     SELECT x.id FROM delivery x
