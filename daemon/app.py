@@ -25,7 +25,7 @@ from daemon.errors import StoreError
 from daemon.guard import Guard
 from daemon.hosts import Destinations, DestinationsCollector
 from daemon.ingest import ingest
-from daemon.metrics import CONTENT_TYPE, Metrics
+from daemon.metrics import CONTENT_TYPE, Metrics, count_requests
 from daemon.outbound import OutboundHttp, Resolver
 from daemon.reload import Reloader, Runtime
 from daemon.retention import INTERVAL as RETENTION_INTERVAL
@@ -118,7 +118,8 @@ def create_app(
     from daemon.api import add_api_routes  # here: daemon.api imports SERVICES from this module
 
     metrics = Metrics()
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[metrics.middleware])
+    app = web.Application(client_max_size=MAX_BODY)
+    count_requests(app, metrics)  # every request answered, by route and code (no middleware)
     clock = clock or SystemClock()
     app.cleanup_ctx.append(
         lambda app: _services(

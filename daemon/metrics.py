@@ -1,5 +1,6 @@
 """Prometheus metrics (SPEC 14): one registry per app, fed by ingest, the dispatcher, the reloader
-and an HTTP middleware; the queue depth is read from the store when Prometheus scrapes.
+and the app's request handler (`count_requests`); the queue depth is read from the store when
+Prometheus scrapes.
 
 Every metric of ours is prefixed ``postbackd_``; the registry also carries the standard
 ``process_*`` metrics (start time, memory, open files) of the running process.
@@ -43,7 +44,7 @@ UNMATCHED = "unmatched"
 DEPTH_TIMEOUT = 5.0  # a scrape still answers (with the last depth) when the store is slow
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class RulesSource(Protocol):
@@ -336,26 +337,37 @@ class Metrics:
                 timer = self._durations[action] = self.attempt_duration.labels(action)
             timer.observe(duration)
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Count every answered request under its route's pattern, never its raw URL."""
-        code = 500
-        try:
-            response = await handler(request)
-            code = response.status
-            return response
-        except web.HTTPException as err:
-            code = err.status
-            raise
-        except asyncio.CancelledError:
-            code = 499  # the client went away first (nginx's code for it); not a server error
-            raise
-        finally:
-            key = (_route(request), code)
-            inc = self._requests.get(key)
-            if inc is None:
-                inc = self._requests[key] = _inc_of(self.http_requests.labels(key[0], str(code)))
-            inc(1)
+    def count(self, handler: RequestHandler) -> RequestHandler:
+        """`handler` (a server's request handler: an app's routing, then the route's handler),
+        counting every request it answers under its route's pattern, never its raw URL
+        (UNMATCHED when the router matched none): the response's code, an HTTPException's
+        when one was raised, 499 when the request was cancelled (the client went away first,
+        nginx's code for it; not a server error), else 500 (what aiohttp answers for any
+        other exception). Installed on the app by `count_requests`: no middleware, whose
+        layers aiohttp rebuilds and wraps around every handler (docs/benchmarks.md)."""
+        requests = self._requests
+        labels = self.http_requests.labels
+
+        async def counted(request: web.Request) -> web.StreamResponse:
+            code = 500
+            try:
+                response = await handler(request)
+                code = response.status
+                return response
+            except web.HTTPException as err:
+                code = err.status
+                raise
+            except asyncio.CancelledError:
+                code = 499
+                raise
+            finally:
+                key = (_route(request), code)
+                inc = requests.get(key)
+                if inc is None:
+                    inc = requests[key] = _inc_of(labels(key[0], str(code)))
+                inc(1)
+
+        return counted
 
     # --- scraping ---------------------------------------------------------------------------
 
@@ -389,8 +401,21 @@ def _inc_of(child: Counter) -> Callable[[float], None]:
     return inc
 
 
+def count_requests(app: web.Application, metrics: Metrics) -> None:
+    """Count every request `app` answers in `metrics` (Metrics.count), whatever serves it:
+    daemon.ingest's GuardedRunner, a plain AppRunner, aiohttp's TestServer. Each builds its
+    server's request handler from the app's `_handle` (its routing and the route's handler,
+    aiohttp's Application._make_handler), so the app's own is wrapped, once; the instance's
+    attribute is set past Application.__setattr__, which warns in aiohttp's debug mode about
+    any attribute it does not know. tests/test_metrics_requests.py checks that every way of
+    serving the app counts."""
+    object.__setattr__(app, "_handle", metrics.count(app._handle))
+
+
 def _route(request: web.Request) -> str:
-    route = request.match_info.route
+    # Not request.match_info, which asserts that routing ran: `_handle` may fail before it.
+    match_info = request._match_info
+    route = match_info.route if match_info is not None else None
     resource = route.resource if route is not None else None
     if resource is None:
         return UNMATCHED

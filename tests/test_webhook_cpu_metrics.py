@@ -31,7 +31,7 @@ def test_arrivals_count_as_inc_would() -> None:
 
 async def test_requests_count_per_route_and_code() -> None:
     metrics = Metrics()
-    app = web.Application(middlewares=[metrics.middleware])
+    app = web.Application()
 
     async def ok(request: web.Request) -> web.StreamResponse:
         return web.Response(text="ok")
@@ -41,16 +41,15 @@ async def test_requests_count_per_route_and_code() -> None:
 
     app.router.add_get("/webhooks/{source}", ok)
     app.router.add_get("/gone", gone)
-    for path, times in [("/webhooks/a", 4), ("/webhooks/b", 1), ("/gone", 2)]:
+    counted = metrics.count(app._handle)  # what count_requests installs: routing, then handler
+    for path, times in [("/webhooks/a", 4), ("/webhooks/b", 1), ("/gone", 2), ("/x/y", 1)]:
         for _ in range(times):
-            request = make_mocked_request("GET", path, app=app)
-            request._match_info = await app.router.resolve(request)
-            handler = ok if path.startswith("/webhooks") else gone
-            with contextlib.suppress(web.HTTPGone):
-                await metrics.middleware(request, handler)
+            with contextlib.suppress(web.HTTPGone, web.HTTPNotFound):
+                await counted(make_mocked_request("GET", path, app=app))
     text = generate_latest(metrics.registry).decode()
     assert 'postbackd_http_requests_total{code="200",route="/webhooks/{source}"} 5.0' in text
     assert 'postbackd_http_requests_total{code="410",route="/gone"} 2.0' in text
+    assert 'postbackd_http_requests_total{code="404",route="unmatched"} 1.0' in text
 
 
 def test_inc_of_is_the_childs_inc() -> None:
