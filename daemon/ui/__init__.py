@@ -38,12 +38,17 @@ log = structlog.get_logger("postbackd.ui")
 
 _TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 MAX_TOKEN = 512
+PREFIX = "/ui"  # where the console's app is mounted
 THROTTLED = "Too many wrong tokens from this address. Wait a few minutes, then try again."
 
 
 def add_ui_routes(app: web.Application, settings: Settings, environ: Mapping[str, str]) -> None:
-    """Register /ui/...; call after the API routes (the console uses the API's tokens)."""
-    app[UI] = UiState(
+    """Register /ui/...; call after the API routes (the console uses the API's tokens). The
+    console is an app of its own mounted at /ui, so that its response signal runs for its
+    answers only, never for a webhook's; its handlers find the API's and the daemon's state
+    through `request.config_dict`, its own (UI) as `request.app`'s."""
+    console = web.Application()
+    console[UI] = UiState(
         sessions=Sessions(settings.ui.session_ttl, lambda: app[SERVICES].clock.now()),
         sign_ins=SignInBound(lambda: app[SERVICES].clock.now()),
         templates=make_templates(),
@@ -51,28 +56,29 @@ def add_ui_routes(app: web.Application, settings: Settings, environ: Mapping[str
         environ=environ,
     )
     statics = _static_files()
-    app.on_response_prepare.append(_console_headers)
-    app.router.add_get("/ui", _to_console)
-    app.router.add_get("/ui/", _to_console)
-    app.router.add_get("/ui/sign-in", _sign_in_form)
-    app.router.add_post("/ui/sign-in", _sign_in)
-    app.router.add_post("/ui/sign-out", page(_sign_out))
+    console.on_response_prepare.append(_console_headers)
+    console.router.add_get("", _to_console)  # /ui
+    console.router.add_get("/", _to_console)
+    console.router.add_get("/sign-in", _sign_in_form)
+    console.router.add_post("/sign-in", _sign_in)
+    console.router.add_post("/sign-out", page(_sign_out))
 
     async def static(request: web.Request) -> web.Response:
         return await _static(request, statics)
 
-    app.router.add_get("/ui/static/{name}", static)
-    affiliate.add_routes(app)  # first: /ui/offers/go before /ui/offers/{offer}
-    ops.add_routes(app)
-    store_pages.add_routes(app)
-    app.router.add_get("/ui/{tail:.*}", page(_no_such_page))  # last: the console's own 404
+    console.router.add_get("/static/{name}", static)
+    affiliate.add_routes(console)  # first: /ui/offers/go before /ui/offers/{offer}
+    ops.add_routes(console)
+    store_pages.add_routes(console)
+    console.router.add_get("/{tail:.*}", page(_no_such_page))  # last: the console's own 404
+    app.add_subapp(PREFIX, console)  # after its routes: a mounted app's router is frozen
 
 
 async def _console_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """Every answer under /ui/ carries the console's headers, the router's own too (a 405 for
-    PUT, the static files' 404): no page of the console goes out without them."""
-    if request.path == "/ui" or request.path.startswith("/ui/"):
-        secure(response)
+    """Every answer of the console (any request the router sends under /ui) carries the
+    console's headers, the router's own too (a 405 for PUT, the static files' 404): no page of
+    the console goes out without them."""
+    secure(response)
 
 
 def _static_files() -> dict[str, tuple[bytes, str]]:
@@ -148,7 +154,7 @@ async def _sign_in(request: web.Request) -> web.Response:
     try:
         if not token or len(token) > MAX_TOKEN:
             raise InputError("invalid token")
-        viewer = request.app[API].tokens.authenticate(f"Bearer {token}")
+        viewer = request.config_dict[API].tokens.authenticate(f"Bearer {token}")
     except InputError:
         bound.failed(client)
         log.info("ui_sign_in_refused")

@@ -20,17 +20,18 @@ from daemon.ui.views import is_store, table_row
 _TRIGGERS = tuple(t.value for t in Trigger)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/ui/offers/go", page(go_to_offer))
-    app.router.add_get("/ui/offers/{offer}/add", page(add_form))
-    app.router.add_post("/ui/offers/{offer}/add", page(add))
-    app.router.add_get("/ui/offers/{offer}/duplicate", page(duplicate_form))
-    app.router.add_post("/ui/offers/{offer}/duplicate", page(duplicate))
-    app.router.add_get("/ui/postbacks/{id}/edit", page(edit_form))
-    app.router.add_post("/ui/postbacks/{id}/edit", page(edit))
-    app.router.add_post("/ui/postbacks/{id}/status", page(set_status))
-    app.router.add_get("/ui/postbacks/{id}/delete", page(delete_form))
-    app.router.add_post("/ui/postbacks/{id}/delete", page(delete))
+def add_routes(console: web.Application) -> None:
+    """On the console's own app, mounted at /ui (daemon.ui): the paths are under it."""
+    console.router.add_get("/offers/go", page(go_to_offer))
+    console.router.add_get("/offers/{offer}/add", page(add_form))
+    console.router.add_post("/offers/{offer}/add", page(add))
+    console.router.add_get("/offers/{offer}/duplicate", page(duplicate_form))
+    console.router.add_post("/offers/{offer}/duplicate", page(duplicate))
+    console.router.add_get("/postbacks/{id}/edit", page(edit_form))
+    console.router.add_post("/postbacks/{id}/edit", page(edit))
+    console.router.add_post("/postbacks/{id}/status", page(set_status))
+    console.router.add_get("/postbacks/{id}/delete", page(delete_form))
+    console.router.add_post("/postbacks/{id}/delete", page(delete))
 
 
 def service(ctx: Ctx) -> AffiliateService:

@@ -261,7 +261,7 @@ def page(handler: Handler, *, admin: bool = False) -> Callable[[web.Request], Aw
             if request.method == "GET":
                 return redirect(sign_in_location(request))
             return render(request, "error.html", 401, title="Signed out", message=SIGNED_OUT)
-        ctx = Ctx(request, request.app[SERVICES], session.viewer, session)
+        ctx = Ctx(request, request.config_dict[SERVICES], session.viewer, session)
         try:
             if admin and not session.viewer.is_admin:
                 raise ForbiddenError("This page needs an admin sign-in.")

@@ -51,13 +51,14 @@ RECENT = 100  # deliveries read for a postback's page and its success rate
 SHOWN = 20
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/ui/offers", page(offers))
-    app.router.add_get("/ui/offers/{offer}", page(offer_postbacks))
-    app.router.add_get("/ui/postbacks/{id}", page(postback))
-    app.router.add_post("/ui/postbacks/{id}/explain", page(explain, admin=True))
-    app.router.add_get("/ui/postbacks/{id}/send-test", page(send_test_form, admin=True))
-    app.router.add_post("/ui/postbacks/{id}/send-test", page(send_test, admin=True))
+def add_routes(console: web.Application) -> None:
+    """On the console's own app, mounted at /ui (daemon.ui): the paths are under it."""
+    console.router.add_get("/offers", page(offers))
+    console.router.add_get("/offers/{offer}", page(offer_postbacks))
+    console.router.add_get("/postbacks/{id}", page(postback))
+    console.router.add_post("/postbacks/{id}/explain", page(explain, admin=True))
+    console.router.add_get("/postbacks/{id}/send-test", page(send_test_form, admin=True))
+    console.router.add_post("/postbacks/{id}/send-test", page(send_test, admin=True))
 
 
 def action_types() -> tuple[str, ...]:
@@ -82,7 +83,7 @@ def _with_keys(
 def visible_postbacks(ctx: Ctx) -> dict[int, LoadedPostback] | None:
     """The postbacks this viewer may see (None: all of them, an admin)."""
     rules = ctx.services.reloader.runtime.rules
-    ids = ctx.request.app[API].visible_ids(rules, ctx.viewer)
+    ids = ctx.request.config_dict[API].visible_ids(rules, ctx.viewer)
     if ids is None:
         return None
     return {pid: rules.postbacks[pid] for pid in ids if pid in rules.postbacks}

@@ -40,12 +40,13 @@ _RETRYABLE = (DeliveryState.DEAD, DeliveryState.CANCELLED)
 _FILTERS = ("offer", "affiliate", "postback", "action", "state", "since", "until")
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/ui/deliveries", page(deliveries))
-    app.router.add_get("/ui/deliveries/{id}", page(delivery))
-    app.router.add_post("/ui/deliveries/{id}/retry", page(retry, admin=True))
-    app.router.add_get("/ui/conversions", page(conversions, admin=True))
-    app.router.add_get("/ui/health", page(health, admin=True))
+def add_routes(console: web.Application) -> None:
+    """On the console's own app, mounted at /ui (daemon.ui): the paths are under it."""
+    console.router.add_get("/deliveries", page(deliveries))
+    console.router.add_get("/deliveries/{id}", page(delivery))
+    console.router.add_post("/deliveries/{id}/retry", page(retry, admin=True))
+    console.router.add_get("/conversions", page(conversions, admin=True))
+    console.router.add_get("/health", page(health, admin=True))
 
 
 # --- deliveries ----------------------------------------------------------------------------
@@ -63,7 +64,7 @@ def delivery_filter(ctx: Ctx, q: dict[str, str]) -> tuple[DeliveryFilter, str | 
     page starts from (the `until` bound is a starting cursor: newest first), and the action
     that rows must have when the filter could not say it with postback ids."""
     rules = ctx.services.reloader.runtime.rules
-    ids: frozenset[int] | None = ctx.request.app[API].visible_ids(rules, ctx.viewer)
+    ids: frozenset[int] | None = ctx.request.config_dict[API].visible_ids(rules, ctx.viewer)
 
     def narrow(keep: frozenset[int]) -> None:
         nonlocal ids
@@ -199,7 +200,7 @@ async def visible_delivery(ctx: Ctx) -> Any:
         detail = await ctx.services.store.get_delivery(delivery_id)
     if detail is not None:
         rules = ctx.services.reloader.runtime.rules
-        ids = ctx.request.app[API].visible_ids(rules, ctx.viewer)
+        ids = ctx.request.config_dict[API].visible_ids(rules, ctx.viewer)
         if ids is None or detail.delivery.postback_id in ids:
             return detail
     raise PageNotFound()
