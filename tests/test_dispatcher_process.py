@@ -20,6 +20,7 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 from aiohttp import web
 
+from daemon.cli.run import SERVING_NICENESS
 from daemon.dispatchproc import WakeReceiver, WakeSender
 from tests.harness import Sink, wait_for, write_rules
 from tests.process_support import (
@@ -295,6 +296,15 @@ async def test_two_workers_and_a_dispatch_process(tmp_path: Path) -> None:
     try:
         assert daemon.proc is not None
         assert len(children(daemon.proc.pid)) == 3
+        # The serving processes are nicer than the dispatch process: when the CPU is short,
+        # delivery is served first and keeps up with what they accept.
+        dispatcher = _dispatch_pid(daemon)
+        serving = [p for p in children(daemon.proc.pid) if p != dispatcher]
+        unit = os.getpriority(os.PRIO_PROCESS, daemon.proc.pid)
+        assert os.getpriority(os.PRIO_PROCESS, dispatcher) == unit
+        assert [os.getpriority(os.PRIO_PROCESS, p) for p in serving] == [
+            min(unit + SERVING_NICENESS, 19)
+        ] * 2
         await _post(daemon, range(20))
         await wait_for(lambda: len(_keys(sink)) == 20, deadline=30)
         db = tmp_path / "var" / "postbackd.db"

@@ -81,6 +81,9 @@ async def test_two_workers_share_the_port_and_both_deliver(tmp_path: Path) -> No
         # Each worker holds a listening socket of its own on the port.
         owners = [w for w in workers if _socket_inodes(w) & listening]
         assert sorted(owners) == sorted(workers)
+        # Without a dispatch process, every worker dispatches: none is made nicer.
+        unit = os.getpriority(os.PRIO_PROCESS, daemon.proc.pid)
+        assert [os.getpriority(os.PRIO_PROCESS, w) for w in workers] == [unit, unit]
         # Fresh connections are spread over both; every conversion is acknowledged.
         for n in range(40):
             async with aiohttp.ClientSession() as session:
