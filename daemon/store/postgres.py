@@ -39,6 +39,7 @@ from daemon.store.common import (
     prepare_arrival,
     utc,
 )
+from daemon.store.postgres_batch import NewArrival, NewArrivals, NewDeliveryRow, batch_args
 from daemon.store.postgres_schema import apply_migrations
 from daemon.store.queries import load_queries
 from daemon.store.replay_postgres import PostgresReplay
@@ -99,8 +100,10 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         self._q = load_queries("postgres")
         self._pool: Any = None
         # Conversions this node has stored lately: their next arrival goes straight to the
-        # locking path; any other is tried as new in one round trip (arrive_new).
+        # locking path; any other is tried as new in one round trip (arrive_new), together with
+        # the other new arrivals of the moment (daemon/store/postgres_batch.py).
         self._known: dict[tuple[str, str], None] = {}
+        self._new_arrivals = NewArrivals(self._arrive_batch, self._arrive_one)
 
     async def migrate(self) -> list[str]:
         """Apply pending migrations (under the advisory lock); the names applied."""
@@ -199,16 +202,14 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
     async def _arrive_new(
         self, source: str, conversion: Conversion, now: datetime, plan: Planner
     ) -> ArrivalResult | None:
-        """A new conversion in one round trip (arrive_new), or None when it exists already
-        (nothing written: the caller takes the locking path). The plan is made for a new
-        conversion before the statement. Only for a conversion this node has not stored lately
-        (record_arrival): when another node stored it, the locking path asks the planner again,
-        for the real transition, and only that plan is written."""
+        """A new conversion in one round trip (arrive_new, or arrive_new_batch with the other
+        new arrivals of the moment), or None when it exists already (nothing written: the
+        caller takes the locking path). The plan is made for a new conversion before the
+        statement. Only for a conversion this node has not stored lately (record_arrival): when
+        another node stored it, the locking path asks the planner again, for the real
+        transition, and only that plan is written."""
         write = prepare_arrival(source, conversion, now, None, plan)
-        deliveries = write.deliveries
-        pk = await self._statement(
-            "fetchval",
-            self._q["arrive_new"],
+        arrival = NewArrival(
             source,
             conversion.conversion_id,
             conversion.status.value,
@@ -218,14 +219,47 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             write.transition.value,
             rows.dumps(write.data),
             rows.dumps(write.values),
+            [
+                NewDeliveryRow(
+                    d.delivery_id,
+                    d.planned.postback_id,
+                    d.planned.action,
+                    d.planned.destination,
+                    d.planned.affiliate_owner,
+                    d.idempotency_key,
+                )
+                for d in write.deliveries
+            ],
+        )
+        pk = await self._new_arrivals.arrive(arrival)
+        return None if pk is None else write.result(source, conversion.conversion_id)
+
+    async def _arrive_one(self, a: NewArrival) -> int | None:
+        deliveries = a.deliveries
+        pk: int | None = await self._statement(
+            "fetchval",
+            self._q["arrive_new"],
+            a.source,
+            a.conversion_id,
+            a.status,
+            a.event_time,
+            a.fields,
+            a.received_at,
+            a.transition,
+            a.data,
+            a.values,
             [d.delivery_id for d in deliveries],
-            [d.planned.postback_id for d in deliveries],
-            [d.planned.action for d in deliveries],
-            [d.planned.destination for d in deliveries],
-            [d.planned.affiliate_owner for d in deliveries],
+            [d.postback_id for d in deliveries],
+            [d.action for d in deliveries],
+            [d.destination for d in deliveries],
+            [d.affiliate_owner for d in deliveries],
             [d.idempotency_key for d in deliveries],
         )
-        return None if pk is None else write.result(source, conversion.conversion_id)
+        return pk
+
+    async def _arrive_batch(self, arrivals: Sequence[NewArrival]) -> list[int | None]:
+        found = await self._statement("fetch", self._q["arrive_new_batch"], *batch_args(arrivals))
+        return [row[0] for row in found]
 
     async def _lock_or_insert(
         self, conn: Any, source: str, conversion: Conversion, now: datetime

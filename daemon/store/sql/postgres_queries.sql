@@ -267,6 +267,57 @@ WITH c AS (
 )
 SELECT conversion_pk FROM a;
 
+-- name: arrive_new_batch
+-- arrive_new for several new conversions at once (daemon/store/postgres_batch.py): one
+-- statement, one round trip and one commit for the arrivals of new conversions that came
+-- together. $1..$9: one array per column, one element per arrival, no (source, conversion_id)
+-- twice; $10..$16: the deliveries, one element each, $10 the ordinal (from 1) of the arrival
+-- they belong to. The answer is a row per arrival, in order: the new conversion's id, or null
+-- when it exists already (nothing of that arrival written: its caller takes the locking path).
+WITH input AS (
+    SELECT *
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[],
+                $6::timestamptz[], $7::text[], $8::text[], $9::text[])
+         WITH ORDINALITY
+         AS i(source, conversion_id, status, event_time, fields, received_at, transition, data,
+              vals, n)
+), c AS (
+    INSERT INTO conversion
+        (source, conversion_id, status, status_event_time, fields, created_at, updated_at)
+    SELECT source, conversion_id, status, event_time, fields::jsonb, received_at, received_at
+    FROM input
+    -- In key order: two nodes' rounds that share conversions (a tracker's retry sent to the
+    -- other node) wait for each other in one order, never each for the other (a deadlock).
+    ORDER BY source, conversion_id
+    ON CONFLICT (source, conversion_id) DO NOTHING
+    RETURNING id, source, conversion_id
+), a AS (
+    INSERT INTO arrival
+        (conversion_pk, seq, transition, status, event_time, received_at, data, vals)
+    SELECT c.id, 1, i.transition, i.status, i.event_time, i.received_at, i.data::jsonb,
+           i.vals::jsonb
+    FROM c JOIN input i ON i.source = c.source AND i.conversion_id = c.conversion_id
+    RETURNING conversion_pk
+), d AS (
+    INSERT INTO delivery
+        (id, conversion_pk, arrival_seq, source, conversion_id, postback_id, action,
+         destination, affiliate_owner, idempotency_key, state, created_at, updated_at,
+         next_attempt_at)
+    SELECT x.id, a.conversion_pk, 1, i.source, i.conversion_id, x.postback_id, x.action,
+           x.destination, x.affiliate_owner, x.idempotency_key, 'queued', i.received_at,
+           i.received_at, i.received_at
+    FROM unnest($10::bigint[], $11::text[], $12::bigint[], $13::text[], $14::text[],
+                $15::text[], $16::text[])
+         AS x(n, id, postback_id, action, destination, affiliate_owner, idempotency_key)
+    JOIN input i ON i.n = x.n
+    JOIN c ON c.source = i.source AND c.conversion_id = i.conversion_id
+    JOIN a ON a.conversion_pk = c.id
+)
+SELECT c.id
+FROM input i
+LEFT JOIN c ON c.source = i.source AND c.conversion_id = i.conversion_id
+ORDER BY i.n;
+
 -- name: finish_and_record
 -- The delivery finished (lease released) and its attempt recorded in one statement (one round
 -- trip): the attempt's number is the count of attempts the UPDATE leaves. No row: the lease was lost, nothing written.

@@ -1,0 +1,178 @@
+"""Group commit for PostgreSQL's new arrivals: the arrivals of new conversions that come
+together go to the server in one statement (``arrive_new_batch``), one round trip and one
+commit, as SQLite's writer commits a batch of jobs in one transaction.
+
+The first arrival starts a round at once (the next turn of the event loop, so the arrivals of
+one turn go together); the arrivals that come while rounds are running wait for the next one.
+At most ROUNDS rounds run at a time, each of at most MAX_BATCH arrivals. An arrival whose
+(source, conversion_id) is already in the round being made waits for the next one (its second
+webhook then finds the conversion stored and takes the locking path, as it would alone).
+
+A round's statement is atomic: if it fails, nothing of it was written, and each of its arrivals
+is sent again on its own (``arrive_new``), so one arrival's failure is its own (a value the
+server refuses), and a failure of the server or the connection reaches every caller as the
+StoreError it would have had alone. A statement whose answer was lost after its commit is no
+different from a lone arrival's: each one sent again finds its conversion stored and takes the
+locking path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import NamedTuple
+
+MAX_BATCH = 256
+ROUNDS = 2
+
+
+class NewDeliveryRow(NamedTuple):
+    delivery_id: str
+    postback_id: int
+    action: str
+    destination: str
+    affiliate_owner: str | None
+    idempotency_key: str
+
+
+class NewArrival(NamedTuple):
+    """arrive_new's parameters for one arrival of a conversion not stored yet."""
+
+    source: str
+    conversion_id: str
+    status: str
+    event_time: datetime | None
+    fields: str  # JSON text
+    received_at: datetime
+    transition: str
+    data: str  # JSON text
+    values: str  # JSON text
+    deliveries: Sequence[NewDeliveryRow]
+
+
+# The store's two statements: a round (one pk or None per arrival, in order), and one arrival
+# alone (its pk or None). Both raise StoreError.
+RunBatch = Callable[[Sequence[NewArrival]], Awaitable[list[int | None]]]
+RunOne = Callable[[NewArrival], Awaitable[int | None]]
+
+
+def batch_args(arrivals: Sequence[NewArrival]) -> tuple[list[object], ...]:
+    """arrive_new_batch's 16 arrays."""
+    columns: tuple[list[object], ...] = tuple([] for _ in range(16))
+    (sources, ids, statuses, events, fields, received, transitions, data, values,
+     owners_n, delivery_ids, postbacks, actions, destinations, owners, keys) = columns  # fmt: skip
+    for n, a in enumerate(arrivals, start=1):
+        sources.append(a.source)
+        ids.append(a.conversion_id)
+        statuses.append(a.status)
+        events.append(a.event_time)
+        fields.append(a.fields)
+        received.append(a.received_at)
+        transitions.append(a.transition)
+        data.append(a.data)
+        values.append(a.values)
+        for d in a.deliveries:
+            owners_n.append(n)
+            delivery_ids.append(d.delivery_id)
+            postbacks.append(d.postback_id)
+            actions.append(d.action)
+            destinations.append(d.destination)
+            owners.append(d.affiliate_owner)
+            keys.append(d.idempotency_key)
+    return columns
+
+
+class NewArrivals:
+    """The rounds of one store (see the module's docstring)."""
+
+    def __init__(self, run_batch: RunBatch, run_one: RunOne, *, max_batch: int = MAX_BATCH) -> None:
+        self._run_batch = run_batch
+        self._run_one = run_one
+        self._max_batch = max_batch
+        self._waiting: deque[tuple[NewArrival, asyncio.Future[int | None]]] = deque()
+        self._rounds = 0  # running now
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.statements = 0  # rounds sent, for tests
+        self.apart = 0  # rounds that failed and were sent again one by one
+
+    async def arrive(self, arrival: NewArrival) -> int | None:
+        """The new conversion's id, or None when it was stored already (nothing written)."""
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((arrival, future))
+        if self._rounds < ROUNDS:
+            self._rounds += 1
+            task = asyncio.create_task(self._run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    def _take(self) -> list[tuple[NewArrival, asyncio.Future[int | None]]]:
+        taken: list[tuple[NewArrival, asyncio.Future[int | None]]] = []
+        keys: set[tuple[str, str]] = set()
+        later: list[tuple[NewArrival, asyncio.Future[int | None]]] = []
+        waiting = self._waiting
+        while waiting and len(taken) < self._max_batch:
+            item = waiting.popleft()
+            if item[1].done():  # its caller stopped waiting (cancelled): not sent
+                continue
+            key = (item[0].source, item[0].conversion_id)
+            if key in keys:
+                later.append(item)
+            else:
+                keys.add(key)
+                taken.append(item)
+        waiting.extendleft(reversed(later))
+        return taken
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                batch = self._take()
+                if not batch:
+                    return
+                await self._round(batch)
+        finally:
+            self._rounds -= 1
+
+    async def _round(self, batch: list[tuple[NewArrival, asyncio.Future[int | None]]]) -> None:
+        arrivals = [arrival for arrival, _ in batch]
+        self.statements += 1
+        try:
+            if len(arrivals) == 1:
+                pks: list[int | None] = [await self._run_one(arrivals[0])]
+            else:
+                pks = await self._run_batch(arrivals)
+        except asyncio.CancelledError:  # the store is closing: nobody is left hanging
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as err:
+            if len(arrivals) == 1:
+                _settle(batch[0][1], error=err)
+                return
+            self.apart += 1
+            await asyncio.gather(*(self._alone(arrival, future) for arrival, future in batch))
+            return
+        for (_, future), pk in zip(batch, pks, strict=True):
+            _settle(future, pk)
+
+    async def _alone(self, arrival: NewArrival, future: asyncio.Future[int | None]) -> None:
+        try:
+            pk = await self._run_one(arrival)
+        except Exception as err:
+            _settle(future, error=err)
+        else:
+            _settle(future, pk)
+
+
+def _settle(
+    future: asyncio.Future[int | None], pk: int | None = None, error: Exception | None = None
+) -> None:
+    if future.done():  # its caller stopped waiting
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(pk)
