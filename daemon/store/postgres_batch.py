@@ -5,8 +5,9 @@ commit, as SQLite's writer commits a batch of jobs in one transaction.
 The first arrival starts a round at once (the next turn of the event loop, so the arrivals of
 one turn go together); the arrivals that come while rounds are running wait for the next one.
 At most ROUNDS rounds run at a time, each of at most MAX_BATCH arrivals. An arrival whose
-(source, conversion_id) is already in the round being made waits for the next one (its second
-webhook then finds the conversion stored and takes the locking path, as it would alone).
+(source, conversion_id) is in the round being made or in one running waits for a round after
+it: a conversion's arrivals are written in the order they came (its second webhook finds it
+stored and takes the locking path, as it would alone).
 
 A round's statement is atomic: if it fails, nothing of it was written, and each of its arrivals
 is sent again on its own (``arrive_new``), so one arrival's failure is its own (a value the
@@ -93,6 +94,7 @@ class NewArrivals:
         self._max_batch = max_batch
         self._waiting: deque[tuple[NewArrival, asyncio.Future[int | None]]] = deque()
         self._rounds = 0  # running now
+        self._sending: set[tuple[str, str]] = set()  # the conversions of the rounds running
         self._tasks: set[asyncio.Task[None]] = set()
         self.statements = 0  # rounds sent, for tests
         self.apart = 0  # rounds that failed and were sent again one by one
@@ -109,8 +111,11 @@ class NewArrivals:
         return await future
 
     def _take(self) -> list[tuple[NewArrival, asyncio.Future[int | None]]]:
+        """The next round: the first arrivals waiting, leaving for a later round those whose
+        conversion is in this one or in a round running (the round that has it ends first, so
+        a conversion's arrivals are written in the order they came)."""
         taken: list[tuple[NewArrival, asyncio.Future[int | None]]] = []
-        keys: set[tuple[str, str]] = set()
+        sending = self._sending
         later: list[tuple[NewArrival, asyncio.Future[int | None]]] = []
         waiting = self._waiting
         while waiting and len(taken) < self._max_batch:
@@ -118,10 +123,10 @@ class NewArrivals:
             if item[1].done():  # its caller stopped waiting (cancelled): not sent
                 continue
             key = (item[0].source, item[0].conversion_id)
-            if key in keys:
+            if key in sending:
                 later.append(item)
             else:
-                keys.add(key)
+                sending.add(key)
                 taken.append(item)
         waiting.extendleft(reversed(later))
         return taken
@@ -130,9 +135,14 @@ class NewArrivals:
         try:
             while True:
                 batch = self._take()
-                if not batch:
-                    return
-                await self._round(batch)
+                if not batch:  # (what still waits belongs to a running round's conversions:
+                    return  # the task running that round takes it when the round ends)
+                try:
+                    await self._round(batch)
+                finally:
+                    self._sending.difference_update(
+                        (arrival.source, arrival.conversion_id) for arrival, _ in batch
+                    )
         finally:
             self._rounds -= 1
 
