@@ -100,10 +100,10 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         self._q = load_queries("postgres")
         self._pool: Any = None
         # Conversions this node has stored lately: their next arrival goes straight to the
-        # locking path; any other is tried as new in one round trip (arrive_new), together with
+        # locking path; any other is tried as new in one round trip (arrive_new_batch), with
         # the other new arrivals of the moment (daemon/store/postgres_batch.py).
         self._known: dict[tuple[str, str], None] = {}
-        self._new_arrivals = NewArrivals(self._arrive_batch, self._arrive_one)
+        self._new_arrivals = NewArrivals(self._arrive_batch)
 
     async def migrate(self) -> list[str]:
         """Apply pending migrations (under the advisory lock); the names applied."""
@@ -202,9 +202,9 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
     async def _arrive_new(
         self, source: str, conversion: Conversion, now: datetime, plan: Planner
     ) -> ArrivalResult | None:
-        """A new conversion in one round trip (arrive_new, or arrive_new_batch with the other
-        new arrivals of the moment), or None when it exists already (nothing written: the
-        caller takes the locking path). The plan is made for a new conversion before the
+        """A new conversion in one round trip (arrive_new_batch, with the other new arrivals of
+        the moment), or None when it exists already (nothing written: the caller takes the
+        locking path). The plan is made for a new conversion before the
         statement. Only for a conversion this node has not stored lately (record_arrival): when
         another node stored it, the locking path asks the planner again, for the real
         transition, and only that plan is written."""
@@ -233,29 +233,6 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         )
         pk = await self._new_arrivals.arrive(arrival)
         return None if pk is None else write.result(source, conversion.conversion_id)
-
-    async def _arrive_one(self, a: NewArrival) -> int | None:
-        deliveries = a.deliveries
-        pk: int | None = await self._statement(
-            "fetchval",
-            self._q["arrive_new"],
-            a.source,
-            a.conversion_id,
-            a.status,
-            a.event_time,
-            a.fields,
-            a.received_at,
-            a.transition,
-            a.data,
-            a.values,
-            [d.delivery_id for d in deliveries],
-            [d.postback_id for d in deliveries],
-            [d.action for d in deliveries],
-            [d.destination for d in deliveries],
-            [d.affiliate_owner for d in deliveries],
-            [d.idempotency_key for d in deliveries],
-        )
-        return pk
 
     async def _arrive_batch(self, arrivals: Sequence[NewArrival]) -> list[int | None]:
         found = await self._statement("fetch", self._q["arrive_new_batch"], *batch_args(arrivals))

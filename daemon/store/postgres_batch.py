@@ -10,7 +10,7 @@ it: a conversion's arrivals are written in the order they came (its second webho
 stored and takes the locking path, as it would alone).
 
 A round's statement is atomic: if it fails, nothing of it was written, and each of its arrivals
-is sent again on its own (``arrive_new``), so one arrival's failure is its own (a value the
+is sent again in a round of its own, so one arrival's failure is its own (a value the
 server refuses), and a failure of the server or the connection reaches every caller as the
 StoreError it would have had alone. A statement whose answer was lost after its commit is no
 different from a lone arrival's: each one sent again finds its conversion stored and takes the
@@ -39,7 +39,7 @@ class NewDeliveryRow(NamedTuple):
 
 
 class NewArrival(NamedTuple):
-    """arrive_new's parameters for one arrival of a conversion not stored yet."""
+    """One arrival of a conversion not stored yet: its part of arrive_new_batch's arrays."""
 
     source: str
     conversion_id: str
@@ -53,10 +53,8 @@ class NewArrival(NamedTuple):
     deliveries: Sequence[NewDeliveryRow]
 
 
-# The store's two statements: a round (one pk or None per arrival, in order), and one arrival
-# alone (its pk or None). Both raise StoreError.
+# The store's statement for a round: one pk or None per arrival, in order; raises StoreError.
 RunBatch = Callable[[Sequence[NewArrival]], Awaitable[list[int | None]]]
-RunOne = Callable[[NewArrival], Awaitable[int | None]]
 
 
 def batch_args(arrivals: Sequence[NewArrival]) -> tuple[list[object], ...]:
@@ -88,9 +86,8 @@ def batch_args(arrivals: Sequence[NewArrival]) -> tuple[list[object], ...]:
 class NewArrivals:
     """The rounds of one store (see the module's docstring)."""
 
-    def __init__(self, run_batch: RunBatch, run_one: RunOne, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, run_batch: RunBatch, *, max_batch: int = MAX_BATCH) -> None:
         self._run_batch = run_batch
-        self._run_one = run_one
         self._max_batch = max_batch
         self._waiting: deque[tuple[NewArrival, asyncio.Future[int | None]]] = deque()
         self._rounds = 0  # running now
@@ -150,10 +147,7 @@ class NewArrivals:
         arrivals = [arrival for arrival, _ in batch]
         self.statements += 1
         try:
-            if len(arrivals) == 1:
-                pks: list[int | None] = [await self._run_one(arrivals[0])]
-            else:
-                pks = await self._run_batch(arrivals)
+            pks = await self._run_batch(arrivals)
         except asyncio.CancelledError:  # the store is closing: nobody is left hanging
             for _, future in batch:
                 future.cancel()
@@ -170,7 +164,7 @@ class NewArrivals:
 
     async def _alone(self, arrival: NewArrival, future: asyncio.Future[int | None]) -> None:
         try:
-            pk = await self._run_one(arrival)
+            [pk] = await self._run_batch([arrival])
         except Exception as err:
             _settle(future, error=err)
         else:

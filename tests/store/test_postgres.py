@@ -100,7 +100,7 @@ async def test_an_unreachable_server_is_a_store_error() -> None:
 
 
 async def test_a_conversion_another_node_stored_takes_the_locking_path(pg_dsn: str) -> None:
-    """A node tries a conversion it has not seen as new in one statement (arrive_new); when
+    """A node tries a conversion it has not seen as new in one statement (arrive_new_batch); when
     another node stored it, that statement writes nothing, the planner is asked again for the
     real transition, and only that plan is written."""
     first, second = PostgresStore(pg_dsn), PostgresStore(pg_dsn)

@@ -237,42 +237,12 @@ WHERE id IN (
     ORDER BY held_due, id
     LIMIT $3);
 
--- name: arrive_new
--- A new conversion's whole arrival in one statement (one round trip, no BEGIN/COMMIT of its
--- own: a single statement is atomic): the conversion, its first arrival and its deliveries
--- ($10..$15: one array per column). When the conversion exists already, the INSERT does
--- nothing, neither do the others, and the answer is no row: the caller then takes the
--- locking path (insert_conversion, lock_conversion) in a transaction.
-WITH c AS (
-    INSERT INTO conversion
-        (source, conversion_id, status, status_event_time, fields, created_at, updated_at)
-    VALUES ($1, $2, $3, $4, $5::jsonb, $6, $6)
-    ON CONFLICT (source, conversion_id) DO NOTHING
-    RETURNING id
-), a AS (
-    INSERT INTO arrival
-        (conversion_pk, seq, transition, status, event_time, received_at, data, vals)
-    SELECT c.id, 1, $7, $3, $4, $6, $8::jsonb, $9::jsonb FROM c
-    RETURNING conversion_pk
-), d AS (
-    INSERT INTO delivery
-        (id, conversion_pk, arrival_seq, source, conversion_id, postback_id, action,
-         destination, affiliate_owner, idempotency_key, state, created_at, updated_at,
-         next_attempt_at)
-    SELECT x.id, a.conversion_pk, 1, $1, $2, x.postback_id, x.action, x.destination,
-           x.affiliate_owner, x.idempotency_key, 'queued', $6, $6, $6
-    FROM a, unnest($10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[],
-                   $15::text[])
-         AS x(id, postback_id, action, destination, affiliate_owner, idempotency_key)
-)
-SELECT conversion_pk FROM a;
-
 -- name: arrive_new_batch
--- arrive_new for several new conversions at once (daemon/store/postgres_batch.py): one
--- statement, one round trip and one commit for the arrivals of new conversions that came
--- together. $1..$9: one array per column, one element per arrival, no (source, conversion_id)
--- twice; $10..$16: the deliveries, one element each, $10 the ordinal (from 1) of the arrival
--- they belong to. The answer is a row per arrival, in order: the new conversion's id, or null
+-- The whole arrival of new conversions (one, or several that came together:
+-- daemon/store/postgres_batch.py) in one statement, one round trip and one commit (a single
+-- statement is atomic): each conversion, its first arrival and its deliveries. $1..$9: one
+-- array per column, one element per arrival, no (source, conversion_id) twice; $10..$16: the
+-- deliveries, one element each, $10 the ordinal (from 1) of the arrival they belong to. The answer is a row per arrival, in order: the new conversion's id, or null
 -- when it exists already (nothing of that arrival written: its caller takes the locking path).
 WITH input AS (
     SELECT *
