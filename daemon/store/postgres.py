@@ -39,7 +39,7 @@ from daemon.store.common import (
     prepare_arrival,
     utc,
 )
-from daemon.store.postgres_batch import NewArrival, NewArrivals, NewDeliveryRow, batch_args
+from daemon.store.postgres_batch import NewArrival, NewArrivals, batch_args
 from daemon.store.postgres_schema import apply_migrations
 from daemon.store.queries import load_queries
 from daemon.store.replay_postgres import PostgresReplay
@@ -204,10 +204,10 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
     ) -> ArrivalResult | None:
         """A new conversion in one round trip (arrive_new_batch, with the other new arrivals of
         the moment), or None when it exists already (nothing written: the caller takes the
-        locking path). The plan is made for a new conversion before the
-        statement. Only for a conversion this node has not stored lately (record_arrival): when
-        another node stored it, the locking path asks the planner again, for the real
-        transition, and only that plan is written."""
+        locking path). The plan is made for a new conversion before the statement. Only for a
+        conversion this node has not stored lately (record_arrival): when another node stored
+        it, the locking path asks the planner again, for the real transition, and only that
+        plan is written."""
         write = prepare_arrival(source, conversion, now, None, plan)
         arrival = NewArrival(
             source,
@@ -219,17 +219,7 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             write.transition.value,
             rows.dumps(write.data),
             rows.dumps(write.values),
-            [
-                NewDeliveryRow(
-                    d.delivery_id,
-                    d.planned.postback_id,
-                    d.planned.action,
-                    d.planned.destination,
-                    d.planned.affiliate_owner,
-                    d.idempotency_key,
-                )
-                for d in write.deliveries
-            ],
+            write.deliveries,
         )
         pk = await self._new_arrivals.arrive(arrival)
         return None if pk is None else write.result(source, conversion.conversion_id)

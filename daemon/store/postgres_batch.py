@@ -25,17 +25,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import NamedTuple
 
+from daemon.store.common import NewDelivery
+
 MAX_BATCH = 256
 ROUNDS = 2
-
-
-class NewDeliveryRow(NamedTuple):
-    delivery_id: str
-    postback_id: int
-    action: str
-    destination: str
-    affiliate_owner: str | None
-    idempotency_key: str
 
 
 class NewArrival(NamedTuple):
@@ -50,7 +43,7 @@ class NewArrival(NamedTuple):
     transition: str
     data: str  # JSON text
     values: str  # JSON text
-    deliveries: Sequence[NewDeliveryRow]
+    deliveries: Sequence[NewDelivery]  # prepare_arrival's
 
 
 # The store's statement for a round: one pk or None per arrival, in order; raises StoreError.
@@ -61,7 +54,19 @@ def batch_args(arrivals: Sequence[NewArrival]) -> list[list[object]]:
     """arrive_new_batch's 16 arrays: the arrivals' first 9 fields, column by column (NewArrival
     keeps the statement's order), then the deliveries', each led by its arrival's ordinal."""
     columns = [list(column) for column in zip(*(a[:9] for a in arrivals), strict=True)]
-    deliveries = [(n, *d) for n, a in enumerate(arrivals, start=1) for d in a.deliveries]
+    deliveries = [
+        (
+            n,
+            d.delivery_id,
+            d.planned.postback_id,
+            d.planned.action,
+            d.planned.destination,
+            d.planned.affiliate_owner,
+            d.idempotency_key,
+        )
+        for n, a in enumerate(arrivals, start=1)
+        for d in a.deliveries
+    ]
     if not deliveries:
         return [*columns, *([] for _ in range(7))]
     return [*columns, *(list(column) for column in zip(*deliveries, strict=True))]

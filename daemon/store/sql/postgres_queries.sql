@@ -242,8 +242,9 @@ WHERE id IN (
 -- daemon/store/postgres_batch.py) in one statement, one round trip and one commit (a single
 -- statement is atomic): each conversion, its first arrival and its deliveries. $1..$9: one
 -- array per column, one element per arrival, no (source, conversion_id) twice; $10..$16: the
--- deliveries, one element each, $10 the ordinal (from 1) of the arrival they belong to. The answer is a row per arrival, in order: the new conversion's id, or null
--- when it exists already (nothing of that arrival written: its caller takes the locking path).
+-- deliveries, one element each, $10 the ordinal (from 1) of the arrival they belong to. The
+-- answer is a row per arrival, in order: the new conversion's id, or null when it exists
+-- already (nothing of that arrival written: its caller takes the locking path).
 WITH input AS (
     SELECT *
     FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[],
@@ -257,7 +258,7 @@ WITH input AS (
     SELECT source, conversion_id, status, event_time, fields::jsonb, received_at, received_at
     FROM input
     -- In key order: two nodes' rounds that share conversions (a tracker's retry sent to the
-    -- other node) wait for each other in one order, never each for the other (a deadlock).
+    -- other node) wait for each other in one order, not each for the other (a deadlock).
     ORDER BY source, conversion_id
     ON CONFLICT (source, conversion_id) DO NOTHING
     RETURNING id, source, conversion_id
