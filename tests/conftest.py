@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -12,11 +13,17 @@ from tests.harness import Sink, connect_tripwire
 
 @pytest.fixture(autouse=True)
 def _logging_as_a_new_process_has_it() -> Iterator[None]:
-    """Every test ends with structlog as a new process has it (its defaults): a command run
-    in-process sets its own logging (warnings and up, on stderr), which must not outlive the
-    test, or the next one's capture_logs() would miss its info lines."""
+    """Every test ends with logging as a new process has it: structlog's defaults, no bound
+    context variables, and the root logger's handlers and level as they were. A command run
+    in-process, or configure_logging, sets its own (warnings and up, on stderr), which must not
+    outlive the test, or the next one's capture_logs() would miss its info lines."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
     structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -16,16 +16,6 @@ from daemon import fastjson
 from daemon.log import _JsonLine, _mask_pii, _Stamp, configure_logging, mask
 
 
-@pytest.fixture(autouse=True)
-def _reset() -> object:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def test_library_warnings_become_one_masked_json_line() -> None:
     """asyncpg logs its pool's reconnect failures through the standard logging module, with a
     traceback: they must come out as one JSON line each, a DSN's password masked."""

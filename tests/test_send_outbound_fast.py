@@ -12,6 +12,7 @@ from yarl import URL
 from daemon import outbound
 from daemon.errors import PermanentError
 from daemon.outbound import Guard, OutboundHttp, _parse_url
+from tests.test_outbound import RawServer
 
 
 def test_a_rendered_url_is_parsed_without_the_full_parse(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,24 +57,9 @@ def test_an_unusable_url_is_still_refused() -> None:
     assert caught.value.reason == "bad_url"
 
 
-class _KeepAlive:
+class _KeepAlive(RawServer):
     """A loopback HTTP/1.1 server that keeps connections open and counts them; /parts answers
     with a chunked body written in three pieces, a moment apart."""
-
-    def __init__(self) -> None:
-        self.accepted = 0
-        self.port = 0
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> _KeepAlive:
-        self.server = await asyncio.start_server(self._on_client, "127.0.0.1", 0)
-        self.port = int(self.server.sockets[0].getsockname()[1])
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1

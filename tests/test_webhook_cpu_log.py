@@ -16,17 +16,6 @@ from structlog.testing import capture_logs
 from daemon.log import configure_logging
 
 
-@pytest.fixture(autouse=True)
-def _reset() -> object:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 class _Thing:
     def __repr__(self) -> str:
         return "<a thing>"
