@@ -72,6 +72,15 @@ def connect(path: Path, busy_timeout: float, *, readonly: bool = False) -> sqlit
         conn.execute("PRAGMA foreign_keys=ON")
         if readonly:
             conn.execute("PRAGMA query_only=ON")
+        else:
+            # The writer's statement journals (its batch's savepoint: the first copy of each
+            # page a batch changes) stay in memory. On disk they went to a file in /var/tmp
+            # once over 64 KiB, every batch under load: a full /var/tmp (or /tmp) then failed
+            # every write with "database or disk is full" although the store's disk had room,
+            # and the pages were written twice more (docs/benchmarks.md). Their size is that
+            # of the pages one batch changes. Readers keep temp files: a large sort of theirs
+            # does not grow the process.
+            conn.execute("PRAGMA temp_store=MEMORY")
     except sqlite3.Error:
         conn.close()
         raise

@@ -156,3 +156,46 @@ async def test_the_disk_full_while_conversions_and_claims_flow_then_space_freed(
     failed = [e["loop"] for e in node.events("loop_failing")]
     assert [e["loop"] for e in node.events("loop_recovered")] == failed
     assert_no_unexplained_duplicates(fault_sink)
+
+
+# One write batch that changes far more than 64 KiB of pages already in the file: a claim of
+# every delivery of 400 conversions committed before it (SQLite keeps the first copy of each
+# page a batch changes, in memory up to 64 KiB, then in a temporary file unless told not to).
+BIG_BATCH = """
+import asyncio, sys
+from datetime import timedelta
+from pathlib import Path
+from daemon.store.sqlite import SQLiteStore
+from tests.store.support import T0, arrive, conversion
+
+async def main(path):
+    store = SQLiteStore(Path(path))
+    await store.open()
+    try:
+        await asyncio.gather(*(arrive(store, conversion(f"c{i}")) for i in range(400)))
+        claims = await store.claim_due("n1", T0 + timedelta(seconds=1), 1000, timedelta(minutes=5))
+        print(len(claims), store.commits)
+    finally:
+        await store.close()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_full_temp_directory_does_not_fail_the_writes(tmp_path: Path) -> None:
+    """SQLite's temporary files go to SQLITE_TMPDIR, TMPDIR, /var/tmp or /tmp, not beside the
+    store: the writer keeps its statement journals in memory, so a full temporary directory
+    (another program filled /tmp) does not fail a write while the store's own disk has room."""
+    with small_tmpfs(tmp_path / "tmp", "1m") as tmp:
+        fill(tmp)
+        env = {**os.environ, "SQLITE_TMPDIR": str(tmp), "TMPDIR": str(tmp)}
+        done = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", BIG_BATCH, str(tmp_path / "store.db"),
+            cwd=Path(__file__).parents[2], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await done.communicate()
+    assert done.returncode == 0, err.decode()[-2000:]
+    claimed, commits = map(int, out.split())
+    assert claimed == 800  # two deliveries each, every one in the one claim
+    assert commits >= 2  # the arrivals committed before the claim's batch

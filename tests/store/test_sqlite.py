@@ -112,8 +112,14 @@ async def test_durability_settings(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY: the writer's
     finally:
         conn.close()
+    reader = connect(tmp_path / "s.db", 1.0, readonly=True)
+    try:
+        assert reader.execute("PRAGMA temp_store").fetchone()[0] == 0  # the default: files
+    finally:
+        reader.close()
 
 
 async def test_a_locked_database_is_a_store_error(tmp_path: Path) -> None:
