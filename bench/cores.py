@@ -5,19 +5,25 @@ PostgreSQL (when reachable).
 On a machine with few cores the generator cannot be kept off the daemon's cores, so the run
 says what was pinned where (taskset): the workers get CPUs 1..N-1 when there are 3 cores or
 more, and the generator CPU 0; with 2 cores, 1 worker runs on CPU 1 and 2 workers on CPUs 0-1,
-with the generator on CPU 0 in both runs (2 workers then share a core with wrk).
+with the generator on CPU 0 in both runs (2 workers then share a core with wrk). Then, where
+cgroup CPU quotas can be set (root), the same with each process of the node capped at a quarter
+of a core instead of pinned (bench/quota.py): a machine with a core per worker, simulated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from bench import handoff, sections
 from bench import http_figures as hf
+from bench import quota as cpu_quota
 from bench.context import Context, sqlite_stored, sqlite_url
 from bench.procs import Daemon
 
@@ -62,14 +68,51 @@ async def workers(ctx: Context) -> None:
                                   sqlite_stored(path))  # fmt: skip
     if rates.get(1) and rates.get(2):
         report.ratio("ingest SQLite, 2 workers / 1", rates[2], rates[1], f"{cores} cores")
-    if ctx.pg_dsn is None or await sections.pg_reachable(ctx.pg_dsn) is not None:
+    pg = ctx.pg_dsn is not None and await sections.pg_reachable(ctx.pg_dsn) is None
+    if not pg:
         report.note("PostgreSQL: skipped (no server)")
+    else:
+        assert ctx.pg_dsn is not None
+        for count in (1, 2):
+            async with sections._schema(ctx.pg_dsn) as (url, stored):
+                rates[count] = await _one(ctx, f"PostgreSQL, workers {count}", url, count, stored)
+        if rates.get(1) and rates.get(2):
+            report.ratio("ingest PostgreSQL, 2 workers / 1", rates[2], rates[1], f"{cores} cores")
+    await _capped(ctx, pg)
+
+
+async def _capped(ctx: Context, pg: bool) -> None:
+    """Workers 1 against 2 with every process of the node capped at NODE_QUOTA of a core
+    (bench/quota.py): the scaling a machine with a core per worker would show, simulated."""
+    report = ctx.report
+    problem = cpu_quota.unavailable()
+    if problem is not None:
+        report.note(f"workers capped by CPU quota: skipped ({problem})")
         return
-    for count in (1, 2):
-        async with sections._schema(ctx.pg_dsn) as (url, stored):
-            rates[count] = await _one(ctx, f"PostgreSQL, workers {count}", url, count, stored)
-    if rates.get(1) and rates.get(2):
-        report.ratio("ingest PostgreSQL, 2 workers / 1", rates[2], rates[1], f"{cores} cores")
+    share = sections.NODE_QUOTA
+    report.note(
+        f"simulated: each process of the node capped at {share:.0%} of one core by a cgroup CPU "
+        "quota, as if each worker had a core of its own and the store and wrk the rest; no "
+        "taskset (rates and CPU per conversion only, see bench/quota.py)"
+    )
+    stores: list[tuple[str, Callable[[], Any]]] = [("SQLite", lambda: _sqlite_store(ctx))]
+    dsn = ctx.pg_dsn
+    if pg and dsn is not None:
+        stores.append(("PostgreSQL", lambda: sections._schema(dsn)))
+    for kind, opened in stores:
+        rates: dict[int, float] = {}
+        for count in (1, 2):
+            async with opened() as (url, stored):
+                name = f"{kind}, workers {count}, each capped at {share:.0%} of a core"
+                rates[count] = await _one(ctx, name, url, count, stored, quota=share)
+        if rates.get(1) and rates.get(2):
+            report.ratio(f"ingest {kind}, 2 capped workers / 1", rates[2], rates[1], "2.0 = linear")
+
+
+@asynccontextmanager
+async def _sqlite_store(ctx: Context) -> AsyncIterator[tuple[str, Callable[[str], Awaitable[int]]]]:
+    path = ctx.workdir / f"workers-capped-{uuid.uuid4().hex[:6]}.db"
+    yield sqlite_url(path), sqlite_stored(path)
 
 
 async def _handoff(ctx: Context) -> None:
@@ -102,10 +145,22 @@ async def _handoff(ctx: Context) -> None:
 
 
 async def _one(
-    ctx: Context, name: str, store: str, count: int, stored: Callable[[str], Awaitable[int]]
+    ctx: Context,
+    name: str,
+    store: str,
+    count: int,
+    stored: Callable[[str], Awaitable[int]],
+    *,
+    quota: float | None = None,
 ) -> float:
-    daemon_cpus, gen_cpus = _plan(os.cpu_count() or 1, count)
-    ctx.report.note(f"{name}: daemon on CPUs {daemon_cpus}, wrk on CPU {gen_cpus}")
+    """Ingest of one node with `count` workers: pinned by taskset, or else each of its
+    processes capped at `quota` of a core."""
+    if quota is None:
+        daemon_cpus, gen_cpus = _plan(os.cpu_count() or 1, count)
+        ctx.report.note(f"{name}: daemon on CPUs {daemon_cpus}, wrk on CPU {gen_cpus}")
+    else:
+        daemon_cpus = gen_cpus = None
+    caps: list[cpu_quota.CpuQuota] = []
     daemon = ctx.daemon_with(
         name.replace(", ", "-").replace(" ", "-"),
         store,
@@ -116,11 +171,16 @@ async def _one(
     try:
         await _ready(daemon, count)
         pids = [daemon.pid, *children(daemon.pid)] if count > 1 else [daemon.pid]
+        for pid in pids if quota is not None else ():
+            caps.append(cpu_quota.CpuQuota(quota))  # a group each: a core each, simulated
+            caps[-1].add(pid)
         target = hf.Target(name, [daemon.url], 1, pids)
         got = await hf.ingest(ctx.report, target, replace(ctx.opts, gen_cpus=gen_cpus), stored)
         return got.rate
     finally:
         daemon.stop()
+        for cap in caps:
+            cap.close()
 
 
 async def _ready(daemon: Daemon, count: int) -> None:

@@ -12,6 +12,7 @@ from dataclasses import replace
 import asyncpg  # type: ignore[import-untyped]
 
 from bench import http_figures as hf
+from bench import quota as cpu_quota
 from bench.context import Context, sqlite_stored, sqlite_url
 from bench.procs import Daemon
 from bench.report import filesystem_of
@@ -20,6 +21,9 @@ from bench.rulesgen import PER_OFFER
 SQLITE_DB = "sqlite.db"
 DEFAULT_PER_HOST = 8  # outbound.per_host_concurrency as shipped
 RAISED_PER_HOST = 64
+# Each node's share of a core when nodes are capped (bench/quota.py): 3 capped nodes take 0.75
+# of this machine's 2 cores, leaving the rest to PostgreSQL, wrk and the sink.
+NODE_QUOTA = 0.25
 
 
 async def _sqlite_daemon(ctx: Context) -> Daemon:
@@ -222,6 +226,7 @@ async def postgres(ctx: Context) -> None:
         one, three = figures.get(f"{kind}_pg1"), figures.get(f"{kind}_pg3")
         if one and three:
             report.ratio(f"{kind} PG 3 nodes / 1 node", three, one, "")
+    await _pg_capped(ctx)
     sqlite = {"ingest": figures.get("ingest_sqlite"), "e2e": figures.get("e2e_sqlite_raised")}
     for kind, base in sqlite.items():
         one = figures.get(f"{kind}_pg1")
@@ -229,23 +234,56 @@ async def postgres(ctx: Context) -> None:
             report.ratio(f"{kind} PG 1 node / SQLite", one, base, "same per-host limit")
 
 
-async def _pg_cluster(ctx: Context, nodes: int) -> None:
+async def _pg_capped(ctx: Context) -> None:
+    """One node against three with each node capped at NODE_QUOTA of a core (bench/quota.py):
+    how the cluster scales with its nodes' cores where the machine has them, simulated."""
+    report = ctx.report
+    problem = cpu_quota.unavailable()
+    if problem is not None:
+        report.note(f"nodes capped by CPU quota: skipped ({problem})")
+        return
+    report.note(
+        f"simulated: each node capped at {NODE_QUOTA:.0%} of one core by a cgroup CPU quota, as "
+        "if each ran on a small machine of its own; PostgreSQL, wrk and the sink share the rest "
+        f"of the {os.cpu_count()} cores (rates and CPU per conversion only: a capped node waits "
+        f"for its next share every {cpu_quota.PERIOD_US // 1000} ms, so its latency is not a "
+        "real machine's)"
+    )
+    for nodes in (1, 3):
+        await _pg_cluster(ctx, nodes, NODE_QUOTA)
+    figures = ctx.figures
+    for kind in ("ingest", "e2e"):
+        one, three = figures.get(f"{kind}_pg1_capped"), figures.get(f"{kind}_pg3_capped")
+        if one and three:
+            report.ratio(f"{kind} PG 3 capped nodes / 1 capped node", three, one, "3.0 = linear")
+
+
+async def _pg_cluster(ctx: Context, nodes: int, quota: float | None = None) -> None:
     assert ctx.pg_dsn is not None
     report, opts = ctx.report, ctx.opts
     rules = await ctx.rules(large=False)
+    caps: list[cpu_quota.CpuQuota] = []
     async with _schema(ctx.pg_dsn) as (url, stored):
         per_host = ctx.per_host or RAISED_PER_HOST
         daemons = [ctx.daemon(f"pg{nodes}-{i}", url, rules, per_host) for i in range(nodes)]
         try:
             for daemon in daemons:
                 await daemon.ready_daemon()
+                if quota is not None:  # capped once started: its start is not measured
+                    caps.append(cpu_quota.CpuQuota(quota))
+                    caps[-1].add(daemon.pid)
             name = f"PostgreSQL {nodes} node{'s' if nodes > 1 else ''}, per-host {per_host}"
+            if quota is not None:
+                name += f", each capped at {quota:.0%} of a core"
+            key = f"pg{nodes}" + ("" if quota is None else "_capped")
             target = hf.Target(name, [d.url for d in daemons], 1, [d.pid for d in daemons])
             got = await hf.ingest(report, target, opts, stored)
-            ctx.figures[f"ingest_pg{nodes}"] = got.rate
+            ctx.figures[f"ingest_{key}"] = got.rate
             e2e = await _e2e(ctx, target)
             if e2e is not None:
-                ctx.figures[f"e2e_pg{nodes}"] = e2e
+                ctx.figures[f"e2e_{key}"] = e2e
         finally:
             for daemon in daemons:
                 daemon.stop()  # before the schema is dropped
+            for cap in caps:
+                cap.close()
