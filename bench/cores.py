@@ -100,13 +100,18 @@ async def _capped(ctx: Context, pg: bool) -> None:
     if pg and dsn is not None:
         stores.append(("PostgreSQL", lambda: sections._schema(dsn)))
     for kind, opened in stores:
-        rates: dict[int, float] = {}
-        for count in (1, 2):
-            async with opened() as (url, stored):
-                name = f"{kind}, workers {count}, each capped at {share:.0%} of a core"
-                rates[count] = await _one(ctx, name, url, count, stored, quota=share)
-        if rates.get(1) and rates.get(2):
-            report.ratio(f"ingest {kind}, 2 capped workers / 1", rates[2], rates[1], "2.0 = linear")
+        # 1 worker and 2 alternate twice (a capped process's figures vary from one start to
+        # the next): the ratio is that of the two rounds' means.
+        rates: dict[int, list[float]] = {1: [], 2: []}
+        for again in ("", " (again)"):
+            for count in (1, 2):
+                async with opened() as (url, stored):
+                    name = f"{kind}, workers {count}, each capped at {share:.0%} of a core{again}"
+                    rates[count].append(await _one(ctx, name, url, count, stored, quota=share))
+        if all(rates[1]) and all(rates[2]):
+            one, two = sum(rates[1]) / 2, sum(rates[2]) / 2
+            note = "2.0 = linear; means of 2 alternating rounds"
+            report.ratio(f"ingest {kind}, 2 capped workers / 1", two, one, note)
 
 
 @asynccontextmanager

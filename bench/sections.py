@@ -249,16 +249,32 @@ async def _pg_capped(ctx: Context) -> None:
         f"for its next share every {cpu_quota.PERIOD_US // 1000} ms, so its latency is not a "
         "real machine's)"
     )
+    # A capped node's figures vary from one start to the next (a fifth, seen): 1 node and 3
+    # alternate twice for ingest, whose ratio is that of the two rounds' means.
     for nodes in (1, 3):
         await _pg_cluster(ctx, nodes, NODE_QUOTA)
+    for nodes in (1, 3):
+        await _pg_cluster(ctx, nodes, NODE_QUOTA, e2e=False, tag="_again")
     figures = ctx.figures
-    for kind in ("ingest", "e2e"):
-        one, three = figures.get(f"{kind}_pg1_capped"), figures.get(f"{kind}_pg3_capped")
-        if one and three:
-            report.ratio(f"{kind} PG 3 capped nodes / 1 capped node", three, one, "3.0 = linear")
+    ingest = {
+        n: [
+            figures.get(f"ingest_pg{n}_capped", 0.0),
+            figures.get(f"ingest_pg{n}_capped_again", 0.0),
+        ]
+        for n in (1, 3)
+    }
+    if all(all(rates) for rates in ingest.values()):
+        one, three = sum(ingest[1]) / 2, sum(ingest[3]) / 2
+        note = "3.0 = linear; means of 2 alternating rounds"
+        report.ratio("ingest PG 3 capped nodes / 1 capped node", three, one, note)
+    one, three = figures.get("e2e_pg1_capped"), figures.get("e2e_pg3_capped")
+    if one and three:
+        report.ratio("e2e PG 3 capped nodes / 1 capped node", three, one, "3.0 = linear")
 
 
-async def _pg_cluster(ctx: Context, nodes: int, quota: float | None = None) -> None:
+async def _pg_cluster(
+    ctx: Context, nodes: int, quota: float | None = None, *, e2e: bool = True, tag: str = ""
+) -> None:
     assert ctx.pg_dsn is not None
     report, opts = ctx.report, ctx.opts
     rules = await ctx.rules(large=False)
@@ -275,13 +291,15 @@ async def _pg_cluster(ctx: Context, nodes: int, quota: float | None = None) -> N
             name = f"PostgreSQL {nodes} node{'s' if nodes > 1 else ''}, per-host {per_host}"
             if quota is not None:
                 name += f", each capped at {quota:.0%} of a core"
+            if tag:
+                name += " (again)"
             key = f"pg{nodes}" + ("" if quota is None else "_capped")
             target = hf.Target(name, [d.url for d in daemons], 1, [d.pid for d in daemons])
             got = await hf.ingest(report, target, opts, stored)
-            ctx.figures[f"ingest_{key}"] = got.rate
-            e2e = await _e2e(ctx, target)
-            if e2e is not None:
-                ctx.figures[f"e2e_{key}"] = e2e
+            ctx.figures[f"ingest_{key}{tag}"] = got.rate
+            rate = await _e2e(ctx, target) if e2e else None
+            if rate is not None:
+                ctx.figures[f"e2e_{key}{tag}"] = rate
         finally:
             for daemon in daemons:
                 daemon.stop()  # before the schema is dropped
