@@ -165,7 +165,6 @@ async def _one(
         ctx.report.note(f"{name}: daemon on CPUs {daemon_cpus}, wrk on CPU {gen_cpus}")
     else:
         daemon_cpus = gen_cpus = None
-    caps: list[cpu_quota.CpuQuota] = []
     daemon = ctx.daemon_with(
         name.replace(", ", "-").replace(" ", "-"),
         store,
@@ -176,16 +175,13 @@ async def _one(
     try:
         await _ready(daemon, count)
         pids = [daemon.pid, *children(daemon.pid)] if count > 1 else [daemon.pid]
-        for pid in pids if quota is not None else ():
-            caps.append(cpu_quota.CpuQuota(quota))  # a group each: a core each, simulated
-            caps[-1].add(pid)
         target = hf.Target(name, [daemon.url], 1, pids)
-        got = await hf.ingest(ctx.report, target, replace(ctx.opts, gen_cpus=gen_cpus), stored)
+        opts = replace(ctx.opts, gen_cpus=gen_cpus)
+        with cpu_quota.each_capped(pids, quota):
+            got = await hf.ingest(ctx.report, target, opts, stored)
         return got.rate
     finally:
         daemon.stop()
-        for cap in caps:
-            cap.close()
 
 
 async def _ready(daemon: Daemon, count: int) -> None:

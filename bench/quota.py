@@ -15,6 +15,7 @@ import contextlib
 import os
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 PERIOD_US = 20_000  # 20 ms: a capped node waits at most this long for its next share
@@ -62,7 +63,6 @@ class CpuQuota:
         if found is None:
             raise RuntimeError("no cgroup with the cpu controller")
         self._root, version = found
-        self.fraction = fraction
         self.path = self._root / f"postbackd-bench-{uuid.uuid4().hex[:8]}"
         quota = max(1000, int(PERIOD_US * fraction))
         if version == 2:
@@ -91,3 +91,19 @@ class CpuQuota:
                 return
             except OSError:
                 time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def each_capped(pids: Iterable[int], fraction: float | None) -> Iterator[None]:
+    """Each of `pids` in a CpuQuota of its own (a core each, simulated) while the block runs;
+    nothing is capped when `fraction` is None. The groups are removed at the end."""
+    caps: list[CpuQuota] = []
+    try:
+        if fraction is not None:
+            for pid in pids:
+                caps.append(CpuQuota(fraction))
+                caps[-1].add(pid)
+        yield
+    finally:
+        for cap in caps:
+            cap.close()

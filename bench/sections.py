@@ -278,30 +278,26 @@ async def _pg_cluster(
     assert ctx.pg_dsn is not None
     report, opts = ctx.report, ctx.opts
     rules = await ctx.rules(large=False)
-    caps: list[cpu_quota.CpuQuota] = []
     async with _schema(ctx.pg_dsn) as (url, stored):
         per_host = ctx.per_host or RAISED_PER_HOST
         daemons = [ctx.daemon(f"pg{nodes}-{i}", url, rules, per_host) for i in range(nodes)]
         try:
             for daemon in daemons:
                 await daemon.ready_daemon()
-                if quota is not None:  # capped once started: its start is not measured
-                    caps.append(cpu_quota.CpuQuota(quota))
-                    caps[-1].add(daemon.pid)
             name = f"PostgreSQL {nodes} node{'s' if nodes > 1 else ''}, per-host {per_host}"
             if quota is not None:
                 name += f", each capped at {quota:.0%} of a core"
             if tag:
                 name += " (again)"
             key = f"pg{nodes}" + ("" if quota is None else "_capped")
-            target = hf.Target(name, [d.url for d in daemons], 1, [d.pid for d in daemons])
-            got = await hf.ingest(report, target, opts, stored)
-            ctx.figures[f"ingest_{key}{tag}"] = got.rate
-            rate = await _e2e(ctx, target) if e2e else None
-            if rate is not None:
-                ctx.figures[f"e2e_{key}{tag}"] = rate
+            pids = [d.pid for d in daemons]
+            target = hf.Target(name, [d.url for d in daemons], 1, pids)
+            with cpu_quota.each_capped(pids, quota):  # once started: its start is not measured
+                got = await hf.ingest(report, target, opts, stored)
+                ctx.figures[f"ingest_{key}{tag}"] = got.rate
+                rate = await _e2e(ctx, target) if e2e else None
+                if rate is not None:
+                    ctx.figures[f"e2e_{key}{tag}"] = rate
         finally:
             for daemon in daemons:
                 daemon.stop()  # before the schema is dropped
-            for cap in caps:
-                cap.close()

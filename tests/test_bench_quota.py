@@ -56,6 +56,35 @@ def test_a_tiny_share_is_still_a_valid_quota() -> None:
         cap.close()
 
 
+def test_each_pid_is_capped_in_a_group_of_its_own_while_the_block_runs(
+    sleeper: subprocess.Popen[bytes],
+) -> None:
+    if quota.unavailable() is not None:
+        pytest.skip("no CPU quotas here")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with quota.each_capped([sleeper.pid, other.pid], 0.25):
+            groups = {_group_of(sleeper.pid), _group_of(other.pid)}
+            assert len(groups) == 2  # one group each
+            assert all("postbackd-bench-" in g for g in groups)
+        assert not any("postbackd-bench-" in _group_of(p) for p in (sleeper.pid, other.pid))
+        with quota.each_capped([sleeper.pid], None):  # no share: nothing capped
+            assert "postbackd-bench-" not in _group_of(sleeper.pid)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def _group_of(pid: int) -> str:
+    """The pid's cgroup path for the cpu controller (v1) or the unified one (v2)."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            return path
+    return next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
+
+
 def test_without_root_quotas_are_said_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(quota.os, "geteuid", lambda: 1000)
     assert quota.unavailable() == "CPU quotas need root (cgroups)"
