@@ -75,24 +75,36 @@ class Measured:
 
 
 async def hello(
-    report: Report, workdir: Path, opts: Options, cpus: str | None = None, label: str = ""
+    report: Report,
+    workdir: Path,
+    opts: Options,
+    cpus: str | None = None,
+    label: str = "",
+    durable: bool = False,
 ) -> Measured:
-    """Requests per second a bare aiohttp server answers, same generator, same URLs."""
-    proc = server("hello", workdir, cpus)
+    """Requests per second a bare aiohttp server answers, same generator, same URLs; with
+    `durable`, the durable hello (each answer after its group-committed INSERT)."""
+    if durable:
+        db = workdir / f"durable-hello-{next(_runs)}.db"
+        proc = server("durable", workdir, cpus, ("--db", str(db)))
+        what = "durable hello"
+    else:
+        proc = server("hello", workdir, cpus)
+        what = "bare aiohttp hello"
     proc.start()
     try:
         await proc.ready("/", 30)
         target = Target("hello", [proc.url], 1, [proc.pid])
         if opts.wrk:
-            return await _ingest_wrk(report, target, opts, None, f"bare aiohttp hello{label}")
+            return await _ingest_wrk(report, target, opts, None, f"{what}{label}")
         _, url_for = target.urls_for(NONE)
         cpu = _cpu(target.pids)
         out = await closed_loop(url_for, opts.connections, opts.seconds, opts.warmup)
         used = _cpu(target.pids) - cpu
     finally:
         proc.stop()
-    report.add("bare aiohttp hello server", out.rate, "req/s", _errors(out))
-    cpu_us = report.add("bare aiohttp hello server: CPU per request", _us(used, out.total), "µs")
+    report.add(f"{what}{label}", out.rate, "req/s", _errors(out))
+    cpu_us = report.add(f"{what}{label}: CPU per request", _us(used, out.total), "µs")
     return Measured(out.rate, cpu_us)
 
 

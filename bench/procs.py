@@ -116,10 +116,10 @@ class Proc:
             self.proc.wait()
 
 
-def server(kind: str, workdir: Path, cpus: str | None = None) -> Proc:
-    """The hello server or the sink (bench/servers.py) as a process (on `cpus`: taskset)."""
+def server(kind: str, workdir: Path, cpus: str | None = None, extra: Sequence[str] = ()) -> Proc:
+    """A helper server of bench/servers.py as a process (on `cpus`: taskset)."""
     port = free_port()
-    args = [sys.executable, "-m", "bench.servers", kind, "--port", str(port)]
+    args = [sys.executable, "-m", "bench.servers", kind, "--port", str(port), *extra]
     if cpus and shutil.which("taskset"):
         args = ["taskset", "-c", cpus, *args]
     return Proc(kind, args, workdir / f"{kind}.log", port)

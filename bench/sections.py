@@ -15,7 +15,7 @@ from bench import http_figures as hf
 from bench import quota as cpu_quota
 from bench.context import Context, sqlite_stored, sqlite_url
 from bench.procs import Daemon
-from bench.report import filesystem_of
+from bench.report import Report, filesystem_of
 from bench.rulesgen import PER_OFFER
 
 SQLITE_DB = "sqlite.db"
@@ -51,6 +51,7 @@ async def ingest(ctx: Context) -> None:
     if fs in ("tmpfs", "ramfs"):
         report.note("the store is on a RAM filesystem: fsync costs nothing, durability is moot")
     hello = await hf.hello(report, ctx.workdir, opts)
+    durable = await hf.hello(report, ctx.workdir, opts, durable=True)
     daemon = await _sqlite_daemon(ctx)
     target = hf.Target("postbackd SQLite", [daemon.url], 1, [daemon.pid])
     got = await hf.ingest(report, target, opts, sqlite_stored(ctx.workdir / SQLITE_DB))
@@ -60,6 +61,7 @@ async def ingest(ctx: Context) -> None:
         ctx.figures["rss_sqlite_mib"] = max(got.peak_kib.values()) / 1024
     report.ratio("ingest SQLite / hello", got.rate, hello.rate, "postbackd acks per hello answer")
     report.ratio("CPU per request, hello / ingest SQLite", hello.cpu_us, got.cpu_us, "")
+    _against_durable(report, hello, durable, got, "")
     if opts.wrk and (os.cpu_count() or 1) >= 2:
         await _ingest_pinned(ctx)
 
@@ -70,6 +72,7 @@ async def _ingest_pinned(ctx: Context) -> None:
     report, opts = ctx.report, replace(ctx.opts, gen_cpus="0")
     report.note("the same, pinned: the server on CPU 1, wrk on CPU 0 (taskset)")
     hello = await hf.hello(report, ctx.workdir, opts, cpus="1", label=", pinned")
+    durable = await hf.hello(report, ctx.workdir, opts, cpus="1", label=", pinned", durable=True)
     path = ctx.workdir / "pinned.db"
     daemon = ctx.daemon_with("sqlite-pinned", sqlite_url(path), await ctx.rules(False), cpus="1")
     try:
@@ -81,6 +84,18 @@ async def _ingest_pinned(ctx: Context) -> None:
     ctx.figures["ingest_sqlite_pinned"] = got.rate
     report.ratio("ingest SQLite / hello, pinned", got.rate, hello.rate, "")
     report.ratio("CPU per request, hello / ingest SQLite, pinned", hello.cpu_us, got.cpu_us, "")
+    _against_durable(report, hello, durable, got, ", pinned")
+
+
+def _against_durable(
+    report: Report, hello: hf.Measured, durable: hf.Measured, got: hf.Measured, label: str
+) -> None:
+    """The durable hello's rate against hello (what a committed answer costs on this stack)
+    and postbackd's ingest against it (what the rest of ingest costs)."""
+    report.ratio(f"durable hello / hello{label}", durable.rate, hello.rate, "")
+    report.ratio(f"ingest SQLite / durable hello{label}", got.rate, durable.rate, "")
+    report.ratio(f"CPU per request, durable hello / ingest SQLite{label}", durable.cpu_us,
+                 got.cpu_us, "")  # fmt: skip
 
 
 async def end_to_end(ctx: Context) -> None:
