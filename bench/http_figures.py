@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
+import math
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -106,6 +109,25 @@ async def hello(
     report.add(f"{what}{label}", out.rate, "req/s", _errors(out))
     cpu_us = report.add(f"{what}{label}: CPU per request", _us(used, out.total), "µs")
     return Measured(out.rate, cpu_us)
+
+
+async def client_hello(report: Report, sink_url: str, opts: Options, concurrency: int) -> float:
+    """CPU per request of a bare aiohttp client sending to the sink (bench/client_floor.py,
+    its own process): the floor of a postback's send on this stack."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.client_floor", f"{sink_url}/floor",
+        "--seconds", str(opts.seconds), "--concurrency", str(concurrency),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        report.note(f"the aiohttp client floor failed (exit {proc.returncode})")
+        return math.nan
+    got = json.loads(out)
+    name = f"bare aiohttp client, {concurrency} at once"
+    note = f"{got['errors']} errors" if got["errors"] else ""
+    report.add(name, got["requests"] / got["seconds"], "req/s", note)
+    return report.add(f"{name}: CPU per request", _us(got["cpu_s"], got["requests"]), "µs")
 
 
 async def _ingest_wrk(

@@ -3,6 +3,7 @@ and the same figures on PostgreSQL with one node and with three."""
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,6 +58,7 @@ async def ingest(ctx: Context) -> None:
     got = await hf.ingest(report, target, opts, sqlite_stored(ctx.workdir / SQLITE_DB))
     ctx.figures["ingest_sqlite"] = got.rate
     ctx.figures["ingest_sqlite_cpu_us"] = got.cpu_us
+    ctx.figures["durable_hello_cpu_us"] = durable.cpu_us
     if got.peak_kib:
         ctx.figures["rss_sqlite_mib"] = max(got.peak_kib.values()) / 1024
     report.ratio("ingest SQLite / hello", got.rate, hello.rate, "postbackd acks per hello answer")
@@ -107,8 +109,10 @@ async def end_to_end(ctx: Context) -> None:
     ctx.figures["e2e_delivered_sqlite"] = ctx.figures["last_delivered"]
     if rate is not None:
         ctx.figures["e2e_sqlite"] = rate
+        ctx.figures["e2e_sqlite_cpu_us"] = ctx.figures["last_e2e_cpu_us"]
         if "ingest_sqlite" in ctx.figures:
             report.ratio("e2e / ingest (SQLite)", rate, ctx.figures["ingest_sqlite"], "")
+    await _e2e_floor(ctx, per_host)
     if ctx.per_host is None:
         report.note(
             f"all postbacks go to one host, so outbound.per_host_concurrency ({DEFAULT_PER_HOST}, "
@@ -125,6 +129,20 @@ async def end_to_end(ctx: Context) -> None:
         if rate is not None:
             ctx.figures["e2e_sqlite_raised"] = rate
     await _e2e_dispatcher_process(ctx, per_host)
+
+
+async def _e2e_floor(ctx: Context, per_host: int) -> None:
+    """What a delivered conversion costs at least on this stack: the durable hello's answer
+    (ingest section) plus a bare aiohttp client's request, against postbackd's end to end."""
+    report = ctx.report
+    sink = await ctx.start_sink()
+    client = await hf.client_hello(report, sink.base_url, ctx.opts, per_host)
+    durable = ctx.figures.get("durable_hello_cpu_us")
+    ours = ctx.figures.get("e2e_sqlite_cpu_us")
+    if durable is None or ours is None or math.isnan(client):
+        return
+    floor = report.add("floor: durable hello + aiohttp client, CPU", durable + client, "µs")
+    report.ratio("e2e CPU per conversion / floor", ours, floor, "what postbackd adds, x")
 
 
 async def _e2e_dispatcher_process(ctx: Context, per_host: int) -> None:
@@ -176,6 +194,8 @@ async def _e2e(ctx: Context, target: hf.Target) -> float | None:
     got = await hf.sustained(report, target, sink, opts)
     rate = None if got is None else got.rate
     ctx.figures["last_delivered"] = 0.0 if got is None else got.delivered
+    if got is not None:
+        ctx.figures["last_e2e_cpu_us"] = got.cpu_us
     pace = opts.rate
     if rate is not None and rate < opts.rate:
         pace = max(10.0, round(rate * 0.8, -1))

@@ -1,14 +1,18 @@
-"""bench/servers.py's durable hello: the yardstick is only honest if it answers after the
-commit, as postbackd's ingest does."""
+"""The floors the benchmark measures postbackd against: bench/servers.py's durable hello (only
+honest if it answers after the commit, as postbackd's ingest does) and bench/client_floor.py's
+bare aiohttp client (only honest if it counts the requests it had answered)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from bench.servers import durable_app
 
@@ -47,3 +51,39 @@ def test_the_durable_hello_needs_its_file() -> None:
     )
     assert done.returncode == 2
     assert "durable needs --db PATH" in done.stderr
+
+
+async def test_the_client_floor_counts_what_it_sent(aiohttp_server: Any) -> None:
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.query["k"])
+        return web.Response(text="OK")
+
+    app = web.Application()
+    app.router.add_get("/floor", answer)
+    server = await aiohttp_server(app)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.client_floor", str(server.make_url("/floor")),
+        "--seconds", "0.3", "--concurrency", "2",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    got = json.loads(out)
+    assert got["errors"] == 0
+    # the window's requests, after the warm-up's: each one a key of its own, all answered
+    assert 0 < got["requests"] < len(seen) == len(set(seen))
+    assert got["cpu_s"] > 0
+    assert got["seconds"] >= 0.3
+
+
+def test_the_client_floor_refuses_a_window_of_nothing() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.client_floor", "http://127.0.0.1:1/", "--seconds", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--seconds must be positive" in done.stderr
