@@ -89,7 +89,10 @@ def test_an_affiliate_adds_configures_fires_disables_duplicates_and_deletes(
     page.goto(f"/ui/postbacks/{pid}")
     page.get_by_role("link", name="Delete").click()
     button = page.get_by_role("button", name="Delete postback")
-    assert button.is_disabled()
+    from playwright.sync_api import expect  # (as conftest: imported where a browser runs)
+
+    # The page's script disables it once it has run (waited for: under load it runs later).
+    expect(button).to_be_disabled()
     page.get_by_label(re.compile("Type the postback id")).fill(str(int(pid) + 1))
     assert button.is_disabled()
     page.get_by_label(re.compile("Type the postback id")).fill(pid)
