@@ -350,6 +350,15 @@ def _copied_as_is(data: Any) -> bool:
     return True
 
 
+def prepare_plain(members: Mapping[str, Any]) -> Prepared:
+    """prepare_data for members known to be what the engine takes as they are (rule data's
+    `present` when RuleData.plain): converted without the walk and its checks."""
+    try:
+        return Prepared(dl.DataHandle(members))
+    except dl.DataLogicError as err:  # (not expected: RuleData.plain said it takes them)
+        raise ConditionEvalError("DataNotJSON") from err
+
+
 def _plain_data(data: Any) -> Any:
     """Walk `data` iteratively: check depth and JSON types, drop null object members. Scalars
     of the common types are copied as they are (the engine checks int range and Unicode)."""
@@ -400,4 +409,5 @@ __all__ = [
     "compile_condition",
     "is_truthy",
     "prepare_data",
+    "prepare_plain",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from daemon.conditions import compile_condition, is_truthy, prepare_data
+from daemon.conditions import compile_condition, is_truthy, prepare_data, prepare_plain
 from daemon.errors import ConditionError, ConditionEvalError
 from daemon.loader import LoadedPostback, RuleSet
 from daemon.models import Conversion, RuleData, Trigger
@@ -70,8 +70,10 @@ _UNUSABLE = object()
 
 def _prepare(data: Mapping[str, Any]) -> Any:
     # Rule data carries its members that are not null (what prepare_data would keep of it).
-    present = data.present if type(data) is RuleData else None
+    present, plain = (data.present, data.plain) if type(data) is RuleData else (None, False)
     try:
+        if present is not None and plain:  # what the engine takes as it is: no walk
+            return prepare_plain(present)
         return prepare_data(data if present is None else present)
     except ConditionEvalError as err:  # data no condition may read: none of them fires
         log.warning("condition_error", error_type=err.error_type, operator=None)

@@ -11,6 +11,8 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 from daemon.errors import InputError
 
 
@@ -267,13 +269,37 @@ class RuleData(dict[str, Any]):
     that shortcut (built by hand with fields that are not canonical strings). Not to be changed
     once built."""
 
-    __slots__ = ("present",)
+    __slots__ = ("plain", "present")
     present: dict[str, Any] | None
+    # Whether the engine takes `present` as it is (daemon.conditions.prepare_plain): only JSON
+    # types, integers within 64 bits, finite numbers, no lone surrogate; decided while it is
+    # built. Matching then neither walks it nor checks it again.
+    plain: bool
 
 
 _DATA = dict.fromkeys(CANONICAL_FIELDS)  # copied per arrival: dict.fromkeys costs ten times more
 _POSITION = {name: index for index, name in enumerate(CANONICAL_FIELDS)}
 _OPTIONAL = _CANONICAL - _REQUIRED
+
+
+def _plain_members(present: dict[str, Any], extra: dict[str, Any]) -> bool:
+    """Whether the engine takes rule data's `present` as it is. Its members are strings, but
+    payout and revenue (numbers from _number) and extra (an object of what the conversion
+    carried): an extra of strings by string keys, finite numbers, and text that encodes
+    (orjson refuses a lone surrogate and an integer beyond 64 bits, as the engine does)."""
+    if extra and not (
+        _STR.issuperset(map(type, extra)) and _STR.issuperset(map(type, extra.values()))
+    ):
+        return False
+    for name in ("payout", "revenue"):
+        number = present.get(name)
+        if type(number) is float and not math.isfinite(number):
+            return False
+    try:
+        orjson.dumps(present)  # (not fastjson: its fallback, json.dumps, takes both)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def rule_data(
@@ -310,6 +336,7 @@ def rule_data(
     data["trigger"] = trigger = TRIGGER_OF_STATUS[conversion.status]._value_
     data["received_at"] = received = received_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
     data.present = None
+    data.plain = False
     if (
         _OPTIONAL.issuperset(fields)
         and _STR.issuperset(map(type, fields.values()))  # (so none of them is null)
@@ -341,6 +368,7 @@ def rule_data(
         present["trigger"] = trigger
         present["received_at"] = received
         data.present = present
+        data.plain = _plain_members(present, extra)
     return data
 
 

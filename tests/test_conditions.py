@@ -29,8 +29,9 @@ from daemon.conditions import (
     compile_condition,
     is_truthy,
     prepare_data,
+    prepare_plain,
 )
-from daemon.errors import ConditionError, ConditionEvalError
+from daemon.errors import ConditionError, ConditionEvalError, InputError
 from daemon.models import Conversion, Status, Transition, rule_data
 
 DATA = Path(__file__).parent / "data" / "jsonlogic"
@@ -597,3 +598,71 @@ def test_valid_rules_compile_and_truthy_never_raises(logic: Any, data: dict[str,
     except ConditionEvalError:
         return
     assert condition.truthy(data) is is_truthy(result)
+
+
+# --- RuleData.plain: what the engine takes as it is, without the walk ---
+
+
+def _rule_data_of(params: dict[str, str], extra: dict[str, str]) -> Any:
+    conversion = Conversion.parse(
+        {"conversion_id": "c", "offer": "1", "affiliate": "2", "status": "approved", **params},
+        extra,
+    )
+    return rule_data(
+        conversion,
+        source="generic",
+        transition=Transition.NEW,
+        previous_status=None,
+        received_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+
+
+def _engine_takes(members: Any) -> bool:
+    try:
+        prepare_data(members)
+    except ConditionEvalError:
+        return False
+    return True
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    payout=st.one_of(
+        st.none(),
+        st.integers(min_value=0, max_value=2**70).map(str),
+        st.decimals(min_value=0, max_value=10**30, places=3).map(str),
+    ),
+    extra=st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=3),
+)
+def test_rule_data_is_plain_exactly_when_the_engine_takes_it(
+    payout: str | None, extra: dict[str, str]
+) -> None:
+    """RuleData.plain lets matching skip the walk and lets quick predicates decide: it must
+    hold for exactly the data the engine takes (text with a lone surrogate, an integer past 64
+    bits), so that data the engine refuses still fires no condition."""
+    try:
+        data = _rule_data_of({"payout": payout} if payout else {}, extra)
+    except InputError:
+        return  # refused at the door: never rule data
+    assert data.present is not None
+    assert data.plain is _engine_takes(data.present)
+    if data.plain:
+        condition = compile_condition({"==": [{"var": "offer"}, "1"]})
+        assert condition.truthy(prepare_plain(data.present)) is True
+
+
+@pytest.mark.parametrize(
+    ("params", "extra", "plain"),
+    [
+        ({"sub1": "a", "payout": "12.50"}, {"k": "é"}, True),
+        ({"payout": str(2**64 - 1)}, {}, True),  # the engine's largest integer
+        ({"payout": str(2**64)}, {}, False),
+        ({"revenue": "1e30"}, {}, False),
+        ({}, {"k\ud800": "v"}, False),  # a lone surrogate in a name of extra
+    ],
+    ids=repr,
+)
+def test_rule_data_plain_cases(params: dict[str, str], extra: dict[str, str], plain: bool) -> None:
+    data = _rule_data_of(params, extra)
+    assert data.plain is plain
+    assert _engine_takes(data.present) is plain

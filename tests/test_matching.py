@@ -140,3 +140,28 @@ def test_a_condition_that_fails_at_run_time_does_not_fire_and_is_logged(tmp_path
         assert fired(rules, affiliate="1", status="approved", sub1="not a number") == [2]
     assert [(e["event"], e["error_type"]) for e in logs] == [("condition_error", "Thrown")]
     assert "not a number" not in repr(logs)  # the data never reaches the log
+
+
+def test_plain_rule_data_goes_to_the_engine_without_the_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rule data the engine takes as it is (RuleData.plain) is converted without prepare_data's
+    walk; data it refuses (revenue past 64 bits) still goes through it, and then no condition
+    fires."""
+    import daemon.matching
+
+    rules = ruleset(tmp_path, True)
+    walked: list[object] = []
+    real = daemon.matching.prepare_data
+
+    def counted(data: object) -> object:
+        walked.append(data)
+        return real(data)
+
+    monkeypatch.setattr(daemon.matching, "prepare_data", counted)
+    assert fired(rules, affiliate="1", status="approved", payout="5") == [1, 4]
+    assert walked == []
+    with capture_logs() as logs:
+        assert fired(rules, affiliate="1", status="approved", payout="5", revenue=str(2**64)) == [1]
+    assert len(walked) == 1
+    assert [e["event"] for e in logs] == ["condition_error"]
