@@ -5,7 +5,8 @@ python -m bench [--quick] [--only SECTION[,SECTION]] [--pg DSN | --no-pg] [--jso
 
 Sections: ingest, e2e, rules, scale, pg, workers, alertmanager, affiliates (all by default) and
 store (the store-only bench of bench/store_ingest.py), outage, backfill, console (page times
-with 100,000 postbacks and 1,000,000 deliveries: about 3 minutes and 1 GB) on request. Closed-loop
+with 100,000 postbacks and 1,000,000 deliveries: about 3 minutes and 1 GB) and instructions
+(instructions per request under valgrind's callgrind: about 5 minutes) on request. Closed-loop
 figures use wrk (bench/wrk.py; installed with apt-get when missing and root), the Python client
 only for open-loop latency. Everything runs on 127.0.0.1.
 """
@@ -21,7 +22,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import affiliates, alertmanager, backfill, console, cores, outage, scale, sections, wrk
+from bench import (
+    affiliates,
+    alertmanager,
+    backfill,
+    console,
+    cores,
+    instructions,
+    outage,
+    scale,
+    sections,
+    wrk,
+)
 from bench.context import LARGE_OFFERS, Context
 from bench.http_figures import Options
 from bench.procs import Daemon
@@ -30,7 +42,7 @@ from bench.report import Report, loadavg, machine
 DEFAULT_SECTIONS = (
     "ingest", "e2e", "rules", "scale", "pg", "workers", "alertmanager", "affiliates",
 )  # fmt: skip
-ALL_SECTIONS = (*DEFAULT_SECTIONS, "store", "outage", "backfill", "console")
+ALL_SECTIONS = (*DEFAULT_SECTIONS, "store", "outage", "backfill", "console", "instructions")
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -113,6 +125,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> Report:
             await outage.outage(ctx)  # a destination down, then back (bench/outage.py)
         if "backfill" in chosen:
             await backfill.backfill(ctx)  # ingest latency during a backfill (bench/backfill.py)
+        if "instructions" in chosen:
+            await instructions.instructions(ctx)  # under callgrind (bench/instructions.py)
         if "affiliates" in chosen:
             await affiliates.affiliates(ctx)  # store postbacks (bench/affiliates.py)
         if "console" in chosen:

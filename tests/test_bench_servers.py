@@ -1,6 +1,7 @@
 """The floors the benchmark measures postbackd against: bench/servers.py's durable hello (only
-honest if it answers after the commit, as postbackd's ingest does) and bench/client_floor.py's
-bare aiohttp client (only honest if it counts the requests it had answered)."""
+honest if it answers after the commit, as postbackd's ingest does), bench/client_floor.py's
+bare aiohttp client (only honest if it counts the requests it had answered), and how
+bench/instructions.py reads callgrind's count."""
 
 from __future__ import annotations
 
@@ -87,3 +88,17 @@ def test_the_client_floor_refuses_a_window_of_nothing() -> None:
     )
     assert done.returncode == 2
     assert "--seconds must be positive" in done.stderr
+
+
+def test_a_callgrind_dumps_count_is_read_from_its_totals(tmp_path: Path) -> None:
+    from bench.instructions import totals
+
+    dump = tmp_path / "callgrind.out.1.1"
+    dump.write_text(
+        "version: 1\ncreator: callgrind-3.19.0\nevents: Ir\nfn=x\n1 5\nsummary: 1234567\n"
+    )
+    assert totals(dump) == 1234567
+    dump.write_text("events: Ir\nfn=x\n1 5\ntotals: 42\n")
+    assert totals(dump) == 42
+    dump.write_text("events: Ir\n")  # nothing counted
+    assert totals(dump) == 0
