@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from bench.servers import durable_app
@@ -43,15 +44,18 @@ async def test_the_durable_hello_answers_after_its_insert_is_committed(
         blocker.close()
 
 
-def test_the_durable_hello_needs_its_file() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.servers", "durable", "--port", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["bench.servers", "durable", "--port", "1"], "durable needs --db PATH"),
+        (["bench.client_floor", "http://127.0.0.1:1/", "--seconds", "0"], "--seconds must be"),
+    ],
+    ids=["durable hello without its file", "client floor without a window"],
+)
+def test_a_floor_refuses_bad_arguments(args: list[str], says: str) -> None:
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "durable needs --db PATH" in done.stderr
+    assert says in done.stderr
 
 
 async def test_the_client_floor_counts_what_it_sent(aiohttp_server: Any) -> None:
@@ -77,17 +81,6 @@ async def test_the_client_floor_counts_what_it_sent(aiohttp_server: Any) -> None
     assert 0 < got["requests"] < len(seen) == len(set(seen))
     assert got["cpu_s"] > 0
     assert got["seconds"] >= 0.3
-
-
-def test_the_client_floor_refuses_a_window_of_nothing() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.client_floor", "http://127.0.0.1:1/", "--seconds", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2
-    assert "--seconds must be positive" in done.stderr
 
 
 def test_a_callgrind_dumps_count_is_read_from_its_totals(tmp_path: Path) -> None:
