@@ -6,7 +6,7 @@ python -m bench [--quick] [--only SECTION[,SECTION]] [--pg DSN | --no-pg] [--jso
 Sections: ingest, e2e, rules, scale, pg, workers, alertmanager, affiliates (all by default) and
 store (the store-only bench of bench/store_ingest.py), outage, backfill, console (page times
 with 100,000 postbacks and 1,000,000 deliveries: about 3 minutes and 1 GB) and instructions
-(instructions per request under valgrind's callgrind: about 5 minutes) on request. Closed-loop
+(instructions per request under valgrind's callgrind: about 3 minutes) on request. Closed-loop
 figures use wrk (bench/wrk.py; installed with apt-get when missing and root), the Python client
 only for open-loop latency. Everything runs on 127.0.0.1.
 """
