@@ -97,11 +97,17 @@ async def _count(
                                     connections=CONNECTIONS)  # fmt: skip
             # the warm-up's deliveries all made before counting starts, the window's after
             before = await _delivered(ctx, session, start + warm.ok) if fires else 0
+            since = await proc.started() if fires and isinstance(proc, Daemon) else {}
             await _control("-i", "on", proc.pid)
             got = await wrk.closed(wrk_path, url, "m", sub1, 1, seconds=seconds,
                                    connections=CONNECTIONS)  # fmt: skip
             after = await _delivered(ctx, session, before + got.ok) if fires else 0
         await _control("-i", "off", proc.pid)
+        if since:  # after counting: the scrapes are not counted
+            assert isinstance(proc, Daemon)
+            share = await proc.leased_share(since)
+            if share is not None:
+                ctx.report.note(f"{proc.name}: {share:.0%} of deliveries leased at insert")
         await _control("-d", proc.pid)
         until = time.monotonic() + 30
         dumps: list[Path] = []

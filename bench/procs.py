@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -125,6 +126,9 @@ def server(kind: str, workdir: Path, cpus: str | None = None, extra: Sequence[st
     return Proc(kind, args, workdir / f"{kind}.log", port)
 
 
+_STARTED = re.compile(r'^postbackd_deliveries_started_total\{via="([a-z_]+)"\} (\S+)$', re.M)
+
+
 class Daemon(Proc):
     """`postbackd run -c SETTINGS` with its settings file written for the benchmark."""
 
@@ -166,6 +170,24 @@ class Daemon(Proc):
 
     async def ready_daemon(self, deadline: float = 60.0) -> float:
         return await self.ready("/readyz", deadline)
+
+    async def started(self) -> dict[str, float]:
+        """How its deliveries started so far (postbackd_deliveries_started_total, by `via`:
+        claim, lease_at_insert)."""
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{self.url}/metrics") as resp,
+        ):
+            text = await resp.text()
+        return {via: float(n) for via, n in _STARTED.findall(text)}
+
+    async def leased_share(self, since: dict[str, float]) -> float | None:
+        """The share of the deliveries started after `since` (a started() reading) that were
+        leased at insert, or None when none started."""
+        now = await self.started()
+        got = {via: n - since.get(via, 0.0) for via, n in now.items()}
+        total = sum(got.values())
+        return got.get("lease_at_insert", 0.0) / total if total else None
 
     def events(self, event: str) -> list[dict[str, Any]]:
         """Every log line of `event` (not a per-request one) so far. The log is read from where

@@ -105,8 +105,12 @@ async def end_to_end(ctx: Context) -> None:
     report.start("e2e", "ingested and delivered (one ping_url each to a loopback sink), SQLite")
     daemon = await _sqlite_daemon(ctx)
     per_host = ctx.per_host or DEFAULT_PER_HOST
+    since = await daemon.started()
     rate = await _e2e(ctx, hf.Target(f"SQLite, per-host {per_host}", [daemon.url], 1, [daemon.pid]))
     ctx.figures["e2e_delivered_sqlite"] = ctx.figures["last_delivered"]
+    leased = await daemon.leased_share(since)
+    if leased is not None:
+        report.add("deliveries leased at insert (no claim), SQLite", leased * 100, "%")
     if rate is not None:
         ctx.figures["e2e_sqlite"] = rate
         ctx.figures["e2e_sqlite_cpu_us"] = ctx.figures["last_e2e_cpu_us"]

@@ -19,7 +19,7 @@ from daemon.actions.base import Resources
 from daemon.affiliates.service import AffiliateService
 from daemon.affiliates.wiring import attach_affiliates
 from daemon.auth import GateState
-from daemon.dispatcher import Dispatcher, DispatcherConfig
+from daemon.dispatcher import Dispatcher, DispatcherCollector, DispatcherConfig
 from daemon.dispatchproc import DispatcherLink, WakeReceiver
 from daemon.errors import StoreError
 from daemon.guard import Guard
@@ -34,7 +34,7 @@ from daemon.retention import Retention
 from daemon.secrets import SecretResolver
 from daemon.settings import Settings
 from daemon.sources import load_sources
-from daemon.store.base import ArrivalResult, Store
+from daemon.store.base import ArrivalResult, LeaseAhead, Store
 from daemon.supervise import Backoff, Supervisor, describe
 from daemon.webhook_input import MAX_BODY, Limits
 
@@ -75,11 +75,19 @@ class Services:
         """The webhook's read limits (settings do not change while the process runs)."""
         return Limits(read_timeout=self.settings.inbound.read_timeout)
 
-    def arrival_committed(self, source: str, result: ArrivalResult) -> None:
-        """After the store committed an arrival: count it, and wake the dispatcher."""
+    def arrival_committed(
+        self, source: str, result: ArrivalResult, lease: LeaseAhead | None = None
+    ) -> None:
+        """After the store committed an arrival: count it, and wake the dispatcher for its
+        deliveries, unless they were leased to it at insert (it has them already)."""
         self.metrics.arrival(source, result.transition)
-        if result.delivery_ids:
+        if result.delivery_ids and (lease is None or not lease.reserved):
             self.wake_dispatcher()
+
+    def lease_ahead(self) -> LeaseAhead | None:
+        """The dispatcher's offer to take an arrival's deliveries at insert (daemon.store.base.
+        LeaseAhead); never when it runs in a process of its own."""
+        return self.dispatcher.lease_ahead() if self.link is None else None
 
     def wake_dispatcher(self) -> None:
         """Deliveries were made due: the dispatcher that serves this node claims them now."""
@@ -290,6 +298,8 @@ async def _services(
         destinations,
         on_attempt=metrics.attempt,
     )
+    if role.link is None:
+        metrics.registry.register(DispatcherCollector(dispatcher))
     supervisor = Supervisor()
     services = Services(
         settings, store, http, reloader, dispatcher, clock, node, notifier, metrics, supervisor
@@ -365,6 +375,7 @@ async def _webhook(request: web.Request) -> web.Response:
         now=services.clock.now,
         on_committed=services.arrival_committed,
         limits=services.limits,
+        lease_ahead=services.lease_ahead,
     )
 
 

@@ -27,13 +27,16 @@ import contextlib
 import enum
 import functools
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import structlog
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from daemon.actions.base import Action, Job, is_bounded
 from daemon.attempts import Recorder, describe_error
@@ -43,7 +46,7 @@ from daemon.errors import DeliveryError, OutcomeUnknownError, RetryableError, St
 from daemon.hosts import Destinations, InLineTooLong, Shares, moving_average
 from daemon.loader import LoadedPostback
 from daemon.retry import RetryPolicy
-from daemon.store.base import Claim, Store
+from daemon.store.base import Claim, LeaseAhead, PlannedDelivery, Store
 
 if TYPE_CHECKING:
     from daemon.reload import Runtime
@@ -132,6 +135,19 @@ class Dispatcher:
         # How long claims take (moving average): what a fast destination's slots can send
         # while one is under way (_claim_allowance).
         self._claim_s: float | None = None
+        # Leasing at insert (lease_ahead): the deliveries the store leased to this node inside
+        # arrivals' transactions and not yet started here, counted against max_in_flight with
+        # the attempts (the store's writer thread takes room under the lock, the loop frees
+        # it); offered only while the last claim found the due deliveries drained.
+        self._leases_at_insert = bool(getattr(store, "leases_at_insert", False))
+        self._lease = timedelta(seconds=config.lease)
+        self._ahead = 0
+        self._ahead_lock = threading.Lock()
+        self._drained = False
+        self._running = False  # run() is under way (not in a supervisor's backoff, not a test's)
+        # Deliveries started here from claims and from leases at insert (DispatcherCollector).
+        self.started = {"claim": 0, "lease_at_insert": 0}
+        self._none_ahead = asyncio.Event()  # stopping, and nothing leased ahead is unsettled
 
     def wake(self) -> None:
         self._wake.set()
@@ -148,6 +164,14 @@ class Dispatcher:
 
         A StoreError from the claim ends this call: the supervisor (daemon.supervise) logs it
         once and calls run again after its backoff, so the dispatcher outlives any outage."""
+        self._running = True
+        try:
+            await self._run(beat)
+        finally:
+            self._running = False
+            self._drained = False
+
+    async def _run(self, beat: Callable[[], None] | None) -> None:
         while not self._stopping:
             # Cleared before the claim, not after it: a wake-up that comes while the claim is
             # under way (an attempt ended, its destination's share has room again) is kept, and
@@ -178,30 +202,100 @@ class Dispatcher:
                 self.config.node,
                 self._dt(self._now()),
                 batch,
-                timedelta(seconds=self.config.lease),
+                self._lease,
                 skip_affiliates=self._per_affiliate.saturated(),
                 skip_destinations=self._per_destination.saturated(
                     functools.partial(self._claim_allowance, batch)
                 ),
             )
             self._claim_s = moving_average(self._claim_s, loop.time() - asked, CLAIM_TIME_WEIGHT)
-            postbacks = self._runtime().rules.postbacks
-            for claim in claims:
-                lp = postbacks.get(claim.postback_id)
-                affiliate = lp.postback.owner_affiliate if lp is not None else None
-                # Their deliveries are not claimed again until one of these has sent, so a
-                # backlog cannot fill the node (the claim that reaches a share may pass it by up
-                # to one batch; attempts are bounded exactly by the affiliate's and host's
-                # slots). Ended when the send ends, or else when the task does.
-                shares = (
-                    self._per_affiliate.take(affiliate),
-                    self._per_destination.take(claim.destination),
-                )
-                task = asyncio.create_task(self._attempt(claim, shares), name="attempt")
-                self._tasks.add(task)
-                # one callback (one handle on the loop) for the task's end and its shares'
-                task.add_done_callback(functools.partial(self._task_done, shares))
+            # Fewer than asked: nothing else is due now, and new deliveries may be leased at
+            # insert without passing any (a full batch: they queue behind it, oldest first).
+            self._drained = len(claims) < batch
+            self.started["claim"] += len(claims)
+            self._start(claims)
             return len(claims)
+
+    def lease_ahead(self) -> LeaseAhead | None:
+        """An offer to take one arrival's new deliveries as the store writes them (LeaseAhead:
+        no claim), or None: the store cannot, this dispatcher's loop does not run (not started,
+        in its supervisor's backoff after a failure, stopping), or
+        its last claim found a full batch due, or a closed breaker's backlog is still to be
+        made due (new deliveries then queue behind those, oldest first)."""
+        if not (self._running and self._drained and self._leases_at_insert):
+            return None
+        if self._stopping or self._unhold:
+            return None
+        return LeaseAhead(self.config.node, self._lease, self._admit, self._adopt)
+
+    def _admit(self, planned: Sequence[PlannedDelivery]) -> bool:
+        """In the store's transaction (SQLite: its writer thread): whether all of an arrival's
+        deliveries may be leased here now, keeping the room for them when so. Not when one's
+        destination is down (a claim would hold it: as queued, it waits for the breaker), one's
+        destination or affiliate has its share in progress (a claim would skip it), or the
+        node's attempts are at max_in_flight. The shares and breakers are read, not changed: a
+        batch of arrivals may pass a share by its size, as a claim may by one batch."""
+        if self._stopping:
+            return False
+        dests, per_dest, per_aff = self.destinations, self._per_destination, self._per_affiliate
+        batch = self.config.batch
+        for p in planned:
+            dest = p.destination
+            if (
+                dests.is_down(dest)
+                or per_dest.full(dest, self._claim_allowance(batch, dest))
+                or per_aff.full(p.affiliate_owner)
+            ):
+                return False
+        n = len(planned)
+        with self._ahead_lock:
+            if len(self._tasks) + self._ahead + n > self.config.max_in_flight:
+                return False
+            self._ahead += n
+        return True
+
+    def _adopt(self, lease: LeaseAhead, committed: bool) -> None:
+        """On the event loop after an arrival's transaction: start the deliveries it leased
+        here, or only free their room when it did not commit. Stopping, they are handed back
+        (due at once) by tasks that stop() waits for."""
+        with self._ahead_lock:
+            self._ahead -= lease.reserved
+            none_ahead = self._ahead == 0
+        if none_ahead and self._stopping:
+            self._none_ahead.set()
+        if not committed or not lease.claims:
+            return
+        if self._stopping:
+            for claim in lease.claims:
+                task = asyncio.create_task(
+                    self._record.give_back(claim, self._now()), name="attempt"
+                )
+                self._tasks.add(task)
+                task.add_done_callback(functools.partial(self._task_done, ()))
+            return
+        self.started["lease_at_insert"] += len(lease.claims)
+        self._start(lease.claims)
+
+    def _start(self, claims: Sequence[Claim]) -> None:
+        """An attempt task for each claim, its shares taken."""
+        if not claims:
+            return
+        postbacks = self._runtime().rules.postbacks
+        for claim in claims:
+            lp = postbacks.get(claim.postback_id)
+            affiliate = lp.postback.owner_affiliate if lp is not None else None
+            # Their deliveries are not claimed again until one of these has sent, so a
+            # backlog cannot fill the node (the claim that reaches a share may pass it by up
+            # to one batch; attempts are bounded exactly by the affiliate's and host's
+            # slots). Ended when the send ends, or else when the task does.
+            shares = (
+                self._per_affiliate.take(affiliate),
+                self._per_destination.take(claim.destination),
+            )
+            task = asyncio.create_task(self._attempt(claim, shares), name="attempt")
+            self._tasks.add(task)
+            # one callback (one handle on the loop) for the task's end and its shares'
+            task.add_done_callback(functools.partial(self._task_done, shares))
 
     def _claim_allowance(self, batch: int, destination: str) -> int:
         """How many of a destination's claims in progress are not counted against its share
@@ -239,6 +333,12 @@ class Dispatcher:
         self.wake()
         async with self._claiming:  # a claim under way starts its attempts, then none starts
             pass
+        # Arrivals whose deliveries were leased here before the stop: their transactions end
+        # in a moment (settled: handed back, as tasks waited for below).
+        if self._ahead > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._none_ahead.wait()
         if self._tasks:
             _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
             for task in pending:
@@ -418,3 +518,23 @@ class Dispatcher:
             )
             error = RetryableError("internal_error", type(err).__name__)
         return job, error, started, time.monotonic() - t0
+
+
+class DispatcherCollector(Collector):
+    """How this node's deliveries started, at scrape time: from a claim, or leased at insert
+    (Dispatcher.lease_ahead)."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._d = dispatcher
+
+    def collect(self) -> Iterable[Metric]:
+        started = CounterMetricFamily(
+            "postbackd_deliveries_started",
+            "Deliveries this node started sending, by how it took them: claimed from the "
+            "store's due deliveries (claim), or leased to it as the arrival wrote them "
+            "(lease_at_insert: no claim).",
+            labels=["via"],
+        )
+        for via, count in self._d.started.items():
+            started.add_metric([via], count)
+        yield started

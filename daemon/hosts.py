@@ -104,6 +104,14 @@ class Shares:
     def count(self, key: str) -> int:
         return self._counts[key]
 
+    def full(self, key: str | None, allowance: int = 0) -> bool:
+        """Whether `key` has its share in progress, `allowance` of them not counted (as
+        saturated's); read only, so safe from another thread."""
+        bound = self.bound
+        return (
+            key is not None and bound is not None and self._counts.get(key, 0) - allowance >= bound
+        )
+
 
 T = TypeVar("T")
 

@@ -29,7 +29,7 @@ from daemon.auth import Inbound, RateLimited, Ticket
 from daemon.errors import InputError, SecretError, StoreError
 from daemon.matching import match
 from daemon.models import Conversion, Status, Transition, arrival_view
-from daemon.store.base import ArrivalPlan, ArrivalResult, PlannedDelivery, Store
+from daemon.store.base import ArrivalPlan, ArrivalResult, LeaseAhead, PlannedDelivery, Store
 from daemon.supervise import Supervisor
 from daemon.webhook_input import (
     READ_TIMEOUT,
@@ -127,8 +127,9 @@ async def ingest(
     runtime: Any,
     store: Store,
     now: Callable[[], float],
-    on_committed: Callable[[str, ArrivalResult], None],
+    on_committed: Callable[[str, ArrivalResult, LeaseAhead | None], None],
     limits: Limits | None = None,
+    lease_ahead: Callable[[], LeaseAhead | None] | None = None,
 ) -> web.Response:
     """Handle one webhook end to end."""
     name = request.match_info["source"]
@@ -156,8 +157,10 @@ async def ingest(
         return _unavailable("credentials cannot be checked now, retry later", text)
     received_at = datetime.fromtimestamp(now(), UTC)
     planner = make_planner(runtime, name, conversion, received_at)
+    # The dispatcher's offer to take the deliveries as they are written (no claim), if any.
+    lease = lease_ahead() if lease_ahead is not None else None
     try:
-        result = await store.record_arrival(name, conversion, received_at, planner)
+        result = await store.record_arrival(name, conversion, received_at, planner, lease)
     except BaseException as err:
         if ticket is not None:
             ticket.release()  # the sender's retry of this message must not look like a replay
@@ -173,7 +176,7 @@ async def ingest(
             error="store unavailable",
         )
         return _unavailable("store unavailable, retry later", text)
-    on_committed(name, result)
+    on_committed(name, result, lease)
     _log_received(conversion, name, result, runtime)
     if text:
         return web.Response(text="OK")

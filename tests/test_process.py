@@ -136,6 +136,67 @@ postbacks:
         await sink.close()
 
 
+async def test_a_delivery_leased_at_insert_is_sent_again_at_once_after_kill_9(
+    tmp_path: Path,
+) -> None:
+    """A delivery leased to the node as its arrival was written (no claim) whose attempt is under
+    way when the node is killed: the restarted node takes back its own leases at start and sends
+    it again with the same key, without waiting for the lease (300 s) to end."""
+    hang = asyncio.Event()
+
+    async def hangs(request: web.Request) -> web.Response:
+        await hang.wait()
+        return web.Response(text="OK")
+
+    sink = await Sink().start()
+    sink.script = [(200, "OK", {}), hangs]
+    port = free_port()
+    config = write_config(tmp_path, port=port)
+    (tmp_path / "rules.d" / "o.yaml").write_text(f"""
+offer: 1
+postbacks:
+  - id: 1
+    trigger: conversion_done
+    affiliate: "*"
+    action: {{type: ping_url, url: "{sink.url}/pb?tx={{conversion_id}}"}}
+""")
+    daemon = DaemonProcess(config, port)
+
+    def params(cid: str) -> dict[str, str]:
+        return {"conversion_id": cid, "offer": "1", "affiliate": "9", "status": "approved"}
+
+    try:
+        daemon.start()
+        await daemon.ready()
+        async with aiohttp.ClientSession() as http:
+
+            async def leased() -> str:
+                async with http.get(f"{daemon.url}/metrics") as resp:
+                    text = await resp.text()
+                [line] = [x for x in text.splitlines() if 'via="lease_at_insert"' in x]
+                return line
+
+            # W1 is sent (claimed or leased): either way the dispatcher has found nothing
+            # else due since, so L1's delivery is leased as it is written.
+            async with http.get(f"{daemon.url}/webhooks/generic", params=params("W1")) as resp:
+                assert resp.status == 200
+            await wait_for(lambda: sink.received)
+            before = float((await leased()).split()[-1])
+            async with http.get(f"{daemon.url}/webhooks/generic", params=params("L1")) as resp:
+                assert resp.status == 200
+            await wait_for(lambda: len(sink.received) == 2)
+            assert float((await leased()).split()[-1]) == before + 1
+            daemon.kill()
+            daemon.start()
+            await daemon.ready()
+            await wait_for(lambda: len(sink.received) == 3, deadline=15)
+        assert [r.headers["Idempotency-Key"] for r in sink.received[1:]] == ["generic:L1:1:1"] * 2
+    finally:
+        hang.set()
+        daemon.stop()
+        await sink.close()
+
+
 async def test_sighup_reloads_and_sigterm_stops_cleanly(tmp_path: Path, sink: Sink) -> None:
     port = free_port()
     config = write_config(tmp_path, port=port)

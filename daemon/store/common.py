@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,23 @@ def new_delivery_id(at: datetime) -> str:
     """32 hex digits: milliseconds of `at`, then 80 random bits, so ids sort by creation."""
     millis = to_us(at) // 1000
     return f"{millis:012x}{secrets.token_hex(10)}"
+
+
+def lease_token() -> str:
+    """The lease token of a delivery leased at insert (daemon.store.base.LeaseAhead): 32 hex
+    digits, as a claim's. A fencing token, not a secret: what it must be is different from
+    every other lease of the same delivery, and a delivery is leased at insert once, by the
+    node that writes it; later leases are claims, with random tokens of their own."""
+    return f"{_TOKEN_PREFIX}{next(_TOKEN_COUNT):016x}"
+
+
+_TOKEN_PREFIX = secrets.token_hex(8)
+_TOKEN_COUNT = itertools.count()
+
+
+def lease_us(lease: timedelta) -> int:
+    """A lease's length in microseconds (to_us's unit)."""
+    return lease // _MICROSECOND
 
 
 class ConversionUpdate(Enum):

@@ -25,6 +25,7 @@ from daemon.store.base import (
     DeliveryState,
     Finish,
     FinishResult,
+    LeaseAhead,
     Planner,
 )
 from daemon.store.common import (
@@ -81,6 +82,8 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
     # The Recorder gathers results that end together into one finish_attempts: one round trip
     # for all of them instead of one each.
     batches_results = True
+    # Not built on PostgreSQL yet: an arrival's deliveries are queued, then claimed.
+    leases_at_insert = False
 
     def __init__(
         self,
@@ -167,8 +170,14 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             await conn.fetchval("SELECT 1")
 
     async def record_arrival(
-        self, source: str, conversion: Conversion, received_at: datetime, plan: Planner
+        self,
+        source: str,
+        conversion: Conversion,
+        received_at: datetime,
+        plan: Planner,
+        lease: LeaseAhead | None = None,
     ) -> ArrivalResult:
+        # Never given one (leases_at_insert is false): deliveries are queued and claimed.
         now = utc(received_at)
         key = (source, conversion.conversion_id)
         if key not in self._known:

@@ -28,6 +28,7 @@ from daemon.store.base import (
     DeliveryState,
     Finish,
     FinishResult,
+    LeaseAhead,
     Planner,
 )
 from daemon.store.common import (
@@ -40,6 +41,8 @@ from daemon.store.common import (
     decode_cursor,
     encode_cursor,
     from_us,
+    lease_token,
+    lease_us,
     opt_from_us,
     opt_us,
     prepare_arrival,
@@ -109,6 +112,8 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
     # shipped per-host 8 (callgrind, 1,000 finishes through Recorder.finish, whole process, less
     # the same run without finishes: waves of 8 +9k instructions per finish, waves of 64 -17k).
     batches_results = False
+    # An arrival's new deliveries may be leased to the node as they are written (LeaseAhead).
+    leases_at_insert = True
 
     def __init__(
         self,
@@ -199,7 +204,12 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         await self._read(lambda conn: conn.execute(self._q["ping"]).fetchone())
 
     async def record_arrival(
-        self, source: str, conversion: Conversion, received_at: datetime, plan: Planner
+        self,
+        source: str,
+        conversion: Conversion,
+        received_at: datetime,
+        plan: Planner,
+        lease: LeaseAhead | None = None,
     ) -> ArrivalResult:
         now = to_us(received_at)
         cid = conversion.conversion_id
@@ -227,10 +237,11 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             write = prepare_arrival(source, conversion, received_at, stored, plan)
             if stored is not None:
                 self._update_conversion(conn, stored.pk, write, now)
-            self._write_arrival(conn, source, conversion, pk, write, now)
+            self._write_arrival(conn, source, conversion, pk, write, now, lease)
             return write.result(source, cid)
 
-        return await self._writer.submit(job)  # _write's own, without its coroutine layer
+        # _write's own, without its coroutine layer
+        return await self._writer.submit(job, lease.settle if lease is not None else None)
 
     def _stored(
         self, conn: sqlite3.Connection, source: str, conversion_id: str
@@ -268,8 +279,10 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         pk: int,
         write: ArrivalWrite,
         now: int,
+        lease: LeaseAhead | None = None,
     ) -> None:
         seq = write.seq
+        data, values = rows.dumps(write.data), rows.dumps(write.values)
         conn.execute(
             self._q["insert_arrival"],
             (
@@ -279,13 +292,16 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
                 conversion.status._value_,
                 opt_us(conversion.event_time),
                 now,
-                rows.dumps(write.data),
-                rows.dumps(write.values),
+                data,
+                values,
             ),
         )
         if not write.deliveries:
             return
         cid = conversion.conversion_id
+        if lease is not None and lease.take([d.planned for d in write.deliveries]):
+            self._write_leased(conn, source, cid, pk, write, now, lease, (data, values))
+            return
         conn.executemany(
             self._q["insert_delivery"],
             [
@@ -305,6 +321,63 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
                 for d in write.deliveries
             ],
         )
+
+    def _write_leased(
+        self,
+        conn: sqlite3.Connection,
+        source: str,
+        cid: str,
+        pk: int,
+        write: ArrivalWrite,
+        now: int,
+        lease: LeaseAhead,
+        encoded: tuple[str, str],
+    ) -> None:
+        """The arrival's deliveries leased to `lease.node` at insert, and a Claim of each (its
+        data and values decoded from what the arrival row holds, as a claim reads them)."""
+        seq, node = write.seq, lease.node
+        until = now + lease_us(lease.lease)
+        tokens = [lease_token() for _ in write.deliveries]
+        conn.executemany(
+            self._q["insert_delivery_leased"],
+            [
+                (
+                    d.delivery_id,
+                    pk,
+                    seq,
+                    source,
+                    cid,
+                    d.planned.postback_id,
+                    d.planned.action,
+                    d.planned.destination,
+                    d.planned.affiliate_owner,
+                    d.idempotency_key,
+                    now,
+                    node,
+                    token,
+                    until,
+                )
+                for d, token in zip(write.deliveries, tokens, strict=True)
+            ],
+        )
+        created, (data, values) = from_us(now), encoded
+        lease.claims = [
+            Claim(
+                d.delivery_id,
+                token,
+                d.planned.postback_id,
+                d.planned.destination,
+                source,
+                cid,
+                seq,
+                d.idempotency_key,
+                0,
+                created,
+                rows.loads_json(data),
+                rows.loads_json(values),
+            )
+            for d, token in zip(write.deliveries, tokens, strict=True)
+        ]
 
     async def claim_due(
         self,

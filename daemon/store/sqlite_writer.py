@@ -32,11 +32,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import structlog
+
 from daemon.errors import StoreError
 from daemon.store.sqlite_lock import LockFile
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], T]
+log = structlog.get_logger("postbackd.store")
+
 CommitHook = Callable[[int], None]  # called in the writer thread after each COMMIT: batch size
 
 
@@ -47,13 +51,24 @@ class _Pending(Generic[T]):
     loop: asyncio.AbstractEventLoop
     # The caller's context: a planner that logs keeps the request's bound log context.
     context: contextvars.Context
+    # Called on the event loop with whether the job committed, even when the caller stopped
+    # waiting (a lease taken at insert is handed over or freed: daemon.store.base.LeaseAhead).
+    after: Callable[[bool], None] | None = None
 
 
 _STOP = object()
 
 
-def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for future, value, error in results:
+Settled = tuple[asyncio.Future[Any], Any, BaseException | None, Callable[[bool], None] | None]
+
+
+def _settle(results: list[Settled]) -> None:
+    for future, value, error, after in results:
+        if after is not None:
+            try:
+                after(error is None)
+            except Exception as err:  # the waiting caller still gets its own result
+                log.error("store_after_commit_failed", error=f"{type(err).__name__}: {err}")
         if future.done():  # the caller gave up waiting (cancelled)
             continue
         if error is not None:
@@ -118,15 +133,16 @@ class GroupCommitWriter:
         """Jobs waiting for the writer (not counting the batch it is running)."""
         return self._queue.qsize()
 
-    def submit(self, job: Job[T]) -> asyncio.Future[T]:
-        """Queue `job`; the future resolves after the COMMIT that includes it."""
+    def submit(self, job: Job[T], after: Callable[[bool], None] | None = None) -> asyncio.Future[T]:
+        """Queue `job`; the future resolves after the COMMIT that includes it, and `after`
+        (committed or not) is called on the event loop just before, waited for or not."""
         if self._closed or self._thread is None:
             raise StoreError("the store is not open")
         if not self._thread.is_alive():
             raise StoreError("sqlite: the writer thread has stopped")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Pending(job, future, loop, contextvars.copy_context()))
+        self._queue.put(_Pending(job, future, loop, contextvars.copy_context(), after))
         return future
 
     def stop(self) -> None:
@@ -215,9 +231,11 @@ class GroupCommitWriter:
         if committed:
             self._commit_hook(len(batch))
         # One wake-up per event loop, not per request: waking a loop costs a syscall.
-        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[Settled]] = {}
         for pending, (value, error) in zip(batch, outcomes, strict=True):
-            by_loop.setdefault(pending.loop, []).append((pending.future, value, error))
+            by_loop.setdefault(pending.loop, []).append(
+                (pending.future, value, error, pending.after)
+            )
         for loop, results in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_settle, results)

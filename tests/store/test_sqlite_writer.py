@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.errors import StoreError
 from daemon.store.sqlite import connect
@@ -90,3 +91,57 @@ async def test_a_stopped_writer_refuses_work(
     await asyncio.to_thread(gcw.stop)
     with pytest.raises(StoreError, match="not open"):
         gcw.submit(_count)
+
+
+def _fails(conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT INTO parent (id) VALUES (5)")
+    raise ValueError("the job's own failure")
+
+
+async def test_after_says_whether_each_job_committed_even_to_a_caller_that_left(
+    writer: tuple[GroupCommitWriter, Gate],
+) -> None:
+    """`after` runs for each job on the event loop: True for one that committed, False for one
+    rolled back (its batch failed at COMMIT, or the job itself raised and was run again in a
+    savepoint), and also when its caller stopped waiting (a lease taken at insert must start or
+    be freed whatever the request does)."""
+    gcw, gate = writer
+    seen: dict[str, bool] = {}
+
+    def note(name: str) -> object:
+        return lambda committed: seen.__setitem__(name, committed)
+
+    warmup = gcw.submit(_insert(1))  # type: ignore[arg-type]
+    assert await asyncio.to_thread(gate.entered.wait, 10)  # committed, writer held
+    left = gcw.submit(_insert(2), note("left"))  # type: ignore[arg-type]
+    raised = gcw.submit(_fails, note("raised"))  # type: ignore[arg-type]
+    kept = gcw.submit(_insert(3), note("kept"))  # type: ignore[arg-type]
+    left.cancel()  # the caller gave up before the writer ran it
+    gate.opened.set()
+    await warmup
+    with pytest.raises(ValueError, match="own failure"):
+        await raised
+    assert await kept == 3
+    assert seen == {"left": True, "raised": False, "kept": True}
+    assert await gcw.submit(_count) == 3  # 1, 2 (its caller left: still written), 3
+
+    failed = gcw.submit(_orphan_checked_at_commit, note("batch"))  # type: ignore[arg-type]
+    with pytest.raises(StoreError):
+        await failed
+    assert seen["batch"] is False
+
+
+async def test_an_after_that_raises_is_logged_and_its_caller_still_answered(
+    writer: tuple[GroupCommitWriter, Gate],
+) -> None:
+    gcw, gate = writer
+    gate.opened.set()
+
+    def broken(committed: bool) -> None:
+        raise RuntimeError("observer bug")
+
+    with capture_logs() as logs:
+        assert await gcw.submit(_insert(7), broken) == 7  # type: ignore[arg-type]
+    assert [(e["event"], e["error"]) for e in logs] == [
+        ("store_after_commit_failed", "RuntimeError: observer bug")
+    ]

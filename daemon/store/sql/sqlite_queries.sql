@@ -48,6 +48,16 @@ INSERT INTO delivery
 VALUES
     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'queued', ?11, ?11, ?11);
 
+-- name: insert_delivery_leased
+-- insert_delivery leased at insert to this node, as claim_one leaves a claimed delivery
+-- (daemon.store.base.LeaseAhead): (..., now, node, token, until)
+INSERT INTO delivery
+    (id, conversion_pk, arrival_seq, source, conversion_id, postback_id, action, destination,
+     affiliate_owner, idempotency_key, state, created_at, updated_at, next_attempt_at,
+     lease_owner, lease_token, lease_until)
+VALUES
+    (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'in_flight', ?11, ?11, ?11, ?12, ?13, ?14);
+
 -- name: claim_candidates
 -- In the order of Claim's fields (daemon.store.rows.claim); the lease token is made here, as
 -- PostgreSQL's claim_due makes it (32 hex digits: a fencing token, not a secret).
