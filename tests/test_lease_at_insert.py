@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from daemon.breaker import BreakerPolicy
-from daemon.dispatcher import Dispatcher, DispatcherConfig
+from daemon.dispatcher import LEASE_AT_INSERT_MAX, Dispatcher, DispatcherConfig
 from daemon.hosts import Destinations
 from daemon.models import Conversion, Status, Transition
 from daemon.store.base import ArrivalPlan, LeaseAhead, PlannedDelivery
@@ -147,6 +147,17 @@ def offer(dispatcher: Dispatcher) -> LeaseAhead:
     lease = dispatcher.lease_ahead()
     assert lease is not None
     return lease
+
+
+def test_under_load_new_deliveries_are_left_to_the_claims() -> None:
+    """Leased at insert only while, with them, at most LEASE_AT_INSERT_MAX attempts are in
+    progress (or max_in_flight, when lower): a busy node claims them a batch at a time."""
+    dispatcher = bare_dispatcher(max_in_flight=256)
+    lease = offer(dispatcher)
+    assert lease.take([planned()] * LEASE_AT_INSERT_MAX)
+    assert not offer(dispatcher).take([planned()])
+    lease.settle(False)
+    assert offer(dispatcher).take([planned()])
 
 
 def test_leases_never_pass_the_nodes_room_and_a_lease_that_did_not_commit_frees_it() -> None:
