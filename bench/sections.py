@@ -105,12 +105,9 @@ async def end_to_end(ctx: Context) -> None:
     report.start("e2e", "ingested and delivered (one ping_url each to a loopback sink), SQLite")
     daemon = await _sqlite_daemon(ctx)
     per_host = ctx.per_host or DEFAULT_PER_HOST
-    since = await daemon.started()
-    rate = await _e2e(ctx, hf.Target(f"SQLite, per-host {per_host}", [daemon.url], 1, [daemon.pid]))
+    target = hf.Target(f"SQLite, per-host {per_host}", [daemon.url], 1, [daemon.pid])
+    rate = await _e2e(ctx, target, daemon)
     ctx.figures["e2e_delivered_sqlite"] = ctx.figures["last_delivered"]
-    leased = await daemon.leased_share(since)
-    if leased is not None:
-        report.add("deliveries leased at insert (no claim), SQLite", leased * 100, "%")
     if rate is not None:
         ctx.figures["e2e_sqlite"] = rate
         ctx.figures["e2e_sqlite_cpu_us"] = ctx.figures["last_e2e_cpu_us"]
@@ -128,7 +125,7 @@ async def end_to_end(ctx: Context) -> None:
         )
         await raised.ready_daemon()
         name = f"SQLite, per-host {RAISED_PER_HOST}"
-        rate = await _e2e(ctx, hf.Target(name, [raised.url], 1, [raised.pid]))
+        rate = await _e2e(ctx, hf.Target(name, [raised.url], 1, [raised.pid]), raised)
         raised.stop()
         if rate is not None:
             ctx.figures["e2e_sqlite_raised"] = rate
@@ -190,12 +187,16 @@ async def _e2e_dispatcher_process(ctx: Context, per_host: int) -> None:
         )
 
 
-async def _e2e(ctx: Context, target: hf.Target) -> float | None:
+async def _e2e(ctx: Context, target: hf.Target, daemon: Daemon | None = None) -> float | None:
     """Sustained rate, then latency at opts.rate, or below what was sustained if that is less
-    (latency at a rate the node cannot keep up with only measures the growing queue)."""
+    (latency at a rate the node cannot keep up with only measures the growing queue). With
+    `daemon`, the share of each phase's deliveries that were leased at insert (no claim)."""
     report, opts = ctx.report, ctx.opts
     sink = await ctx.start_sink()
+    since = await daemon.started() if daemon is not None else {}
     got = await hf.sustained(report, target, sink, opts)
+    if daemon is not None:
+        since = await _leased(ctx, daemon, since, f"{target.name}: leased at insert, saturated")
     rate = None if got is None else got.rate
     ctx.figures["last_delivered"] = 0.0 if got is None else got.delivered
     if got is not None:
@@ -208,7 +209,20 @@ async def _e2e(ctx: Context, target: hf.Target) -> float | None:
             f"measured at {pace:,.0f}/s instead"
         )
     await hf.latency(report, target, sink, replace(opts, rate=pace))
+    if daemon is not None:
+        await _leased(ctx, daemon, since, f"{target.name}: leased at insert, at {pace:,.0f}/s")
     return rate
+
+
+async def _leased(
+    ctx: Context, daemon: Daemon, since: dict[str, float], name: str
+) -> dict[str, float]:
+    """Report the share of the deliveries started since `since` that were leased at insert;
+    the reading to measure the next phase from."""
+    share = await daemon.leased_share(since)
+    if share is not None:
+        ctx.report.add(name, share * 100, "%")
+    return await daemon.started()
 
 
 @asynccontextmanager
