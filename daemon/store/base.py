@@ -111,10 +111,13 @@ class LeaseAhead:
     deliveries: True when the dispatcher has room for all of them now (none is leased
     otherwise: they are queued and claimed as usual); the store then records a Claim for each
     row it wrote leased (`claims`). After the transaction, committed or not, the store calls
-    `settle(committed)` on the event loop, whether or not the request still waits for it:
-    the dispatcher then starts the claims, or frees the room it kept. A transaction run again
-    (SQLite's savepoint rerun) asks `take` again: the first answer stands, and `claims` is
-    what the last run wrote."""
+    `settle(committed)` on the event loop whenever `take` agreed (SQLite: in every case),
+    whether or not the request still waits for it: the dispatcher then starts the claims, or
+    frees the room it kept. A transaction run again (SQLite's savepoint rerun) asks `take`
+    again: the first answer stands, and `claims` is what the last run wrote. A store may leave
+    some arrivals out: PostgreSQL leases only a new conversion's deliveries, written by its
+    batched statement, and makes their claims from the arrival's data and values as the server
+    stored them (jsonb orders an object's keys its own way)."""
 
     __slots__ = ("_admit", "_reserved", "_settle", "claims", "lease", "node")
 
@@ -308,8 +311,8 @@ class Store(Protocol):
         (none for duplicate and stale). Raises StoreError when it cannot commit.
 
         `lease` (only on a store whose `leases_at_insert` is true): the deliveries are written
-        leased to its node when `lease.take` agrees, and `lease.settle` is called after the
-        transaction in every case (LeaseAhead)."""
+        leased to its node when `lease.take` agrees, and then `lease.settle` is called after
+        the transaction, committed or not (LeaseAhead)."""
         ...
 
     async def claim_due(

@@ -37,10 +37,11 @@ from daemon.store.common import (
     conversion_fields,
     decode_cursor,
     encode_cursor,
+    lease_token,
     prepare_arrival,
     utc,
 )
-from daemon.store.postgres_batch import NewArrival, NewArrivals, batch_args
+from daemon.store.postgres_batch import ArrivalLease, NewArrival, NewArrivals, Written, batch_args
 from daemon.store.postgres_schema import apply_migrations
 from daemon.store.queries import load_queries
 from daemon.store.replay_postgres import PostgresReplay
@@ -82,8 +83,8 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
     # The Recorder gathers results that end together into one finish_attempts: one round trip
     # for all of them instead of one each.
     batches_results = True
-    # Not built on PostgreSQL yet: an arrival's deliveries are queued, then claimed.
-    leases_at_insert = False
+    # A new conversion's deliveries may be leased to the node as they are written (LeaseAhead).
+    leases_at_insert = True
 
     def __init__(
         self,
@@ -177,11 +178,12 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         plan: Planner,
         lease: LeaseAhead | None = None,
     ) -> ArrivalResult:
-        # Never given one (leases_at_insert is false): deliveries are queued and claimed.
         now = utc(received_at)
         key = (source, conversion.conversion_id)
         if key not in self._known:
-            fast = await self._arrive_new(source, conversion, now, plan)
+            # Only here are deliveries leased at insert: the locking path (a conversion stored
+            # already, a status change) queues them.
+            fast = await self._arrive_new(source, conversion, now, plan, lease)
             self._remember(key)
             if fast is not None:
                 return fast
@@ -209,15 +211,24 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             del known[next(iter(known))]  # the oldest (dicts keep insertion order)
 
     async def _arrive_new(
-        self, source: str, conversion: Conversion, now: datetime, plan: Planner
+        self,
+        source: str,
+        conversion: Conversion,
+        now: datetime,
+        plan: Planner,
+        lease: LeaseAhead | None = None,
     ) -> ArrivalResult | None:
         """A new conversion in one round trip (arrive_new_batch, with the other new arrivals of
         the moment), or None when it exists already (nothing written: the caller takes the
         locking path). The plan is made for a new conversion before the statement. Only for a
         conversion this node has not stored lately (record_arrival): when another node stored
         it, the locking path asks the planner again, for the real transition, and only that
-        plan is written."""
+        plan is written. With `lease`, the deliveries are leased to its node when it takes them,
+        and the claims are made from the arrival's data and values as the server stored them."""
         write = prepare_arrival(source, conversion, now, None, plan)
+        leased = None
+        if lease is not None and lease.take([d.planned for d in write.deliveries]):
+            leased = self._leased_at_insert(source, conversion.conversion_id, now, write, lease)
         arrival = NewArrival(
             source,
             conversion.conversion_id,
@@ -229,13 +240,45 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             rows.dumps(write.data),
             rows.dumps(write.values),
             write.deliveries,
+            leased,
         )
         pk = await self._new_arrivals.arrive(arrival)
         return None if pk is None else write.result(source, conversion.conversion_id)
 
-    async def _arrive_batch(self, arrivals: Sequence[NewArrival]) -> list[int | None]:
+    @staticmethod
+    def _leased_at_insert(
+        source: str, cid: str, now: datetime, write: ArrivalWrite, lease: LeaseAhead
+    ) -> ArrivalLease:
+        """The lease of an arrival's deliveries, and what makes their claims once written."""
+        tokens = [lease_token() for _ in write.deliveries]
+
+        def written(answer: Written | None) -> None:
+            if answer is not None:
+                _, data, values = answer
+                lease.claims = [
+                    Claim(
+                        d.delivery_id,
+                        token,
+                        d.planned.postback_id,
+                        d.planned.destination,
+                        source,
+                        cid,
+                        write.seq,
+                        d.idempotency_key,
+                        0,
+                        now,
+                        rows.loads_json(data),
+                        rows.loads_json(values),
+                    )
+                    for d, token in zip(write.deliveries, tokens, strict=True)
+                ]
+            lease.settle(answer is not None)
+
+        return ArrivalLease(lease.node, now + lease.lease, tokens, written)
+
+    async def _arrive_batch(self, arrivals: Sequence[NewArrival]) -> list[Written]:
         found = await self._statement("fetch", self._q["arrive_new_batch"], *batch_args(arrivals))
-        return [row[0] for row in found]
+        return [(row[0], row[1], row[2]) for row in found]
 
     async def _lock_or_insert(
         self, conn: Any, source: str, conversion: Conversion, now: datetime

@@ -25,10 +25,30 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import NamedTuple
 
+import structlog
+
 from daemon.store.common import NewDelivery
+
+log = structlog.get_logger("postbackd.store")
 
 MAX_BATCH = 256
 ROUNDS = 2
+
+# A round's answer for one arrival: the new conversion's id (None: it existed, nothing
+# written), and for an arrival whose deliveries are leased, its data and values as stored.
+Written = tuple[int | None, str | None, str | None]
+
+
+class ArrivalLease(NamedTuple):
+    """An arrival's deliveries leased at insert to `node` (daemon.store.base.LeaseAhead): a
+    token each, in order, all until `until`. `written` is called once, on the event loop, with
+    the round's answer when the arrival was written, or None when it was not (it existed, its
+    round failed, the store closed), whether or not its caller still waits."""
+
+    node: str
+    until: datetime
+    tokens: Sequence[str]
+    written: Callable[[Written | None], None]
 
 
 class NewArrival(NamedTuple):
@@ -44,15 +64,20 @@ class NewArrival(NamedTuple):
     data: str  # JSON text
     values: str  # JSON text
     deliveries: Sequence[NewDelivery]  # prepare_arrival's
+    lease: ArrivalLease | None = None  # its deliveries leased at insert, or queued
 
 
-# The store's statement for a round: one pk or None per arrival, in order; raises StoreError.
-RunBatch = Callable[[Sequence[NewArrival]], Awaitable[list[int | None]]]
+# The store's statement for a round: one answer per arrival, in order; raises StoreError.
+RunBatch = Callable[[Sequence[NewArrival]], Awaitable[list[Written]]]
+
+_NOT_LEASED = (None, None, None)
 
 
 def batch_args(arrivals: Sequence[NewArrival]) -> list[list[object]]:
-    """arrive_new_batch's 16 arrays: the arrivals' first 9 fields, column by column (NewArrival
-    keeps the statement's order), then the deliveries', each led by its arrival's ordinal."""
+    """arrive_new_batch's 20 arrays: the arrivals' first 9 fields, column by column (NewArrival
+    keeps the statement's order), then the deliveries', each led by its arrival's ordinal and
+    ending with its lease (owner, token, until: nulls when queued), then whether each arrival's
+    deliveries are leased."""
     columns = [list(column) for column in zip(*(a[:9] for a in arrivals), strict=True)]
     deliveries = [
         (
@@ -63,13 +88,15 @@ def batch_args(arrivals: Sequence[NewArrival]) -> list[list[object]]:
             d.planned.destination,
             d.planned.affiliate_owner,
             d.idempotency_key,
+            *((a.lease.node, a.lease.tokens[k], a.lease.until) if a.lease else _NOT_LEASED),
         )
         for n, a in enumerate(arrivals, start=1)
-        for d in a.deliveries
+        for k, d in enumerate(a.deliveries)
     ]
+    leased = [a.lease is not None for a in arrivals]
     if not deliveries:
-        return [*columns, *([] for _ in range(7))]
-    return [*columns, *(list(column) for column in zip(*deliveries, strict=True))]
+        return [*columns, *([] for _ in range(10)), leased]
+    return [*columns, *(list(column) for column in zip(*deliveries, strict=True)), leased]
 
 
 class NewArrivals:
@@ -107,6 +134,7 @@ class NewArrivals:
         while waiting and len(taken) < self._max_batch:
             item = waiting.popleft()
             if item[1].done():  # its caller stopped waiting (cancelled): not sent
+                _written(item[0], None)
                 continue
             key = (item[0].source, item[0].conversion_id)
             if key in sending:
@@ -136,28 +164,47 @@ class NewArrivals:
         arrivals = [arrival for arrival, _ in batch]
         self.statements += 1
         try:
-            pks = await self._run_batch(arrivals)
+            answers = await self._run_batch(arrivals)
         except asyncio.CancelledError:  # the store is closing: nobody is left hanging
-            for _, future in batch:
+            for arrival, future in batch:
+                _written(arrival, None)
                 future.cancel()
             raise
         except Exception as err:
             if len(arrivals) == 1:
+                _written(arrivals[0], None)
                 _settle(batch[0][1], error=err)
                 return
             self.apart += 1
             await asyncio.gather(*(self._alone(arrival, future) for arrival, future in batch))
             return
-        for (_, future), pk in zip(batch, pks, strict=True):
-            _settle(future, pk)
+        for (arrival, future), answer in zip(batch, answers, strict=True):
+            _written(arrival, answer)
+            _settle(future, answer[0])
 
     async def _alone(self, arrival: NewArrival, future: asyncio.Future[int | None]) -> None:
         try:
-            [pk] = await self._run_batch([arrival])
-        except Exception as err:
+            [answer] = await self._run_batch([arrival])
+        except BaseException as err:
+            _written(arrival, None)
+            if not isinstance(err, Exception):
+                raise
             _settle(future, error=err)
         else:
-            _settle(future, pk)
+            _written(arrival, answer)
+            _settle(future, answer[0])
+
+
+def _written(arrival: NewArrival, answer: Written | None) -> None:
+    """Tell an arrival's lease what became of it (once; a failure there is logged, not raised:
+    the arrival's caller still gets its own answer)."""
+    lease = arrival.lease
+    if lease is None:
+        return
+    try:
+        lease.written(answer if answer is not None and answer[0] is not None else None)
+    except Exception as err:
+        log.error("store_after_commit_failed", error=f"{type(err).__name__}: {err}")
 
 
 def _settle(

@@ -242,16 +242,20 @@ WHERE id IN (
 -- daemon/store/postgres_batch.py) in one statement, one round trip and one commit (a single
 -- statement is atomic): each conversion, its first arrival and its deliveries. $1..$9: one
 -- array per column, one element per arrival, no (source, conversion_id) twice; $10..$16: the
--- deliveries, one element each, $10 the ordinal (from 1) of the arrival they belong to. The
--- answer is a row per arrival, in order: the new conversion's id, or null when it exists
--- already (nothing of that arrival written: its caller takes the locking path).
+-- deliveries, one element each, $10 the ordinal (from 1) of the arrival they belong to;
+-- $17..$19: each delivery's lease when it is leased at insert to the node writing it (owner,
+-- token, until; nulls when it is queued: daemon.store.base.LeaseAhead); $20: per arrival,
+-- whether its deliveries are leased. The answer is a row per arrival, in order: the new
+-- conversion's id, or null when it exists already (nothing of that arrival written: its caller
+-- takes the locking path), and for an arrival whose deliveries are leased, the arrival's data
+-- and values as stored (jsonb's text: a claim made at insert is the claim a claim reads).
 WITH input AS (
     SELECT *
     FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[],
-                $6::timestamptz[], $7::text[], $8::text[], $9::text[])
+                $6::timestamptz[], $7::text[], $8::text[], $9::text[], $20::boolean[])
          WITH ORDINALITY
          AS i(source, conversion_id, status, event_time, fields, received_at, transition, data,
-              vals, n)
+              vals, leased, n)
 ), c AS (
     INSERT INTO conversion
         (source, conversion_id, status, status_event_time, fields, created_at, updated_at)
@@ -268,25 +272,28 @@ WITH input AS (
     SELECT c.id, 1, i.transition, i.status, i.event_time, i.received_at, i.data::jsonb,
            i.vals::jsonb
     FROM c JOIN input i ON i.source = c.source AND i.conversion_id = c.conversion_id
-    RETURNING conversion_pk
+    RETURNING conversion_pk, data, vals
 ), d AS (
     INSERT INTO delivery
         (id, conversion_pk, arrival_seq, source, conversion_id, postback_id, action,
          destination, affiliate_owner, idempotency_key, state, created_at, updated_at,
-         next_attempt_at)
+         next_attempt_at, lease_owner, lease_token, lease_until)
     SELECT x.id, a.conversion_pk, 1, i.source, i.conversion_id, x.postback_id, x.action,
-           x.destination, x.affiliate_owner, x.idempotency_key, 'queued', i.received_at,
-           i.received_at, i.received_at
+           x.destination, x.affiliate_owner, x.idempotency_key,
+           CASE WHEN x.lease_token IS NULL THEN 'queued' ELSE 'in_flight' END, i.received_at,
+           i.received_at, i.received_at, x.lease_owner, x.lease_token, x.lease_until
     FROM unnest($10::bigint[], $11::text[], $12::bigint[], $13::text[], $14::text[],
-                $15::text[], $16::text[])
-         AS x(n, id, postback_id, action, destination, affiliate_owner, idempotency_key)
+                $15::text[], $16::text[], $17::text[], $18::text[], $19::timestamptz[])
+         AS x(n, id, postback_id, action, destination, affiliate_owner, idempotency_key,
+              lease_owner, lease_token, lease_until)
     JOIN input i ON i.n = x.n
     JOIN c ON c.source = i.source AND c.conversion_id = i.conversion_id
     JOIN a ON a.conversion_pk = c.id
 )
-SELECT c.id
+SELECT c.id, CASE WHEN i.leased THEN a.data::text END, CASE WHEN i.leased THEN a.vals::text END
 FROM input i
 LEFT JOIN c ON c.source = i.source AND c.conversion_id = i.conversion_id
+LEFT JOIN a ON a.conversion_pk = c.id
 ORDER BY i.n;
 
 -- name: finish_and_record
