@@ -24,7 +24,7 @@ import aiohttp
 
 from bench import wrk
 from bench.context import Context, sqlite_url
-from bench.procs import Daemon, Proc, server
+from bench.procs import Daemon, Proc, leased_share, server, started
 from bench.rulesgen import FIRE, NONE
 
 WARMUP = 10.0  # seconds of load before counting (imports, caches, first connections)
@@ -97,7 +97,7 @@ async def _count(
                                     connections=CONNECTIONS)  # fmt: skip
             # the warm-up's deliveries all made before counting starts, the window's after
             before = await _delivered(ctx, session, start + warm.ok) if fires else 0
-            since = await proc.started() if fires and isinstance(proc, Daemon) else {}
+            since = await started([proc]) if fires and isinstance(proc, Daemon) else {}
             await _control("-i", "on", proc.pid)
             got = await wrk.closed(wrk_path, url, "m", sub1, 1, seconds=seconds,
                                    connections=CONNECTIONS)  # fmt: skip
@@ -105,7 +105,7 @@ async def _count(
         await _control("-i", "off", proc.pid)
         if since:  # after counting: the scrapes are not counted
             assert isinstance(proc, Daemon)
-            share = await proc.leased_share(since)
+            share = leased_share(since, await started([proc]))
             if share is not None:
                 ctx.report.note(f"{proc.name}: {share:.0%} of deliveries leased at insert")
         await _control("-d", proc.pid)

@@ -181,14 +181,6 @@ class Daemon(Proc):
             text = await resp.text()
         return {via: float(n) for via, n in _STARTED.findall(text)}
 
-    async def leased_share(self, since: dict[str, float]) -> float | None:
-        """The share of the deliveries started after `since` (a started() reading) that were
-        leased at insert, or None when none started."""
-        now = await self.started()
-        got = {via: n - since.get(via, 0.0) for via, n in now.items()}
-        total = sum(got.values())
-        return got.get("lease_at_insert", 0.0) / total if total else None
-
     def events(self, event: str) -> list[dict[str, Any]]:
         """Every log line of `event` (not a per-request one) so far. The log is read from where
         the last call stopped (it grows by tens of MiB under load)."""
@@ -216,3 +208,20 @@ class Daemon(Proc):
             if time.monotonic() > until:
                 raise RuntimeError(f"{self.name}: no {event} line within {deadline:.0f} s")
             await asyncio.sleep(0.2)
+
+
+async def started(daemons: Sequence[Daemon]) -> dict[str, float]:
+    """How the nodes' deliveries started so far, summed over them (by `via`)."""
+    total: dict[str, float] = {}
+    for daemon in daemons:
+        for via, count in (await daemon.started()).items():
+            total[via] = total.get(via, 0.0) + count
+    return total
+
+
+def leased_share(since: dict[str, float], now: dict[str, float]) -> float | None:
+    """The share of the deliveries started between two started() readings that were leased at
+    insert, or None when none started."""
+    got = {via: count - since.get(via, 0.0) for via, count in now.items()}
+    total = sum(got.values())
+    return got.get("lease_at_insert", 0.0) / total if total else None

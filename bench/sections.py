@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
@@ -15,7 +15,7 @@ import asyncpg  # type: ignore[import-untyped]
 from bench import http_figures as hf
 from bench import quota as cpu_quota
 from bench.context import Context, sqlite_stored, sqlite_url
-from bench.procs import Daemon
+from bench.procs import Daemon, leased_share, started
 from bench.report import Report, filesystem_of
 from bench.rulesgen import PER_OFFER
 
@@ -106,7 +106,7 @@ async def end_to_end(ctx: Context) -> None:
     daemon = await _sqlite_daemon(ctx)
     per_host = ctx.per_host or DEFAULT_PER_HOST
     target = hf.Target(f"SQLite, per-host {per_host}", [daemon.url], 1, [daemon.pid])
-    rate = await _e2e(ctx, target, daemon)
+    rate = await _e2e(ctx, target, [daemon])
     ctx.figures["e2e_delivered_sqlite"] = ctx.figures["last_delivered"]
     if rate is not None:
         ctx.figures["e2e_sqlite"] = rate
@@ -125,7 +125,7 @@ async def end_to_end(ctx: Context) -> None:
         )
         await raised.ready_daemon()
         name = f"SQLite, per-host {RAISED_PER_HOST}"
-        rate = await _e2e(ctx, hf.Target(name, [raised.url], 1, [raised.pid]), raised)
+        rate = await _e2e(ctx, hf.Target(name, [raised.url], 1, [raised.pid]), [raised])
         raised.stop()
         if rate is not None:
             ctx.figures["e2e_sqlite_raised"] = rate
@@ -187,16 +187,16 @@ async def _e2e_dispatcher_process(ctx: Context, per_host: int) -> None:
         )
 
 
-async def _e2e(ctx: Context, target: hf.Target, daemon: Daemon | None = None) -> float | None:
+async def _e2e(ctx: Context, target: hf.Target, daemons: Sequence[Daemon] = ()) -> float | None:
     """Sustained rate, then latency at opts.rate, or below what was sustained if that is less
     (latency at a rate the node cannot keep up with only measures the growing queue). With
-    `daemon`, the share of each phase's deliveries that were leased at insert (no claim)."""
+    `daemons` (the target's), the share of each phase's deliveries leased at insert."""
     report, opts = ctx.report, ctx.opts
     sink = await ctx.start_sink()
-    since = await daemon.started() if daemon is not None else {}
+    since = await started(daemons)
     got = await hf.sustained(report, target, sink, opts)
-    if daemon is not None:
-        since = await _leased(ctx, daemon, since, f"{target.name}: leased at insert, saturated")
+    if daemons:
+        since = await _leased(ctx, daemons, since, f"{target.name}: leased at insert, saturated")
     rate = None if got is None else got.rate
     ctx.figures["last_delivered"] = 0.0 if got is None else got.delivered
     if got is not None:
@@ -209,20 +209,21 @@ async def _e2e(ctx: Context, target: hf.Target, daemon: Daemon | None = None) ->
             f"measured at {pace:,.0f}/s instead"
         )
     await hf.latency(report, target, sink, replace(opts, rate=pace))
-    if daemon is not None:
-        await _leased(ctx, daemon, since, f"{target.name}: leased at insert, at {pace:,.0f}/s")
+    if daemons:
+        await _leased(ctx, daemons, since, f"{target.name}: leased at insert, at {pace:,.0f}/s")
     return rate
 
 
 async def _leased(
-    ctx: Context, daemon: Daemon, since: dict[str, float], name: str
+    ctx: Context, daemons: Sequence[Daemon], since: dict[str, float], name: str
 ) -> dict[str, float]:
-    """Report the share of the deliveries started since `since` that were leased at insert;
-    the reading to measure the next phase from."""
-    share = await daemon.leased_share(since)
+    """Report the share of the deliveries started since `since` (a started() reading) that were
+    leased at insert; the reading to measure the next phase from."""
+    now = await started(daemons)
+    share = leased_share(since, now)
     if share is not None:
         ctx.report.add(name, share * 100, "%")
-    return await daemon.started()
+    return now
 
 
 @asynccontextmanager
@@ -348,7 +349,7 @@ async def _pg_cluster(
             with cpu_quota.each_capped(pids, quota):  # once started: its start is not measured
                 got = await hf.ingest(report, target, opts, stored)
                 ctx.figures[f"ingest_{key}{tag}"] = got.rate
-                rate = await _e2e(ctx, target) if e2e else None
+                rate = await _e2e(ctx, target, daemons) if e2e else None
                 if rate is not None:
                     ctx.figures[f"e2e_{key}{tag}"] = rate
         finally:
