@@ -227,9 +227,9 @@ class Dispatcher:
     def lease_ahead(self) -> LeaseAhead | None:
         """An offer to take one arrival's new deliveries as the store writes them (LeaseAhead:
         no claim), or None: the store cannot, this dispatcher's loop does not run (not started,
-        in its supervisor's backoff after a failure, stopping), or
-        its last claim found a full batch due, or a closed breaker's backlog is still to be
-        made due (new deliveries then queue behind those, oldest first)."""
+        in its supervisor's backoff after a failure, stopping), its last claim found a full
+        batch due, or a closed breaker's backlog is still to be made due (new deliveries then
+        queue behind those, oldest first)."""
         if not (self._running and self._drained and self._leases_at_insert):
             return None
         if self._stopping or self._unhold:
@@ -237,7 +237,8 @@ class Dispatcher:
         return LeaseAhead(self.config.node, self._lease, self._admit, self._adopt)
 
     def _admit(self, planned: Sequence[PlannedDelivery]) -> bool:
-        """In the store's transaction (SQLite: its writer thread): whether all of an arrival's
+        """When the store has planned an arrival (SQLite: in its transaction, on the writer
+        thread; PostgreSQL: on the event loop, before the statement): whether all of an arrival's
         deliveries may be leased here now, keeping the room for them when so. Not when one's
         destination is down (a claim would hold it: as queued, it waits for the breaker), one's
         destination or affiliate has its share in progress (a claim would skip it), or the
