@@ -255,23 +255,10 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         def written(answer: Written | None) -> None:
             if answer is not None:
                 _, data, values = answer
-                lease.claims = [
-                    Claim(
-                        d.delivery_id,
-                        token,
-                        d.planned.postback_id,
-                        d.planned.destination,
-                        source,
-                        cid,
-                        write.seq,
-                        d.idempotency_key,
-                        0,
-                        now,
-                        rows.loads_json(data),
-                        rows.loads_json(values),
-                    )
-                    for d, token in zip(write.deliveries, tokens, strict=True)
-                ]
+                # the statement returns both for an arrival whose deliveries it leased
+                assert data is not None
+                assert values is not None
+                lease.claims = rows.leased_claims(write, tokens, source, cid, now, data, values)
             lease.settle(answer is not None)
 
         return ArrivalLease(lease.node, now + lease.lease, tokens, written)

@@ -22,7 +22,7 @@ from daemon.store.base import (
     StoredArrival,
     idempotency_key,
 )
-from daemon.store.common import encode_cursor
+from daemon.store.common import ArrivalWrite, encode_cursor
 
 # How one backend reads a stored time (SQLite: integer microseconds; PostgreSQL: datetime).
 TimeReader = Callable[[Any], datetime]
@@ -214,6 +214,37 @@ def claim(row: Sequence[Any], read: TimeReader) -> Claim:
         loads_json(row[10]),
         loads_json(row[11]),
     )
+
+
+def leased_claims(
+    write: ArrivalWrite,
+    tokens: Sequence[str],
+    source: str,
+    conversion_id: str,
+    created: datetime,
+    data: str,
+    values: str,
+) -> list[Claim]:
+    """The Claims of an arrival's deliveries leased at insert (daemon.store.base.LeaseAhead),
+    one per token, in order: what a claim would read back, its data and values decoded from the
+    arrival's JSON as stored."""
+    return [
+        Claim(
+            d.delivery_id,
+            token,
+            d.planned.postback_id,
+            d.planned.destination,
+            source,
+            conversion_id,
+            write.seq,
+            d.idempotency_key,
+            0,
+            created,
+            loads_json(data),
+            loads_json(values),
+        )
+        for d, token in zip(write.deliveries, tokens, strict=True)
+    ]
 
 
 def arrival_dict(row: Sequence[Any], read: TimeReader) -> dict[str, Any]:

@@ -299,85 +299,34 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         if not write.deliveries:
             return
         cid = conversion.conversion_id
-        if lease is not None and lease.take([d.planned for d in write.deliveries]):
-            self._write_leased(conn, source, cid, pk, write, now, lease, (data, values))
-            return
-        conn.executemany(
-            self._q["insert_delivery"],
-            [
-                (
-                    d.delivery_id,
-                    pk,
-                    seq,
-                    source,
-                    cid,
-                    d.planned.postback_id,
-                    d.planned.action,
-                    d.planned.destination,
-                    d.planned.affiliate_owner,
-                    d.idempotency_key,
-                    now,
-                )
-                for d in write.deliveries
-            ],
-        )
-
-    def _write_leased(
-        self,
-        conn: sqlite3.Connection,
-        source: str,
-        cid: str,
-        pk: int,
-        write: ArrivalWrite,
-        now: int,
-        lease: LeaseAhead,
-        encoded: tuple[str, str],
-    ) -> None:
-        """The arrival's deliveries leased to `lease.node` at insert, and a Claim of each (its
-        data and values decoded from what the arrival row holds, as a claim reads them)."""
-        seq, node = write.seq, lease.node
-        until = now + lease_us(lease.lease)
-        tokens = [lease_token() for _ in write.deliveries]
-        conn.executemany(
-            self._q["insert_delivery_leased"],
-            [
-                (
-                    d.delivery_id,
-                    pk,
-                    seq,
-                    source,
-                    cid,
-                    d.planned.postback_id,
-                    d.planned.action,
-                    d.planned.destination,
-                    d.planned.affiliate_owner,
-                    d.idempotency_key,
-                    now,
-                    node,
-                    token,
-                    until,
-                )
-                for d, token in zip(write.deliveries, tokens, strict=True)
-            ],
-        )
-        created, (data, values) = from_us(now), encoded
-        lease.claims = [
-            Claim(
+        queued = [
+            (
                 d.delivery_id,
-                token,
-                d.planned.postback_id,
-                d.planned.destination,
+                pk,
+                seq,
                 source,
                 cid,
-                seq,
+                d.planned.postback_id,
+                d.planned.action,
+                d.planned.destination,
+                d.planned.affiliate_owner,
                 d.idempotency_key,
-                0,
-                created,
-                rows.loads_json(data),
-                rows.loads_json(values),
+                now,
             )
-            for d, token in zip(write.deliveries, tokens, strict=True)
+            for d in write.deliveries
         ]
+        if lease is None or not lease.take([d.planned for d in write.deliveries]):
+            conn.executemany(self._q["insert_delivery"], queued)
+            return
+        # Leased to the node at insert, as claim_one leaves a claimed delivery, and a Claim of
+        # each made from what the arrival row holds, as a claim reads it.
+        node, until = lease.node, now + lease_us(lease.lease)
+        tokens = [lease_token() for _ in queued]
+        conn.executemany(
+            self._q["insert_delivery_leased"],
+            [(*row, node, token, until) for row, token in zip(queued, tokens, strict=True)],
+        )
+        lease.claims = rows.leased_claims(write, tokens, source, cid, from_us(now), data, values)
 
     async def claim_due(
         self,
