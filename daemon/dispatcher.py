@@ -14,6 +14,11 @@ deliveries of those at their share (store.claim_due's skips), so one backlog, su
 destination's released after an outage, drains oldest first at its own pace and leaves the
 node's other claims to the rest.
 
+A lightly loaded node does not claim its own new deliveries: the store writes them leased to
+it as the arrival commits (lease_ahead, daemon.store.base.LeaseAhead: only while its last claim
+found nothing more due and at most LEASE_AT_INSERT_MAX attempts are in progress), and they
+start here as claimed ones do, bound by the same shares, breakers and lease.
+
 While a destination's breaker is open its claims are handed back held (store.hold: no attempt,
 no attempt count); when it closes, its backlog becomes due at once (store.unhold). A result that
 cannot be recorded (StoreError) is logged and left to its claim's lease; no task's exception

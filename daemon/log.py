@@ -6,7 +6,9 @@ so that queries in journald or a log pipeline can rely on them.
 Events: conversion_received, delivery_attempt, rules_loaded, rules_reloaded, rules_reload_failed,
 destination_down, destination_up, condition_error, daemon_started, daemon_stopping,
 daemon_stopped, store_failing, store_recovered (an operation of the store starts failing, works
-again: once each), retention_pruned, notify_failed, source_unauthenticated (a source
+again: once each), store_after_commit_failed (what the store calls after an arrival's
+transaction, to hand deliveries leased at insert to the dispatcher, raised: a bug, logged),
+retention_pruned, notify_failed, source_unauthenticated (a source
 without credentials reachable from beyond loopback, at start); affiliate postbacks (issue 15):
 affiliate_postback_created, affiliate_postback_deleted, affiliate_postback_disabled (by the
 policy), affiliate_secret_set, affiliate_changes_applied, affiliate_sync_failed,
