@@ -5,12 +5,17 @@ refused lease writes the deliveries queued; the room taken is always given back.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
+from daemon.errors import StoreError
 from daemon.models import Conversion, Status, Transition
 from daemon.store.base import ArrivalPlan, DeliveryState, LeaseAhead, PlannedDelivery, Store
+from daemon.store.postgres import PostgresStore
 
 from .conftest import Backend
 from .support import LEASE, T0, at, attempt, conversion
@@ -122,3 +127,33 @@ async def test_an_arrival_of_a_stored_conversion_leases_nothing_and_gives_the_ro
     # room for a new conversion, and is told that its arrival was not written as one
     assert ledger.settled == ([False] if backend.name == "postgres" else [True])
     assert await second.claim_due("n2", at(1), 10, timedelta(seconds=30)) == []
+
+
+@pytest.mark.postgres
+async def test_postgres_gives_the_room_back_when_its_round_is_refused(pg_dsn: str) -> None:
+    """A round of new arrivals whose statement the server refuses (a NUL in the data, which
+    jsonb cannot hold) writes nothing: the refused arrival's lease is told so, the others of the
+    round are written again one by one and leased, and all the room kept is given back."""
+    store = PostgresStore(pg_dsn, max_size=4)
+    await store.open()
+    ledger = Ledger()
+
+    def hostile(transition: Transition, previous: Status | None, conv: Conversion) -> ArrivalPlan:
+        planned = plan(transition, previous, conv)
+        return ArrivalPlan({**planned.data, "sub1": "a\x00b"}, planned.values, planned.deliveries)
+
+    try:
+        leases = [ledger.offer() for _ in range(3)]
+        got = await asyncio.gather(
+            store.record_arrival("generic", conversion("ok1"), T0, plan, leases[0]),
+            store.record_arrival("generic", conversion("bad"), T0, hostile, leases[1]),
+            store.record_arrival("generic", conversion("ok2"), T0, plan, leases[2]),
+            return_exceptions=True,
+        )
+        assert isinstance(got[1], StoreError)
+        assert sorted(ledger.settled) == [False, True, True]
+        assert ledger.kept == 0
+        assert (len(leases[0].claims), leases[1].claims, len(leases[2].claims)) == (2, [], 2)
+        assert store._new_arrivals.apart >= 1  # the round was refused, then sent apart
+    finally:
+        await store.close()
