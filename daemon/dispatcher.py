@@ -16,8 +16,9 @@ node's other claims to the rest.
 
 A lightly loaded node does not claim its own new deliveries: the store writes them leased to
 it as the arrival commits (lease_ahead, daemon.store.base.LeaseAhead: only while its last claim
-found nothing more due and at most LEASE_AT_INSERT_MAX attempts are in progress), and they
-start here as claimed ones do, bound by the same shares, breakers and lease.
+found nothing more due and at most LEASE_AT_INSERT_MAX attempts are in progress, or on
+PostgreSQL not yet sent), and they start here as claimed ones do, bound by the same shares,
+breakers and lease.
 
 While a destination's breaker is open its claims are handed back held (store.hold: no attempt,
 no attempt count); when it closes, its backlog becomes due at once (store.unhold). A result that
@@ -84,7 +85,9 @@ ATTEMPT_SHARE = 0.6
 # Under load the claims take them a batch at a time, and attempts started together cost less
 # CPU than the same attempts started as each arrival commits (docs/benchmarks.md, run P:
 # leasing at any load cost 5 to 8 % more CPU per delivered conversion at saturation, though
-# fewer instructions).
+# fewer instructions). On a store whose lease_bound_unsent is true (PostgreSQL) the bound counts
+# only the attempts not yet sent: there an attempt waits tens of milliseconds for its result's
+# round trip after its send, and counting those left most deliveries to the claims at 1,000/s.
 LEASE_AT_INSERT_MAX = 16
 
 
@@ -154,6 +157,10 @@ class Dispatcher:
         self._leases_at_insert = bool(getattr(store, "leases_at_insert", False))
         self._lease = timedelta(seconds=config.lease)
         self._lease_room = min(config.max_in_flight, LEASE_AT_INSERT_MAX)
+        # What the room bounds: every attempt in progress, or (store.lease_bound_unsent) only
+        # those not yet sent, counted in _unsent from their start until their send ends.
+        self._bound_unsent = bool(getattr(store, "lease_bound_unsent", False))
+        self._unsent = 0
         self._ahead = 0
         self._ahead_lock = threading.Lock()
         self._drained = False
@@ -247,9 +254,10 @@ class Dispatcher:
         deliveries may be leased here now, keeping the room for them when so. Not when one's
         destination is down (a claim would hold it: as queued, it waits for the breaker), one's
         destination or affiliate has its share in progress (a claim would skip it), or the
-        node's attempts with them would pass LEASE_AT_INSERT_MAX (or max_in_flight when lower).
-        The shares and breakers are read, not changed: a batch of arrivals may pass a share by
-        its size, as a claim may by one batch."""
+        node's attempts with them would pass LEASE_AT_INSERT_MAX (or max_in_flight when lower):
+        all its attempts in progress, or those not yet sent where the store says so
+        (lease_bound_unsent: PostgreSQL). The shares and breakers are read, not changed: a
+        batch of arrivals may pass a share by its size, as a claim may by one batch."""
         if self._stopping:
             return False
         dests, per_dest, per_aff = self.destinations, self._per_destination, self._per_affiliate
@@ -263,8 +271,9 @@ class Dispatcher:
             ):
                 return False
         n = len(planned)
+        busy = self._unsent if self._bound_unsent else len(self._tasks)
         with self._ahead_lock:
-            if len(self._tasks) + self._ahead + n > self._lease_room:
+            if busy + self._ahead + n > self._lease_room:
                 return False
             self._ahead += n
         return True
@@ -303,14 +312,30 @@ class Dispatcher:
             # backlog cannot fill the node (the claim that reaches a share may pass it by up
             # to one batch; attempts are bounded exactly by the affiliate's and host's
             # slots). Ended when the send ends, or else when the task does.
-            shares = (
+            shares: tuple[Callable[..., None], ...] = (
                 self._per_affiliate.take(affiliate),
                 self._per_destination.take(claim.destination),
             )
+            if self._bound_unsent:
+                shares = (*shares, self._take_unsent())
             task = asyncio.create_task(self._attempt(claim, shares), name="attempt")
             self._tasks.add(task)
             # one callback (one handle on the loop) for the task's end and its shares'
             task.add_done_callback(functools.partial(self._task_done, shares))
+
+    def _take_unsent(self) -> Callable[..., None]:
+        """Count one attempt as not yet sent until the function returned is called (the first
+        call counts, as a share's end)."""
+        self._unsent += 1
+        ended = False
+
+        def end(*_: object) -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self._unsent -= 1
+
+        return end
 
     def _claim_allowance(self, batch: int, destination: str) -> int:
         """How many of a destination's claims in progress are not counted against its share

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from daemon.breaker import BreakerPolicy
@@ -125,11 +126,15 @@ def planned(destination: str = A, affiliate: str | None = None) -> PlannedDelive
     return PlannedDelivery(1, "ping_url", destination, affiliate)
 
 
-def bare_dispatcher(max_in_flight: int = 4, per_affiliate: int | None = None) -> Dispatcher:
-    """A dispatcher on a store that leases at insert, its last claim drained (no claim made)."""
+def bare_dispatcher(
+    max_in_flight: int = 4, per_affiliate: int | None = None, *, bound_unsent: bool = False
+) -> Dispatcher:
+    """A dispatcher on a store that leases at insert, its last claim drained (no claim made);
+    `bound_unsent`: the store's lease_bound_unsent (PostgreSQL's)."""
 
     class Leasing:
         leases_at_insert = True
+        lease_bound_unsent = bound_unsent
 
     dests = Destinations(2, lambda: 0.0, BreakerPolicy(1, 60.0, 2.0, 600.0), per_affiliate)
     dispatcher = Dispatcher(
@@ -157,6 +162,31 @@ def test_under_load_new_deliveries_are_left_to_the_claims() -> None:
     assert lease.take([planned()] * LEASE_AT_INSERT_MAX)
     assert not offer(dispatcher).take([planned()])
     lease.settle(False)
+    assert offer(dispatcher).take([planned()])
+
+
+@pytest.mark.parametrize("bound_unsent", [False, True], ids=["sqlite", "postgres"])
+def test_what_the_room_counts_every_attempt_or_only_those_not_yet_sent(
+    bound_unsent: bool,
+) -> None:
+    """SQLite's room counts every attempt in progress; PostgreSQL's only those not yet sent (in
+    line for a slot or sending), not those waiting for their result's round trip."""
+    dispatcher = bare_dispatcher(max_in_flight=256, bound_unsent=bound_unsent)
+    sent = {object() for _ in range(LEASE_AT_INSERT_MAX)}  # attempts past their send
+    dispatcher._tasks.update(sent)  # type: ignore[arg-type]
+    lease = offer(dispatcher)
+    assert lease.take([planned()]) is bound_unsent
+    lease.settle(False)
+    dispatcher._tasks.clear()
+    ends = [dispatcher._take_unsent() for _ in range(LEASE_AT_INSERT_MAX)]
+    # not yet sent: counted where the store bounds the unsent (elsewhere the tasks count)
+    lease = offer(dispatcher)
+    assert lease.take([planned()]) is not bound_unsent
+    lease.settle(False)
+    assert dispatcher._ahead == 0
+    ends[0]()
+    ends[0]()  # a second end (the task's, after the send's) counts nothing
+    assert dispatcher._unsent == LEASE_AT_INSERT_MAX - 1
     assert offer(dispatcher).take([planned()])
 
 
@@ -304,3 +334,64 @@ async def test_deliveries_leased_while_stopping_are_handed_back_due(tmp_path: Pa
     finally:
         await daemon.client.close()
         await sink.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+async def test_on_postgres_attempts_waiting_for_their_result_leave_the_room_to_new_ones(
+    tmp_path: Path,
+) -> None:
+    """A PostgreSQL node's room counts only attempts not yet sent: while the results of
+    LEASE_AT_INSERT_MAX sent attempts wait for their commit (here: held by a lock on the attempt
+    table), a new conversion's delivery is still leased at insert; while as many are still
+    being sent (a sink that does not answer), it is left to a claim."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    from tests.store.conftest import pg_schema
+
+    gate = asyncio.Event()
+    gate.set()
+
+    async def gated(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.Response(text="OK")
+
+    sink = await Sink().start()
+    sink.script = [gated] * 1000
+    settings = {"outbound": {"allow_cidrs": ["127.0.0.0/8"], "per_host_concurrency": 32}}
+    async with pg_schema() as dsn:
+        daemon = await start_daemon(tmp_path, rules(sink), store_url=dsn, settings=settings)
+        dispatcher = daemon.services.dispatcher
+        locker = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await wait_for(lambda: dispatcher.lease_ahead() is not None)
+            # The results cannot commit: the attempt rows wait for the lock.
+            held = locker.transaction()
+            await held.start()
+            await locker.execute("LOCK TABLE attempt IN EXCLUSIVE MODE")
+            for n in range(LEASE_AT_INSERT_MAX):
+                await post(daemon, f"s{n:02d}")
+            await wait_for(lambda: len(sink.received) == LEASE_AT_INSERT_MAX)
+            await wait_for(lambda: dispatcher._unsent == 0)  # all sent, results pending
+            assert dispatcher.in_flight == LEASE_AT_INSERT_MAX
+            await post(daemon, "s16")
+            assert dispatcher.started == {"claim": 0, "lease_at_insert": LEASE_AT_INSERT_MAX + 1}
+            await held.rollback()
+            await wait_for(lambda: dispatcher.in_flight == 0)
+            # Sends that do not end: these count, and the next delivery waits for a claim.
+            gate.clear()
+            for n in range(LEASE_AT_INSERT_MAX):
+                await post(daemon, f"u{n:02d}")
+            await wait_for(lambda: dispatcher._unsent == LEASE_AT_INSERT_MAX)
+            await post(daemon, "u16")
+            await wait_for(lambda: dispatcher.started["claim"] == 1)
+            assert dispatcher.started["lease_at_insert"] == 2 * LEASE_AT_INSERT_MAX + 1
+            gate.set()
+            await wait_for(lambda: len(sink.received) == 2 * LEASE_AT_INSERT_MAX + 2)
+            await wait_for(lambda: dispatcher.in_flight == 0)
+            assert dispatcher._unsent == 0
+        finally:
+            gate.set()
+            await locker.close()
+            await daemon.client.close()
+            await sink.close()

@@ -85,6 +85,11 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
     batches_results = True
     # A new conversion's deliveries may be leased to the node as they are written (LeaseAhead).
     leases_at_insert = True
+    # ... while at most LEASE_AT_INSERT_MAX of the node's attempts are not yet sent (in line
+    # for a slot or sending): a result's commit takes a round trip to the server, so attempts
+    # that have sent and wait for it fill any bound on all attempts in progress while the
+    # node is far from busy (docs/benchmarks.md, run Q).
+    lease_bound_unsent = True
 
     def __init__(
         self,

@@ -112,8 +112,12 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
     # shipped per-host 8 (callgrind, 1,000 finishes through Recorder.finish, whole process, less
     # the same run without finishes: waves of 8 +9k instructions per finish, waves of 64 -17k).
     batches_results = False
-    # An arrival's new deliveries may be leased to the node as they are written (LeaseAhead).
+    # An arrival's new deliveries may be leased to the node as they are written (LeaseAhead),
+    # while at most LEASE_AT_INSERT_MAX of its attempts are in progress, sent or not: its
+    # results commit in a few milliseconds, and a bound on the unsent ones alone let the node
+    # lease at saturation, which costs CPU (docs/benchmarks.md, runs P and Q).
     leases_at_insert = True
+    lease_bound_unsent = False
 
     def __init__(
         self,
