@@ -113,9 +113,11 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
     # the same run without finishes: waves of 8 +9k instructions per finish, waves of 64 -17k).
     batches_results = False
     # An arrival's new deliveries may be leased to the node as they are written (LeaseAhead),
-    # while at most LEASE_AT_INSERT_MAX of its attempts are in progress, sent or not: its
-    # results commit in a few milliseconds, and a bound on the unsent ones alone let the node
-    # lease at saturation, which costs CPU (docs/benchmarks.md, runs P and Q).
+    # while at most LEASE_AT_INSERT_MAX of its attempts are in progress, sent or not. Results
+    # commit here in a few milliseconds, so this node already leases nearly every delivery at
+    # 1,000/s; counting only the unsent ones (PostgreSQL's bound) gained nothing here and
+    # leased 8 to 50 % at saturation, where leasing once cost CPU (docs/benchmarks.md, runs P
+    # and Q).
     leases_at_insert = True
     lease_bound_unsent = False
 
