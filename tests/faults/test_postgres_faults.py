@@ -99,25 +99,31 @@ async def test_postgres_backends_killed_again_and_again_under_load(
             finally:
                 await killer.close()
             t1 = time.monotonic()
-            reported = watch.first_not_ready(t0)
-            assert reported is not None
-            assert note("postgres_faults report", reported[0]) <= REPORT_WITHIN
             await assert_resumed(fault_sink, "postgres_faults resume", t1)
             acked = traffic.count()
             await wait_for(lambda: traffic.count() >= acked + 20, deadline=RESUME_WITHIN)
         finally:
             await traffic.stop()
         await all_delivered(fault_sink, traffic)
+        reported = watch.first_not_ready(t0)  # watched until now: a late loop failure is seen
         await watch.stop()
     assert killed >= 10
     assert node.stop() == 0
     node.assert_clean_log()
     # The kills were seen. Whether a loop (not just one store call) failed depends on which
-    # backend a kill found busy, so it is not asserted; but every loop that failed recovered.
+    # backend a kill found busy (a connection killed while idle is replaced unseen, and a node
+    # that leases its new deliveries at insert claims seldom), so it is not asserted; but a
+    # loop that failed was reported by /readyz (it stays failing for its backoff), and every
+    # loop that failed recovered. A failed webhook write alone is reported only until the next
+    # one works, often milliseconds: /readyz may or may not have caught it.
     assert node.events("store_failing")
     failed = Counter(e["loop"] for e in node.events("loop_failing"))
     recovered = Counter(e["loop"] for e in node.events("loop_recovered"))
     assert set(recovered) == set(failed), (failed, recovered)
+    if failed:
+        assert reported is not None, failed
+    if reported is not None:
+        note("postgres_faults report", reported[0])  # from the first kill: for the record
     assert_no_unexplained_duplicates(fault_sink)
 
 
