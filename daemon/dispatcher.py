@@ -250,8 +250,9 @@ class Dispatcher:
 
     def _admit(self, planned: Sequence[PlannedDelivery]) -> bool:
         """When the store has planned an arrival (SQLite: in its transaction, on the writer
-        thread; PostgreSQL: on the event loop, before the statement): whether all of an arrival's
-        deliveries may be leased here now, keeping the room for them when so. Not when one's
+        thread; PostgreSQL: on the event loop, before a new conversion's statement or inside a
+        stored conversion's transaction): whether all of an arrival's deliveries may be
+        leased here now, keeping the room for them when so. Not when one's
         destination is down (a claim would hold it: as queued, it waits for the breaker), one's
         destination or affiliate has its share in progress (a claim would skip it), or the
         node's attempts with them would pass LEASE_AT_INSERT_MAX (or max_in_flight when lower):

@@ -395,3 +395,34 @@ async def test_on_postgres_attempts_waiting_for_their_result_leave_the_room_to_n
             await locker.close()
             await daemon.client.close()
             await sink.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+async def test_on_postgres_a_status_change_is_leased_at_insert_and_delivered(
+    tmp_path: Path,
+) -> None:
+    """pending, then approved (the rule fires on approval): the approval's delivery is leased
+    as its arrival is written by the locking path, sent without a claim, and recorded."""
+    from tests.store.conftest import pg_schema
+
+    sink = await Sink().start()
+    async with pg_schema() as dsn:
+        daemon = await start_daemon(tmp_path, rules(sink), store_url=dsn)
+        dispatcher = daemon.services.dispatcher
+        try:
+            await wait_for(lambda: dispatcher.lease_ahead() is not None)
+            pending = await daemon.post(conversion_id="c1", offer=1, affiliate=9, status="pending")
+            assert pending["deliveries"] == 0
+            approved = await daemon.post(
+                conversion_id="c1", offer=1, affiliate=9, status="approved"
+            )
+            assert (approved["transition"], approved["deliveries"]) == ("status_changed", 1)
+            await wait_for(lambda: len(sink.received) == 1)
+            await wait_for(lambda: dispatcher.in_flight == 0)
+            assert dispatcher.started == {"claim": 0, "lease_at_insert": 1}
+            [delivery] = await daemon.deliveries()
+            assert delivery.state == "succeeded"
+        finally:
+            await daemon.client.close()
+            await sink.close()

@@ -114,10 +114,11 @@ class LeaseAhead:
     `settle(committed)` on the event loop whenever `take` agreed (SQLite: in every case),
     whether or not the request still waits for it: the dispatcher then starts the claims, or
     frees the room it kept. A transaction run again (SQLite's savepoint rerun) asks `take`
-    again: the first answer stands, and `claims` is what the last run wrote. A store may leave
-    some arrivals out: PostgreSQL leases only a new conversion's deliveries, written by its
-    batched statement, and makes their claims from the arrival's data and values as the server
-    stored them (jsonb orders an object's keys its own way)."""
+    again: the first answer stands, and `claims` is what the last run wrote. PostgreSQL asks
+    before a new conversion's batched statement or inside a stored conversion's transaction
+    (once per arrival: an offer answered by the batched statement is not asked again when the
+    conversion turns out to be stored), and makes the claims from the arrival's data and values
+    as the server stored them (jsonb orders an object's keys its own way)."""
 
     __slots__ = ("_admit", "_reserved", "_settle", "claims", "lease", "node")
 

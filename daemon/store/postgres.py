@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -83,7 +83,8 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
     # The Recorder gathers results that end together into one finish_attempts: one round trip
     # for all of them instead of one each.
     batches_results = True
-    # A new conversion's deliveries may be leased to the node as they are written (LeaseAhead).
+    # An arrival's new deliveries may be leased to the node as they are written (LeaseAhead): a
+    # new conversion's in its batched statement, a stored conversion's in its transaction.
     leases_at_insert = True
     # ... while at most LEASE_AT_INSERT_MAX of the node's attempts are not yet sent (in line
     # for a slot or sending): a result's commit takes a round trip to the server, so attempts
@@ -145,7 +146,12 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
                 await pool.close()
 
     @asynccontextmanager
-    async def _conn(self, *, transaction: bool = True) -> AsyncIterator[Any]:
+    async def _conn(
+        self, *, transaction: bool = True, committed: Callable[[], None] | None = None
+    ) -> AsyncIterator[Any]:
+        """A pool connection, in a transaction unless told otherwise; `committed` is called
+        once the transaction has committed, before the connection goes back to the pool (a
+        cancellation while it does cannot hide the commit)."""
         if self._pool is None:
             raise StoreError("the store is not open")
         async with _errors(), self._pool.acquire() as conn:
@@ -154,6 +160,8 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
                 return
             async with conn.transaction():
                 yield conn
+            if committed is not None:
+                committed()
 
     async def _statement(self, method: str, query: str, *args: Any) -> Any:
         """One statement on a pool connection, atomic on its own (no BEGIN/COMMIT): `method`
@@ -186,28 +194,38 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         now = utc(received_at)
         key = (source, conversion.conversion_id)
         if key not in self._known:
-            # Only here are deliveries leased at insert: the locking path (a conversion stored
-            # already, a status change) queues them.
             fast = await self._arrive_new(source, conversion, now, plan, lease)
             self._remember(key)
             if fast is not None:
                 return fast
-        async with self._conn() as conn:
-            pk, stored = await self._lock_or_insert(conn, source, conversion, now)
-            write = prepare_arrival(source, conversion, now, stored, plan)
-            if write.update is ConversionUpdate.FULL:
-                await conn.execute(
-                    self._q["update_conversion"],
-                    pk,
-                    write.status.value,
-                    write.status_event_time,
-                    rows.dumps(write.fields),
-                    now,
-                )
-            elif write.update is ConversionUpdate.TOUCH:
-                await conn.execute(self._q["touch_conversion"], pk, now)
-            await self._write_arrival(conn, source, conversion, pk, write, now)
-            return write.result(source, conversion.conversion_id)
+            # Stored already (by another node): the offer was made to the new conversion's
+            # statement, and answered there; one offer, one answer, so the locking path below
+            # queues this arrival's deliveries.
+            lease = None
+        # A conversion this node stored lately (a status change, a duplicate): its arrival in
+        # a transaction that locks the conversion, its deliveries leased when the offer takes
+        # them, and the offer settled once the transaction has ended, committed or not.
+        done: list[bool] = []
+        try:
+            async with self._conn(committed=lambda: done.append(True)) as conn:
+                pk, stored = await self._lock_or_insert(conn, source, conversion, now)
+                write = prepare_arrival(source, conversion, now, stored, plan)
+                if write.update is ConversionUpdate.FULL:
+                    await conn.execute(
+                        self._q["update_conversion"],
+                        pk,
+                        write.status.value,
+                        write.status_event_time,
+                        rows.dumps(write.fields),
+                        now,
+                    )
+                elif write.update is ConversionUpdate.TOUCH:
+                    await conn.execute(self._q["touch_conversion"], pk, now)
+                await self._write_arrival(conn, source, conversion, pk, write, now, lease)
+        finally:
+            if lease is not None:
+                lease.settle(bool(done))
+        return write.result(source, conversion.conversion_id)
 
     def _remember(self, key: tuple[str, str]) -> None:
         known = self._known
@@ -313,9 +331,13 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         pk: int,
         write: ArrivalWrite,
         now: datetime,
+        lease: LeaseAhead | None = None,
     ) -> None:
-        await conn.execute(
-            self._q["insert_arrival"],
+        """The arrival and its deliveries, inside the caller's transaction: queued, or leased
+        to the node when `lease` takes them (their claims made from the arrival's data and
+        values as the server stored them, as _arrive_new's)."""
+        cid = conversion.conversion_id
+        arrival = (
             pk,
             write.seq,
             write.transition.value,
@@ -325,27 +347,35 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             rows.dumps(write.data),
             rows.dumps(write.values),
         )
-        if not write.deliveries:
+        queued = [
+            (
+                d.delivery_id,
+                pk,
+                write.seq,
+                source,
+                cid,
+                d.planned.postback_id,
+                d.planned.action,
+                d.planned.destination,
+                d.planned.affiliate_owner,
+                d.idempotency_key,
+                now,
+            )
+            for d in write.deliveries
+        ]
+        if not queued or lease is None or not lease.take([d.planned for d in write.deliveries]):
+            await conn.execute(self._q["insert_arrival"], *arrival)
+            if queued:
+                await conn.executemany(self._q["insert_delivery"], queued)
             return
+        data, values = await conn.fetchrow(self._q["insert_arrival_stored"], *arrival)
+        tokens = [lease_token() for _ in queued]
+        until = now + lease.lease
         await conn.executemany(
-            self._q["insert_delivery"],
-            [
-                (
-                    d.delivery_id,
-                    pk,
-                    write.seq,
-                    source,
-                    conversion.conversion_id,
-                    d.planned.postback_id,
-                    d.planned.action,
-                    d.planned.destination,
-                    d.planned.affiliate_owner,
-                    d.idempotency_key,
-                    now,
-                )
-                for d in write.deliveries
-            ],
+            self._q["insert_delivery_leased"],
+            [(*row, lease.node, token, until) for row, token in zip(queued, tokens, strict=True)],
         )
+        lease.claims = rows.leased_claims(write, tokens, source, cid, now, data, values)
 
     async def claim_due(
         self,

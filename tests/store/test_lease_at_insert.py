@@ -84,6 +84,76 @@ async def test_a_claim_made_at_insert_is_the_claim_a_claim_reads_back(store: Sto
     assert await store.finish_attempt(claimed[0], attempt(later), DeliveryState.SUCCEEDED, None)
 
 
+def plan_on_change(
+    transition: Transition, previous: Status | None, conv: Conversion
+) -> ArrivalPlan:
+    """Nothing for a new conversion; two deliveries when its status changes."""
+    planned = plan(Transition.NEW, previous, conv)
+    fires = transition is Transition.STATUS_CHANGED
+    return ArrivalPlan(planned.data, planned.values, planned.deliveries if fires else [])
+
+
+async def test_a_status_change_is_leased_as_a_new_conversion_is(store: Store) -> None:
+    """A stored conversion's next arrival (PostgreSQL: the locking path, not the new
+    conversions' batched statement) leases its deliveries too, its claims made from the arrival
+    as stored, key order included; its duplicate leases nothing and gives the room back."""
+    await store.record_arrival("generic", conversion("c1"), T0, plan_on_change, None)
+    ledger = Ledger()
+    lease = ledger.offer()
+    approved = conversion("c1", status="approved")
+    result = await store.record_arrival("generic", approved, at(1), plan_on_change, lease)
+    assert result.transition is Transition.STATUS_CHANGED
+    assert (ledger.settled, ledger.kept) == ([True], 0)
+    assert [c.delivery_id for c in lease.claims] == result.delivery_ids
+    assert {(c.arrival_seq, c.attempts) for c in lease.claims} == {(2, 0)}
+    assert await store.claim_due("n2", at(LEASE.total_seconds()), 10, LEASE) == []
+    later = at(LEASE.total_seconds() + 2)
+    claimed = sorted(await store.claim_due("n2", later, 10, LEASE))
+    made = sorted(lease.claims)
+    assert [c._replace(token="") for c in claimed] == [c._replace(token="") for c in made]
+    assert [ordered(c.data) for c in claimed] == [ordered(c.data) for c in made]
+    assert [ordered(c.values) for c in claimed] == [ordered(c.values) for c in made]
+    again = Ledger()
+    repeat = again.offer()
+    got = await store.record_arrival("generic", approved, at(3), plan_on_change, repeat)
+    assert got.transition is Transition.DUPLICATE
+    assert (repeat.claims, again.kept) == ([], 0)
+
+
+@pytest.mark.postgres
+async def test_postgres_a_status_change_that_does_not_commit_gives_the_room_back(
+    pg_dsn: str,
+) -> None:
+    """The locking path's transaction fails after the offer took its deliveries (a NUL in the
+    data, which jsonb cannot hold): the offer is told nothing was written, the room is given
+    back, and nothing of the arrival is stored."""
+    store = PostgresStore(pg_dsn, max_size=4)
+    await store.open()
+
+    def hostile(transition: Transition, previous: Status | None, conv: Conversion) -> ArrivalPlan:
+        planned = plan_on_change(transition, previous, conv)
+        return ArrivalPlan({**planned.data, "sub1": "a\x00b"}, planned.values, planned.deliveries)
+
+    try:
+        await store.record_arrival("generic", conversion("c1"), T0, plan_on_change, None)
+        ledger = Ledger()
+        lease = ledger.offer()
+        with pytest.raises(StoreError):
+            await store.record_arrival(
+                "generic", conversion("c1", status="approved"), at(1), hostile, lease
+            )
+        assert (ledger.settled, ledger.kept, lease.reserved) == ([False], 0, 2)
+        assert await store.claim_due("n2", at(LEASE.total_seconds() + 2), 10, LEASE) == []
+        # the same change, sent again, is written and leased
+        retry = Ledger().offer()
+        approved = conversion("c1", status="approved")
+        got = await store.record_arrival("generic", approved, at(2), plan_on_change, retry)
+        assert got.transition is Transition.STATUS_CHANGED
+        assert len(retry.claims) == 2
+    finally:
+        await store.close()
+
+
 async def test_a_delivery_leased_at_insert_finishes_and_is_taken_back_as_a_claim(
     store: Store,
 ) -> None:

@@ -40,6 +40,23 @@ INSERT INTO delivery
      affiliate_owner, idempotency_key, state, created_at, updated_at, next_attempt_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', $11, $11, $11);
 
+-- name: insert_arrival_stored
+-- insert_arrival, answering the arrival's data and values as stored (jsonb's text: the claims
+-- of deliveries leased at insert are made from them, as a claim reads them).
+INSERT INTO arrival
+    (conversion_pk, seq, transition, status, event_time, received_at, data, vals)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb)
+RETURNING data::text, vals::text;
+
+-- name: insert_delivery_leased
+-- insert_delivery leased at insert to the node writing it ($12 owner, $13 token, $14 until),
+-- in flight as claim_due leaves a claimed delivery (daemon.store.base.LeaseAhead).
+INSERT INTO delivery
+    (id, conversion_pk, arrival_seq, source, conversion_id, postback_id, action, destination,
+     affiliate_owner, idempotency_key, state, created_at, updated_at, next_attempt_at,
+     lease_owner, lease_token, lease_until)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'in_flight', $11, $11, $11, $12, $13, $14);
+
 -- name: claim_due
 -- SKIP LOCKED: rows another node is claiming right now are left to it, never waited for;
 -- a row claimed and committed meanwhile no longer passes due_at <= $1 when re-checked.
