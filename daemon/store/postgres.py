@@ -347,22 +347,7 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             rows.dumps(write.data),
             rows.dumps(write.values),
         )
-        queued = [
-            (
-                d.delivery_id,
-                pk,
-                write.seq,
-                source,
-                cid,
-                d.planned.postback_id,
-                d.planned.action,
-                d.planned.destination,
-                d.planned.affiliate_owner,
-                d.idempotency_key,
-                now,
-            )
-            for d in write.deliveries
-        ]
+        queued = rows.delivery_rows(write, pk, source, cid, now)
         if not queued or lease is None or not lease.take([d.planned for d in write.deliveries]):
             await conn.execute(self._q["insert_arrival"], *arrival)
             if queued:

@@ -216,6 +216,32 @@ def claim(row: Sequence[Any], read: TimeReader) -> Claim:
     )
 
 
+def delivery_rows(
+    write: ArrivalWrite, pk: int, source: str, conversion_id: str, now: object
+) -> list[tuple[Any, ...]]:
+    """insert_delivery's parameters for each of an arrival's deliveries, in both stores' order:
+    id, conversion row, arrival seq, source, conversion id, postback, action, destination,
+    affiliate owner, idempotency key and `now` (the store's own time value); the leased insert
+    adds the lease's columns after them."""
+    seq = write.seq
+    return [
+        (
+            d.delivery_id,
+            pk,
+            seq,
+            source,
+            conversion_id,
+            d.planned.postback_id,
+            d.planned.action,
+            d.planned.destination,
+            d.planned.affiliate_owner,
+            d.idempotency_key,
+            now,
+        )
+        for d in write.deliveries
+    ]
+
+
 def leased_claims(
     write: ArrivalWrite,
     tokens: Sequence[str],

@@ -305,22 +305,7 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         if not write.deliveries:
             return
         cid = conversion.conversion_id
-        queued = [
-            (
-                d.delivery_id,
-                pk,
-                seq,
-                source,
-                cid,
-                d.planned.postback_id,
-                d.planned.action,
-                d.planned.destination,
-                d.planned.affiliate_owner,
-                d.idempotency_key,
-                now,
-            )
-            for d in write.deliveries
-        ]
+        queued = rows.delivery_rows(write, pk, source, cid, now)
         if lease is None or not lease.take([d.planned for d in write.deliveries]):
             conn.executemany(self._q["insert_delivery"], queued)
             return
