@@ -23,7 +23,7 @@ from pathlib import Path
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
-from tests.faults.support import FaultSink
+from tests.faults.support import STARTED, FaultSink
 from tests.process_support import free_port
 
 AS_POSTGRES = ("runuser", "-u", "postgres", "--")
@@ -144,3 +144,12 @@ async def fault_sink() -> AsyncIterator[FaultSink]:
     sink = await FaultSink().start()
     yield sink
     await sink.close()
+
+
+@pytest.fixture(autouse=True)
+def stop_nodes_left_running() -> Iterator[None]:
+    """A test that fails before it stops its nodes leaves no daemon running after it (it
+    would hold its port and database, and load the machine for every test that follows)."""
+    yield
+    while STARTED:
+        STARTED.pop().stop(timeout=10)

@@ -65,6 +65,10 @@ class Hit:
 # host and port), so one route's outage must not pause the others.
 ROUTES = ("a", "hang", "reset", "flaky", "fine", "dns")
 
+# Every node started by the running test: the fault suite's conftest stops those still running
+# once the test ends, so a test that fails before its own node.stop() leaves no daemon behind.
+STARTED: list[Node] = []
+
 
 class FaultSink:
     """A receiver on 127.0.0.1: `/pb/{route}?k=KEY`, one port per route. Each route answers 200
@@ -221,6 +225,7 @@ class Node:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        STARTED.append(self)  # stopped after its test whatever the test did (conftest)
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTBACKD_")}
         env.pop("NOTIFY_SOCKET", None)
         env.pop("WATCHDOG_USEC", None)
