@@ -356,6 +356,60 @@ async def sustained(
     return Measured(rate, cpu_us)
 
 
+# The status-change figure: a conversion's approval follows its pending arrival by this long.
+CHANGE_AFTER = 0.2
+
+
+def change_plan(
+    prefix: str, offers: int, rate: float
+) -> Callable[[int], tuple[int, str, str | None]]:
+    """Request n of the status-change figure at `rate` requests a second: (the conversion it
+    is for, its query, the idempotency key of the delivery it fires or None). Even n: a new
+    conversion arrives pending (nothing fires); odd n: the conversion that came pending
+    CHANGE_AFTER earlier is approved (a status change: one ping_url, on its second arrival).
+    The odd requests before any conversion is that old send a pending arrival of their own."""
+    lag = max(1, round(rate * CHANGE_AFTER / 2))  # in conversions (two requests each)
+
+    def plan(n: int) -> tuple[int, str, str | None]:
+        k = n // 2 - (n % 2) * lag
+        cid = f"{prefix}-{k}" if k >= 0 else f"{prefix}-early{n}"
+        offer = offer_of(max(k, 0), offers)
+        if n % 2 == 0 or k < 0:
+            return k, conversion_query(cid, offer, FIRE, "pending"), None
+        return k, conversion_query(cid, offer, FIRE, "approved"), key_of(cid, offer, seq=2)
+
+    return plan
+
+
+async def change_latency(report: Report, target: Target, sink: SinkClient, opts: Options) -> None:
+    """Open loop at opts.rate requests a second, half of them approvals of conversions that
+    came pending CHANGE_AFTER earlier (change_plan): receipt of the approval to delivery, the
+    usual way a sale fires its postbacks. A conversion's two arrivals go to the same node."""
+    prefix, _ = target.urls_for(FIRE)  # a prefix of its own
+    plan = change_plan(prefix, target.offers, opts.rate)
+    urls = list(target.urls)
+
+    def url_for(n: int) -> str:
+        k, query, _ = plan(n)
+        return f"{urls[max(k, 0) % len(urls)]}/webhooks/generic?{query}"
+
+    out = await open_loop(url_for, opts.rate, opts.latency_seconds, max(opts.connections, 256))
+    keys = {key: n for n in out.acked if (key := plan(n)[2]) is not None}
+    async with aiohttp.ClientSession() as client:
+        missing = await _wait_delivered(sink, client, set(keys), opts.drain_deadline)
+    lat = [min(sink.hits[k]) - out.intended[n] for k, n in keys.items() if k not in missing]
+    name, rate = target.name, opts.rate
+    if lat:
+        what = f"{name}: status change to delivery"
+        report.add(f"{what} p50 at {rate:,.0f}/s", percentile(lat, 50) * 1000, "ms")
+        report.add(f"{what} p99 at {rate:,.0f}/s", percentile(lat, 99) * 1000, "ms")
+    if out.errors or missing:
+        report.note(
+            f"status changes at {rate:,.0f}/s: {out.errors} requests failed, {len(missing)} of "
+            f"{len(keys)} approvals not delivered within {opts.drain_deadline:.0f} s"
+        )
+
+
 async def latency(report: Report, target: Target, sink: SinkClient, opts: Options) -> None:
     """Open loop at opts.rate: receipt-to-delivery latency (sink arrival minus the planned send
     time), and whether the rate was sustained."""

@@ -43,13 +43,14 @@ def offer_of(n: int, offers: int) -> int:
     return (n * 7919) % offers + 1
 
 
-def conversion_query(cid: str, offer: int, sub1: str) -> str:
+def conversion_query(cid: str, offer: int, sub1: str, status: str = "approved") -> str:
     return (
-        f"conversion_id={cid}&offer={offer}&affiliate=42&status=approved"
+        f"conversion_id={cid}&offer={offer}&affiliate=42&status={status}"
         f"&payout=12.50&currency=USD&click_id=ck{cid}&sub1={sub1}"
     )
 
 
-def key_of(cid: str, offer: int) -> str:
-    """The idempotency key of the one delivery a FIRE conversion makes (postback j=0)."""
-    return f"generic:{cid}:1:{(offer - 1) * PER_OFFER + 1}"
+def key_of(cid: str, offer: int, seq: int = 1) -> str:
+    """The idempotency key of the one delivery a FIRE conversion makes (postback j=0) on its
+    arrival `seq` (1: it came approved; 2: it came pending, then approved)."""
+    return f"generic:{cid}:{seq}:{(offer - 1) * PER_OFFER + 1}"

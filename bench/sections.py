@@ -106,7 +106,7 @@ async def end_to_end(ctx: Context) -> None:
     daemon = await _sqlite_daemon(ctx)
     per_host = ctx.per_host or DEFAULT_PER_HOST
     target = hf.Target(f"SQLite, per-host {per_host}", [daemon.url], 1, [daemon.pid])
-    rate = await _e2e(ctx, target, [daemon])
+    rate = await _e2e(ctx, target, [daemon], changes=True)
     ctx.figures["e2e_delivered_sqlite"] = ctx.figures["last_delivered"]
     if rate is not None:
         ctx.figures["e2e_sqlite"] = rate
@@ -187,10 +187,13 @@ async def _e2e_dispatcher_process(ctx: Context, per_host: int) -> None:
         )
 
 
-async def _e2e(ctx: Context, target: hf.Target, daemons: Sequence[Daemon] = ()) -> float | None:
+async def _e2e(
+    ctx: Context, target: hf.Target, daemons: Sequence[Daemon] = (), *, changes: bool = False
+) -> float | None:
     """Sustained rate, then latency at opts.rate, or below what was sustained if that is less
     (latency at a rate the node cannot keep up with only measures the growing queue). With
-    `daemons` (the target's), the share of each phase's deliveries leased at insert."""
+    `daemons` (the target's), the share of each phase's deliveries leased at insert. With
+    `changes`, then the latency of status changes (pending, then approved) at the same rate."""
     report, opts = ctx.report, ctx.opts
     sink = await ctx.start_sink()
     since = await started(daemons)
@@ -210,7 +213,14 @@ async def _e2e(ctx: Context, target: hf.Target, daemons: Sequence[Daemon] = ()) 
         )
     await hf.latency(report, target, sink, replace(opts, rate=pace))
     if daemons:
-        await _leased(ctx, daemons, since, f"{target.name}: leased at insert, at {pace:,.0f}/s")
+        since = await _leased(
+            ctx, daemons, since, f"{target.name}: leased at insert, at {pace:,.0f}/s"
+        )
+    if changes:
+        await hf.change_latency(report, target, sink, replace(opts, rate=pace))
+        if daemons:
+            name = f"{target.name}: leased at insert, status changes at {pace:,.0f}/s"
+            await _leased(ctx, daemons, since, name)
     return rate
 
 
@@ -349,7 +359,8 @@ async def _pg_cluster(
             with cpu_quota.each_capped(pids, quota):  # once started: its start is not measured
                 got = await hf.ingest(report, target, opts, stored)
                 ctx.figures[f"ingest_{key}{tag}"] = got.rate
-                rate = await _e2e(ctx, target, daemons) if e2e else None
+                changes = nodes == 1 and quota is None
+                rate = await _e2e(ctx, target, daemons, changes=changes) if e2e else None
                 if rate is not None:
                     ctx.figures[f"e2e_{key}{tag}"] = rate
         finally:
