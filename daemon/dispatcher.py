@@ -158,9 +158,9 @@ class Dispatcher:
         self._lease = timedelta(seconds=config.lease)
         self._lease_room = min(config.max_in_flight, LEASE_AT_INSERT_MAX)
         # What the room bounds: every attempt in progress, or (store.lease_bound_unsent) only
-        # those not yet sent, counted in _unsent from their start until their send ends.
+        # those not yet sent: the destinations' shares count each attempt from its start until
+        # its send ends (_per_destination.total).
         self._bound_unsent = bool(getattr(store, "lease_bound_unsent", False))
-        self._unsent = 0
         self._ahead = 0
         self._ahead_lock = threading.Lock()
         self._drained = False
@@ -272,7 +272,7 @@ class Dispatcher:
             ):
                 return False
         n = len(planned)
-        busy = self._unsent if self._bound_unsent else len(self._tasks)
+        busy = per_dest.total if self._bound_unsent else len(self._tasks)
         with self._ahead_lock:
             if busy + self._ahead + n > self._lease_room:
                 return False
@@ -313,30 +313,14 @@ class Dispatcher:
             # backlog cannot fill the node (the claim that reaches a share may pass it by up
             # to one batch; attempts are bounded exactly by the affiliate's and host's
             # slots). Ended when the send ends, or else when the task does.
-            shares: tuple[Callable[..., None], ...] = (
+            shares = (
                 self._per_affiliate.take(affiliate),
                 self._per_destination.take(claim.destination),
             )
-            if self._bound_unsent:
-                shares = (*shares, self._take_unsent())
             task = asyncio.create_task(self._attempt(claim, shares), name="attempt")
             self._tasks.add(task)
             # one callback (one handle on the loop) for the task's end and its shares'
             task.add_done_callback(functools.partial(self._task_done, shares))
-
-    def _take_unsent(self) -> Callable[..., None]:
-        """Count one attempt as not yet sent until the function returned is called (the first
-        call counts, as a share's end)."""
-        self._unsent += 1
-        ended = False
-
-        def end(*_: object) -> None:
-            nonlocal ended
-            if not ended:
-                ended = True
-                self._unsent -= 1
-
-        return end
 
     def _claim_allowance(self, batch: int, destination: str) -> int:
         """How many of a destination's claims in progress are not counted against its share

@@ -62,6 +62,7 @@ class Shares:
         self.bound = bound
         self._on_room = on_room
         self._counts: Counter[str] = Counter()
+        self.total = 0  # claims in progress over every key (the sum of the counts)
 
     def take(self, key: str | None) -> Callable[..., None]:
         """Count one claim of `key` (None: counted under no key) until the function returned is
@@ -69,6 +70,7 @@ class Shares:
         if key is None or self.bound is None:
             return _nothing
         self._counts[key] += 1
+        self.total += 1
         ended = False
 
         def end(*_: object) -> None:
@@ -80,6 +82,7 @@ class Shares:
         return end
 
     def _ended(self, key: str) -> None:
+        self.total -= 1
         left = self._counts[key] - 1
         if left > 0:
             self._counts[key] = left

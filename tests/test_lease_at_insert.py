@@ -178,15 +178,17 @@ def test_what_the_room_counts_every_attempt_or_only_those_not_yet_sent(
     assert lease.take([planned()]) is bound_unsent
     lease.settle(False)
     dispatcher._tasks.clear()
-    ends = [dispatcher._take_unsent() for _ in range(LEASE_AT_INSERT_MAX)]
-    # not yet sent: counted where the store bounds the unsent (elsewhere the tasks count)
+    # not yet sent (each destination's share counts an attempt until its send ends): counted
+    # where the store bounds the unsent (elsewhere the tasks count)
+    unsent = dispatcher._per_destination
+    ends = [unsent.take(f"http://d{i}.test:80") for i in range(LEASE_AT_INSERT_MAX)]
     lease = offer(dispatcher)
     assert lease.take([planned()]) is not bound_unsent
     lease.settle(False)
     assert dispatcher._ahead == 0
     ends[0]()
     ends[0]()  # a second end (the task's, after the send's) counts nothing
-    assert dispatcher._unsent == LEASE_AT_INSERT_MAX - 1
+    assert unsent.total == LEASE_AT_INSERT_MAX - 1
     assert offer(dispatcher).take([planned()])
 
 
@@ -372,7 +374,9 @@ async def test_on_postgres_attempts_waiting_for_their_result_leave_the_room_to_n
             for n in range(LEASE_AT_INSERT_MAX):
                 await post(daemon, f"s{n:02d}")
             await wait_for(lambda: len(sink.received) == LEASE_AT_INSERT_MAX)
-            await wait_for(lambda: dispatcher._unsent == 0)  # all sent, results pending
+            await wait_for(
+                lambda: dispatcher._per_destination.total == 0
+            )  # all sent, results pending
             assert dispatcher.in_flight == LEASE_AT_INSERT_MAX
             await post(daemon, "s16")
             assert dispatcher.started == {"claim": 0, "lease_at_insert": LEASE_AT_INSERT_MAX + 1}
@@ -382,14 +386,14 @@ async def test_on_postgres_attempts_waiting_for_their_result_leave_the_room_to_n
             gate.clear()
             for n in range(LEASE_AT_INSERT_MAX):
                 await post(daemon, f"u{n:02d}")
-            await wait_for(lambda: dispatcher._unsent == LEASE_AT_INSERT_MAX)
+            await wait_for(lambda: dispatcher._per_destination.total == LEASE_AT_INSERT_MAX)
             await post(daemon, "u16")
             await wait_for(lambda: dispatcher.started["claim"] == 1)
             assert dispatcher.started["lease_at_insert"] == 2 * LEASE_AT_INSERT_MAX + 1
             gate.set()
             await wait_for(lambda: len(sink.received) == 2 * LEASE_AT_INSERT_MAX + 2)
             await wait_for(lambda: dispatcher.in_flight == 0)
-            assert dispatcher._unsent == 0
+            assert dispatcher._per_destination.total == 0
         finally:
             gate.set()
             await locker.close()
