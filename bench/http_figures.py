@@ -356,6 +356,18 @@ async def sustained(
     return Measured(rate, cpu_us)
 
 
+async def _delivery_latencies(
+    sink: SinkClient, out: Outcome, keys: dict[str, int], deadline: float
+) -> tuple[list[float], set[str]]:
+    """Wait (up to `deadline`) for the deliveries of `keys` (idempotency key -> the request of
+    the open loop `out` that fired it); each one's latency (first arrival at the sink minus the
+    request's planned send) and the keys that never arrived."""
+    async with aiohttp.ClientSession() as client:
+        missing = await _wait_delivered(sink, client, set(keys), deadline)
+    lat = [min(sink.hits[k]) - out.intended[n] for k, n in keys.items() if k not in missing]
+    return lat, missing
+
+
 # The status-change figure: a conversion's approval follows its pending arrival by this long.
 CHANGE_AFTER = 0.2
 
@@ -395,9 +407,7 @@ async def change_latency(report: Report, target: Target, sink: SinkClient, opts:
 
     out = await open_loop(url_for, opts.rate, opts.latency_seconds, max(opts.connections, 256))
     keys = {key: n for n in out.acked if (key := plan(n)[2]) is not None}
-    async with aiohttp.ClientSession() as client:
-        missing = await _wait_delivered(sink, client, set(keys), opts.drain_deadline)
-    lat = [min(sink.hits[k]) - out.intended[n] for k, n in keys.items() if k not in missing]
+    lat, missing = await _delivery_latencies(sink, out, keys, opts.drain_deadline)
     name, rate = target.name, opts.rate
     if lat:
         what = f"{name}: status change to delivery"
@@ -418,9 +428,7 @@ async def latency(report: Report, target: Target, sink: SinkClient, opts: Option
     out = await open_loop(url_for, opts.rate, opts.latency_seconds, conns)
     total = len(out.intended)
     keys = {key_of(f"{prefix}-{n}", offer_of(n, target.offers)): n for n in out.acked}
-    async with aiohttp.ClientSession() as client:
-        missing = await _wait_delivered(sink, client, set(keys), opts.drain_deadline)
-    lat = [min(sink.hits[k]) - out.intended[n] for k, n in keys.items() if k not in missing]
+    lat, missing = await _delivery_latencies(sink, out, keys, opts.drain_deadline)
     name, rate = target.name, opts.rate
     if lat:
         report.add(f"{name}: latency p50 at {rate:,.0f}/s", percentile(lat, 50) * 1000, "ms")
