@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     info = machine()
     print(
         f"postbackd benchmark: {info['nproc']} cores ({info['cpu']}), {info['memory_gib']} GiB, "
-        f"Python {info['python']}, {info['date']}, load average {info['loadavg_at_start']}"
+        f"Python {info['python']} ({info['interpreter']}, built {info['python_build']}), "
+        f"{info['date']}, load average {info['loadavg_at_start']}"
     )
     print("Other work on this machine shows in the load average printed with each section.")
     started = time.monotonic()

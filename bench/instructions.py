@@ -2,9 +2,9 @@
 postbackd (ingest, and end to end with one ping_url each) each run under valgrind's callgrind,
 counting user-space instructions only while wrk's measured window runs.
 
-Unlike CPU time, an instruction count does not depend on what else the machine runs, on its
-caches or on its clock: the same code and load give the same count within about 1 %, so a change
-of a few percent shows in one run where CPU time needs many alternating rounds (docs/benchmarks.md,
+Unlike CPU time, an instruction count does not depend on what else the machine runs, on its caches
+or on its clock: the same code and load give the same count within about 1 %, so a change of a few
+percent shows in one run where CPU time needs many alternating rounds (docs/benchmarks-history.md,
 run O). It leaves out the kernel (system calls, loopback TCP, fsync) and counts a `rep` string
 instruction once per repetition; under callgrind a process runs about 50 times slower, so batches
 and claims are smaller than at full speed. Read it for code changes, not for capacity.

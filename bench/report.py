@@ -81,7 +81,12 @@ def loadavg() -> str:
 
 
 def machine() -> dict[str, Any]:
-    """Where the figures come from: cores, CPU, memory, Python, kernel, date, load."""
+    """Where the figures come from: cores, CPU, memory, Python, kernel, date, load.
+
+    The interpreter is named by its file and build: the same Python version built two ways
+    costs differently (docs/benchmarks.md, "The interpreter": Debian's python3.11 ran the hello
+    and postbackd about 11 % cheaper than a pyenv build of 3.11.7 on the same machine), so the
+    figures of runs on different interpreters compare only in hellos."""
     cpu = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -102,6 +107,8 @@ def machine() -> dict[str, Any]:
         "cpu": cpu,
         "memory_gib": round(mem_kib / 1024 / 1024, 1),
         "python": sys.version.split()[0],
+        "interpreter": os.path.realpath(sys.executable),
+        "python_build": ", ".join(filter(None, platform.python_build())),
         "kernel": platform.release(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg_at_start": loadavg(),

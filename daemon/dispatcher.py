@@ -83,7 +83,7 @@ ATTEMPT_SHARE = 0.6
 # New deliveries are leased at insert (no claim) only while, with them, at most this many
 # attempts are in progress here: a lightly loaded node starts each at once, one commit sooner.
 # Under load the claims take them a batch at a time, and attempts started together cost less
-# CPU than the same attempts started as each arrival commits (docs/benchmarks.md, run P:
+# CPU than the same attempts started as each arrival commits (docs/benchmarks-history.md, run P:
 # leasing at any load cost 5 to 8 % more CPU per delivered conversion at saturation, though
 # fewer instructions). On a store whose lease_bound_unsent is true (PostgreSQL) the bound counts
 # only the attempts not yet sent: there an attempt waits tens of milliseconds for its result's

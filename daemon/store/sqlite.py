@@ -116,8 +116,8 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
     # while at most LEASE_AT_INSERT_MAX of its attempts are in progress, sent or not. Results
     # commit here in a few milliseconds, so this node already leases nearly every delivery at
     # 1,000/s; counting only the unsent ones (PostgreSQL's bound) gained nothing here and
-    # leased 8 to 50 % at saturation, where leasing once cost CPU (docs/benchmarks.md, runs P
-    # and Q).
+    # leased 8 to 50 % at saturation, where leasing once cost CPU (docs/benchmarks.md, run Q;
+    # run P in docs/benchmarks-history.md).
     leases_at_insert = True
     lease_bound_unsent = False
 
