@@ -333,6 +333,7 @@ async def _services(
         if notifier is not None:
             notifier.gate = None
         await http.close()
+        await metrics.close()
         await store.close()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.metrics import Metrics
+from daemon.metrics import Metrics, QueueDepth
 from daemon.store.base import DeliveryState
 from tests.harness import Daemon, Sink, start_daemon, wait_for
 
@@ -58,6 +58,9 @@ async def test_counters_move_as_conversions_flow(tmp_path: Path, sink: Sink) -> 
     refusing.script = [(400, "no such offer", {})]  # not retried: dead
     failing.script = [(503, "busy", {})]  # retried later
     daemon = await start_daemon(tmp_path, rules(sink, refusing, failing))
+    # Every scrape recounts the final states here (by default a recount waits at least 10 s:
+    # test_queue_depth_recounts_the_final_states_when_due).
+    daemon.services.metrics.depth = QueueDepth(min_every=0.0, spacing=0.0)
     try:
         before = await scrape(daemon)
         version = str(daemon.services.reloader.runtime.rules.version)
@@ -150,7 +153,7 @@ async def test_reload_metrics_follow_the_reloader(tmp_path: Path, sink: Sink) ->
 
 
 class BrokenStore:
-    async def queue_depth(self) -> dict[DeliveryState, int]:
+    async def queue_depth(self, live_only: bool = False) -> dict[DeliveryState, int]:
         from daemon.errors import StoreError
 
         raise StoreError("postgresql: ConnectionRefusedError")

@@ -43,6 +43,9 @@ class DeliveryState(StrEnum):
 
 PENDING_STATES = (DeliveryState.QUEUED, DeliveryState.RETRYING)
 FINAL_STATES = (DeliveryState.SUCCEEDED, DeliveryState.DEAD, DeliveryState.CANCELLED)
+# The states a delivery passes through before a final one: what queue_depth(live_only=True)
+# counts, in the state index, as cheaply as the queue is short.
+LIVE_STATES = (DeliveryState.QUEUED, DeliveryState.IN_FLIGHT, DeliveryState.RETRYING)
 
 
 def idempotency_key(source: str, conversion_id: str, arrival_seq: int, postback_id: int) -> str:
@@ -399,7 +402,11 @@ class Store(Protocol):
 
     async def get_conversion(self, source: str, conversion_id: str) -> ConversionRow | None: ...
 
-    async def queue_depth(self) -> dict[DeliveryState, int]: ...
+    async def queue_depth(self, live_only: bool = False) -> dict[DeliveryState, int]:
+        """Deliveries by state, each state present (0 when none). Counting the final states
+        reads every delivery the store keeps (a month of them: seconds); `live_only` counts
+        only LIVE_STATES (an index range as long as the queue) and leaves the others out."""
+        ...
 
     async def delivery_lag(self, now: datetime) -> float:
         """Seconds since the oldest delivery that is due and unclaimed (queued or retrying and

@@ -15,6 +15,7 @@ from daemon.models import Conversion, Status
 from daemon.store import rows
 from daemon.store.affiliates_postgres import PostgresAffiliates
 from daemon.store.base import (
+    LIVE_STATES,
     ArrivalResult,
     AttemptRow,
     Claim,
@@ -495,10 +496,11 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             arrivals=[rows.arrival_dict(a, utc) for a in arrivals],
         )
 
-    async def queue_depth(self) -> dict[DeliveryState, int]:
+    async def queue_depth(self, live_only: bool = False) -> dict[DeliveryState, int]:
+        query = self._q["queue_depth_live" if live_only else "queue_depth"]
         async with self._conn(transaction=False) as conn:
-            found = await conn.fetch(self._q["queue_depth"])
-        return rows.depth(found)
+            found = await conn.fetch(query)
+        return rows.depth(found, LIVE_STATES if live_only else DeliveryState)
 
     async def delivery_lag(self, now: datetime) -> float:
         async with self._conn(transaction=False) as conn:

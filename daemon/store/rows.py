@@ -285,9 +285,11 @@ def arrival_dict(row: Sequence[Any], read: TimeReader) -> dict[str, Any]:
     }
 
 
-def depth(rows: Sequence[Sequence[Any]]) -> dict[DeliveryState, int]:
-    """Every state, with zeros for those that have no delivery."""
-    counts = dict.fromkeys(DeliveryState, 0)
+def depth(
+    rows: Sequence[Sequence[Any]], states: Iterable[DeliveryState] = DeliveryState
+) -> dict[DeliveryState, int]:
+    """Each of `states`, with zeros for those that have no delivery."""
+    counts = dict.fromkeys(states, 0)
     for state, count in rows:
         counts[DeliveryState(state)] = int(count)
     return counts

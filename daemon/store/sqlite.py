@@ -18,6 +18,7 @@ from daemon.models import Conversion, Status
 from daemon.store import rows
 from daemon.store.affiliates_sqlite import SQLiteAffiliates
 from daemon.store.base import (
+    LIVE_STATES,
     ArrivalResult,
     AttemptRow,
     Claim,
@@ -505,9 +506,10 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
 
         return await self._read(job)
 
-    async def queue_depth(self) -> dict[DeliveryState, int]:
-        found = await self._read(lambda c: c.execute(self._q["queue_depth"]).fetchall())
-        return rows.depth(found)
+    async def queue_depth(self, live_only: bool = False) -> dict[DeliveryState, int]:
+        query = self._q["queue_depth_live" if live_only else "queue_depth"]
+        found = await self._read(lambda c: c.execute(query).fetchall())
+        return rows.depth(found, LIVE_STATES if live_only else DeliveryState)
 
     async def delivery_lag(self, now: datetime) -> float:
         oldest = await self._read(lambda c: c.execute(self._q["oldest_due"]).fetchone()[0])

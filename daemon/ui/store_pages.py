@@ -269,7 +269,7 @@ async def health(ctx: Ctx) -> web.Response:
     store: dict[str, Any] = {"ok": True, "error": None, "depth": {}, "lag": None}
     try:
         await services.store.ping()
-        depth = await services.store.queue_depth()
+        depth = await services.metrics.depth.read(services.store)
         store["depth"] = {state.value: depth.get(state, 0) for state in DeliveryState}
         store["lag"] = round(await services.store.delivery_lag(ctx.now), 1)
     except StoreError as err:

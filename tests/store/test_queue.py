@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from daemon.errors import InputError
-from daemon.store.base import DeliveryFilter, DeliveryState, Store
+from daemon.store.base import LIVE_STATES, DeliveryFilter, DeliveryState, Store
 
 from .support import LEASE, T0, arrive, at, conversion, finish
 
@@ -54,6 +54,22 @@ async def test_queue_depth_counts_every_state(store: Store) -> None:
     depth = await store.queue_depth()
 
     assert depth == {state: 1 for state in DeliveryState} | {DeliveryState.DEAD: 2}
+
+
+async def test_queue_depth_live_only_counts_the_states_before_a_final_one(store: Store) -> None:
+    assert await store.queue_depth(live_only=True) == dict.fromkeys(LIVE_STATES, 0)
+    for i, state in enumerate([DeliveryState.RETRYING, *STATES]):
+        await _in_state(store, state, 100 + i, i)
+
+    live = await store.queue_depth(live_only=True)
+
+    assert live == {
+        DeliveryState.QUEUED: 1,
+        DeliveryState.IN_FLIGHT: 1,
+        DeliveryState.RETRYING: 2,
+    }
+    everything = await store.queue_depth()
+    assert {state: everything[state] for state in LIVE_STATES} == live
 
 
 async def test_cancel_postbacks_cancels_only_waiting_deliveries(store: Store) -> None:

@@ -18,7 +18,7 @@ from daemon.errors import StoreError
 from daemon.migrate import migrate
 from daemon.models import Transition
 from daemon.store.base import ArrivalResult, DeliveryState
-from daemon.store.queries import load_migrations
+from daemon.store.queries import load_migrations, load_queries
 from daemon.store.sqlite import SQLiteStore, connect
 
 from .support import T0, Planner, arrive, conversion
@@ -197,3 +197,23 @@ async def test_acknowledged_arrivals_survive_kill_9(tmp_path: Path) -> None:
         assert (await store.queue_depth())[DeliveryState.QUEUED] >= len(acknowledged)
     finally:
         await store.close()
+
+
+async def test_the_live_queue_depth_reads_the_state_index_not_the_table(tmp_path: Path) -> None:
+    # What keeps a scrape cheap on a store that keeps a month of finished deliveries: the live
+    # states are counted in the state index (ranges as long as the queue), never by a scan of
+    # every delivery (daemon.metrics.QueueDepth reads them at every scrape).
+    store = SQLiteStore(tmp_path / "plan.db")
+    await store.open()
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "plan.db")
+    try:
+        query = load_queries("sqlite")["queue_depth_live"]
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {query}")]
+    finally:
+        conn.close()
+    # SEARCH: ranges of the index (SCAN would read all of it, or the table).
+    assert any(
+        step.startswith("SEARCH") and "COVERING INDEX delivery_state" in step for step in plan
+    ), plan
+    assert not any(step.startswith("SCAN") for step in plan), plan
