@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,11 @@ import pytest
 from daemon.errors import StoreError
 from daemon.migrate import migrate
 from daemon.models import Transition
-from daemon.store.base import ArrivalResult, DeliveryState
+from daemon.store.base import ArrivalResult, DeliveryFilter, DeliveryState
 from daemon.store.queries import load_migrations, load_queries
-from daemon.store.sqlite import SQLiteStore, connect
+from daemon.store.sqlite import SQLiteStore, _filter_args, connect
 
-from .support import T0, Planner, arrive, conversion
+from .support import T0, Planner, arrive, at, conversion
 
 HERE = Path(__file__).parent
 
@@ -217,3 +218,82 @@ async def test_the_live_queue_depth_reads_the_state_index_not_the_table(tmp_path
         step.startswith("SEARCH") and "COVERING INDEX delivery_state" in step for step in plan
     ), plan
     assert not any(step.startswith("SCAN") for step in plan), plan
+
+
+@pytest.mark.parametrize("state", [None, DeliveryState.DEAD])
+@pytest.mark.parametrize("postbacks", [None, (3, 4)])
+@pytest.mark.parametrize("conversion_id", [None, "c-1"])
+@pytest.mark.parametrize("few", [False, True])
+async def test_a_delivery_listing_reads_the_index_of_its_narrowest_filter(
+    tmp_path: Path,
+    state: DeliveryState | None,
+    postbacks: tuple[int, ...] | None,
+    conversion_id: str | None,
+    few: bool,
+) -> None:
+    # A page of the console or the API reads about its own rows, however many deliveries the
+    # store keeps: a conversion id through its index, else postbacks with few deliveries (an
+    # affiliate's) through theirs, else a state through the state index, else the walk in
+    # creation order. Written as one statement with `:state IS NULL OR ...`, a rare state, a
+    # conversion id or a new affiliate walked every delivery (0.4 s a page with a million).
+    store = SQLiteStore(tmp_path / "list.db")
+    await store.open()
+    try:
+        flt = DeliveryFilter(state=state, postback_ids=postbacks, conversion_id=conversion_id)
+        args = {**_filter_args(flt), "after_created": None, "after_id": None, "limit": 51}
+        query = store._list_query(args, few)
+        conn = sqlite3.connect(tmp_path / "list.db")
+        try:
+            plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {query}", args)]
+        finally:
+            conn.close()
+    finally:
+        await store.close()
+    index = (
+        "delivery_conversion"
+        if conversion_id
+        else "delivery_postback"
+        if postbacks and few
+        else "delivery_state"
+        if state
+        else "delivery_created"
+    )
+    assert any(s.startswith("SEARCH delivery USING INDEX") and index in s for s in plan), plan
+    assert not any(s.startswith("SCAN delivery") for s in plan), plan
+
+
+@pytest.mark.parametrize("few", [0, 10_000])
+async def test_a_listing_by_postbacks_pages_alike_through_either_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, few: int
+) -> None:
+    # FEW_DELIVERIES 0: the walk in creation order; 10,000: the postbacks' index, then sorted.
+    # Either way the pages hold the same deliveries in the same order (newest first, the id
+    # breaking ties), a state filter included, and the cursor goes on where a page ended.
+    monkeypatch.setattr("daemon.store.sqlite.FEW_DELIVERIES", few)
+    store = SQLiteStore(tmp_path / "pages.db")
+    await store.open()
+    try:
+        made = {}
+        for n in range(24):  # postbacks 1 to 3, two deliveries each at some instants
+            ids = await arrive(store, conversion(f"p{n}"), at(n // 2), postbacks=(n % 3 + 1,))
+            made[ids[0]] = (n // 2, n % 3 + 1)
+        claimed = {c.delivery_id for c in await store.claim_due("n1", at(100), 5, timedelta(1))}
+        for flt in (DeliveryFilter(postback_ids=(2, 3)),
+                    DeliveryFilter(postback_ids=(2, 3), state=DeliveryState.QUEUED),
+                    DeliveryFilter(postback_ids=(9,))):  # fmt: skip
+            seen: list[str] = []
+            cursor = None
+            while True:
+                page, cursor = await store.list_deliveries(flt, 4, cursor)
+                seen += [row.delivery_id for row in page]
+                if cursor is None:
+                    break
+            wanted = [
+                d
+                for d, (_, pid) in made.items()
+                if pid in (flt.postback_ids or ()) and not (flt.state and d in claimed)
+            ]
+            wanted.sort(key=lambda d: (made[d][0], d), reverse=True)
+            assert seen == wanted
+    finally:
+        await store.close()

@@ -175,19 +175,28 @@ WHERE delivery_id = :id
 ORDER BY n;
 
 -- name: list_deliveries
+-- {filters}: the conditions of the filters given, each followed by AND, one of them leading
+-- through its index (SQLiteStore._list_query).
 SELECT id, postback_id, action, destination, source, conversion_id, arrival_seq,
        idempotency_key, state, attempts, created_at, updated_at, next_attempt_at, last_reason,
        affiliate_owner
 FROM delivery
-WHERE (:state IS NULL OR state = :state)
-  AND (:postback_ids IS NULL OR postback_id IN (SELECT value FROM json_each(:postback_ids)))
-  AND (:conversion_id IS NULL OR conversion_id = :conversion_id)
+WHERE {filters}
   -- Written as ranges (not `:since IS NULL OR ...`) so that the delivery_created index bounds
   -- the walk: a time range or a later page reads only its own rows.
-  AND created_at >= coalesce(:since, -9223372036854775808)
+      created_at >= coalesce(:since, -9223372036854775808)
   AND (created_at, id) < (coalesce(:after_created, 9223372036854775807), coalesce(:after_id, ''))
 ORDER BY created_at DESC, id DESC
 LIMIT :limit;
+
+-- name: list_postbacks_few
+-- How many deliveries the postbacks have, counted up to :few (FEW_DELIVERIES) in the
+-- delivery_postback index: whether list_deliveries reads them through that index.
+SELECT count(*) FROM (
+    SELECT 1 FROM delivery
+    WHERE postback_id IN (SELECT value FROM json_each(:postback_ids))
+    LIMIT :few
+);
 
 -- name: get_conversion
 SELECT id, source, conversion_id, status, status_event_time, fields, created_at, updated_at
