@@ -471,10 +471,13 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
         self, flt: DeliveryFilter, limit: int, cursor: str | None
     ) -> tuple[list[DeliveryRow], str | None]:
         after_created, after_id = decode_cursor(cursor) if cursor else (None, None)
+        # Postbacks without a conversion id: a page of each postback's own newest deliveries,
+        # merged (the planner otherwise walked every newer delivery for an affiliate whose
+        # deliveries were old); a conversion's few deliveries, or no postbacks: list_deliveries.
+        each = flt.postback_ids is not None and flt.conversion_id is None
+        query = self._q["list_postback_pages" if each else "list_deliveries"]
         async with self._conn(transaction=False) as conn:
-            found = await conn.fetch(
-                self._q["list_deliveries"], *_filter_args(flt), after_created, after_id, limit + 1
-            )
+            found = await conn.fetch(query, *_filter_args(flt), after_created, after_id, limit + 1)
         page = [rows.delivery_row(row, utc) for row in found[:limit]]
         more = len(found) > limit and page
         return page, encode_cursor(page[-1].created_at, page[-1].delivery_id) if more else None

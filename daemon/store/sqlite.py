@@ -480,55 +480,59 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             "after_created": opt_us(after_created),
             "after_id": after_id,
             "limit": limit + 1,
-            "few": FEW_DELIVERIES,
         }
-        probe = args["postback_ids"] is not None and args["conversion_id"] is None
-        list_query, few_query = self._list_query, self._q["list_postbacks_few"]
-
-        def job(conn: sqlite3.Connection) -> list[Any]:
-            # Postbacks with few deliveries are read through their index (all of them, then
-            # sorted), others on the walk in creation order: the probe counts at most
-            # FEW_DELIVERIES of theirs (an index range), in the same snapshot as the page.
-            few = probe and conn.execute(few_query, args).fetchone()[0] < args["few"]
-            return conn.execute(list_query(args, few), args).fetchall()
-
-        found = await self._read(job)
+        ids = flt.postback_ids
+        if ids is not None and not ids:
+            return [], None  # sees no postback: sees nothing (and reads nothing)
+        merged = ids is not None and len(ids) <= MERGED_POSTBACKS
+        if merged and flt.conversion_id is None:
+            assert ids is not None
+            args.update({f"p{n}": pid for n, pid in enumerate(sorted(set(ids)))})
+        query = self._list_query(args)
+        found = await self._read(lambda c: c.execute(query, args).fetchall())
         page = [rows.delivery_row(row, from_us) for row in found[:limit]]
         more = len(found) > limit and page
         return page, encode_cursor(page[-1].created_at, page[-1].delivery_id) if more else None
 
-    def _list_query(self, args: Mapping[str, Any], few_postbacks: bool = False) -> str:
-        """list_deliveries with the conditions of the filters that `args` gives, each made
-        once. One index leads: a conversion's (its few deliveries), else the postbacks' when
-        `few_postbacks` (they have fewer than FEW_DELIVERIES), else the state's, else none (the
-        walk in creation order); the other conditions only filter (`+column`: SQLite then
-        uses no index for them). Written as one statement with `(:state IS NULL OR state =
-        :state)` for each, SQLite used none: a rare state, a conversion id or an affiliate's
-        few deliveries walked every delivery kept (0.4 s a page with a million)."""
+    def _list_query(self, args: Mapping[str, Any]) -> str:
+        """list_deliveries for the filters that `args` gives, each statement made once. One
+        index leads, the other conditions only filter (`+column`: SQLite uses no index for
+        them): a conversion id's (its few deliveries); else, for postbacks given one by one
+        as p0, p1... (at most MERGED_POSTBACKS), each postback's own newest deliveries in
+        delivery_postback_created, a page of each, merged; else the state's; else none (the
+        walk in creation order; postbacks in a list too long to merge are checked on it).
+        Written as one statement with `(:state IS NULL OR state = :state)` for each filter,
+        SQLite used no index at all: a rare state, a conversion id or an affiliate's
+        postbacks walked every newer delivery (0.4 s a page with a million)."""
         state, postbacks, conversion = (
             args[name] is not None for name in ("state", "postback_ids", "conversion_id")
         )
-        lead = (
-            "conversion"
-            if conversion
-            else "postbacks"
-            if postbacks and few_postbacks
-            else "state"
-            if state
-            else None
-        )
-        key = (state, postbacks, conversion, lead)
+        each = sum(1 for name in args if name[:1] == "p" and name[1:].isdigit())
+        key = (state, postbacks, conversion, each)
         query = self._list_queries.get(key)
-        if query is None:
+        if query is not None:
+            return query
+        template = self._q["list_deliveries"]
+        if each:
+            also = _FILTERING["state"] + " AND " if state else ""
+            page = self._q["list_postback_page"]
+            pages = [
+                page.replace(
+                    "{page}", template.replace("{filters}", f"postback_id = :p{n} AND {also}")
+                )
+                for n in range(each)
+            ]
+            query = self._q["list_postback_pages"].replace("{pages}", "\nUNION ALL\n".join(pages))
+        else:
+            lead = "conversion" if conversion else "state" if state else None
             conditions = [
                 (_LEADING if name == lead else _FILTERING)[name]
                 for name, on in (("conversion", conversion), ("postbacks", postbacks),
                                  ("state", state))
                 if on
             ]  # fmt: skip
-            filters = "".join(f"{condition} AND " for condition in conditions)
-            query = self._q["list_deliveries"].replace("{filters}", filters)
-            self._list_queries[key] = query
+            query = template.replace("{filters}", "".join(f"{c} AND " for c in conditions))
+        self._list_queries[key] = query
         return query
 
     async def get_conversion(self, source: str, conversion_id: str) -> ConversionRow | None:
@@ -590,10 +594,10 @@ _FILTERING = {
     "postbacks": "+postback_id IN (SELECT value FROM json_each(:postback_ids))",
     "state": "+state = :state",
 }
-# list_deliveries reads the postbacks' deliveries through their index (all of them, then
-# sorted) when they have fewer than this many; more, and a page is found sooner on the walk in
-# creation order (an affiliate's postbacks may hold most deliveries).
-FEW_DELIVERIES = 10_000
+# list_deliveries merges a page of each postback's own newest deliveries for at most this many
+# postbacks (one SELECT each in a UNION ALL: SQLite allows 500); a longer list (an affiliate
+# with more postbacks) is checked on the walk in creation order.
+MERGED_POSTBACKS = 100
 
 
 def _filter_args(flt: DeliveryFilter) -> dict[str, Any]:

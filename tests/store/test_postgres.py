@@ -188,3 +188,26 @@ async def test_the_live_queue_depth_can_read_the_state_index_alone(pg_dsn: str) 
         await conn.close()
     assert "delivery_state" in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+async def test_a_listing_by_postbacks_reads_a_page_of_each_in_their_index(pg_dsn: str) -> None:
+    # list_postback_pages: for each postback, its own newest deliveries in
+    # delivery_postback_created (a page at most), merged; never the walk in creation order,
+    # which read every newer delivery for an affiliate whose deliveries were old.
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("SET enable_seqscan = off")
+        query = load_queries("postgres")["list_postback_pages"]
+        plan = "\n".join(
+            row[0]
+            for row in await conn.fetch(
+                f"EXPLAIN {query}", None, [3, 4], None, None, None, None, 51
+            )
+        )
+    finally:
+        await conn.close()
+    assert "delivery_postback_created" in plan, plan
+    assert "delivery_created" not in plan.replace("delivery_postback_created", ""), plan

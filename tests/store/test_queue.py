@@ -231,3 +231,42 @@ async def test_delivery_lag_is_the_age_of_the_oldest_due_unclaimed_delivery(stor
     for claim in await store.claim_due("n1", at(3610), 10, LEASE):
         assert await finish(store, claim, DeliveryState.SUCCEEDED, at(3611))
     assert await store.delivery_lag(at(99_999)) == 0.0  # final deliveries never wait
+
+
+async def test_a_listing_by_postbacks_pages_newest_first_across_them(store: Store) -> None:
+    # Each store reads a page of each postback's own newest deliveries and merges them (the
+    # postbacks' index; SQLiteStore up to MERGED_POSTBACKS): the pages hold every delivery of
+    # those postbacks once, newest first, the id breaking ties of one instant, a state filter
+    # and a time range applied, and the cursor goes on where a page ended.
+    made: dict[str, tuple[int, int]] = {}
+    for n in range(24):  # postbacks 201 to 203, two deliveries at each instant
+        [delivery_id] = await arrive(
+            store, conversion(f"pages-{n}"), at(n // 2), postbacks=(201 + n % 3,)
+        )
+        made[delivery_id] = (n // 2, 201 + n % 3)
+    claimed = {c.delivery_id for c in await store.claim_due("n1", at(100), 5, timedelta(days=1))}
+
+    async def pages(flt: DeliveryFilter) -> list[str]:
+        seen: list[str] = []
+        cursor = None
+        while True:
+            page, cursor = await store.list_deliveries(flt, 4, cursor)
+            seen += [row.delivery_id for row in page]
+            if cursor is None:
+                return seen
+
+    def wanted(postbacks: set[int], queued_only: bool = False, since: int = 0) -> list[str]:
+        found = [
+            d
+            for d, (when, pid) in made.items()
+            if pid in postbacks and when >= since and not (queued_only and d in claimed)
+        ]
+        return sorted(found, key=lambda d: (made[d][0], d), reverse=True)
+
+    assert await pages(DeliveryFilter(postback_ids=[202, 203])) == wanted({202, 203})
+    assert await pages(DeliveryFilter(postback_ids=[201, 202, 203, 999])) == wanted({201, 202, 203})
+    queued = DeliveryFilter(postback_ids=[201, 203], state=DeliveryState.QUEUED)
+    assert claimed & set(wanted({201, 203}))  # the state filter leaves some out
+    assert await pages(queued) == wanted({201, 203}, queued_only=True)
+    recent = DeliveryFilter(postback_ids=[201, 202], since=at(7))
+    assert await pages(recent) == wanted({201, 202}, since=7)

@@ -196,6 +196,29 @@ WHERE ($1::text IS NULL OR state = $1::text)
 ORDER BY created_at DESC, id DESC
 LIMIT $7;
 
+-- name: list_postback_pages
+-- list_deliveries for the postbacks in $2 (and no conversion id): a page of each postback's own
+-- newest deliveries (delivery_postback_created, newest first, at most $7 rows each), merged.
+-- One statement for any number of postbacks; a page reads at most $7 rows a postback however
+-- many deliveries the store keeps.
+SELECT d.id, d.postback_id, d.action, d.destination, d.source, d.conversion_id, d.arrival_seq,
+       d.idempotency_key, d.state, d.attempts, d.created_at, d.updated_at, d.next_attempt_at,
+       d.last_reason, d.affiliate_owner
+FROM unnest($2::bigint[]) AS p (postback_id)
+CROSS JOIN LATERAL (
+    SELECT * FROM delivery
+    WHERE delivery.postback_id = p.postback_id
+      AND ($1::text IS NULL OR state = $1::text)
+      AND ($3::text IS NULL OR conversion_id = $3::text)
+      AND created_at >= coalesce($4::timestamptz, '-infinity'::timestamptz)
+      AND (created_at, id)
+          < (coalesce($5::timestamptz, 'infinity'::timestamptz), coalesce($6::text, ''))
+    ORDER BY created_at DESC, id DESC
+    LIMIT $7
+) AS d
+ORDER BY d.created_at DESC, d.id DESC
+LIMIT $7;
+
 -- name: get_conversion
 SELECT id, source, conversion_id, status, status_event_time, fields::text, created_at,
        updated_at

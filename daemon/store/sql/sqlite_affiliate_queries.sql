@@ -34,7 +34,7 @@ WHERE id = :id AND change_seq = :expected AND status != 'deleted';
 -- name: cancel_deliveries
 UPDATE delivery
 SET state = 'cancelled', next_attempt_at = NULL, updated_at = :now
-WHERE state IN ('queued', 'retrying') AND postback_id = :id;
+WHERE state IN ('queued', 'retrying') AND +postback_id = :id;  -- `+`: the state index
 
 -- name: insert_audit
 INSERT INTO affiliate_audit (postback_id, at, who, change, before, after)

@@ -143,7 +143,8 @@ WHERE state = 'in_flight' AND lease_owner = :node;
 UPDATE delivery
 SET state = 'cancelled', next_attempt_at = NULL, updated_at = :now
 WHERE state IN ('queued', 'retrying')
-  AND postback_id IN (SELECT value FROM json_each(:postback_ids));
+  -- `+`: through the state index (the waiting deliveries are few), not a postback's history.
+  AND +postback_id IN (SELECT value FROM json_each(:postback_ids));
 
 -- name: requeue
 UPDATE delivery
@@ -175,8 +176,9 @@ WHERE delivery_id = :id
 ORDER BY n;
 
 -- name: list_deliveries
--- {filters}: the conditions of the filters given, each followed by AND, one of them leading
--- through its index (SQLiteStore._list_query).
+-- The filters marker (after WHERE) becomes the conditions of the filters given, each followed
+-- by AND, one of them leading through its index (SQLiteStore._list_query); for postbacks this
+-- statement is one postback's page (list_postback_page), and the pages are merged.
 SELECT id, postback_id, action, destination, source, conversion_id, arrival_seq,
        idempotency_key, state, attempts, created_at, updated_at, next_attempt_at, last_reason,
        affiliate_owner
@@ -189,14 +191,18 @@ WHERE {filters}
 ORDER BY created_at DESC, id DESC
 LIMIT :limit;
 
--- name: list_postbacks_few
--- How many deliveries the postbacks have, counted up to :few (FEW_DELIVERIES) in the
--- delivery_postback index: whether list_deliveries reads them through that index.
-SELECT count(*) FROM (
-    SELECT 1 FROM delivery
-    WHERE postback_id IN (SELECT value FROM json_each(:postback_ids))
-    LIMIT :few
-);
+-- name: list_postback_page
+-- One postback's page for list_postback_pages: the marker is list_deliveries whose filters
+-- name that postback (`postback_id = :pN AND`, then the state's condition if given), read in
+-- delivery_postback_created newest first, at most :limit rows.
+SELECT * FROM ({page})
+
+-- name: list_postback_pages
+-- The postbacks' pages (list_postback_page each, joined by UNION ALL at the marker) merged
+-- into one: at most a page per postback read, however many deliveries the store keeps.
+SELECT * FROM ({pages})
+ORDER BY created_at DESC, id DESC
+LIMIT :limit;
 
 -- name: get_conversion
 SELECT id, source, conversion_id, status, status_event_time, fields, created_at, updated_at
