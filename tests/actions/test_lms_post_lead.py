@@ -433,6 +433,11 @@ async def test_a_post_without_answer_is_dead_and_never_posted_again(
                 phone="5551230000",
             )
             (row,) = await wait_for(lambda: delivery_ended(daemon))
+            # The attempt's line is logged once its result is stored: a moment after the row
+            # shows it, so it is waited for here, inside the capture.
+            line = await wait_for(
+                lambda: next((e for e in logs if e["event"] == "delivery_attempt"), None)
+            )
         assert row.state == DeliveryState.DEAD
         assert row.last_reason == "outcome_unknown"
         fake.release.set()  # the fake now finishes its (late) answer; nobody is listening
@@ -445,7 +450,6 @@ async def test_a_post_without_answer_is_dead_and_never_posted_again(
         detail = await daemon.services.store.get_delivery(row.delivery_id)
         assert detail is not None
         assert [a.reason for a in detail.attempts] == ["outcome_unknown"]
-        line = next(e for e in logs if e["event"] == "delivery_attempt")
         assert (line["outcome"], line["reason"]) == ("dead", "outcome_unknown")
     finally:
         await daemon.client.close()

@@ -477,6 +477,9 @@ async def test_webhook_to_rule_to_trustedform(tmp_path: Path, fake: FakeTrustedF
             rows = await wait_for(
                 lambda: _final(daemon.deliveries()),
             )
+            # Each attempt's line is logged once its result is stored, a moment after the rows
+            # show it: waited for inside the capture.
+            await wait_for(lambda: len([e for e in logs if e["event"] == "delivery_attempt"]) == 2)
         assert len(fake.received) == 1
         assert fake.received[0].path_qs == f"/{CERT_ID}"
         assert fake.json() == {

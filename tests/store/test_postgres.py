@@ -172,20 +172,25 @@ async def test_a_store_call_is_one_round_trip_and_its_connection_goes_back_as_it
         await store.close()
 
 
-async def test_the_live_queue_depth_can_read_the_state_index_alone(pg_dsn: str) -> None:
-    # The live states are counted in the state index (ranges as long as the queue): with
-    # sequential scans priced out, the plan reads that index and never the table's rows. (On
-    # a small table the planner may scan it anyway; this checks that the index serves it.)
+async def _plan(pg_dsn: str, name: str, *args: object) -> str:
+    """EXPLAIN of the named query on a migrated schema, sequential scans priced out (on a small
+    table the planner may scan it anyway: this shows which index can serve the query)."""
     store = PostgresStore(pg_dsn)
     await store.open()
     await store.close()
     conn = await asyncpg.connect(pg_dsn)
     try:
         await conn.execute("SET enable_seqscan = off")
-        query = load_queries("postgres")["queue_depth_live"]
-        plan = "\n".join(row[0] for row in await conn.fetch(f"EXPLAIN {query}"))
+        query = load_queries("postgres")[name]
+        return "\n".join(row[0] for row in await conn.fetch(f"EXPLAIN {query}", *args))
     finally:
         await conn.close()
+
+
+async def test_the_live_queue_depth_can_read_the_state_index_alone(pg_dsn: str) -> None:
+    # The live states are counted in the state index (ranges as long as the queue), never in
+    # the table's rows.
+    plan = await _plan(pg_dsn, "queue_depth_live")
     assert "delivery_state" in plan, plan
     assert "Seq Scan" not in plan, plan
 
@@ -194,20 +199,6 @@ async def test_a_listing_by_postbacks_reads_a_page_of_each_in_their_index(pg_dsn
     # list_postback_pages: for each postback, its own newest deliveries in
     # delivery_postback_created (a page at most), merged; never the walk in creation order,
     # which read every newer delivery for an affiliate whose deliveries were old.
-    store = PostgresStore(pg_dsn)
-    await store.open()
-    await store.close()
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        await conn.execute("SET enable_seqscan = off")
-        query = load_queries("postgres")["list_postback_pages"]
-        plan = "\n".join(
-            row[0]
-            for row in await conn.fetch(
-                f"EXPLAIN {query}", None, [3, 4], None, None, None, None, 51
-            )
-        )
-    finally:
-        await conn.close()
+    plan = await _plan(pg_dsn, "list_postback_pages", None, [3, 4], None, None, None, None, 51)
     assert "delivery_postback_created" in plan, plan
     assert "delivery_created" not in plan.replace("delivery_postback_created", ""), plan

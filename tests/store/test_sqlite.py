@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,10 @@ from daemon.store.base import ArrivalResult, DeliveryFilter, DeliveryState
 from daemon.store.queries import load_migrations, load_queries
 from daemon.store.sqlite import MERGED_POSTBACKS, SQLiteStore, _filter_args, connect
 
-from .support import T0, Planner, arrive, at, conversion
+from .support import T0, Planner, arrive, conversion
+from .test_queue import (
+    test_a_listing_by_postbacks_pages_newest_first_across_them as pages_contract,
+)
 
 HERE = Path(__file__).parent
 
@@ -270,38 +272,15 @@ async def test_a_delivery_listing_reads_the_index_of_its_narrowest_filter(
         assert all("(postback_id=? AND created_at>? AND" in s for s in reads), plan
 
 
-@pytest.mark.parametrize("merged", [0, 100])
-async def test_a_listing_by_postbacks_pages_alike_through_either_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merged: int
+async def test_a_listing_by_postbacks_on_the_walk_pages_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # MERGED_POSTBACKS 0: the walk in creation order; 100: a page of each postback, merged.
-    # Either way the pages hold the same deliveries in the same order (newest first, the id
-    # breaking ties), a state filter included, and the cursor goes on where a page ended.
-    monkeypatch.setattr("daemon.store.sqlite.MERGED_POSTBACKS", merged)
-    store = SQLiteStore(tmp_path / "pages.db")
+    # More postbacks than MERGED_POSTBACKS are checked on the walk in creation order instead of
+    # merged: the same pages (the stores' contract test, run here with the merge off).
+    monkeypatch.setattr("daemon.store.sqlite.MERGED_POSTBACKS", 0)
+    store = SQLiteStore(tmp_path / "walk.db")
     await store.open()
     try:
-        made = {}
-        for n in range(24):  # postbacks 1 to 3, two deliveries each at some instants
-            ids = await arrive(store, conversion(f"p{n}"), at(n // 2), postbacks=(n % 3 + 1,))
-            made[ids[0]] = (n // 2, n % 3 + 1)
-        claimed = {c.delivery_id for c in await store.claim_due("n1", at(100), 5, timedelta(1))}
-        for flt in (DeliveryFilter(postback_ids=(2, 3)),
-                    DeliveryFilter(postback_ids=(2, 3), state=DeliveryState.QUEUED),
-                    DeliveryFilter(postback_ids=(9,))):  # fmt: skip
-            seen: list[str] = []
-            cursor = None
-            while True:
-                page, cursor = await store.list_deliveries(flt, 4, cursor)
-                seen += [row.delivery_id for row in page]
-                if cursor is None:
-                    break
-            wanted = [
-                d
-                for d, (_, pid) in made.items()
-                if pid in (flt.postback_ids or ()) and not (flt.state and d in claimed)
-            ]
-            wanted.sort(key=lambda d: (made[d][0], d), reverse=True)
-            assert seen == wanted
+        await pages_contract(store)
     finally:
         await store.close()
