@@ -81,8 +81,14 @@ class SQLiteAffiliates:
             version = int(conn.execute(_Q["version"]).fetchone()[0])
             if version <= since:
                 return AffiliateChanges(version)
-            found = conn.execute(_Q["changed_postbacks"], {"since": since}).fetchall()
-            secrets = conn.execute(_Q["changed_secrets"], {"since": since}).fetchall()
+            # Every one on a first fetch; else the few changed since, through change_seq.
+            postbacks, secrets_query = (
+                ("changed_postbacks", "changed_secrets")
+                if since > 0
+                else ("all_postbacks", "all_secrets")
+            )
+            found = conn.execute(_Q[postbacks], {"since": since}).fetchall()
+            secrets = conn.execute(_Q[secrets_query], {"since": since}).fetchall()
             return AffiliateChanges(
                 version,
                 [_postback(r) for r in found],

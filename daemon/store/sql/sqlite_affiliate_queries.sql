@@ -41,12 +41,24 @@ INSERT INTO affiliate_audit (postback_id, at, who, change, before, after)
 VALUES (:id, :now, :who, :change, :before, :after);
 
 -- name: changed_postbacks
+-- The postbacks changed after :since, in id order: the few a node has not seen, read in the
+-- change_seq index and sorted (`+id`: without it SQLite read the whole table in id order to
+-- skip the sort, 12 ms a fetch with 100,000 postbacks against 0.1 ms). A node's first fetch
+-- (:since 0) reads all_postbacks instead.
 SELECT id, affiliate, offer, status, status_reason, body, created_at, updated_at, change_seq
-FROM affiliate_postback WHERE change_seq > :since ORDER BY id;
+FROM affiliate_postback WHERE change_seq > :since ORDER BY +id;
+
+-- name: all_postbacks
+SELECT id, affiliate, offer, status, status_reason, body, created_at, updated_at, change_seq
+FROM affiliate_postback ORDER BY id;
 
 -- name: changed_secrets
+-- As changed_postbacks: the few changed, in the change_seq index, then sorted.
 SELECT affiliate, name, value, change_seq FROM affiliate_secret
-WHERE change_seq > :since ORDER BY affiliate, name;
+WHERE change_seq > :since ORDER BY +affiliate, +name;
+
+-- name: all_secrets
+SELECT affiliate, name, value, change_seq FROM affiliate_secret ORDER BY affiliate, name;
 
 -- name: history
 SELECT postback_id, at, who, change, before, after, id FROM affiliate_audit
