@@ -484,21 +484,22 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         ids = flt.postback_ids
         if ids is not None and not ids:
             return [], None  # sees no postback: sees nothing (and reads nothing)
-        merged = ids is not None and len(ids) <= MERGED_POSTBACKS
-        if merged and flt.conversion_id is None:
-            assert ids is not None
-            args.update({f"p{n}": pid for n, pid in enumerate(sorted(set(ids)))})
-        query = self._list_query(args)
+        each = 0  # postbacks given one by one, a page of each merged
+        if ids is not None and flt.conversion_id is None and len(ids) <= MERGED_POSTBACKS:
+            postbacks = sorted(set(ids))
+            args.update({f"p{n}": pid for n, pid in enumerate(postbacks)})
+            each = len(postbacks)
+        query = self._list_query(args, each)
         found = await self._read(lambda c: c.execute(query, args).fetchall())
         page = [rows.delivery_row(row, from_us) for row in found[:limit]]
         more = len(found) > limit and page
         return page, encode_cursor(page[-1].created_at, page[-1].delivery_id) if more else None
 
-    def _list_query(self, args: Mapping[str, Any]) -> str:
+    def _list_query(self, args: Mapping[str, Any], each: int) -> str:
         """list_deliveries for the filters that `args` gives, each statement made once. One
         index leads, the other conditions only filter (`+column`: SQLite uses no index for
-        them): a conversion id's (its few deliveries); else, for postbacks given one by one
-        as p0, p1... (at most MERGED_POSTBACKS), each postback's own newest deliveries in
+        them): a conversion id's (its few deliveries); else, for `each` postbacks given one by
+        one as p0, p1... (at most MERGED_POSTBACKS), each postback's own newest deliveries in
         delivery_postback_created, a page of each, merged; else the state's; else none (the
         walk in creation order; postbacks in a list too long to merge are checked on it).
         Written as one statement with `(:state IS NULL OR state = :state)` for each filter,
@@ -507,7 +508,6 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
         state, postbacks, conversion = (
             args[name] is not None for name in ("state", "postback_ids", "conversion_id")
         )
-        each = sum(1 for name in args if name[:1] == "p" and name[1:].isdigit())
         key = (state, postbacks, conversion, each)
         query = self._list_queries.get(key)
         if query is not None:
@@ -524,13 +524,17 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             ]
             query = self._q["list_postback_pages"].replace("{pages}", "\nUNION ALL\n".join(pages))
         else:
-            lead = "conversion" if conversion else "state" if state else None
+            # A conversion id leads whenever given; postbacks here only filter; the state leads
+            # when no conversion id does.
             conditions = [
-                (_LEADING if name == lead else _FILTERING)[name]
-                for name, on in (("conversion", conversion), ("postbacks", postbacks),
-                                 ("state", state))
+                condition
+                for on, condition in (
+                    (conversion, _LEADING["conversion"]),
+                    (postbacks, _FILTERING["postbacks"]),
+                    (state, (_FILTERING if conversion else _LEADING)["state"]),
+                )
                 if on
-            ]  # fmt: skip
+            ]
             query = template.replace("{filters}", "".join(f"{c} AND " for c in conditions))
         self._list_queries[key] = query
         return query
@@ -582,15 +586,14 @@ class _ItemFailed(Exception):
     """An item of finish_attempts failed: its job is undone, the items run again apart."""
 
 
-# list_deliveries' conditions: the one that leads through its index, and the others, which
-# only filter (SQLite uses no index for a `+column` term; a conversion id never needs one).
+# list_deliveries' conditions: those that lead through their index, and those that only
+# filter (SQLite uses no index for a `+column` term). A conversion id always leads; postbacks
+# lead only in a merge of their pages (list_postback_page), never in this list.
 _LEADING = {
     "conversion": "conversion_id = :conversion_id",
-    "postbacks": "postback_id IN (SELECT value FROM json_each(:postback_ids))",
     "state": "state = :state",
 }
 _FILTERING = {
-    "conversion": "conversion_id = :conversion_id",
     "postbacks": "+postback_id IN (SELECT value FROM json_each(:postback_ids))",
     "state": "+state = :state",
 }

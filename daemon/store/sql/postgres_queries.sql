@@ -200,7 +200,8 @@ LIMIT $7;
 -- list_deliveries for the postbacks in $2 (and no conversion id): a page of each postback's own
 -- newest deliveries (delivery_postback_created, newest first, at most $7 rows each), merged.
 -- One statement for any number of postbacks; a page reads at most $7 rows a postback however
--- many deliveries the store keeps.
+-- many deliveries the store keeps. Its parameters are list_deliveries' ($3, a conversion id,
+-- is NULL here: a conversion's few deliveries take list_deliveries).
 SELECT d.id, d.postback_id, d.action, d.destination, d.source, d.conversion_id, d.arrival_seq,
        d.idempotency_key, d.state, d.attempts, d.created_at, d.updated_at, d.next_attempt_at,
        d.last_reason, d.affiliate_owner
