@@ -203,19 +203,28 @@ async def test_acknowledged_arrivals_survive_kill_9(tmp_path: Path) -> None:
         await store.close()
 
 
+def _plan(path: Path, query: str, args: dict[str, object] | None = None) -> list[str]:
+    """The steps of SQLite's plan for `query` on the database at `path`."""
+    conn = sqlite3.connect(path)
+    try:
+        return [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {query}", args or {})]
+    finally:
+        conn.close()
+
+
+async def _migrated(path: Path) -> Path:
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    return path
+
+
 async def test_the_live_queue_depth_reads_the_state_index_not_the_table(tmp_path: Path) -> None:
     # What keeps a scrape cheap on a store that keeps a month of finished deliveries: the live
     # states are counted in the state index (ranges as long as the queue), never by a scan of
     # every delivery (daemon.metrics.QueueDepth reads them at every scrape).
-    store = SQLiteStore(tmp_path / "plan.db")
-    await store.open()
-    await store.close()
-    conn = sqlite3.connect(tmp_path / "plan.db")
-    try:
-        query = load_queries("sqlite")["queue_depth_live"]
-        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {query}")]
-    finally:
-        conn.close()
+    path = await _migrated(tmp_path / "plan.db")
+    plan = _plan(path, load_queries("sqlite")["queue_depth_live"])
     # SEARCH: ranges of the index (SCAN would read all of it, or the table).
     assert any(
         step.startswith("SEARCH") and "COVERING INDEX delivery_state" in step for step in plan
@@ -247,11 +256,7 @@ async def test_a_delivery_listing_reads_the_index_of_its_narrowest_filter(
         [query] = [q for q in store._list_queries.values()]
         args = {**_filter_args(flt), "after_created": None, "after_id": None, "limit": 51}
         args |= {f"p{n}": pid for n, pid in enumerate(postbacks or ())}
-        conn = sqlite3.connect(tmp_path / "list.db")
-        try:
-            plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {query}", args)]
-        finally:
-            conn.close()
+        plan = _plan(tmp_path / "list.db", query, args)
     finally:
         await store.close()
     merged = postbacks is not None and len(postbacks) <= MERGED_POSTBACKS
@@ -294,14 +299,7 @@ async def test_a_nodes_fetch_of_affiliate_changes_reads_the_change_index(
     # A node that has the affiliate postbacks asks for the few changed since its version: the
     # change_seq index, then a sort of those few. Ordered in the table's own order instead,
     # SQLite read every row to skip the sort (12 ms a fetch with 100,000 postbacks).
-    store = SQLiteStore(tmp_path / "aff.db")
-    await store.open()
-    await store.close()
-    conn = sqlite3.connect(tmp_path / "aff.db")
-    try:
-        query = AFFILIATE_QUERIES[name]
-        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {query}", {"since": 5})]
-    finally:
-        conn.close()
+    path = await _migrated(tmp_path / "aff.db")
+    plan = _plan(path, AFFILIATE_QUERIES[name], {"since": 5})
     assert any(s.startswith("SEARCH") and "_changes (change_seq>?)" in s for s in plan), plan
     assert not any(s.startswith("SCAN") for s in plan), plan
