@@ -43,7 +43,8 @@ def _writer(path: str, handoff: bool, seconds: float, start: float, out: Outcome
             while time.time() < stop:
                 t0 = time.perf_counter()
                 await writer.submit(
-                    lambda conn: conn.execute("INSERT INTO t (payload) VALUES (?)", ("x" * 200,))
+                    lambda conn: conn.execute("INSERT INTO t (payload) VALUES (?)", ("x" * 200,)),
+                    on_loop=True,  # as the daemon's arrivals
                 )
                 waits.append(time.perf_counter() - t0)
 

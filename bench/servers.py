@@ -19,6 +19,7 @@ the same for every process of the machine, so the load generator can compare it 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sqlite3
 import time
 from pathlib import Path
@@ -50,7 +51,8 @@ _DURABLE_INSERT = "INSERT INTO hit (query, received_at) VALUES (?, ?)"
 async def _durable(request: web.Request) -> web.Response:
     row = (request.query_string, time.time_ns() // 1000)
     writer: Any = request.app[WRITER]
-    await writer.submit(lambda conn: conn.execute(_DURABLE_INSERT, row))
+    # on_loop: as postbackd submits an arrival (daemon/store/sqlite_writer.py)
+    await writer.submit(lambda conn: conn.execute(_DURABLE_INSERT, row), on_loop=True)
     return web.Response(text="OK")
 
 
@@ -69,10 +71,11 @@ def durable_app(path: Path) -> web.Application:
     app[WRITER] = writer
 
     async def start(app: web.Application) -> None:
-        writer.start()
+        await asyncio.to_thread(writer.start)  # as SQLiteStore.open
 
     async def stop(app: web.Application) -> None:
-        writer.stop()
+        # Off the loop, as SQLiteStore.close: a batch lent to this loop needs it running.
+        await asyncio.to_thread(writer.stop)
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

@@ -8,6 +8,8 @@ destination_down, destination_up, condition_error, daemon_started, daemon_stoppi
 daemon_stopped, store_failing, store_recovered (an operation of the store starts failing, works
 again: once each), store_after_commit_failed (what the store calls after an arrival's
 transaction, to hand deliveries leased at insert to the dispatcher, raised: a bug, logged),
+store_writes_slow (SQLite: a batch of writes lent to the event loop held it over 50 ms; the
+next batches run in the writer thread for next_in_s; once per run of slow batches),
 retention_pruned, notify_failed, source_unauthenticated (a source
 without credentials reachable from beyond loopback, at start); affiliate postbacks (issue 15):
 affiliate_postback_created, affiliate_postback_deleted, affiliate_postback_disabled (by the

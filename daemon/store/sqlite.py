@@ -184,8 +184,10 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
                 conn.close()
             self._read_conns.clear()
 
-    async def _write(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._writer.submit(job)
+    async def _write(self, job: Callable[[sqlite3.Connection], T], on_loop: bool = False) -> T:
+        """Run `job` in the writer's next transaction; `on_loop`: a short job, which may run on
+        this event loop's thread (daemon.store.sqlite_writer)."""
+        return await self._writer.submit(job, on_loop=on_loop)
 
     async def _read(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run `job` in one read transaction (a consistent snapshot) on a reader thread."""
@@ -249,7 +251,9 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             return write.result(source, cid)
 
         # _write's own, without its coroutine layer
-        return await self._writer.submit(job, lease.settle if lease is not None else None)
+        return await self._writer.submit(
+            job, lease.settle if lease is not None else None, on_loop=True
+        )
 
     def _stored(
         self, conn: sqlite3.Connection, source: str, conversion_id: str
@@ -348,7 +352,7 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             )
             return [rows.claim(row, from_us) for row in found]
 
-        return await self._write(job)
+        return await self._write(job, on_loop=True)
 
     async def finish_attempt(
         self,
@@ -359,7 +363,7 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
     ) -> bool:
         params = self._finish_params(Finish(claim, attempt, state, next_attempt_at))
         finish_one = self._finish_one
-        return await self._write(lambda conn: finish_one(conn, *params))
+        return await self._write(lambda conn: finish_one(conn, *params), on_loop=True)
 
     async def finish_attempts(self, finishes: Sequence[Finish]) -> list[FinishResult]:
         """Every item in one writer job: one wake-up of the writer and one of the event loop
@@ -377,9 +381,11 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
                     raise _ItemFailed from err
 
             try:
-                done: list[FinishResult] = list(await self._write(together))
+                done: list[FinishResult] = list(await self._write(together, on_loop=True))
             except _ItemFailed:  # nothing written: each item again, on its own
-                done = await self._write(lambda conn: [self._apart(conn, p) for _, p in todo])
+                done = await self._write(
+                    lambda conn: [self._apart(conn, p) for _, p in todo], on_loop=True
+                )
             for (i, _), result in zip(todo, done, strict=True):
                 items.results[i] = result
         return items.outcome()
@@ -424,7 +430,7 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
     async def release(self, claim: Claim, now: datetime) -> bool:
         args = {"id": claim.delivery_id, "token": claim.token, "now": to_us(now)}
         return await self._write(
-            lambda c: c.execute(self._q["release_delivery"], args).rowcount == 1
+            lambda c: c.execute(self._q["release_delivery"], args).rowcount == 1, on_loop=True
         )
 
     async def hold(self, claim: Claim, until: datetime, now: datetime) -> bool:
@@ -434,7 +440,9 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             "until": to_us(until),
             "now": to_us(now),
         }
-        return await self._write(lambda c: c.execute(self._q["hold_delivery"], args).rowcount == 1)
+        return await self._write(
+            lambda c: c.execute(self._q["hold_delivery"], args).rowcount == 1, on_loop=True
+        )
 
     async def unhold(self, destination: str, now: datetime, limit: int | None = None) -> int:
         args = {

@@ -125,6 +125,21 @@ class LockFile:
             # A waiter whose flock failed sets `granted` to wake us; the lock is then disabled.
             return granted and not self._broken
 
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free now, without waiting (False: held elsewhere, a wait of
+        acquire() still stands, or the lock file failed)."""
+        with self._mutex:
+            if self._broken or self._pending:
+                return False
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            except OSError as err:
+                self._disable(err)
+                return False
+            return True
+
     def release(self) -> None:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -17,6 +17,25 @@ Processes that share the file (``workers: N``) hand the write lock to each other
 IMMEDIATE`` and dropped after ``COMMIT``/``ROLLBACK``: a waiting writer wakes as soon as the
 other commits instead of sleeping in SQLite's busy handler. The wait for it and SQLite's own
 wait share one bound, the connection's busy timeout.
+
+**Short jobs run on the event loop's thread** (``submit(..., on_loop=True)``: an arrival, a
+claim, an attempt's result, a release, a hold). The writer thread takes such a batch as any other
+and lends it to the event loop its jobs came from. There, in one callback, the hand-off lock is
+taken if it is free, ``BEGIN IMMEDIATE`` runs without waiting (between batches the connection's
+busy timeout is 0) and the jobs run; the writer thread, waiting meanwhile, then COMMITs and
+settles the batch. In the writer thread, each statement let go of the GIL and took it back while
+the event loop was running Python: a job waited for the GIL several times and the two threads
+handed it back and forth. Lent, a batch costs the writer thread a few hand-offs in all
+(docs/benchmarks.md, twelfth session). The loop never waits for a lock or a long job:
+- a batch with any job not marked so (a prune, a requeue, a cancel: any number of rows) or with
+  jobs of several loops runs in the writer thread;
+- when the hand-off lock is held by another process, or SQLite's write lock by another program,
+  the loop hands the batch back and the writer thread waits, within the busy timeout, as before;
+- a lent batch that held the loop longer than ``loop_budget`` (pages read from a slow disk)
+  sends the batches of the next ``loop_pause`` seconds to the writer thread, a longer pause for
+  each such batch in a row (LOOP_PAUSE below);
+- a loop that has stopped before running its batch, or is closed, leaves it to the writer
+  thread, which runs it.
 """
 
 from __future__ import annotations
@@ -54,12 +73,58 @@ class _Pending(Generic[T]):
     # Called on the event loop with whether the job committed, even when the caller stopped
     # waiting (a lease taken at insert is handed over or freed: daemon.store.base.LeaseAhead).
     after: Callable[[bool], None] | None = None
+    on_loop: bool = False  # may run on `loop`'s thread, in a transaction lent to it
 
 
 _STOP = object()
 
+# A lent batch that held the event loop longer than LOOP_BUDGET seconds sends the batches of the
+# next LOOP_PAUSE seconds to the writer thread (pages read from a slow disk, a huge claim); each
+# further slow one in a row doubles the pause, up to LOOP_PAUSE_MAX, and one within the budget
+# brings it back to LOOP_PAUSE. A loop held by slow batches is held less and less often.
+LOOP_BUDGET = 0.05
+LOOP_PAUSE = 1.0
+LOOP_PAUSE_MAX = 60.0
+
 
 Settled = tuple[asyncio.Future[Any], Any, BaseException | None, Callable[[bool], None] | None]
+Outcome = tuple[Any, BaseException | None]  # a job's value, or what it raised
+Lent = tuple[bool, list[Outcome]] | None  # what a lent batch hands back (GroupCommitWriter._lend)
+
+
+class _Lent:
+    """A batch lent to an event loop: `run` is called there once, or by the waiting writer
+    thread if the loop stops before it has started (whichever takes it first runs it)."""
+
+    def __init__(self, work: Callable[[], Lent]) -> None:
+        self._work = work
+        self._taken = threading.Lock()  # held by whoever runs the work
+        self._done = threading.Event()
+        self._result: Lent = None
+        self._error: BaseException | None = None
+        self.on_loop = False  # whether the loop ran it (else the writer thread did)
+
+    def run(self, on_loop: bool = True) -> None:
+        if not self._taken.acquire(blocking=False):
+            return  # the writer thread ran it (the loop had stopped)
+        self.on_loop = on_loop
+        try:
+            self._result = self._work()
+        except Exception as err:  # raised in the writer thread, as if run there
+            self._error = err
+        except BaseException:  # KeyboardInterrupt, SystemExit: the batch fails, and it goes on
+            self._error = StoreError("sqlite: the write transaction was interrupted")
+            raise
+        finally:
+            self._done.set()
+
+    def wait(self, loop: asyncio.AbstractEventLoop) -> Lent:
+        while not self._done.wait(0.5):
+            if not loop.is_running():  # stopped: the callback may never run
+                self.run(on_loop=False)
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def _settle(results: list[Settled]) -> None:
@@ -102,6 +167,9 @@ class GroupCommitWriter:
         max_batch: int = 512,
         on_commit: CommitHook | None = None,
         handoff: bool = True,
+        loop_budget: float = LOOP_BUDGET,
+        loop_pause: float = LOOP_PAUSE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._connect = connect
         self._handoff = handoff
@@ -114,6 +182,13 @@ class GroupCommitWriter:
         self._closed = False
         self.commits = 0  # transactions committed, for tests and metrics
         self.reruns = 0  # batches run again with a savepoint per job (one of their jobs raised)
+        self.lent = 0  # batches run on an event loop's thread
+        self.paused = 0  # lent batches over loop_budget (each sent the next ones to the thread)
+        self._loop_budget = loop_budget
+        self._loop_pause = loop_pause
+        self._pause = loop_pause  # the next pause (doubled by each slow lent batch in a row)
+        self._clock = clock
+        self._apart_until = 0.0  # the clock's time until which no batch is lent
 
     def start(self) -> None:
         """Open the connection in the writer thread; raise StoreError if that fails."""
@@ -133,16 +208,21 @@ class GroupCommitWriter:
         """Jobs waiting for the writer (not counting the batch it is running)."""
         return self._queue.qsize()
 
-    def submit(self, job: Job[T], after: Callable[[bool], None] | None = None) -> asyncio.Future[T]:
+    def submit(
+        self, job: Job[T], after: Callable[[bool], None] | None = None, *, on_loop: bool = False
+    ) -> asyncio.Future[T]:
         """Queue `job`; the future resolves after the COMMIT that includes it, and `after`
-        (committed or not) is called on the event loop just before, waited for or not."""
+        (committed or not) is called on the event loop just before, waited for or not.
+
+        `on_loop`: `job` is short (a few statements on indexed rows) and may run on this event
+        loop's thread, in the writer's transaction lent to it (the module's docstring)."""
         if self._closed or self._thread is None:
             raise StoreError("the store is not open")
         if not self._thread.is_alive():
             raise StoreError("sqlite: the writer thread has stopped")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Pending(job, future, loop, contextvars.copy_context(), after))
+        self._queue.put(_Pending(job, future, loop, contextvars.copy_context(), after, on_loop))
         return future
 
     def stop(self) -> None:
@@ -161,6 +241,7 @@ class GroupCommitWriter:
             return
         try:
             self._busy_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+            conn.execute("PRAGMA busy_timeout = 0")  # set for each BEGIN (_begin_within)
             if self._handoff:
                 database = str(conn.execute("PRAGMA database_list").fetchone()[2])
                 self._lock = LockFile.open(database)
@@ -201,22 +282,18 @@ class GroupCommitWriter:
         return batch, True
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Pending[Any]]) -> None:
-        outcomes: list[tuple[Any, BaseException | None]] = []
+        outcomes: list[Outcome] = []
         lock = self._lock
         held = False
         try:
-            if lock is None:
-                conn.execute("BEGIN IMMEDIATE")
-            else:
-                held = self._begin_handed_off(conn, lock)
-            conn.execute("SAVEPOINT batch")
-            outcomes, failure = self._run_jobs(conn, batch)
-            if failure is not None:  # a job raised: every job again, each in its own savepoint
-                if not conn.in_transaction:
-                    raise failure  # it took the transaction with it (SQLITE_FULL, I/O errors)
-                self.reruns += 1
-                conn.execute("ROLLBACK TO batch")
-                outcomes = [self._run_job(conn, pending) for pending in batch]
+            loop = self._borrower(batch)
+            lent = None if loop is None else self._lend(loop, conn, batch)
+            if lent is None:  # this thread runs the batch
+                held = self._begin(conn, lock)
+                conn.execute("SAVEPOINT batch")
+                outcomes = self._run_all(conn, batch)
+            else:  # the loop ran it (its hand-off lock, if it took it, is released below)
+                held, outcomes = lent
             conn.execute("COMMIT")
         except Exception as err:  # BEGIN, SAVEPOINT or COMMIT failed: the batch is lost
             self._rollback(conn)
@@ -242,6 +319,14 @@ class GroupCommitWriter:
             except RuntimeError:  # that event loop is closed: nobody is waiting
                 continue
 
+    def _begin(self, conn: sqlite3.Connection, lock: LockFile | None) -> bool:
+        """BEGIN IMMEDIATE in this thread, waiting up to the busy timeout; whether the hand-off
+        lock is held."""
+        if lock is None:
+            self._begin_within(conn, self._busy_ms)
+            return False
+        return self._begin_handed_off(conn, lock)
+
     def _begin_handed_off(self, conn: sqlite3.Connection, lock: LockFile) -> bool:
         """BEGIN IMMEDIATE after taking the hand-off lock; whether the lock is held (a wait
         that reached the busy timeout goes on without it). SQLite's own wait gets what is left
@@ -250,19 +335,112 @@ class GroupCommitWriter:
         held = lock.acquire(self._busy_ms / 1000)
         waited_ms = int((time.monotonic() - start) * 1000)
         try:
-            if waited_ms < 1:
-                conn.execute("BEGIN IMMEDIATE")
-            else:
-                conn.execute(f"PRAGMA busy_timeout = {max(self._busy_ms - waited_ms, 0)}")
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                finally:
-                    conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            self._begin_within(conn, max(self._busy_ms - waited_ms, 0))
         except BaseException:
             if held:
                 lock.release()
             raise
         return held
+
+    @staticmethod
+    def _begin_within(conn: sqlite3.Connection, busy_ms: int) -> None:
+        """BEGIN IMMEDIATE, SQLite waiting up to `busy_ms` for its write lock. Between these
+        the connection waits for nothing (busy_timeout 0): a BEGIN on the event loop's thread
+        must never sleep there."""
+        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        finally:
+            conn.execute("PRAGMA busy_timeout = 0")
+
+    def _run_all(self, conn: sqlite3.Connection, batch: list[_Pending[Any]]) -> list[Outcome]:
+        """Every job of the batch, in the open transaction: their outcomes (a job that raised
+        fails alone), or the exception of one that ended the transaction."""
+        outcomes, failure = self._run_jobs(conn, batch)
+        if failure is not None:  # a job raised: every job again, each in its own savepoint
+            if not conn.in_transaction:
+                raise failure  # it took the transaction with it (SQLITE_FULL, I/O errors)
+            self.reruns += 1
+            conn.execute("ROLLBACK TO batch")
+            outcomes = [self._run_job(conn, pending) for pending in batch]
+        return outcomes
+
+    def _borrower(self, batch: list[_Pending[Any]]) -> asyncio.AbstractEventLoop | None:
+        """The event loop to lend this batch's transaction to: the one every job came from, if
+        every job asked for it (and no lent batch was slow lately); None: the writer runs it."""
+        loop = batch[0].loop
+        for pending in batch:
+            if not pending.on_loop or pending.loop is not loop:
+                return None
+        if self._clock() < self._apart_until:
+            return None
+        return loop
+
+    def _lend(
+        self, loop: asyncio.AbstractEventLoop, conn: sqlite3.Connection, batch: list[_Pending[Any]]
+    ) -> tuple[bool, list[Outcome]] | None:
+        """The batch run on `loop`'s thread, this thread waiting: whether the loop took the
+        hand-off lock, and the outcomes (or what ended the transaction, raised). None: the loop
+        could not BEGIN at once (the hand-off lock or SQLite's write lock is held by another
+        process, or the loop is closed): then this thread runs the batch, and may wait."""
+        lock = self._lock
+
+        def on_loop() -> tuple[bool, list[Outcome]] | None:
+            held = False
+            if lock is not None:
+                held = lock.try_acquire()
+                if not held:
+                    return None
+            start = self._clock()
+            try:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")  # busy_timeout 0: it never waits
+                except sqlite3.OperationalError as err:
+                    if err.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                        raise
+                    if held:
+                        assert lock is not None
+                        lock.release()
+                    return None
+                conn.execute("SAVEPOINT batch")
+                return held, self._run_all(conn, batch)
+            except BaseException:
+                if held:
+                    assert lock is not None
+                    lock.release()
+                raise
+            finally:
+                self._timed(start, self._clock())
+
+        lent = _Lent(on_loop)
+        try:
+            loop.call_soon_threadsafe(lent.run)
+        except RuntimeError:  # that loop is closed
+            return None
+        try:
+            done = lent.wait(loop)
+        except BaseException:
+            self.lent += lent.on_loop  # it ran there and failed
+            raise
+        if done is not None and lent.on_loop:
+            self.lent += 1
+        return done
+
+    def _timed(self, start: float, end: float) -> None:
+        """A lent batch ran from `start` to `end`: over the budget, no batch is lent for the
+        pause, and the next pause is twice as long."""
+        if end - start > self._loop_budget:
+            self.paused += 1
+            if self._pause == self._loop_pause:  # the first of a run of slow batches
+                log.info(
+                    "store_writes_slow",
+                    duration_ms=round((end - start) * 1000),
+                    next_in_s=self._pause,
+                )
+            self._apart_until = end + self._pause
+            self._pause = min(self._pause * 2, max(LOOP_PAUSE_MAX, self._loop_pause))
+        else:
+            self._pause = self._loop_pause
 
     def _commit_hook(self, size: int) -> None:
         if self._on_commit is None:
@@ -274,10 +452,10 @@ class GroupCommitWriter:
     @staticmethod
     def _run_jobs(
         conn: sqlite3.Connection, batch: list[_Pending[Any]]
-    ) -> tuple[list[tuple[Any, BaseException | None]], Exception | None]:
+    ) -> tuple[list[Outcome], Exception | None]:
         """Every job of the batch without savepoints: their outcomes, or the error of the first
         that raised (what the jobs before it wrote is still in the transaction)."""
-        outcomes: list[tuple[Any, BaseException | None]] = []
+        outcomes: list[Outcome] = []
         append = outcomes.append
         try:
             for pending in batch:
@@ -287,9 +465,7 @@ class GroupCommitWriter:
         return outcomes, None
 
     @staticmethod
-    def _run_job(
-        conn: sqlite3.Connection, pending: _Pending[Any]
-    ) -> tuple[Any, BaseException | None]:
+    def _run_job(conn: sqlite3.Connection, pending: _Pending[Any]) -> Outcome:
         conn.execute("SAVEPOINT job")
         try:
             value = pending.context.run(pending.job, conn)

@@ -196,6 +196,7 @@ async def test_a_full_temp_directory_does_not_fail_the_writes(tmp_path: Path) ->
         )  # fmt: skip
         out, err = await done.communicate()
     assert done.returncode == 0, err.decode()[-2000:]
-    claimed, commits = map(int, out.split())
+    # (the last line: a log line such as store_writes_slow may come before it)
+    claimed, commits = map(int, out.decode().splitlines()[-1].split())
     assert claimed == 800  # two deliveries each, every one in the one claim
     assert commits >= 2  # the arrivals committed before the claim's batch

@@ -1,7 +1,8 @@
 """The group-commit writer runs a batch without a savepoint per job, and only when a job raises
 runs the whole batch again with one: the failing job fails alone, the others commit once, with
 what the committed run returned. Real SQLite files; each batch is formed by holding the writer
-in its commit hook while the jobs queue up."""
+in its commit hook while the jobs queue up. Every test runs twice: in the writer thread, and with
+the jobs lent to the event loop (on_loop), where the same rules hold."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ class Gate:
     """Commit hook: holds the writer after its first COMMIT until `opened` is set, so the jobs
     submitted meanwhile make one batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_loop: bool) -> None:
         self.entered = threading.Event()
         self.opened = threading.Event()
         self.sizes: list[int] = []
+        self.on_loop = on_loop  # how the tests submit their jobs
 
     def __call__(self, size: int) -> None:
         self.sizes.append(size)
@@ -44,20 +46,27 @@ def _open(path: Path, max_pages: int | None = None) -> sqlite3.Connection:
     return conn
 
 
-async def _writer(path: Path, max_pages: int | None = None) -> tuple[GroupCommitWriter, Gate]:
+async def _writer(
+    path: Path, on_loop: bool, max_pages: int | None = None
+) -> tuple[GroupCommitWriter, Gate]:
     setup = connect(path, 1.0)
     setup.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY, body BLOB)")
     setup.execute("CREATE TABLE child (parent INTEGER NOT NULL REFERENCES parent (id))")
     setup.close()
-    gate = Gate()
+    gate = Gate(on_loop)
     gcw = GroupCommitWriter(lambda: _open(path, max_pages), on_commit=gate)
     await asyncio.to_thread(gcw.start)
     return gcw, gate
 
 
-@pytest.fixture
-async def writer(tmp_path: Path) -> AsyncIterator[tuple[GroupCommitWriter, Gate]]:
-    gcw, gate = await _writer(tmp_path / "w.db")
+ON_LOOP = pytest.mark.parametrize("on_loop", [False, True], ids=["writer thread", "on the loop"])
+
+
+@pytest.fixture(params=[False, True], ids=["writer thread", "on the loop"])
+async def writer(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[GroupCommitWriter, Gate]]:
+    gcw, gate = await _writer(tmp_path / "w.db", request.param)
     try:
         yield gcw, gate
     finally:
@@ -69,11 +78,12 @@ async def _one_batch(gcw: GroupCommitWriter, gate: Gate, jobs: list[Job]) -> lis
     """Run `jobs` as one batch (after a first batch that holds the writer); their outcomes."""
     warmup = gcw.submit(_insert(1))
     assert await asyncio.to_thread(gate.entered.wait, 10)  # committed, writer held
-    futures = [gcw.submit(job) for job in jobs]
+    futures = [gcw.submit(job, on_loop=gate.on_loop) for job in jobs]
     gate.opened.set()
     assert await warmup == 1
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert gate.sizes[-1] == len(jobs) or isinstance(results[0], StoreError)
+    assert gcw.lent == (1 if gate.on_loop else 0)  # where the batch ran (committed or not)
     return results
 
 
@@ -187,13 +197,14 @@ async def test_a_job_that_ends_the_transaction_fails_its_whole_batch_and_the_wri
     assert await gcw.submit(_ids) == [1, 4]
 
 
+@ON_LOOP
 async def test_the_database_full_fails_the_batch_it_rolled_back_and_names_the_cause(
-    tmp_path: Path,
+    tmp_path: Path, on_loop: bool
 ) -> None:
     """SQLITE_FULL (here the file at its page limit) rolls the whole transaction back in
     SQLite: every job of the batch fails with a StoreError that names it, and the next batch
     commits."""
-    gcw, gate = await _writer(tmp_path / "full.db", max_pages=64)
+    gcw, gate = await _writer(tmp_path / "full.db", on_loop, max_pages=64)
     try:
         big: Job = lambda conn: conn.execute(  # noqa: E731
             "INSERT INTO parent (id, body) VALUES (9, zeroblob(1000000))"
