@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -110,3 +111,17 @@ async def finish(
 ) -> bool:
     outcome = {"succeeded": "succeeded", "retrying": "retry"}.get(state.value, state.value)
     return await store.finish_attempt(claim, attempt(when, outcome), state, next_at)
+
+
+class Gate:
+    """A GroupCommitWriter's commit hook: holds the writer after its first COMMIT until `opened`
+    is set, so that the jobs submitted meanwhile make one batch."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self, size: int) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.opened.wait(timeout=30)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,19 +13,7 @@ from structlog.testing import capture_logs
 from daemon.errors import StoreError
 from daemon.store.sqlite import connect
 from daemon.store.sqlite_writer import GroupCommitWriter
-
-
-class Gate:
-    """Commit hook: holds the writer after its first COMMIT until `opened` is set."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.opened = threading.Event()
-
-    def __call__(self, size: int) -> None:
-        if not self.entered.is_set():
-            self.entered.set()
-            self.opened.wait(timeout=30)
+from tests.store.support import Gate
 
 
 @pytest.fixture

@@ -22,26 +22,13 @@ from daemon.store.base import DeliveryState
 from daemon.store.sqlite import SQLiteStore, connect
 from daemon.store.sqlite_lock import LockFile
 from daemon.store.sqlite_writer import GroupCommitWriter
-from tests.store.support import arrive, at, claim_one, conversion, finish
+from tests.store.support import Gate, arrive, at, claim_one, conversion, finish
 
 Job = Callable[[sqlite3.Connection], Any]
 
 # The writer's busy timeout here: a loop that waited for a lock held elsewhere would wait this
 # long, where the tests below give the loop well under a tenth of it.
 BUSY = 30.0
-
-
-class Gate:
-    """Commit hook: holds the writer after its first COMMIT until `opened` is set."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.opened = threading.Event()
-
-    def __call__(self, size: int) -> None:
-        if not self.entered.is_set():
-            self.entered.set()
-            self.opened.wait(timeout=30)
 
 
 def _table(path: Path) -> None:
