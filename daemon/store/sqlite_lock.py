@@ -100,15 +100,9 @@ class LockFile:
             if self._pending:  # an earlier wait timed out: its request still stands
                 self._wanted = True
             else:
-                try:
-                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    pass
-                except OSError as err:
-                    self._disable(err)
-                    return False
-                else:
-                    return True
+                taken = self._flock_now()
+                if taken is not None:
+                    return taken
                 self._wanted = True
                 self._pending = True
                 self._granted.clear()
@@ -131,14 +125,19 @@ class LockFile:
         with self._mutex:
             if self._broken or self._pending:
                 return False
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            except OSError as err:
-                self._disable(err)
-                return False
-            return True
+            return self._flock_now() is True
+
+    def _flock_now(self) -> bool | None:
+        """The lock without waiting (the mutex held): True if taken, None if held elsewhere,
+        False if the flock failed (the lock is then disabled)."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        except OSError as err:
+            self._disable(err)
+            return False
+        return True
 
     def release(self) -> None:
         try:

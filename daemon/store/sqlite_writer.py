@@ -94,22 +94,21 @@ Lent = tuple[bool, list[Outcome]] | None  # what a lent batch hands back (GroupC
 
 class _Lent:
     """A batch lent to an event loop: `run` is called there once, or by the waiting writer
-    thread if the loop stops before it has started (whichever takes it first runs it)."""
+    thread if the loop stops before it has started (whichever takes it first runs it). The
+    work is told which of the two runs it."""
 
-    def __init__(self, work: Callable[[], Lent]) -> None:
+    def __init__(self, work: Callable[[bool], Lent]) -> None:
         self._work = work
         self._taken = threading.Lock()  # held by whoever runs the work
         self._done = threading.Event()
         self._result: Lent = None
         self._error: BaseException | None = None
-        self.on_loop = False  # whether the loop ran it (else the writer thread did)
 
     def run(self, on_loop: bool = True) -> None:
         if not self._taken.acquire(blocking=False):
             return  # the writer thread ran it (the loop had stopped)
-        self.on_loop = on_loop
         try:
-            self._result = self._work()
+            self._result = self._work(on_loop)
         except Exception as err:  # raised in the writer thread, as if run there
             self._error = err
         except BaseException:  # KeyboardInterrupt, SystemExit: the batch fails, and it goes on
@@ -385,12 +384,10 @@ class GroupCommitWriter:
         process, or the loop is closed): then this thread runs the batch, and may wait."""
         lock = self._lock
 
-        def on_loop() -> tuple[bool, list[Outcome]] | None:
-            held = False
-            if lock is not None:
-                held = lock.try_acquire()
-                if not held:
-                    return None
+        def work(on_loop: bool) -> tuple[bool, list[Outcome]] | None:
+            held = lock if lock is not None and lock.try_acquire() else None
+            if lock is not None and held is None:
+                return None
             start = self._clock()
             try:
                 try:
@@ -398,33 +395,27 @@ class GroupCommitWriter:
                 except sqlite3.OperationalError as err:
                     if err.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
                         raise
-                    if held:
-                        assert lock is not None
-                        lock.release()
+                    if held is not None:
+                        held.release()
                     return None
+                if on_loop:
+                    self.lent += 1  # begun there: a batch run on the loop, whatever follows
                 conn.execute("SAVEPOINT batch")
-                return held, self._run_all(conn, batch)
+                return held is not None, self._run_all(conn, batch)
             except BaseException:
-                if held:
-                    assert lock is not None
-                    lock.release()
+                if held is not None:
+                    held.release()
                 raise
             finally:
-                self._timed(start, self._clock())
+                if on_loop:
+                    self._timed(start, self._clock())
 
-        lent = _Lent(on_loop)
+        lent = _Lent(work)
         try:
             loop.call_soon_threadsafe(lent.run)
         except RuntimeError:  # that loop is closed
             return None
-        try:
-            done = lent.wait(loop)
-        except BaseException:
-            self.lent += lent.on_loop  # it ran there and failed
-            raise
-        if done is not None and lent.on_loop:
-            self.lent += 1
-        return done
+        return lent.wait(loop)
 
     def _timed(self, start: float, end: float) -> None:
         """A lent batch ran from `start` to `end`: over the budget, no batch is lent for the
