@@ -18,21 +18,14 @@ from daemon.errors import StoreError
 from daemon.metrics import QueueDepth
 from daemon.store.base import DeliveryState
 from daemon.store.sqlite import SQLiteStore
+from tests.harness import FakeClock
 from tests.store.support import arrive, at, conversion, finish
 
 Q, S = DeliveryState.QUEUED, DeliveryState.SUCCEEDED
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class CountedStore(SQLiteStore):
-    def __init__(self, path: Path, clock: Clock) -> None:
+    def __init__(self, path: Path, clock: FakeClock) -> None:
         super().__init__(path)
         self.clock = clock
         self.full_counts = 0
@@ -46,7 +39,7 @@ class CountedStore(SQLiteStore):
         self.full_counts += 1
         if self.hold is not None:
             await self.hold.wait()
-        self.clock.now += self.takes
+        self.clock.advance(self.takes)
         if self.fail:
             raise StoreError("sqlite: OperationalError: disk I/O error")
         return await super().queue_depth()
@@ -54,7 +47,7 @@ class CountedStore(SQLiteStore):
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[CountedStore]:
-    store = CountedStore(tmp_path / "depth.db", Clock())
+    store = CountedStore(tmp_path / "depth.db", FakeClock(1000.0))
     await store.open()
     yield store
     await store.close()
@@ -73,7 +66,7 @@ async def add(store: CountedStore, state: DeliveryState) -> None:
 
 
 async def test_live_states_every_read_and_final_states_when_due(store: CountedStore) -> None:
-    depth = QueueDepth(clock=store.clock)
+    depth = QueueDepth(clock=store.clock.now)
     await add(store, S)
     await add(store, Q)
     first = await depth.read(store)
@@ -82,11 +75,11 @@ async def test_live_states_every_read_and_final_states_when_due(store: CountedSt
 
     await add(store, S)
     await add(store, Q)
-    store.clock.now += 9.0
+    store.clock.advance(9.0)
     second = await depth.read(store)
     assert (second[Q], second[S], store.full_counts) == (2, 1, 1)  # live now, final as was
 
-    store.clock.now += 1.0  # FINAL_COUNT_MIN_EVERY after the last count
+    store.clock.advance(1.0)  # FINAL_COUNT_MIN_EVERY after the last count
     third = await depth.read(store)
     assert (third[Q], third[S], store.full_counts) == (2, 2, 2)
 
@@ -94,17 +87,17 @@ async def test_live_states_every_read_and_final_states_when_due(store: CountedSt
 async def test_a_slow_count_is_spaced_out_and_runs_in_the_background(
     store: CountedStore,
 ) -> None:
-    depth = QueueDepth(clock=store.clock)
+    depth = QueueDepth(clock=store.clock.now)
     await add(store, S)
     store.takes = 2.0  # a store of some 30 million deliveries
     assert (await depth.read(store))[S] == 1  # no final counts yet: the read waits
     assert depth.last_count[1] == 2.0
 
-    store.clock.now += 199.0  # due only 100 times the last count's duration after it
+    store.clock.advance(199.0)  # due only 100 times the last count's duration after it
     await depth.read(store)
     assert store.full_counts == 1
 
-    store.clock.now += 1.0
+    store.clock.advance(1.0)
     await add(store, S)
     store.hold = asyncio.Event()
     answer = await asyncio.wait_for(depth.read(store), 5)
@@ -119,7 +112,7 @@ async def test_a_slow_count_is_spaced_out_and_runs_in_the_background(
 
 
 async def test_the_first_count_outlives_a_read_given_up_on(store: CountedStore) -> None:
-    depth = QueueDepth(clock=store.clock)
+    depth = QueueDepth(clock=store.clock.now)
     await add(store, S)
     store.hold = asyncio.Event()
     with pytest.raises(TimeoutError):
@@ -133,17 +126,17 @@ async def test_the_first_count_outlives_a_read_given_up_on(store: CountedStore) 
 
 
 async def test_a_failed_count_keeps_the_last_final_counts(store: CountedStore) -> None:
-    depth = QueueDepth(clock=store.clock)
+    depth = QueueDepth(clock=store.clock.now)
     await add(store, S)
     assert (await depth.read(store))[S] == 1
     await add(store, S)
     await add(store, Q)
     store.fail = True
-    store.clock.now += 10.0
+    store.clock.advance(10.0)
     answer = await depth.read(store)
     assert (answer[Q], answer[S], store.full_counts) == (1, 1, 2)
 
-    fresh = QueueDepth(clock=store.clock)
+    fresh = QueueDepth(clock=store.clock.now)
     with pytest.raises(StoreError, match="disk I/O error"):
         await fresh.read(store)  # no final counts at all: the error
     store.fail = False
@@ -151,7 +144,7 @@ async def test_a_failed_count_keeps_the_last_final_counts(store: CountedStore) -
 
 
 async def test_close_stops_a_count_under_way(store: CountedStore) -> None:
-    depth = QueueDepth(clock=store.clock)
+    depth = QueueDepth(clock=store.clock.now)
     store.hold = asyncio.Event()
     reading = asyncio.create_task(depth.read(store))
     await asyncio.sleep(0.05)

@@ -22,6 +22,7 @@ from daemon.store.base import DeliveryState
 from daemon.store.sqlite import SQLiteStore, connect
 from daemon.store.sqlite_lock import LockFile
 from daemon.store.sqlite_writer import GroupCommitWriter
+from tests.harness import FakeClock
 from tests.store.support import Gate, arrive, at, claim_one, conversion, finish
 
 Job = Callable[[sqlite3.Connection], Any]
@@ -138,16 +139,6 @@ async def test_a_lent_batch_over_the_budget_sends_the_next_ones_to_the_writer(
         await asyncio.to_thread(gcw.stop)
 
 
-class Clock:
-    """A clock the test moves; it does not move by itself."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_slow_lent_batches_in_a_row_double_the_pause_and_one_in_budget_resets_it(
     tmp_path: Path,
 ) -> None:
@@ -155,8 +146,8 @@ async def test_slow_lent_batches_in_a_row_double_the_pause_and_one_in_budget_res
     still): pauses of 1, 2, 4 s in a row. A pause ends at its time, not before. Each run of
     slow batches logs one warning."""
     here = threading.get_ident()
-    clock = Clock()
-    gcw, gate = await _start(tmp_path / "w.db", loop_budget=-1.0, loop_pause=1.0, clock=clock)
+    clock = FakeClock(1000.0)
+    gcw, gate = await _start(tmp_path / "w.db", loop_budget=-1.0, loop_pause=1.0, clock=clock.now)
     gate.opened.set()
     n = iter(range(1, 100))
 
@@ -166,24 +157,24 @@ async def test_slow_lent_batches_in_a_row_double_the_pause_and_one_in_budget_res
     try:
         with capture_logs() as logs:
             assert await ran_on_loop()  # slow: 1 s without lending
-            clock.now += 0.99
+            clock.advance(0.99)
             assert not await ran_on_loop()
-            clock.now += 0.01
+            clock.advance(0.01)
             assert await ran_on_loop()  # slow again, in a row: 2 s
-            clock.now += 1.99
+            clock.advance(1.99)
             assert not await ran_on_loop()
-            clock.now += 0.01
+            clock.advance(0.01)
             assert await ran_on_loop()  # 4 s
-            clock.now += 3.99
+            clock.advance(3.99)
             assert not await ran_on_loop()
-            clock.now += 0.01
+            clock.advance(0.01)
             gcw._loop_budget = 3600.0  # the next batch is within the budget
             assert await ran_on_loop()
             gcw._loop_budget = -1.0
             assert await ran_on_loop()  # slow, after one in budget: 1 s again
-            clock.now += 0.99
+            clock.advance(0.99)
             assert not await ran_on_loop()
-            clock.now += 0.01
+            clock.advance(0.01)
             assert await ran_on_loop()
         assert gcw.paused == 5
         slow = [e for e in logs if e["event"] == "store_writes_slow"]
@@ -194,15 +185,15 @@ async def test_slow_lent_batches_in_a_row_double_the_pause_and_one_in_budget_res
 
 async def test_the_pause_stops_doubling_at_its_cap(tmp_path: Path) -> None:
     here = threading.get_ident()
-    clock = Clock()
-    gcw, gate = await _start(tmp_path / "w.db", loop_budget=-1.0, loop_pause=1.0, clock=clock)
+    clock = FakeClock(1000.0)
+    gcw, gate = await _start(tmp_path / "w.db", loop_budget=-1.0, loop_pause=1.0, clock=clock.now)
     gate.opened.set()
     try:
         pauses = []
         for value in range(1, 12):
             assert await gcw.submit(_noted(value), on_loop=True) == here
-            pauses.append(gcw._apart_until - clock.now)
-            clock.now = gcw._apart_until
+            pauses.append(gcw._apart_until - clock.t)
+            clock.t = gcw._apart_until
         assert pauses == [1, 2, 4, 8, 16, 32, 60, 60, 60, 60, 60]
     finally:
         await asyncio.to_thread(gcw.stop)
