@@ -27,6 +27,7 @@ from daemon.hosts import Destinations, DestinationsCollector
 from daemon.ingest import ingest
 from daemon.metrics import CONTENT_TYPE, Metrics, count_requests
 from daemon.outbound import OutboundHttp, Resolver
+from daemon.pacing import Pacing, PacingCollector
 from daemon.reload import Reloader, Runtime
 from daemon.retention import INTERVAL as RETENTION_INTERVAL
 from daemon.retention import STEP_LIMIT as RETENTION_STEP_LIMIT
@@ -69,6 +70,9 @@ class Services:
     # (`dispatcher_process: true`, daemon/dispatchproc.py): `dispatcher` then never runs here,
     # and its state (loops, breakers, metrics) is the dispatch process's, asked through this.
     link: DispatcherLink | None = None
+    # New arrivals wait for delivery on a saturated loop (daemon.pacing); where the dispatcher
+    # runs in this process.
+    pacing: Pacing | None = None
 
     @functools.cached_property
     def limits(self) -> Limits:
@@ -318,7 +322,8 @@ async def _services(
         if role.wake_folder is not None:
             receiver = WakeReceiver(role.wake_folder, dispatcher.wake)
             receiver.start()
-        _start_loops(services, dispatch=dispatch, watch=watch, retention=role.wake_folder is None)
+        serving = role.wake_folder is None  # (not the dispatch process: it serves no webhook)
+        _start_loops(services, dispatch=dispatch, watch=watch, retention=serving)
         supervisor.start(
             "affiliate-sync", lambda health: affiliate_sync.run(health.beat), interval=30.0
         )
@@ -337,6 +342,15 @@ async def _services(
         await store.close()
 
 
+def _start_pacing(services: Services) -> None:
+    """New arrivals wait for the dispatcher while it is behind on a saturated loop."""
+    dispatcher = services.dispatcher
+    pacing = services.pacing = Pacing(dispatcher.behind, lambda: dispatcher.in_flight)
+    dispatcher.on_attempt_done = pacing.credit
+    services.metrics.registry.register(PacingCollector(pacing))
+    services.supervisor.start("pacing", lambda health: pacing.run(), interval=None)
+
+
 def _start_loops(services: Services, *, dispatch: bool, watch: bool, retention: bool) -> None:
     """Every background loop of the daemon, each under the one rule of daemon.supervise.
     Retention runs in the serving processes only (the dispatch process has no need of it)."""
@@ -348,6 +362,8 @@ def _start_loops(services: Services, *, dispatch: bool, watch: bool, retention: 
             lambda health: services.dispatcher.run(health.beat),
             interval=max(DISPATCHER_PROGRESS, 3 * poll),
         )
+        if retention and services.link is None:  # webhooks and deliveries on this loop
+            _start_pacing(services)
     if watch:
         reloader = services.reloader
         supervisor.start("watcher", lambda health: reloader.watch(health.beat), interval=None)
@@ -377,6 +393,7 @@ async def _webhook(request: web.Request) -> web.Response:
         on_committed=services.arrival_committed,
         limits=services.limits,
         lease_ahead=services.lease_ahead,
+        pacing=services.pacing,
     )
 
 

@@ -164,10 +164,13 @@ class Dispatcher:
         self._ahead = 0
         self._ahead_lock = threading.Lock()
         self._drained = False
+        self._claimed_full = False  # the last claim came back full (behind: not before one)
         self._running = False  # run() is under way (not in a supervisor's backoff, not a test's)
         # Deliveries started here from claims and from leases at insert (DispatcherCollector).
         self.started = {"claim": 0, "lease_at_insert": 0}
         self._none_ahead = asyncio.Event()  # stopping, and nothing leased ahead is unsettled
+        # Told when an attempt ends (daemon.pacing: arrivals waiting for delivery to catch up).
+        self.on_attempt_done: Callable[[], None] | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -175,6 +178,11 @@ class Dispatcher:
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    def behind(self) -> bool:
+        """Whether more is due here now than one claim takes (its last claim came back full).
+        A destination at its share is left out of the claims, so a slow one does not count."""
+        return self._running and self._claimed_full
 
     def _dt(self, ts: float) -> datetime:
         return datetime.fromtimestamp(ts, UTC)
@@ -190,6 +198,7 @@ class Dispatcher:
         finally:
             self._running = False
             self._drained = False
+            self._claimed_full = False
 
     async def _run(self, beat: Callable[[], None] | None) -> None:
         while not self._stopping:
@@ -232,6 +241,7 @@ class Dispatcher:
             # Fewer than asked: nothing else is due now, and new deliveries may be leased at
             # insert without passing any (a full batch: they queue behind it, oldest first).
             self._drained = len(claims) < batch
+            self._claimed_full = not self._drained
             self.started["claim"] += len(claims)
             self._start(claims)
             return len(claims)
@@ -337,6 +347,8 @@ class Dispatcher:
         """Every attempt task's end is collected: an exception that escaped is logged; its
         shares end (if the send did not end them already: a second end does nothing)."""
         self._tasks.discard(task)
+        if self.on_attempt_done is not None:
+            self.on_attempt_done()
         try:
             if task.cancelled():
                 return

@@ -29,6 +29,7 @@ from daemon.auth import Inbound, RateLimited, Ticket
 from daemon.errors import InputError, SecretError, StoreError
 from daemon.matching import match
 from daemon.models import Conversion, Status, Transition, arrival_view
+from daemon.pacing import Pacing
 from daemon.store.base import ArrivalPlan, ArrivalResult, LeaseAhead, PlannedDelivery, Store
 from daemon.supervise import Supervisor
 from daemon.webhook_input import (
@@ -130,6 +131,7 @@ async def ingest(
     on_committed: Callable[[str, ArrivalResult, LeaseAhead | None], None],
     limits: Limits | None = None,
     lease_ahead: Callable[[], LeaseAhead | None] | None = None,
+    pacing: Pacing | None = None,
 ) -> web.Response:
     """Handle one webhook end to end."""
     name = request.match_info["source"]
@@ -156,6 +158,8 @@ async def ingest(
         log.error("source_secret_unavailable", source=name, error=str(err))
         return _unavailable("credentials cannot be checked now, retry later", text)
     received_at = datetime.fromtimestamp(now(), UTC)
+    # Delivery behind on a saturated loop: this arrival waits for its turn (daemon.pacing).
+    paced = pacing is not None and await pacing.admit()
     planner = make_planner(runtime, name, conversion, received_at)
     # The dispatcher's offer to take the deliveries as they are written (no claim), if any.
     lease = lease_ahead() if lease_ahead is not None else None
@@ -164,6 +168,8 @@ async def ingest(
     except BaseException as err:
         if ticket is not None:
             ticket.release()  # the sender's retry of this message must not look like a replay
+        if paced and pacing is not None:
+            pacing.settle(0)  # nothing planned: its turn goes on
         if not isinstance(err, StoreError):
             raise
         # One line per refused request, at info: the outage itself is logged once, when the
@@ -177,6 +183,8 @@ async def ingest(
         )
         return _unavailable("store unavailable, retry later", text)
     on_committed(name, result, lease)
+    if paced and pacing is not None:
+        pacing.settle(len(result.delivery_ids))
     _log_received(conversion, name, result, runtime)
     if text:
         return web.Response(text="OK")
