@@ -158,12 +158,14 @@ async def ingest(
         log.error("source_secret_unavailable", source=name, error=str(err))
         return _unavailable("credentials cannot be checked now, retry later", text)
     received_at = datetime.fromtimestamp(now(), UTC)
-    # Delivery behind on a saturated loop: this arrival waits for its turn (daemon.pacing).
-    paced = pacing is not None and await pacing.admit()
     planner = make_planner(runtime, name, conversion, received_at)
-    # The dispatcher's offer to take the deliveries as they are written (no claim), if any.
-    lease = lease_ahead() if lease_ahead is not None else None
+    paced = False
     try:
+        # Delivery behind on a saturated loop: this arrival waits for its turn (daemon.pacing;
+        # cancelled meanwhile, its ticket is released below as for a failed write).
+        paced = pacing is not None and await pacing.admit()
+        # The dispatcher's offer to take the deliveries as they are written (no claim), if any.
+        lease = lease_ahead() if lease_ahead is not None else None
         result = await store.record_arrival(name, conversion, received_at, planner, lease)
     except BaseException as err:
         if ticket is not None:
