@@ -80,6 +80,11 @@ class Pacing:
         self._held_in_run = 0
         self._behind_seen = False  # an arrival found the dispatcher behind since the last sample
 
+    @property
+    def waiting(self) -> int:
+        """Arrivals waiting for their turn now."""
+        return len(self._waiting)
+
     async def run(self) -> None:
         """Sample the loop's thread until cancelled (on the loop being paced)."""
         wall, cpu = self._clock(), self._cpu()

@@ -278,6 +278,7 @@ async def test_a_daemons_webhook_answer_waits_for_an_attempts_end(tmp_path: Path
         services = daemon.services
         dispatcher = services.dispatcher
         assert services.pacing is not None
+        assert dispatcher.on_attempt_done == services.pacing.credit  # the daemon's wiring
         # The dispatcher's claims are not driven to "behind" here: that signal is given, the
         # rest (the attempt's end, the ingest path, the counter) is the daemon's own.
         pacing = Pacing(lambda: True, lambda: dispatcher.in_flight, max_hold=30)
@@ -353,3 +354,41 @@ async def test_the_dispatcher_is_behind_only_after_a_full_claim(tmp_path: Path) 
         await dispatcher.stop(grace=5)
         await daemon.client.close()
         await sink.close()
+
+
+async def test_an_arrival_given_up_while_it_waits_leaves_its_webhook_id_usable(
+    tmp_path: Path,
+) -> None:
+    """A signed message whose sender hangs up while it waits for its turn (the test server
+    cancels the handler then, as the daemon's does at shutdown): its webhook-id is not spent,
+    and the sender's retry of the same message is accepted, not refused as a replay."""
+    import aiohttp
+
+    from tests.harness import FakeClock
+    from tests.test_auth import NEW_KEY, NOW, signed_headers, start, whsec
+
+    daemon = await start(
+        tmp_path, {"s.yaml": "auth: {hmac: {secret: key}}\n"}, {"key": whsec(NEW_KEY)},
+        clock=FakeClock(NOW),
+    )  # fmt: skip
+    body = b'{"conversion_id": "W1", "offer": 7, "affiliate": 42, "status": "pending"}'
+    headers = signed_headers("msg_w", NOW, body, NEW_KEY)
+    try:
+        pacing = Pacing(lambda: True, lambda: 1, max_hold=30)  # behind, an attempt under way
+        daemon.services.pacing = pacing
+        pacing.observe(0.99)
+        with pytest.raises(TimeoutError):
+            await daemon.client.post(
+                "/webhooks/s", data=body, headers=headers, timeout=aiohttp.ClientTimeout(0.3)
+            )
+        for _ in range(200):  # the hang-up reaches the server: its handler is cancelled
+            if pacing.held == 1 and pacing.waiting == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (pacing.held, pacing.waiting) == (1, 0)
+        pacing.observe(0.5)  # no longer saturated: nothing waits
+        resp = await daemon.client.post("/webhooks/s", data=body, headers=headers)
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["transition"] == "new"
+    finally:
+        await daemon.client.close()
