@@ -10,10 +10,10 @@ again: once each), store_after_commit_failed (what the store calls after an arri
 transaction, to hand deliveries leased at insert to the dispatcher, raised: a bug, logged),
 store_writes_slow (SQLite: a batch of writes lent to the event loop held it over 50 ms; the
 next batches run in the writer thread for next_in_s; once per run of slow batches),
-ingest_paced, ingest_unpaced (arrivals wait for delivery on a saturated loop: when it starts,
-and when it ends with the count that waited; daemon.pacing), retention_pruned, notify_failed,
-source_unauthenticated (a source without credentials reachable from beyond loopback, at
-start); affiliate postbacks (issue 15):
+ingest_paced, ingest_unpaced (arrivals wait for delivery on a saturated loop: when an episode
+starts, and 10 s after it ended or at stop, with the count that waited; daemon.pacing),
+retention_pruned, notify_failed, source_unauthenticated (a source without credentials
+reachable from beyond loopback, at start); affiliate postbacks (issue 15):
 affiliate_postback_created, affiliate_postback_deleted, affiliate_postback_disabled (by the
 policy), affiliate_secret_set, affiliate_changes_applied, affiliate_sync_failed,
 affiliate_sync_recovered, affiliate_sync_error, affiliate_listener_lost,

@@ -21,8 +21,9 @@ progress (nothing would give it a turn), and never longer than MAX_HOLD: a track
 later, never refused. Pacing ends at a sample in which the loop was not saturated or no arrival
 found the dispatcher behind, and the waiting arrivals go. `ingest_paced` (info) is logged when
 it starts and `ingest_unpaced` (count: the arrivals that waited) once it has not run for QUIET
-seconds (at saturation it stops and starts again about once a second: one pair of lines per
-episode, not per run); postbackd_ingest_paced_total counts the arrivals that waited.
+seconds, or when the daemon stops (at saturation it stops and starts again about once a
+second: one pair of lines per episode, not per run); postbackd_ingest_paced_total counts the
+arrivals that waited.
 """
 
 from __future__ import annotations
@@ -86,15 +87,24 @@ class Pacing:
         return len(self._waiting)
 
     async def run(self) -> None:
-        """Sample the loop's thread until cancelled (on the loop being paced)."""
+        """Sample the loop's thread until cancelled (on the loop being paced). Cancelled (the
+        daemon stops), an episode whose end was not logged yet is: pacing ends with it."""
         wall, cpu = self._clock(), self._cpu()
-        while True:
-            await asyncio.sleep(self._sample)
-            now_wall, now_cpu = self._clock(), self._cpu()
-            elapsed = now_wall - wall
-            if elapsed > 0:
-                self.observe((now_cpu - cpu) / elapsed)
-            wall, cpu = now_wall, now_cpu
+        try:
+            while True:
+                await asyncio.sleep(self._sample)
+                now_wall, now_cpu = self._clock(), self._cpu()
+                elapsed = now_wall - wall
+                if elapsed > 0:
+                    self.observe((now_cpu - cpu) / elapsed)
+                wall, cpu = now_wall, now_cpu
+        finally:
+            self.saturated = False
+            if self.active:
+                self._end()
+            if self._logged:
+                self._logged = False
+                log.info("ingest_unpaced", count=self._held_in_run)
 
     def observe(self, busy: float) -> None:
         """One sample: the loop's thread was busy this share of the wall time. Pacing ends at

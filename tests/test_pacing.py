@@ -392,3 +392,22 @@ async def test_an_arrival_given_up_while_it_waits_leaves_its_webhook_id_usable(
         assert (await resp.json())["transition"] == "new"
     finally:
         await daemon.client.close()
+
+
+async def test_stopping_ends_an_episode_and_logs_its_count() -> None:
+    signals = Signals()
+    pacing = signals.pacing(max_hold=30)
+    sampler = asyncio.create_task(pacing.run())
+    pacing.observe(0.95)
+    with capture_logs() as logs:
+        waiting = asyncio.create_task(pacing.admit())
+        await _settled([waiting])
+        sampler.cancel()  # the daemon stops within QUIET of the episode
+        with pytest.raises(asyncio.CancelledError):
+            await sampler
+        assert await waiting is True  # let go, not left waiting for a turn
+    assert [(e["event"], e.get("count")) for e in logs] == [
+        ("ingest_paced", None),
+        ("ingest_unpaced", 1),
+    ]
+    assert await pacing.admit() is False
