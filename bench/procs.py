@@ -23,6 +23,9 @@ import aiohttp
 _PER_REQUEST = (b'"conversion_received"', b'"delivery_attempt"')
 
 
+PACED = "paced"  # started()'s key for the arrivals that waited (not a way deliveries start)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -127,6 +130,7 @@ def server(kind: str, workdir: Path, cpus: str | None = None, extra: Sequence[st
 
 
 _STARTED = re.compile(r'^postbackd_deliveries_started_total\{via="([a-z_]+)"\} (\S+)$', re.M)
+_PACED = re.compile(r'^postbackd_ingest_paced_total\{released_by="[a-z_]+"\} (\S+)$', re.M)
 
 
 class Daemon(Proc):
@@ -173,13 +177,16 @@ class Daemon(Proc):
 
     async def started(self) -> dict[str, float]:
         """How its deliveries started so far (postbackd_deliveries_started_total, by `via`:
-        claim, lease_at_insert)."""
+        claim, lease_at_insert), and under PACED the arrivals that waited for delivery
+        (postbackd_ingest_paced_total, daemon/pacing.py; 0 where nothing paces)."""
         async with (
             aiohttp.ClientSession() as session,
             session.get(f"{self.url}/metrics") as resp,
         ):
             text = await resp.text()
-        return {via: float(n) for via, n in _STARTED.findall(text)}
+        counts = {via: float(n) for via, n in _STARTED.findall(text)}
+        counts[PACED] = sum(float(n) for n in _PACED.findall(text))
+        return counts
 
     def events(self, event: str) -> list[dict[str, Any]]:
         """Every log line of `event` (not a per-request one) so far. The log is read from where
@@ -222,6 +229,6 @@ async def started(daemons: Sequence[Daemon]) -> dict[str, float]:
 def leased_share(since: dict[str, float], now: dict[str, float]) -> float | None:
     """The share of the deliveries started between two started() readings that were leased at
     insert, or None when none started."""
-    got = {via: count - since.get(via, 0.0) for via, count in now.items()}
+    got = {via: count - since.get(via, 0.0) for via, count in now.items() if via != PACED}
     total = sum(got.values())
     return got.get("lease_at_insert", 0.0) / total if total else None

@@ -15,7 +15,7 @@ import asyncpg  # type: ignore[import-untyped]
 from bench import http_figures as hf
 from bench import quota as cpu_quota
 from bench.context import Context, sqlite_stored, sqlite_url
-from bench.procs import Daemon, leased_share, started
+from bench.procs import PACED, Daemon, leased_share, started
 from bench.report import Report, filesystem_of
 from bench.rulesgen import PER_OFFER
 
@@ -233,6 +233,9 @@ async def _leased(
     share = leased_share(since, now)
     if share is not None:
         ctx.report.add(name, share * 100, "%")
+    paced = now.get(PACED, 0.0) - since.get(PACED, 0.0)
+    # Arrivals that waited for delivery (daemon/pacing.py) in the same phase.
+    ctx.report.add(name.replace("leased at insert", "arrivals paced"), paced, "")
     return now
 
 
