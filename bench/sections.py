@@ -199,7 +199,7 @@ async def _e2e(
     since = await started(daemons)
     got = await hf.sustained(report, target, sink, opts)
     if daemons:
-        since = await _leased(ctx, daemons, since, f"{target.name}: leased at insert, saturated")
+        since = await _leased(ctx, daemons, since, target.name, "saturated")
     rate = None if got is None else got.rate
     ctx.figures["last_delivered"] = 0.0 if got is None else got.delivered
     if got is not None:
@@ -213,29 +213,26 @@ async def _e2e(
         )
     await hf.latency(report, target, sink, replace(opts, rate=pace))
     if daemons:
-        since = await _leased(
-            ctx, daemons, since, f"{target.name}: leased at insert, at {pace:,.0f}/s"
-        )
+        since = await _leased(ctx, daemons, since, target.name, f"at {pace:,.0f}/s")
     if changes:
         await hf.change_latency(report, target, sink, replace(opts, rate=pace))
         if daemons:
-            name = f"{target.name}: leased at insert, status changes at {pace:,.0f}/s"
-            await _leased(ctx, daemons, since, name)
+            await _leased(ctx, daemons, since, target.name, f"status changes at {pace:,.0f}/s")
     return rate
 
 
 async def _leased(
-    ctx: Context, daemons: Sequence[Daemon], since: dict[str, float], name: str
+    ctx: Context, daemons: Sequence[Daemon], since: dict[str, float], name: str, phase: str
 ) -> dict[str, float]:
-    """Report the share of the deliveries started since `since` (a started() reading) that were
-    leased at insert; the reading to measure the next phase from."""
+    """Report, for the `phase` of `name` since `since` (a started() reading), the share of the
+    deliveries started that were leased at insert and the arrivals that waited for delivery
+    (daemon/pacing.py); the reading to measure the next phase from."""
     now = await started(daemons)
     share = leased_share(since, now)
     if share is not None:
-        ctx.report.add(name, share * 100, "%")
+        ctx.report.add(f"{name}: leased at insert, {phase}", share * 100, "%")
     paced = now.get(PACED, 0.0) - since.get(PACED, 0.0)
-    # Arrivals that waited for delivery (daemon/pacing.py) in the same phase.
-    ctx.report.add(name.replace("leased at insert", "arrivals paced"), paced, "")
+    ctx.report.add(f"{name}: arrivals paced, {phase}", paced, "")
     return now
 
 

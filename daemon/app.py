@@ -322,8 +322,8 @@ async def _services(
         if role.wake_folder is not None:
             receiver = WakeReceiver(role.wake_folder, dispatcher.wake)
             receiver.start()
-        serving = role.wake_folder is None  # (not the dispatch process: it serves no webhook)
-        _start_loops(services, dispatch=dispatch, watch=watch, retention=serving)
+        # serving: not the dispatch process (it serves no webhook)
+        _start_loops(services, dispatch=dispatch, watch=watch, serving=role.wake_folder is None)
         supervisor.start(
             "affiliate-sync", lambda health: affiliate_sync.run(health.beat), interval=30.0
         )
@@ -351,9 +351,11 @@ def _start_pacing(services: Services) -> None:
     services.supervisor.start("pacing", lambda health: pacing.run(), interval=None)
 
 
-def _start_loops(services: Services, *, dispatch: bool, watch: bool, retention: bool) -> None:
+def _start_loops(services: Services, *, dispatch: bool, watch: bool, serving: bool) -> None:
     """Every background loop of the daemon, each under the one rule of daemon.supervise.
-    Retention runs in the serving processes only (the dispatch process has no need of it)."""
+    Retention runs in the serving processes only (the dispatch process has no need of it), and
+    pacing where one serves webhooks and dispatches too (`dispatch` is false where the
+    dispatcher runs in a process of its own)."""
     supervisor, settings = services.supervisor, services.settings
     if dispatch:
         poll = services.dispatcher.config.poll_interval
@@ -362,12 +364,12 @@ def _start_loops(services: Services, *, dispatch: bool, watch: bool, retention: 
             lambda health: services.dispatcher.run(health.beat),
             interval=max(DISPATCHER_PROGRESS, 3 * poll),
         )
-        if retention and services.link is None:  # webhooks and deliveries on this loop
+        if serving:  # webhooks and deliveries on this loop
             _start_pacing(services)
     if watch:
         reloader = services.reloader
         supervisor.start("watcher", lambda health: reloader.watch(health.beat), interval=None)
-    if retention:
+    if serving:
         pruner = Retention(services.store, settings.retention, services.clock.now)
         supervisor.every(
             "retention",

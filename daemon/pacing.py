@@ -102,9 +102,7 @@ class Pacing:
             self.saturated = False
             if self.active:
                 self._end()
-            if self._logged:
-                self._logged = False
-                log.info("ingest_unpaced", count=self._held_in_run)
+            self._log_unpaced()
 
     def observe(self, busy: float) -> None:
         """One sample: the loop's thread was busy this share of the wall time. Pacing ends at
@@ -115,9 +113,8 @@ class Pacing:
         self._behind_seen = False
         if self.active:
             self._last_active = self._clock()
-        elif self._logged and self._clock() - self._last_active >= self._quiet:
-            self._logged = False
-            log.info("ingest_unpaced", count=self._held_in_run)
+        elif self._clock() - self._last_active >= self._quiet:
+            self._log_unpaced()
 
     async def admit(self) -> bool:
         """Wait for this arrival's turn while pacing; whether it took one (then `settle` it
@@ -176,6 +173,12 @@ class Pacing:
         while self._turns > 0 and self._waiting:
             self._turns -= 1
             self._waiting.popleft().set_result(None)
+
+    def _log_unpaced(self) -> None:
+        """The end of an episode whose start was logged, once."""
+        if self._logged:
+            self._logged = False
+            log.info("ingest_unpaced", count=self._held_in_run)
 
     def _release(self) -> None:
         self._turns = 0
