@@ -25,6 +25,13 @@ class Signals:
     def pacing(self, max_hold: float = MAX_HOLD) -> Pacing:
         return Pacing(lambda: self.behind, lambda: self.attempts, max_hold=max_hold)
 
+    def on_busy_loop(self, max_hold: float = 30) -> Pacing:
+        """A pacing whose last sample found the loop saturated (by default, an arrival waits
+        until an attempt's end lets it go)."""
+        pacing = self.pacing(max_hold)
+        pacing.observe(0.95)
+        return pacing
+
 
 def active(pacing: Pacing) -> bool:
     return pacing.active  # (read through a call: mypy would keep an assert's narrowing)
@@ -60,8 +67,7 @@ async def test_a_saturated_loop_does_not_hold_while_delivery_keeps_up() -> None:
 
 async def test_arrivals_wait_their_turn_one_per_attempt_in_order() -> None:
     signals = Signals()
-    pacing = signals.pacing(max_hold=30)
-    pacing.observe(0.95)
+    pacing = signals.on_busy_loop()
     with capture_logs() as logs:
         tasks = [asyncio.create_task(pacing.admit()) for _ in range(3)]
         assert await _settled(tasks) == [False, False, False]
@@ -80,8 +86,7 @@ async def test_arrivals_wait_their_turn_one_per_attempt_in_order() -> None:
 
 async def test_an_arrival_that_planned_nothing_passes_its_turn_on() -> None:
     signals = Signals()
-    pacing = signals.pacing(max_hold=30)
-    pacing.observe(0.95)
+    pacing = signals.on_busy_loop()
     tasks = [asyncio.create_task(pacing.admit()) for _ in range(2)]
     await _settled(tasks)
     pacing.credit()
@@ -92,8 +97,7 @@ async def test_an_arrival_that_planned_nothing_passes_its_turn_on() -> None:
 
 async def test_an_arrival_that_planned_several_deliveries_owes_their_turns() -> None:
     signals = Signals()
-    pacing = signals.pacing(max_hold=30)
-    pacing.observe(0.95)
+    pacing = signals.on_busy_loop()
     first = asyncio.create_task(pacing.admit())
     await _settled([first])
     pacing.credit()
@@ -109,8 +113,7 @@ async def test_an_arrival_that_planned_several_deliveries_owes_their_turns() -> 
 
 async def test_turns_left_by_attempts_let_later_arrivals_through_at_once() -> None:
     signals = Signals()
-    pacing = signals.pacing(max_hold=30)
-    pacing.observe(0.95)
+    pacing = signals.on_busy_loop()
     waiting = asyncio.create_task(pacing.admit())  # starts pacing
     await _settled([waiting])
     for _ in range(3):
@@ -126,8 +129,7 @@ async def test_turns_left_by_attempts_let_later_arrivals_through_at_once() -> No
 
 async def test_the_longest_wait_is_max_hold_and_its_turn_is_owed() -> None:
     signals = Signals()
-    pacing = signals.pacing(max_hold=0.05)
-    pacing.observe(0.95)
+    pacing = signals.on_busy_loop(max_hold=0.05)
     assert await pacing.admit() is True  # after 50 ms, no attempt having ended
     assert pacing.timed_out == 1
     pacing.settle(1)
@@ -142,8 +144,7 @@ async def test_the_longest_wait_is_max_hold_and_its_turn_is_owed() -> None:
 
 async def test_pacing_ends_when_the_loop_is_no_longer_saturated() -> None:
     signals = Signals()
-    pacing = signals.pacing(max_hold=30)
-    pacing.observe(0.95)
+    pacing = signals.on_busy_loop()
     tasks = [asyncio.create_task(pacing.admit()) for _ in range(2)]
     await _settled(tasks)
     pacing.observe(0.5)
@@ -187,8 +188,7 @@ async def test_one_pair_of_lines_per_episode_of_pacing_however_often_it_stops() 
 
 async def test_pacing_ends_after_a_sample_in_which_delivery_was_never_behind() -> None:
     signals = Signals()
-    pacing = signals.pacing(max_hold=30)
-    pacing.observe(0.95)
+    pacing = signals.on_busy_loop()
     first = asyncio.create_task(pacing.admit())
     await _settled([first])
     pacing.observe(0.95)  # an arrival found it behind in this sample: pacing goes on
@@ -202,8 +202,7 @@ async def test_pacing_ends_after_a_sample_in_which_delivery_was_never_behind() -
 
 async def test_while_pacing_an_arrival_waits_only_if_an_attempt_can_let_it_go() -> None:
     signals = Signals()
-    pacing = signals.pacing(max_hold=30)
-    pacing.observe(0.95)
+    pacing = signals.on_busy_loop()
     first = asyncio.create_task(pacing.admit())
     await _settled([first])
     signals.behind = False  # the last claim drained what was due; one attempt still running
@@ -216,8 +215,7 @@ async def test_while_pacing_an_arrival_waits_only_if_an_attempt_can_let_it_go() 
 
 async def test_a_cancelled_waiter_leaves_the_line() -> None:
     signals = Signals()
-    pacing = signals.pacing(max_hold=30)
-    pacing.observe(0.95)
+    pacing = signals.on_busy_loop()
     gone = asyncio.create_task(pacing.admit())
     kept = asyncio.create_task(pacing.admit())
     await _settled([gone, kept])
@@ -318,8 +316,7 @@ async def test_a_daemons_webhook_answer_waits_for_an_attempts_end(tmp_path: Path
 async def test_an_arrival_never_waits_while_no_attempt_is_in_progress() -> None:
     signals = Signals()
     signals.attempts = 0  # behind, but nothing under way would ever give it a turn
-    pacing = signals.pacing(max_hold=30)
-    pacing.observe(0.95)
+    pacing = signals.on_busy_loop()
     assert await pacing.admit() is False
     assert pacing.held == 0
 
