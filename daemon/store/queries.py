@@ -8,8 +8,10 @@ named ``{backend}_{NNNN}_{what}.sql``, applied in order and recorded by ``NNNN_w
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 _NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$")
 _MIGRATION = re.compile(r"^(?P<backend>[a-z]+)_(?P<name>\d{4}_[a-z0-9_]+)\.sql$")
@@ -43,6 +45,9 @@ def load_queries(backend: str) -> dict[str, str]:
 class Migration:
     name: str  # "0001_initial": what the schema table records
     sql: str
+    # A step SQL cannot say, run instead of `sql` with the migrating connection, in its
+    # transaction (daemon.store.sqlite_schema's rewrite of CHECK constraints).
+    run: Callable[[Any], None] | None = None
 
 
 def load_migrations(backend: str) -> list[Migration]:

@@ -19,8 +19,9 @@ from daemon.migrate import migrate
 from daemon.models import Transition
 from daemon.store.affiliates_sqlite import _Q as AFFILIATE_QUERIES
 from daemon.store.base import ArrivalResult, DeliveryFilter, DeliveryState
-from daemon.store.queries import load_migrations, load_queries
+from daemon.store.queries import load_queries
 from daemon.store.sqlite import MERGED_POSTBACKS, SQLiteStore, _filter_args, connect
+from daemon.store.sqlite_schema import sqlite_migrations
 
 from .support import T0, Planner, arrive, conversion
 from .test_queue import (
@@ -157,7 +158,7 @@ async def test_migrate_applies_once_and_reopening_keeps_data(tmp_path: Path) -> 
     url = "sqlite:///data/m.db"
     (tmp_path / "data").mkdir()
 
-    assert await migrate(url, tmp_path) == [m.name for m in load_migrations("sqlite")]
+    assert await migrate(url, tmp_path) == [m.name for m in sqlite_migrations()]
     assert await migrate(url, tmp_path) == []
     store = SQLiteStore(tmp_path / "data" / "m.db")
     await store.open()
