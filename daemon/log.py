@@ -10,6 +10,7 @@ again: once each), store_after_commit_failed (what the store calls after an arri
 transaction, to hand deliveries leased at insert to the dispatcher, raised: a bug, logged),
 store_writes_slow (SQLite: a batch of writes lent to the event loop held it over 50 ms; the
 next batches run in the writer thread for next_in_s; once per run of slow batches),
+store_migrated (the schema migrations a store applied as it opened, in migrations),
 ingest_paced, ingest_unpaced (arrivals wait for delivery on a saturated loop: when an episode
 starts, and 10 s after it ended or at stop, with the count that waited; daemon.pacing),
 retention_pruned, notify_failed, source_unauthenticated (a source without credentials
@@ -27,7 +28,7 @@ Keys: source, conversion_id, transition, previous_status, status, offer, affilia
 postback_id, delivery_id, action, destination, attempt, outcome, reason, duration_ms, next_in_s,
 rules_version, files, postbacks, errors, error, listen, store, remote, http_status, node, count,
 secret (a secret's name, never its value), version (of the affiliate postbacks in the store),
-role (admin or affiliate, of a console session), path (a console page).
+role (admin or affiliate, of a console session), path (a console page), migrations (names).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from daemon.store.common import (
 )
 from daemon.store.postgres_batch import ArrivalLease, NewArrival, NewArrivals, Written, batch_args
 from daemon.store.postgres_schema import apply_migrations
-from daemon.store.queries import load_queries
+from daemon.store.queries import load_queries, log_migrated
 from daemon.store.replay_postgres import PostgresReplay
 
 PRUNE_BATCH = 500
@@ -128,7 +128,7 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
                 await conn.close()
 
     async def open(self) -> None:
-        await self.migrate()
+        log_migrated(await self.migrate())
         async with _errors():
             self._pool = await asyncpg.create_pool(
                 self._dsn,

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import structlog
+
+log = structlog.get_logger("postbackd.store")
+
 _NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$")
 _MIGRATION = re.compile(r"^(?P<backend>[a-z]+)_(?P<name>\d{4}_[a-z0-9_]+)\.sql$")
 
@@ -58,3 +62,10 @@ def load_migrations(backend: str) -> list[Migration]:
         if match and match.group("backend") == backend:
             found.append(Migration(match.group("name"), entry.read_text("utf-8")))
     return sorted(found, key=lambda m: m.name)
+
+
+def log_migrated(applied: list[str]) -> None:
+    """Say which migrations a store applied as it opened (`postbackd run` migrates at start,
+    silently before): nothing when its schema was up to date."""
+    if applied:
+        log.info("store_migrated", migrations=applied)

@@ -49,7 +49,7 @@ from daemon.store.common import (
     prepare_arrival,
     to_us,
 )
-from daemon.store.queries import load_queries
+from daemon.store.queries import load_queries, log_migrated
 from daemon.store.replay_sqlite import SQLiteReplay
 from daemon.store.sqlite_schema import apply_migrations
 from daemon.store.sqlite_writer import CommitHook, GroupCommitWriter, store_error
@@ -170,7 +170,7 @@ class SQLiteStore(SQLiteAffiliates, SQLiteReplay):
             conn.close()
 
     async def open(self) -> None:
-        await self.migrate()
+        log_migrated(await self.migrate())
         await asyncio.to_thread(self._writer.start)
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-reader")
 

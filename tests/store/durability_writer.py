@@ -11,6 +11,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from daemon.log import configure_logging
 from daemon.models import Conversion, Status, Transition
 from daemon.store.base import ArrivalPlan, PlannedDelivery
 from daemon.store.sqlite import SQLiteStore
@@ -23,6 +24,8 @@ def plan(transition: Transition, previous: Status | None, _: Conversion) -> Arri
 
 
 async def main(path: Path) -> None:
+    # stdout carries the acknowledged ids alone: the store's lines (store_migrated) go to stderr.
+    configure_logging("json", "info", stream=sys.stderr)
     store = SQLiteStore(path)
     await store.open()
     counter = itertools.count()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.errors import StoreError
 from daemon.migrate import migrate
@@ -33,11 +34,16 @@ async def test_nodes_starting_together_apply_each_migration_once(pg_dsn: str) ->
 
 async def test_open_migrates_and_a_second_open_finds_the_data(pg_dsn: str) -> None:
     store = PostgresStore(pg_dsn)
-    await store.open()
+    with capture_logs() as logs:
+        await store.open()
+    every = [m.name for m in load_migrations("postgres")]
+    assert [line["migrations"] for line in logs if line["event"] == "store_migrated"] == [every]
     await arrive(store, conversion())
     await store.close()
     again = PostgresStore(pg_dsn)
-    await again.open()
+    with capture_logs() as logs:
+        await again.open()
+    assert [line for line in logs if line["event"] == "store_migrated"] == []
     try:
         assert await again.get_conversion("generic", "c1") is not None
         assert await again.migrate() == []

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.store.queries import load_queries
-from daemon.store.sqlite import connect
+from daemon.store.sqlite import SQLiteStore, connect
 from daemon.store.sqlite_schema import apply_migrations, checks_without_in, sqlite_migrations
 
 QUERIES = load_queries("sqlite")
@@ -153,3 +154,20 @@ def test_a_table_without_the_old_text_is_left_alone(tmp_path: Path) -> None:
     assert conn.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == before
     assert conn.execute("PRAGMA schema_version").fetchone()[0] == version
     assert conn.execute("PRAGMA writable_schema").fetchone()[0] == 0
+
+
+async def test_a_store_opened_on_an_old_schema_says_what_it_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "opened.db"
+    _fresh(path, upto="0005_postback_pages").close()
+    store = SQLiteStore(path)
+    with capture_logs() as logs:
+        await store.open()
+    await store.close()
+    migrated = [line for line in logs if line["event"] == "store_migrated"]
+    assert migrated == [
+        {"event": "store_migrated", "migrations": ["0006_checks_without_in"], "log_level": "info"}
+    ]
+    with capture_logs() as logs:  # up to date: nothing to say
+        await store.open()
+    await store.close()
+    assert [line for line in logs if line["event"] == "store_migrated"] == []
