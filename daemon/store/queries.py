@@ -49,8 +49,9 @@ def load_queries(backend: str) -> dict[str, str]:
 class Migration:
     name: str  # "0001_initial": what the schema table records
     sql: str
-    # A step SQL cannot say, run instead of `sql` with the migrating connection, in its
-    # transaction (daemon.store.sqlite_schema's rewrite of CHECK constraints).
+    # A step SQL cannot say, run with the migrating connection in its transaction, before
+    # `sql`'s statements (empty for such a step: daemon.store.sqlite_schema's rewrite of
+    # CHECK constraints).
     run: Callable[[Any], None] | None = None
 
 

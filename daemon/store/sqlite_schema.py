@@ -9,7 +9,7 @@ from daemon.store.queries import Migration, load_migrations
 
 # CHECK constraints written `column IN (three or more constants)` (0001_initial): SQLite
 # evaluates such an IN through a temporary b-tree of the constants, built every time the
-# constraint is checked, at every insert and at every update of the column: about 25,000
+# constraint is checked, at every insert and at every update of the column: 25,000 to 33,000
 # instructions each time (sqlite3BtreeCreateTable, a zeroed 4 KiB page, its release), four
 # times per delivered conversion (insert_conversion; insert_delivery, claim_one and
 # finish_delivery for the delivery's state). An OR of comparisons accepts and refuses the same
