@@ -202,7 +202,7 @@ class PacingCollector(Collector):
             "postbackd_ingest_paced",
             "Arrivals that waited for delivery to catch up before their transaction, by what "
             "let them go: a delivery attempt's end or the end of pacing (turn), or the longest "
-            f"wait, {MAX_HOLD:g} s (max_hold).",
+            f"wait, {self._p.max_hold:g} s (max_hold).",
             labels=["released_by"],
         )
         paced.add_metric(["turn"], self._p.held - self._p.timed_out)

@@ -75,12 +75,14 @@ def _add_conversion(conn: sqlite3.Connection, cid: str, status: str) -> int:
     return int(pk[0])
 
 
-def _add_delivery(conn: sqlite3.Connection, pk: int, did: str, state: str) -> None:
+def _add_delivery(
+    conn: sqlite3.Connection, pk: int, did: str, state: str, postback: int = 1
+) -> None:
     conn.execute(
         "INSERT INTO delivery (id, conversion_pk, arrival_seq, source, conversion_id,"
         " postback_id, action, destination, idempotency_key, state, created_at, updated_at)"
         " VALUES (?, ?, 1, 'generic', 'c', ?, 'ping_url', 'http://sink', 'k', ?, 1, 1)",
-        (did, pk, abs(hash(did)) % 1_000_000, state),
+        (did, pk, postback, state),
     )
 
 
@@ -101,7 +103,7 @@ def test_the_constraints_accept_and_refuse_what_they_did(tmp_path: Path) -> None
         for n, status in enumerate(STATUSES):
             pk = _add_conversion(conn, f"c{n}", status)
         for n, state in enumerate(STATES):
-            _add_delivery(conn, pk, f"d{n}", state)
+            _add_delivery(conn, pk, f"d{n}", state, postback=n)
         conn.execute("UPDATE delivery SET state = 'dead' WHERE id = 'd0'")
         for bad in ("bogus", "Approved", "approved ", ""):
             with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
