@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,7 +60,29 @@ def opt_from_us(value: int | None) -> datetime | None:
 def new_delivery_id(at: datetime) -> str:
     """32 hex digits: milliseconds of `at`, then 80 random bits, so ids sort by creation."""
     millis = to_us(at) // 1000
-    return f"{millis:012x}{secrets.token_hex(10)}"
+    return f"{millis:012x}{_random_hex20()}"
+
+
+# The random parts of delivery ids, read from the OS's CSPRNG in blocks: os.urandom(10) per id
+# was a system call per delivery. Each part is popped once (list.pop is atomic: threads never
+# get the same one); a process forked from this one starts with none of them, so that workers
+# (daemon.workers forks them) never share a part.
+_RANDOM_PARTS: list[str] = []
+_RANDOM_BLOCK = 256  # parts per os.urandom read (2,560 bytes)
+
+
+def _random_hex20() -> str:
+    """20 hex digits (80 bits) from the OS's CSPRNG, as secrets.token_hex(10) gives."""
+    while True:
+        try:
+            return _RANDOM_PARTS.pop()
+        except IndexError:
+            block = os.urandom(10 * _RANDOM_BLOCK).hex()
+            # extend() with a list is one atomic step; two threads refilling at once both add
+            _RANDOM_PARTS.extend([block[i : i + 20] for i in range(0, len(block), 20)])
+
+
+os.register_at_fork(after_in_child=_RANDOM_PARTS.clear)
 
 
 def lease_token() -> str:
