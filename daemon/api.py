@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from daemon.api_affiliates import add_affiliate_routes
@@ -39,13 +38,14 @@ from daemon.errors import (
     StoreError,
 )
 from daemon.loader import RuleSet
+from daemon.log import get_logger
 from daemon.metrics import CONTENT_TYPE
 from daemon.secrets import SecretResolver
 from daemon.settings import Settings, TokenSpec
 from daemon.store.base import FINAL_STATES, DeliveryFilter, DeliveryState
 from daemon.visibility import Viewer
 
-log = structlog.get_logger("postbackd.api")
+log = get_logger("postbackd.api")
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000

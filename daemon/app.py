@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from daemon.actions.base import Resources
@@ -25,6 +24,7 @@ from daemon.errors import StoreError
 from daemon.guard import Guard
 from daemon.hosts import Destinations, DestinationsCollector
 from daemon.ingest import ingest
+from daemon.log import get_logger
 from daemon.metrics import CONTENT_TYPE, Metrics, count_requests
 from daemon.outbound import OutboundHttp, Resolver
 from daemon.pacing import Pacing, PacingCollector
@@ -39,7 +39,7 @@ from daemon.store.base import ArrivalResult, LeaseAhead, Store
 from daemon.supervise import Backoff, Supervisor, describe
 from daemon.webhook_input import MAX_BODY, Limits
 
-log = structlog.get_logger("postbackd.app")
+log = get_logger("postbackd.app")
 
 READY_STORE_TIMEOUT = 2.0  # /readyz answers within this even when the store hangs
 # Each loop's duty of progress (seconds), the base of /readyz and the watchdog. The dispatcher

@@ -19,19 +19,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import structlog
-
 from daemon.actions.base import Action, Job
 from daemon.decisions import Decision
 from daemon.errors import StoreError
 from daemon.loader import LoadedPostback
-from daemon.log import masked_first_line
+from daemon.log import get_logger, masked_first_line
 from daemon.store.base import AttemptRow, Claim, DeliveryState, Finish, FinishResult, Store
 
 if TYPE_CHECKING:
     from daemon.reload import Runtime
 
-log = structlog.get_logger("postbackd.dispatcher")
+log = get_logger("postbackd.dispatcher")
 
 _ERROR_MAX = 300
 

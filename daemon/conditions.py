@@ -17,10 +17,10 @@ from types import MappingProxyType
 from typing import Any, Final, final
 
 import datalogic_py as dl
-import structlog
 from ruamel.yaml.scalarbool import ScalarBoolean
 
 from daemon.errors import ConditionError, ConditionEvalError
+from daemon.log import get_logger
 
 MAX_DEPTH: Final = 64  # containers (objects and arrays) nested in a condition
 MAX_DATA_DEPTH: Final = 64  # containers nested in the data a condition reads
@@ -74,7 +74,7 @@ OPERATORS: Final[Mapping[str, tuple[int, int | None]]] = MappingProxyType(
 # operators are registered, so no name can shadow a built-in.
 _ENGINE: Final = dl.Engine(families=[], config={"ops_budget": OPS_BUDGET})
 _INT_RANGE: Final = range(-(2**63), 2**64)  # what the engine accepts (it refuses larger ones)
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 
 def is_truthy(value: Any) -> bool:

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-import structlog
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -51,13 +50,14 @@ from daemon.decisions import Decision, decide, effective_policy
 from daemon.errors import DeliveryError, OutcomeUnknownError, RetryableError, StoreError
 from daemon.hosts import Destinations, InLineTooLong, Shares, moving_average
 from daemon.loader import LoadedPostback
+from daemon.log import get_logger
 from daemon.retry import RetryPolicy
 from daemon.store.base import Claim, LeaseAhead, PlannedDelivery, Store
 
 if TYPE_CHECKING:
     from daemon.reload import Runtime
 
-log = structlog.get_logger("postbackd.dispatcher")
+log = get_logger("postbackd.dispatcher")
 
 
 class _Unsent(enum.Enum):

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import structlog
 
-log = structlog.get_logger("postbackd.dispatchproc")
+from daemon.log import get_logger
+
+log = get_logger("postbackd.dispatchproc")
 
 WAKE_SOCKET = "dispatcher-wake.sock"
 CONTROL_SOCKET = "dispatcher.sock"

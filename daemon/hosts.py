@@ -20,14 +20,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from daemon.breaker import Breaker, BreakerPolicy, BreakerState, Change, Event, Ticket, Verdict
+from daemon.log import get_logger
 from daemon.settings import Settings
 
-log = structlog.get_logger("postbackd.hosts")
+log = get_logger("postbackd.hosts")
 
 _STATE_VALUE = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerState.OPEN: 2.0}
 

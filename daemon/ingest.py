@@ -20,13 +20,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from daemon import fastjson
 from daemon.auth import Inbound, RateLimited, Ticket
 from daemon.errors import InputError, SecretError, StoreError
+from daemon.log import get_logger
 from daemon.matching import match
 from daemon.models import Conversion, Status, Transition, arrival_view
 from daemon.pacing import Pacing
@@ -40,7 +40,7 @@ from daemon.webhook_input import (
     read_body,
 )
 
-log = structlog.get_logger("postbackd.ingest")
+log = get_logger("postbackd.ingest")
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 

@@ -127,6 +127,29 @@ class _JsonLine:
 _LEVEL_NAMES = {"warn": "warning", "exception": "error"}
 
 
+class ModuleLogger:
+    """A module's logger: structlog.get_logger(name), and once the process caches its loggers
+    (configure_logging(cache=True): `postbackd run`) each method used is kept on this object.
+    A line then costs one attribute read, where structlog's lazy proxy misses the attribute
+    (an AttributeError made and dropped), runs its __getattr__ and its bind every time. Until
+    then, and in every process that does not cache (tests, CLI commands), each use goes through
+    the proxy, so a later structlog.configure (capture_logs) is seen."""
+
+    def __init__(self, name: str) -> None:
+        self._proxy = structlog.get_logger(name)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._proxy, name)
+        if structlog.get_config()["cache_logger_on_first_use"]:
+            self.__dict__[name] = attr  # the next read finds it without __getattr__
+        return attr
+
+
+def get_logger(name: str) -> Any:
+    """The logger of module `name` (a ModuleLogger, typed as structlog's loggers are)."""
+    return ModuleLogger(name)
+
+
 def _direct_method(name: str, through: Callable[..., Any]) -> Callable[..., Any]:
     """The bound logger's method `name` (a level that is logged): what structlog's filtering
     method does through _maybe_interpolate, _proxy_to_logger and _process_event, in one call

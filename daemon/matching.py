@@ -11,15 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from daemon.conditions import compile_condition, is_truthy, prepare_data, prepare_plain
 from daemon.errors import ConditionError, ConditionEvalError
 from daemon.loader import LoadedPostback, RuleSet
+from daemon.log import get_logger
 from daemon.models import Conversion, RuleData, Trigger
 from daemon.rules import ANY_AFFILIATE
 
-log = structlog.get_logger("postbackd.matching")
+log = get_logger("postbackd.matching")
 
 
 def match(rules: RuleSet, conversion: Conversion, data: Mapping[str, Any]) -> list[LoadedPostback]:

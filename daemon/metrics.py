@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import structlog
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,11 +32,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from daemon.errors import StoreError
+from daemon.log import get_logger
 from daemon.models import Transition
 from daemon.store.base import FINAL_STATES, DeliveryState, Finish, FinishResult, Store
 from daemon.supervise import describe
 
-log = structlog.get_logger("postbackd.metrics")
+log = get_logger("postbackd.metrics")
 
 # Attempts range from a few milliseconds (a local receiver) to the outbound timeout and beyond.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -33,11 +33,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-import structlog
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-log = structlog.get_logger("postbackd.pacing")
+from daemon.log import get_logger
+
+log = get_logger("postbackd.pacing")
 
 SAMPLE = 0.1  # seconds between two readings of the loop thread's CPU time
 BUSY_SHARE = 0.9  # of the wall time: the loop is saturated at or above it

@@ -16,17 +16,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import structlog
-
 from daemon.actions import build_action
 from daemon.actions.base import Action, Resources
 from daemon.affiliates.policy import DEFAULT_POLICY, LoadedPolicy, file_id_issues, load_policy
 from daemon.errors import Issue, RulesError
 from daemon.loader import ParseCache, RuleSet, is_ignored_name, load_rules
+from daemon.log import get_logger
 from daemon.rulecache import default_parse_cache
 from daemon.sources import GENERIC, GENERIC_SOURCE, Source
 
-log = structlog.get_logger("postbackd.reload")
+log = get_logger("postbackd.reload")
 
 QUIET_MS = 300  # the tree must be this quiet before a reload
 GIT_LOCK_WAIT = 30.0

@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import structlog
-
+from daemon.log import get_logger
 from daemon.store.base import Store
 
-log = structlog.get_logger("postbackd.retention")
+log = get_logger("postbackd.retention")
 
 INTERVAL = 3600.0  # seconds between prunes
 STEP_LIMIT = 900.0  # a prune that takes longer than this is stalled (see /readyz)

@@ -41,11 +41,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from daemon.loader import ParseCache, RuleSet, RulesVersion, collector_paused, rebuild_set
+from daemon.log import get_logger
 
-log = structlog.get_logger("postbackd.rulecache")
+log = get_logger("postbackd.rulecache")
 
 FORMAT = 3  # bump when what is pickled changes in a way the code hash would not show
 MAGIC = b"postbackd parsed-rules cache\n"

@@ -24,11 +24,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
+from daemon.log import get_logger, mask_userinfo
 
-from daemon.log import mask_userinfo
-
-log = structlog.get_logger("postbackd.supervise")
+log = get_logger("postbackd.supervise")
 
 MONITOR_INTERVAL = 1.0  # seconds between looks for stalled loops
 MAX_ERROR = 300  # characters of an error kept for logs and the admin view of /readyz

@@ -42,13 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from daemon import logout
 from daemon.errors import ConfigError
+from daemon.log import get_logger
 from daemon.notify import Notifier
 
-log = structlog.get_logger("postbackd.workers")
+log = get_logger("postbackd.workers")
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 _TICK = 0.5  # the parent's wake-up interval (reaping, forwarding)

@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from daemon import fastjson
-from daemon.log import _JsonLine, _mask_pii, _Stamp, configure_logging, mask
+from daemon.log import _JsonLine, _mask_pii, _Stamp, configure_logging, get_logger, mask
 
 
 def test_library_warnings_become_one_masked_json_line() -> None:
@@ -138,6 +138,41 @@ def test_each_line_is_one_write_with_its_newline(cache: bool) -> None:
     assert all(call.endswith("\n") and call.count("\n") == 1 for call in out.calls)
     assert [json.loads(call)["event"] for call in out.calls] == ["first", "second"]
     assert out.flushes >= 2
+
+
+def test_module_logger_keeps_its_methods_only_in_a_caching_process() -> None:
+    """daemon.log.get_logger: the daemon (cache=True) keeps each method on the module's logger,
+    so a line skips structlog's lazy proxy; elsewhere every use goes through the proxy, and a
+    later configure (another stream, capture_logs) is seen by the next line."""
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("json", "info", True, stream=first)
+    log = get_logger("t")
+    log.info("one", email="a@example.com")
+    assert "info" not in vars(log)
+    configure_logging("json", "info", True, stream=second)
+    log.info("two")
+    assert [json.loads(line)["event"] for line in first.getvalue().splitlines()] == ["one"]
+    assert [json.loads(line)["event"] for line in second.getvalue().splitlines()] == ["two"]
+    with structlog.testing.capture_logs() as captured:
+        log.warning("three")
+    assert captured == [{"event": "three", "log_level": "warning"}]
+
+    cached = io.StringIO()
+    configure_logging("json", "info", True, stream=cached, cache=True)
+    log = get_logger("t")
+    log.info("four", email="a@example.com")
+    kept = vars(log)["info"]
+    log.info("five", n=2)
+    assert log.info is kept  # read from the object: no proxy, no bind
+    lines = [json.loads(line) for line in cached.getvalue().splitlines()]
+    assert [(line["event"], line["level"]) for line in lines] == [
+        ("four", "info"),
+        ("five", "info"),
+    ]
+    assert lines[0]["email"] != "a@example.com"  # masked as through the proxy
+    assert lines[1]["n"] == 2
+    assert "warning" not in vars(log)  # only what was used
+    structlog.reset_defaults()
 
 
 def _old_chain(mask_pii: bool) -> list[Any]:

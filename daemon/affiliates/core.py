@@ -14,8 +14,6 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import structlog
-
 from daemon.affiliates import inputs
 from daemon.affiliates.index import Entry, StoreIndex
 from daemon.affiliates.policy import destination_host, problems
@@ -34,6 +32,7 @@ from daemon.errors import (
 )
 from daemon.listing import mask
 from daemon.loader import LoadedPostback, RuleSet
+from daemon.log import get_logger
 from daemon.macros import MASK, Template
 from daemon.reload import Reloader
 from daemon.store.affiliate_types import (
@@ -46,7 +45,7 @@ from daemon.store.affiliate_types import (
 from daemon.store.base import Store
 from daemon.visibility import Viewer, visible_to
 
-log = structlog.get_logger("postbackd.affiliates")
+log = get_logger("postbackd.affiliates")
 
 View = dict[str, Any]
 T = TypeVar("T")

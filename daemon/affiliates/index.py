@@ -13,8 +13,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-import structlog
-
 from daemon.actions import build_action
 from daemon.actions.base import Action, Resources, SecretLookup
 from daemon.affiliates.layers import CowMap, Layered
@@ -23,12 +21,13 @@ from daemon.affiliates.policy import DEFAULT_POLICY, LoadedPolicy, destination_h
 from daemon.affiliates.records import StoreLoadedPostback, build_postback
 from daemon.errors import InputError, SecretError
 from daemon.loader import LoadedPostback, RuleSet
+from daemon.log import get_logger
 from daemon.models import Trigger
 from daemon.reload import Runtime
 from daemon.secrets import AFFILIATE_PREFIX
 from daemon.store.affiliate_types import StoredPostback, StoredSecret
 
-log = structlog.get_logger("postbackd.affiliates")
+log = get_logger("postbackd.affiliates")
 
 Key = tuple[str, Trigger, str]  # offer, trigger, affiliate
 

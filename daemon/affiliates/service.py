@@ -62,8 +62,6 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC
 from typing import Any
 
-import structlog
-
 from daemon.affiliates import inputs
 from daemon.affiliates.core import (
     POLICY_WHO,
@@ -76,10 +74,11 @@ from daemon.affiliates.core import (
 )
 from daemon.affiliates.records import BODY_KEYS, file_view
 from daemon.errors import ConflictError, InputError, NotFoundError, PolicyError
+from daemon.log import get_logger
 from daemon.store.affiliate_types import FIRST_STORE_ID, PostbackChange, StoredPostback
 from daemon.visibility import Viewer, visible_to
 
-log = structlog.get_logger("postbackd.affiliates")
+log = get_logger("postbackd.affiliates")
 
 View = dict[str, Any]
 Views = list[View]  # module-level: the method `list` shadows the builtin in the class

@@ -14,15 +14,14 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
 from daemon.affiliates.index import StoreIndex
 from daemon.affiliates.service import AffiliateService
 from daemon.errors import StoreError
+from daemon.log import get_logger
 from daemon.reload import Reloader
 from daemon.store.base import Store
 
-log = structlog.get_logger("postbackd.affiliates")
+log = get_logger("postbackd.affiliates")
 
 INTERVAL = 1.0  # the version check; a change is seen within INTERVAL + one query
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, TextIO, cast
 
 import click
-import structlog
 from aiohttp import web
 
 from daemon import rulecache
@@ -22,7 +21,7 @@ from daemon.cli.common import config_option, settings_from
 from daemon.dispatchproc import CONTROL_SOCKET, DispatcherLink
 from daemon.errors import ConfigError, RulesError, StoreError
 from daemon.ingest import GuardedRunner
-from daemon.log import configure_logging
+from daemon.log import configure_logging, get_logger
 from daemon.logout import TurnFlushed
 from daemon.notify import Notifier
 from daemon.settings import Settings
@@ -31,7 +30,7 @@ from daemon.store.factory import make_store, open_store
 from daemon.supervise import spawn
 from daemon.workers import LoopFactory, loop_factory, run_loop, run_workers, worker_node
 
-log = structlog.get_logger("postbackd")
+log = get_logger("postbackd")
 
 # Requests in flight get this long at a stop; then attempts in flight get the dispatcher's grace
 # (20 s, daemon/app.py). Both together stay inside systemd's TimeoutStopSec=30s.

@@ -16,8 +16,8 @@ from importlib import resources
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
-import structlog
 
+from daemon.log import get_logger
 from daemon.store import rows
 from daemon.store.affiliate_types import (
     NOTIFY_CHANNEL,
@@ -32,7 +32,7 @@ from daemon.store.affiliate_types import (
 from daemon.store.common import utc
 from daemon.store.queries import parse_queries
 
-log = structlog.get_logger("postbackd.store")
+log = get_logger("postbackd.store")
 
 _Q = parse_queries(
     resources.files("daemon.store")

@@ -25,11 +25,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import NamedTuple
 
-import structlog
-
+from daemon.log import get_logger
 from daemon.store.common import NewDelivery
 
-log = structlog.get_logger("postbackd.store")
+log = get_logger("postbackd.store")
 
 MAX_BATCH = 256
 ROUNDS = 2

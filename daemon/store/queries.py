@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import structlog
+from daemon.log import get_logger
 
-log = structlog.get_logger("postbackd.store")
+log = get_logger("postbackd.store")
 
 _NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$")
 _MIGRATION = re.compile(r"^(?P<backend>[a-z]+)_(?P<name>\d{4}_[a-z0-9_]+)\.sql$")

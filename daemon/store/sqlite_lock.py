@@ -46,9 +46,9 @@ import os
 import threading
 from pathlib import Path
 
-import structlog
+from daemon.log import get_logger
 
-log = structlog.get_logger("postbackd.store")
+log = get_logger("postbackd.store")
 
 SUFFIX = "-writelock"
 

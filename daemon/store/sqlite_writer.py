@@ -51,14 +51,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import structlog
-
 from daemon.errors import StoreError
+from daemon.log import get_logger
 from daemon.store.sqlite_lock import LockFile
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], T]
-log = structlog.get_logger("postbackd.store")
+log = get_logger("postbackd.store")
 
 CommitHook = Callable[[int], None]  # called in the writer thread after each COMMIT: batch size
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from importlib import resources
 
-import structlog
 from aiohttp import web
 
 from daemon.api import API
 from daemon.app import SERVICES
 from daemon.errors import InputError
+from daemon.log import get_logger
 from daemon.settings import Settings
 from daemon.ui import affiliate, ops, store_pages
 from daemon.ui.base import (
@@ -34,7 +34,7 @@ from daemon.ui.base import (
 )
 from daemon.ui.session import COOKIE, SIGNIN_COOKIE, Sessions, SignInBound, new_secret, same
 
-log = structlog.get_logger("postbackd.ui")
+log = get_logger("postbackd.ui")
 
 _TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 MAX_TOKEN = 512

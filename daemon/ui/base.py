@@ -16,18 +16,18 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit
 
-import structlog
 from aiohttp import web
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from daemon.app import SERVICES, Services
 from daemon.errors import ForbiddenError, InputError, StoreError
 from daemon.loader import RuleSet
+from daemon.log import get_logger
 from daemon.ui.session import COOKIE, Session, Sessions, SignInBound, same
 from daemon.ui.views import FILTERS
 from daemon.visibility import Viewer
 
-log = structlog.get_logger("postbackd.ui")
+log = get_logger("postbackd.ui")
 T = TypeVar("T")
 
 MAX_FORM = 64 * 1024  # bytes of one form body

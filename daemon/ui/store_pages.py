@@ -10,7 +10,6 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from daemon.api import API
@@ -18,6 +17,7 @@ from daemon.api_views import attempt_view, checked_cursor, rules_status_view
 from daemon.app import Services, loop_details
 from daemon.dispatchproc import DispatcherLink
 from daemon.errors import ConflictError, InputError, StoreError
+from daemon.log import get_logger
 from daemon.store.base import DeliveryFilter, DeliveryRow, DeliveryState
 from daemon.store.common import decode_cursor, encode_cursor
 from daemon.supervise import describe
@@ -25,7 +25,7 @@ from daemon.ui.base import Ctx, PageNotFound, page, params, query, redirect
 from daemon.ui.ops import action_types, masked_fields
 from daemon.ui.views import PostbackIndex, parse_time, postback_id
 
-log = structlog.get_logger("postbackd.ui")
+log = get_logger("postbackd.ui")
 
 PAGE_SIZE = 50
 DEFAULT_WINDOW = timedelta(days=1)  # see delivery_filter
