@@ -59,6 +59,23 @@ PRUNE_BATCH = 500
 MIN_SQLITE = (3, 31, 0)  # generated columns
 
 
+# Python's sqlite3 adapts every parameter that is not exactly an int, float, str or bytearray
+# before binding it. For None (NULL: an event time not given, a postback of no affiliate, a
+# lease not taken) it found no adapter, then asked its protocol for __adapt__, which raises an
+# AttributeError with its message formatted and dropped, and None for __conform__: about
+# 3,000 instructions a parameter, 0.27 us, 7 or 8 of them per delivered conversion (1.1 % of
+# its instructions under callgrind). An adapter registered for None is found by one dict
+# lookup and the rest is skipped; it returns the None it is given, so NULL is bound exactly as
+# before. Registered for the process, as sqlite3's adapters are: every connection binds None
+# the same way, faster. (Not registered for int, float or str: that would make sqlite3 adapt
+# every parameter.)
+def _bind_null(value: None) -> None:
+    return value
+
+
+sqlite3.register_adapter(type(None), _bind_null)
+
+
 def connect(path: Path, busy_timeout: float, *, readonly: bool = False) -> sqlite3.Connection:
     """A connection with the settings durability depends on; autocommit (we BEGIN ourselves)."""
     if sqlite3.sqlite_version_info < MIN_SQLITE:
