@@ -9,6 +9,15 @@ run O). It leaves out the kernel (system calls, loopback TCP, fsync) and counts 
 instruction once per repetition; under callgrind a process runs about 50 times slower, so batches
 and claims are smaller than at full speed. Read it for code changes, not for capacity.
 
+The figures at 32 connections still move by a few percent between runs of the same code
+(2 to 3 %, the durable hello's too): how many requests share a commit, and how many deliveries
+a claim, depends on timing. The section therefore also counts the durable hello and postbackd
+with one connection (wrk -t1 -c1: one request at a time, each its own commit and, end to end,
+its delivery leased at insert), a path that timing does not change: two runs of the same code
+agree within about 0.3 %, so a change of half a percent shows in one pair. It costs more per
+request than the batched path (a commit each) and includes what the daemon's timers do per
+second, spread over the requests of that second; compare it with itself, between versions.
+
 valgrind (Debian's package) must be installed; without it the section says so and is skipped.
 """
 
@@ -29,6 +38,7 @@ from bench.rulesgen import FIRE, NONE
 
 WARMUP = 10.0  # seconds of load before counting (imports, caches, first connections)
 CONNECTIONS = 32
+ONE = "one connection"  # the targets counted with wrk -c1 (the module's docstring)
 
 
 def unavailable() -> str | None:
@@ -79,7 +89,7 @@ async def _delivered(ctx: Context, session: aiohttp.ClientSession, count: int) -
 
 
 async def _count(
-    ctx: Context, proc: Proc, ready: str, sub1: str, seconds: float
+    ctx: Context, proc: Proc, ready: str, sub1: str, seconds: float, connections: int
 ) -> tuple[int, int, int]:
     """(instructions in the window, requests answered 200, deliveries the sink received)."""
     out = ctx.workdir / f"callgrind-{proc.name}"
@@ -94,13 +104,13 @@ async def _count(
         async with aiohttp.ClientSession() as session:
             start = await _delivered(ctx, session, 0) if fires else 0
             warm = await wrk.closed(wrk_path, url, "w", sub1, 1, seconds=WARMUP,
-                                    connections=CONNECTIONS)  # fmt: skip
+                                    connections=connections)  # fmt: skip
             # the warm-up's deliveries all made before counting starts, the window's after
             before = await _delivered(ctx, session, start + warm.ok) if fires else 0
             since = await started([proc]) if fires and isinstance(proc, Daemon) else {}
             await _control("-i", "on", proc.pid)
             got = await wrk.closed(wrk_path, url, "m", sub1, 1, seconds=seconds,
-                                   connections=CONNECTIONS)  # fmt: skip
+                                   connections=connections)  # fmt: skip
             after = await _delivered(ctx, session, before + got.ok) if fires else 0
         await _control("-i", "off", proc.pid)
         if since:  # after counting: the scrapes are not counted
@@ -130,7 +140,8 @@ async def instructions(ctx: Context) -> None:
         return
     seconds = max(ctx.opts.seconds * 3, 6.0)
     report.note(
-        f"wrk, {CONNECTIONS} connections, {WARMUP:g} s uncounted then {seconds:g} s counted; "
+        f"wrk, {CONNECTIONS} connections (or one), {WARMUP:g} s uncounted then {seconds:g} s "
+        "counted; "
         "user space only (no kernel); a process under callgrind runs about 50 times slower"
     )
     rules = await ctx.rules(large=False)
@@ -145,10 +156,20 @@ async def instructions(ctx: Context) -> None:
         ("postbackd end to end", Daemon("cg-e2e", ctx.workdir,
                                         sqlite_url(ctx.workdir / "cg-e2e.db"), rules),
          "/readyz", FIRE),
+        (f"durable hello, {ONE}", server("durable", ctx.workdir, None,
+                                         ("--db", str(ctx.workdir / "cg1-durable.db"))),
+         "/", NONE),
+        (f"postbackd ingest, {ONE}", Daemon("cg1-ingest", ctx.workdir,
+                                           sqlite_url(ctx.workdir / "cg1-ingest.db"), rules),
+         "/readyz", NONE),
+        (f"postbackd end to end, {ONE}", Daemon("cg1-e2e", ctx.workdir,
+                                               sqlite_url(ctx.workdir / "cg1-e2e.db"), rules),
+         "/readyz", FIRE),
     ]  # fmt: skip
     for name, proc, ready, sub1 in targets:
+        connections = 1 if name.endswith(ONE) else CONNECTIONS
         try:
-            total, ok, delivered = await _count(ctx, proc, ready, sub1, seconds)
+            total, ok, delivered = await _count(ctx, proc, ready, sub1, seconds, connections)
         except (RuntimeError, OSError) as err:
             report.note(f"{name}: not counted ({err})")
             continue
@@ -157,9 +178,10 @@ async def instructions(ctx: Context) -> None:
                                    "k", note)  # fmt: skip
     hello = counted.get("hello")
     for name, value in counted.items():
-        if hello and name != "hello":
+        if hello and name != "hello" and not name.endswith(ONE):
             report.ratio(f"instructions, {name} / hello", value, hello, "in hellos")
-    with contextlib.suppress(KeyError):
-        durable = counted["durable hello"]
-        report.ratio("instructions, postbackd ingest / durable hello",
-                     counted["postbackd ingest"], durable, "")  # fmt: skip
+    for suffix in ("", f", {ONE}"):
+        with contextlib.suppress(KeyError):
+            durable = counted[f"durable hello{suffix}"]
+            report.ratio(f"instructions, postbackd ingest / durable hello{suffix}",
+                         counted[f"postbackd ingest{suffix}"], durable, "")  # fmt: skip

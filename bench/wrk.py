@@ -181,8 +181,9 @@ async def closed(
     connections: int,
     cpus: str | None = None,
 ) -> Closed:
-    """One wrk per node at once (connections split between them), each with its own prefix."""
-    threads = 2
+    """One wrk per node at once (connections split between them), each with its own prefix;
+    one thread per node for a single connection (one request at a time), else two."""
+    threads = min(2, connections)
     per_node = max(threads, connections // len(urls))
     prefixes = tuple(f"{prefix}n{i}" for i in range(len(urls)))
     with tempfile.TemporaryDirectory(prefix="postbackd-wrk-") as tmp:
