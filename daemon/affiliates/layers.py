@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain
-from typing import TypeVar
+from typing import TypeVar, cast
 
 K = TypeVar("K")
 V = TypeVar("V")
 SHARDS = 64
+_MISSING = object()  # no value (a value may be None)
 
 
 class CowMap(Mapping[K, V]):
@@ -26,6 +27,10 @@ class CowMap(Mapping[K, V]):
 
     def __getitem__(self, key: K) -> V:
         return self._shards[hash(key) % SHARDS][key]
+
+    def get(self, key: K, default: V | None = None) -> V | None:  # type: ignore[override]
+        # Mapping.get would call __getitem__ and catch its KeyError: an exception per miss
+        return self._shards[hash(key) % SHARDS].get(key, default)
 
     def __contains__(self, key: object) -> bool:
         return key in self._shards[hash(key) % SHARDS]
@@ -72,10 +77,12 @@ class Layered(Mapping[K, V]):
         self._disjoint = disjoint
 
     def __getitem__(self, key: K) -> V:
-        try:
-            return self._top[key]
-        except KeyError:
+        # Asked with get, not [] and KeyError: most keys are the base's (the rule files), and
+        # an exception per lookup was two per delivered conversion.
+        found: V | object = self._top.get(key, _MISSING)
+        if found is _MISSING:
             return self._base[key]
+        return cast(V, found)
 
     def get(self, key: K, default: V | None = None) -> V | None:  # type: ignore[override]
         found = self._top.get(key)

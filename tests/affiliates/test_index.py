@@ -8,6 +8,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from daemon.actions.base import Resources
 from daemon.affiliates.index import AffiliateSecrets, StoreIndex
 from daemon.affiliates.layers import CowMap, Layered
@@ -39,6 +41,26 @@ def test_cowmap_changes_leave_snapshots_alone() -> None:
     assert sorted(second) == sorted([*(i for i in range(1000) if i != 7), 2000])
     layered = Layered({1: "a", 2: "b"}, {2: "B", 3: "C"})
     assert (dict(layered), len(layered), layered.get(9, "x")) == ({1: "a", 2: "B", 3: "C"}, 3, "x")
+
+
+class _GetOnly(dict[int, str | None]):
+    """A top layer that fails the test if looked up with [] (a KeyError per miss)."""
+
+    def __getitem__(self, key: int) -> str | None:
+        raise AssertionError(f"[{key}] asked of the top layer")
+
+
+def test_lookups_in_the_layers_ask_get_not_a_keyerror() -> None:
+    """The store layer over the rule files is asked with get: most keys are the base's, and
+    [] with KeyError made an exception per lookup (two per delivered conversion)."""
+    cow = CowMap[int, str]().evolve({1: "one"})
+    assert (cow.get(1), cow.get(2), cow.get(2, "d")) == ("one", None, "d")
+    layered = Layered({1: "a", 2: "b"}, _GetOnly({2: "B", 3: None}))
+    assert (layered[1], layered[2], layered[3]) == ("a", "B", None)  # a None on top is the top's
+    with pytest.raises(KeyError):
+        layered[4]
+    over_cow = Layered({1: "a"}, cow.evolve({5: "five"}))
+    assert (over_cow[1], over_cow[5], over_cow.get(6, "x")) == ("one", "five", "x")
 
 
 def test_a_change_touches_only_its_entries(tmp_path: Path, sink: Sink) -> None:
