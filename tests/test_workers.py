@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import decimal
 import gc
 import os
 import signal
@@ -13,6 +14,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -223,3 +225,26 @@ def test_the_loop_runs_with_the_daemons_collector_thresholds_and_puts_them_back(
     with pytest.raises(RuntimeError):
         run_loop(failing, None)
     assert gc.get_threshold() == before
+
+
+def test_the_loops_tasks_share_the_threads_decimal_context() -> None:
+    """decimal keeps its context in a context variable: run_loop makes it before the loop, so
+    that a request's task (a copy of the loop's context) does not make one of its own at its
+    first Decimal. Run in a new thread, whose context starts empty, as a worker's does."""
+    seen: list[decimal.Context] = []
+
+    async def task() -> None:
+        decimal.Decimal("12.50")
+        seen.append(decimal.getcontext())
+
+    async def main() -> None:
+        # tasks made before anything here touched decimal, as aiohttp makes a request's
+        await asyncio.gather(asyncio.create_task(task()), asyncio.create_task(task()))
+        seen.append(decimal.getcontext())
+
+    thread = threading.Thread(target=run_loop, args=(main, None))
+    thread.start()
+    thread.join(30)
+    assert len(seen) == 3
+    assert seen[0] is seen[1] is seen[2]
+    assert seen[0].prec == decimal.DefaultContext.prec  # the default, unchanged
