@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -429,4 +430,41 @@ async def test_on_postgres_a_status_change_is_leased_at_insert_and_delivered(
             assert delivery.state == "succeeded"
         finally:
             await daemon.client.close()
+            await sink.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+async def test_on_postgres_a_status_change_of_a_conversion_stored_elsewhere_wakes_the_dispatcher(
+    tmp_path: Path,
+) -> None:
+    """Node B stored the pending conversion; node A receives its approval. A's statement for a
+    new conversion takes the lease offer, finds the conversion stored, and the locking path
+    queues the delivery: A's dispatcher must be woken to claim it, not left to its next poll
+    (set to a minute here, so that a missed wake-up cannot pass for a fast poll)."""
+    from tests.store.conftest import pg_schema
+
+    sink = await Sink().start()
+    async with pg_schema() as dsn:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        node_a = await start_daemon(tmp_path / "a", rules(sink), store_url=dsn)
+        node_b = await start_daemon(tmp_path / "b", rules(sink), store_url=dsn, dispatch=False)
+        dispatcher = node_a.services.dispatcher
+        try:
+            await wait_for(lambda: dispatcher.lease_ahead() is not None)
+            dispatcher.config = replace(dispatcher.config, poll_interval=60.0)
+            dispatcher.wake()  # its current wait ends; the next one is a minute long
+            await asyncio.sleep(0.2)
+            pending = await node_b.post(conversion_id="c1", offer=1, affiliate=9, status="pending")
+            assert pending["deliveries"] == 0
+            approved = await node_a.post(
+                conversion_id="c1", offer=1, affiliate=9, status="approved"
+            )
+            assert (approved["transition"], approved["deliveries"]) == ("status_changed", 1)
+            await wait_for(lambda: len(sink.received) == 1)
+            assert dispatcher.started == {"claim": 1, "lease_at_insert": 0}
+        finally:
+            await node_a.client.close()
+            await node_b.client.close()
             await sink.close()
