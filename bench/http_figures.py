@@ -413,11 +413,35 @@ async def change_latency(report: Report, target: Target, sink: SinkClient, opts:
         what = f"{name}: status change to delivery"
         report.add(f"{what} p50 at {rate:,.0f}/s", percentile(lat, 50) * 1000, "ms")
         report.add(f"{what} p99 at {rate:,.0f}/s", percentile(lat, 99) * 1000, "ms")
-    if out.errors or missing:
+        # the approval's own answer (planned send to 200), the part of the above that ingest takes
+        acks = [out.acked[n] - out.intended[n] for n in keys.values()]
+        report.add(f"{name}: status change answered p50 at {rate:,.0f}/s",
+                   percentile(acks, 50) * 1000, "ms")  # fmt: skip
+    # An approval sent while its conversion's pending arrival was still on its way (the open
+    # loop's requests overtake each other when the node lags) reaches the node first: there
+    # the conversion is new and approved, and fires on its first arrival, under that key.
+    first = {key for key in missing if first_arrival_key(plan, keys[key], prefix, target.offers)
+             in sink.hits}  # fmt: skip
+    if first:
         report.note(
-            f"status changes at {rate:,.0f}/s: {out.errors} requests failed, {len(missing)} of "
-            f"{len(keys)} approvals not delivered within {opts.drain_deadline:.0f} s"
+            f"status changes at {rate:,.0f}/s: {len(first)} of {len(keys)} approvals reached the "
+            "node before their pending arrival and were delivered as the conversion's first"
         )
+    if out.errors or missing - first:
+        report.note(
+            f"status changes at {rate:,.0f}/s: {out.errors} requests failed, "
+            f"{len(missing - first)} of {len(keys)} approvals not delivered within "
+            f"{opts.drain_deadline:.0f} s"
+        )
+
+
+def first_arrival_key(
+    plan: Callable[[int], tuple[int, str, str | None]], n: int, prefix: str, offers: int
+) -> str:
+    """The key of the delivery request n (an approval of change_plan) fires if it reaches the
+    node before its conversion's pending arrival: the conversion's first arrival."""
+    k = plan(n)[0]
+    return key_of(f"{prefix}-{k}", offer_of(k, offers), seq=1)
 
 
 async def latency(report: Report, target: Target, sink: SinkClient, opts: Options) -> None:

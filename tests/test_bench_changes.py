@@ -7,7 +7,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from bench.http_figures import CHANGE_AFTER, change_plan
+from bench.http_figures import CHANGE_AFTER, change_plan, first_arrival_key
 from bench.rulesgen import key_of, offer_of
 
 
@@ -48,3 +48,13 @@ def test_early_requests_are_pending_arrivals_of_their_own() -> None:
     assert key is None
     assert "conversion_id=p-early1&" in query
     assert "status=pending" in query
+
+
+def test_an_approval_that_overtakes_its_pending_arrival_is_known_by_its_first_key() -> None:
+    """When the approval reaches the node first, the conversion is new and approved: it fires on
+    its first arrival, and the bench counts it apart from approvals never delivered."""
+    plan = change_plan("p", 7, 1000.0)
+    n = next(n for n in range(1000) if plan(n)[2] is not None)
+    k, _, key = plan(n)
+    assert key == key_of(f"p-{k}", offer_of(k, 7), seq=2)
+    assert first_arrival_key(plan, n, "p", 7) == key_of(f"p-{k}", offer_of(k, 7), seq=1)
