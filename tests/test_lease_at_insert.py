@@ -402,6 +402,15 @@ async def test_on_postgres_attempts_waiting_for_their_result_leave_the_room_to_n
             await sink.close()
 
 
+async def pending_then_approved(first: Daemon, then: Daemon, cid: str) -> None:
+    """`cid` arrives pending at `first` (nothing fires), then approved at `then` (the same node
+    or another): a status change with one delivery."""
+    pending = await first.post(conversion_id=cid, offer=1, affiliate=9, status="pending")
+    assert pending["deliveries"] == 0
+    approved = await then.post(conversion_id=cid, offer=1, affiliate=9, status="approved")
+    assert (approved["transition"], approved["deliveries"]) == ("status_changed", 1)
+
+
 @pytest.mark.postgres
 @pytest.mark.timeout(60)
 async def test_on_postgres_a_status_change_is_leased_at_insert_and_delivered(
@@ -417,12 +426,7 @@ async def test_on_postgres_a_status_change_is_leased_at_insert_and_delivered(
         dispatcher = daemon.services.dispatcher
         try:
             await wait_for(lambda: dispatcher.lease_ahead() is not None)
-            pending = await daemon.post(conversion_id="c1", offer=1, affiliate=9, status="pending")
-            assert pending["deliveries"] == 0
-            approved = await daemon.post(
-                conversion_id="c1", offer=1, affiliate=9, status="approved"
-            )
-            assert (approved["transition"], approved["deliveries"]) == ("status_changed", 1)
+            await pending_then_approved(daemon, daemon, "c1")
             await wait_for(lambda: len(sink.received) == 1)
             await wait_for(lambda: dispatcher.in_flight == 0)
             assert dispatcher.started == {"claim": 0, "lease_at_insert": 1}
@@ -456,12 +460,7 @@ async def test_on_postgres_a_status_change_of_a_conversion_stored_elsewhere_wake
             dispatcher.config = replace(dispatcher.config, poll_interval=60.0)
             dispatcher.wake()  # its current wait ends; the next one is a minute long
             await asyncio.sleep(0.2)
-            pending = await node_b.post(conversion_id="c1", offer=1, affiliate=9, status="pending")
-            assert pending["deliveries"] == 0
-            approved = await node_a.post(
-                conversion_id="c1", offer=1, affiliate=9, status="approved"
-            )
-            assert (approved["transition"], approved["deliveries"]) == ("status_changed", 1)
+            await pending_then_approved(node_b, node_a, "c1")
             await wait_for(lambda: len(sink.received) == 1)
             assert dispatcher.started == {"claim": 1, "lease_at_insert": 0}
         finally:
