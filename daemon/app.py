@@ -84,11 +84,12 @@ class Services:
     ) -> None:
         """After the store committed an arrival: count it, and wake the dispatcher for its
         deliveries, unless they were leased to it at insert (it has them already: the lease's
-        claims). An offer taken does not mean leased: on PostgreSQL the statement for a new
-        conversion takes it, then may find the conversion stored (by another node, or by this
-        one's arrival still on its way), and the locking path that follows queues the
-        deliveries; asked whether the offer was taken, such a status change waited for the
-        dispatcher's next poll, up to a second (p50 1.4 s at 1,000/s in the bench)."""
+        claims). Decided by what was leased, not by whether the offer was taken: on PostgreSQL
+        the statement for a new conversion takes the offer, then may find the conversion
+        stored (by another node, or by this one's arrival still on its way); its deliveries
+        were queued, and, asked whether the offer was taken, they waited for the dispatcher's
+        next poll (status changes at p50 1.4 s at 1,000/s in the bench). The locking path now
+        asks the offer again (LeaseAhead.reopen), so this is a guard for any later path."""
         self.metrics.arrival(source, result.transition)
         if result.delivery_ids and (lease is None or not lease.claims):
             self.wake_dispatcher()

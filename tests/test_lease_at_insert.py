@@ -439,13 +439,14 @@ async def test_on_postgres_a_status_change_is_leased_at_insert_and_delivered(
 
 @pytest.mark.postgres
 @pytest.mark.timeout(60)
-async def test_on_postgres_a_status_change_of_a_conversion_stored_elsewhere_wakes_the_dispatcher(
+async def test_on_postgres_a_status_change_of_a_conversion_stored_elsewhere_is_leased(
     tmp_path: Path,
 ) -> None:
     """Node B stored the pending conversion; node A receives its approval. A's statement for a
-    new conversion takes the lease offer, finds the conversion stored, and the locking path
-    queues the delivery: A's dispatcher must be woken to claim it, not left to its next poll
-    (set to a minute here, so that a missed wake-up cannot pass for a fast poll)."""
+    new conversion takes the lease offer and finds the conversion stored; the locking path then
+    asks the offer again (LeaseAhead.reopen) and leases the delivery, sent at once. Before,
+    it queued the delivery and nothing woke A's dispatcher: it waited for the next poll (set to
+    a minute here, so that a missed wake-up cannot pass for a fast poll)."""
     from tests.store.conftest import pg_schema
 
     sink = await Sink().start()
@@ -462,7 +463,15 @@ async def test_on_postgres_a_status_change_of_a_conversion_stored_elsewhere_wake
             await asyncio.sleep(0.2)
             await pending_then_approved(node_b, node_a, "c1")
             await wait_for(lambda: len(sink.received) == 1)
-            assert dispatcher.started == {"claim": 1, "lease_at_insert": 0}
+            await wait_for(lambda: dispatcher.in_flight == 0)
+            assert dispatcher.started == {"claim": 0, "lease_at_insert": 1}
+            [delivery] = await node_a.deliveries()
+            assert delivery.state == "succeeded"
+            # the offer taken twice (the statement, then the locking path) kept no room: the
+            # whole of it is free again
+            room = offer(dispatcher)
+            assert room.take([planned()] * LEASE_AT_INSERT_MAX)
+            room.settle(False)
         finally:
             await node_a.client.close()
             await node_b.client.close()

@@ -118,10 +118,11 @@ class LeaseAhead:
     whether or not the request still waits for it: the dispatcher then starts the claims, or
     frees the room it kept. A transaction run again (SQLite's savepoint rerun) asks `take`
     again: the first answer stands, and `claims` is what the last run wrote. PostgreSQL asks
-    before a new conversion's batched statement or inside a stored conversion's transaction
-    (once per arrival: an offer answered by the batched statement is not asked again when the
-    conversion turns out to be stored), and makes the claims from the arrival's data and values
-    as the server stored them (jsonb orders an object's keys its own way)."""
+    before a new conversion's batched statement or inside a stored conversion's transaction,
+    and makes the claims from the arrival's data and values as the server stored them (jsonb
+    orders an object's keys its own way). When the batched statement finds the conversion
+    stored (by another node, or by this node's arrival still on its way), it has settled the
+    offer as not written; the store then `reopen`s it and the locking path asks it again."""
 
     __slots__ = ("_admit", "_reserved", "_settle", "claims", "lease", "node")
 
@@ -152,6 +153,13 @@ class LeaseAhead:
 
     def settle(self, committed: bool) -> None:
         self._settle(self, committed)
+
+    def reopen(self) -> None:
+        """The offer, settled, may be taken again: the next `take` asks the dispatcher anew
+        (and keeps its own room, until its own settle). Only after settle, or when no take
+        agreed: settle gives back the room the first take kept."""
+        self._reserved = None
+        self.claims = []
 
 
 class AttemptRow(NamedTuple):

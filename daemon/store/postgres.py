@@ -199,10 +199,12 @@ class PostgresStore(PostgresAffiliates, PostgresReplay):
             self._remember(key)
             if fast is not None:
                 return fast
-            # Stored already (by another node): the offer was made to the new conversion's
-            # statement, and answered there; one offer, one answer, so the locking path below
-            # queues this arrival's deliveries.
-            lease = None
+            # Stored already (by another node, or by this node's arrival still on its way when
+            # this one came: a status change right behind its pending arrival). The statement
+            # settled the offer as not written; the locking path below asks it again, so that
+            # the deliveries of the status change are leased as this node's own would be.
+            if lease is not None:
+                lease.reopen()
         # A conversion this node stored lately (a status change, a duplicate): its arrival in
         # a transaction that locks the conversion, its deliveries leased when the offer takes
         # them, and the offer settled once the transaction has ended, committed or not.

@@ -120,6 +120,28 @@ async def test_a_status_change_is_leased_as_a_new_conversion_is(store: Store) ->
     assert (repeat.claims, again.kept) == ([], 0)
 
 
+async def test_a_status_change_of_a_conversion_stored_by_another_node_is_leased(
+    backend: Backend,
+) -> None:
+    """The approval reaches a node that does not know the conversion (another stored it
+    pending). PostgreSQL's statement for a new conversion takes the offer for the new
+    conversion's deliveries (none here: a new conversion fires nothing), finds it stored, and
+    the locking path asks the offer again for the status change's: they are leased, and the
+    room is the dispatcher's again once their claims are its own."""
+    first, second = await backend.open(), await backend.open()
+    await first.record_arrival("generic", conversion("c1"), T0, plan_on_change, None)
+    ledger = Ledger()
+    lease = ledger.offer("n2")
+    approved = conversion("c1", status="approved")
+    result = await second.record_arrival("generic", approved, at(1), plan_on_change, lease)
+    assert result.transition is Transition.STATUS_CHANGED
+    assert [c.delivery_id for c in lease.claims] == result.delivery_ids
+    assert len(lease.claims) == 2
+    assert ledger.kept == 0
+    assert ledger.settled[-1] is True
+    assert await second.claim_due("n2", at(2), 10, LEASE) == []  # leased, not queued
+
+
 @pytest.mark.postgres
 async def test_postgres_a_status_change_that_does_not_commit_gives_the_room_back(
     pg_dsn: str,
@@ -184,8 +206,9 @@ async def test_an_arrival_of_a_stored_conversion_leases_nothing_and_gives_the_ro
     backend: Backend,
 ) -> None:
     """A second node (nothing remembered) sees the conversion as new until its write finds it
-    stored: the room it took for the new conversion's deliveries is given back, nothing is
-    leased, and the duplicate writes no delivery."""
+    stored: the room it took for the new conversion's deliveries is given back, the locking
+    path asks the offer again (a duplicate: nothing to take), nothing is leased, and the
+    duplicate writes no delivery."""
     first, second = await backend.open(), await backend.open()
     await first.record_arrival("generic", conversion("c1"), T0, plan, Ledger().offer())
     ledger = Ledger()
@@ -194,8 +217,9 @@ async def test_an_arrival_of_a_stored_conversion_leases_nothing_and_gives_the_ro
     assert result.transition is Transition.DUPLICATE
     assert (lease.claims, ledger.kept) == ([], 0)
     # SQLite decides inside its transaction (no delivery: nothing asked); PostgreSQL took the
-    # room for a new conversion, and is told that its arrival was not written as one
-    assert ledger.settled == ([False] if backend.name == "postgres" else [True])
+    # room for a new conversion and is told that its arrival was not written as one, then the
+    # locking path, its offer reopened, settles again once its transaction committed
+    assert ledger.settled == ([False, True] if backend.name == "postgres" else [True])
     assert await second.claim_due("n2", at(1), 10, timedelta(seconds=30)) == []
 
 
