@@ -402,6 +402,17 @@ async def test_on_postgres_attempts_waiting_for_their_result_leave_the_room_to_n
             await sink.close()
 
 
+async def sent_leased_at_insert(node: Daemon, sink: Sink) -> None:
+    """The one delivery reached the sink, started from a lease at insert (no claim), and is
+    recorded as succeeded."""
+    dispatcher = node.services.dispatcher
+    await wait_for(lambda: len(sink.received) == 1)
+    await wait_for(lambda: dispatcher.in_flight == 0)
+    assert dispatcher.started == {"claim": 0, "lease_at_insert": 1}
+    [delivery] = await node.deliveries()
+    assert delivery.state == "succeeded"
+
+
 async def pending_then_approved(first: Daemon, then: Daemon, cid: str) -> None:
     """`cid` arrives pending at `first` (nothing fires), then approved at `then` (the same node
     or another): a status change with one delivery."""
@@ -427,11 +438,7 @@ async def test_on_postgres_a_status_change_is_leased_at_insert_and_delivered(
         try:
             await wait_for(lambda: dispatcher.lease_ahead() is not None)
             await pending_then_approved(daemon, daemon, "c1")
-            await wait_for(lambda: len(sink.received) == 1)
-            await wait_for(lambda: dispatcher.in_flight == 0)
-            assert dispatcher.started == {"claim": 0, "lease_at_insert": 1}
-            [delivery] = await daemon.deliveries()
-            assert delivery.state == "succeeded"
+            await sent_leased_at_insert(daemon, sink)
         finally:
             await daemon.client.close()
             await sink.close()
@@ -462,11 +469,7 @@ async def test_on_postgres_a_status_change_of_a_conversion_stored_elsewhere_is_l
             dispatcher.wake()  # its current wait ends; the next one is a minute long
             await asyncio.sleep(0.2)
             await pending_then_approved(node_b, node_a, "c1")
-            await wait_for(lambda: len(sink.received) == 1)
-            await wait_for(lambda: dispatcher.in_flight == 0)
-            assert dispatcher.started == {"claim": 0, "lease_at_insert": 1}
-            [delivery] = await node_a.deliveries()
-            assert delivery.state == "succeeded"
+            await sent_leased_at_insert(node_a, sink)
             # the offer taken twice (the statement, then the locking path) kept no room: the
             # whole of it is free again
             room = offer(dispatcher)
