@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from math import isfinite
 from types import MappingProxyType
@@ -123,7 +124,7 @@ def prepare_data(data: Any) -> Prepared:
 class Condition:
     """A compiled `when`: call it for the JsonLogic result, or `truthy` for rule matching."""
 
-    __slots__ = ("_key", "_rule", "evaluate", "logic")
+    __slots__ = ("_key", "_rule", "evaluate", "logic", "text_test")
 
     def __init__(self, logic: Any, rule: dl.Rule | None) -> None:
         self.logic = logic  # the checked logic in plain JSON types
@@ -134,6 +135,9 @@ class Condition:
         self.evaluate: Callable[[dl.DataHandle], Any] | None = (
             None if rule is None else rule.evaluate_data
         )
+        # For a comparison of one field with a string (_text_test), what the engine decides
+        # when that field is a string, without the engine; None for any other condition.
+        self.text_test: TextTest | None = None if rule is None else _text_test(logic)
         # Canonical text: equality must tell `true` from `1`, which == on Python values does not.
         self._key = json.dumps(logic, sort_keys=True, separators=(",", ":"))
 
@@ -184,6 +188,54 @@ class Condition:
 
     def __repr__(self) -> str:
         return f"Condition({self._key})"
+
+
+# A condition's verdict on an object of members that are not null (rule data's `present`):
+# True or False, or None when the engine must decide.
+TextTest = Callable[[Mapping[str, Any]], bool | None]
+_TEXT_COMPARISONS: Final = {"==": False, "===": False, "!=": True, "!==": True}  # negated?
+_FIELD_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def _field_of(operand: Any) -> str | None:
+    """The field `{"var": "name"}` (or `{"var": ["name"]}`) reads, for a plain name (no dots,
+    no index, no default); None for any other operand."""
+    if type(operand) is not dict or len(operand) != 1 or "var" not in operand:
+        return None
+    name = operand["var"]
+    if type(name) is list and len(name) == 1:
+        name = name[0]
+    if type(name) is str and _FIELD_NAME.fullmatch(name):
+        return name
+    return None
+
+
+def _text_test(logic: Any) -> TextTest | None:
+    """For `{"==": [{"var": "sub1"}, "x"]}` (also `===`, `!=`, `!==`, either order: the most
+    common condition of postback rules), a test that decides it in Python when the field is a
+    string: JsonLogic compares two strings exactly, whatever they look like (`"1"` is not
+    `"1.0"`), with every one of these operators. Any other value (missing, a number, an
+    object) is left to the engine, whose loose equality converts (`null == ""` holds there).
+    tests/test_conditions_text.py checks it against the engine."""
+    if type(logic) is not dict or len(logic) != 1:
+        return None
+    ((op, args),) = logic.items()
+    negated = _TEXT_COMPARISONS.get(op)
+    if negated is None or type(args) is not list or len(args) != 2:
+        return None
+    name, text = _field_of(args[0]), args[1]
+    if name is None:
+        name, text = _field_of(args[1]), args[0]
+    if name is None or type(text) is not str:
+        return None
+
+    def test(members: Mapping[str, Any]) -> bool | None:
+        value = members.get(name)
+        if type(value) is not str:
+            return None
+        return (value == text) is not negated
+
+    return test
 
 
 # Compiled conditions by canonical text: a condition is immutable, so one text is compiled once

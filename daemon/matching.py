@@ -32,6 +32,9 @@ def match(rules: RuleSet, conversion: Conversion, data: Mapping[str, Any]) -> li
         own = (conversion.offer, conversion.trigger, conversion.affiliate)
         candidates += rules.by_affiliate.get(own, ())
     affiliate = conversion.affiliate
+    # Rule data's members that are not null, when the engine would take them as they are: what
+    # a condition's text_test reads (the engine then need not be given the data at all).
+    members = data.present if type(data) is RuleData and data.plain else None
     for lp in candidates:
         pb = lp.postback
         if pb.affiliate != ANY_AFFILIATE and pb.affiliate != affiliate:
@@ -40,6 +43,13 @@ def match(rules: RuleSet, conversion: Conversion, data: Mapping[str, Any]) -> li
             continue
         condition = pb.when  # (Postback.condition, without its property call)
         if condition is not None:
+            test = condition.text_test
+            if test is not None and members is not None:
+                holds = test(members)
+                if holds is not None:  # decided without the engine
+                    if holds:
+                        fired.append(lp)
+                    continue
             if prepared is None:
                 prepared = _prepare(data)
                 handle = None if prepared is _UNUSABLE else prepared.handle
