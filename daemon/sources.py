@@ -46,6 +46,10 @@ from daemon.yamlfile import YMap, line_of
 
 GENERIC = "generic"
 SOURCE_SUFFIXES = (".yaml", ".yml")
+MAX_LAYOUTS = 64  # per source: Source._layouts
+
+# (parameter, canonical field) for each field a parameter fills, and the parameters left extra
+_Layout = tuple[tuple[tuple[str, str], ...], list[str]]
 
 
 @dataclass(frozen=True)
@@ -77,24 +81,43 @@ class Source:
         used = frozenset(consumed).union(targets)
         return {param: tuple(found) for param, found in targets.items()}, used
 
+    @cached_property
+    def _layouts(self) -> dict[tuple[str, ...], _Layout]:
+        """The layouts worked out so far, by the names of the parameters sent, in their order
+        (a tracker sends the same names with every conversion). At most MAX_LAYOUTS are kept:
+        past them, names sent in other ways are laid out per request."""
+        return {}
+
+    def _layout(self, names: tuple[str, ...]) -> _Layout:
+        """Where the parameters named `names` go: the canonical fields they fill, in
+        CANONICAL_FIELDS order (the order of the stored fields), and those left as extra."""
+        targets, used = self._mapping
+        found = sorted(
+            (place, name, param)
+            for param in names
+            if param in targets
+            for place, name in targets[param]
+        )  # places are unique: names and parameters are never compared
+        return tuple((param, name) for _, name, param in found), [p for p in names if p not in used]
+
     def to_conversion(self, params: Mapping[str, str]) -> Conversion:
         """Canonical conversion from inbound parameters; InputError names the inbound field."""
-        targets, used = self._mapping
+        names = tuple(params)
+        layouts = self._layouts
+        layout = layouts.get(names)
+        if layout is None:
+            layout = self._layout(names)
+            if len(layouts) < MAX_LAYOUTS:
+                layouts[names] = layout
+        fills, rest = layout
         canonical: dict[str, str] = dict(self.defaults)
-        # The canonical fields given a value, filled in CANONICAL_FIELDS order (the order of
-        # the stored fields), walking the parameters sent rather than every canonical name.
-        found = [
-            (place, name, value)
-            for param, value in params.items()
-            if value != "" and param in targets
-            for place, name in targets[param]
-        ]
-        found.sort()  # places are unique: names and values are never compared
-        for _, name, value in found:
-            canonical[name] = value
+        for param, name in fills:  # a parameter sent empty fills nothing (nor is it extra)
+            value = params[param]
+            if value != "":
+                canonical[name] = value
         if "status" in canonical:
             canonical["status"] = self._status(canonical["status"])
-        extra = {k: v for k, v in params.items() if k not in used}
+        extra = {k: params[k] for k in rest}
         try:
             return Conversion.parse(canonical, extra)
         except InputError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
@@ -88,8 +89,25 @@ def _unquote(text: str, name: str | None) -> str:
         raise InputError("not valid UTF-8 (or a lone surrogate)", field) from err
 
 
+# A query every part of which is `name=value` in printable ASCII without `%`, `+`, `&` or a
+# second `=`, the name of 1 to MAX_NAME characters and the value of at most MAX_VALUE_LENGTH:
+# each part decodes to itself and passes every check of _add (what trackers send). Matched
+# as a whole, such a text needs no work per parameter but the dict's (parse_urlencoded).
+_NAME = rf"[!-$'-*,-<>-~ ]{{1,{MAX_NAME}}}+"  # printable ASCII but % & + =
+_VALUE = rf"[!-$'-*,-<>-~ ]{{0,{MAX_VALUE_LENGTH}}}+"
+_PLAIN_QUERY = re.compile(rf"{_NAME}={_VALUE}(?:&{_NAME}={_VALUE})*+")
+
+
 def parse_urlencoded(text: str, params: dict[str, str]) -> None:
     """`a=1&b=2` into `params`, strictly: invalid UTF-8 after percent-decoding is an error."""
+    if not params and _PLAIN_QUERY.fullmatch(text) is not None:
+        # names and values alternate between the separators (each part has one `=`)
+        found = text.replace("&", "=").split("=")
+        pairs = iter(found)
+        params.update(zip(pairs, pairs, strict=True))
+        if 2 * len(params) == len(found) and len(params) <= MAX_PARAMS:
+            return
+        params.clear()  # a name given twice, or too many: the walk below decides
     # A text without `%` or `+` decodes to itself, part by part (_unquote's own shortcut,
     # decided once for the whole text).
     plain = "%" not in text and "+" not in text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -21,9 +22,11 @@ from daemon.models import (
     MAX_VALUE_LENGTH,
     Conversion,
     Status,
+    UtcText,
     check_value,
+    utc_text,
 )
-from daemon.sources import Source
+from daemon.sources import MAX_LAYOUTS, Source
 from daemon.webhook_input import MAX_NAME, MAX_PARAMS, parse_urlencoded
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -119,7 +122,8 @@ def new_parse(text: str) -> dict[str, str]:
 
 PIECES = st.sampled_from(
     ["a", "b", "sub1", "=", "&", "+", "%", "%2", "%20", "%41", "%C3%A9", "%ED%A0%80", "%FF",
-     "%00", "%7F", "%C2%85", "%0A", "é", "\x01", "\ud800", "x" * 130, "y" * 1030, "%2B"]
+     "%00", "%7F", "%C2%85", "%0A", "é", "\x01", "\ud800", "x" * 130, "y" * 1030, "%2B",
+     " ", "#", "n=v", "n=w", "=&", "x" * 128, "y" * 1024]
 )  # fmt: skip
 
 
@@ -127,6 +131,39 @@ PIECES = st.sampled_from(
 @settings(max_examples=3000, deadline=None)
 def test_parse_urlencoded_decides_as_before(text: str) -> None:
     assert outcome(new_parse, text) == outcome(reference_parse, text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "&".join(f"n{i}=v" for i in range(MAX_PARAMS)),  # as many as taken
+        "&".join(f"n{i}=v" for i in range(MAX_PARAMS + 1)),  # one too many
+        "&".join(f"n{i % 150}=v" for i in range(MAX_PARAMS + 50)),  # repeats, agreeing
+        "a=1&b=2&a=1",
+        "a=1&b=2&a=2",
+        "a=b=c&d=e",
+        "a=&=b",
+        "x" * MAX_NAME + "=" + "y" * MAX_VALUE_LENGTH,
+        "x" * (MAX_NAME + 1) + "=y",
+        "x=" + "y" * (MAX_VALUE_LENGTH + 1),
+        "a=1&&b=2",
+        "a=1&b",
+        "a b=c d&e!=~",
+    ],
+)
+def test_parse_urlencoded_plain_queries_decide_as_before(text: str) -> None:
+    """The whole-text path for plain queries (every part `name=value` in printable ASCII),
+    at its bounds: the same parameters, or the same error, as the walk."""
+    assert outcome(new_parse, text) == outcome(reference_parse, text)
+
+
+def test_parse_urlencoded_adds_to_what_the_query_gave() -> None:
+    """A form body's parameters join the query's: a name in both must agree."""
+    params = {"a": "1"}
+    parse_urlencoded("b=2&c=3", params)
+    assert params == {"a": "1", "b": "2", "c": "3"}
+    with pytest.raises(InputError, match="twice with different values"):
+        parse_urlencoded("c=3&a=2", {"a": "1"})
 
 
 def test_parse_urlencoded_errors_name_the_parameter() -> None:
@@ -256,3 +293,54 @@ def test_rule_data_context_values_are_plain_strings() -> None:
     }
     assert all(type(v) is str for v in context.values())  # not Enum members
     assert all(type(v) is str for v in values.values())
+
+
+def test_to_conversion_layouts_are_kept_per_source_up_to_a_bound() -> None:
+    """A layout is worked out once per list of parameter names and kept, at most MAX_LAYOUTS
+    of them; names sent in more ways than that still decode, as the reference does."""
+    source = Source("mapped", fields=MAPPED, defaults={"currency": "USD", "affiliate": "7"})
+    base = {"transaction_id": "c1", "offer_id": "5", "status": "approved"}
+    for n in range(MAX_LAYOUTS + 20):
+        params = {**base, f"note{n}": "x", "aff_sub": str(n), "goal": "lead"}
+        new = outcome(source.to_conversion, params)
+        assert new == outcome(reference_to_conversion, source, params)
+        assert list(new[1].fields.items()) == [("currency", "USD"), ("sub1", str(n)),
+                                               ("sub2", str(n))]  # fmt: skip
+        assert list(new[1].extra.items()) == [(f"note{n}", "x"), ("goal", "lead")]
+    assert len(source._layouts) == MAX_LAYOUTS
+    # the same names again, from the kept layout, and in another order (another layout)
+    again = {**base, "note3": "y", "aff_sub": "", "goal": "sale"}
+    assert outcome(source.to_conversion, again) == outcome(reference_to_conversion, source, again)
+    turned = dict(reversed(again.items()))
+    assert outcome(source.to_conversion, turned) == outcome(reference_to_conversion, source, turned)
+
+
+@given(
+    st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-5)), UTC])),
+    st.booleans(),
+)
+@settings(max_examples=1500, deadline=None)
+def test_utc_text_writes_what_isoformat_wrote(moment: datetime, whole: bool) -> None:
+    """Rule data's received_at: the text isoformat gave (in UTC, `Z` for `+00:00`, no fraction
+    for a whole second), through UtcText's once-a-second prefix for UTC moments."""
+    if whole:
+        moment = moment.replace(microsecond=0)
+    try:
+        expected = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    except OverflowError:  # out of range once in UTC: never a received_at
+        return
+    assert utc_text(moment) == expected
+    # the same second again (the kept prefix), then the next one
+    assert utc_text(moment.replace(microsecond=7)) == moment.astimezone(UTC).replace(
+        microsecond=7
+    ).isoformat().replace("+00:00", "Z")
+    if moment.astimezone(UTC).year < 9999:
+        later = moment + timedelta(seconds=1)
+        assert utc_text(later) == later.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def test_utc_text_reads_the_clock_when_given_no_time() -> None:
+    ns = iter([1_765_000_000_123_456_789, 1_765_000_001_000_000_999])
+    text = UtcText(lambda: next(ns))
+    assert text() == "2025-12-06T05:46:40.123456Z"
+    assert text() == "2025-12-06T05:46:41Z"

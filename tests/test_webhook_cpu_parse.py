@@ -1,7 +1,9 @@
 """The webhook's parsing shortcuts decide exactly as the code they shortcut: parse_decimal's
-plain-amount path, Conversion.parse without a check_value call per short printable value,
-without the dict of decimals and without the dataclass's __init__ (the same object). Each is compared with the form it replaced (kept here as the
-reference), on generated inputs."""
+plain-amount path and the amounts it keeps, Conversion.parse without a check_value call per
+short printable value, without the dict of decimals, without the dataclass's __init__ (the same
+object), without the currency's regex and with its other fields copied rather than filtered.
+Each is compared with the form it replaced (kept here as the reference), on generated
+inputs."""
 
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daemon import models
 from daemon.errors import InputError
 from daemon.models import (
     _CANONICAL,
-    _CURRENCY,
     _REQUIRED,
     DECIMAL_FIELDS,
     MAX_VALUE_LENGTH,
@@ -29,6 +31,7 @@ from daemon.models import (
     parse_event_time,
 )
 
+_CURRENCY = re.compile(r"^[A-Za-z]{3}$")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
@@ -118,7 +121,7 @@ def test_parse_decimal_plain_amounts() -> None:
 
 VALUES = st.sampled_from(
     ["", " ", "x", "42", "approved", " Approved ", "pending", "nope", "12.50", "-1", "1e999",
-     "USD", "usd", "US1", "a\nb", "a\x85b", "\ud800", "é", "a" * MAX_VALUE_LENGTH,
+     "USD", "usd", "US1", "ÉÉÉ", "ǅǅǅ", "EU", "EURO", "U D", "a\nb", "a\x85b", "\ud800", "é", "a" * MAX_VALUE_LENGTH,
      "a" * (MAX_VALUE_LENGTH + 1), "2026-12-01T10:00:00Z", "1780000000", "tomorrow"]
 )  # fmt: skip
 NAMES = st.sampled_from(
@@ -140,3 +143,27 @@ def test_conversion_parse_decides_as_before(
         assert outcome(Conversion.parse, given_params, extra) == outcome(
             reference_parse, given_params, extra
         )
+
+
+def test_parse_decimal_keeps_a_bounded_number_of_amounts() -> None:
+    """The plain amounts read are kept, at most _PLAIN_KEPT of them; past that an amount is
+    read again each time, to the same number. What is refused is never kept."""
+    models._PLAIN_READ.clear()
+    try:
+        first = parse_decimal("payout", "12.50")
+        assert parse_decimal("payout", "12.50") is first  # kept: the same object
+        for text in ["-1", "1e999", "x", " 3 "]:
+            outcome(parse_decimal, "payout", text)
+        assert "-1" not in models._PLAIN_READ
+        assert "1e999" not in models._PLAIN_READ
+        assert models._PLAIN_READ[" 3 "] == Decimal("3")
+        for n in range(models._PLAIN_KEPT + 10):
+            assert outcome(parse_decimal, "p", f"{n}.5") == outcome(
+                reference_decimal, "p", f"{n}.5"
+            )
+        assert len(models._PLAIN_READ) == models._PLAIN_KEPT
+        late = f"{models._PLAIN_KEPT + 5}.5"
+        assert parse_decimal("p", late) == Decimal(late)
+        assert late not in models._PLAIN_READ
+    finally:
+        models._PLAIN_READ.clear()
