@@ -60,9 +60,11 @@ class TurnFlushed:
             self._lines.append(text)
         return len(text)
 
-    def flush(self) -> None:
-        """The end of one line: written when the loop's turn ends (on a running loop's own
-        thread), else now."""
+    def line(self, message: str | None) -> None:
+        """`message` and its newline as one line (None: none), then flush(): in one call."""
+        if message is not None:
+            with self._lock:
+                self._lines.append(message + "\n")
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -71,6 +73,11 @@ class TurnFlushed:
         if self._pending_on is not loop:  # (a loop that stopped before its turn ended: not it)
             self._pending_on = loop
             loop.call_soon(self._turn_ended)
+
+    def flush(self) -> None:
+        """The end of one line: written when the loop's turn ends (on a running loop's own
+        thread), else now."""
+        self.line(None)
 
     def _turn_ended(self) -> None:
         self._pending_on = None
@@ -94,6 +101,21 @@ class TurnFlushed:
             # stdout is gone (closed pipe, journald restarted): as print() would, the lines are
             # lost and the daemon goes on; delivery does not depend on its log.
             return
+
+
+class LineLogger:
+    """structlog's WriteLogger (one line per event, whatever its level) over a TurnFlushed
+    stream, without WriteLogger's lock and its write and flush calls: the stream keeps each
+    line whole under its own lock (TurnFlushed.line)."""
+
+    def __init__(self, stream: TurnFlushed) -> None:
+        self._line = stream.line
+
+    def msg(self, message: str) -> None:
+        self._line(message)
+
+    log = debug = info = warn = warning = err = error = critical = exception = failure = msg
+    fatal = msg
 
 
 def flush_all() -> None:

@@ -258,3 +258,52 @@ async def test_lines_kept_are_written_before_systemd_hears_of_a_change(tmp_path:
         Notifier(address).ready("listening")
         assert drain(read_fd) == b'{"event":"rules_reloaded"}\n'  # written before the send
         assert systemd.recv(4096).startswith(b"READY=1")
+
+
+async def test_the_daemons_logger_writes_what_write_logger_wrote() -> None:
+    """configure_logging over a TurnFlushed stream logs through LineLogger: every level's line
+    is the one structlog's WriteLogger wrote to a plain stream (masked, stamped, one JSON object
+    and its newline), kept for the turn on the loop and written at once from a thread."""
+    import io
+    import json
+
+    import structlog
+
+    from daemon.log import configure_logging, get_logger
+    from daemon.logout import LineLogger
+
+    def log_every_level(stream: TextIO) -> None:
+        configure_logging("json", "debug", stream=stream)
+        log = get_logger("t")
+        for level in ("debug", "info", "warning", "error", "critical", "msg"):
+            getattr(log, level)("event_" + level, email="ann@example.com", n=1)
+
+    try:
+        reference = io.StringIO()  # not a TurnFlushed: structlog's WriteLogger
+        log_every_level(reference)
+        with pipe() as (out, read_fd):
+            stream = TurnFlushed(out)
+            log_every_level(stream)
+            assert isinstance(structlog.get_logger("t").bind()._logger, LineLogger)
+            assert drain(read_fd) == b""  # kept for the turn
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            got = drain(read_fd).decode()
+            thread = threading.Thread(target=get_logger("t").info, args=("from_thread",))
+            thread.start()
+            thread.join()
+            assert json.loads(drain(read_fd))["event"] == "from_thread"  # written at once
+    finally:
+        configure_logging("json", "info", stream=io.StringIO())
+
+    def without_time(text: str) -> list[dict[str, object]]:
+        events = [json.loads(line) for line in text.splitlines()]
+        assert all(e.pop("timestamp") for e in events)
+        return events
+
+    assert got.endswith("\n")
+    assert without_time(got) == without_time(reference.getvalue())
+    assert [e["level"] for e in without_time(got)] == [
+        "debug", "info", "warning", "error", "critical", "info"
+    ]  # fmt: skip
+    assert all(e["email"] == "a***@e***.com" for e in without_time(got))
