@@ -6,7 +6,6 @@ the two decided."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,8 @@ from hypothesis import strategies as st
 from daemon.conditions import compile_condition, prepare_plain
 from daemon.loader import load_rules
 from daemon.matching import match
-from daemon.models import Conversion, Transition, rule_data
+from daemon.models import Conversion
+from tests.test_matching import arrival_data
 
 OPS = ["==", "===", "!=", "!=="]
 # Texts that look alike to a loose comparison: numbers, booleans, null, blanks, Unicode forms.
@@ -129,13 +129,7 @@ def test_matching_fires_what_the_engine_alone_fires(tmp_path: Path, fields: dict
     conversion = Conversion.parse(
         {"conversion_id": "c", "offer": "9", "affiliate": "4", "status": "approved", **fields}
     )
-    data = rule_data(
-        conversion,
-        source="generic",
-        transition=Transition.NEW,
-        previous_status=None,
-        received_at=datetime(2026, 1, 1, tzinfo=UTC),
-    )
+    data = arrival_data(conversion)
     assert getattr(data, "plain", False)  # the members the text tests read
     fired = [lp.id for lp in match(rules, conversion, data)]
     # the same data as a plain dict: no members, so every condition goes to the engine

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -41,18 +42,22 @@ def ruleset(tmp_path: Path, goals: bool) -> RuleSet:
     return load_rules(tmp_path, git=False)
 
 
-def fired(rules: RuleSet, **params: str) -> list[int]:
-    extra = {k.removeprefix("extra_"): v for k, v in params.items() if k.startswith("extra_")}
-    fields = {k: v for k, v in params.items() if not k.startswith("extra_")}
-    conv = Conversion.parse({"conversion_id": "c", "offer": "9", **fields}, extra)
-    data = rule_data(
+def arrival_data(conv: Conversion) -> dict[str, Any]:
+    """The rule data of `conv` arriving new."""
+    return rule_data(
         conv,
         source="generic",
         transition=Transition.NEW,
         previous_status=None,
         received_at=datetime(2026, 1, 1, tzinfo=UTC),
     )
-    return [lp.id for lp in match(rules, conv, data)]
+
+
+def fired(rules: RuleSet, **params: str) -> list[int]:
+    extra = {k.removeprefix("extra_"): v for k, v in params.items() if k.startswith("extra_")}
+    fields = {k: v for k, v in params.items() if not k.startswith("extra_")}
+    conv = Conversion.parse({"conversion_id": "c", "offer": "9", **fields}, extra)
+    return [lp.id for lp in match(rules, conv, arrival_data(conv))]
 
 
 @pytest.mark.parametrize(
