@@ -8,10 +8,8 @@ import asyncio
 import hashlib
 import logging
 import time
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import structlog
@@ -24,7 +22,6 @@ from bench.sections import _schema, pg_reachable
 from daemon.actions.base import Resources
 from daemon.affiliates.index import AffiliateSecrets, StoreIndex
 from daemon.loader import load_rules
-from daemon.models import Conversion
 from daemon.reload import Runtime, build_runtime
 from daemon.store.affiliate_types import FIRST_STORE_ID, StoredPostback
 
@@ -50,17 +47,6 @@ def _row(pid: int, offer: int, at: datetime) -> StoredPostback:
     if affiliate == "42":
         body["when"] = {"==": [{"var": "sub1"}, "fire-store"]}
     return StoredPostback(pid, affiliate, str(offer), "active", None, body, at, at, 1)
-
-
-def _of_affiliate(
-    prepared: list[tuple[Conversion, dict[str, Any]]], affiliate: str
-) -> list[tuple[Conversion, dict[str, Any]]]:
-    """The same conversions from another affiliate (one with no store postback)."""
-    out = []
-    for conv, data in prepared:
-        moved = replace(conv, affiliate=affiliate)
-        out.append((moved, {**data, "affiliate": affiliate}))
-    return out
 
 
 def _composed(rules_dir: Path, offers: int) -> tuple[Runtime, Runtime, StoreIndex, float]:
@@ -101,7 +87,7 @@ async def affiliates(ctx: Context) -> None:
     count = offers * PER_OFFER
     report.add(f"take in {count:,} store postbacks", took, "s", "validated and indexed")
     one_offer = _prepared(SMALL_OFFERS)
-    others = _of_affiliate(one_offer, "43")
+    others = _prepared(SMALL_OFFERS, affiliate="43")  # one with no store postback
     spread = _prepared(offers)
     runs = {
         "10 file postbacks": (small_set.rules, others),

@@ -31,15 +31,15 @@ def _timed_load(rules_dir: Path) -> tuple[RuleSet, float, float]:
     return rules, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _prepared(offers: int) -> list[tuple[Conversion, dict[str, Any]]]:
-    """1,000 parsed conversions with their rule data, spread over every offer."""
+def _prepared(offers: int, affiliate: str = "42") -> list[tuple[Conversion, dict[str, Any]]]:
+    """1,000 parsed conversions of `affiliate` with their rule data, spread over every offer."""
     received = datetime.now(UTC)
     prepared = []
     for n in range(1000):
         params = {
             "conversion_id": f"m{n}",
             "offer": str(offer_of(n, offers)),
-            "affiliate": "42",
+            "affiliate": affiliate,
             "status": "approved",
             "payout": "12.50",
             "sub1": NONE,
