@@ -294,15 +294,17 @@ def configure_logging(
             processors.append(_mask_pii)
         processors.append(structlog.processors.format_exc_info)
         processors.append(structlog.dev.ConsoleRenderer(colors=out.isatty()))
+    # the daemon's stream (TurnFlushed) takes a line in one call; any other, WriteLogger's
+    factory = (
+        _line_logger(out) if isinstance(out, TurnFlushed) else structlog.WriteLoggerFactory(out)
+    )
     structlog.configure(
         processors=processors,
         wrapper_class=_wrapper_class(logging.getLevelName(level.upper())),
         # One write() per line (the line and its newline together): processes that share
         # stdout (`workers`, the dispatch process) never glue each other's lines, as print()'s
         # two writes did under PYTHONUNBUFFERED=1 (the systemd unit).
-        logger_factory=_line_logger(out)
-        if isinstance(out, TurnFlushed)
-        else (structlog.WriteLoggerFactory(out)),
+        logger_factory=factory,
         cache_logger_on_first_use=cache,
     )
     route_library_logs()

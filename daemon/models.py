@@ -120,8 +120,9 @@ def check_value(name: str, value: str) -> str:
     return value
 
 
-# The plain amounts read so far (Decimals are immutable), at most _PLAIN_KEPT: trackers send
-# the same few payouts again and again, and a lookup costs a tenth of the match and the parse.
+# The plain amounts read so far (Decimals are immutable), at most _PLAIN_KEPT, each as sent
+# without spaces around it (so at most 37 characters): trackers send the same few payouts
+# again and again, and a lookup costs a tenth of the match and the parse.
 _PLAIN_READ: dict[str, Decimal] = {}
 _PLAIN_KEPT = 1024
 
@@ -135,7 +136,7 @@ def parse_decimal(name: str, value: str) -> Decimal:
         # At most 18 ASCII digits either side of an optional point (12.50): a finite
         # Decimal, not negative, whose float is finite; every check below would pass.
         number = Decimal(text)
-        if len(_PLAIN_READ) < _PLAIN_KEPT:
+        if text is value and len(_PLAIN_READ) < _PLAIN_KEPT:  # (strip kept it as it was)
             _PLAIN_READ[value] = number
         return number
     try:

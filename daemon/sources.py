@@ -49,7 +49,7 @@ SOURCE_SUFFIXES = (".yaml", ".yml")
 MAX_LAYOUTS = 64  # per source: Source._layouts
 
 # (parameter, canonical field) for each field a parameter fills, and the parameters left extra
-_Layout = tuple[tuple[tuple[str, str], ...], list[str]]
+_Layout = tuple[tuple[tuple[str, str], ...], tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,9 @@ class Source:
             if param in targets
             for place, name in targets[param]
         )  # places are unique: names and parameters are never compared
-        return tuple((param, name) for _, name, param in found), [p for p in names if p not in used]
+        return tuple((param, name) for _, name, param in found), tuple(
+            p for p in names if p not in used
+        )
 
     def to_conversion(self, params: Mapping[str, str]) -> Conversion:
         """Canonical conversion from inbound parameters; InputError names the inbound field."""
