@@ -78,11 +78,6 @@ def _mask_pii(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappin
     return event
 
 
-# The text of structlog's TimeStamper(fmt="iso", utc=True) for the time now, at a third of its
-# cost (the date and time of day formatted once per second): `_Stamp()()`.
-_Stamp = UtcText
-
-
 class _JsonLine:
     """One event as its JSON line: merge_contextvars, add_log_level, TimeStamper(fmt="iso",
     utc=True), _mask_pii (when `mask_pii`), format_exc_info and JSONRenderer(fastjson.dumps_with)
@@ -93,7 +88,7 @@ class _JsonLine:
 
     def __init__(self, mask_pii: bool) -> None:
         self._mask_pii = mask_pii
-        self._stamp = _Stamp()
+        self._stamp = UtcText()  # TimeStamper(fmt="iso", utc=True)'s text, at a third
         # JSONRenderer(fastjson.dumps_with) calls dumps_with(event, **these): its `default`.
         self._dumps_kw = structlog.processors.JSONRenderer(fastjson.dumps_with)._dumps_kw
         # structlog's own record of the context variables it made (None: merge every time).

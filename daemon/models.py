@@ -342,15 +342,16 @@ class UtcText:
         return f"{prefix}.{micro:06d}Z" if micro else f"{prefix}Z"
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
+# The epoch and the microsecond, in which the store keeps times (daemon.store.common.to_us)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
 _received_text = UtcText()
 
 
 def utc_text(moment: datetime) -> str:
     """`moment` in UTC as ISO 8601 text ending in `Z` (rule data's received_at)."""
     if moment.tzinfo is UTC:  # every clock reading: UtcText, without isoformat
-        return _received_text((moment - _EPOCH) // _MICROSECOND)
+        return _received_text((moment - EPOCH) // MICROSECOND)  # (to_us's, inline)
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 

@@ -35,7 +35,7 @@ NAMES = st.sampled_from(["sub1", "goal", "click_id"])
 
 
 def engine_verdict(logic: Any, members: dict[str, Any]) -> bool:
-    """What the engine alone decides (the test is taken off a fresh compile)."""
+    """What the engine alone decides (Condition.truthy never asks the text test)."""
     condition = compile_condition(logic)
     return condition.truthy(prepare_plain(members))
 

@@ -13,7 +13,8 @@ import pytest
 import structlog
 
 from daemon import fastjson
-from daemon.log import _JsonLine, _mask_pii, _Stamp, configure_logging, get_logger, mask
+from daemon.log import _JsonLine, _mask_pii, configure_logging, get_logger, mask
+from daemon.models import UtcText
 
 
 def test_library_warnings_become_one_masked_json_line() -> None:
@@ -257,7 +258,7 @@ def test_json_line_is_the_processor_chain_in_one(mask_pii: bool, method: str) ->
     ],
 )
 def test_stamp_is_isoformat_of_the_utc_time(ns: int) -> None:
-    stamp = _Stamp(lambda: ns)
+    stamp = UtcText(lambda: ns)
     expected = datetime(1970, 1, 1) + timedelta(microseconds=ns // 1000)
     assert stamp() == expected.isoformat() + "Z"
     assert stamp() == expected.isoformat() + "Z"  # the second's text, kept, is the same
@@ -266,7 +267,7 @@ def test_stamp_is_isoformat_of_the_utc_time(ns: int) -> None:
 def test_stamp_follows_the_clock_across_seconds() -> None:
     """The text kept for a second is never given to another second."""
     clock = iter([5_000_000_000, 5_999_999_000, 6_000_000_000, 5_500_000_000, 86_400_000_001_000])
-    stamp = _Stamp(lambda: next(clock))
+    stamp = UtcText(lambda: next(clock))
     assert [stamp() for _ in range(5)] == [
         "1970-01-01T00:00:05Z",
         "1970-01-01T00:00:05.999999Z",

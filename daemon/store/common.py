@@ -12,7 +12,14 @@ from enum import Enum
 from typing import Any, Generic, TypeVar
 
 from daemon.errors import InputError
-from daemon.models import Conversion, Status, Transition, decide_transition
+from daemon.models import (
+    EPOCH,
+    MICROSECOND,
+    Conversion,
+    Status,
+    Transition,
+    decide_transition,
+)
 from daemon.store.base import (
     ArrivalResult,
     DeliveryState,
@@ -23,8 +30,6 @@ from daemon.store.base import (
     idempotency_key,
 )
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 # States a delivery may be moved to by finish_attempt, and those that wait for a next attempt.
 FINISH_STATES = frozenset(DeliveryState) - {DeliveryState.IN_FLIGHT}
 WAITING_STATES = frozenset({DeliveryState.QUEUED, DeliveryState.RETRYING})
@@ -41,8 +46,8 @@ def utc(moment: datetime) -> datetime:
 def to_us(moment: datetime) -> int:
     """Microseconds since the epoch: exact, sortable, how SQLite keeps times."""
     if moment.tzinfo is UTC:  # the common case (every clock reading): nothing to convert
-        return (moment - EPOCH) // _MICROSECOND
-    return (utc(moment) - EPOCH) // _MICROSECOND
+        return (moment - EPOCH) // MICROSECOND
+    return (utc(moment) - EPOCH) // MICROSECOND
 
 
 def from_us(value: int) -> datetime:
@@ -99,7 +104,7 @@ _TOKEN_COUNT = itertools.count()
 
 def lease_us(lease: timedelta) -> int:
     """A lease's length in microseconds (to_us's unit)."""
-    return lease // _MICROSECOND
+    return lease // MICROSECOND
 
 
 class ConversionUpdate(Enum):
